@@ -1,0 +1,163 @@
+"""The ``dynamo-worker`` command.
+
+``dynamo-worker [--role ROLE] [options]`` runs one role process; ``--list-roles [--json]`` lists
+installed roles; ``up`` starts a whole local stack; ``demo-model PATH`` writes the tiny model.
+``--help`` and ``--list-roles`` import no role, and nothing here imports vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dynamo_worker import __version__
+from dynamo_worker.core.errors import RuntimeUnavailable, UsageError
+
+PROG = "dynamo-worker"
+DEFAULT_ROLE = "decode"
+
+# Dynamo's role flags, accepted so existing launch scripts keep working.
+ROLE_ALIASES = {
+    "--is-prefill-worker": "prefill",
+    "--multimodal-processor": "processor",
+    "--multimodal-encode-worker": "encode",
+    "--vllm-native-encoder-worker": "ec-encoder",
+}
+
+DESCRIPTION = """\
+Serve LLMs with vLLM as cooperating worker roles over NATS.
+
+commands:
+  dynamo-worker [--role ROLE] [options]   run one process of one role (default role: decode)
+  dynamo-worker --list-roles [--json]     list installed roles
+  dynamo-worker --role ROLE --help        core options plus that role's options
+  dynamo-worker up [--help]               start NATS, a frontend and workers on this machine
+  dynamo-worker demo-model PATH           write a tiny random-weight Llama to PATH
+"""
+
+
+def _selector_parser(add_help: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, add_help=add_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = parser.add_argument_group("role selection")
+    g.add_argument("--role", help=f"the role this process runs (default {DEFAULT_ROLE}); see --list-roles")
+    for flag, role in ROLE_ALIASES.items():
+        g.add_argument(flag, action="store_true", help=f"Dynamo alias for --role {role}")
+    g.add_argument("--list-roles", action="store_true", help="list installed roles and exit")
+    g.add_argument("--json", action="store_true", help="with --list-roles: print JSON")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    g.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def select_role(ns: argparse.Namespace) -> str:
+    """The role named by ``--role`` or one alias flag; conflicting flags are an error naming both."""
+    chosen: list[tuple[str, str]] = []
+    if ns.role:
+        chosen.append(("--role " + ns.role, ns.role))
+    for flag, role in ROLE_ALIASES.items():
+        if getattr(ns, flag.lstrip("-").replace("-", "_")):
+            chosen.append((flag, role))
+    roles = {role for _, role in chosen}
+    if len(roles) > 1:
+        flags = " and ".join(flag for flag, _ in chosen)
+        raise UsageError(f"{flags} select different roles; pass only one of them")
+    return chosen[0][1] if chosen else DEFAULT_ROLE
+
+
+def list_roles(as_json: bool) -> str:
+    from dynamo_worker.core.roles import installed_roles
+
+    rows = [info for infos in installed_roles().values() for info in infos]
+    if as_json:
+        return json.dumps([r.as_dict() for r in rows], indent=2)
+    width = max((len(r.name) for r in rows), default=4)
+    lines = [f"{r.name:<{width}}  {r.description}  ({r.distribution} {r.version})" for r in rows]
+    return "\n".join(lines) if lines else "no roles installed"
+
+
+def build_parser(hooks: Any) -> argparse.ArgumentParser:
+    parser = _selector_parser(add_help=True)
+    hooks.add_arguments(parser)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # Windows, or a minimal install: the default loop works, only slower
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run_role(argv: Sequence[str]) -> int:
+    from dynamo_worker.core.plugins import HookRelay
+    from dynamo_worker.core.roles import find_role, load_role
+    from dynamo_worker.core.worker import Worker
+
+    pre, _ = _selector_parser(add_help=False).parse_known_args(argv)
+    if pre.list_roles:
+        print(list_roles(pre.json))
+        return 0
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    role_name = select_role(pre)
+    if wants_help and not pre.role and role_name == DEFAULT_ROLE:
+        # Plain --help: describe the command without importing any role.
+        build_parser(HookRelay(role_name, None)).print_help()
+        return 0
+    info = find_role(role_name)
+    hooks = HookRelay(role_name, load_role(info))
+    parser = build_parser(hooks)
+    options, extra = parser.parse_known_args(argv)
+    options.extra_args = list(extra)
+    _setup_logging(options.log_level)
+    return _run_loop(Worker(info, hooks, options).run())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "up":
+            from dynamo_worker.core.launcher import main as up_main
+
+            status = up_main(argv[1:])
+        elif argv and argv[0] == "demo-model":
+            status = demo_model_main(argv[1:])
+        else:
+            status = run_role(argv)
+    except (UsageError, RuntimeUnavailable) as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        status = exc.exit_code
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
+
+
+def demo_model_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} demo-model",
+                                     description="Write a tiny random-weight Llama with its tokenizer (no network).")
+    parser.add_argument("path", help="directory to write the model to")
+    parser.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default %(default)s)")
+    args = parser.parse_args(argv)
+    from dynamo_worker.demo_model import write_demo_model
+
+    print(write_demo_model(args.path, seed=args.seed))
+    return 0

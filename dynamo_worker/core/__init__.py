@@ -1,0 +1,1 @@
+"""The core every role process runs: config, plugin manager, runtime, lifecycle, metrics."""

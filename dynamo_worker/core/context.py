@@ -1,0 +1,40 @@
+"""The per-process state handed to every hook."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from dynamo_worker.core.roles import RoleInfo
+    from dynamo_worker.core.runtime import Runtime
+
+
+@attrs.define
+class WorkerContext:
+    """What a role's hooks can see: its options, the runtime, its engine, its logger.
+
+    ``options`` holds every parsed flag (core and role). ``runtime`` is connected from
+    ``dynamo_worker_create_engine`` on. ``engine`` is what ``dynamo_worker_create_engine``
+    returned. ``state`` is free for the role's own bookkeeping that other plugins may read.
+    """
+
+    role: RoleInfo
+    options: argparse.Namespace
+    runtime: Runtime
+    log: logging.Logger
+    engine: Any = None
+    shutdown_requested: asyncio.Event = attrs.field(factory=asyncio.Event)
+    state: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return self.options.namespace
+
+    @property
+    def instance_id(self) -> str:
+        return self.runtime.instance_id

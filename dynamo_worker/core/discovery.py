@@ -1,0 +1,210 @@
+"""Discovery: a JetStream key-value bucket of live instances, kept alive by per-key leases.
+
+Each instance writes one record per endpoint under ``{ns}.{component}.{endpoint}.{instance}``
+with a per-message TTL (``--lease-ttl`` seconds) and rewrites it every third of that. A process
+that dies stops rewriting, and the server expires its keys: the bucket is created with
+``limit_marker_ttl`` so watchers see the expiry as a PURGE about a millisecond after it runs out.
+A clean shutdown deletes its keys at once. Watchers are recreated after a reconnect, because an
+existing JetStream watcher stalls for many seconds after a server restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE
+
+from dynamo_worker.core import wire
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+BUCKET = "dynamo_worker_instances"
+
+
+class InstanceRecord(msgspec.Struct, omit_defaults=True):
+    """What an instance publishes about one of its endpoints."""
+
+    namespace: str
+    component: str
+    endpoint: str
+    instance_id: str
+    role: str
+    pid: int
+    host: str
+    data: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}.{self.component}.{self.endpoint}.{self.instance_id}"
+
+    @property
+    def subject(self) -> str:
+        return self.key
+
+
+_record_decoder = msgspec.json.Decoder(InstanceRecord)
+
+
+class Discovery:
+    """Registers this process's records and keeps their leases alive."""
+
+    def __init__(self, js: JetStreamContext, lease_ttl: int) -> None:
+        self.js = js
+        self.lease_ttl = lease_ttl
+        self._kv: KeyValue | None = None
+        self._records: dict[str, InstanceRecord] = {}
+        self._keepalive: asyncio.Task[None] | None = None
+
+    async def bucket(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(BUCKET)
+            except BucketNotFoundError:
+                self._kv = await self.js.create_key_value(
+                    KeyValueConfig(bucket=BUCKET, history=1, storage=StorageType.MEMORY,
+                                   limit_marker_ttl=5)
+                )
+        return self._kv
+
+    async def _put(self, record: InstanceRecord) -> None:
+        await self.bucket()
+        # kv.put() takes no TTL; a JetStream publish on the key's subject does.
+        await self.js.publish(f"$KV.{BUCKET}.{record.key}", wire.encode(record), msg_ttl=self.lease_ttl)
+
+    async def register(self, record: InstanceRecord) -> None:
+        self._records[record.key] = record
+        await self._put(record)
+        if self._keepalive is None:
+            self._keepalive = asyncio.create_task(self._keep_alive(), name="discovery-keepalive")
+
+    async def withdraw(self, key: str | None = None) -> None:
+        """Delete one record (or all of this process's) so routers stop sending work at once."""
+        keys = [key] if key is not None else list(self._records)
+        kv = await self.bucket()
+        for k in keys:
+            self._records.pop(k, None)
+            await kv.delete(k)
+
+    async def refresh(self) -> None:
+        """Rewrite every record now (also after a reconnect: the bucket may be new)."""
+        for record in list(self._records.values()):
+            try:
+                await self._put(record)
+            except (BucketNotFoundError, NotFoundError):
+                self._kv = None  # the server lost its JetStream state: recreate the bucket
+                await self._put(record)
+
+    async def _keep_alive(self) -> None:
+        interval = max(self.lease_ttl / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception as exc:  # an outage: keep trying, the lease may lapse meanwhile
+                log.warning("discovery keep-alive failed (%s: %s); retrying", type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
+            self._keepalive = None
+
+
+Listener = Callable[[str, InstanceRecord | None], None]
+
+
+class InstanceWatcher:
+    """The live set of records under a key prefix, with callbacks on arrivals and departures."""
+
+    def __init__(self, discovery: Discovery, prefix: str) -> None:
+        self.discovery = discovery
+        self.prefix = prefix
+        self.records: dict[str, InstanceRecord] = {}
+        self.listeners: list[Listener] = []
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(key, record)`` on arrival/update, ``listener(key, None)`` on departure."""
+        self.listeners.append(listener)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"watch-{self.prefix}")
+
+    async def restart(self) -> None:
+        await self.stop()
+        self.start()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def matching(self, component: str, endpoint: str) -> list[InstanceRecord]:
+        return [r for r in self.records.values() if r.component == component and r.endpoint == endpoint]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds on the live set, up to ``timeout`` seconds."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def _notify(self, key: str, record: InstanceRecord | None) -> None:
+        for listener in self.listeners:
+            listener(key, record)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _apply(self, key: str, record: InstanceRecord | None) -> None:
+        if record is None:
+            if self.records.pop(key, None) is not None:
+                await self._notify(key, None)
+        else:
+            self.records[key] = record
+            await self._notify(key, record)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                kv = await self.discovery.bucket()
+                watcher = await kv.watch(f"{self.prefix}>")
+                seen: set[str] = set()
+                initial = True
+                async for entry in watcher:
+                    if entry is None:  # end of the initial snapshot
+                        if initial:
+                            for gone in set(self.records) - seen:
+                                await self._apply(gone, None)
+                            initial = False
+                            self.ready.set()
+                        continue
+                    if initial:
+                        seen.add(entry.key)
+                    if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                        await self._apply(entry.key, None)
+                    else:
+                        try:
+                            await self._apply(entry.key, _record_decoder.decode(entry.value))
+                        except msgspec.DecodeError:
+                            log.warning("ignoring a malformed discovery record at %s", entry.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # outage or lost bucket: keep the last view, try again
+                log.warning("discovery watch failed (%s: %s); retrying", type(exc).__name__, exc)
+                self.discovery._kv = None
+                await asyncio.sleep(0.5)

@@ -1,0 +1,132 @@
+"""The core's own command-line options, as a core plugin (registered first, cannot be disabled)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from dynamo_worker.core.errors import UsageError
+from dynamo_worker.core.hookspecs import hookimpl
+
+T = TypeVar("T")
+
+DEFAULT_NAMESPACE = "dynamo"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def env_default(var: str, default: T, convert: Callable[[str], T] = str) -> T:  # type: ignore[assignment]
+    """The default for a flag that an environment variable may set (the flag still wins)."""
+    raw = os.environ.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise UsageError(f"environment variable {var}={raw!r} is invalid: {exc}") from exc
+
+
+def check_port(flag: str, port: int | None, *, allow_zero: bool = True) -> None:
+    """A one-line error for a port outside 0-65535 (0 = pick a free one)."""
+    if port is None:
+        return
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise UsageError(f"{flag} {port} is out of range; use a port between {low} and 65535")
+
+
+def check_positive(flag: str, value: float) -> None:
+    if value <= 0:
+        raise UsageError(f"{flag} must be greater than 0 (got {value})")
+
+
+class CoreOptions:
+    """Runtime, status-server and shutdown options every role process has."""
+
+    @hookimpl(tryfirst=True)  # core options come first in --help, whatever the role
+    def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("runtime (every role)")
+        g.add_argument(
+            "--namespace",
+            default=env_default("DYN_NAMESPACE", DEFAULT_NAMESPACE),
+            help="namespace of this deployment; roles only see peers in the same one "
+            "(env DYN_NAMESPACE; default %(default)s)",
+        )
+        g.add_argument(
+            "--nats-url",
+            default=env_default("NATS_SERVER", DEFAULT_NATS_URL),
+            help="NATS server URL, comma-separated for a cluster (env NATS_SERVER; default %(default)s)",
+        )
+        g.add_argument(
+            "--nats-connect-timeout",
+            type=float,
+            default=5.0,
+            metavar="SECONDS",
+            help="give up start-up if NATS is unreachable this long (default %(default)s)",
+        )
+        g.add_argument(
+            "--lease-ttl",
+            type=int,
+            default=env_default("DYN_LEASE_TTL", 3, int),
+            metavar="SECONDS",
+            help="a dead process leaves discovery this many seconds after its last keep-alive "
+            "(env DYN_LEASE_TTL; default %(default)s)",
+        )
+        g.add_argument(
+            "--graceful-shutdown-timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="on SIGTERM/SIGINT, wait this long for in-flight requests (default %(default)s)",
+        )
+        g.add_argument(
+            "--engine-check-interval",
+            type=float,
+            default=2.0,
+            metavar="SECONDS",
+            help="how often the engine monitor checks the engine (default %(default)s)",
+        )
+        g.add_argument(
+            "--system-port",
+            type=int,
+            default=env_default("DYN_SYSTEM_PORT", None, int),
+            help="serve /live, /health and /metrics on this port (env DYN_SYSTEM_PORT; off by default)",
+        )
+        g.add_argument(
+            "--system-host",
+            default="127.0.0.1",
+            help="address the system status server binds (default %(default)s)",
+        )
+        g.add_argument(
+            "--dump-config-to",
+            default=env_default("DYN_DUMP_CONFIG_TO", None),
+            metavar="PATH",
+            help="write the resolved configuration as JSON to PATH at start-up (env DYN_DUMP_CONFIG_TO)",
+        )
+        g.add_argument(
+            "--log-level",
+            default=env_default("DYN_LOG", "info"),
+            choices=["debug", "info", "warning", "error"],
+            help="log level (env DYN_LOG; default %(default)s)",
+        )
+
+    @hookimpl
+    def dynamo_worker_configure(self, ctx: Any) -> None:
+        o = ctx.options
+        check_port("--system-port", o.system_port)
+        check_positive("--lease-ttl", o.lease_ttl)
+        check_positive("--graceful-shutdown-timeout", o.graceful_shutdown_timeout)
+        check_positive("--engine-check-interval", o.engine_check_interval)
+        check_positive("--nats-connect-timeout", o.nats_connect_timeout)
+        # A role that accepts pass-through flags (decode: vLLM's engine arguments) takes them
+        # out of extra_args in its own configure, which runs before this one.
+        if getattr(o, "extra_args", None):
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(o.extra_args)}; "
+                f"see dynamo-worker --role {ctx.role.name} --help"
+            )
+        if not o.namespace.replace("-", "").replace("_", "").isalnum():
+            raise UsageError(
+                f"--namespace {o.namespace!r} is invalid; use letters, digits, '-' and '_' only"
+            )

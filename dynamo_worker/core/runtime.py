@@ -1,0 +1,274 @@
+"""The distributed runtime over NATS: addressing, discovery, request plane, event plane.
+
+Addressing is ``namespace.component.endpoint`` plus an instance id per process. Every request
+goes to one chosen instance (the caller picks it from discovery), so routing policy lives in
+the caller (round-robin, random, or a router of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from dynamo_worker.core import wire
+from dynamo_worker.core.discovery import Discovery, InstanceRecord, InstanceWatcher
+from dynamo_worker.core.errors import EngineDead, RuntimeUnavailable
+from dynamo_worker.core.request_plane import (
+    EndpointServer,
+    Handler,
+    RequestError,
+    RequestObserver,
+    StreamRouter,
+)
+
+log = logging.getLogger(__name__)
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class Runtime:
+    """One process's connection to the deployment. Create with :meth:`connect`."""
+
+    def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float) -> None:
+        self.nc = nc
+        self.namespace = namespace
+        self.instance_id = new_instance_id()
+        self.discovery = Discovery(nc.jetstream(), lease_ttl)
+        self.streams = StreamRouter(nc, namespace, f"_DW.{self.instance_id}", idle_timeout)
+        self.servers: dict[str, EndpointServer] = {}
+        self.watchers: dict[str, InstanceWatcher] = {}
+        self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
+        self._control_sub: Any = None
+        self._request_ids = itertools.count()
+        self._closing = False
+
+    @classmethod
+    async def connect(cls, url: str, namespace: str, *, timeout: float = 5.0, lease_ttl: int = 3,
+                      idle_timeout: float = 60.0, name: str = "dynamo-worker",
+                      **nats_options: Any) -> Runtime:
+        """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot."""
+        holder: dict[str, Runtime] = {}
+
+        async def reconnected() -> None:
+            if "rt" in holder:
+                await holder["rt"]._on_reconnect()
+
+        async def disconnected() -> None:
+            rt = holder.get("rt")
+            if rt is not None and not rt._closing:
+                log.warning("lost the NATS connection to %s; reconnecting", url)
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS client error: %s", exc)
+
+        try:
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=[u.strip() for u in url.split(",")],
+                    name=name,
+                    connect_timeout=min(timeout, 2.0),
+                    # Reconnect fast and forever: the process should outlive a NATS restart.
+                    reconnect_time_wait=0.25,
+                    max_reconnect_attempts=-1,
+                    reconnected_cb=reconnected,
+                    disconnected_cb=disconnected,
+                    error_cb=error,
+                    **nats_options,
+                ),
+                timeout,
+            )
+        except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+            raise RuntimeUnavailable(
+                f"cannot reach the NATS server at {url} within {timeout:g}s "
+                f"({type(exc).__name__}); start nats-server or pass --nats-url / NATS_SERVER"
+            ) from exc
+        rt = cls(nc, namespace, lease_ttl, idle_timeout)
+        holder["rt"] = rt
+        await rt.streams.start()
+        rt._control_sub = await nc.subscribe(rt._control_subject(rt.instance_id), cb=rt._on_control)
+        return rt
+
+    # ---- addressing --------------------------------------------------------------------------
+
+    def subject(self, component: str, endpoint: str, instance_id: str) -> str:
+        return f"{self.namespace}.{component}.{endpoint}.{instance_id}"
+
+    def _control_subject(self, instance_id: str) -> str:
+        return f"_DWCTL.{self.namespace}.{instance_id}"
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    async def serve_endpoint(self, component: str, endpoint: str, handler: Handler,
+                             observer: RequestObserver | None = None) -> EndpointServer:
+        """Start serving ``handler``; not discoverable until :meth:`publish` is called."""
+        server = EndpointServer(
+            self.nc, self.subject(component, endpoint, self.instance_id), endpoint,
+            self.instance_id, handler, self.on_engine_dead, observer,
+        )
+        await server.start()
+        self.servers[endpoint] = server
+        return server
+
+    async def publish(self, component: str, endpoint: str, role: str, data: dict[str, Any]) -> InstanceRecord:
+        """Make an endpoint of this instance discoverable (kept alive until withdrawn)."""
+        record = InstanceRecord(self.namespace, component, endpoint, self.instance_id, role,
+                                os.getpid(), socket.gethostname(), data)
+        await self.discovery.register(record)
+        return record
+
+    async def withdraw(self) -> None:
+        """Leave discovery: peers stop routing new work here."""
+        await self.discovery.withdraw()
+
+    def inflight(self) -> int:
+        return sum(len(s.inflight) for s in self.servers.values())
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting, wait for in-flight requests up to ``timeout``; return how many were cut."""
+        results = await asyncio.gather(*(s.drain(timeout) for s in self.servers.values()))
+        return sum(results)
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            control = wire.decode_control(msg.data)
+        except wire.DecodeError:
+            log.warning("ignoring a malformed control message")
+            return
+        if control.cancel:
+            for server in self.servers.values():
+                if server.cancel(control.cancel):
+                    log.debug("request %s cancelled by its caller", control.cancel)
+
+    # ---- calling --------------------------------------------------------------------------------
+
+    def watcher(self, prefix: str | None = None) -> InstanceWatcher:
+        """The shared live view of instances under ``prefix`` (default: this namespace)."""
+        prefix = prefix or f"{self.namespace}."
+        if prefix not in self.watchers:
+            w = InstanceWatcher(self.discovery, prefix)
+            w.add_listener(self._on_discovery_change)
+            w.start()
+            self.watchers[prefix] = w
+        return self.watchers[prefix]
+
+    def _on_discovery_change(self, key: str, record: InstanceRecord | None) -> None:
+        if record is None:
+            instance_id = key.rpartition(".")[2]
+            # Only fail streams once the instance has no endpoint left anywhere.
+            if not any(r.instance_id == instance_id for w in self.watchers.values() for r in w.records.values()):
+                self.streams.instance_gone(instance_id)
+
+    def client(self, component: str, endpoint: str) -> Client:
+        return Client(self, component, endpoint)
+
+    async def _send_cancel(self, instance_id: str, request_id: str) -> None:
+        if self.nc.is_closed:
+            return
+        await self.nc.publish(self._control_subject(instance_id), wire.encode(wire.Control(cancel=request_id)))
+
+    def new_request_id(self) -> str:
+        return f"{self.instance_id}-{next(self._request_ids)}"
+
+    # ---- event plane -----------------------------------------------------------------------------
+
+    def event_subject(self, topic: str) -> str:
+        return f"{self.namespace}.events.{topic}"
+
+    async def publish_event(self, topic: str, payload: Any) -> None:
+        """Publish an event (at most once) to every subscriber of ``topic`` in this namespace."""
+        await self.nc.publish(self.event_subject(topic), wire.encode(payload))
+
+    async def subscribe_events(self, topic: str, callback: Callable[[Any], Awaitable[None]]) -> Any:
+        """Call ``callback(payload)`` for every event on ``topic``; returns the subscription."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                payload = wire.decode_json(msg.data)
+            except wire.DecodeError:
+                log.warning("ignoring a malformed event on %s", msg.subject)
+                return
+            await callback(payload)
+
+        return await self.nc.subscribe(self.event_subject(topic), cb=on_msg)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def _on_reconnect(self) -> None:
+        log.info("reconnected to NATS; refreshing discovery records and watchers")
+        try:
+            await self.discovery.refresh()
+        except Exception as exc:  # the keep-alive loop retries shortly
+            log.warning("could not refresh discovery after reconnect: %s", exc)
+        for w in self.watchers.values():
+            await w.restart()
+
+    async def close(self) -> None:
+        self._closing = True
+        for w in self.watchers.values():
+            await w.stop()
+        await self.discovery.close()
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+class Client:
+    """Calls one endpoint (``component.endpoint``) on instances found through discovery."""
+
+    def __init__(self, runtime: Runtime, component: str, endpoint: str) -> None:
+        self.runtime = runtime
+        self.component = component
+        self.endpoint = endpoint
+        self.watcher = runtime.watcher()
+        self._rr = itertools.count()
+
+    def instances(self, where: Callable[[InstanceRecord], bool] | None = None) -> list[InstanceRecord]:
+        found = self.watcher.matching(self.component, self.endpoint)
+        found = [r for r in found if where is None or where(r)]
+        return sorted(found, key=lambda r: r.instance_id)
+
+    async def wait_for_instances(self, timeout: float, count: int = 1) -> list[InstanceRecord]:
+        await self.watcher.wait_for(lambda: len(self.instances()) >= count, timeout)
+        return self.instances()
+
+    def pick(self, policy: str = "round_robin",
+             where: Callable[[InstanceRecord], bool] | None = None) -> InstanceRecord:
+        candidates = self.instances(where)
+        if not candidates:
+            raise RequestError("unavailable", f"no instance serves {self.component}.{self.endpoint}",
+                               retryable=True)
+        if policy == "random":
+            return random.choice(candidates)
+        return candidates[next(self._rr) % len(candidates)]
+
+    async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncIterator[Any]:
+        """Stream the responses of one request sent to ``instance_id``."""
+        rt = self.runtime
+        stream = rt.streams.stream(
+            rt.subject(self.component, self.endpoint, instance_id), instance_id,
+            request_id or rt.new_request_id(), payload, rt._send_cancel,
+        )
+        async with aclosing(stream):
+            async for item in stream:
+                yield item
+
+    async def generate(self, payload: Any, policy: str = "round_robin",
+                       where: Callable[[InstanceRecord], bool] | None = None) -> AsyncIterator[Any]:
+        """Pick an instance by ``policy`` and stream its responses."""
+        record = self.pick(policy, where)
+        async with aclosing(self.direct(payload, record.instance_id)) as stream:
+            async for item in stream:
+                yield item

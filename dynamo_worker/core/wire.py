@@ -1,0 +1,82 @@
+"""The messages that cross NATS, and the one encoder/decoder for them.
+
+JSON (through msgspec) rather than a binary format: a Dynamo user can read a captured frame, and
+msgspec's JSON is fast enough that per-token frames are affordable (see docs/performance.md).
+Nothing on the wire is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+# Frame kinds on a response stream.
+DATA = "d"
+ERROR = "e"
+END = "x"
+
+
+class ErrorInfo(msgspec.Struct, omit_defaults=True):
+    """A structured error carried on a response stream.
+
+    ``code`` is one of ``bad_request``, ``not_found``, ``unavailable``, ``cancelled``,
+    ``engine_dead``, ``internal``. ``retryable`` says whether the same request may succeed on
+    another instance (the frontend retries or migrates those).
+    """
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class Frame(msgspec.Struct, omit_defaults=True):
+    """One message on a response stream: data, an error, or the end. ``n`` numbers them from 0
+    so the caller notices a lost message (core NATS is at-most-once)."""
+
+    k: str
+    n: int
+    d: Any = None
+    err: ErrorInfo | None = None
+
+
+class RequestEnvelope(msgspec.Struct):
+    """A request: its id (used to cancel it) and the endpoint's payload."""
+
+    id: str
+    p: Any
+
+
+class Control(msgspec.Struct, omit_defaults=True):
+    """A control message to one instance; today only ``cancel`` (a request id)."""
+
+    cancel: str | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_frame_decoder = msgspec.json.Decoder(Frame)
+_request_decoder = msgspec.json.Decoder(RequestEnvelope)
+_control_decoder = msgspec.json.Decoder(Control)
+_any_decoder = msgspec.json.Decoder()
+
+DecodeError = msgspec.DecodeError
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_frame(data: bytes) -> Frame:
+    return _frame_decoder.decode(data)
+
+
+def decode_request(data: bytes) -> RequestEnvelope:
+    return _request_decoder.decode(data)
+
+
+def decode_control(data: bytes) -> Control:
+    return _control_decoder.decode(data)
+
+
+def decode_json(data: bytes) -> Any:
+    return _any_decoder.decode(data)

@@ -1,0 +1,237 @@
+"""The life of one role process, start-up to exit, in the order docs/architecture.md gives.
+
+Start-up: configure (validate, apply defaults) -> dump config -> connect the runtime -> install
+signal handlers -> status server -> create engine -> register metrics -> register endpoints ->
+health payload -> serve and publish in discovery -> background tasks and engine monitor.
+
+Shutdown (SIGTERM/SIGINT): withdraw from discovery -> drain in-flight requests up to
+``--graceful-shutdown-timeout`` -> stop background tasks -> role shutdown hook -> close the
+runtime -> exit 0. A second signal exits at once. A dead engine does the same with no drain
+and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from dynamo_worker.core.context import WorkerContext
+from dynamo_worker.core.errors import EngineDead, UsageError
+from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
+from dynamo_worker.core.plugins import HookRelay
+from dynamo_worker.core.registrar import Registrar
+from dynamo_worker.core.roles import RoleInfo
+from dynamo_worker.core.runtime import Runtime
+from dynamo_worker.core.status_server import HealthState, StatusServer
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+
+
+def health_payload_override() -> dict[str, Any] | None:
+    """``DYN_HEALTH_CHECK_PAYLOAD``: a JSON object, or ``@path`` to a file holding one."""
+    raw = os.environ.get("DYN_HEALTH_CHECK_PAYLOAD")
+    if not raw:
+        return None
+    source = "DYN_HEALTH_CHECK_PAYLOAD"
+    if raw.startswith("@"):
+        source = raw[1:]
+        try:
+            raw = Path(source).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"DYN_HEALTH_CHECK_PAYLOAD file {source!r} cannot be read: {exc.strerror}") from exc
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source} is not valid JSON ({exc}); give a JSON object or @path") from exc
+    if not isinstance(payload, dict):
+        raise UsageError(f"{source} must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+class Worker:
+    """Runs one role in this process. ``await Worker(...).run()`` returns the exit status."""
+
+    def __init__(self, info: RoleInfo, hooks: HookRelay, options: Any) -> None:
+        self.info = info
+        self.hooks = hooks
+        self.options = options
+        self.log = logging.getLogger(f"dynamo_worker.role.{info.name}")
+        self.health = HealthState()
+        self.status: StatusServer | None = None
+        self.ctx: WorkerContext | None = None
+        self._fatal: asyncio.Future[BaseException] | None = None
+        self._signals = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ---- start-up -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._fatal = loop.create_future()
+        ctx = self.ctx = WorkerContext(role=self.info, options=self.options, runtime=None, log=self.log)  # type: ignore[arg-type]
+        await self.hooks.configure(ctx)
+        self._dump_config(ctx)
+        registry = exposition_registry()
+        component = ctx.state.setdefault("component", self.info.name)
+        observer = WorkerMetrics(self.options.namespace, component)
+
+        ctx.runtime = await Runtime.connect(
+            self.options.nats_url, self.options.namespace, timeout=self.options.nats_connect_timeout,
+            lease_ttl=self.options.lease_ttl, name=f"dynamo-worker/{self.info.name}",
+        )
+        ctx.runtime.on_engine_dead = self._engine_dead
+        self._install_signal_handlers(loop)
+        try:
+            if self.options.system_port is not None:
+                self.status = StatusServer(self.health, registry)
+                await self.status.start(self.options.system_host, self.options.system_port)
+            return await self._serve(ctx, registry, component, observer)
+        except BaseException:
+            # A start-up failure (bad engine argument, model not found): release what exists.
+            await self._shutdown(ctx, EXIT_FATAL, 0.0)
+            raise
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self, ctx: WorkerContext, registry: Any, component: str, observer: WorkerMetrics) -> int:
+        assert self._fatal is not None
+        try:
+            ctx.engine = await self._until_fatal(self.hooks.create_engine(ctx))
+            await self.hooks.register_metrics(registry, ctx)
+            registrar = Registrar(role=self.info.name, component=component)
+            await self.hooks.register_endpoints(registrar, ctx)
+            override = health_payload_override()
+            ctx.state["health_payload"] = override or await self.hooks.health_payload(ctx)
+            if self.status is not None:
+                self.status.add_routes(registrar.routes)
+            for name, handler in registrar.endpoints.items():
+                await ctx.runtime.serve_endpoint(component, name, handler, observer)
+            for name in registrar.endpoints:
+                await ctx.runtime.publish(component, name, self.info.name, registrar.endpoint_data[name])
+            for name, task in registrar.tasks.items():
+                self._tasks.append(asyncio.create_task(self._background(name, task), name=name))
+            self._tasks.append(asyncio.create_task(self._engine_monitor(ctx), name="engine-monitor"))
+            self.health.endpoints = sorted(registrar.endpoints)
+            self.health.phase = "serving"
+            self.log.info("role %s serving %s as instance %s in namespace %s", self.info.name,
+                          ", ".join(f"{component}.{e}" for e in registrar.endpoints) or "no endpoints",
+                          ctx.instance_id, self.options.namespace)
+            await self._until_fatal(ctx.shutdown_requested.wait())
+            return await self._shutdown(ctx, EXIT_OK, self.options.graceful_shutdown_timeout)
+        except _Fatal as fatal:
+            self.log.error("fatal: %s; shutting down", fatal.cause)
+            self.health.phase = "failed"
+            return await self._shutdown(ctx, EXIT_FATAL, 0.0)
+
+    async def _until_fatal(self, aw: Any) -> Any:
+        """Await ``aw`` unless a fatal error (dead engine, dead listener) comes first."""
+        assert self._fatal is not None
+        task = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({task, self._fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _Fatal(self._fatal.result())
+
+    def _raise_fatal(self, exc: BaseException) -> None:
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_result(exc)
+
+    def _engine_dead(self, exc: EngineDead) -> None:
+        self._raise_fatal(exc)
+
+    async def _background(self, name: str, task: Any) -> None:
+        try:
+            await task()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a role's listener died: the process must not stay half-alive
+            self.log.exception("background task %s failed", name)
+            self._raise_fatal(RuntimeError(f"background task {name} failed: {exc}"))
+            return
+        assert self.ctx is not None
+        if not self.ctx.shutdown_requested.is_set():
+            self._raise_fatal(RuntimeError(f"background task {name} stopped unexpectedly"))
+
+    async def _engine_monitor(self, ctx: WorkerContext) -> None:
+        interval = self.options.engine_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self.hooks.check_engine(ctx), timeout=max(interval * 5, 10))
+            except EngineDead as exc:
+                self._raise_fatal(exc)
+                return
+            except asyncio.TimeoutError:
+                self.log.warning("engine health check took longer than %.0fs", max(interval * 5, 10))
+
+    def _dump_config(self, ctx: WorkerContext) -> None:
+        path = self.options.dump_config_to
+        if not path:
+            return
+        dump = {
+            "role": self.info.as_dict(),
+            "options": {k: v for k, v in vars(self.options).items() if _jsonable(v)},
+            "resolved": ctx.state.get("resolved_config", {}),
+        }
+        try:
+            Path(path).write_text(json.dumps(dump, indent=2, sort_keys=True, default=str) + "\n")
+        except OSError as exc:
+            raise UsageError(f"--dump-config-to {path}: {exc.strerror}") from exc
+        self.log.info("wrote the resolved configuration to %s", path)
+
+    # ---- signals and shutdown ----------------------------------------------------------------
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self.log.warning("second %s: exiting at once", signal.Signals(sig).name)
+            os._exit(128 + int(sig))
+        self.log.info("%s received: draining (send again to exit at once)", signal.Signals(sig).name)
+        assert self.ctx is not None
+        self.ctx.shutdown_requested.set()
+
+    async def _shutdown(self, ctx: WorkerContext, status: int, drain_timeout: float) -> int:
+        self.health.phase = "shutting_down" if status == EXIT_OK else "failed"
+        ctx.shutdown_requested.set()
+        runtime = ctx.runtime
+        try:
+            await runtime.withdraw()
+        except Exception as exc:  # NATS down: the lease expires on its own within --lease-ttl
+            self.log.warning("could not withdraw from discovery (%s); the lease will expire", exc)
+        cut = await runtime.drain(drain_timeout)
+        if cut:
+            self.log.warning("%d request(s) did not finish in time and were cancelled", cut)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for exc in await self.hooks.shutdown(ctx):
+            self.log.error("role shutdown hook failed: %s: %s", type(exc).__name__, exc)
+            status = status or EXIT_FATAL
+        if self.status is not None:
+            await self.status.stop()
+        await runtime.close()
+        self.log.info("stopped (exit %d)", status)
+        return status
+
+
+class _Fatal(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None), list, dict, tuple))
