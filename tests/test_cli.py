@@ -1,0 +1,119 @@
+"""The command line: listing roles, help, role selection and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import run_cli
+
+BUILT_IN = {"decode", "prefill", "processor", "encode", "ec-encoder", "frontend"}
+
+
+def test_list_roles_shows_built_in_and_third_party_roles_with_their_distributions() -> None:
+    out = run_cli("--list-roles")
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert BUILT_IN | {"echo"} <= set(lines)
+    assert "(dynamo-worker 0.1.0)" in lines["prefill"]
+    assert "(dynamo-worker-echo 0.1.0)" in lines["echo"]
+    assert "Streams each request's token ids back" in lines["echo"]
+
+
+def test_list_roles_json_has_name_description_distribution_version() -> None:
+    out = run_cli("--list-roles", "--json")
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["echo"]["distribution"] == "dynamo-worker-echo"
+    assert rows["decode"]["version"] == "0.1.0"
+    assert all(r["description"] for r in rows.values())
+
+
+def _modules_loaded_by(*argv: str) -> set[str]:
+    """Heavy libraries and role modules imported by running the CLI with ``argv``."""
+    code = (
+        "import sys\n"
+        "from dynamo_worker.cli import main\n"
+        f"try:\n    main({list(argv)!r})\nexcept SystemExit:\n    pass\n"
+        "loaded = [m for m in sys.modules if m in ('vllm', 'torch', 'transformers')"
+        " or m.startswith('dynamo_worker.roles.')]\n"
+        "print('@@', *loaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    marker = [line for line in out.stdout.splitlines() if line.startswith("@@")]
+    assert marker, out.stdout + out.stderr
+    return set(marker[-1].split()[1:])
+
+
+def test_help_and_list_roles_import_no_role_and_no_vllm_or_torch() -> None:
+    assert _modules_loaded_by("--help") == set()
+    assert _modules_loaded_by("--list-roles") == set()
+
+
+def test_role_help_imports_only_that_role_and_no_vllm_or_torch() -> None:
+    for role in sorted(BUILT_IN):
+        module = "dynamo_worker.roles." + role.replace("-", "_")
+        assert _modules_loaded_by("--role", role, "--help") <= {module, "dynamo_worker.roles.planned"}
+
+
+def test_role_help_shows_core_and_role_options() -> None:
+    out = run_cli("--role", "echo", "--help")
+    assert out.returncode == 0
+    assert "--nats-url" in out.stdout and "--graceful-shutdown-timeout" in out.stdout
+    assert "--echo-delay" in out.stdout
+
+
+def test_unknown_role_lists_installed_roles_in_one_line() -> None:
+    out = run_cli("--role", "nope")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "unknown role 'nope'" in out.stderr
+    assert "echo (dynamo-worker-echo 0.1.0)" in out.stderr and "decode (dynamo-worker 0.1.0)" in out.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    out = run_cli("--role", "nope", "--debug")
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_planned_role_says_it_is_not_implemented_and_does_not_serve() -> None:
+    out = run_cli("--role", "processor", "--nats-url", "nats://127.0.0.1:1")
+    assert out.returncode == 2
+    assert "role 'processor' is declared but not implemented yet" in out.stderr
+
+
+def test_dynamo_alias_flags_select_the_role() -> None:
+    out = run_cli("--multimodal-encode-worker")
+    assert "role 'encode'" in out.stderr
+    out = run_cli("--vllm-native-encoder-worker")
+    assert "role 'ec-encoder'" in out.stderr
+
+
+def test_conflicting_role_flags_name_both() -> None:
+    out = run_cli("--role", "decode", "--is-prefill-worker")
+    assert out.returncode == 2
+    assert "--role decode and --is-prefill-worker select different roles" in out.stderr
+    out = run_cli("--multimodal-processor", "--multimodal-encode-worker")
+    assert "--multimodal-processor and --multimodal-encode-worker" in out.stderr
+
+
+def test_alias_agreeing_with_role_is_accepted() -> None:
+    out = run_cli("--role", "prefill", "--is-prefill-worker")
+    assert "select different roles" not in out.stderr
+
+
+def test_bad_flag_values_are_one_line_errors_naming_the_flag() -> None:
+    out = run_cli("--role", "echo", "--system-port", "70000")
+    assert out.returncode == 2 and "--system-port 70000 is out of range" in out.stderr
+    out = run_cli("--role", "echo", "--echo-delay", "-1")
+    assert out.returncode == 2 and "--echo-delay must be 0 or more" in out.stderr
+    out = run_cli("--role", "echo", "--no-such-flag")
+    assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
+    assert all("Traceback" not in o for o in (out.stderr,))
+
+
+def test_unreachable_nats_is_one_line_naming_the_url() -> None:
+    out = run_cli("--role", "echo", "--nats-url", "nats://127.0.0.1:1", "--nats-connect-timeout", "1")
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert "cannot reach the NATS server at nats://127.0.0.1:1" in out.stderr

@@ -1,0 +1,131 @@
+"""The example third-party role in plugins/echo, installed like a user's plugin, driven end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.error
+import urllib.request
+from importlib.metadata import distribution
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynamo_worker.core.request_plane import RequestError
+from dynamo_worker.core.runtime import Runtime
+from tests.helpers import NatsServer, WorkerProcess, free_port
+
+
+def test_the_example_plugin_is_an_installed_distribution() -> None:
+    dist = distribution("dynamo-worker-echo")
+    assert [ep.name for ep in dist.entry_points if ep.group == "dynamo_worker.roles"] == ["echo"]
+
+
+def start_echo(nats_server: NatsServer, namespace: str, *extra: str) -> WorkerProcess:
+    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace, *extra])
+    worker.wait_for_log("serving")
+    return worker
+
+
+async def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(nats_server: NatsServer,
+                                                                    namespace: str) -> None:
+    worker = start_echo(nats_server, namespace, "--graceful-shutdown-timeout", "20")
+    caller = await Runtime.connect(nats_server.url, namespace)
+    try:
+        client = caller.client("echo", "generate")
+        await client.wait_for_instances(10)
+        tokens = list(range(20))
+
+        async def one() -> list[int]:
+            return [x["token_ids"][0] async for x in client.generate({"token_ids": tokens, "delay": 0.05})]
+
+        calls = [asyncio.create_task(one()) for _ in range(8)]
+        await asyncio.sleep(0.3)  # every stream is mid-way (20 x 50 ms = 1 s each)
+        worker.signal(signal.SIGTERM)
+        results = await asyncio.gather(*calls)
+        assert results == [tokens] * 8
+        assert await asyncio.to_thread(worker.wait, 30) == 0
+        # Withdrawn before draining: the instance left discovery.
+        assert not client.instances()
+        log = worker.log()
+        assert "SIGTERM received: draining" in log and "stopped (exit 0)" in log
+    finally:
+        worker.stop()
+        await caller.close()
+
+
+async def test_a_second_signal_exits_at_once(nats_server: NatsServer, namespace: str) -> None:
+    worker = start_echo(nats_server, namespace, "--graceful-shutdown-timeout", "60")
+    caller = await Runtime.connect(nats_server.url, namespace)
+    try:
+        client = caller.client("echo", "generate")
+        await client.wait_for_instances(10)
+        call = asyncio.create_task(anext(aiter(client.generate({"token_ids": list(range(100)), "delay": 0.5}))))
+        await call
+        worker.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        start = time.monotonic()
+        worker.signal(signal.SIGINT)
+        status = await asyncio.to_thread(worker.wait, 10)
+        assert status == 128 + signal.SIGINT and time.monotonic() - start < 2
+    finally:
+        worker.stop()
+        await caller.close()
+
+
+async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(nats_server: NatsServer,
+                                                                          namespace: str) -> None:
+    port = free_port()
+    worker = start_echo(nats_server, namespace, "--system-port", str(port))
+    caller = await Runtime.connect(nats_server.url, namespace)
+    try:
+        client = caller.client("echo", "generate")
+        await client.wait_for_instances(10)
+        for bad in ({"token_ids": "abc"}, [1, 2], {"token_ids": [1], "delay": -1}):
+            with pytest.raises(RequestError) as err:
+                [x async for x in client.generate(bad)]
+            assert err.value.code == "bad_request"
+        assert [x async for x in client.generate({"token_ids": [7, 8]})] == [
+            {"token_ids": [7]}, {"token_ids": [8], "finish_reason": "stop"}]
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        samples = {(s.name, s.labels.get("error_type", "")): s.value
+                   for fam in text_string_to_metric_families(body) for s in fam.samples}
+        assert samples[("dynamo_component_requests_total", "")] == 4
+        assert samples[("dynamo_component_errors_total", "bad_request")] == 3
+        assert samples[("echo_tokens_total", "")] == 2
+        assert samples[("dynamo_component_inflight_requests", "")] == 0
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/live").status == 200
+    finally:
+        worker.stop()
+        await caller.close()
+
+
+def test_health_is_503_while_shutting_down(nats_server: NatsServer, namespace: str) -> None:
+    port = free_port()
+    worker = start_echo(nats_server, namespace, "--system-port", str(port), "--graceful-shutdown-timeout", "5")
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
+        # Keep one request in flight so the worker stays in its drain phase for a while.
+        asyncio.run(_hold_request(nats_server, namespace, worker, port))
+    finally:
+        worker.stop()
+
+
+async def _hold_request(nats_server: NatsServer, namespace: str, worker: WorkerProcess, port: int) -> None:
+    caller = await Runtime.connect(nats_server.url, namespace)
+    try:
+        client = caller.client("echo", "generate")
+        await client.wait_for_instances(10)
+        stream = client.generate({"token_ids": list(range(10)), "delay": 0.3})
+        await anext(stream)
+        worker.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/health")
+        assert err.value.code == 503
+        assert b"shutting down" in err.value.read()
+        assert len([x async for x in stream]) == 9
+    finally:
+        await caller.close()

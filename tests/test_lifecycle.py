@@ -1,0 +1,94 @@
+"""A worker's life, start to shutdown, through the real CLI, runtime and a real nats-server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+
+from tests.helpers import NatsServer, WorkerProcess, free_port, worker_env, write_distribution
+
+RECORDING_ROLE = '''
+import os
+from dynamo_worker.core.hookspecs import hookimpl
+
+def record(entry):
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.write(entry + "\\n")
+
+class RecordingRole:
+    """Records every hook call, in order."""
+    name = "recording"
+
+    @hookimpl
+    def dynamo_worker_add_arguments(self, parser):
+        record("add_arguments")
+
+    @hookimpl
+    def dynamo_worker_configure(self, ctx):
+        record("configure")
+
+    @hookimpl
+    async def dynamo_worker_create_engine(self, ctx):
+        record("create_engine(runtime_connected=%s)" % (not ctx.runtime.nc.is_closed))
+        return "engine"
+
+    @hookimpl
+    def dynamo_worker_register_metrics(self, registry, ctx):
+        record("register_metrics(engine=%s)" % ctx.engine)
+
+    @hookimpl
+    def dynamo_worker_register_endpoints(self, registrar, ctx):
+        record("register_endpoints")
+        async def generate(request, context):
+            yield {"ok": True}
+        registrar.endpoint("generate", generate)
+
+    @hookimpl
+    def dynamo_worker_health_payload(self, ctx):
+        record("health_payload")
+        return {"probe": 1}
+
+    @hookimpl
+    async def dynamo_worker_check_engine(self, ctx):
+        return True
+
+    @hookimpl
+    async def dynamo_worker_shutdown(self, ctx):
+        record("shutdown(withdrawn=%s, inflight=%d)" % (not ctx.runtime.discovery._records, ctx.runtime.inflight()))
+'''
+
+
+def test_hooks_run_in_the_documented_order_from_start_to_shutdown(tmp_path: Path, nats_server: NatsServer,
+                                                                   namespace: str) -> None:
+    site = tmp_path / "site"
+    write_distribution(site, "recording-role", "0.1.0", {"recording": "recording_role:RecordingRole"},
+                       {"recording_role": RECORDING_ROLE})
+    record = tmp_path / "record.txt"
+    dump = tmp_path / "config.json"
+    port = free_port()
+    worker = WorkerProcess(
+        ["--role", "recording", "--nats-url", nats_server.url, "--namespace", namespace,
+         "--system-port", str(port), "--dump-config-to", str(dump)],
+        env=worker_env(site, RECORD_FILE=str(record)),
+    )
+    try:
+        worker.wait_for_log("serving")
+        health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health"))
+        assert health["status"] == "healthy" and health["endpoints"] == ["generate"]
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        worker.stop()
+    assert record.read_text().splitlines() == [
+        "add_arguments",
+        "configure",
+        "create_engine(runtime_connected=True)",
+        "register_metrics(engine=engine)",
+        "register_endpoints",
+        "health_payload",
+        "shutdown(withdrawn=True, inflight=0)",
+    ]
+    config = json.loads(dump.read_text())
+    assert config["role"]["name"] == "recording" and config["options"]["namespace"] == namespace

@@ -1,0 +1,226 @@
+"""The NATS runtime: request plane, discovery, event plane, cancellation and reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+
+from dynamo_worker.core.errors import RuntimeUnavailable
+from dynamo_worker.core.request_plane import RequestContext, RequestError
+from dynamo_worker.core.runtime import Runtime
+from tests.helpers import NatsServer, WorkerProcess
+
+
+async def connect(server: NatsServer, namespace: str, **kw: Any) -> Runtime:
+    return await Runtime.connect(server.url, namespace, **kw)
+
+
+async def counting(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
+    if not isinstance(request, dict) or not isinstance(request.get("n"), int):
+        raise RequestError("bad_request", "n must be an integer")
+    for i in range(request["n"]):
+        yield {"i": i}
+        if request.get("delay"):
+            await asyncio.sleep(request["delay"])
+
+
+async def serve(rt: Runtime, handler: Any = counting, component: str = "math", endpoint: str = "count") -> None:
+    await rt.serve_endpoint(component, endpoint, handler)
+    await rt.publish(component, endpoint, "test", {"model": "m"})
+
+
+async def test_a_request_streams_many_responses_then_ends(nats_server: NatsServer, namespace: str) -> None:
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    try:
+        await serve(worker)
+        client = caller.client("math", "count")
+        assert [r.instance_id for r in await client.wait_for_instances(5)] == [worker.instance_id]
+        items = [x async for x in client.generate({"n": 500})]
+        assert items == [{"i": i} for i in range(500)]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_errors_are_structured_and_the_worker_keeps_serving(nats_server: NatsServer, namespace: str) -> None:
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+
+    async def buggy(request: Any, context: RequestContext) -> AsyncIterator[int]:
+        yield 1
+        raise KeyError("oops")
+
+    try:
+        await serve(worker)
+        await serve(worker, buggy, endpoint="buggy")
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        with pytest.raises(RequestError) as bad:
+            [x async for x in client.generate({"n": "three"})]
+        assert (bad.value.code, bad.value.retryable) == ("bad_request", False)
+        assert "n must be an integer" in bad.value.message
+        # A malformed envelope (not our JSON at all) also gets a structured answer.
+        reply = await caller.nc.request(caller.subject("math", "count", worker.instance_id), b"{not json", timeout=2)
+        assert b"bad_request" in reply.data and b"malformed request" in reply.data
+        got: list[int] = []
+        with pytest.raises(RequestError) as internal:
+            async for x in caller.client("math", "buggy").generate({}):
+                got.append(x)
+        assert got == [1] and internal.value.code == "internal" and "KeyError" in internal.value.message
+        assert [x async for x in client.generate({"n": 2})] == [{"i": 0}, {"i": 1}]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_a_request_to_a_gone_instance_fails_fast_and_retryable(nats_server: NatsServer, namespace: str) -> None:
+    caller = await connect(nats_server, namespace)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RequestError) as err:
+            [x async for x in caller.client("math", "count").direct({"n": 1}, "feedfacefeedface")]
+        assert err.value.code == "unavailable" and err.value.retryable
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(RequestError, match="no instance serves math.count"):
+            caller.client("math", "count").pick()
+    finally:
+        await caller.close()
+
+
+async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(nats_server: NatsServer,
+                                                                       namespace: str) -> None:
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    cancelled = asyncio.Event()
+
+    async def slow(request: Any, context: RequestContext) -> AsyncIterator[int]:
+        try:
+            for i in range(1000):
+                yield i
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    try:
+        await serve(worker, slow)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        async with aclosing(client.generate({})) as stream:
+            async for i in stream:
+                if i == 3:
+                    break
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert worker.inflight() == 0
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, namespace: str) -> None:
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    events: list[tuple[str, bool]] = []
+    try:
+        watcher = caller.watcher()
+        watcher.add_listener(lambda key, rec, expired: events.append((key.rpartition(".")[2], rec is not None)))
+        await serve(worker)
+        client = caller.client("math", "count")
+        assert await client.wait_for_instances(5)
+        await worker.withdraw()
+        assert await watcher.wait_for(lambda: not client.instances(), 5)
+        assert events == [(worker.instance_id, True), (worker.instance_id, False)]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_a_killed_process_leaves_discovery_within_its_lease(nats_server: NatsServer, namespace: str) -> None:
+    caller = await connect(nats_server, namespace)
+    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
+                            "--lease-ttl", "2"])
+    try:
+        client = caller.client("echo", "generate")
+        assert await client.wait_for_instances(20)
+        # A stream in flight when the process dies fails (retryable) instead of hanging.
+        stream = client.generate({"token_ids": list(range(100)), "delay": 0.05})
+        assert await stream.__anext__() == {"token_ids": [0]}
+        worker.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(RequestError) as gone:
+            async for _ in stream:
+                pass
+        assert gone.value.retryable and "went away" in gone.value.message
+        assert not client.instances()
+        elapsed = time.monotonic() - killed
+        # Lease 2 s, refreshed every 2/3 s: gone 1.3-2.1 s after the kill.
+        assert elapsed < 3.0, elapsed
+    finally:
+        worker.stop()
+        await caller.close()
+
+
+async def test_events_reach_every_subscriber_in_the_namespace(nats_server: NatsServer, namespace: str) -> None:
+    a, b = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    other = await connect(nats_server, namespace + "x")
+    got: list[Any] = []
+    leaked: list[Any] = []
+
+    async def on_event(payload: Any) -> None:
+        got.append(payload)
+
+    async def on_other(payload: Any) -> None:
+        leaked.append(payload)
+
+    try:
+        await b.subscribe_events("kv", on_event)
+        await other.subscribe_events("kv", on_other)
+        await b.nc.flush()
+        await other.nc.flush()
+        await a.publish_event("kv", {"stored": [1, 2]})
+        await a.nc.flush()
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [{"stored": [1, 2]}] and leaked == []
+    finally:
+        for rt in (a, b, other):
+            await rt.close()
+
+
+async def test_endpoints_serve_again_after_a_nats_server_restart(namespace: str) -> None:
+    server = NatsServer()
+    server.start()
+    try:
+        worker, caller = await connect(server, namespace), await connect(server, namespace)
+        await serve(worker)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        server.stop()
+        server.start()
+        restarted = time.monotonic()
+        while True:
+            try:
+                assert [x async for x in client.generate({"n": 2})] == [{"i": 0}, {"i": 1}]
+                break
+            except RequestError:
+                assert time.monotonic() - restarted < 10, "no recovery within 10 s"
+                await asyncio.sleep(0.1)
+        # Discovery comes back too: a new caller sees the worker.
+        late = await connect(server, namespace)
+        assert await late.client("math", "count").wait_for_instances(5)
+        await late.close()
+        await caller.close()
+        await worker.close()
+    finally:
+        server.cleanup()
+
+
+async def test_an_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeUnavailable, match="cannot reach the NATS server at nats://127.0.0.1:1"):
+        await Runtime.connect("nats://127.0.0.1:1", "ns", timeout=1)
