@@ -7,7 +7,7 @@ import signal
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import NatsServer, WorkerProcess, free_port, worker_env, write_distribution
+from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until, worker_env, write_distribution
 
 RECORDING_ROLE = '''
 import os
@@ -50,8 +50,13 @@ class RecordingRole:
         record("health_payload")
         return {"probe": 1}
 
+    checked = False
+
     @hookimpl
     async def dynamo_worker_check_engine(self, ctx):
+        if not self.checked:  # periodic: record the first call only
+            self.checked = True
+            record("check_engine")
         return True
 
     @hookimpl
@@ -70,11 +75,12 @@ def test_hooks_run_in_the_documented_order_from_start_to_shutdown(tmp_path: Path
     port = free_port()
     worker = WorkerProcess(
         ["--role", "recording", "--nats-url", nats_server.url, "--namespace", namespace,
-         "--system-port", str(port), "--dump-config-to", str(dump)],
+         "--system-port", str(port), "--dump-config-to", str(dump), "--engine-check-interval", "0.1"],
         env=worker_env(site, RECORD_FILE=str(record)),
     )
     try:
         worker.wait_for_log("serving")
+        wait_until(lambda: "check_engine" in record.read_text(), 10, what="the engine monitor's first check")
         health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health"))
         assert health["status"] == "healthy" and health["endpoints"] == ["generate"]
         worker.signal(signal.SIGTERM)
@@ -88,6 +94,7 @@ def test_hooks_run_in_the_documented_order_from_start_to_shutdown(tmp_path: Path
         "register_metrics(engine=engine)",
         "register_endpoints",
         "health_payload",
+        "check_engine",
         "shutdown(withdrawn=True, inflight=0)",
     ]
     config = json.loads(dump.read_text())
