@@ -1,13 +1,62 @@
-"""The `frontend` role (planned: issue #4)."""
+"""The ``frontend`` role: hooks only; the server is :mod:`dynamo_worker.frontend`."""
 
 from __future__ import annotations
 
-from dynamo_worker.roles.planned import PlannedRole
+import argparse
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from dynamo_worker.core.hookspecs import hookimpl
+from dynamo_worker.frontend import options
+
+if TYPE_CHECKING:
+    from dynamo_worker.core.context import WorkerContext
+    from dynamo_worker.core.registrar import Registrar
+    from dynamo_worker.frontend.app import FrontendServer
 
 
-class FrontendRole(PlannedRole):
-    """OpenAI-compatible HTTP frontend that routes to workers found through discovery."""
+class FrontendRole:
+    """OpenAI-compatible HTTP frontend that routes to workers found through discovery.
+
+    Serves no request-plane endpoint: its HTTP listener runs as a background task, tokenizes,
+    sends ``backend.generate`` requests to decode workers and detokenizes their tokens.
+    """
 
     name = "frontend"
-    issue = "issue #4"
-    instead = "echo"
+
+    def __init__(self) -> None:
+        self.ctx: WorkerContext | None = None
+        self.server: FrontendServer | None = None
+
+    @hookimpl
+    def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        options.add_arguments(parser)
+
+    @hookimpl
+    def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
+        options.configure(ctx.options)
+
+    @hookimpl
+    def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
+        # Imported here: aiohttp routes and the model table are only needed by a serving process.
+        from dynamo_worker.frontend.app import FrontendServer
+
+        self.ctx = ctx
+        self.server = FrontendServer.for_runtime(ctx.runtime, ctx.options)
+        registrar.background("http", self.serve_http)
+
+    async def serve_http(self) -> None:
+        """Listen on --http-host/--http-port and serve until shutdown (which stops the server)."""
+        assert self.ctx is not None and self.server is not None
+        o = self.ctx.options
+        url = await self.server.start(o.http_host, o.http_port, shutdown_timeout=o.graceful_shutdown_timeout,
+                                      discovery_timeout=o.model_wait_timeout)
+        self.ctx.log.info("frontend listening on %s (OpenAI API at %s/v1)", url, url)
+        # Wait forever; cancelling this task does not stop the listener: dynamo_worker_shutdown
+        # does, gracefully, after the core has cancelled background tasks.
+        await asyncio.Event().wait()
+
+    @hookimpl
+    async def dynamo_worker_shutdown(self, ctx: WorkerContext) -> Any:
+        if self.server is not None:
+            await self.server.stop()

@@ -1,0 +1,318 @@
+"""The HTTP server: OpenAI routes, ``/health`` and ``/metrics``, and its graceful stop.
+
+Streaming responses are Server-Sent Events (``data: {json}\\n\\n`` ... ``data: [DONE]\\n\\n``).
+The SSE response is only started when the worker's first message arrives, so an error before
+any output (bad request from the worker, no instance left after retries) is still a plain HTTP
+error with its status code; after that, an error is one ``data: {"error": {...}}`` event that
+ends the stream.
+
+aiohttp sets ``TCP_NODELAY`` on every accepted connection (``BaseProtocol.connection_made``),
+so small SSE writes are not held back by Nagle's algorithm. The runner is created with
+``handler_cancellation=True``: a client that disconnects cancels its handler, which closes the
+worker stream, which cancels the request on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import attrs
+import msgspec
+from aiohttp import web
+
+from dynamo_worker.core.runtime import Client, Runtime
+from dynamo_worker.frontend import preprocess
+from dynamo_worker.frontend.detokenizer import TokenStrings
+from dynamo_worker.frontend.metrics import CLIENT_CLOSED, CONTENT_TYPE, FrontendMetrics, RequestTracker
+from dynamo_worker.frontend.models import ModelTable, ServedModel
+from dynamo_worker.frontend.output import OutputProcessor
+from dynamo_worker.frontend.protocol import (
+    ApiError,
+    ChatShape,
+    CompletionShape,
+    GenerationParams,
+    ResponseShape,
+    chat_messages,
+    completion_prompt,
+    generation_params,
+    internal,
+    parse_chat,
+    parse_completion,
+)
+from dynamo_worker.frontend.router import Router
+
+log = logging.getLogger(__name__)
+
+WORKER_COMPONENT = "backend"  # Dynamo's name for the component decode workers register
+WORKER_ENDPOINT = "generate"
+
+_encode = msgspec.json.Encoder().encode
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
+
+
+def error_response(exc: ApiError) -> web.Response:
+    return json_response(exc.body(), exc.status)
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    """aiohttp's own errors (unknown path, wrong method) in OpenAI's JSON error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(exc.status, f"{request.method} {request.path}: {exc.reason}"))
+
+
+@attrs.define
+class _Prepared:
+    """A request ready to send: its model, prompt, worker payload and response shape."""
+
+    model: ServedModel
+    tokenizer: Any
+    prompt_ids: list[int]
+    params: GenerationParams
+    payload: dict[str, Any]
+    shape: ResponseShape
+
+
+class FrontendServer:
+    """The OpenAI-compatible HTTP server over one ``backend.generate`` client."""
+
+    def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
+                 max_request_bytes: int = 4 * 1024 * 1024, metrics: FrontendMetrics | None = None) -> None:
+        self.client = client
+        self.metrics = metrics or FrontendMetrics()
+        self.table = ModelTable(client)
+        self.router = Router(client, router_mode, retries,
+                             on_retry=lambda model: self.metrics.retries.labels(model).inc())
+        self.max_request_bytes = max_request_bytes
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime, options: Any) -> FrontendServer:
+        return cls(runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT), router_mode=options.router_mode,
+                   retries=options.request_retries, max_request_bytes=options.max_request_bytes)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[_openai_errors])
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.render_metrics)
+        return app
+
+    async def start(self, host: str, port: int, *, shutdown_timeout: float = 30.0,
+                    discovery_timeout: float = 5.0) -> str:
+        """Follow discovery, then listen; returns the base URL (``port`` 0 picks a free one)."""
+        self.table.start()
+        if not await self._wait_ready(discovery_timeout):
+            log.warning("no discovery snapshot after %.1fs; listening anyway (models appear as "
+                        "workers are found)", discovery_timeout)
+        self.runner = web.AppRunner(self.build_app(), handler_cancellation=True,
+                                    shutdown_timeout=shutdown_timeout, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        bound_host, bound_port = self.runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}"
+        return self.url
+
+    async def _wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.client.watcher.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop accepting; let in-flight requests finish up to the shutdown timeout; cancel the rest."""
+        if self.runner is not None:
+            runner, self.runner = self.runner, None
+            await runner.cleanup()
+        self.table.tokenizers.close()
+
+    # ---- informational routes ---------------------------------------------------------------------
+
+    def _model_card(self, model: ServedModel) -> dict[str, Any]:
+        return {"id": model.name, "object": "model", "created": self.table.seen.get(model.name, 0),
+                "owned_by": "dynamo-worker", "max_model_len": model.max_model_len}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return json_response({"object": "list",
+                              "data": [self._model_card(m) for m in self.table.live().values()]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        try:
+            return json_response(self._model_card(self.table.resolve(request.match_info["model"])))
+        except ApiError as exc:
+            return error_response(exc)
+
+    async def health(self, request: web.Request) -> web.Response:
+        live = self.table.live()
+        instances = sum(len(m.instances) for m in live.values())
+        body = {
+            "status": "healthy" if instances else "unhealthy",
+            "instances": instances,
+            "models": [{"model": m.name, "instances": len(m.instances)} for m in live.values()],
+        }
+        if not instances:
+            body["message"] = f"no {WORKER_COMPONENT}.{WORKER_ENDPOINT} worker is discovered"
+        return json_response(body, 200 if instances else 503)
+
+    async def render_metrics(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=self.metrics.render())
+        resp.headers["Content-Type"] = CONTENT_TYPE
+        return resp
+
+    # ---- generation routes ------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat_completions")
+
+    async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        tracker = self.metrics.track(endpoint, stream=False)
+        try:
+            prepared = await self._prepare(await self._read_body(request), endpoint, tracker)
+            if prepared.params.stream:
+                return await self._stream(request, prepared, tracker)
+            return await self._unary(prepared, tracker)
+        except ApiError as exc:
+            tracker.finish(exc.status)
+            return error_response(exc)
+        except asyncio.CancelledError:  # the client went away (handler cancellation)
+            tracker.finish(CLIENT_CLOSED)
+            raise
+        except Exception as exc:  # a frontend bug: answer 500, log it, keep serving everyone else
+            log.exception("%s request failed", endpoint)
+            tracker.finish(500)
+            return error_response(internal(f"internal error: {type(exc).__name__}: {exc}"))
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"the request body is larger than {self.max_request_bytes} bytes "
+                           "(see --max-request-bytes)", code="request_too_large") from None
+
+    async def _prepare(self, body: bytes, endpoint: str, tracker: RequestTracker) -> _Prepared:
+        shape_cls: type[ResponseShape]
+        if endpoint == "completions":
+            req: Any = parse_completion(body)
+            params = generation_params(req)
+            prompt = completion_prompt(req)
+            prompt_param, shape_cls = "prompt", CompletionShape
+        else:
+            req = parse_chat(body)
+            params = generation_params(req)
+            messages = chat_messages(req)
+            prompt_param, shape_cls = "messages", ChatShape
+        tracker.request_type = "stream" if params.stream else "unary"
+        model = self.table.resolve(req.model)
+        tracker.set_model(model.name)
+        tokenizer = await self.table.tokenizer(model)
+        if endpoint == "completions":
+            prompt_ids = preprocess.encode_completion_prompt(tokenizer, prompt)
+        else:
+            prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages)
+        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids)
+        max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params, prompt_param=prompt_param,
+                                                   max_param=params.max_tokens_param)
+        payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
+        tracker.prompt(len(prompt_ids))
+        shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)
+        return _Prepared(model, tokenizer, prompt_ids, params, payload, shape)
+
+    async def _unary(self, p: _Prepared, tracker: RequestTracker) -> web.Response:
+        out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
+        texts: list[str] = []
+        logprobs = [] if p.params.logprobs is not None else None
+        async with aclosing(self.router.generate(p.model.name, p.payload)) as stream:
+            async for item in stream:
+                delta = out.process(item)
+                tracker.tokens(delta.tokens)
+                texts.append(delta.text)
+                if logprobs is not None and delta.logprobs:
+                    logprobs.extend(delta.logprobs)
+                if out.finished:
+                    break  # a stop string: closing the stream cancels the rest on the worker
+        if not out.finished:
+            texts.append(out.end_of_stream().text)
+        assert out.finish_reason is not None
+        body = p.shape.full("".join(texts), out.finish_reason, logprobs, out.usage())
+        tracker.finish(200, out.completion_tokens)
+        return json_response(body)
+
+    async def _stream(self, request: web.Request, p: _Prepared, tracker: RequestTracker) -> web.StreamResponse:
+        out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
+        resp: web.StreamResponse | None = None
+
+        async def send(obj: Any) -> None:
+            assert resp is not None
+            await resp.write(b"data: " + _encode(obj) + b"\n\n")
+
+        async def start() -> web.StreamResponse:
+            r = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await r.prepare(request)
+            return r
+
+        try:
+            async with aclosing(self.router.generate(p.model.name, p.payload)) as stream:
+                async for item in stream:
+                    delta = out.process(item)
+                    tracker.tokens(delta.tokens)
+                    if resp is None:
+                        resp = await start()
+                        for chunk in p.shape.first_chunks():
+                            await send(chunk)
+                    if delta.text or delta.logprobs or delta.finish_reason:
+                        await send(p.shape.chunk(delta.text, delta.finish_reason, delta.logprobs))
+                    if out.finished:
+                        break  # a stop string: closing the stream cancels the rest on the worker
+            if not out.finished:
+                delta = out.end_of_stream()
+                if resp is None:
+                    resp = await start()
+                    for chunk in p.shape.first_chunks():
+                        await send(chunk)
+                await send(p.shape.chunk(delta.text, delta.finish_reason, None))
+            if p.params.include_usage:
+                await send(p.shape.usage_chunk(out.usage()))
+            await resp.write(_SSE_DONE)
+            await resp.write_eof()
+        except ApiError as exc:
+            if resp is None:
+                raise  # nothing sent yet: a plain HTTP error
+            log.warning("stream of model %s failed after output began: %s", p.model.name, exc.message)
+            try:
+                await send(exc.body())
+                await resp.write_eof()
+            except ConnectionResetError:
+                pass
+            tracker.finish(exc.status, out.completion_tokens)
+            return resp
+        except ConnectionResetError:  # the client closed the connection while we wrote to it
+            tracker.finish(CLIENT_CLOSED, out.completion_tokens)
+            assert resp is not None
+            return resp
+        tracker.finish(200, out.completion_tokens)
+        return resp

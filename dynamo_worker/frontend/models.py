@@ -1,0 +1,173 @@
+"""The live model table: which models are served now, by which instances, with which tokenizer.
+
+Decode workers publish their ``backend.generate`` endpoint in discovery with
+``{"model", "model_path", "max_model_len", "eos_token_ids", "kind"}``. The table is computed
+from the client's live instance list on every lookup (so a model appears and disappears with
+its workers), and a discovery listener starts loading a model's tokenizer in a thread as soon
+as its first worker appears, so the first request does not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import attrs
+
+from dynamo_worker.core.discovery import InstanceRecord
+from dynamo_worker.core.runtime import Client
+from dynamo_worker.frontend.protocol import ApiError, model_not_found, unavailable
+
+log = logging.getLogger(__name__)
+
+
+def _load_tokenizer(path: str) -> Any:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory on this host")
+    # Imported here: transformers takes seconds to import and only a serving frontend needs it.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+class TokenizerCache:
+    """Tokenizers by model directory, each loaded once in a worker thread.
+
+    A failed load is not cached: the next request (or a new worker) tries again, so fixing the
+    directory on this host needs no frontend restart.
+    """
+
+    def __init__(self) -> None:
+        self._loading: dict[str, asyncio.Task[Any]] = {}
+
+    def prefetch(self, path: str) -> None:
+        if path not in self._loading:
+            task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, path), name=f"tokenizer {path}")
+            task.add_done_callback(lambda t, p=path: self._loaded(p, t))
+            self._loading[path] = task
+
+    def _loaded(self, path: str, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self._loading.pop(path, None)
+        elif task.exception() is not None:
+            self._loading.pop(path, None)
+            exc = task.exception()
+            log.error("cannot load the tokenizer from %s: %s: %s", path, type(exc).__name__, exc)
+        else:
+            log.info("loaded the tokenizer from %s", path)
+
+    async def get(self, path: str) -> Any:
+        self.prefetch(path)
+        # shield: a client going away must not cancel a load other requests wait for.
+        return await asyncio.shield(self._loading[path])
+
+    def close(self) -> None:
+        for task in self._loading.values():
+            task.cancel()
+
+
+@attrs.frozen
+class ServedModel:
+    """One model name and the instances serving it right now."""
+
+    name: str
+    instances: tuple[InstanceRecord, ...]
+
+    @property
+    def model_paths(self) -> list[str]:
+        return list(dict.fromkeys(str(r.data["model_path"]) for r in self.instances))
+
+    @property
+    def max_model_len(self) -> int | None:
+        # Instances may differ; the smallest limit is the one every instance can honour.
+        lens = [r.data["max_model_len"] for r in self.instances
+                if isinstance(r.data.get("max_model_len"), int) and r.data["max_model_len"] > 0]
+        return min(lens) if lens else None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        for r in self.instances:
+            ids = r.data.get("eos_token_ids")
+            if isinstance(ids, list) and all(type(t) is int for t in ids):
+                return list(ids)
+        return []
+
+
+def _serves_model(record: InstanceRecord) -> bool:
+    data = record.data
+    return isinstance(data.get("model"), str) and isinstance(data.get("model_path"), str)
+
+
+class ModelTable:
+    """Models served now (from discovery), models seen before, and their tokenizers."""
+
+    def __init__(self, client: Client, tokenizers: TokenizerCache | None = None) -> None:
+        self.client = client
+        self.tokenizers = tokenizers or TokenizerCache()
+        self.seen: dict[str, int] = {}  # model name -> when it first appeared (Unix seconds)
+        self._ignored: set[str] = set()
+
+    def start(self) -> None:
+        """Follow discovery: remember each model and start loading its tokenizer on arrival."""
+        self.client.watcher.add_listener(self._on_change)
+        for record in self.client.instances():
+            self._on_change(record.key, record, False)
+
+    def _on_change(self, key: str, record: InstanceRecord | None, *_: Any) -> None:
+        # Called for every lease refresh too (about once a second per instance): stay cheap.
+        # *_: the watcher also says whether a departure was a lease expiry; the table does not care.
+        # It must never raise: an exception in a listener restarts the whole discovery watch.
+        try:
+            self._follow(key, record)
+        except Exception:  # a bug here must not blind the process to discovery
+            log.exception("model table: cannot apply the discovery change of %s", key)
+
+    def _follow(self, key: str, record: InstanceRecord | None) -> None:
+        if record is None or record.component != self.client.component or record.endpoint != self.client.endpoint:
+            return
+        if not _serves_model(record):
+            if key not in self._ignored:
+                self._ignored.add(key)
+                log.warning("ignoring instance %s of %s.%s: its discovery record has no model/model_path",
+                            record.instance_id, record.component, record.endpoint)
+            return
+        name = record.data["model"]
+        if name not in self.seen:
+            self.seen[name] = int(time.time())
+            log.info("model %r is now served (instance %s, %s)", name, record.instance_id,
+                     record.data["model_path"])
+        self.tokenizers.prefetch(record.data["model_path"])
+
+    def instances(self) -> list[InstanceRecord]:
+        return [r for r in self.client.instances() if _serves_model(r)]
+
+    def live(self) -> dict[str, ServedModel]:
+        """Every model with at least one instance now, by name."""
+        by_name: dict[str, list[InstanceRecord]] = {}
+        for record in self.instances():
+            by_name.setdefault(record.data["model"], []).append(record)
+        return {name: ServedModel(name, tuple(records)) for name, records in sorted(by_name.items())}
+
+    def resolve(self, name: str) -> ServedModel:
+        """The model a request names: 404 if never seen, 503 if seen but no instance serves it now."""
+        live = self.live()
+        model = live.get(name)
+        if model is not None:
+            return model
+        if name in self.seen:
+            raise unavailable(f"no worker serves the model {name!r} right now; retry later")
+        raise model_not_found(name, live)
+
+    async def tokenizer(self, model: ServedModel) -> Any:
+        """The model's tokenizer, from the first of its instances' directories that loads here."""
+        errors: list[str] = []
+        for path in model.model_paths:
+            try:
+                return await self.tokenizers.get(path)
+            except Exception as exc:  # reported to the client below, with every path tried
+                errors.append(f"{path}: {type(exc).__name__}: {exc}")
+        raise ApiError(503, f"cannot load the tokenizer of model {model.name!r} on the frontend host "
+                       f"({'; '.join(errors)})", code="tokenizer_unavailable")

@@ -1,0 +1,45 @@
+"""The frontend role's command-line flags and their validation (cheap to import: ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dynamo_worker.core.errors import UsageError
+from dynamo_worker.core.options import check_port, env_default
+
+ROUTER_MODES = ("round-robin", "random")
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("frontend role")
+    g.add_argument("--http-host", default="127.0.0.1",
+                   help="address the OpenAI-compatible HTTP server binds (default %(default)s)")
+    g.add_argument("--http-port", type=int, default=env_default("DYN_HTTP_PORT", 8000, int),
+                   help="port of the HTTP server; 0 picks a free one (env DYN_HTTP_PORT; "
+                   "default %(default)s)")
+    g.add_argument("--router-mode", choices=ROUTER_MODES, default="round-robin",
+                   help="how a request picks one of the instances serving its model "
+                   "(default %(default)s)")
+    g.add_argument("--request-retries", type=int, default=2, metavar="N",
+                   help="retry a request on another instance up to N times when it fails with a "
+                   "retryable error before its first token (default %(default)s)")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                   help="largest accepted request body; larger ones get 413 (default %(default)s)")
+    g.add_argument("--model-wait-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="at start-up, wait this long for the first discovery snapshot before "
+                   "listening (default %(default)s)")
+
+
+def configure(options: Any) -> None:
+    """Validate the frontend flags: a one-line :class:`UsageError` naming the flag and the fix."""
+    check_port("--http-port", options.http_port)
+    if options.request_retries < 0:
+        raise UsageError(f"--request-retries must be 0 or more (got {options.request_retries})")
+    if options.max_request_bytes < 1024:
+        raise UsageError(f"--max-request-bytes must be at least 1024 (got {options.max_request_bytes})")
+    if options.model_wait_timeout < 0:
+        raise UsageError(f"--model-wait-timeout must be 0 or more (got {options.model_wait_timeout})")
+    if not options.http_host:
+        raise UsageError("--http-host is empty; give an address such as 127.0.0.1 or 0.0.0.0")

@@ -1,0 +1,87 @@
+"""A validated request to token ids, then to Dynamo's ``PreprocessedRequest`` for ``generate``.
+
+Chat prompts are rendered with the tokenizer's chat template and encoded *without* adding
+special tokens: templates (the demo model's, Llama's) emit BOS themselves, and encoding with
+special tokens would put a second BOS in front. Completion prompts given as text are encoded
+with special tokens (BOS), as vLLM does; prompts given as token ids are sent as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dynamo_worker.frontend.models import ServedModel
+from dynamo_worker.frontend.protocol import ApiError, GenerationParams, bad_request
+
+
+def encode_completion_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+    vocab = len(tokenizer)
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return prompt
+
+
+def encode_chat_prompt(tokenizer: Any, model: str, messages: list[dict[str, str]]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request(f"model {model!r} has no chat template; use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except ApiError:
+        raise
+    except Exception as exc:  # a template's raise_exception(), or messages it cannot render
+        raise bad_request(f"the chat template of model {model!r} rejected the messages: {exc}",
+                          param="messages") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_stop_token_ids(tokenizer: Any, ids: Sequence[int]) -> None:
+    vocab = len(tokenizer)
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise bad_request(f"stop token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                          param="stop_token_ids")
+
+
+def resolve_max_tokens(model: ServedModel, prompt_len: int, params: GenerationParams, *,
+                       prompt_param: str, max_param: str) -> int | None:
+    """Check the prompt against the model's context; the max_tokens to send (default: the rest)."""
+    limit = model.max_model_len
+    if limit is None:
+        return params.max_tokens
+    if prompt_len >= limit:
+        raise bad_request(
+            f"the prompt is {prompt_len} tokens but model {model.name!r} takes at most {limit} tokens "
+            f"(prompt plus at least 1 generated token); shorten the prompt",
+            param=prompt_param,
+            code="context_length_exceeded")
+    if params.max_tokens is None:
+        return limit - prompt_len
+    if prompt_len + params.max_tokens > limit:
+        raise bad_request(
+            f"the prompt ({prompt_len} tokens) plus {max_param} ({params.max_tokens}) is "
+            f"{prompt_len + params.max_tokens} tokens, over the {limit}-token limit of model "
+            f"{model.name!r}; lower {max_param} to at most {limit - prompt_len}",
+            param=max_param, code="context_length_exceeded")
+    return params.max_tokens
+
+
+def preprocessed_request(model: ServedModel, token_ids: list[int], params: GenerationParams,
+                         max_tokens: int | None) -> dict[str, Any]:
+    """Dynamo's ``PreprocessedRequest`` (JSON), the payload of ``backend.generate``."""
+    return {
+        "model": model.name,
+        "token_ids": token_ids,
+        "stop_conditions": {
+            "max_tokens": max_tokens,
+            "min_tokens": params.min_tokens,
+            "stop_token_ids": list(params.stop_token_ids) or None,
+            "ignore_eos": params.ignore_eos,
+        },
+        "sampling_options": dict(params.sampling),
+        "output_options": {"logprobs": params.logprobs},
+        "eos_token_ids": model.eos_token_ids,
+    }

@@ -1,0 +1,458 @@
+"""The OpenAI wire format: request validation and response shapes.
+
+Requests are decoded with msgspec Structs (types checked, unknown fields ignored as OpenAI's own
+server does for forward compatibility), then checked for ranges and for features this frontend
+does not implement: those get a 400 naming the parameter rather than being silently ignored.
+Every failure is an :class:`ApiError`, which the HTTP layer turns into OpenAI's error body
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import msgspec
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 32
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",  # OpenAI's own type for an unknown model, with code model_not_found
+    413: "invalid_request_error",
+    500: "internal_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApiError(Exception):
+    """A request that cannot be served; ``status`` is the HTTP status it is answered with."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None) -> None:  # noqa: A002 - OpenAI's name
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _ERROR_TYPES.get(status, "internal_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str, available: Sequence[str]) -> ApiError:
+    known = ", ".join(sorted(available)) or "none"
+    return ApiError(404, f"the model {model!r} does not exist; available models: {known}",
+                    param="model", code="model_not_found")
+
+
+def unavailable(message: str, code: str = "no_worker") -> ApiError:
+    return ApiError(503, message, code=code)
+
+
+def internal(message: str) -> ApiError:
+    return ApiError(500, message, code="internal_error")
+
+
+# ---- requests ---------------------------------------------------------------------------------
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+
+
+class _Common(msgspec.Struct, kw_only=True):
+    """Fields both endpoints take. Extensions (as in vLLM): top_k, min_p, min_tokens,
+    stop_token_ids, ignore_eos, repetition_penalty, skip_special_tokens."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    skip_special_tokens: bool = True
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: str | list[Any]
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatRequest(_Common, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+
+
+@attrs.frozen
+class GenerationParams:
+    """What both endpoints ask of the worker, validated and normalised."""
+
+    max_tokens: int | None
+    min_tokens: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    sampling: dict[str, float | int]  # only the options the client set
+    logprobs: int | None  # top-N alternatives per token (0: only the sampled token); None: off
+    stream: bool
+    include_usage: bool
+    skip_special_tokens: bool
+    max_tokens_param: str = "max_tokens"  # the name the client used, for error messages
+
+
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
+    if not body.strip():
+        raise bad_request("the request body is empty; send a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH.search(message)
+        param = match.group("path") if match and match.group("path") else None
+        if param is None and "missing required field" in message:
+            param = message.rpartition("`")[0].rpartition("`")[2] or None
+        return_message = _PATH.sub("", message)
+        raise bad_request(f"{return_message}" + (f" (parameter {param})" if param else ""),
+                          param=param) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def parse_completion(body: bytes) -> CompletionRequest:
+    req: CompletionRequest = _decode(_completion_decoder, body)
+    if req.echo:
+        raise bad_request("echo is not supported", param="echo")
+    if req.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if req.best_of not in (None, 1):
+        raise bad_request("best_of must be 1 (only one completion per request)", param="best_of")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+    return req
+
+
+def parse_chat(body: bytes) -> ChatRequest:
+    req: ChatRequest = _decode(_chat_decoder, body)
+    if not req.messages:
+        raise bad_request("messages must not be empty", param="messages")
+    if req.tools and req.tool_choice != "none":
+        raise bad_request("tools are not supported by this frontend", param="tools")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format {req.response_format.type!r} is not supported; "
+                          "only 'text'", param="response_format")
+    if req.top_logprobs is not None:
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
+        if not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    return req
+
+
+def _check_range(name: str, value: float | None, low: float | None, high: float | None,
+                 *, low_open: bool = False) -> None:
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "" if low is None else (f"greater than {low:g}" if low_open else f"at least {low:g}")
+        hi = "" if high is None else f"at most {high:g}"
+        raise bad_request(f"{name} must be {' and '.join(p for p in (lo, hi) if p)} (got {value:g})",
+                          param=name)
+
+
+def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
+    """Validate what both endpoints share; a 400 naming the parameter on the first problem."""
+    if req.n not in (None, 1):
+        raise bad_request("n must be 1: this frontend returns one choice per request", param="n")
+    max_tokens, max_param = req.max_tokens, "max_tokens"
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"{max_param} must be at least 1 (got {max_tokens})", param=max_param)
+    if req.min_tokens is not None:
+        if req.min_tokens < 0:
+            raise bad_request(f"min_tokens must be 0 or more (got {req.min_tokens})", param="min_tokens")
+        if max_tokens is not None and req.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed {max_param} ({max_tokens})",
+                              param="min_tokens")
+    _check_range("temperature", req.temperature, 0, None)
+    _check_range("top_p", req.top_p, 0, 1, low_open=True)
+    _check_range("top_k", req.top_k, -1, None)
+    _check_range("min_p", req.min_p, 0, 1)
+    _check_range("presence_penalty", req.presence_penalty, -2, 2)
+    _check_range("frequency_penalty", req.frequency_penalty, -2, 2)
+    _check_range("repetition_penalty", req.repetition_penalty, 0, None, low_open=True)
+    stop: tuple[str, ...] = ()
+    if isinstance(req.stop, str):
+        stop = (req.stop,)
+    elif req.stop:
+        stop = tuple(req.stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings (got {len(stop)})", param="stop")
+    if any(s == "" for s in stop):
+        raise bad_request("stop strings must not be empty", param="stop")
+    stop_ids = tuple(req.stop_token_ids or ())
+    if any(t < 0 for t in stop_ids):
+        raise bad_request("stop_token_ids must be non-negative token ids", param="stop_token_ids")
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", param="logit_bias")
+    sampling = {
+        name: value
+        for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty")
+        if (value := getattr(req, name)) is not None
+    }
+    if isinstance(req, ChatRequest):
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
+    stream = bool(req.stream)
+    return GenerationParams(
+        max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=stop_ids,
+        ignore_eos=req.ignore_eos, sampling=sampling, logprobs=logprobs, stream=stream,
+        include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
+        skip_special_tokens=req.skip_special_tokens, max_tokens_param=max_param,
+    )
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if all(type(t) is int for t in prompt):
+        return list(prompt)
+    if len(prompt) > 1:
+        raise bad_request(f"one prompt per request: got a list of {len(prompt)} prompts; "
+                          "send them as separate requests", param="prompt")
+    (only,) = prompt
+    if isinstance(only, str):
+        return only
+    if isinstance(only, list) and only and all(type(t) is int for t in only):
+        return list(only)
+    raise bad_request("prompt must be a string, a list of token ids, or a list holding one of those",
+                      param="prompt")
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+    """The messages as the chat template wants them: role and plain-text content."""
+    out: list[dict[str, str]] = []
+    for i, msg in enumerate(req.messages):
+        if isinstance(msg.content, list):
+            texts = []
+            for j, part in enumerate(msg.content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"content part of type {part.type!r} is not supported: this frontend serves "
+                        "text only", param=f"messages[{i}].content[{j}]")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        else:
+            content = msg.content or ""
+        entry = {"role": msg.role, "content": content}
+        if msg.name is not None:
+            entry["name"] = msg.name
+        out.append(entry)
+    return out
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TokenLogprob:
+    """One generated token's log-probability and its top alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
+
+
+class ResponseShape:
+    """Builds one endpoint's response bodies; subclasses fill in the endpoint's shapes."""
+
+    object_full = ""
+    object_chunk = ""
+    id_prefix = ""
+
+    def __init__(self, model: str, token_text: Callable[[int], str], include_usage: bool = False) -> None:
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.token_text = token_text
+        self.include_usage = include_usage
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, text: str, finish_reason: str | None,
+              logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def full(self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None,
+             usage: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope(self.object_chunk, [])
+        body["usage"] = usage
+        return body
+
+    def _chunk_body(self, choice: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope(self.object_chunk, [choice])
+        if self.include_usage:
+            body["usage"] = None
+        return body
+
+
+class CompletionShape(ResponseShape):
+    """``/v1/completions``: ``text_completion`` objects."""
+
+    object_full = "text_completion"
+    object_chunk = "text_completion"
+    id_prefix = "cmpl-"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._offset = 0  # text_offset of the next token (sum of the token texts before it)
+
+    def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        if logprobs is None:
+            return None
+        tokens, offsets = [], []
+        for lp in logprobs:
+            text = self.token_text(lp.token_id)
+            tokens.append(text)
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def chunk(self, text: str, finish_reason: str | None,
+              logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+        return self._chunk_body({"index": 0, "text": text, "logprobs": self._logprobs(logprobs),
+                                 "finish_reason": finish_reason})
+
+    def full(self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None,
+             usage: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope(self.object_full, [
+            {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+        ])
+        body["usage"] = usage
+        return body
+
+
+class ChatShape(ResponseShape):
+    """``/v1/chat/completions``: ``chat.completion`` and ``chat.completion.chunk`` objects."""
+
+    object_full = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        if logprobs is None:
+            return None
+        return {"content": [
+            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
+            for lp in logprobs
+        ]}
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [self._chunk_body({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None})]
+
+    def chunk(self, text: str, finish_reason: str | None,
+              logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+        return self._chunk_body({"index": 0, "delta": {"content": text} if text else {},
+                                 "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason})
+
+    def full(self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None,
+             usage: dict[str, Any]) -> dict[str, Any]:
+        body = self._envelope(self.object_full, [{
+            "index": 0, "message": {"role": "assistant", "content": text},
+            "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason,
+        }])
+        body["usage"] = usage
+        return body

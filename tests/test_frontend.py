@@ -1,0 +1,472 @@
+"""The frontend role: an OpenAI-compatible server in front of decode workers found through discovery.
+
+Real parts throughout: a real nats-server, the real runtime, the frontend as a real
+``dynamo-worker --role frontend`` process, the official ``openai`` client, the tiny demo
+model's tokenizer, and ``prometheus_client``'s parser. Only the decode workers are fakes
+(:class:`tests.frontend_helpers.FakeDecodeWorker`): scripted token streams make every expected
+text exact, and let a test make a worker slow, fail, or watch for cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynamo_worker.frontend.detokenizer import IncrementalDetokenizer, StopStrings
+from tests.frontend_helpers import FakeDecodeWorker, LoopThread
+from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
+
+BOS, EOS = 0, 1
+MAX_MODEL_LEN = 256
+PROMPT = "Alice reads a small book in the garden, and the old cat watches a bird."
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dynamo_worker.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("frontend") / "demo-model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+class Deployment:
+    """One namespace: fake decode workers by model name, and a frontend process in front."""
+
+    def __init__(self, nats: NatsServer, loop: LoopThread, model_path: Path) -> None:
+        self.nats = nats
+        self.loop = loop
+        self.model_path = str(model_path)
+        self.namespace = f"fe{uuid.uuid4().hex[:10]}"
+        self.workers: dict[str, list[FakeDecodeWorker]] = {}
+        self.frontends: list[WorkerProcess] = []
+
+    def add_worker(self, model: str, **script: Any) -> FakeDecodeWorker:
+        worker = FakeDecodeWorker(self.nats.url, self.namespace, model, self.model_path,
+                                  max_model_len=MAX_MODEL_LEN, **script)
+        self.loop.run(worker.start())
+        self.workers.setdefault(model, []).append(worker)
+        return worker
+
+    def start_frontend(self, *extra: str, namespace: str | None = None) -> tuple[WorkerProcess, str]:
+        port = free_port()
+        proc = WorkerProcess(["--role", "frontend", "--nats-url", self.nats.url, "--http-port", str(port),
+                              "--namespace", namespace or self.namespace, *extra])
+        self.frontends.append(proc)
+        proc.wait_for_log("frontend listening on", 30)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        for proc in self.frontends:
+            proc.stop()
+        for workers in self.workers.values():
+            for worker in workers:
+                self.loop.run(worker.stop())
+
+
+@pytest.fixture(scope="module")
+def deployment(nats_server: NatsServer, loop: LoopThread, demo_model: Path) -> Iterator[Deployment]:
+    d = Deployment(nats_server, loop, demo_model)
+    d.add_worker("tiny")
+    d.add_worker("forward", mode="forward")
+    d.add_worker("slow", delay=0.03)
+    d.add_worker("flaky", reject="unavailable", retryable=True)
+    d.add_worker("flaky")
+    d.add_worker("midfail", fail_after=3)
+    d.add_worker("refuses", reject="bad_request")
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def frontend(deployment: Deployment) -> Iterator[str]:
+    proc, url = deployment.start_frontend()
+    yield url
+    if proc.proc.poll() is not None:
+        pytest.fail(f"the frontend died:\n{proc.log()}")
+
+
+@pytest.fixture
+def client(frontend: str) -> openai.OpenAI:
+    # max_retries=0: the client's own retries of 5xx would hide what the frontend answered.
+    return openai.OpenAI(base_url=f"{frontend}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def post(url: str, body: bytes | dict[str, Any]) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def served_models(base: str) -> list[str]:
+    status, body = get(f"{base}/v1/models")
+    assert status == 200
+    return [m["id"] for m in json.loads(body)["data"]]
+
+
+def reversed_text(tokenizer: Any, ids: list[int]) -> str:
+    """What the fake worker's reversed echo of ``ids`` reads as."""
+    return tokenizer.decode(ids[::-1], skip_special_tokens=True)
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def assert_still_serving(client: openai.OpenAI) -> None:
+    assert client.completions.create(model="tiny", prompt="ok", max_tokens=2).choices[0].finish_reason
+
+
+# ---- detokenization, no server ---------------------------------------------------------------------
+
+
+def test_streamed_text_never_splits_a_multibyte_character(tokenizer: Any) -> None:
+    text = "naïve café: 日本語のテキスト 🎉🚀 done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.encode()) // 2, "the demo tokenizer should split these characters"
+    detok = IncrementalDetokenizer(tokenizer, [BOS])
+    deltas = [detok.add([t]) for t in ids] + [detok.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
+    stops = StopStrings(["cat sat", "zzz"])
+    assert stops.feed("the c") == ("the ", False)  # "c" might start "cat sat": held back
+    assert stops.feed("at s") == ("", False)
+    assert stops.feed("at down") == ("", True)
+    assert stops.flush() == ""
+
+
+# ---- the OpenAI API ---------------------------------------------------------------------------------
+
+
+def test_models_lists_what_workers_serve(frontend: str) -> None:
+    assert served_models(frontend) == ["flaky", "forward", "midfail", "refuses", "slow", "tiny"]
+    status, body = get(f"{frontend}/v1/models/tiny")
+    assert status == 200 and json.loads(body)["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_completion_returns_the_detokenized_worker_output(client: openai.OpenAI, tokenizer: Any,
+                                                           deployment: Deployment) -> None:
+    ids = tokenizer.encode(PROMPT)
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.5, seed=7)
+    choice = resp.choices[0]
+    assert choice.text == reversed_text(tokenizer, ids[-8:])
+    assert choice.finish_reason == "length"
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (len(ids), 8)
+    # The worker got Dynamo's PreprocessedRequest.
+    sent = deployment.workers["tiny"][0].requests[-1]
+    assert sent["token_ids"] == ids and sent["model"] == "tiny" and sent["eos_token_ids"] == [EOS]
+    assert sent["stop_conditions"]["max_tokens"] == 8
+    assert sent["sampling_options"] == {"temperature": 0.5, "seed": 7}
+
+
+def test_max_tokens_defaults_to_the_rest_of_the_context(client: openai.OpenAI, tokenizer: Any,
+                                                         deployment: Deployment) -> None:
+    ids = tokenizer.encode(PROMPT)
+    resp = client.completions.create(model="tiny", prompt=PROMPT)
+    assert resp.choices[0].text == reversed_text(tokenizer, ids)
+    assert resp.choices[0].finish_reason == "stop"  # the worker's "eos"
+    assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["max_tokens"] == MAX_MODEL_LEN - len(ids)
+
+
+def test_completion_stream_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
+    ids = tokenizer.encode(PROMPT)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == reversed_text(tokenizer, ids[-12:])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_prompt_given_as_token_ids(client: openai.OpenAI, tokenizer: Any) -> None:
+    ids = tokenizer.encode("the quick server", add_special_tokens=False)
+    resp = client.completions.create(model="tiny", prompt=ids, max_tokens=50)
+    assert resp.choices[0].text == reversed_text(tokenizer, ids)
+    assert resp.usage.prompt_tokens == len(ids)
+
+
+def test_chat_applies_the_template_once(client: openai.OpenAI, tokenizer: Any, deployment: Deployment) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ids = chat_ids(tokenizer, messages)
+    resp = client.chat.completions.create(model="tiny", messages=messages)
+    assert resp.choices[0].message.content == reversed_text(tokenizer, ids)
+    assert resp.choices[0].message.role == "assistant"
+    sent = deployment.workers["tiny"][0].requests[-1]["token_ids"]
+    assert sent == ids and sent[:2].count(BOS) == 1, "the template's BOS must not be doubled"
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "Tell me about the red ship"}]
+    ids = chat_ids(tokenizer, messages)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reversed_text(tokenizer, ids[-10:])
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == len(ids) + 10
+
+
+def test_multibyte_text_streams_intact(client: openai.OpenAI, tokenizer: Any) -> None:
+    text = "Grüße aus 東京 🎉!"
+    deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="forward", messages=[{"role": "user", "content": text}], stream=True)]
+    assert all("\ufffd" not in d for d in deltas)
+    assert text in "".join(deltas)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_truncates_and_cancels_the_worker(client: openai.OpenAI, tokenizer: Any,
+                                                      deployment: Deployment, stream: bool) -> None:
+    full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
+    stop = full[10:14]
+    slow = deployment.workers["slow"][0]
+    cancelled = len(slow.cancelled)
+    resp = client.completions.create(model="slow", prompt=PROMPT, stop=[stop, "never appears"], stream=stream)
+    if stream:
+        chunks = list(resp)
+        text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = resp.choices[0].text, resp.choices[0].finish_reason
+    assert text == full[:full.index(stop)] and finish == "stop"
+    wait_until(lambda: len(slow.cancelled) > cancelled, 5, what="the worker to see the request cancelled")
+
+
+def test_logprobs(client: openai.OpenAI, tokenizer: Any) -> None:
+    ids = tokenizer.encode(PROMPT)
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert lp.token_logprobs == [-0.25, -0.5, -0.75]
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids[::-1][:3]]
+    assert len(lp.top_logprobs) == 3 and all(len(top) == 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2, logprobs=True, top_logprobs=1, stream=True)
+    entries = [e for c in chat if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == [-0.25, -0.5]
+    assert all(len(e.top_logprobs) == 1 for e in entries)
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+BAD_REQUESTS = [
+    pytest.param("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None, id="malformed-json"),
+    pytest.param("/v1/completions", b"[1, 2]", 400, None, id="not-an-object"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens",
+                 id="negative-max-tokens"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens",
+                 id="zero-max-tokens"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens",
+                 id="wrong-type"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n", id="n-2"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", id="two-prompts"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt", id="token-out-of-vocab"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature",
+                 id="negative-temperature"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "the cat " * 200}, 400, "prompt",
+                 id="prompt-over-max-model-len"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 250}, 400, "max_tokens",
+                 id="prompt-plus-max-tokens-over-max-model-len"),
+    pytest.param("/v1/completions", {"prompt": "x"}, 400, "model", id="no-model"),
+    pytest.param("/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "model", id="unknown-model"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", id="no-messages"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400,
+                 "messages[0].content", id="message-content-type"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content[0]", id="image"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "stream": True,
+                                          "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n",
+                 id="chat-n-3"),
+    pytest.param("/v1/completions", {"model": "refuses", "prompt": "x"}, 400, None, id="worker-says-bad-request"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors_and_the_frontend_keeps_serving(
+        frontend: str, client: openai.OpenAI, path: str, body: Any, status: int, param: str | None) -> None:
+    got, answer = post(f"{frontend}{path}", body)
+    assert got == status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert_still_serving(client)
+
+
+def test_context_errors_say_which_limit(frontend: str) -> None:
+    _, too_long = post(f"{frontend}/v1/completions", {"model": "tiny", "prompt": "the cat " * 200})
+    assert "prompt is" in too_long["error"]["message"] and too_long["error"]["code"] == "context_length_exceeded"
+    _, too_many = post(f"{frontend}/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 250})
+    assert "max_tokens (250)" in too_many["error"]["message"]
+
+
+def test_openai_client_sees_404_for_an_unknown_model(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_retryable_failure_before_the_first_token_goes_to_another_instance(
+        client: openai.OpenAI, tokenizer: Any, deployment: Deployment) -> None:
+    broken, healthy = deployment.workers["flaky"]
+    for _ in range(4):
+        resp = client.completions.create(model="flaky", prompt="the cat", max_tokens=3)
+        assert resp.choices[0].text == reversed_text(tokenizer, tokenizer.encode("the cat")[-3:])
+    assert broken.requests and healthy.requests, "round-robin should have tried both instances"
+
+
+def test_an_error_mid_stream_ends_the_stream_with_an_error_event(client: openai.OpenAI, frontend: str) -> None:
+    stream = client.completions.create(model="midfail", prompt=PROMPT, stream=True)
+    got = []
+    with pytest.raises(openai.APIError, match="scripted failure"):
+        for chunk in stream:
+            got.append(chunk)
+    assert got, "tokens before the failure reach the client"
+    status, body = post(f"{frontend}/v1/completions", {"model": "midfail", "prompt": PROMPT})
+    assert status == 500 and "scripted failure" in body["error"]["message"]
+
+
+def test_client_disconnect_cancels_the_request_on_the_worker(frontend: str, deployment: Deployment) -> None:
+    slow = deployment.workers["slow"][0]
+    before = len(slow.cancelled)
+    host, port = frontend.removeprefix("http://").split(":")
+    body = json.dumps({"model": "slow", "prompt": PROMPT, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+    wait_until(lambda: len(slow.cancelled) > before, 5, what="the worker to see the cancellation")
+
+
+# ---- discovery, health, metrics ---------------------------------------------------------------------
+
+
+def test_models_come_and_go_with_their_workers(deployment: Deployment, frontend: str,
+                                               client: openai.OpenAI) -> None:
+    worker = deployment.add_worker("ephemeral")
+    wait_until(lambda: "ephemeral" in served_models(frontend), 5, what="the new model to be listed")
+    assert client.completions.create(model="ephemeral", prompt="hi", max_tokens=1).choices[0].text is not None
+    deployment.loop.run(worker.withdraw())
+    wait_until(lambda: "ephemeral" not in served_models(frontend), 5, what="the model to be dropped")
+    with pytest.raises(openai.APIStatusError) as gone:
+        client.completions.create(model="ephemeral", prompt="hi", max_tokens=1)
+    assert gone.value.status_code == 503  # known, but no worker serves it now
+    status, body = get(f"{frontend}/health")
+    assert status == 200 and {"model": "tiny", "instances": 1} in json.loads(body)["models"]
+
+
+def test_health_is_503_without_workers(deployment: Deployment) -> None:
+    proc, empty = deployment.start_frontend(namespace=f"empty{uuid.uuid4().hex[:8]}")
+    try:
+        status, body = get(f"{empty}/health")
+        assert status == 503 and json.loads(body)["instances"] == 0
+        assert served_models(empty) == []
+        assert post(f"{empty}/v1/completions", {"model": "tiny", "prompt": "x"})[0] == 404
+        status, body = get(f"{empty}/no/such/path")
+        assert status == 404 and "error" in json.loads(body)
+    finally:
+        proc.stop()
+
+
+def test_metrics_count_requests_and_time_to_first_token(frontend: str, client: openai.OpenAI) -> None:
+    client.completions.create(model="tiny", prompt="metrics", max_tokens=2)
+    post(f"{frontend}/v1/completions", {"model": "tiny", "prompt": "x", "n": 2})
+    status, body = get(f"{frontend}/metrics")
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    ok = dict(model="tiny", endpoint="completions", request_type="unary")
+    assert value("dynamo_frontend_requests_total", **ok, status="200") >= 1
+    assert value("dynamo_frontend_requests_total", **ok, status="400") >= 1
+    assert value("dynamo_frontend_time_to_first_token_seconds_count", model="tiny") >= 1
+    assert value("dynamo_frontend_inter_token_latency_seconds_count", model="tiny") >= 1
+    assert value("dynamo_frontend_output_tokens_total", model="tiny") >= 2
+    assert value("dynamo_frontend_input_tokens_total", model="tiny") >= 1
+    assert value("dynamo_frontend_inflight_requests", model="tiny") == 0
+
+
+def test_shutdown_lets_a_running_stream_finish(deployment: Deployment, tokenizer: Any) -> None:
+    proc, url = deployment.start_frontend()
+    stream = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
+        model="slow", prompt=PROMPT, stream=True)
+    first = next(iter(stream))
+    proc.signal(signal.SIGTERM)
+    rest = list(stream)
+    text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
+    assert text == reversed_text(tokenizer, tokenizer.encode(PROMPT))
+    assert proc.wait(10) == 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+# ---- the role's command line ---------------------------------------------------------------------------
+
+
+def test_role_flags_are_documented_and_validated(nats_server: NatsServer) -> None:
+    exe = str(Path(sys.executable).parent / "dynamo-worker")
+    shown = subprocess.run([exe, "--role", "frontend", "--help"], capture_output=True, text=True, timeout=30)
+    for flag in ("--http-host", "--http-port", "--router-mode", "--request-retries", "--max-request-bytes"):
+        assert flag in shown.stdout
+    bad = subprocess.run([exe, "--role", "frontend", "--nats-url", nats_server.url, "--http-port", "70000"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--http-port 70000" in bad.stderr
+
+
+def test_the_role_imports_no_engine_or_tokenizer_library() -> None:
+    code = ("import sys, dynamo_worker.roles.frontend, dynamo_worker.frontend.app; "
+            "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert out.stdout.strip() == "[]", out.stderr
