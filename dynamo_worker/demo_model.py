@@ -10,9 +10,10 @@ that can be produced offline. :func:`write_demo_model` builds one in a few secon
 * a 2-layer :class:`transformers.LlamaForCausalLM` (hidden 128, head size 64) with
   random weights, saved in float32.
 
-The weights are random but drawn with a large ``initializer_range`` so that greedy
-output depends on the prompt (with the default 0.02 every prompt yields the same
-token repeated, and output-equality tests would prove nothing).
+The weights are random but drawn with a large ``initializer_range`` (0.5) so that
+greedy output depends strongly on the prompt and does not settle into one repeated
+token; with the default 0.02 continuations degenerate into such runs, and tests that
+compare outputs would prove little.
 
 Heavy libraries (torch, transformers, tokenizers) are imported inside the functions
 that need them so that importing this module stays cheap.
@@ -53,8 +54,11 @@ MAX_POSITIONS = 512
 # A large init scale makes the random network's logits vary strongly with the input;
 # 0.5 was checked to give prompt-dependent, non-repeating greedy continuations.
 INITIALIZER_RANGE = 0.5
-# float32: vLLM on CPU runs it natively, and it keeps greedy output stable across
-# batch shapes (bfloat16 rounding can flip near-tied argmaxes between runs).
+# float32 on disk: vLLM's greedy output then equals Hugging Face's token for token,
+# which equality tests rely on. On this tiny model bfloat16 was not reliably faster in
+# vLLM on CPU (offline 64x64 tokens: 8.8k-12.3k tok/s float32, 8.6k-14.9k bfloat16,
+# within the run-to-run noise) and its greedy output diverged on 4 of 6 prompts.
+# A float32 checkpoint can still be served as bfloat16 (vLLM dtype="bfloat16").
 TORCH_DTYPE = "float32"
 
 # Role-tagged turns, each closed by EOS so that a trained model would stop after its
@@ -95,6 +99,7 @@ _NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "I
 
 
 def _third_person(verb: str) -> str:
+    """``"watch"`` -> ``"watches"``, ``"carry"`` -> ``"carries"``, ``"see"`` -> ``"sees"``."""
     if verb.endswith(("s", "sh", "ch", "x")):
         return verb + "es"
     if verb.endswith("y") and verb[-2] not in "aeiou":
@@ -125,7 +130,9 @@ def _sentence(rng: random.Random) -> str:
         text = f"does {subject} {rng.choice(_VERBS)} {_noun_phrase(rng)}"
         end = "?"
     elif kind < 0.85:
-        text = f"{subject} {_third_person(rng.choice(_VERBS))} {rng.randint(0, 999)} {rng.choice(_NOUNS)}s"
+        verb = _third_person(rng.choice(_VERBS))
+        count = rng.randint(0, 999)  # digits, so numbers get tokens too
+        text = f"{subject} {verb} {count} {rng.choice(_NOUNS)}s"
         end = "."
     else:
         text = (
@@ -162,7 +169,9 @@ def _build_tokenizer(seed: int):  # -> transformers.PreTrainedTokenizerFast
     if tok.get_vocab_size() != VOCAB_SIZE:
         # The corpus is rich enough to reach the size; if not, the model's embedding
         # table would not match the tokenizer.
-        raise RuntimeError(f"tokenizer vocabulary is {tok.get_vocab_size()}, expected {VOCAB_SIZE}")
+        raise RuntimeError(
+            f"tokenizer vocabulary is {tok.get_vocab_size()}, expected {VOCAB_SIZE}"
+        )
     bos_id = tok.token_to_id(BOS_TOKEN)
     # Prepend BOS to plain prompts like Llama tokenizers do (chat prompts get it from
     # the template and are encoded without special tokens).
@@ -206,6 +215,20 @@ def _build_model(tokenizer, seed: int):  # -> transformers.LlamaForCausalLM
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(getattr(torch, TORCH_DTYPE)).eval()
+
+
+def _save_quietly(model, tokenizer, target: pathlib.Path) -> None:
+    """``save_pretrained`` both, without transformers' progress bar on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+    finally:
+        if enabled:  # the switch is process-global: restore the caller's setting
+            hf_logging.enable_progress_bar()
 
 
 def _is_complete(path: pathlib.Path) -> bool:
@@ -272,8 +295,7 @@ def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.
     try:
         tokenizer = _build_tokenizer(seed)
         model = _build_model(tokenizer, seed)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save_quietly(model, tokenizer, tmp)
         # The marker goes last: its presence means every other file is complete.
         marker = {"version": DEMO_MODEL_VERSION, "seed": seed, "torch_dtype": TORCH_DTYPE}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -312,6 +334,11 @@ def ensure_demo_model() -> pathlib.Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not _is_complete(path):  # another process may have built it meanwhile
+                # Leftovers of a writer that was killed (SIGKILL skips its clean-up);
+                # safe to delete while we hold the lock.
+                for kind in ("tmp", "old"):
+                    for stale in path.parent.glob(f".{path.name}.{kind}-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
                 write_demo_model(path, seed=0)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -22,3 +22,11 @@ def nats_server() -> Iterator[NatsServer]:
 def namespace() -> str:
     """A namespace per test, so tests sharing one NATS server never see each other's instances."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny demo Llama, written once per test session."""
+    from dynamo_worker.demo_model import write_demo_model
+
+    return str(write_demo_model(tmp_path_factory.mktemp("demo-model") / "model"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from dynamo_worker.core.errors import UsageError
@@ -64,9 +65,12 @@ def parse_engine_args(argv: list[str]) -> tuple[Any, list[tuple[str, Any, str]]]
 
     parser = engine_parser()
     ns = parser.parse_args(argv)
-    if not getattr(ns, "model", None):
-        raise UsageError("--model is required: a local model directory (try: dynamo-worker demo-model PATH)")
     explicit = _explicit_dests(parser, argv)
+    if "model" not in explicit:  # vLLM has a hub default; a worker must say what it serves
+        raise UsageError("--model is required: a local model directory (try: dynamo-worker demo-model PATH)")
+    model = str(ns.model)
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise UsageError(f"--model {model}: no such directory; give a local model directory")
     applied = []
     for attr, value, why in SERVING_DEFAULTS:
         if attr not in explicit and hasattr(ns, attr):

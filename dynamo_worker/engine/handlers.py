@@ -56,6 +56,7 @@ class GenerateHandler:
 
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         from vllm.exceptions import VLLMClientError
+        from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
         req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
@@ -65,7 +66,7 @@ class GenerateHandler:
         completion_tokens = 0
         try:
             # Cancelling this task (the caller went away) makes vLLM abort the request.
-            async for out in self.engine.generate({"prompt_token_ids": req.token_ids}, params, context.request_id):
+            async for out in self.engine.generate(tokens_input(req.token_ids), params, context.request_id):
                 choice = out.outputs[0]
                 new_ids = list(choice.token_ids)
                 completion_tokens += len(new_ids)

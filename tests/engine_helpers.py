@@ -1,0 +1,35 @@
+"""Helpers for tests that run the real vLLM engine on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# Small and fast on a 2-core CPU machine; every engine in the tests uses the same settings.
+ENGINE_FLAGS = ["--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "16"]
+MAX_MODEL_LEN = 256
+
+OFFLINE_SCRIPT = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+if __name__ == "__main__":
+    model, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = LLM(model=model, enforce_eager=True, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    print("@@" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: Path) -> list[list[int]]:
+    """vLLM's offline engine (``vllm.LLM``) greedy output for token-id prompts, in a subprocess."""
+    script = tmp / "offline.py"
+    script.write_text(OFFLINE_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), model, json.dumps(prompts), str(max_tokens)],
+                         capture_output=True, text=True, timeout=300)
+    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(line[2:])

@@ -1,0 +1,240 @@
+"""The decode role on the real vLLM engine (CPU, the tiny demo model), through the real runtime.
+
+One engine for the whole module: engine start-up is the slow part.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynamo_worker.core.request_plane import RequestError
+from dynamo_worker.core.runtime import Runtime
+from tests.engine_helpers import ENGINE_FLAGS, MAX_MODEL_LEN, offline_greedy
+from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
+
+PROMPT_A = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
+PROMPT_B = [1, 200, 201, 150, 151, 300, 301, 17, 18, 19, 20, 21]
+GREEDY_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+    """vLLM's offline greedy output for the two prompts (computed before the worker starts)."""
+    return offline_greedy(demo_model, [PROMPT_A, PROMPT_B], GREEDY_TOKENS, tmp_path_factory.mktemp("offline"))
+
+
+class Deployment:
+    def __init__(self, worker: WorkerProcess, nats_url: str, namespace: str, port: int, dump: Path) -> None:
+        self.worker, self.nats_url, self.namespace, self.port, self.dump = worker, nats_url, namespace, port, dump
+
+    async def runtime(self) -> Runtime:
+        return await Runtime.connect(self.nats_url, self.namespace)
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
+        return {(s.name, s.labels.get("error_type", s.labels.get("dynamo_endpoint", ""))): s.value
+                for fam in text_string_to_metric_families(body) for s in fam.samples}
+
+
+@pytest.fixture(scope="module")
+def deployment(reference: Any, demo_model: str, nats_server: NatsServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    namespace = f"dec{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    dump = tmp_path_factory.mktemp("dump") / "config.json"
+    worker = WorkerProcess(["--role", "decode", "--model", demo_model, "--served-model-name", "tiny",
+                            "--nats-url", nats_server.url, "--namespace", namespace, "--system-port", str(port),
+                            "--dump-config-to", str(dump), *ENGINE_FLAGS])
+    try:
+        worker.wait_for_log("serving", timeout=240)
+        yield Deployment(worker, nats_server.url, namespace, port, dump)
+    finally:
+        worker.stop()
+
+
+async def generate(rt: Runtime, request: dict[str, Any]) -> list[dict[str, Any]]:
+    client = rt.client("backend", "generate")
+    await client.wait_for_instances(10)
+    return [chunk async for chunk in client.generate(request)]
+
+
+def greedy(prompt: list[int], max_tokens: int = GREEDY_TOKENS, **extra: Any) -> dict[str, Any]:
+    return {"token_ids": prompt, "sampling_options": {"temperature": 0.0},
+            "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
+
+
+def tokens(chunks: list[dict[str, Any]]) -> list[int]:
+    return [t for c in chunks for t in c["token_ids"]]
+
+
+async def test_the_worker_publishes_its_model_in_discovery(deployment: Deployment, demo_model: str) -> None:
+    rt = await deployment.runtime()
+    try:
+        [record] = await rt.client("backend", "generate").wait_for_instances(10)
+        assert record.role == "decode" and record.component == "backend"
+        assert record.data["model"] == "tiny" and record.data["model_path"] == demo_model
+        assert record.data["max_model_len"] == MAX_MODEL_LEN and record.data["eos_token_ids"]
+        assert await rt.client("backend", "clear_kv_blocks").wait_for_instances(10)
+    finally:
+        await rt.close()
+
+
+async def test_greedy_output_equals_the_offline_engine_and_depends_on_the_prompt(
+        deployment: Deployment, reference: list[list[int]]) -> None:
+    assert reference[0] != reference[1], "control: different prompts must give different output"
+    rt = await deployment.runtime()
+    try:
+        assert tokens(await generate(rt, greedy(PROMPT_A))) == reference[0]
+        assert tokens(await generate(rt, greedy(PROMPT_B))) == reference[1]
+    finally:
+        await rt.close()
+
+
+async def test_tokens_stream_as_deltas_with_a_finish_reason_and_usage_at_the_end(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        chunks = await generate(rt, greedy(PROMPT_A, max_tokens=8))
+        assert len(tokens(chunks)) == 8 and len(chunks) > 1
+        assert all("finish_reason" not in c and "completion_usage" not in c for c in chunks[:-1])
+        last = chunks[-1]
+        assert last["finish_reason"] == "length"
+        usage = last["completion_usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (12, 8, 20)
+    finally:
+        await rt.close()
+
+
+async def test_stop_token_ids_min_tokens_and_seeded_sampling(deployment: Deployment,
+                                                           reference: list[list[int]]) -> None:
+    rt = await deployment.runtime()
+    try:
+        stop_id = reference[0][4]
+        first = reference[0].index(stop_id)
+        req = greedy(PROMPT_A)
+        req["stop_conditions"]["stop_token_ids"] = [stop_id]
+        chunks = await generate(rt, req)
+        assert chunks[-1]["finish_reason"] == "stop"
+        assert tokens(chunks)[:first] == reference[0][:first] and len(tokens(chunks)) == first + 1
+        req["stop_conditions"]["min_tokens"] = first + 2  # the stop token is ignored until then
+        assert len(tokens(await generate(rt, req))) > first + 1
+
+        sampled = {"token_ids": PROMPT_A, "sampling_options": {"temperature": 1.0, "seed": 7, "top_k": 50},
+                   "stop_conditions": {"max_tokens": 12, "ignore_eos": True}}
+        one, two = tokens(await generate(rt, sampled)), tokens(await generate(rt, sampled))
+        sampled["sampling_options"]["seed"] = 8
+        three = tokens(await generate(rt, sampled))
+        assert one == two and one != three
+    finally:
+        await rt.close()
+
+
+async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        chunks = await generate(rt, greedy(PROMPT_B, max_tokens=4, output_options={"logprobs": 2}))
+        lps = [lp for c in chunks for lp in c["log_probs"]]
+        tops = [t for c in chunks for t in c["top_logprobs"]]
+        assert len(lps) == len(tops) == 4 and all(lp <= 0 for lp in lps)
+        for token, top, lp in zip(tokens(chunks), tops, lps):
+            assert 2 <= len(top) <= 3
+            # Greedy: the sampled token is the most likely one.
+            best = min(top, key=lambda t: t["rank"])
+            assert best["token_id"] == token and best["logprob"] == pytest.approx(lp)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"token_ids": "hello"}, "Expected `array`"),
+    ({"token_ids": [1, 99999]}, "outside the vocabulary"),
+    ({"token_ids": list(range(1, 300))}, "this model's context is 256"),
+    ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": 0}}, "max_tokens must be at least 1"),
+    ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": "x"}}, "stop_conditions.max_tokens"),
+    ({"token_ids": [1, 2], "surprise": True}, "unknown field `surprise`"),
+    ({"token_ids": [1, 2], "sampling_options": {"temperature": -1}}, "temperature"),
+    ({"token_ids": []}, "must not be empty"),
+])
+async def test_bad_requests_get_bad_request_and_the_worker_keeps_serving(
+        deployment: Deployment, bad: dict[str, Any], message: str) -> None:
+    rt = await deployment.runtime()
+    try:
+        with pytest.raises(RequestError) as err:
+            await generate(rt, bad)
+        assert err.value.code == "bad_request" and message in err.value.message, err.value.message
+        assert len(tokens(await generate(rt, greedy(PROMPT_A, max_tokens=2)))) == 2
+    finally:
+        await rt.close()
+
+
+async def test_a_caller_going_away_aborts_the_engine_request(deployment: Deployment) -> None:
+    before = deployment.metrics().get(("dynamo_component_errors_total", "cancelled"), 0)
+    rt = await deployment.runtime()
+    try:
+        client = rt.client("backend", "generate")
+        await client.wait_for_instances(10)
+        async with aclosing(client.generate(greedy(PROMPT_A, max_tokens=200))) as stream:
+            async for _ in stream:
+                break
+    finally:
+        await rt.close()
+    wait_until(lambda: deployment.metrics().get(("dynamo_component_errors_total", "cancelled"), 0) == before + 1,
+               10, what="the worker to record the cancelled request")
+    wait_until(lambda: deployment.metrics()[("dynamo_component_inflight_requests", "generate")] == 0, 10)
+
+
+async def test_clear_kv_blocks_and_the_health_payload(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        client = rt.client("backend", "clear_kv_blocks")
+        await client.wait_for_instances(10)
+        assert [x async for x in client.generate({})] == [{"status": "success", "message": "KV cache cleared"}]
+        health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{deployment.port}/health"))
+        assert health["status"] == "healthy" and health["endpoints"] == ["clear_kv_blocks", "generate"]
+        # The canary the role defines is a valid one-token request.
+        payload = {"token_ids": [1], "sampling_options": {"temperature": 0.0},
+                   "stop_conditions": {"max_tokens": 1, "ignore_eos": False}}
+        assert len(tokens(await generate(rt, payload))) == 1
+    finally:
+        await rt.close()
+
+
+def test_dump_config_has_the_engine_arguments_and_the_defaults_we_applied(deployment: Deployment,
+                                                                          demo_model: str) -> None:
+    config = json.loads(deployment.dump.read_text())
+    engine = config["resolved"]["engine_args"]
+    assert engine["model"] == demo_model and engine["max_model_len"] == MAX_MODEL_LEN
+    assert engine["enforce_eager"] is True and engine["enable_prefix_caching"] is True
+    assert config["resolved"]["defaults_applied"]["enable_log_requests"]["value"] is False
+
+
+def test_engine_flag_mistakes_are_one_line_errors_before_any_engine_starts() -> None:
+    from tests.helpers import run_cli
+
+    out = run_cli("--role", "decode", "--nats-url", "nats://127.0.0.1:1")
+    assert out.returncode == 2 and "--model is required" in out.stderr
+    # vLLM may log import warnings first; our error is one line, and the last.
+    assert out.stderr.strip().splitlines()[-1].startswith("dynamo-worker: error: --model is required")
+    assert "Traceback" not in out.stderr
+    out = run_cli("--role", "decode", "--model", "/no/such/model", "--nats-url", "nats://127.0.0.1:1")
+    assert out.returncode == 2 and "--model /no/such/model: no such directory" in out.stderr
+    out = run_cli("--role", "decode", "--model", "/x", "--max-model-len", "lots", "--nats-url", "nats://127.0.0.1:1")
+    assert out.returncode == 2 and "--max-model-len" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("--role", "decode", "--model", "/x", "--no-such-engine-flag")
+    assert out.returncode == 2 and "--no-such-engine-flag" in out.stderr
+
+
+def test_engine_help_lists_vllm_engine_arguments() -> None:
+    from tests.helpers import run_cli
+
+    out = run_cli("--role", "decode", "--engine-help")
+    assert out.returncode == 0
+    assert "--max-model-len" in out.stdout and "--enable-prefix-caching" in out.stdout
