@@ -70,8 +70,8 @@ class Deployment:
         self.workers: dict[str, list[FakeDecodeWorker]] = {}
         self.frontends: list[WorkerProcess] = []
 
-    def add_worker(self, model: str, **script: Any) -> FakeDecodeWorker:
-        worker = FakeDecodeWorker(self.nats.url, self.namespace, model, self.model_path,
+    def add_worker(self, model: str, model_path: str | None = None, **script: Any) -> FakeDecodeWorker:
+        worker = FakeDecodeWorker(self.nats.url, self.namespace, model, model_path or self.model_path,
                                   max_model_len=MAX_MODEL_LEN, **script)
         self.loop.run(worker.start())
         self.workers.setdefault(model, []).append(worker)
@@ -103,6 +103,7 @@ def deployment(nats_server: NatsServer, loop: LoopThread, demo_model: Path) -> I
     d.add_worker("flaky")
     d.add_worker("midfail", fail_after=3)
     d.add_worker("refuses", reject="bad_request")
+    d.add_worker("elsewhere", model_path="/nonexistent/model/dir")
     yield d
     d.close()
 
@@ -184,7 +185,7 @@ def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
 
 
 def test_models_lists_what_workers_serve(frontend: str) -> None:
-    assert served_models(frontend) == ["flaky", "forward", "midfail", "refuses", "slow", "tiny"]
+    assert served_models(frontend) == ["elsewhere", "flaky", "forward", "midfail", "refuses", "slow", "tiny"]
     status, body = get(f"{frontend}/v1/models/tiny")
     assert status == 200 and json.loads(body)["max_model_len"] == MAX_MODEL_LEN
 
@@ -351,6 +352,14 @@ def test_openai_client_sees_404_for_an_unknown_model(client: openai.OpenAI) -> N
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
+def test_a_tokenizer_the_frontend_cannot_load_is_a_503(frontend: str, client: openai.OpenAI) -> None:
+    for _ in range(2):  # the second answer comes from the remembered failure
+        status, body = post(f"{frontend}/v1/completions", {"model": "elsewhere", "prompt": "x"})
+        assert status == 503 and body["error"]["code"] == "tokenizer_unavailable"
+        assert "/nonexistent/model/dir" in body["error"]["message"]
+    assert_still_serving(client)
+
+
 def test_retryable_failure_before_the_first_token_goes_to_another_instance(
         client: openai.OpenAI, tokenizer: Any, deployment: Deployment) -> None:
     broken, healthy = deployment.workers["flaky"]
@@ -403,9 +412,11 @@ def test_models_come_and_go_with_their_workers(deployment: Deployment, frontend:
     assert status == 200 and {"model": "tiny", "instances": 1} in json.loads(body)["models"]
 
 
-def test_health_is_503_without_workers(deployment: Deployment) -> None:
-    proc, empty = deployment.start_frontend(namespace=f"empty{uuid.uuid4().hex[:8]}")
+def test_health_is_503_without_workers_and_big_bodies_get_413(deployment: Deployment) -> None:
+    proc, empty = deployment.start_frontend("--max-request-bytes", "2048", namespace=f"empty{uuid.uuid4().hex[:8]}")
     try:
+        status, body = post(f"{empty}/v1/completions", {"model": "tiny", "prompt": "x" * 4096})
+        assert status == 413 and body["error"]["code"] == "request_too_large"
         status, body = get(f"{empty}/health")
         assert status == 503 and json.loads(body)["instances"] == 0
         assert served_models(empty) == []
@@ -449,6 +460,34 @@ def test_shutdown_lets_a_running_stream_finish(deployment: Deployment, tokenizer
     assert proc.wait(10) == 0
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+def test_http_connections_use_tcp_nodelay(nats_server: NatsServer, loop: LoopThread) -> None:
+    """Nagle plus delayed ACKs stalls small SSE writes by tens of ms (docs/frontend.md)."""
+    from dynamo_worker.core.runtime import Runtime
+    from dynamo_worker.frontend.app import FrontendServer
+
+    async def start() -> tuple[Runtime, FrontendServer, str]:
+        rt = await Runtime.connect(nats_server.url, f"nodelay{uuid.uuid4().hex[:8]}")
+        server = FrontendServer(rt.client("backend", "generate"))
+        return rt, server, await server.start("127.0.0.1", 0, discovery_timeout=2)
+
+    async def nodelay_of_open_connections() -> list[int]:
+        assert server.runner is not None and server.runner.server is not None
+        return [c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for c in server.runner.server.connections if c.transport is not None]
+
+    rt, server, url = loop.run(start())
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 503")  # no worker in this namespace
+            flags = loop.run(nodelay_of_open_connections())
+        assert flags and all(flags)
+    finally:
+        loop.run(server.stop())
+        loop.run(rt.close())
 
 
 # ---- the role's command line ---------------------------------------------------------------------------

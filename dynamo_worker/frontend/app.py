@@ -36,6 +36,7 @@ from dynamo_worker.frontend.protocol import (
     CompletionShape,
     GenerationParams,
     ResponseShape,
+    TokenLogprob,
     chat_messages,
     completion_prompt,
     generation_params,
@@ -245,7 +246,7 @@ class FrontendServer:
     async def _unary(self, p: _Prepared, tracker: RequestTracker) -> web.Response:
         out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
         texts: list[str] = []
-        logprobs = [] if p.params.logprobs is not None else None
+        logprobs: list[TokenLogprob] | None = [] if p.params.logprobs is not None else None
         async with aclosing(self.router.generate(p.model.name, p.payload)) as stream:
             async for item in stream:
                 delta = out.process(item)
@@ -295,6 +296,7 @@ class FrontendServer:
                     for chunk in p.shape.first_chunks():
                         await send(chunk)
                 await send(p.shape.chunk(delta.text, delta.finish_reason, None))
+            assert resp is not None  # set by the first message or by end_of_stream above
             if p.params.include_usage:
                 await send(p.shape.usage_chunk(out.usage()))
             await resp.write(_SSE_DONE)

@@ -41,7 +41,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Take the next token ids; return the text they complete (possibly "")."""
@@ -124,5 +124,5 @@ class TokenStrings:
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = self._cache[token_id] = self.tokenizer.decode([token_id])
+            text = self._cache[token_id] = str(self.tokenizer.decode([token_id]))
         return text

@@ -10,6 +10,7 @@ as its first worker appears, so the first request does not pay for it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -36,33 +37,49 @@ def _load_tokenizer(path: str) -> Any:
 class TokenizerCache:
     """Tokenizers by model directory, each loaded once in a worker thread.
 
-    A failed load is not cached: the next request (or a new worker) tries again, so fixing the
+    A failed load is remembered for :data:`RETRY_FAILED_AFTER` seconds (requests meanwhile fail
+    fast, and lease refreshes do not retry it every second), then tried again: fixing the
     directory on this host needs no frontend restart.
     """
 
+    RETRY_FAILED_AFTER = 10.0
+
     def __init__(self) -> None:
         self._loading: dict[str, asyncio.Task[Any]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # path -> (when, why)
 
     def prefetch(self, path: str) -> None:
-        if path not in self._loading:
-            task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, path), name=f"tokenizer {path}")
-            task.add_done_callback(lambda t, p=path: self._loaded(p, t))
-            self._loading[path] = task
+        if path in self._loading:
+            return
+        failed = self._failed.get(path)
+        if failed is not None and time.monotonic() - failed[0] < self.RETRY_FAILED_AFTER:
+            return
+        task = asyncio.create_task(asyncio.to_thread(_load_tokenizer, path), name=f"tokenizer {path}")
+        task.add_done_callback(functools.partial(self._loaded, path))
+        self._loading[path] = task
 
     def _loaded(self, path: str, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
             self._loading.pop(path, None)
-        elif task.exception() is not None:
+            return
+        exc = task.exception()
+        if exc is not None:
             self._loading.pop(path, None)
-            exc = task.exception()
+            self._failed[path] = (time.monotonic(), f"{type(exc).__name__}: {exc}")
             log.error("cannot load the tokenizer from %s: %s: %s", path, type(exc).__name__, exc)
         else:
+            self._failed.pop(path, None)
             log.info("loaded the tokenizer from %s", path)
 
     async def get(self, path: str) -> Any:
         self.prefetch(path)
+        task = self._loading.get(path)
+        if task is None:
+            when, why = self._failed[path]
+            raise RuntimeError(f"{why} (failed {time.monotonic() - when:.0f}s ago; retried "
+                               f"{self.RETRY_FAILED_AFTER:.0f}s after a failure)")
         # shield: a client going away must not cancel a load other requests wait for.
-        return await asyncio.shield(self._loading[path])
+        return await asyncio.shield(task)
 
     def close(self) -> None:
         for task in self._loading.values():
@@ -159,7 +176,7 @@ class ModelTable:
             return model
         if name in self.seen:
             raise unavailable(f"no worker serves the model {name!r} right now; retry later")
-        raise model_not_found(name, live)
+        raise model_not_found(name, list(live))
 
     async def tokenizer(self, model: ServedModel) -> Any:
         """The model's tokenizer, from the first of its instances' directories that loads here."""
@@ -168,6 +185,6 @@ class ModelTable:
             try:
                 return await self.tokenizers.get(path)
             except Exception as exc:  # reported to the client below, with every path tried
-                errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                errors.append(f"{path}: {exc}")
         raise ApiError(503, f"cannot load the tokenizer of model {model.name!r} on the frontend host "
                        f"({'; '.join(errors)})", code="tokenizer_unavailable")

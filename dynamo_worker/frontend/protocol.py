@@ -34,13 +34,13 @@ class ApiError(Exception):
     """A request that cannot be served; ``status`` is the HTTP status it is answered with."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:  # noqa: A002 - OpenAI's name
+                 code: str | None = None, error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _ERROR_TYPES.get(status, "internal_error")
+        self.type = error_type or _ERROR_TYPES.get(status, "internal_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -65,7 +65,7 @@ def unavailable(message: str, code: str = "no_worker") -> ApiError:
 
 
 def internal(message: str) -> ApiError:
-    return ApiError(500, message, code="internal_error")
+    return ApiError(500, message, code="internal")
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
-def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object")
     try:

@@ -9,7 +9,7 @@ be on their way to the client, and replaying them is not this frontend's job.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -63,7 +63,7 @@ class Router:
                 return self.client.pick(self.policy, where)
         raise ApiError(503, f"no worker serves the model {model!r} right now; retry later", code="no_worker")
 
-    async def generate(self, model: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, model: str, payload: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Stream the worker's response messages; an :class:`ApiError` on failure.
 
         Close it (``contextlib.aclosing``) to stop early: the worker's request is cancelled.
