@@ -501,6 +501,11 @@ def test_role_flags_are_documented_and_validated(nats_server: NatsServer) -> Non
     bad = subprocess.run([exe, "--role", "frontend", "--nats-url", nats_server.url, "--http-port", "70000"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--http-port 70000" in bad.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = subprocess.run([exe, "--role", "frontend", "--nats-url", nats_server.url, "--http-port",
+                               str(taken.getsockname()[1]), "--log-level", "error"],
+                              capture_output=True, text=True, timeout=30)
+    assert busy.returncode == 2 and "cannot listen on" in busy.stderr and "Traceback" not in busy.stderr
 
 
 def test_the_role_imports_no_engine_or_tokenizer_library() -> None:

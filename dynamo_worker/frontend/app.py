@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -118,9 +119,20 @@ class FrontendServer:
         app.router.add_get("/metrics", self.render_metrics)
         return app
 
-    async def start(self, host: str, port: int, *, shutdown_timeout: float = 30.0,
-                    discovery_timeout: float = 5.0) -> str:
-        """Follow discovery, then listen; returns the base URL (``port`` 0 picks a free one)."""
+    @staticmethod
+    def bind(host: str, port: int) -> socket.socket:
+        """The listening socket (``port`` 0 picks a free one); an OSError if it cannot be had.
+
+        Bound before the server starts so that a port in use is reported at start-up, as a
+        one-line error, rather than from a background task.
+        """
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=1024)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None,
+                    shutdown_timeout: float = 30.0, discovery_timeout: float = 5.0) -> str:
+        """Follow discovery, then serve on ``sock`` (or a new socket on host:port); returns the base URL."""
+        sock = sock or self.bind(host, port)
         self.table.start()
         if not await self._wait_ready(discovery_timeout):
             log.warning("no discovery snapshot after %.1fs; listening anyway (models appear as "
@@ -128,9 +140,8 @@ class FrontendServer:
         self.runner = web.AppRunner(self.build_app(), handler_cancellation=True,
                                     shutdown_timeout=shutdown_timeout, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        bound_host, bound_port = self.runner.addresses[0][:2]
+        await web.SockSite(self.runner, sock).start()
+        bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}"
         return self.url

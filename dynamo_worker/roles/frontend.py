@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
 from typing import TYPE_CHECKING, Any
 
+from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.hookspecs import hookimpl
 from dynamo_worker.frontend import options
 
@@ -27,6 +30,7 @@ class FrontendRole:
     def __init__(self) -> None:
         self.ctx: WorkerContext | None = None
         self.server: FrontendServer | None = None
+        self.sock: socket.socket | None = None
 
     @hookimpl
     def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -41,15 +45,22 @@ class FrontendRole:
         # Imported here: aiohttp routes and the model table are only needed by a serving process.
         from dynamo_worker.frontend.app import FrontendServer
 
+        o = ctx.options
+        try:
+            self.sock = FrontendServer.bind(o.http_host, o.http_port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
+            raise UsageError(f"cannot listen on --http-host {o.http_host} --http-port {o.http_port} "
+                             f"({reason}); choose a free port or another address") from exc
         self.ctx = ctx
-        self.server = FrontendServer.for_runtime(ctx.runtime, ctx.options)
+        self.server = FrontendServer.for_runtime(ctx.runtime, o)
         registrar.background("http", self.serve_http)
 
     async def serve_http(self) -> None:
         """Listen on --http-host/--http-port and serve until shutdown (which stops the server)."""
         assert self.ctx is not None and self.server is not None
         o = self.ctx.options
-        url = await self.server.start(o.http_host, o.http_port, shutdown_timeout=o.graceful_shutdown_timeout,
+        url = await self.server.start(sock=self.sock, shutdown_timeout=o.graceful_shutdown_timeout,
                                       discovery_timeout=o.model_wait_timeout)
         self.ctx.log.info("frontend listening on %s (OpenAI API at %s/v1)", url, url)
         # Wait forever; cancelling this task does not stop the listener: dynamo_worker_shutdown
@@ -60,3 +71,5 @@ class FrontendRole:
     async def dynamo_worker_shutdown(self, ctx: WorkerContext) -> Any:
         if self.server is not None:
             await self.server.stop()
+        elif self.sock is not None:
+            self.sock.close()
