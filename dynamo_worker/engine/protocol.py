@@ -114,6 +114,7 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int) -> Prepr
 def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_model_len: int) -> Any:
     """vLLM ``SamplingParams`` for a validated request: token ids in, token-id deltas out."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
     kwargs: dict[str, Any] = dict(defaults)
@@ -135,7 +136,7 @@ def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_mode
     kwargs["max_tokens"] = sc.max_tokens or max(1, max_model_len - len(req.token_ids))
     try:
         return SamplingParams(**kwargs, n=1, detokenize=False, output_kind=RequestOutputKind.DELTA)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, VLLMClientError) as exc:
         raise RequestError("bad_request", f"invalid sampling options: {exc}") from None
 
 
