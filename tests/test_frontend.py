@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.frontend.detokenizer import IncrementalDetokenizer, StopStrings
 from tests.frontend_helpers import FakeDecodeWorker, LoopThread
-from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
+from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until
 
 BOS, EOS = 0, 1
 MAX_MODEL_LEN = 256
@@ -38,15 +38,11 @@ PROMPT = "Alice reads a small book in the garden, and the old cat watches a bird
 # ---- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dynamo_worker.demo_model import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("frontend") / "demo-model")
+# demo_model (tests/conftest.py): the tiny demo Llama, written once per session.
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_model: Path) -> Any:
+def tokenizer(demo_model: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_model)
@@ -62,7 +58,7 @@ def loop() -> Iterator[LoopThread]:
 class Deployment:
     """One namespace: fake decode workers by model name, and a frontend process in front."""
 
-    def __init__(self, nats: NatsServer, loop: LoopThread, model_path: Path) -> None:
+    def __init__(self, nats: NatsServer, loop: LoopThread, model_path: str) -> None:
         self.nats = nats
         self.loop = loop
         self.model_path = str(model_path)
@@ -94,7 +90,7 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(nats_server: NatsServer, loop: LoopThread, demo_model: Path) -> Iterator[Deployment]:
+def deployment(nats_server: NatsServer, loop: LoopThread, demo_model: str) -> Iterator[Deployment]:
     d = Deployment(nats_server, loop, demo_model)
     d.add_worker("tiny")
     d.add_worker("forward", mode="forward")
@@ -508,17 +504,14 @@ def test_http_connections_use_tcp_nodelay(nats_server: NatsServer, loop: LoopThr
 
 
 def test_role_flags_are_documented_and_validated(nats_server: NatsServer) -> None:
-    exe = str(Path(sys.executable).parent / "dynamo-worker")
-    shown = subprocess.run([exe, "--role", "frontend", "--help"], capture_output=True, text=True, timeout=30)
+    shown = run_cli("--role", "frontend", "--help")
     for flag in ("--http-host", "--http-port", "--router-mode", "--request-retries", "--max-request-bytes"):
         assert flag in shown.stdout
-    bad = subprocess.run([exe, "--role", "frontend", "--nats-url", nats_server.url, "--http-port", "70000"],
-                         capture_output=True, text=True, timeout=30)
+    bad = run_cli("--role", "frontend", "--nats-url", nats_server.url, "--http-port", "70000")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--http-port 70000" in bad.stderr
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        busy = subprocess.run([exe, "--role", "frontend", "--nats-url", nats_server.url, "--http-port",
-                               str(taken.getsockname()[1]), "--log-level", "error"],
-                              capture_output=True, text=True, timeout=30)
+        busy = run_cli("--role", "frontend", "--nats-url", nats_server.url,
+                       "--http-port", str(taken.getsockname()[1]), "--log-level", "error")
     assert busy.returncode == 2 and "cannot listen on" in busy.stderr and "Traceback" not in busy.stderr
 
 
