@@ -168,7 +168,10 @@ class InstanceWatcher:
 
     async def _notify(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
         for listener in self.listeners:
-            listener(key, record, expired)
+            try:
+                listener(key, record, expired)
+            except Exception:  # one listener's bug must not break discovery for the others
+                log.exception("discovery listener %r failed on %s", listener, key)
         async with self._changed:
             self._changed.notify_all()
 

@@ -59,6 +59,7 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    system_port: int | None = None
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -74,14 +75,23 @@ class Stack:
         self.log_dir = log_dir
         self.children: list[Child] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+    def start(self, name: str, argv: list[str], env: dict[str, str], system_port: int | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
+        if system_port is not None:
+            argv = [*argv, "--system-port", str(system_port)]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
-        child = Child(name, proc, log_path)
+        child = Child(name, proc, log_path, system_port)
         self.children.append(child)
+        self._write_manifest()
         return child
+
+    def _write_manifest(self) -> None:
+        """``stack.json``: each child's pid, log and status port, for operators and tests."""
+        manifest = {c.name: {"pid": c.proc.pid, "log": str(c.log_path), "system_port": c.system_port}
+                    for c in self.children}
+        (self.log_dir / "stack.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     def exited(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
@@ -221,10 +231,12 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
                          "--auth", token], dict(os.environ))
     env = _child_env(f"nats://{token}@127.0.0.1:{nats_port}")
     common = ["--namespace", args.namespace]
-    stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port)], env)
+    stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port)], env,
+                system_port=_free_port())
     for i in range(args.decode_workers):
         stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, "--model", model,
-                                    "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv], env)
+                                    "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv], env,
+                    system_port=_free_port())
     print(f"starting nats-server, the frontend and {args.decode_workers} decode worker(s); "
           f"logs in {stack.log_dir}", flush=True)
 
@@ -267,7 +279,12 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
 
 
 def _cpu_defaults(engine_argv: list[str]) -> list[str]:
-    """Engine flags that make vLLM start on a small CPU machine, unless the user set them."""
+    """Engine flags that make vLLM start on a small CPU-only machine, unless the user set them.
+
+    Skipped where an NVIDIA driver is present: there vLLM's own defaults are the right ones.
+    """
+    if shutil.which("nvidia-smi"):
+        return []
     given = {a.split("=", 1)[0] for a in engine_argv}
     defaults = []
     if "--max-model-len" not in given:

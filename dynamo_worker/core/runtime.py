@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -254,7 +254,7 @@ class Client:
             return random.choice(candidates)
         return candidates[next(self._rr) % len(candidates)]
 
-    async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncIterator[Any]:
+    async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncGenerator[Any, None]:
         """Stream the responses of one request sent to ``instance_id``."""
         rt = self.runtime
         stream = rt.streams.stream(
@@ -266,7 +266,7 @@ class Client:
                 yield item
 
     async def generate(self, payload: Any, policy: str = "round_robin",
-                       where: Callable[[InstanceRecord], bool] | None = None) -> AsyncIterator[Any]:
+                       where: Callable[[InstanceRecord], bool] | None = None) -> AsyncGenerator[Any, None]:
         """Pick an instance by ``policy`` and stream its responses."""
         record = self.pick(policy, where)
         async with aclosing(self.direct(payload, record.instance_id)) as stream:

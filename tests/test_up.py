@@ -1,0 +1,199 @@
+"""``dynamo-worker up``: the whole stack from one command, driven with the official openai client.
+
+One stack (nats-server, frontend, one decode worker on vLLM) for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.engine_helpers import offline_greedy
+from tests.helpers import DYNAMO_WORKER, free_port, run_cli, wait_until, worker_env
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Stack:
+    def __init__(self, proc: subprocess.Popen[str], port: int, log_dir: Path, cache: Path, out: Path) -> None:
+        self.proc, self.port, self.log_dir, self.cache, self.out = proc, port, log_dir, cache, out
+        self.base = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.log_dir / "stack.json").read_text())
+
+    def worker_metric(self, name: str, **labels: str) -> float:
+        port = self.manifest()["decode-0"]["system_port"]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def post(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(self.base + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = tmp_path_factory.mktemp("up")
+    port, log_dir, cache, out = free_port(), base / "logs", base / "cache", base / "up.out"
+    env = worker_env(XDG_CACHE_HOME=str(cache))
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen([DYNAMO_WORKER, "up", "--http-port", str(port), "--log-dir", str(log_dir),
+                                 "--namespace", f"up{port}", "--max-num-seqs", "16"],
+                                stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env,
+                                stdin=subprocess.DEVNULL)
+    s = Stack(proc, port, log_dir, cache, out)
+
+    def ready() -> bool:
+        assert proc.poll() is None, out.read_text()
+        return "ready in" in out.read_text()
+
+    try:
+        wait_until(ready, 300, interval=0.5, what="dynamo-worker up to be ready")
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(90)
+
+
+def test_up_generates_the_demo_model_once_and_prints_where_to_send_requests(stack: Stack) -> None:
+    text = stack.out.read_text()
+    assert "preparing the demo model" in text
+    assert (stack.cache / "dynamo-worker" / "demo-model" / "config.json").exists()
+    assert f"http://127.0.0.1:{stack.port}/v1" in text
+    assert f"curl http://127.0.0.1:{stack.port}/v1/chat/completions" in text
+    assert [m.id for m in stack.client.models.list().data] == ["demo"]
+
+
+def test_chat_and_completions_stream_and_not_through_the_openai_client(stack: Stack) -> None:
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chat = stack.client.chat.completions.create(model="demo", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 12
+    streamed = stack.client.chat.completions.create(model="demo", messages=messages, max_tokens=12,
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True})
+    chunks = list(streamed)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    completion = stack.client.completions.create(model="demo", prompt="the little bird", max_tokens=10,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 10 and completion.choices[0].finish_reason == "length"
+    pieces = [c.choices[0].text for c in stack.client.completions.create(
+        model="demo", prompt="the little bird", max_tokens=10, temperature=0, stream=True,
+        extra_body={"ignore_eos": True})]
+    assert "".join(pieces) == completion.choices[0].text
+
+
+def test_greedy_output_equals_the_offline_engine_for_the_same_prompt_ids(stack: Stack, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model = str(stack.cache / "dynamo-worker" / "demo-model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [tokenizer.encode("the quick river sings"), tokenizer.encode("a tiny robot walks home")]
+    reference = offline_greedy(model, prompts, 16, tmp_path)
+    assert reference[0] != reference[1], "control: different prompts must give different output"
+    for prompt, expected in zip(prompts, reference):
+        got = stack.client.completions.create(model="demo", prompt=prompt, max_tokens=16, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert got.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, "JSON"),
+    (json.dumps({"model": "demo", "prompt": "hi", "max_tokens": -3}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "nope"),
+    (json.dumps({"model": "demo", "prompt": "word " * 600}).encode(), 400, "takes at most 512 tokens"),
+])
+def test_bad_requests_get_the_right_status_and_the_stack_keeps_serving(
+        stack: Stack, body: bytes, status: int, fragment: str) -> None:
+    code, error = stack.post("/v1/completions", body)
+    assert code == status and fragment in error["error"]["message"], error
+    ok = stack.client.completions.create(model="demo", prompt="hello", max_tokens=2, temperature=0)
+    assert ok.choices[0].text is not None
+
+
+def test_a_client_disconnect_mid_stream_aborts_the_request_on_the_worker(stack: Stack) -> None:
+    before = stack.worker_metric("dynamo_component_errors_total", error_type="cancelled")
+    stream = stack.client.completions.create(model="demo", prompt="once upon a time", max_tokens=200,
+                                             temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    wait_until(lambda: stack.worker_metric("dynamo_component_errors_total", error_type="cancelled") == before + 1,
+               15, what="the worker to record the cancellation")
+    wait_until(lambda: stack.worker_metric("dynamo_component_inflight_requests", dynamo_endpoint="generate") == 0,
+               15, what="no request left in flight on the worker")
+
+
+def test_sigterm_stops_everything_and_leaves_no_process_behind(stack: Stack) -> None:
+    # Runs last in this module: it ends the stack.
+    everyone = descendants(stack.proc.pid)
+    names = {Path(f"/proc/{p}/comm").read_text().strip() for p in everyone if alive(p)}
+    assert "nats-server" in names and any("VLLM" in n or "EngineCore" in n for n in names), names
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(90) == 0
+    out = stack.out.read_text()
+    assert "stopping: workers first" in out and "stopped." in out
+    wait_until(lambda: not any(alive(p) for p in everyone), 10, what="every child process to exit")
+
+
+def test_up_flag_mistakes_are_one_line_errors() -> None:
+    out = run_cli("up", "--prefill-workers", "1")
+    assert out.returncode == 2 and "--prefill-workers" in out.stderr and "not implemented yet" in out.stderr
+    out = run_cli("up", "--model", "/no/such/dir")
+    assert out.returncode == 2 and "--model /no/such/dir: no such directory" in out.stderr
+    out = run_cli("up", "--decode-workers", "0")
+    assert out.returncode == 2 and "--decode-workers must be at least 1" in out.stderr
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        out = run_cli("up", "--http-port", str(busy.getsockname()[1]))
+    assert out.returncode == 2 and "is in use" in out.stderr
+    assert all(line.startswith("dynamo-worker: error:") for line in out.stderr.strip().splitlines())
