@@ -129,3 +129,26 @@ async def _hold_request(nats_server: NatsServer, namespace: str, worker: WorkerP
         assert len([x async for x in stream]) == 9
     finally:
         await caller.close()
+
+
+async def test_metrics_aggregate_across_processes_with_prometheus_multiproc_dir(
+        nats_server: NatsServer, namespace: str, tmp_path) -> None:
+    from tests.helpers import worker_env
+
+    port = free_port()
+    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
+                            "--system-port", str(port)], env=worker_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)))
+    caller = await Runtime.connect(nats_server.url, namespace)
+    try:
+        worker.wait_for_log("serving")
+        client = caller.client("echo", "generate")
+        await client.wait_for_instances(10)
+        assert len([x async for x in client.generate({"token_ids": [1, 2, 3]})]) == 3
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        samples = {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+                   if not s.labels.get("pid")}
+        assert samples["dynamo_component_requests_total"] == 1 and samples["echo_tokens_total"] == 3
+        assert any(p.suffix == ".db" for p in tmp_path.iterdir())  # values live in the shared files
+    finally:
+        worker.stop()
+        await caller.close()

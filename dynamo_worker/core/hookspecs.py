@@ -76,8 +76,9 @@ def dynamo_worker_create_engine(ctx: WorkerContext) -> Any:
 def dynamo_worker_register_metrics(registry: CollectorRegistry, ctx: WorkerContext) -> None:
     """Register Prometheus collectors served on this process's ``/metrics``.
 
-    Called once, after the engine is created. ``registry`` is the registry the system status
-    server exposes. Add collectors for the role's own metrics or an engine's callbacks.
+    Called once, after the engine is created. Create the role's metrics in ``registry``; the
+    system status server's ``/metrics`` serves them (with ``PROMETHEUS_MULTIPROC_DIR`` set,
+    through ``MultiProcessCollector``, so values written by other processes appear too).
 
     Merge rule: all implementations run.
     """

@@ -20,7 +20,12 @@ LABELS = ("dynamo_namespace", "dynamo_component", "dynamo_endpoint")
 
 
 def exposition_registry() -> CollectorRegistry:
-    """The registry ``/metrics`` renders."""
+    """The registry ``/metrics`` renders.
+
+    Metrics are always created in the default ``REGISTRY``. In multiprocess mode their values
+    live in files that every process (vLLM's included) writes, so ``/metrics`` renders a
+    separate registry holding a ``MultiProcessCollector`` over those files instead.
+    """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -31,9 +36,8 @@ def exposition_registry() -> CollectorRegistry:
 class WorkerMetrics(RequestObserver):
     """Request counts, in-flight, errors by kind and durations for every served endpoint."""
 
-    def __init__(self, namespace: str, component: str, registry: CollectorRegistry | None = None) -> None:
-        # In multiprocess mode metrics live in files, not in a registry object.
-        reg = None if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else (registry or REGISTRY)
+    def __init__(self, namespace: str, component: str, registry: CollectorRegistry = REGISTRY) -> None:
+        reg = registry
         self.namespace = namespace
         self.component = component
         self.requests = Counter("dynamo_component_requests", "Requests received by an endpoint",

@@ -22,6 +22,8 @@ from typing import Any
 
 from dynamo_worker.core.context import WorkerContext
 from dynamo_worker.core.errors import EngineDead, UsageError
+from prometheus_client import REGISTRY
+
 from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
 from dynamo_worker.core.plugins import HookRelay
 from dynamo_worker.core.registrar import Registrar
@@ -104,7 +106,7 @@ class Worker:
         assert self._fatal is not None
         try:
             ctx.engine = await self._until_fatal(self.hooks.create_engine(ctx))
-            await self.hooks.register_metrics(registry, ctx)
+            await self.hooks.register_metrics(REGISTRY, ctx)
             registrar = Registrar(role=self.info.name, component=component)
             await self.hooks.register_endpoints(registrar, ctx)
             override = health_payload_override()
