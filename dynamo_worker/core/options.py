@@ -88,6 +88,28 @@ class CoreOptions:
             help="how often the engine monitor checks the engine (default %(default)s)",
         )
         g.add_argument(
+            "--health-check-idle",
+            type=float,
+            default=env_default("DYN_CANARY_WAIT_TIME", 10.0, float),
+            metavar="SECONDS",
+            help="send the role's health payload through its generate endpoint after this long "
+            "without requests; a failure makes /health 503 (env DYN_CANARY_WAIT_TIME; default %(default)s)",
+        )
+        g.add_argument(
+            "--health-check-timeout",
+            type=float,
+            default=env_default("DYN_HEALTH_CHECK_REQUEST_TIMEOUT", 3.0, float),
+            metavar="SECONDS",
+            help="a health canary slower than this fails (env DYN_HEALTH_CHECK_REQUEST_TIMEOUT; default %(default)s)",
+        )
+        g.add_argument(
+            "--no-health-check",
+            dest="health_check",
+            action="store_false",
+            default=env_default("DYN_HEALTH_CHECK_ENABLED", True, lambda v: v.lower() not in ("0", "false", "no")),
+            help="send no health canaries (env DYN_HEALTH_CHECK_ENABLED=false)",
+        )
+        g.add_argument(
             "--system-port",
             type=int,
             default=env_default("DYN_SYSTEM_PORT", None, int),
@@ -119,6 +141,8 @@ class CoreOptions:
         check_positive("--graceful-shutdown-timeout", o.graceful_shutdown_timeout)
         check_positive("--engine-check-interval", o.engine_check_interval)
         check_positive("--nats-connect-timeout", o.nats_connect_timeout)
+        check_positive("--health-check-idle", o.health_check_idle)
+        check_positive("--health-check-timeout", o.health_check_timeout)
         # A role that accepts pass-through flags (decode: vLLM's engine arguments) takes them
         # out of extra_args in its own configure, which runs before this one.
         if getattr(o, "extra_args", None):

@@ -89,6 +89,7 @@ class EndpointServer:
         self.on_engine_dead = on_engine_dead
         self.observer = observer or RequestObserver()
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.last_activity = time.monotonic()  # when a request last started or ended (idle canary)
         self._sub: Any = None
         self._shutting_down = False
 
@@ -137,6 +138,7 @@ class EndpointServer:
             err = wire.ErrorInfo("bad_request", f"request id {envelope.id!r} is already in flight")
             await self._publish_error(msg.reply, 0, err)
             return
+        self.last_activity = time.monotonic()
         task = asyncio.create_task(self._serve(envelope, msg.reply))
         self.inflight[envelope.id] = task
         task.add_done_callback(lambda _t, rid=envelope.id: self.inflight.pop(rid, None))
@@ -173,7 +175,8 @@ class EndpointServer:
             log.exception("endpoint %s failed on request %s", self.endpoint, envelope.id)
             await self._publish_error(reply, seq, wire.ErrorInfo("internal", f"{type(exc).__name__}: {exc}"))
         finally:
-            self.observer.finished(self.endpoint, time.monotonic() - ctx.started, outcome)
+            self.last_activity = time.monotonic()
+            self.observer.finished(self.endpoint, self.last_activity - ctx.started, outcome)
 
 
 class RequestObserver:

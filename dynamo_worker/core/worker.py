@@ -22,6 +22,7 @@ from typing import Any
 
 from dynamo_worker.core.context import WorkerContext
 from dynamo_worker.core.errors import EngineDead, UsageError
+from dynamo_worker.core.health import HealthCanary
 from prometheus_client import REGISTRY
 
 from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
@@ -33,6 +34,7 @@ from dynamo_worker.core.status_server import HealthState, StatusServer
 
 EXIT_OK = 0
 EXIT_FATAL = 1
+CANARY_ENDPOINT = "generate"
 
 
 def health_payload_override() -> dict[str, Any] | None:
@@ -78,6 +80,7 @@ class Worker:
         self._fatal = loop.create_future()
         ctx = self.ctx = WorkerContext(role=self.info, options=self.options, runtime=None, log=self.log)  # type: ignore[arg-type]
         await self.hooks.configure(ctx)
+        ctx.state["health_payload_override"] = health_payload_override()  # bad JSON fails before any work
         self._dump_config(ctx)
         registry = exposition_registry()
         component = ctx.state.setdefault("component", self.info.name)
@@ -109,7 +112,7 @@ class Worker:
             await self.hooks.register_metrics(REGISTRY, ctx)
             registrar = Registrar(role=self.info.name, component=component)
             await self.hooks.register_endpoints(registrar, ctx)
-            override = health_payload_override()
+            override = ctx.state["health_payload_override"]
             ctx.state["health_payload"] = override or await self.hooks.health_payload(ctx)
             if self.status is not None:
                 self.status.add_routes(registrar.routes)
@@ -120,6 +123,11 @@ class Worker:
             for name, task in registrar.tasks.items():
                 self._tasks.append(asyncio.create_task(self._background(name, task), name=name))
             self._tasks.append(asyncio.create_task(self._engine_monitor(ctx), name="engine-monitor"))
+            payload = ctx.state["health_payload"]
+            if payload is not None and self.options.health_check and CANARY_ENDPOINT in registrar.endpoints:
+                canary = HealthCanary(ctx.runtime, component, CANARY_ENDPOINT, payload, self.health,
+                                      idle=self.options.health_check_idle, timeout=self.options.health_check_timeout)
+                self._tasks.append(asyncio.create_task(canary.run(), name="health-canary"))
             self.health.endpoints = sorted(registrar.endpoints)
             self.health.phase = "serving"
             self.log.info("role %s serving %s as instance %s in namespace %s", self.info.name,
