@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-workers", type=int, default=0, help="prefill workers (disaggregated serving)")
     p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
     p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
+    p.add_argument("--migration-limit", type=int, default=0, metavar="N",
+                   help="frontend: continue a stream on another worker when its worker fails, up to N "
+                        "times (default %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="give up if the model is not served after this long (default %(default)s)")
     p.add_argument("--log-dir", help="where child logs go (default: a new temp directory)")
@@ -165,6 +168,8 @@ def validate(args: argparse.Namespace) -> None:
     check_port("--http-port", args.http_port, allow_zero=False)
     if args.decode_workers < 1:
         raise UsageError(f"--decode-workers must be at least 1 (got {args.decode_workers})")
+    if args.migration_limit < 0:
+        raise UsageError(f"--migration-limit must be 0 or more (got {args.migration_limit})")
     if args.prefill_workers < 0:
         raise UsageError(f"--prefill-workers must be 0 or more (got {args.prefill_workers})")
     if args.prefill_workers:
@@ -231,7 +236,8 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
                          "--auth", token], dict(os.environ))
     env = _child_env(f"nats://{token}@127.0.0.1:{nats_port}")
     common = ["--namespace", args.namespace]
-    stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port)], env,
+    stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
+                             "--migration-limit", str(args.migration_limit)], env,
                 system_port=_free_port())
     for i in range(args.decode_workers):
         stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, "--model", model,

@@ -92,12 +92,14 @@ class FrontendServer:
     """The OpenAI-compatible HTTP server over one ``backend.generate`` client."""
 
     def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
-                 max_request_bytes: int = 4 * 1024 * 1024, metrics: FrontendMetrics | None = None) -> None:
+                 migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
+                 metrics: FrontendMetrics | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
         self.table = ModelTable(client)
-        self.router = Router(client, router_mode, retries,
-                             on_retry=lambda model: self.metrics.retries.labels(model).inc())
+        self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
+                             on_retry=lambda model: self.metrics.retries.labels(model).inc(),
+                             on_migration=lambda model: self.metrics.migrations.labels(model).inc())
         self.max_request_bytes = max_request_bytes
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -105,7 +107,8 @@ class FrontendServer:
     @classmethod
     def for_runtime(cls, runtime: Runtime, options: Any) -> FrontendServer:
         return cls(runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT), router_mode=options.router_mode,
-                   retries=options.request_retries, max_request_bytes=options.max_request_bytes)
+                   retries=options.request_retries, migration_limit=options.migration_limit,
+                   max_request_bytes=options.max_request_bytes)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

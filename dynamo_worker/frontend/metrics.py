@@ -55,6 +55,9 @@ class FrontendMetrics:
         self.retries = Counter(
             "dynamo_frontend_retries", "Requests re-sent to another instance after a retryable error",
             ("model",), registry=reg)
+        self.migrations = Counter(
+            "dynamo_frontend_migrations", "Streams continued on another instance after their worker failed",
+            ("model",), registry=reg)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-retries", type=int, default=2, metavar="N",
                    help="retry a request on another instance up to N times when it fails with a "
                    "retryable error before its first token (default %(default)s)")
+    g.add_argument("--migration-limit", type=int, default=env_default("DYN_MIGRATION_LIMIT", 0, int),
+                   metavar="N",
+                   help="when a worker fails mid-stream, continue the request on another worker "
+                   "(prompt plus the tokens already sent) up to N times; the client sees one "
+                   "unbroken stream (env DYN_MIGRATION_LIMIT; default %(default)s)")
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
                    help="largest accepted request body; larger ones get 413 (default %(default)s)")
     g.add_argument("--model-wait-timeout", type=float, default=5.0, metavar="SECONDS",
@@ -37,6 +42,8 @@ def configure(options: Any) -> None:
     check_port("--http-port", options.http_port)
     if options.request_retries < 0:
         raise UsageError(f"--request-retries must be 0 or more (got {options.request_retries})")
+    if options.migration_limit < 0:
+        raise UsageError(f"--migration-limit must be 0 or more (got {options.migration_limit})")
     if options.max_request_bytes < 1024:
         raise UsageError(f"--max-request-bytes must be at least 1024 (got {options.max_request_bytes})")
     if options.model_wait_timeout < 0:

@@ -1,9 +1,11 @@
-"""Sends a request to one instance serving its model; retries; maps request-plane errors to HTTP.
+"""Sends a request to one instance serving its model; retries; migrates; maps errors to HTTP.
 
 A retryable error (the instance left, shut down, or never answered) that arrives before the
-first response message is retried on another instance of the same model, up to
-``--request-retries`` times. After the first message nothing is retried: tokens may already
-be on their way to the client, and replaying them is not this frontend's job.
+first token is retried on another instance of the same model, up to ``--request-retries``
+times. One that arrives after tokens were produced is *migrated*, up to ``--migration-limit``
+times: the request goes to another instance with the prompt plus the tokens already produced
+and the remaining token budget, and its tokens continue the same stream, so the client sees one
+unbroken answer. Seeded sampling restarts its random stream on the new worker.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def api_error(exc: RequestError) -> ApiError:
 class Router:
     """Picks instances of ``backend.generate`` for a model by ``--router-mode``."""
 
-    def __init__(self, client: Client, mode: str = "round-robin", retries: int = 2,
-                 on_retry: Callable[[str], None] | None = None) -> None:
+    def __init__(self, client: Client, mode: str = "round-robin", retries: int = 2, *,
+                 migration_limit: int = 0, on_retry: Callable[[str], None] | None = None,
+                 on_migration: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.policy = POLICIES[mode]
         self.retries = retries
+        self.migration_limit = migration_limit
         self.on_retry = on_retry or (lambda model: None)
+        self.on_migration = on_migration or (lambda model: None)
 
     def _pick(self, model: str, tried: set[str]) -> InstanceRecord:
         def serves(r: InstanceRecord) -> bool:
@@ -69,22 +74,60 @@ class Router:
         Close it (``contextlib.aclosing``) to stop early: the worker's request is cancelled.
         """
         tried: set[str] = set()
-        attempt = 0
+        attempt = migrations = 0
+        produced: list[int] = []
+        request = payload
         while True:
             record = self._pick(model, tried)
             tried.add(record.instance_id)
-            started = False
             try:
-                async with aclosing(self.client.direct(payload, record.instance_id)) as stream:
+                async with aclosing(self.client.direct(request, record.instance_id)) as stream:
                     async for item in stream:
-                        started = True
+                        produced.extend(item.get("token_ids") or [])
+                        if migrations and "completion_usage" in item:
+                            item["completion_usage"] = _usage(payload, produced, item["completion_usage"])
                         yield item
                 return
             except RequestError as exc:
-                if exc.retryable and not started and attempt < self.retries:
+                if not exc.retryable:
+                    raise api_error(exc) from exc
+                if not produced and attempt < self.retries:
                     attempt += 1
                     self.on_retry(model)
                     log.info("instance %s failed before the first token (%s: %s); retry %d of %d",
                              record.instance_id, exc.code, exc.message, attempt, self.retries)
                     continue
+                if produced and migrations < self.migration_limit:
+                    migrations += 1
+                    self.on_migration(model)
+                    log.warning("instance %s failed after %d tokens (%s: %s); migrating (%d of %d)",
+                                record.instance_id, len(produced), exc.code, exc.message, migrations,
+                                self.migration_limit)
+                    request = continuation(payload, produced)
+                    if request is None:  # every token was produced: only the finish was lost
+                        yield {"token_ids": [], "finish_reason": "length",
+                               "completion_usage": _usage(payload, produced, None)}
+                        return
+                    continue
                 raise api_error(exc) from exc
+
+
+def continuation(payload: dict[str, Any], produced: list[int]) -> dict[str, Any] | None:
+    """The request that continues ``payload`` after ``produced`` tokens, or None if none are left."""
+    stop = dict(payload.get("stop_conditions") or {})
+    if stop.get("max_tokens") is not None:
+        remaining = stop["max_tokens"] - len(produced)
+        if remaining <= 0:
+            return None
+        stop["max_tokens"] = remaining
+    if stop.get("min_tokens"):
+        stop["min_tokens"] = max(0, stop["min_tokens"] - len(produced))
+    return {**payload, "token_ids": [*payload["token_ids"], *produced], "stop_conditions": stop}
+
+
+def _usage(payload: dict[str, Any], produced: list[int], reported: dict[str, Any] | None) -> dict[str, Any]:
+    """Usage as the client's request saw it: its own prompt, every token it was sent."""
+    prompt = len(payload["token_ids"])
+    usage = dict(reported or {})
+    usage.update(prompt_tokens=prompt, completion_tokens=len(produced), total_tokens=prompt + len(produced))
+    return usage
