@@ -1,0 +1,195 @@
+"""Two real decode workers behind a frontend, under load, while workers are stopped and killed.
+
+The tests run in file order on one deployment (engine start-up is the slow part):
+drain (SIGTERM worker A; A is replaced), migration (SIGKILL worker B), engine death (kill A's
+engine-core process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
+
+MAX_TOKENS = 300
+CONCURRENCY = 8
+WORKER_FLAGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--served-model-name", "tiny",
+                "--lease-ttl", "1", "--graceful-shutdown-timeout", "60"]
+
+
+class Deployment:
+    def __init__(self, nats: NatsServer, namespace: str, model: str, tmp: Path) -> None:
+        self.nats, self.namespace, self.model, self.tmp = nats, namespace, model, tmp
+        self.http_port = free_port()
+        self.workers: dict[str, WorkerProcess] = {}
+        self.frontend = WorkerProcess(["--role", "frontend", "--nats-url", nats.url, "--namespace", namespace,
+                                       "--http-port", str(self.http_port), "--migration-limit", "3",
+                                       "--request-retries", "3"])
+        self.base = f"http://127.0.0.1:{self.http_port}"
+
+    def start_worker(self, name: str) -> WorkerProcess:
+        worker = WorkerProcess(["--role", "decode", "--model", self.model, "--nats-url", self.nats.url,
+                                "--namespace", self.namespace, *WORKER_FLAGS])
+        self.workers[name] = worker
+        return worker
+
+    def instances(self) -> int:
+        """Instances in the frontend's view (its /health is 503, same body, when there are none)."""
+        try:
+            with urllib.request.urlopen(f"{self.base}/health") as resp:
+                return json.load(resp)["instances"]
+        except urllib.error.HTTPError as err:
+            return json.load(err)["instances"]
+
+    def frontend_metric(self, name: str) -> float:
+        body = urllib.request.urlopen(f"{self.base}/metrics").read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples if s.name == name)
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self.frontend.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = Deployment(nats_server, f"res{uuid.uuid4().hex[:8]}", demo_model, tmp_path_factory.mktemp("res"))
+    try:
+        for name in ("a", "b"):
+            d.start_worker(name)
+        d.frontend.wait_for_log("serving")
+        for worker in d.workers.values():
+            worker.wait_for_log("serving", timeout=300)
+        wait_until(lambda: d.instances() == 2, 30, what="both workers in the frontend's view")
+        yield d
+    finally:
+        d.stop()
+
+
+async def run_load(d: Deployment, n: int = CONCURRENCY, prompt: str = "once upon a time") -> list[dict[str, Any]]:
+    """``n`` concurrent greedy streams of MAX_TOKENS tokens; each result has text, usage, finish."""
+    client = openai.AsyncOpenAI(base_url=f"{d.base}/v1", api_key="unused", max_retries=0)
+
+    async def one() -> dict[str, Any]:
+        stream = await client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, usage, finish = "", None, None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+        return {"text": text, "completion_tokens": usage.completion_tokens if usage else None, "finish": finish}
+
+    try:
+        return await asyncio.gather(*(one() for _ in range(n)))
+    finally:
+        await client.close()
+
+
+async def reference_text(d: Deployment) -> str:
+    [ref] = await run_load(d, 1)
+    assert ref["completion_tokens"] == MAX_TOKENS
+    return ref["text"]
+
+
+async def test_sigterm_to_one_worker_under_load_drains_it_and_loses_nothing(deployment: Deployment) -> None:
+    d = deployment
+    expected = await reference_text(d)
+    load = asyncio.create_task(run_load(d))
+    await asyncio.sleep(0.3)  # streams are running on both workers
+    d.workers["a"].signal(signal.SIGTERM)
+    results = await load
+    assert [r["completion_tokens"] for r in results] == [MAX_TOKENS] * CONCURRENCY
+    assert all(r["text"] == expected and r["finish"] == "length" for r in results)
+    assert await asyncio.to_thread(d.workers["a"].wait, 60) == 0
+    assert "draining" in d.workers["a"].log()
+    wait_until(lambda: d.instances() == 1, 10, what="worker a to leave routing")
+    # New work goes to the remaining worker.
+    assert [r["completion_tokens"] for r in await run_load(d, 2)] == [MAX_TOKENS] * 2
+
+
+async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment: Deployment) -> None:
+    d = deployment
+    replacement = d.start_worker("a")
+    await asyncio.to_thread(replacement.wait_for_log, "serving", 300)
+    wait_until(lambda: d.instances() == 2, 30, what="the replacement worker in routing")
+    expected = await reference_text(d)
+    before = d.frontend_metric("dynamo_frontend_migrations_total")
+    load = asyncio.create_task(run_load(d))
+    await asyncio.sleep(0.3)
+    engine_processes = _children(d.workers["b"].pid)
+    d.workers["b"].signal(signal.SIGKILL)
+    results = await load
+    # Every request completes with every token, and greedy continuation on the other worker
+    # gives exactly the text an uninterrupted run gives.
+    assert [r["completion_tokens"] for r in results] == [MAX_TOKENS] * CONCURRENCY
+    assert all(r["text"] == expected for r in results)
+    assert d.frontend_metric("dynamo_frontend_migrations_total") > before
+    wait_until(lambda: d.instances() == 1, 10, what="the killed worker to leave routing")
+    # Its vLLM engine processes (gigabytes) do not outlive it.
+    assert engine_processes
+    wait_until(lambda: not any(_alive(p) for p in engine_processes), 10,
+               what="the killed worker's engine processes to exit")
+
+
+async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routing(deployment: Deployment) -> None:
+    d = deployment
+    worker = d.workers["a"]
+    engine_cores = [p for p in _children(worker.pid) if "EngineCor" in _comm(p)]
+    assert engine_cores, "the worker has an engine-core child process"
+    for pid in engine_cores:
+        _kill(pid)
+    assert await asyncio.to_thread(worker.wait, 60) == 1
+    assert "vLLM engine died" in worker.log()
+    wait_until(lambda: d.instances() == 0, 10, what="the dead worker to leave routing")
+    client = openai.OpenAI(base_url=f"{d.base}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    assert err.value.status_code == 503
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _kill(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
