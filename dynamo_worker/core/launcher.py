@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.options import check_port
+from dynamo_worker.core.options import check_at_least, check_port
 
 DEMO_SERVED_NAME = "demo"
 PROGRESS_EVERY = 5.0
@@ -166,12 +166,9 @@ def _port_is_free(port: int) -> bool:
 
 def validate(args: argparse.Namespace) -> None:
     check_port("--http-port", args.http_port, allow_zero=False)
-    if args.decode_workers < 1:
-        raise UsageError(f"--decode-workers must be at least 1 (got {args.decode_workers})")
-    if args.migration_limit < 0:
-        raise UsageError(f"--migration-limit must be 0 or more (got {args.migration_limit})")
-    if args.prefill_workers < 0:
-        raise UsageError(f"--prefill-workers must be 0 or more (got {args.prefill_workers})")
+    check_at_least("--decode-workers", args.decode_workers, 1)
+    check_at_least("--migration-limit", args.migration_limit, 0)
+    check_at_least("--prefill-workers", args.prefill_workers, 0)
     if args.prefill_workers:
         raise UsageError("--prefill-workers: disaggregated serving is not implemented yet (issue #6); "
                          "use --decode-workers only")

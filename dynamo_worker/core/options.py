@@ -36,6 +36,13 @@ def check_port(flag: str, port: int | None, *, allow_zero: bool = True) -> None:
         raise UsageError(f"{flag} {port} is out of range; use a port between {low} and 65535")
 
 
+def check_at_least(flag: str, value: float, minimum: float) -> None:
+    """A one-line error for a count or duration below ``minimum``."""
+    if value < minimum:
+        bound = "0 or more" if minimum == 0 else f"at least {minimum}"
+        raise UsageError(f"{flag} must be {bound} (got {value})")
+
+
 def check_positive(flag: str, value: float) -> None:
     if value <= 0:
         raise UsageError(f"{flag} must be greater than 0 (got {value})")

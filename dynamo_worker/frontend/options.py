@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.options import check_port, env_default
+from dynamo_worker.core.options import check_at_least, check_port, env_default
 
 ROUTER_MODES = ("round-robin", "random")
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -40,13 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def configure(options: Any) -> None:
     """Validate the frontend flags: a one-line :class:`UsageError` naming the flag and the fix."""
     check_port("--http-port", options.http_port)
-    if options.request_retries < 0:
-        raise UsageError(f"--request-retries must be 0 or more (got {options.request_retries})")
-    if options.migration_limit < 0:
-        raise UsageError(f"--migration-limit must be 0 or more (got {options.migration_limit})")
-    if options.max_request_bytes < 1024:
-        raise UsageError(f"--max-request-bytes must be at least 1024 (got {options.max_request_bytes})")
-    if options.model_wait_timeout < 0:
-        raise UsageError(f"--model-wait-timeout must be 0 or more (got {options.model_wait_timeout})")
+    check_at_least("--request-retries", options.request_retries, 0)
+    check_at_least("--migration-limit", options.migration_limit, 0)
+    check_at_least("--max-request-bytes", options.max_request_bytes, 1024)
+    check_at_least("--model-wait-timeout", options.model_wait_timeout, 0)
     if not options.http_host:
         raise UsageError("--http-host is empty; give an address such as 127.0.0.1 or 0.0.0.0")
