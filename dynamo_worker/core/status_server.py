@@ -55,12 +55,25 @@ class StatusServer:
         self.app.router.add_get("/live", self._live)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
+        # The server starts before roles register their routes, and aiohttp freezes its router
+        # at start: role routes are looked up here instead, behind one catch-all route.
+        self._role_routes: dict[tuple[str, str], Any] = {}
+        self.app.router.add_route("*", "/{path:.*}", self._role_route)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     def add_routes(self, routes: list[Route]) -> None:
         for r in routes:
-            self.app.router.add_route(r.method, r.path, r.handler)
+            self._role_routes[(r.method.upper(), r.path)] = r.handler
+
+    async def _role_route(self, request: web.Request) -> web.StreamResponse:
+        handler = self._role_routes.get((request.method, request.path))
+        if handler is None:
+            if any(path == request.path for _, path in self._role_routes):
+                raise web.HTTPMethodNotAllowed(request.method, sorted(
+                    m for m, path in self._role_routes if path == request.path))
+            raise web.HTTPNotFound()
+        return await handler(request)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
