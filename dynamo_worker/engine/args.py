@@ -11,6 +11,8 @@ Defaults we override (each only when the user did not set it):
 * ``disable_log_stats=False``: stats feed ``/metrics`` and the load publisher.
 * ``enable_prefix_caching=True``: routers and KV events assume prefix reuse.
 * ``served_model_name`` stays vLLM's (the ``--model`` value) when not given, as ``vllm serve`` does.
+* ``max_loras=4`` on CPU when ``--enable-lora`` is given without ``--max-loras``: one adapter slot
+  stays free there (see :mod:`dynamo_worker.engine.lora`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def parse_engine_args(argv: list[str]) -> tuple[Any, list[tuple[str, Any, str]]]
         args = AsyncEngineArgs.from_cli_args(ns)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"invalid vLLM engine arguments: {exc}") from exc
+    from dynamo_worker.engine.lora import apply_cpu_default
+
+    lora_default = apply_cpu_default(args, explicit)
+    if lora_default is not None:
+        applied.append(lora_default)
     return args, applied
 
 

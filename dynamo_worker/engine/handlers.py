@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from dynamo_worker.core.errors import EngineDead
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.engine import protocol
+
+if TYPE_CHECKING:
+    from dynamo_worker.engine.lora import LoraManager
+    from dynamo_worker.engine.metrics import EngineMetrics, RequestTimer
+    from dynamo_worker.engine.sleep import SleepControl
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +60,52 @@ class GenerateHandler:
         self.facts = facts
         # The model's generation_config defaults (temperature etc.), as vllm serve applies them.
         self.default_sampling = engine.model_config.get_diff_sampling_param()
+        # Set by the role once they exist (metrics are registered after the engine is built).
+        self.metrics: EngineMetrics | None = None
+        self.adapters: LoraManager | None = None
+        self.sleep: SleepControl | None = None
+
+    def _adapter(self, model: str | None) -> Any:
+        """The LoRA adapter a request names through ``model``, held while the request runs."""
+        if self.adapters is not None:
+            return self.adapters.use(model)
+        if model is not None and model not in (self.facts.served_name, self.facts.path):
+            raise RequestError("not_found", f"model {model!r} is not served by this worker "
+                               f"(it serves {self.facts.served_name!r})")
+        return contextlib.nullcontext()
 
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
+                                     max_model_len=self.facts.max_model_len)
+        params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len)
+        if self.sleep is not None and self.sleep.asleep:
+            raise RequestError("unavailable", "the engine is asleep (POST /engine/wake_up on its system port)",
+                               retryable=True)
+        want_logprobs = req.output_options.logprobs is not None
+        with self._adapter(req.model) as lora_request:  # not_found for a name this worker lacks
+            # Labelled after validation: a request cannot mint a series with a name of its choosing.
+            model = lora_request.lora_name if lora_request is not None else self.facts.served_name
+            timer = self.metrics.request(context.endpoint, model) if self.metrics is not None else None
+            async for chunk in self._stream(req, params, context, lora_request, want_logprobs, timer):
+                yield chunk
+
+    async def _stream(self, req: protocol.PreprocessedRequest, params: Any, context: RequestContext,
+                      lora_request: Any, want_logprobs: bool, timer: RequestTimer | None
+                      ) -> AsyncIterator[dict[str, Any]]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
-                                     max_model_len=self.facts.max_model_len)
-        params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len)
-        want_logprobs = req.output_options.logprobs is not None
         completion_tokens = 0
         try:
             # Cancelling this task (the caller went away) makes vLLM abort the request.
-            async for out in self.engine.generate(tokens_input(req.token_ids), params, context.request_id):
+            async for out in self.engine.generate(tokens_input(req.token_ids), params, context.request_id,
+                                                  lora_request=lora_request):
                 choice = out.outputs[0]
                 new_ids = list(choice.token_ids)
                 completion_tokens += len(new_ids)
+                if timer is not None:
+                    timer.tokens(len(new_ids), context.started, time.monotonic())
                 chunk: dict[str, Any] = {"token_ids": new_ids}
                 if want_logprobs:
                     chunk.update(protocol.logprob_fields(new_ids, choice.logprobs))

@@ -1,4 +1,11 @@
-"""The ``decode`` role: an aggregated (or decode-side) worker on vLLM's ``AsyncLLM``."""
+"""The ``decode`` role: an aggregated (or decode-side) worker on vLLM's ``AsyncLLM``.
+
+Serves ``generate``, ``clear_kv_blocks``, ``load_lora``, ``unload_lora`` and ``list_loras`` on the
+request plane, ``/engine/sleep``, ``/engine/wake_up`` and ``/engine/is_sleeping`` on its system
+port, publishes per-engine load (``load_metrics``) and relays vLLM's KV-cache events
+(``kv_events``) on the event plane. The engine-side pieces live in :mod:`dynamo_worker.engine`;
+docs/operations.md describes them for operators.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import asyncio
 import os
 from typing import Any
 
-from dynamo_worker.core.errors import EngineDead
+from dynamo_worker.core.errors import EngineDead, UsageError
 from dynamo_worker.core.hookspecs import hookimpl
 
 COMPONENT = "backend"  # Dynamo's component name for LLM workers
@@ -22,6 +29,10 @@ class DecodeRole:
         self.engine_args: Any = None
         self.handler: Any = None
         self.facts: Any = None
+        self.lora_dirs: list[Any] = []
+        self.kv_event_ports: list[int] | None = None
+        self.child_metrics: Any = None
+        self.load: Any = None
 
     @hookimpl
     def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -34,6 +45,9 @@ class DecodeRole:
                        help="list vLLM's engine arguments (imports vLLM) and exit")
         g.add_argument("--is-decode-worker", action="store_true",
                        help="Dynamo compatibility: this worker is the decode half of disaggregated serving")
+        g.add_argument("--lora-dirs", metavar="DIR[,DIR]", default=None,
+                       help="directories load_lora may load adapters from (with --enable-lora); "
+                            "none by default, so load_lora refuses every path until this is given")
 
     @hookimpl
     def dynamo_worker_configure(self, ctx: Any) -> None:
@@ -42,12 +56,20 @@ class DecodeRole:
         if ctx.options.engine_help:
             print(engine_args.engine_help())
             raise SystemExit(0)
+        from dynamo_worker.engine import kv_events, lora
+
         self.engine_args, applied = engine_args.parse_engine_args(ctx.options.extra_args)
         ctx.options.extra_args = []  # consumed: vLLM's parser accepted all of them
+        self.lora_dirs = lora.parse_lora_dirs(ctx.options.lora_dirs)
+        if self.lora_dirs and not self.engine_args.enable_lora:
+            raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
+        self.kv_event_ports = kv_events.configure(self.engine_args)
         ctx.state["component"] = COMPONENT
         ctx.state["resolved_config"] = {
             "engine_args": engine_args.resolved(self.engine_args),
             "defaults_applied": {attr: {"value": v, "why": why} for attr, v, why in applied},
+            "kv_event_ports": self.kv_event_ports,
+            "lora_dirs": [str(d) for d in self.lora_dirs],
         }
 
     @hookimpl
@@ -57,17 +79,39 @@ class DecodeRole:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from dynamo_worker.engine.handlers import GenerateHandler, model_facts
+        from dynamo_worker.engine.load import LoadPublisher
+        from dynamo_worker.engine.metrics import ChildProcessMetrics
 
         ctx.log.info("starting the vLLM engine for %s (this takes a while on CPU)", self.engine_args.model)
-        # Built in a thread so signals and NATS keep being served while the model loads.
-        engine = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, self.engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self.load = LoadPublisher(ctx.instance_id, ctx.runtime.publish_event)
+        self.child_metrics = ChildProcessMetrics()
+        if self.engine_args.disable_log_stats:
+            ctx.log.warning("--disable-log-stats: no vllm: metrics and no load_metrics events")
+        # Built in a thread so signals and NATS keep being served while the model loads. The
+        # engine's processes are spawned meanwhile: they get their own metrics directory.
+        with self.child_metrics.spawning():
+            engine = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, self.engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                stat_loggers=[self.load.stat_logger_factory()])
         served = (self.engine_args.served_model_name or [self.engine_args.model])
         served_name = served[0] if isinstance(served, list) else served
         self.facts = model_facts(engine, served_name)
         self.handler = GenerateHandler(engine, self.facts)
-        ctx.log.info("engine ready: %s (max_model_len %d)", served_name, self.facts.max_model_len)
+        config = engine.vllm_config
+        ctx.log.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)", served_name,
+                     self.facts.max_model_len, config.cache_config.num_gpu_blocks or 0,
+                     config.cache_config.block_size)
         return engine
+
+    @hookimpl
+    def dynamo_worker_register_metrics(self, registry: Any, ctx: Any) -> None:
+        from dynamo_worker.engine.metrics import EngineMetrics
+
+        metrics = EngineMetrics(registry, ctx.namespace, COMPONENT)
+        self.handler.metrics = metrics
+        self.load.metrics = metrics
+        self.child_metrics.register(registry)
+        self.load.attach(ctx.engine)
 
     @hookimpl
     def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
@@ -76,9 +120,38 @@ class DecodeRole:
             ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal",
                          dp_rank)
             return
+        from dynamo_worker.engine.kv_events import KvEventRelay
+        from dynamo_worker.engine.lora import LoraManager
+        from dynamo_worker.engine.publication import GenerateRecord
+        from dynamo_worker.engine.sleep import SleepControl
+
+        engine = ctx.engine
         data = self.facts.discovery_data("decode")
+        if self.engine_args.enable_lora:
+            data["loras"] = []
+        record = GenerateRecord(ctx, COMPONENT, "generate", dict(data))
+        served = self.engine_args.served_model_name or []
+        base_names = {self.facts.served_name, self.facts.path, str(self.engine_args.model),
+                      *([served] if isinstance(served, str) else served)}
+        adapters = LoraManager(engine, enabled=bool(self.engine_args.enable_lora), allowed_dirs=self.lora_dirs,
+                               capacity=LoraManager.capacity_for(self.engine_args), base_names=base_names,
+                               record=record)
+        sleep = SleepControl(engine, record, frees_memory=bool(engine.vllm_config.model_config.enable_sleep_mode))
+        self.handler.adapters = adapters
+        self.handler.sleep = sleep
+
         registrar.endpoint("generate", self.handler.generate, **data)
         registrar.endpoint("clear_kv_blocks", self.handler.clear_kv_blocks, model=self.facts.served_name)
+        for name in ("load_lora", "unload_lora", "list_loras"):
+            registrar.endpoint(name, getattr(adapters, name), model=self.facts.served_name)
+        registrar.route("POST", "/engine/sleep", sleep.sleep)
+        registrar.route("POST", "/engine/wake_up", sleep.wake_up)
+        registrar.route("GET", "/engine/is_sleeping", sleep.is_sleeping)
+        if not self.engine_args.disable_log_stats:
+            registrar.background("load-metrics", self.load.run)
+        if self.kv_event_ports:
+            relay = KvEventRelay(ctx.instance_id, self.kv_event_ports, ctx.runtime.publish_event)
+            registrar.background("kv-events", relay.run)
 
     @hookimpl
     def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
@@ -101,5 +174,9 @@ class DecodeRole:
 
     @hookimpl
     def dynamo_worker_shutdown(self, ctx: Any) -> None:
-        if ctx.engine is not None:
-            ctx.engine.shutdown()
+        try:
+            if ctx.engine is not None:
+                ctx.engine.shutdown()
+        finally:
+            if self.child_metrics is not None:
+                self.child_metrics.cleanup()

@@ -1,0 +1,322 @@
+"""What an operator sees of a decode worker: /metrics, load and KV events, sleep and wake.
+
+One real vLLM engine (CPU, the tiny demo model) for the module, behind a real nats-server.
+The engine runs with 32-token KV blocks, so prompts of 70 tokens fill two blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynamo_worker.core.request_plane import RequestError
+from dynamo_worker.core.runtime import Runtime
+from tests.engine_helpers import ENGINE_FLAGS
+from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until, worker_env
+
+BLOCK = 32
+
+
+def free_kv_event_port() -> int:
+    """A free port in DYN_VLLM_KV_EVENT_PORT's range (1024-49151), unlike the OS's ephemeral ones."""
+    for _ in range(200):
+        port = random.randint(20000, 49000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # vLLM binds tcp://*:PORT
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port for KV events")
+
+
+class Deployment:
+    def __init__(self, worker: WorkerProcess, nats_url: str, namespace: str, port: int, tmp: Path) -> None:
+        self.worker, self.nats_url, self.namespace, self.port, self.tmp = worker, nats_url, namespace, port, tmp
+
+    async def runtime(self) -> Runtime:
+        return await Runtime.connect(self.nats_url, self.namespace)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def metrics_text(self) -> str:
+        return urllib.request.urlopen(self.url("/metrics"), timeout=10).read().decode()
+
+    def post(self, path: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(self.url(path), data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+
+def metrics_dirs(tmp: Path) -> list[Path]:
+    return list(tmp.glob("dynamo_worker_prometheus_*"))
+
+
+@pytest.fixture(scope="module")
+def deployment(demo_model: str, nats_server: NatsServer,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    namespace = f"ops{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("worker-tmp")  # the worker's own TMPDIR: its files are visible here
+    env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()), TMPDIR=str(tmp))
+    worker = WorkerProcess(["--role", "decode", "--model", demo_model, "--served-model-name", "tiny",
+                            "--nats-url", nats_server.url, "--namespace", namespace, "--system-port", str(port),
+                            "--block-size", str(BLOCK), *ENGINE_FLAGS], env=env)
+    try:
+        worker.wait_for_log("serving", timeout=240)
+        yield Deployment(worker, nats_server.url, namespace, port, tmp)
+    finally:
+        worker.stop()
+    # The engine processes' metrics directory lives as long as the worker, and no longer.
+    assert worker.proc.returncode == 0, worker.log()[-3000:]
+    assert metrics_dirs(tmp) == []
+
+
+def greedy(prompt: list[int], max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    return {"token_ids": prompt, "sampling_options": {"temperature": 0.0},
+            "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
+
+
+async def generate(rt: Runtime, request: dict[str, Any]) -> list[dict[str, Any]]:
+    client = rt.client("backend", "generate")
+    await client.wait_for_instances(10)
+    return [chunk async for chunk in client.generate(request)]
+
+
+def tokens(chunks: list[dict[str, Any]]) -> list[int]:
+    return [t for c in chunks for t in c["token_ids"]]
+
+
+def unique_prompt(length: int, seed: int) -> list[int]:
+    """A prompt no other test sends (so the prefix cache starts cold for it)."""
+    rng = random.Random(seed)
+    return [0] + [rng.randrange(3, 512) for _ in range(length - 1)]
+
+
+class Events:
+    """Everything published on one event-plane topic while the test runs."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    async def subscribe(self, rt: Runtime, topic: str) -> Events:
+        async def on_event(payload: Any) -> None:
+            self.items.append(payload)
+
+        await rt.subscribe_events(topic, on_event)
+        await rt.nc.flush()
+        return self
+
+    async def wait_for(self, predicate: Any, timeout: float = 10) -> Any:
+        for _ in range(int(timeout / 0.05)):
+            found = [e for e in self.items if predicate(e)]
+            if found:
+                return found
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no matching event in {len(self.items)} received: {self.items[-5:]}")
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+async def test_metrics_carry_vllm_metrics_and_the_workers_latency_histograms(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        for seed in range(3):
+            assert len(tokens(await generate(rt, greedy(unique_prompt(12, seed), max_tokens=8)))) == 8
+    finally:
+        await rt.close()
+    text = deployment.metrics_text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, s.labels.get("model", "")): s.value for f in families.values() for s in f.samples}
+    def total(family: str, suffix: str) -> float:
+        return sum(s.value for s in families[family].samples if s.name.endswith(suffix))
+
+    vllm = [name for name in families if name.startswith("vllm:")]
+    assert len(vllm) >= 30, vllm
+    assert total("vllm:request_success", "_total") >= 3
+    assert total("vllm:generation_tokens", "_total") >= 24
+    assert total("vllm:time_to_first_token_seconds", "_count") >= 3
+    # The worker's own histograms: one TTFT per request, one inter-token gap per later token.
+    assert samples[("dynamo_component_time_to_first_token_seconds_count", "tiny")] >= 3
+    assert samples[("dynamo_component_inter_token_latency_seconds_count", "tiny")] >= 3 * 7
+    assert samples[("dynamo_component_kvstats_total_blocks", "")] > 0
+    # Each family once: the engine processes' metrics directory adds nothing twice.
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    assert len(metrics_dirs(deployment.tmp)) == 1
+
+
+# ---- load -------------------------------------------------------------------------------------------
+
+
+async def test_load_metrics_show_requests_running_then_an_idle_engine(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        [record] = await rt.client("backend", "generate").wait_for_instances(10)
+        load = await Events().subscribe(rt, "load_metrics")
+        results = await asyncio.gather(*(generate(rt, greedy(unique_prompt(20, 100 + i), max_tokens=48))
+                                         for i in range(4)))
+        assert all(len(tokens(r)) == 48 for r in results)
+        busy = await load.wait_for(lambda e: e["worker_stats"]["request_active_slots"] > 0)
+        assert busy[0]["instance_id"] == record.instance_id and busy[0]["dp_rank"] == 0
+        assert busy[0]["kv_stats"]["kv_active_blocks"] > 0
+        # The last message says the engine is idle again (published within the throttle interval).
+        for _ in range(100):
+            if load.items[-1]["worker_stats"]["request_active_slots"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        last = load.items[-1]
+        assert last["worker_stats"]["request_active_slots"] == 0, load.items[-3:]
+        assert last["worker_stats"]["num_requests_waiting"] == 0 and last["kv_stats"]["kv_active_blocks"] == 0
+        assert last["kv_stats"]["kv_total_blocks"] > 0 and last["worker_stats"]["request_total_slots"] == 16
+        # Published on change only: no two consecutive messages say the same.
+        assert all(a != b for a, b in zip(load.items, load.items[1:]))
+    finally:
+        await rt.close()
+    samples = {s.name: s.value for f in text_string_to_metric_families(deployment.metrics_text())
+               for s in f.samples}
+    assert samples["dynamo_component_engine_requests_running"] == 0
+    assert samples["dynamo_component_kvstats_total_blocks"] == last["kv_stats"]["kv_total_blocks"]
+
+
+# ---- KV events --------------------------------------------------------------------------------------
+
+
+def stored(events: Events, instance_id: str) -> list[dict[str, Any]]:
+    return [ev for e in events.items if e["instance_id"] == instance_id
+            for ev in e["events"] if ev["type"] == "BlockStored"]
+
+
+async def test_kv_events_report_stored_blocks_whose_hashes_repeat_for_a_repeated_prefix(
+        deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        [record] = await rt.client("backend", "generate").wait_for_instances(10)
+        events = await Events().subscribe(rt, "kv_events")
+        prompt = unique_prompt(70, 7)  # two full 32-token blocks, and 6 tokens more
+        await generate(rt, greedy(prompt, max_tokens=2))
+        await events.wait_for(lambda e: any(ev["type"] == "BlockStored" for ev in e["events"]))
+        [first] = stored(events, record.instance_id)
+        assert len(first["block_hashes"]) == 2 and first["parent_block_hash"] is None
+        assert first["token_ids"] == prompt[:2 * BLOCK] and first["block_size"] == BLOCK
+        hash1, hash2 = first["block_hashes"]
+
+        # The same prompt again is served from the cache and stores nothing new.
+        again = await generate(rt, greedy(prompt, max_tokens=2))
+        assert again[-1]["completion_usage"]["prompt_tokens_details"]["cached_tokens"] == 2 * BLOCK
+        # A prompt sharing the first block stores only its own second block, under the same parent.
+        sharing = prompt[:BLOCK] + unique_prompt(38, 8)[1:] + [5]
+        await generate(rt, greedy(sharing, max_tokens=2))
+        await events.wait_for(lambda e: len(stored(events, record.instance_id)) > 1)
+        assert len(stored(events, record.instance_id)) == 2  # nothing came from the repeat
+        second = stored(events, record.instance_id)[1]
+        assert second["parent_block_hash"] == hash1
+        assert len(second["block_hashes"]) == 1 and second["block_hashes"][0] not in (hash1, hash2)
+
+        # clear_kv_blocks empties the cache: the next engine step reports it.
+        cleared = [x async for x in rt.client("backend", "clear_kv_blocks").generate({})]
+        assert cleared == [{"status": "success", "message": "KV cache cleared"}]
+        await generate(rt, greedy([0, 5, 6], max_tokens=1))
+        await events.wait_for(lambda e: any(ev["type"] == "AllBlocksCleared" for ev in e["events"]))
+        # The prompt stores its blocks again, under the same hashes as before.
+        await generate(rt, greedy(prompt, max_tokens=2))
+        await events.wait_for(lambda e: len(stored(events, record.instance_id)) > 2)
+        assert stored(events, record.instance_id)[2]["block_hashes"] == [hash1, hash2]
+        seqs = [e["seq"] for e in events.items]
+        assert seqs == sorted(seqs)
+    finally:
+        await rt.close()
+
+
+def test_a_bad_kv_event_port_is_a_one_line_error(demo_model: str) -> None:
+    for value, message in (("abc", "is not a port number"), ("49152", "out of range")):
+        out = run_cli("--role", "decode", "--model", demo_model, "--nats-url", "nats://127.0.0.1:1",
+                      env=worker_env(DYN_VLLM_KV_EVENT_PORT=value))
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 2 and last.startswith("dynamo-worker: error: DYN_VLLM_KV_EVENT_PORT")
+        assert message in last and "1024" in last and "Traceback" not in out.stderr
+
+
+# ---- sleep and wake ------------------------------------------------------------------------------------
+
+
+async def test_sleep_withdraws_the_worker_and_wake_up_brings_it_back(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        client = rt.client("backend", "generate")
+        [record] = await client.wait_for_instances(10)
+        before = tokens(await generate(rt, greedy(unique_prompt(12, 50), max_tokens=6)))
+
+        status, body = deployment.post("/engine/sleep", b'{"level": 1}')
+        assert status == 200 and body["status"] == "ok" and body["message"] == "Engine slept (level=1)"
+        assert body["memory_freed"] is False and "no memory is freed" in body["note"]  # CPU: scheduling only
+        await client.watcher.wait_for(lambda: not client.instances(), 10)
+        assert client.instances() == []
+        assert deployment.get("/engine/is_sleeping") == (200, {"is_sleeping": True, "level": 1})
+        # A request that reaches the sleeping worker anyway is told to go elsewhere.
+        with pytest.raises(RequestError) as err:
+            [c async for c in client.direct(greedy([0, 5, 6]), record.instance_id)]
+        assert err.value.code == "unavailable" and err.value.retryable
+        assert deployment.post("/engine/sleep")[1]["message"] == "Engine already asleep (level=1)"
+
+        status, body = deployment.post("/engine/wake_up")
+        assert status == 200 and body["message"] == "Engine woke (tags=None)" and body["memory_freed"] is False
+        await client.watcher.wait_for(lambda: len(client.instances()) == 1, 10)
+        assert client.instances()[0].instance_id == record.instance_id
+        assert deployment.get("/engine/is_sleeping") == (200, {"is_sleeping": False, "level": None})
+        assert tokens(await generate(rt, greedy(unique_prompt(12, 50), max_tokens=6))) == before
+    finally:
+        await rt.close()
+
+
+def test_sleep_and_wake_reject_bad_bodies(deployment: Deployment) -> None:
+    assert deployment.post("/engine/sleep", b'{"level": 7}') == (
+        400, {"status": "error", "message": "level must be 0, 1 or 2 (got 7)"})
+    status, body = deployment.post("/engine/sleep", b"not json")
+    assert status == 400 and "not JSON" in body["message"]
+    status, body = deployment.post("/engine/wake_up", b'{"tags": "weights"}')
+    assert status == 400 and "tags must be a list" in body["message"]
+    assert deployment.get("/engine/is_sleeping")[1]["is_sleeping"] is False
+
+
+# ---- LoRA endpoints without --enable-lora ------------------------------------------------------------------
+
+
+async def test_lora_endpoints_answer_a_clear_error_without_enable_lora(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        load = rt.client("backend", "load_lora")
+        await load.wait_for_instances(10)
+        [reply] = [x async for x in load.generate({"lora_name": "a", "source": {"uri": "/tmp"}})]
+        assert reply["status"] == "error" and "--enable-lora" in reply["message"]
+        [reply] = [x async for x in rt.client("backend", "list_loras").generate({})]
+        assert reply["status"] == "error" and "--enable-lora" in reply["message"]
+        with pytest.raises(RequestError) as err:
+            await generate(rt, greedy([0, 5, 6], model="some-adapter"))
+        assert err.value.code == "not_found" and "some-adapter" in err.value.message
+        assert len(tokens(await generate(rt, greedy([0, 5, 6], max_tokens=2, model="tiny")))) == 2
+    finally:
+        await rt.close()
