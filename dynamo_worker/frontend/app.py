@@ -166,8 +166,12 @@ class FrontendServer:
     # ---- informational routes ---------------------------------------------------------------------
 
     def _model_card(self, model: ServedModel) -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": self.table.seen.get(model.name, 0),
+        created = self.table.seen.get(model.parent or model.name, 0)  # an adapter: when its base appeared
+        card = {"id": model.name, "object": "model", "created": created,
                 "owned_by": "dynamo-worker", "max_model_len": model.max_model_len}
+        if model.parent is not None:  # a LoRA adapter, as vLLM lists them
+            card["parent"] = model.parent
+        return card
 
     async def list_models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list",

@@ -1,7 +1,9 @@
 """The live model table: which models are served now, by which instances, with which tokenizer.
 
 Decode workers publish their ``backend.generate`` endpoint in discovery with
-``{"model", "model_path", "max_model_len", "eos_token_ids", "kind"}``. The table is computed
+``{"model", "model_path", "max_model_len", "eos_token_ids", "kind"}``, plus ``"loras"``: the LoRA
+adapters loaded on that worker right now. Each adapter is listed as a model of its own, served
+by exactly the workers that hold it, with its base model's tokenizer. The table is computed
 from the client's live instance list on every lookup (so a model appears and disappears with
 its workers), and a discovery listener starts loading a model's tokenizer in a thread as soon
 as its first worker appears, so the first request does not pay for it.
@@ -92,6 +94,7 @@ class ServedModel:
 
     name: str
     instances: tuple[InstanceRecord, ...]
+    parent: str | None = None  # the base model, for a LoRA adapter
 
     @property
     def model_paths(self) -> list[str]:
@@ -116,6 +119,19 @@ class ServedModel:
 def _serves_model(record: InstanceRecord) -> bool:
     data = record.data
     return isinstance(data.get("model"), str) and isinstance(data.get("model_path"), str)
+
+
+def adapters_of(record: InstanceRecord) -> list[str]:
+    """The LoRA adapters an instance holds now (its record's ``loras``), other than its base name."""
+    loras = record.data.get("loras")
+    if not isinstance(loras, list):
+        return []
+    return [name for name in loras if isinstance(name, str) and name != record.data.get("model")]
+
+
+def serves(record: InstanceRecord, model: str) -> bool:
+    """Whether a request naming ``model`` may go to this instance: its base model or a loaded adapter."""
+    return record.data.get("model") == model or model in adapters_of(record)
 
 
 class ModelTable:
@@ -162,11 +178,19 @@ class ModelTable:
         return [r for r in self.client.instances() if _serves_model(r)]
 
     def live(self) -> dict[str, ServedModel]:
-        """Every model with at least one instance now, by name."""
+        """Every model (and LoRA adapter) with at least one instance now, by name."""
         by_name: dict[str, list[InstanceRecord]] = {}
-        for record in self.instances():
+        parents: dict[str, str] = {}
+        records = self.instances()
+        bases = {r.data["model"] for r in records}
+        for record in records:
             by_name.setdefault(record.data["model"], []).append(record)
-        return {name: ServedModel(name, tuple(records)) for name, records in sorted(by_name.items())}
+            for adapter in adapters_of(record):
+                if adapter not in bases:  # a base model's name always means the base model
+                    by_name.setdefault(adapter, []).append(record)
+                    parents[adapter] = record.data["model"]
+        return {name: ServedModel(name, tuple(records), parents.get(name))
+                for name, records in sorted(by_name.items())}
 
     def resolve(self, name: str) -> ServedModel:
         """The model a request names: 404 if never seen, 503 if seen but no instance serves it now."""

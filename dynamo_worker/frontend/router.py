@@ -18,6 +18,7 @@ from typing import Any
 from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
+from dynamo_worker.frontend import models
 from dynamo_worker.frontend.protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Router:
 
     def _pick(self, model: str, tried: set[str]) -> InstanceRecord:
         def serves(r: InstanceRecord) -> bool:
-            return r.data.get("model") == model
+            return models.serves(r, model)  # its base model, or a LoRA adapter it holds
 
         def untried(r: InstanceRecord) -> bool:
             return serves(r) and r.instance_id not in tried
