@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from dynamo_worker.core.status_server import HealthState
+
 if TYPE_CHECKING:
     from dynamo_worker.core.roles import RoleInfo
     from dynamo_worker.core.runtime import Runtime
@@ -21,6 +23,8 @@ class WorkerContext:
     ``options`` holds every parsed flag (core and role). ``runtime`` is connected from
     ``dynamo_worker_create_engine`` on. ``engine`` is what ``dynamo_worker_create_engine``
     returned. ``state`` is free for the role's own bookkeeping that other plugins may read.
+    ``health`` is what ``/health`` reports; a role that stops serving on purpose (an engine put
+    to sleep) says why in ``health.paused[name]`` and removes it when it serves again.
     """
 
     role: RoleInfo
@@ -30,6 +34,7 @@ class WorkerContext:
     engine: Any = None
     shutdown_requested: asyncio.Event = attrs.field(factory=asyncio.Event)
     state: dict[str, Any] = attrs.field(factory=dict)
+    health: HealthState = attrs.field(factory=HealthState)
 
     @property
     def namespace(self) -> str:

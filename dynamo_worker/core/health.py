@@ -61,6 +61,9 @@ class HealthCanary:
         server = self.runtime.servers[self.endpoint]
         while True:
             quiet = time.monotonic() - server.last_activity
+            if self.health.paused:  # deliberately not serving (an engine asleep): nothing to probe
+                await asyncio.sleep(self.idle)
+                continue
             if server.inflight or quiet < self.idle:
                 await asyncio.sleep(max(self.idle - quiet, 0.1))
                 continue

@@ -25,10 +25,13 @@ class HealthState:
     endpoints: list[str] = attrs.field(factory=list)
     canary_ok: bool | None = None  # None: no canary has run (or the role has none)
     canary_error: str | None = None
+    # Why a role deliberately serves nothing for now, by who says so (decode: "engine" while its
+    # engine sleeps). Unhealthy while any is set; the health canary waits meanwhile.
+    paused: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def healthy(self) -> bool:
-        return self.phase == "serving" and self.canary_ok is not False
+        return self.phase == "serving" and self.canary_ok is not False and not self.paused
 
     def as_dict(self) -> dict[str, Any]:
         reasons: list[str] = []
@@ -36,6 +39,7 @@ class HealthState:
             reasons.append(f"worker is {self.phase.replace('_', ' ')}")
         if self.canary_ok is False:
             reasons.append(f"health canary failed: {self.canary_error}")
+        reasons.extend(self.paused.values())
         return {
             "status": "healthy" if self.healthy else "unhealthy",
             "phase": self.phase,

@@ -78,7 +78,8 @@ class Worker:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._fatal = loop.create_future()
-        ctx = self.ctx = WorkerContext(role=self.info, options=self.options, runtime=None, log=self.log)  # type: ignore[arg-type]
+        ctx = self.ctx = WorkerContext(role=self.info, options=self.options, runtime=None, log=self.log,
+                                            health=self.health)  # type: ignore[arg-type]
         await self.hooks.configure(ctx)
         ctx.state["health_payload_override"] = health_payload_override()  # bad JSON fails before any work
         self._dump_config(ctx)
