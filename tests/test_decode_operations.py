@@ -276,6 +276,9 @@ async def test_sleep_withdraws_the_worker_and_wake_up_brings_it_back(deployment:
         await client.watcher.wait_for(lambda: not client.instances(), 10)
         assert client.instances() == []
         assert deployment.get("/engine/is_sleeping") == (200, {"is_sleeping": True, "level": 1})
+        status, health = deployment.get("/health")
+        assert status == 503 and health["reasons"] == ["the engine is asleep (level 1); POST /engine/wake_up"]
+        assert health["phase"] == "serving"  # the process is fine: it is only withdrawn
         # A request that reaches the sleeping worker anyway is told to go elsewhere.
         with pytest.raises(RequestError) as err:
             [c async for c in client.direct(greedy([0, 5, 6]), record.instance_id)]
@@ -287,6 +290,7 @@ async def test_sleep_withdraws_the_worker_and_wake_up_brings_it_back(deployment:
         await client.watcher.wait_for(lambda: len(client.instances()) == 1, 10)
         assert client.instances()[0].instance_id == record.instance_id
         assert deployment.get("/engine/is_sleeping") == (200, {"is_sleeping": False, "level": None})
+        assert deployment.get("/health")[0] == 200
         assert tokens(await generate(rt, greedy(unique_prompt(12, 50), max_tokens=6))) == before
     finally:
         await rt.close()

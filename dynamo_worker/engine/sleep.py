@@ -25,6 +25,9 @@ Replies (Dynamo's shape plus what the engine did)::
     GET  /engine/is_sleeping
       200 {"is_sleeping": true, "level": 1}
 
+While asleep ``/health`` is 503 with the reason (the worker deliberately serves nothing; the
+health canary waits), and 200 again as soon as the engine is awake.
+
 Errors are ``{"status": "error", "message"}`` with 400 for a bad body and 500 when the engine
 call failed (then the worker is published again, since it still serves).
 """
@@ -38,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dynamo_worker.core.status_server import HealthState
 from dynamo_worker.engine.publication import GenerateRecord
 
 log = logging.getLogger(__name__)
@@ -50,9 +54,10 @@ CPU_NOTE = ("vLLM on this platform has no sleep mode (--enable-sleep-mode): sche
 class SleepControl:
     """The engine's sleep state and the HTTP routes that change it."""
 
-    def __init__(self, engine: Any, record: GenerateRecord, *, frees_memory: bool) -> None:
+    def __init__(self, engine: Any, record: GenerateRecord, health: HealthState, *, frees_memory: bool) -> None:
         self.engine = engine
         self.record = record
+        self.health = health
         self.frees_memory = frees_memory
         self.level: int | None = None  # None while awake
         self._lock = asyncio.Lock()
@@ -82,13 +87,16 @@ class SleepControl:
             if self.asleep:
                 return self._reply(f"Engine already asleep (level={self.level})", level=self.level)
             await self.record.withdraw()
+            # Asleep from here on: stray generate requests are turned away, /health says why.
+            self.level = level
+            self.health.paused["engine"] = f"the engine is asleep (level {level}); POST /engine/wake_up"
             try:
                 await self.engine.sleep(level, mode)
             except Exception as exc:  # the engine still serves: come back to discovery
                 log.exception("engine.sleep(level=%d) failed", level)
+                self._awake()
                 await self.record.restore()
                 return _error(500, f"engine.sleep failed: {type(exc).__name__}: {exc}")
-            self.level = level
         log.info("engine asleep (level %d, mode %s); withdrawn from discovery", level, mode)
         return self._reply(f"Engine slept (level={level})", level=level)
 
@@ -109,10 +117,14 @@ class SleepControl:
                 return _error(500, f"engine.wake_up failed: {type(exc).__name__}: {exc}")
             if awake is False:  # a partial wake (some tags): scheduling stays paused
                 return self._reply(f"Engine partly woke (tags={tags}); still asleep", level=self.level)
-            self.level = None
+            self._awake()
             await self.record.restore()
         log.info("engine awake; published in discovery again")
         return self._reply(f"Engine woke (tags={tags})")
+
+    def _awake(self) -> None:
+        self.level = None
+        self.health.paused.pop("engine", None)
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": self.asleep, "level": self.level})

@@ -136,7 +136,7 @@ class DecodeRole:
         adapters = LoraManager(engine, enabled=bool(self.engine_args.enable_lora), allowed_dirs=self.lora_dirs,
                                capacity=LoraManager.capacity_for(self.engine_args), base_names=base_names,
                                record=record)
-        sleep = SleepControl(engine, record, frees_memory=bool(engine.vllm_config.model_config.enable_sleep_mode))
+        sleep = SleepControl(engine, record, ctx.health, frees_memory=bool(engine.vllm_config.model_config.enable_sleep_mode))
         self.handler.adapters = adapters
         self.handler.sleep = sleep
 
