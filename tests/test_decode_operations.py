@@ -34,7 +34,7 @@ def free_kv_event_port() -> int:
         port = random.randint(20000, 49000)
         with socket.socket() as s:
             try:
-                s.bind(("0.0.0.0", port))  # vLLM binds tcp://*:PORT
+                s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
@@ -249,6 +249,46 @@ async def test_kv_events_report_stored_blocks_whose_hashes_repeat_for_a_repeated
         assert seqs == sorted(seqs)
     finally:
         await rt.close()
+
+
+def test_kv_event_ports_are_reserved_before_the_engine_starts() -> None:
+    """The relay binds 127.0.0.1 ports itself (vLLM's publisher connects): a taken default moves on."""
+    import types
+
+    from dynamo_worker.core.errors import UsageError
+    from dynamo_worker.engine.kv_events import KvEventRelay, KvEventsPlan
+
+    with socket.socket() as taken:
+        port = free_kv_event_port()
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        args = types.SimpleNamespace(kv_events_config=types.SimpleNamespace(endpoint=f"tcp://127.0.0.1:{port}"))
+        # The default port: the next free block of ports, one per data-parallel rank.
+        relay = KvEventRelay(KvEventsPlan(port, 2, bind=True, explicit=False, may_move=True))
+        try:
+            relay.open(args)
+            assert relay.plan.base >= port + 2 and relay.plan.ports == [relay.plan.base, relay.plan.base + 1]
+            assert args.kv_events_config.endpoint == f"tcp://127.0.0.1:{relay.plan.base}"
+        finally:
+            relay.close()
+        # A port the user chose is never replaced.
+        relay = KvEventRelay(KvEventsPlan(port, 1, bind=True, explicit=True, may_move=False))
+        with pytest.raises(UsageError, match=f"DYN_VLLM_KV_EVENT_PORT={port}: port {port} is in use"):
+            relay.open(args)
+        relay.close()
+
+
+def test_a_kv_event_port_in_use_is_a_one_line_error_before_the_engine_starts(
+        demo_model: str, nats_server: NatsServer) -> None:
+    with socket.socket() as taken:
+        port = free_kv_event_port()
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        out = run_cli("--role", "decode", "--model", demo_model, "--nats-url", nats_server.url, *ENGINE_FLAGS,
+                      env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(port)), timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith(f"dynamo-worker: error: DYN_VLLM_KV_EVENT_PORT={port}")
+    assert "is in use" in last and "Traceback" not in out.stderr
 
 
 def test_a_bad_kv_event_port_is_a_one_line_error(demo_model: str) -> None:

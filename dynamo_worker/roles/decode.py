@@ -30,7 +30,8 @@ class DecodeRole:
         self.handler: Any = None
         self.facts: Any = None
         self.lora_dirs: list[Any] = []
-        self.kv_event_ports: list[int] | None = None
+        self.kv_events: Any = None  # kv_events.KvEventsPlan, or None when events are off
+        self.kv_relay: Any = None
         self.child_metrics: Any = None
         self.load: Any = None
 
@@ -63,12 +64,12 @@ class DecodeRole:
         self.lora_dirs = lora.parse_lora_dirs(ctx.options.lora_dirs)
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
-        self.kv_event_ports = kv_events.configure(self.engine_args)
+        self.kv_events = kv_events.configure(self.engine_args)
         ctx.state["component"] = COMPONENT
         ctx.state["resolved_config"] = {
             "engine_args": engine_args.resolved(self.engine_args),
             "defaults_applied": {attr: {"value": v, "why": why} for attr, v, why in applied},
-            "kv_event_ports": self.kv_event_ports,
+            "kv_event_ports": self.kv_events.ports if self.kv_events else None,
             "lora_dirs": [str(d) for d in self.lora_dirs],
         }
 
@@ -85,6 +86,13 @@ class DecodeRole:
         ctx.log.info("starting the vLLM engine for %s (this takes a while on CPU)", self.engine_args.model)
         self.load = LoadPublisher(ctx.instance_id, ctx.runtime.publish_event)
         self.child_metrics = ChildProcessMetrics()
+        if self.kv_events is not None and self._leads():
+            from dynamo_worker.engine.kv_events import KvEventRelay
+
+            # Ports are taken before the engine starts, so a port in use is an error now, not
+            # an engine dying 20 s later.
+            self.kv_relay = KvEventRelay(self.kv_events)
+            self.kv_relay.open(self.engine_args)
         if self.engine_args.disable_log_stats:
             ctx.log.warning("--disable-log-stats: no vllm: metrics and no load_metrics events")
         # Built in a thread so signals and NATS keep being served while the model loads. The
@@ -103,9 +111,18 @@ class DecodeRole:
                      config.cache_config.block_size)
         return engine
 
+    def _leads(self) -> bool:
+        """Whether this process serves (data-parallel rank 0, or no data parallelism): the leader
+        relays every rank's KV events; other ranks' engines send theirs to it."""
+        args = self.engine_args
+        return not args.data_parallel_rank and not getattr(args, "data_parallel_start_rank", 0)
+
     @hookimpl
     def dynamo_worker_register_metrics(self, registry: Any, ctx: Any) -> None:
         from dynamo_worker.engine.metrics import EngineMetrics
+
+        if self.handler is None:  # no AsyncLLM in this process (a data-parallel follower)
+            return
 
         metrics = EngineMetrics(registry, ctx.namespace, COMPONENT)
         self.handler.metrics = metrics
@@ -120,7 +137,6 @@ class DecodeRole:
             ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal",
                          dp_rank)
             return
-        from dynamo_worker.engine.kv_events import KvEventRelay
         from dynamo_worker.engine.lora import LoraManager
         from dynamo_worker.engine.publication import GenerateRecord
         from dynamo_worker.engine.sleep import SleepControl
@@ -149,9 +165,10 @@ class DecodeRole:
         registrar.route("GET", "/engine/is_sleeping", sleep.is_sleeping)
         if not self.engine_args.disable_log_stats:
             registrar.background("load-metrics", self.load.run)
-        if self.kv_event_ports:
-            relay = KvEventRelay(ctx.instance_id, self.kv_event_ports, ctx.runtime.publish_event)
-            registrar.background("kv-events", relay.run)
+        if self.kv_relay is not None:
+            self.kv_relay.instance_id = ctx.instance_id
+            self.kv_relay.publish = ctx.runtime.publish_event
+            registrar.background("kv-events", self.kv_relay.run)
 
     @hookimpl
     def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
@@ -178,5 +195,7 @@ class DecodeRole:
             if ctx.engine is not None:
                 ctx.engine.shutdown()
         finally:
+            if self.kv_relay is not None:
+                self.kv_relay.close()
             if self.child_metrics is not None:
                 self.child_metrics.cleanup()
