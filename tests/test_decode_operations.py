@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until, worker_env
+from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, worker_env
 
 BLOCK = 32
 

@@ -235,6 +235,29 @@ async def test_unloading_removes_the_adapter_from_the_worker_and_the_frontend(de
         deployment.openai().completions.create(model="a3", prompt=PROMPT, max_tokens=2)
 
 
+async def test_unloading_waits_for_the_requests_using_the_adapter(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        worker = await real_worker(rt)
+        assert (await load(rt, deployment, "a2"))["status"] == "success"
+        started = asyncio.Event()
+
+        async def long_request() -> list[int]:
+            out: list[int] = []
+            async for chunk in rt.client("backend", "generate").direct(greedy("a2", max_tokens=200), worker):
+                out.extend(chunk["token_ids"])
+                started.set()
+            return out
+
+        running = asyncio.create_task(long_request())
+        await asyncio.wait_for(started.wait(), 30)
+        reply = await call(rt, "unload_lora", {"lora_name": "a2"})
+        assert reply["status"] == "success"
+        assert running.done() and len(running.result()) == 200  # it ran to the end on its adapter
+    finally:
+        await rt.close()
+
+
 async def test_the_worker_holds_at_most_max_loras_minus_one_adapters_on_cpu(deployment: Deployment) -> None:
     # --max-loras defaults to 4 on CPU: three adapters, one slot always free (the mixed-batch bug).
     rt = await deployment.runtime()

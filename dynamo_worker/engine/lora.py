@@ -129,7 +129,7 @@ class LoraManager:
             yield LoRARequest(adapter.name, adapter.id, adapter.path)
         finally:
             adapter.in_use -= 1
-            if adapter.in_use == 0:
+            if adapter.in_use == 0 and adapter.unloading:  # an unload waits for this
                 asyncio.get_running_loop().create_task(self._notify_idle())
 
     async def _notify_idle(self) -> None:

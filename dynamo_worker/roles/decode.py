@@ -152,6 +152,10 @@ class DecodeRole:
         adapters = LoraManager(engine, enabled=bool(self.engine_args.enable_lora), allowed_dirs=self.lora_dirs,
                                capacity=LoraManager.capacity_for(self.engine_args), base_names=base_names,
                                record=record)
+        if adapters.enabled and adapters.capacity == 0:
+            ctx.log.warning("--enable-lora with --max-loras %d leaves no adapter slot on CPU (one stays free): "
+                            "load_lora will refuse every adapter; use --max-loras 2 or more",
+                            self.engine_args.max_loras)
         sleep = SleepControl(engine, record, ctx.health, frees_memory=bool(engine.vllm_config.model_config.enable_sleep_mode))
         self.handler.adapters = adapters
         self.handler.sleep = sleep
