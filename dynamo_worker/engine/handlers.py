@@ -32,10 +32,11 @@ class ModelFacts:
     vocab_size: int
     eos_token_ids: list[int]
     bos_token_id: int | None
+    data_parallel_size: int = 1
 
     def discovery_data(self, kind: str) -> dict[str, Any]:
         return {"model": self.served_name, "model_path": self.path, "max_model_len": self.max_model_len,
-                "eos_token_ids": self.eos_token_ids, "kind": kind}
+                "eos_token_ids": self.eos_token_ids, "kind": kind, "data_parallel_size": self.data_parallel_size}
 
 
 def model_facts(engine: Any, served_name: str) -> ModelFacts:
@@ -49,6 +50,7 @@ def model_facts(engine: Any, served_name: str) -> ModelFacts:
         vocab_size=int(model_config.get_vocab_size()),
         eos_token_ids=[eos] if eos is not None else [],
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        data_parallel_size=int(engine.vllm_config.parallel_config.data_parallel_size),
     )
 
 
@@ -64,6 +66,16 @@ class GenerateHandler:
         self.metrics: EngineMetrics | None = None
         self.adapters: LoraManager | None = None
         self.sleep: SleepControl | None = None
+
+    def _dp_rank(self, req: protocol.PreprocessedRequest) -> int | None:
+        """The data-parallel rank a request is pinned to (``routing.dp_rank``), checked."""
+        rank = (req.routing or {}).get("dp_rank")
+        if rank is None:
+            return None
+        size = self.facts.data_parallel_size
+        if type(rank) is not int or not 0 <= rank < size:
+            raise RequestError("bad_request", f"routing.dp_rank must be an integer in 0..{size - 1} (got {rank!r})")
+        return rank
 
     def _adapter(self, model: str | None) -> Any:
         """The LoRA adapter a request names through ``model``, held while the request runs."""
@@ -100,7 +112,8 @@ class GenerateHandler:
         try:
             # Cancelling this task (the caller went away) makes vLLM abort the request.
             async for out in self.engine.generate(tokens_input(req.token_ids), params, context.request_id,
-                                                  lora_request=lora_request):
+                                                  lora_request=lora_request,
+                                                  data_parallel_rank=self._dp_rank(req)):
                 choice = out.outputs[0]
                 new_ids = list(choice.token_ids)
                 completion_tokens += len(new_ids)

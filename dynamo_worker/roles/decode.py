@@ -34,6 +34,7 @@ class DecodeRole:
         self.kv_relay: Any = None
         self.child_metrics: Any = None
         self.load: Any = None
+        self.dp_rank: int | None = None  # this process's data-parallel rank, with --data-parallel-rank
 
     @hookimpl
     def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -59,8 +60,11 @@ class DecodeRole:
             raise SystemExit(0)
         from dynamo_worker.engine import kv_events, lora
 
+        from dynamo_worker.engine import data_parallel
+
         self.engine_args, applied = engine_args.parse_engine_args(ctx.options.extra_args)
         ctx.options.extra_args = []  # consumed: vLLM's parser accepted all of them
+        self.dp_rank = data_parallel.assign_rank(self.engine_args)
         self.lora_dirs = lora.parse_lora_dirs(ctx.options.lora_dirs)
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
@@ -83,6 +87,11 @@ class DecodeRole:
         from dynamo_worker.engine.load import LoadPublisher
         from dynamo_worker.engine.metrics import ChildProcessMetrics
 
+        if not self._leads():
+            from dynamo_worker.engine.data_parallel import HeadlessEngines
+
+            ctx.log.info("starting the engine core of data-parallel rank %d (headless)", self.dp_rank)
+            return await asyncio.to_thread(HeadlessEngines, self.engine_args)
         ctx.log.info("starting the vLLM engine for %s (this takes a while on CPU)", self.engine_args.model)
         self.load = LoadPublisher(ctx.instance_id, ctx.runtime.publish_event)
         self.child_metrics = ChildProcessMetrics()
@@ -114,8 +123,7 @@ class DecodeRole:
     def _leads(self) -> bool:
         """Whether this process serves (data-parallel rank 0, or no data parallelism): the leader
         relays every rank's KV events; other ranks' engines send theirs to it."""
-        args = self.engine_args
-        return not args.data_parallel_rank and not getattr(args, "data_parallel_start_rank", 0)
+        return not self.dp_rank
 
     @hookimpl
     def dynamo_worker_register_metrics(self, registry: Any, ctx: Any) -> None:
@@ -132,10 +140,9 @@ class DecodeRole:
 
     @hookimpl
     def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
-        dp_rank = self.engine_args.data_parallel_rank
-        if dp_rank:
-            ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal",
-                         dp_rank)
+        if not self._leads():
+            ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal "
+                         "(rank 0 serves this rank's engine)", self.dp_rank)
             return
         from dynamo_worker.engine.lora import LoraManager
         from dynamo_worker.engine.publication import GenerateRecord
@@ -175,7 +182,9 @@ class DecodeRole:
             registrar.background("kv-events", self.kv_relay.run)
 
     @hookimpl
-    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
+    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any] | None:
+        if self.facts is None:  # a data-parallel follower serves nothing to probe
+            return None
         bos = self.facts.bos_token_id
         return {
             "token_ids": [bos if bos is not None else 1],
@@ -187,6 +196,9 @@ class DecodeRole:
     async def dynamo_worker_check_engine(self, ctx: Any) -> bool:
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if not self._leads():
+            ctx.engine.check()  # EngineDead when a headless engine core exited
+            return True
         try:
             await ctx.engine.check_health()
         except EngineDeadError as exc:
