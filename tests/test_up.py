@@ -6,7 +6,6 @@ One stack (nats-server, frontend, one decode worker on vLLM) for the whole modul
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
