@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +23,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_kv_event_port(count: int = 1) -> int:
+    """A base port in DYN_VLLM_KV_EVENT_PORT's range (1024-49151, unlike the OS's ephemeral ones)
+    with ``count`` free ports from it (one per data-parallel rank)."""
+    for _ in range(200):
+        base = random.randint(20000, 49000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free port for KV events")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:

@@ -14,7 +14,7 @@ from dynamo_worker.core.request_plane import RequestError
 
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import NatsServer, WorkerProcess, free_port, worker_env
+from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, worker_env
 
 PROMPT = [1, 40, 41, 42, 43, 44]
 
@@ -26,7 +26,7 @@ async def test_rank_0_serves_both_ranks_and_rank_1_only_waits(nats_server: NatsS
     common = ["--role", "decode", "--model", demo_model, "--served-model-name", "tiny", "--nats-url", nats_server.url,
               "--namespace", namespace, *ENGINE_FLAGS, *dp]
     # The ranks must agree on the KV-event ports (base + rank): pick them, not the default.
-    env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_port()))
+    env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port(2)))
     follower = WorkerProcess([*common, "--data-parallel-rank", "1"], env=env)
     port = free_port()
     leader = WorkerProcess([*common, "--data-parallel-rank", "0", "--system-port", str(port)], env=env)

@@ -23,22 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, worker_env
+from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, run_cli, worker_env
 
 BLOCK = 32
-
-
-def free_kv_event_port() -> int:
-    """A free port in DYN_VLLM_KV_EVENT_PORT's range (1024-49151), unlike the OS's ephemeral ones."""
-    for _ in range(200):
-        port = random.randint(20000, 49000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port for KV events")
 
 
 class Deployment:
