@@ -190,8 +190,8 @@ def test_sigterm_stops_everything_and_leaves_no_process_behind(stack: Stack) -> 
 
 
 def test_up_flag_mistakes_are_one_line_errors() -> None:
-    out = run_cli("up", "--prefill-workers", "1")
-    assert out.returncode == 2 and "--prefill-workers" in out.stderr and "not implemented yet" in out.stderr
+    out = run_cli("up", "--prefill-workers", "-1")
+    assert out.returncode == 2 and "--prefill-workers must be 0 or more" in out.stderr
     out = run_cli("up", "--model", "/no/such/dir")
     assert out.returncode == 2 and "--model /no/such/dir: no such directory" in out.stderr
     out = run_cli("up", "--decode-workers", "0")

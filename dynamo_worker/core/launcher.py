@@ -36,14 +36,17 @@ PROGRESS_EVERY = 5.0
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynamo-worker up",
-        description="Start a local stack: nats-server, one frontend and decode workers. "
+        description="Start a local stack: nats-server, one frontend, decode workers and optionally prefill workers. "
                     "Unrecognised flags are passed to every worker (vLLM engine arguments).",
     )
     p.add_argument("--model", help="local model directory (default: the demo model, generated once)")
     p.add_argument("--served-model-name", help=f"model name clients use (default: {DEMO_SERVED_NAME!r} for the "
                                                "demo model, else the --model value)")
     p.add_argument("--decode-workers", type=int, default=1, help="decode workers to start (default %(default)s)")
-    p.add_argument("--prefill-workers", type=int, default=0, help="prefill workers (disaggregated serving)")
+    p.add_argument("--prefill-workers", type=int, default=0,
+                   help="prefill workers (default %(default)s); with 1 or more the stack serves disaggregated: "
+                        "every worker gets vLLM's file-based KV connector (--connector example) with a "
+                        "shared directory under the log dir")
     p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
     p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
@@ -155,6 +158,18 @@ def _served_models(http_port: int) -> list[str]:
         return []
 
 
+def _healthy(stack: Stack, prefix: str) -> bool:
+    """Whether every child named ``prefix...`` reports healthy on its system port."""
+    for child in stack.children:
+        if child.name.startswith(prefix):
+            try:
+                if _get_json(f"http://127.0.0.1:{child.system_port}/health").get("status") != "healthy":
+                    return False
+            except (OSError, urllib.error.URLError, ValueError):
+                return False
+    return True
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -169,9 +184,6 @@ def validate(args: argparse.Namespace) -> None:
     check_at_least("--decode-workers", args.decode_workers, 1)
     check_at_least("--migration-limit", args.migration_limit, 0)
     check_at_least("--prefill-workers", args.prefill_workers, 0)
-    if args.prefill_workers:
-        raise UsageError("--prefill-workers: disaggregated serving is not implemented yet (issue #6); "
-                         "use --decode-workers only")
     if args.model and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such directory; give a local model directory "
                          "(or omit --model to use the demo model)")
@@ -236,16 +248,23 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
                              "--migration-limit", str(args.migration_limit)], env,
                 system_port=_free_port())
+    worker = ["--model", model, "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv]
+    if args.prefill_workers:
+        # One machine: vLLM's file-based connector, through a directory every worker shares.
+        shared = stack.log_dir / "kv-shared"
+        shared.mkdir(exist_ok=True)
+        worker += ["--connector", "example", "--kv-shared-storage", str(shared)]
+    for i in range(args.prefill_workers):
+        stack.start(f"prefill-{i}", [*exe, "--role", "prefill", *common, *worker], env, system_port=_free_port())
     for i in range(args.decode_workers):
-        stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, "--model", model,
-                                    "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv], env,
-                    system_port=_free_port())
-    print(f"starting nats-server, the frontend and {args.decode_workers} decode worker(s); "
+        stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, *worker], env, system_port=_free_port())
+    prefill = f", {args.prefill_workers} prefill worker(s)" if args.prefill_workers else ""
+    print(f"starting nats-server, the frontend{prefill} and {args.decode_workers} decode worker(s); "
           f"logs in {stack.log_dir}", flush=True)
 
     started = time.monotonic()
     last_note = started
-    while served not in _served_models(args.http_port):
+    while served not in _served_models(args.http_port) or not _healthy(stack, "prefill-"):
         if stopping:
             return 0
         dead = stack.exited()

@@ -12,7 +12,7 @@ import attrs
 
 from dynamo_worker.core.errors import EngineDead
 from dynamo_worker.core.request_plane import RequestContext, RequestError
-from dynamo_worker.engine import protocol
+from dynamo_worker.engine import kv_transfer, protocol
 
 if TYPE_CHECKING:
     from dynamo_worker.engine.lora import LoraManager
@@ -33,6 +33,19 @@ class ModelFacts:
     eos_token_ids: list[int]
     bos_token_id: int | None
     data_parallel_size: int = 1
+
+    def health_payload(self) -> dict[str, Any]:
+        """A one-token greedy ``generate`` request of the BOS token (Dynamo's canary).
+
+        Our ``generate`` takes token ids only, so without a tokenizer (``--skip-tokenizer-init``:
+        no BOS known) the canary sends token id 1 rather than Dynamo's text prompt.
+        """
+        bos = self.bos_token_id
+        return {
+            "token_ids": [bos if bos is not None else 1],
+            "sampling_options": {"temperature": 0.0},
+            "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
+        }
 
     def discovery_data(self, kind: str) -> dict[str, Any]:
         return {"model": self.served_name, "model_path": self.path, "max_model_len": self.max_model_len,
@@ -55,11 +68,18 @@ def model_facts(engine: Any, served_name: str) -> ModelFacts:
 
 
 class GenerateHandler:
-    """Streams token-id deltas from a vLLM ``AsyncLLM`` for Dynamo-format requests."""
+    """Streams token-id deltas from a vLLM ``AsyncLLM`` for Dynamo-format requests.
 
-    def __init__(self, engine: Any, facts: ModelFacts) -> None:
+    With ``prefill_only`` (the prefill role) a request runs its prompt with one output token and
+    the connector's ``do_remote_decode`` parameters, and the answer is one chunk
+    ``{"token_ids", "disaggregated_params": {"kv_transfer_params": ...}, "completion_usage"}``:
+    the decode worker is then sent the request with that chunk as its ``prefill_result``.
+    """
+
+    def __init__(self, engine: Any, facts: ModelFacts, *, prefill_only: bool = False) -> None:
         self.engine = engine
         self.facts = facts
+        self.prefill_only = prefill_only
         # The model's generation_config defaults (temperature etc.), as vllm serve applies them.
         self.default_sampling = engine.model_config.get_diff_sampling_param()
         # Set by the role once they exist (metrics are registered after the engine is built).
@@ -89,7 +109,13 @@ class GenerateHandler:
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
                                      max_model_len=self.facts.max_model_len)
-        params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len)
+        transfer = None
+        if self.prefill_only:  # one token: the KV cache is the product; decode samples for real
+            req.stop_conditions.max_tokens = req.stop_conditions.min_tokens = 1
+            req.output_options.logprobs = None
+            req.prefill_result = None
+            transfer = kv_transfer.prefill_params()
+        params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len, transfer)
         if self.sleep is not None and self.sleep.asleep:
             raise RequestError("unavailable", "the engine is asleep (POST /engine/wake_up on its system port)",
                                retryable=True)
@@ -133,6 +159,8 @@ class GenerateHandler:
                         "total_tokens": prompt_tokens + completion_tokens,
                         "prompt_tokens_details": {"cached_tokens": cached} if cached is not None else None,
                     }
+                    if self.prefill_only:
+                        chunk["disaggregated_params"] = {"kv_transfer_params": out.kv_transfer_params}
                 yield chunk
         except EngineDeadError as exc:
             raise EngineDead(f"vLLM engine died: {exc}") from exc

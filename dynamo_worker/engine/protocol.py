@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from dynamo_worker.core.request_plane import RequestError
+from dynamo_worker.engine import kv_transfer
 
 MAX_LOGPROBS = 20
 
@@ -111,8 +112,13 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int) -> Prepr
     return req
 
 
-def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_model_len: int) -> Any:
-    """vLLM ``SamplingParams`` for a validated request: token ids in, token-id deltas out."""
+def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_model_len: int,
+                    kv_transfer_params: dict[str, Any] | None = None) -> Any:
+    """vLLM ``SamplingParams`` for a validated request: token ids in, token-id deltas out.
+
+    ``kv_transfer_params`` go to the KV connector (``extra_args``, where vLLM's connectors look):
+    a prefill worker's own, or, on a decode worker, those in the request's ``prefill_result``.
+    """
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
@@ -134,6 +140,10 @@ def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_mode
     if req.output_options.logprobs is not None:
         kwargs["logprobs"] = req.output_options.logprobs
     kwargs["max_tokens"] = sc.max_tokens or max(1, max_model_len - len(req.token_ids))
+    if kv_transfer_params is None:
+        kv_transfer_params = kv_transfer.decode_params(req.prefill_result)
+    if kv_transfer_params is not None:
+        kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     try:
         return SamplingParams(**kwargs, n=1, detokenize=False, output_kind=RequestOutputKind.DELTA)
     except (ValueError, TypeError, VLLMClientError) as exc:

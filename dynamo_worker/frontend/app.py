@@ -26,7 +26,7 @@ import msgspec
 from aiohttp import web
 
 from dynamo_worker.core.runtime import Client, Runtime
-from dynamo_worker.frontend import preprocess
+from dynamo_worker.frontend import disaggregation, preprocess
 from dynamo_worker.frontend.detokenizer import TokenStrings
 from dynamo_worker.frontend.metrics import CLIENT_CLOSED, CONTENT_TYPE, FrontendMetrics, RequestTracker
 from dynamo_worker.frontend.models import ModelTable, ServedModel
@@ -45,7 +45,8 @@ from dynamo_worker.frontend.protocol import (
     parse_chat,
     parse_completion,
 )
-from dynamo_worker.frontend.router import Router
+from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.router import POLICIES, Router
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,20 @@ class FrontendServer:
 
     def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
                  migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
-                 metrics: FrontendMetrics | None = None) -> None:
+                 metrics: FrontendMetrics | None = None, prefill_client: Client | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
         self.table = ModelTable(client)
+        prefill = None
+        if prefill_client is not None:
+            prefill = PrefillRouter(
+                prefill_client, POLICIES[router_mode],
+                on_prefill=lambda model: self.metrics.disaggregated.labels(model).inc(),
+                on_fallback=lambda model, reason: self.metrics.prefill_fallbacks.labels(model, reason).inc())
         self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
                              on_retry=lambda model: self.metrics.retries.labels(model).inc(),
-                             on_migration=lambda model: self.metrics.migrations.labels(model).inc())
+                             on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
+                             prefill=prefill)
         self.max_request_bytes = max_request_bytes
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -108,7 +116,8 @@ class FrontendServer:
     def for_runtime(cls, runtime: Runtime, options: Any) -> FrontendServer:
         return cls(runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT), router_mode=options.router_mode,
                    retries=options.request_retries, migration_limit=options.migration_limit,
-                   max_request_bytes=options.max_request_bytes)
+                   max_request_bytes=options.max_request_bytes,
+                   prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

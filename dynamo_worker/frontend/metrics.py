@@ -59,6 +59,14 @@ class FrontendMetrics:
             "dynamo_frontend_migrations", "Streams continued on another instance after their worker failed",
             ("model",), registry=reg)
 
+        self.disaggregated = Counter(
+            "dynamo_frontend_disaggregated_requests", "Requests prefilled on a prefill worker, then "
+            "decoded on a decode worker", ("model",), registry=reg)
+        self.prefill_fallbacks = Counter(
+            "dynamo_frontend_prefill_fallbacks", "Requests of a model that has had prefill workers served "
+            "aggregated instead (reason: no_prefill_worker or prefill_failed)", ("model", "reason"),
+            registry=reg)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

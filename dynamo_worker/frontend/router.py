@@ -1,5 +1,8 @@
 """Sends a request to one instance serving its model; retries; migrates; maps errors to HTTP.
 
+With prefill workers for the model, the request is first prefilled on one of them
+(:mod:`dynamo_worker.frontend.disaggregation`) and the decode worker gets its ``prefill_result``.
+
 A retryable error (the instance left, shut down, or never answered) that arrives before the
 first token is retried on another instance of the same model, up to ``--request-retries``
 times. One that arrives after tokens were produced is *migrated*, up to ``--migration-limit``
@@ -19,6 +22,7 @@ from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend import models
+from dynamo_worker.frontend.disaggregation import PrefillRouter
 from dynamo_worker.frontend.protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,10 @@ class Router:
 
     def __init__(self, client: Client, mode: str = "round-robin", retries: int = 2, *,
                  migration_limit: int = 0, on_retry: Callable[[str], None] | None = None,
-                 on_migration: Callable[[str], None] | None = None) -> None:
+                 on_migration: Callable[[str], None] | None = None,
+                 prefill: PrefillRouter | None = None) -> None:
         self.client = client
+        self.prefill = prefill  # disaggregated serving: prefill first when prefill workers exist
         self.policy = POLICIES[mode]
         self.retries = retries
         self.migration_limit = migration_limit
@@ -78,6 +84,9 @@ class Router:
         attempt = migrations = 0
         produced: list[int] = []
         request = payload
+        prefill_result = await self.prefill.prefill(model, payload) if self.prefill is not None else None
+        if prefill_result is not None:
+            request = {**payload, "prefill_result": prefill_result}
         while True:
             record = self._pick(model, tried)
             tried.add(record.instance_id)
@@ -104,6 +113,7 @@ class Router:
                     log.warning("instance %s failed after %d tokens (%s: %s); migrating (%d of %d)",
                                 record.instance_id, len(produced), exc.code, exc.message, migrations,
                                 self.migration_limit)
+                    # From the original payload: the new worker computes the whole prefix itself.
                     request = continuation(payload, produced)
                     if request is None:  # every token was produced: only the finish was lost
                         yield {"token_ids": [], "finish_reason": "length",
