@@ -292,3 +292,56 @@ def test_nixl_with_tensor_parallel_size_1_forces_the_mp_executor_unless_set() ->
     finally:
         if not had_host:
             os.environ.pop("VLLM_NIXL_SIDE_CHANNEL_HOST", None)
+
+
+class _FakeClient:
+    """A Client over fixed instances whose ``direct`` replays a script per instance (no NATS)."""
+
+    def __init__(self, component: str, scripts: dict[str, Any]) -> None:
+        from dynamo_worker.core.discovery import InstanceRecord
+
+        self.records = [InstanceRecord("ns", component, "generate", iid, component, 1, "h", {"model": "tiny"})
+                        for iid in scripts]
+        self.scripts = scripts
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def instances(self, where: Any = None) -> list[Any]:
+        return [r for r in self.records if where is None or where(r)]
+
+    def pick(self, policy: str = "round_robin", where: Any = None) -> Any:
+        return self.instances(where)[0]
+
+    async def direct(self, payload: dict[str, Any], instance_id: str) -> Any:
+        self.sent.append((instance_id, payload))
+        for item in self.scripts[instance_id]:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+async def test_a_migrated_stream_continues_aggregated_and_a_failed_prefill_falls_back() -> None:
+    from dynamo_worker.core.request_plane import RequestError
+    from dynamo_worker.frontend.disaggregation import PrefillRouter
+    from dynamo_worker.frontend.router import Router
+
+    gone = RequestError("unavailable", "instance left", retryable=True)
+    transfer = {"kv_transfer_params": {"do_remote_prefill": True}}
+    prefill = _FakeClient("prefill", {"p1": [{"token_ids": [7], "disaggregated_params": transfer}]})
+    decode = _FakeClient("backend", {"d1": [{"token_ids": [1]}, {"token_ids": [2]}, gone],
+                                     "d2": [{"token_ids": [3], "finish_reason": "length"}]})
+    fallbacks: list[tuple[str, str]] = []
+    prefills = PrefillRouter(prefill, on_fallback=lambda m, r: fallbacks.append((m, r)))  # type: ignore[arg-type]
+    router = Router(decode, migration_limit=1, prefill=prefills)  # type: ignore[arg-type]
+    payload = {"token_ids": [5, 6], "stop_conditions": {"max_tokens": 3}}
+    out = [t for item in [i async for i in router.generate("tiny", payload)] for t in item["token_ids"]]
+    assert out == [1, 2, 3]
+    (_, sent1), (_, sent2) = decode.sent
+    assert sent1["prefill_result"]["disaggregated_params"] == transfer  # decoded with the prefill's KV
+    assert "prefill_result" not in sent2 and sent2["token_ids"] == [5, 6, 1, 2]  # migrated: aggregated
+    assert prefill.sent == [("p1", payload)] and fallbacks == []
+
+    prefill.scripts["p1"] = [gone]  # the prefill fails: aggregated, counted
+    decode.sent.clear()
+    decode.scripts["d1"] = [{"token_ids": [1, 2, 3], "finish_reason": "length"}]
+    assert [i async for i in router.generate("tiny", payload)][-1]["token_ids"] == [1, 2, 3]
+    assert "prefill_result" not in decode.sent[0][1] and fallbacks == [("tiny", "prefill_failed")]
