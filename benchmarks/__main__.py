@@ -1,0 +1,154 @@
+"""``python -m benchmarks``: offline vLLM vs ``vllm serve`` vs ``dynamo-worker up`` on one load.
+
+Run from the repo root with the venv's python. Prints a table per concurrency and writes
+``benchmarks/results/<timestamp>.json`` (raw samples, per-request times, CPU per process,
+profiles) and ``<timestamp>.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import signal
+import sys
+import time
+from pathlib import Path
+
+import attrs
+
+from benchmarks import machine, profiling, report, rounds
+from benchmarks.config import (
+    BENCH_ENV,
+    ENGINE_FLAGS,
+    RESULTS_DIR,
+    BenchConfig,
+    LevelPlan,
+)
+from benchmarks.workload import make_prompts
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, 1 repeat, few requests, "
+                                                        "no profile")
+    p.add_argument("--concurrency", default="1,16,64", help="comma-separated levels (default %(default)s)")
+    p.add_argument("--requests", type=int, default=200, help="requests per level (default %(default)s)")
+    p.add_argument("--requests-c1", type=int, default=50, help="requests at concurrency 1 (default %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=120.0,
+                   help="no new request starts after this long in one level (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="ABAB rounds, each side once per round (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the levels per session (default %(default)s)")
+    p.add_argument("--sides", default="offline,vllm-serve,dynamo", help="which sides, in round-1 order "
+                                                                        "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile sessions")
+    p.add_argument("--profile-seconds", type=float, default=20.0, help="py-spy sampling time (default %(default)s)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    p.add_argument("--foreign-wait", type=float, default=600.0,
+                   help="wait at most this long for vLLM engines we did not start (default %(default)s)")
+    p.add_argument("--session-wait", type=float, default=120.0,
+                   help="between the sessions of a round, wait at most this long (default %(default)s)")
+    p.add_argument("--client-priority", choices=("realtime", "nice", "normal"), default="realtime",
+                   help="scheduling of the load client's thread during levels (default %(default)s; "
+                        "see benchmarks/machine.py)")
+    p.add_argument("--dynamo-ref", default="HEAD",
+                   help="git ref of dynamo_worker/ to measure, exported once so edits during the run do not "
+                        "change it; 'worktree' uses the live files (default %(default)s)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default benchmarks/results)")
+    return p.parse_args(argv)
+
+
+def config(args: argparse.Namespace) -> BenchConfig:
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    sides = tuple(s.strip() for s in args.sides.split(",") if s.strip())
+    unknown = set(sides) - {"offline", "vllm-serve", "dynamo"}
+    if unknown or not concurrencies or min(concurrencies) < 1:
+        raise SystemExit(f"error: bad --sides {sorted(unknown)} or --concurrency {args.concurrency!r}")
+    if args.quick:
+        levels = tuple(LevelPlan(c, 10 if c == 1 else max(32, 2 * c), 30.0) for c in concurrencies)
+        return BenchConfig(levels=levels, sides=sides, rounds=1, repeats=1, seed=args.seed, warmup_requests=16,
+                           profile=False, chart=not args.no_chart, quick=True, foreign_wait=args.foreign_wait,
+                           session_wait=args.session_wait, client_priority=args.client_priority,
+                           dynamo_ref=args.dynamo_ref)
+    levels = tuple(LevelPlan(c, args.requests_c1 if c == 1 else args.requests, args.max_seconds)
+                   for c in concurrencies)
+    return BenchConfig(levels=levels, sides=sides, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
+                       profile=not args.no_profile, profile_seconds=args.profile_seconds, chart=not args.no_chart,
+                       foreign_wait=args.foreign_wait, session_wait=args.session_wait,
+                       client_priority=args.client_priority, dynamo_ref=args.dynamo_ref)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every server's stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    cfg = config(args)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir: Path = args.out
+    work_root = out_dir / f"{stamp}-logs"
+    work_root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.0f}s] {msg}", flush=True)
+
+    from dynamo_worker.demo_model import ensure_demo_model
+
+    model = str(ensure_demo_model())
+    prompts = make_prompts(max(p.requests for p in cfg.levels), cfg.prompt_tokens, cfg.seed)
+    log(f"model {model}; {len(prompts)} prompts of {cfg.prompt_tokens} token ids (seed {cfg.seed}); "
+        f"levels {[(p.concurrency, p.requests) for p in cfg.levels]}; {cfg.rounds} round(s) x {cfg.repeats} repeat(s); "
+        f"logs in {work_root}")
+    info = machine.machine_info()
+    if cfg.dynamo_ref != "worktree" and "dynamo" in cfg.sides:
+        info["dynamo_source"] = machine.snapshot_source(cfg.dynamo_ref, work_root / "dynamo-src")
+        cfg = attrs.evolve(cfg, dynamo_source=info["dynamo_source"]["path"])
+        log(f"measuring dynamo_worker at {info['dynamo_source']['commit'][:10]} ({cfg.dynamo_ref})"
+            + (f"; the work tree differs from it in {len(info['dynamo_source']['work_tree_differed'])} file(s)"
+               if info["dynamo_source"]["work_tree_differed"] else ""))
+    else:
+        info["dynamo_source"] = {"ref": "worktree"}
+    json_path = out_dir / f"{stamp}.json"
+
+    def checkpoint(partial: dict[str, object]) -> None:  # an interrupted run keeps what it measured
+        report.write_json(json_path, {"partial": True, "timestamp": stamp, "machine": info, **partial})
+
+    raw = rounds.run(cfg, model, prompts, work_root, log, checkpoint)
+    agg = report.aggregate(raw["samples"])
+    elapsed = time.monotonic() - t0
+    result = {
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "timestamp": stamp, "elapsed_s": round(elapsed, 1), "machine": info,
+        "config": {"levels": [(p.concurrency, p.requests, p.max_seconds) for p in cfg.levels], "sides": cfg.sides,
+                   "rounds": cfg.rounds, "repeats": cfg.repeats, "prompt_tokens": cfg.prompt_tokens,
+                   "max_tokens": cfg.max_tokens, "seed": cfg.seed, "warmup_requests": cfg.warmup_requests,
+                   "engine_flags": ENGINE_FLAGS, "env": BENCH_ENV, "client_priority": cfg.client_priority,
+                   "foreign_wait": cfg.foreign_wait, "session_wait": cfg.session_wait},
+        "summary": {side: {str(c): a for c, a in per.items()} for side, per in agg.items()},
+        **raw,
+    }
+    print()
+    print(report.tables(agg))
+    print(report.quiet_table(agg))
+    print(report.cpu_table(agg))
+    if raw["profiles"]:
+        print(profiling.render({k: v["processes"] for k, v in raw["profiles"].items()
+                                if isinstance(v, dict) and "processes" in v}))
+    if cfg.chart:
+        png = out_dir / f"{stamp}.png"
+        title = (f"{cfg.prompt_tokens} in / {cfg.max_tokens} out tokens, streaming /v1/completions; medians of "
+                 f"{cfg.rounds}x{cfg.repeats} samples, whiskers min-max ({info['logical_cpus']} CPUs)")
+        problem = report.chart(png, agg, title)
+        result["chart"] = problem or str(png)
+        print(problem or f"chart: {png}")
+    report.write_json(json_path, result)
+    print(f"results: {json_path}  ({elapsed / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Benchmark settings, the engine flags every side shares, and the environment every side gets."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import attrs
+
+#: Engine flags given to ``vllm serve``, to ``dynamo-worker up`` (passed on to its decode
+#: worker) and parsed with vLLM's own parser for the offline ``LLM``: one source of truth.
+ENGINE_FLAGS: tuple[str, ...] = ("--enforce-eager", "--max-model-len", "512")
+
+#: The name clients use for the model on both servers.
+SERVED_NAME = "demo"
+
+#: Set for every side (server processes, the offline engine). ``VLLM_CPU_OMP_THREADS_BIND=nobind
+#: OMP_NUM_THREADS=1`` stops vLLM pinning one OpenMP thread per core, which made rounds swing
+#: up to 2x on this 2-core machine (docs/performance.md).
+BENCH_ENV: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+#: Variables that would point a child at someone else's services.
+_DROPPED = ("NATS_SERVER", "DYN_SYSTEM_PORT", "DYN_HTTP_PORT", "PROMETHEUS_MULTIPROC_DIR")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def side_env(tmpdir: str) -> dict[str, str]:
+    """The environment for one side's processes: ours plus BENCH_ENV and a fresh TMPDIR."""
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED}
+    env.update(BENCH_ENV)
+    env["TMPDIR"] = tmpdir
+    # Children run `python -m benchmarks...` / `-m dynamo_worker`: make the repo importable.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def python() -> str:
+    """The interpreter running the benchmark (the venv's), used for every child."""
+    return sys.executable
+
+
+@attrs.frozen
+class LevelPlan:
+    """One concurrency level: how many requests, bounded in time too."""
+
+    concurrency: int
+    requests: int
+    max_seconds: float
+
+
+@attrs.frozen
+class BenchConfig:
+    """Everything one ``python -m benchmarks`` invocation does."""
+
+    levels: tuple[LevelPlan, ...]
+    sides: tuple[str, ...] = ("offline", "vllm-serve", "dynamo")
+    rounds: int = 2
+    repeats: int = 3  # measurements of each level per server session
+    prompt_tokens: int = 32
+    max_tokens: int = 32
+    seed: int = 0
+    warmup_requests: int = 64
+    warmup_concurrency: int = 16
+    request_timeout: float = 60.0
+    startup_timeout: float = 300.0
+    foreign_wait: float = 600.0  # before each round: wait at most this long for others' engines
+    session_wait: float = 120.0  # before each server session within a round (shorter)
+    dynamo_ref: str = "HEAD"  # git ref of dynamo_worker to measure ("worktree": the live files)
+    dynamo_source: str | None = None  # where that ref was exported (set by __main__)
+    client_priority: str = "realtime"  # realtime | nice | normal (see machine.client_priority)
+    foreign_poll: float = 30.0
+    profile: bool = True
+    profile_seconds: float = 20.0
+    chart: bool = True
+    quick: bool = False
