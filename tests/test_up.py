@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,14 @@ class Stack:
             return err.code, json.load(err)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("up")
+@contextmanager
+def up_stack(base: Path, *args: str) -> Iterator[Stack]:
+    """``dynamo-worker up ARGS`` with its own port, log dir and cache under ``base``, until ready."""
     port, log_dir, cache, out = free_port(), base / "logs", base / "cache", base / "up.out"
     env = worker_env(XDG_CACHE_HOME=str(cache))
     with open(out, "w") as stdout:
         proc = subprocess.Popen([DYNAMO_WORKER, "up", "--http-port", str(port), "--log-dir", str(log_dir),
-                                 "--namespace", f"up{port}", "--max-num-seqs", "16"],
+                                 "--namespace", f"up{port}", *args],
                                 stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env,
                                 stdin=subprocess.DEVNULL)
     s = Stack(proc, port, log_dir, cache, out)
@@ -97,6 +98,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(90)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with up_stack(tmp_path_factory.mktemp("up"), "--max-num-seqs", "16") as s:
+        yield s
 
 
 def test_up_generates_the_demo_model_once_and_prints_where_to_send_requests(stack: Stack) -> None:

@@ -9,41 +9,21 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DYNAMO_WORKER, free_port, wait_until, worker_env
-from tests.test_up import Stack
+from tests.helpers import wait_until
+from tests.test_up import Stack, up_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("up-pd")
-    port, log_dir, cache, out = free_port(), base / "logs", base / "cache", base / "up.out"
-    env = worker_env(XDG_CACHE_HOME=str(cache))
-    with open(out, "w") as stdout:
-        proc = subprocess.Popen([DYNAMO_WORKER, "up", "--prefill-workers", "1", "--decode-workers", "1",
-                                 "--http-port", str(port), "--log-dir", str(log_dir), "--namespace", f"uppd{port}",
-                                 "--max-num-seqs", "16", "--max-model-len", "256"],
-                                stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env,
-                                stdin=subprocess.DEVNULL)
-    s = Stack(proc, port, log_dir, cache, out)
-
-    def ready() -> bool:
-        assert proc.poll() is None, out.read_text()
-        return "ready in" in out.read_text()
-
-    try:
-        wait_until(ready, 300, interval=0.5, what="dynamo-worker up to be ready")
+    with up_stack(tmp_path_factory.mktemp("up-pd"), "--prefill-workers", "1", "--decode-workers", "1",
+                  "--max-num-seqs", "16", "--max-model-len", "256") as s:
         yield s
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(90)
 
 
 def test_up_starts_prefill_and_decode_sharing_a_kv_directory_and_serves_disaggregated(stack: Stack) -> None:
