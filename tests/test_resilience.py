@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
 
-MAX_TOKENS = 300
+MAX_TOKENS = 450
 CONCURRENCY = 8
 WORKER_FLAGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--served-model-name", "tiny",
-                "--lease-ttl", "1", "--graceful-shutdown-timeout", "60"]
+                "--lease-ttl", "2", "--graceful-shutdown-timeout", "60"]
 
 
 class Deployment:
@@ -34,16 +34,24 @@ class Deployment:
         self.nats, self.namespace, self.model, self.tmp = nats, namespace, model, tmp
         self.http_port = free_port()
         self.workers: dict[str, WorkerProcess] = {}
+        self.system_ports: dict[str, int] = {}
         self.frontend = WorkerProcess(["--role", "frontend", "--nats-url", nats.url, "--namespace", namespace,
                                        "--http-port", str(self.http_port), "--migration-limit", "3",
                                        "--request-retries", "3"])
         self.base = f"http://127.0.0.1:{self.http_port}"
 
     def start_worker(self, name: str) -> WorkerProcess:
+        port = free_port()
         worker = WorkerProcess(["--role", "decode", "--model", self.model, "--nats-url", self.nats.url,
-                                "--namespace", self.namespace, *WORKER_FLAGS])
+                                "--namespace", self.namespace, "--system-port", str(port), *WORKER_FLAGS])
         self.workers[name] = worker
+        self.system_ports[name] = port
         return worker
+
+    def worker_inflight(self, name: str) -> float:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.system_ports[name]}/metrics").read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+                   if s.name == "dynamo_component_inflight_requests" and s.labels.get("dynamo_endpoint") == "generate")
 
     def instances(self) -> int:
         """Instances in the frontend's view (its /health is 503, same body, when there are none)."""
@@ -56,6 +64,21 @@ class Deployment:
     def frontend_metric(self, name: str) -> float:
         body = urllib.request.urlopen(f"{self.base}/metrics").read().decode()
         return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples if s.name == name)
+
+    async def generating(self, name: str, load: asyncio.Task[Any]) -> bool:
+        """Wait until worker ``name`` is generating for ``load``; False if the load ended first.
+
+        Watched on the worker, not the client: on two busy cores the frontend can relay a stream
+        well after the worker finished generating it.
+        """
+        for _ in range(1000):
+            if await asyncio.to_thread(self.worker_inflight, name) > 0:
+                await asyncio.sleep(0.1)  # let it produce some tokens first
+                return await asyncio.to_thread(self.worker_inflight, name) > 0
+            if load.done():
+                return False
+            await asyncio.sleep(0.01)
+        return False
 
     def stop(self) -> None:
         for worker in self.workers.values():
@@ -111,7 +134,7 @@ async def test_sigterm_to_one_worker_under_load_drains_it_and_loses_nothing(depl
     d = deployment
     expected = await reference_text(d)
     load = asyncio.create_task(run_load(d))
-    await asyncio.sleep(0.3)  # streams are running on both workers
+    assert await d.generating("a", load), "worker a never had requests in flight"
     d.workers["a"].signal(signal.SIGTERM)
     results = await load
     assert [r["completion_tokens"] for r in results] == [MAX_TOKENS] * CONCURRENCY
@@ -130,10 +153,17 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
     wait_until(lambda: d.instances() == 2, 30, what="the replacement worker in routing")
     expected = await reference_text(d)
     before = d.frontend_metric("dynamo_frontend_migrations_total")
-    load = asyncio.create_task(run_load(d))
-    await asyncio.sleep(0.3)
     engine_processes = _children(d.workers["b"].pid)
-    d.workers["b"].signal(signal.SIGKILL)
+    # Kill b while it generates (a request b never started is a retry, not a migration). The tiny
+    # model is fast: if b is already done when checked, run the load again; a few tries at most.
+    for _ in range(4):
+        load = asyncio.create_task(run_load(d))
+        if await d.generating("b", load):
+            d.workers["b"].signal(signal.SIGKILL)
+            break
+        assert all(r["text"] == expected for r in await load)
+    else:
+        raise AssertionError("worker b was never caught mid-stream")
     results = await load
     # Every request completes with every token, and greedy continuation on the other worker
     # gives exactly the text an uninterrupted run gives.

@@ -189,6 +189,11 @@ class RequestObserver:
         pass
 
 
+# After an instance's lease expires, how long its open streams wait for a frame before failing.
+GONE_GRACE = 0.5
+_SUSPECT = object()  # queued for each open stream to an instance whose lease expired
+
+
 class InstanceGone(RequestError):
     """The instance serving a stream left discovery (died or withdrew) before the end."""
 
@@ -217,10 +222,15 @@ class StreamRouter:
             entry[1].put_nowait(msg)
 
     def instance_gone(self, instance_id: str) -> None:
-        """Fail every open stream to ``instance_id`` (called from the discovery watcher)."""
+        """Open streams to ``instance_id`` fail unless a frame arrives within ``GONE_GRACE``.
+
+        Called when the instance's lease expired. A live but starved worker (its keep-alive late
+        on a loaded machine) is still streaming, so a stream that keeps receiving frames goes on;
+        one to a dead process hears nothing and fails with a retryable error.
+        """
         for target, queue in self._streams.values():
             if target == instance_id:
-                queue.put_nowait(InstanceGone(instance_id))
+                queue.put_nowait(_SUSPECT)
 
     def open_streams(self) -> int:
         return len(self._streams)
@@ -243,15 +253,20 @@ class StreamRouter:
                 reply=f"{self.inbox_prefix}.{token}",
             )
             expected = 0
+            suspect = False
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), self.idle_timeout)
+                    item = await asyncio.wait_for(queue.get(), GONE_GRACE if suspect else self.idle_timeout)
                 except asyncio.TimeoutError:
+                    if suspect:
+                        raise InstanceGone(instance_id) from None
                     raise RequestError(
                         "unavailable", f"no response from instance {instance_id} for {self.idle_timeout}s",
                         retryable=True) from None
-                if isinstance(item, RequestError):
-                    raise item
+                if item is _SUSPECT:
+                    suspect = True
+                    continue
+                suspect = False  # it answered: alive, whatever its lease said
                 if item.headers and item.headers.get("Status") == "503":
                     finished = True  # nobody received it: nothing to cancel
                     raise RequestError("unavailable", f"no instance listens on {subject}", retryable=True)
