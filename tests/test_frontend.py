@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.frontend.detokenizer import IncrementalDetokenizer, StopStrings
+from dynamo_worker.frontend.output import merge_messages
 from tests.frontend_helpers import FakeDecodeWorker, LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until
 
@@ -178,6 +179,23 @@ def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
 
 
 # ---- the OpenAI API ---------------------------------------------------------------------------------
+
+
+def test_messages_that_arrived_together_merge_into_one() -> None:
+    items = [
+        {"token_ids": [5, 6], "log_probs": [-0.1, -0.2], "top_logprobs": [[], []]},
+        {"token_ids": [7]},  # no logprobs: padded so the later ones stay aligned
+        {"token_ids": [8], "log_probs": [-0.4], "top_logprobs": [[{"token_id": 8, "logprob": -0.4}]],
+         "finish_reason": "length", "completion_usage": {"completion_tokens": 4}},
+    ]
+    [merged] = merge_messages(items)
+    assert merged["token_ids"] == [5, 6, 7, 8]
+    assert merged["log_probs"] == [-0.1, -0.2, None, -0.4]
+    assert merged["top_logprobs"] == [[], [], [], [{"token_id": 8, "logprob": -0.4}]]
+    assert merged["finish_reason"] == "length" and merged["completion_usage"] == {"completion_tokens": 4}
+    assert merge_messages(items[1:2]) == items[1:2]
+    malformed = [{"token_ids": [1]}, "not a message"]
+    assert merge_messages(malformed) == malformed  # left for OutputProcessor to report
 
 
 def test_models_lists_what_workers_serve(frontend: str) -> None:

@@ -48,6 +48,43 @@ async def test_a_request_streams_many_responses_then_ends(nats_server: NatsServe
         await worker.close()
 
 
+async def test_concurrent_streams_share_messages_and_keep_their_order(nats_server: NatsServer,
+                                                                     namespace: str) -> None:
+    """Frames that many streams produce in one loop turn travel as one batch, each in order."""
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+
+    async def stepping(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
+        for i in range(request["n"]):
+            if i == request.get("fail_at"):
+                raise RequestError("bad_request", f"failed at {i}")
+            yield {"i": i}
+            await asyncio.sleep(0)  # one frame per stream per loop turn, like an engine step
+
+    try:
+        await serve(worker, stepping)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        before = caller.nc.stats["in_msgs"]
+
+        async def one() -> list[Any]:
+            return [x async for x in client.generate({"n": 200})]
+
+        results = await asyncio.gather(*(one() for _ in range(32)))
+        assert results == [[{"i": i} for i in range(200)]] * 32
+        frames = 32 * 201  # 200 data frames and an end frame per stream
+        received = caller.nc.stats["in_msgs"] - before
+        assert received < frames / 4, f"{received} NATS messages carried {frames} frames"
+        # An error after data still reaches the caller after the data, in order.
+        got: list[Any] = []
+        with pytest.raises(RequestError, match="failed at 150"):
+            async for x in client.generate({"n": 200, "fail_at": 150}):
+                got.append(x)
+        assert got == [{"i": i} for i in range(150)]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
 async def test_errors_are_structured_and_the_worker_keeps_serving(nats_server: NatsServer, namespace: str) -> None:
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
 

@@ -115,12 +115,30 @@ class Discovery:
 
     async def close(self) -> None:
         if self._keepalive is not None:
-            self._keepalive.cancel()
-            await asyncio.gather(self._keepalive, return_exceptions=True)
+            await cancel_and_wait(self._keepalive)
             self._keepalive = None
 
 
 Listener = Callable[[str, InstanceRecord | None, bool], None]
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], attempts: int = 20) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    nats-py swallows a ``CancelledError`` that lands while it flushes a publish
+    (``Client._flush_pending``), so a task cancelled at that moment goes on running: cancel
+    again until it ends (bounded; a task that still runs is logged, not waited for forever).
+    """
+    for _ in range(attempts):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait([task], timeout=0.25)
+    if not task.done():
+        log.warning("task %s did not stop after %d cancellations", task.get_name(), attempts)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("task %s ended with %r", task.get_name(), task.exception())
 
 
 class InstanceWatcher:
@@ -150,8 +168,7 @@ class InstanceWatcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
 
     def matching(self, component: str, endpoint: str) -> list[InstanceRecord]:

@@ -5,8 +5,14 @@ and runs the role's handler (an async generator) per request, publishing each yi
 frame to the request's reply subject, then an end frame. A raised :class:`RequestError` becomes
 a structured error frame; the worker keeps serving.
 
-Caller side: :func:`stream` publishes the request with a reply subject on the caller's single
-wildcard inbox subscription and yields the frames' data until the end. If the caller stops
+Frames are sent at the end of the event-loop turn that produced them, and the frames of all the
+streams going to one caller in that turn travel as one message (a *batch*): at concurrency 64 a
+vLLM engine step then costs one NATS message per caller instead of 64 (docs/performance.md).
+Callers that did not ask for batches (``RequestEnvelope.b``) get one message per frame.
+
+Caller side: :meth:`StreamRouter.stream` publishes the request with a reply subject on the
+caller's single wildcard inbox subscription and yields the frames' data until the end, as lists
+of the items that arrived together. If the caller stops
 early (it is cancelled, or breaks out of the loop) a ``cancel`` control message goes to the
 instance, which cancels the handler task (a vLLM handler then aborts the engine request).
 """
@@ -20,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from nats import errors as nats_errors
 
 from dynamo_worker.core import wire
 from dynamo_worker.core.errors import EngineDead
@@ -67,6 +74,80 @@ class RequestContext:
 
 Handler = Callable[[Any, RequestContext], AsyncIterator[Any]]
 
+#: A batch is sent as soon as it holds this many frames (bounds message size and latency when a
+#: handler yields many items without awaiting anything).
+MAX_BATCH_FRAMES = 256
+
+
+class Outbox:
+    """Response frames on their way out, batched per caller within one event-loop turn.
+
+    The first frame of a turn leaves at once (a lone stream pays no batching delay); the
+    frames that other streams produce in the same turn wait in ``_pending``, grouped by the
+    caller's reply prefix, for one sender task that runs after them and sends each group as one
+    batch. A frame never overtakes an earlier one: nothing leaves directly while any is pending.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._pending: dict[str, list[tuple[str, wire.Frame]]] = {}
+        self._in_turn = False
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+
+    async def put(self, reply: str, frame: wire.Frame, batching: bool) -> None:
+        if not batching:
+            await self.nc.publish(reply, wire.encode(frame))
+            return
+        if not self._in_turn and not self._pending:
+            self._in_turn = True
+            asyncio.get_running_loop().call_soon(self._end_turn)
+            await self.nc.publish(reply, wire.encode(frame))
+            return
+        prefix, _, token = reply.rpartition(".")
+        frames = self._pending.get(prefix)
+        if frames is None:
+            frames = self._pending[prefix] = []
+        frames.append((token, frame))
+        if len(frames) >= MAX_BATCH_FRAMES:
+            await self._send(prefix)
+        else:
+            self._wake.set()
+            if self._sender is None or self._sender.done():
+                self._sender = asyncio.create_task(self._run(), name="response-frame-sender")
+
+    def _end_turn(self) -> None:
+        self._in_turn = False
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything pending (also called before the connection closes)."""
+        for prefix in list(self._pending):
+            await self._send(prefix)
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._sender is not None:
+            self._sender.cancel()
+
+    async def _send(self, prefix: str) -> None:
+        frames = self._pending.pop(prefix, None)
+        if not frames:
+            return
+        try:
+            if len(frames) == 1:
+                token, frame = frames[0]
+                await self.nc.publish(f"{prefix}.{token}", wire.encode(frame))
+            else:
+                await self.nc.publish(f"{prefix}.{wire.BATCH_SUBJECT}", wire.encode(frames))
+        except nats_errors.Error as exc:  # the caller's stream then times out or fails over
+            log.warning("could not send %d response frame(s) to %s: %s", len(frames), prefix, exc)
+
 
 class EndpointServer:
     """Serves one endpoint of one instance; tracks in-flight requests so shutdown can drain."""
@@ -88,6 +169,7 @@ class EndpointServer:
         self.handler = handler
         self.on_engine_dead = on_engine_dead
         self.observer = observer or RequestObserver()
+        self.outbox = Outbox(nc)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.last_activity = time.monotonic()  # when a request last started or ended (idle canary)
         self._sub: Any = None
@@ -114,6 +196,7 @@ class EndpointServer:
             task.cancel()
         if cut:
             await asyncio.wait(cut, timeout=5)
+        await self.outbox.flush()
         return len(cut)
 
     def cancel(self, request_id: str) -> bool:
@@ -150,30 +233,33 @@ class EndpointServer:
         ctx = RequestContext(envelope.id, self.endpoint, self.instance_id)
         seq = 0
         outcome = "ok"
+        put, batching = self.outbox.put, envelope.b
         self.observer.started(self.endpoint)
         try:
             async for item in self.handler(envelope.p, ctx):
-                await self.nc.publish(reply, wire.encode(wire.Frame(wire.DATA, seq, d=item)))
+                await put(reply, wire.Frame(wire.DATA, seq, d=item), batching)
                 seq += 1
-            await self.nc.publish(reply, wire.encode(wire.Frame(wire.END, seq)))
+            await put(reply, wire.Frame(wire.END, seq), batching)
         except RequestError as exc:
             outcome = exc.code
-            await self._publish_error(reply, seq, exc.info())
+            await put(reply, wire.Frame(wire.ERROR, seq, err=exc.info()), batching)
         except EngineDead as exc:
             outcome = "engine_dead"
-            await self._publish_error(reply, seq, wire.ErrorInfo("engine_dead", str(exc), retryable=True))
+            err = wire.ErrorInfo("engine_dead", str(exc), retryable=True)
+            await put(reply, wire.Frame(wire.ERROR, seq, err=err), batching)
             self.on_engine_dead(exc)
         except asyncio.CancelledError:
             outcome = "cancelled"
             if self._shutting_down:
                 # Tell the caller to retry elsewhere rather than leave it waiting.
                 err = wire.ErrorInfo("unavailable", "worker shut down before the request finished", retryable=True)
-                await self._publish_error(reply, seq, err)
+                await put(reply, wire.Frame(wire.ERROR, seq, err=err), batching)
             raise
         except Exception as exc:  # a handler bug: answer the caller, keep serving, log it loudly
             outcome = "internal"
             log.exception("endpoint %s failed on request %s", self.endpoint, envelope.id)
-            await self._publish_error(reply, seq, wire.ErrorInfo("internal", f"{type(exc).__name__}: {exc}"))
+            err = wire.ErrorInfo("internal", f"{type(exc).__name__}: {exc}")
+            await put(reply, wire.Frame(wire.ERROR, seq, err=err), batching)
         finally:
             self.last_activity = time.monotonic()
             self.observer.finished(self.endpoint, self.last_activity - ctx.started, outcome)
@@ -191,7 +277,10 @@ class RequestObserver:
 
 # After an instance's lease expires, how long its open streams wait for a frame before failing.
 GONE_GRACE = 0.5
-_SUSPECT = object()  # queued for each open stream to an instance whose lease expired
+# Queued for an open stream: its instance's lease expired / no instance listened / it was idle.
+_SUSPECT = object()
+_NO_RESPONDERS = object()
+_IDLE = object()
 
 
 class InstanceGone(RequestError):
@@ -201,25 +290,78 @@ class InstanceGone(RequestError):
         super().__init__("unavailable", f"instance {instance_id} went away mid-request", retryable=True)
 
 
+class _OpenStream:
+    """One request's receiving end: frames (or markers) queue here until its reader takes them."""
+
+    __slots__ = ("instance_id", "queue", "last_frame")
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.last_frame = time.monotonic()
+
+
 class StreamRouter:
-    """The caller's side: one wildcard inbox subscription, one queue per open stream."""
+    """The caller's side: one wildcard inbox subscription, one queue per open stream.
+
+    Idle streams are found by one watchdog task for all of them (rather than a timer per
+    frame): a stream that received nothing for ``idle_timeout`` gets a retryable error.
+    """
 
     def __init__(self, nc: NATS, namespace: str, inbox_prefix: str, idle_timeout: float) -> None:
         self.nc = nc
         self.namespace = namespace
         self.inbox_prefix = inbox_prefix
         self.idle_timeout = idle_timeout
-        self._streams: dict[str, tuple[str, asyncio.Queue[Any]]] = {}
+        self._streams: dict[str, _OpenStream] = {}
         self._counter = 0
         self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(f"{self.inbox_prefix}.*", cb=self._on_reply)
+        self._watchdog = asyncio.create_task(self._watch_idle(), name="stream-idle-watchdog")
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    async def _watch_idle(self) -> None:
+        interval = min(1.0, self.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            stale = time.monotonic() - self.idle_timeout
+            for stream in self._streams.values():
+                if stream.last_frame < stale:
+                    stream.last_frame = float("inf")  # reported once
+                    stream.queue.put_nowait(_IDLE)
 
     async def _on_reply(self, msg: Msg) -> None:
-        entry = self._streams.get(msg.subject.rpartition(".")[2])
-        if entry is not None:
-            entry[1].put_nowait(msg)
+        token = msg.subject.rpartition(".")[2]
+        if token == wire.BATCH_SUBJECT:
+            try:
+                batch = wire.decode_batch(msg.data)
+            except wire.DecodeError as exc:
+                log.warning("dropping a malformed batch of response frames: %s", exc)
+                return
+            now = time.monotonic()
+            for token, frame in batch:
+                stream = self._streams.get(token)
+                if stream is not None:
+                    stream.last_frame = now
+                    stream.queue.put_nowait(frame)
+            return
+        stream = self._streams.get(token)
+        if stream is None:
+            return
+        stream.last_frame = time.monotonic()
+        if msg.headers and msg.headers.get("Status") == "503":
+            stream.queue.put_nowait(_NO_RESPONDERS)
+            return
+        try:
+            stream.queue.put_nowait(wire.decode_frame(msg.data))
+        except wire.DecodeError as exc:
+            stream.queue.put_nowait(RequestError("internal", f"malformed response frame: {exc}"))
 
     def instance_gone(self, instance_id: str) -> None:
         """Open streams to ``instance_id`` fail unless a frame arrives within ``GONE_GRACE``.
@@ -228,62 +370,76 @@ class StreamRouter:
         on a loaded machine) is still streaming, so a stream that keeps receiving frames goes on;
         one to a dead process hears nothing and fails with a retryable error.
         """
-        for target, queue in self._streams.values():
-            if target == instance_id:
-                queue.put_nowait(_SUSPECT)
+        for stream in self._streams.values():
+            if stream.instance_id == instance_id:
+                stream.queue.put_nowait(_SUSPECT)
 
     def open_streams(self) -> int:
         return len(self._streams)
 
     async def stream(self, subject: str, instance_id: str, request_id: str, payload: Any,
-                     send_cancel: Callable[[str, str], Awaitable[None]]) -> AsyncIterator[Any]:
-        """Send one request and yield each response item until the end frame.
+                     send_cancel: Callable[[str, str], Awaitable[None]]) -> AsyncIterator[list[Any]]:
+        """Send one request and yield its response items, as lists of the items that arrived
+        together, until the end frame.
 
         Raises :class:`RequestError` for an error frame (``retryable`` as the worker said), for
-        no responders (``unavailable``, retryable), for a lost frame or an idle stream.
+        no responders (``unavailable``, retryable), for a lost frame or an idle stream. Items
+        that arrived before an error are yielded first.
         """
         self._counter += 1
         token = str(self._counter)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams[token] = (instance_id, queue)
+        stream = _OpenStream(instance_id)
+        queue = stream.queue
+        self._streams[token] = stream
         finished = False
         try:
             await self.nc.publish(
-                subject, wire.encode(wire.RequestEnvelope(request_id, payload)),
+                subject, wire.encode(wire.RequestEnvelope(request_id, payload, b=True)),
                 reply=f"{self.inbox_prefix}.{token}",
             )
             expected = 0
-            suspect = False
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), GONE_GRACE if suspect else self.idle_timeout)
-                except asyncio.TimeoutError:
-                    if suspect:
-                        raise InstanceGone(instance_id) from None
-                    raise RequestError(
-                        "unavailable", f"no response from instance {instance_id} for {self.idle_timeout}s",
-                        retryable=True) from None
+                item = await queue.get()
                 if item is _SUSPECT:
-                    suspect = True
-                    continue
-                suspect = False  # it answered: alive, whatever its lease said
-                if item.headers and item.headers.get("Status") == "503":
-                    finished = True  # nobody received it: nothing to cancel
-                    raise RequestError("unavailable", f"no instance listens on {subject}", retryable=True)
-                frame = wire.decode_frame(item.data)
-                if frame.n != expected:
-                    raise RequestError("unavailable", f"response stream lost frames {expected}..{frame.n - 1}",
-                                       retryable=True)
-                expected += 1
-                if frame.k == wire.DATA:
-                    yield frame.d
-                elif frame.k == wire.END:
-                    finished = True
+                    try:  # alive if anything arrives within the grace, whatever its lease said
+                        item = await asyncio.wait_for(queue.get(), GONE_GRACE)
+                    except asyncio.TimeoutError:
+                        raise InstanceGone(instance_id) from None
+                    if item is _SUSPECT:
+                        continue
+                items: list[Any] = []
+                error: RequestError | None = None
+                ended = False
+                while True:  # everything that has arrived: one wake-up, one yield
+                    if item is _NO_RESPONDERS:
+                        finished = True  # nobody received it: nothing to cancel
+                        error = RequestError("unavailable", f"no instance listens on {subject}", retryable=True)
+                    elif item is _IDLE:
+                        error = RequestError("unavailable", f"no response from instance {instance_id} for "
+                                             f"{self.idle_timeout}s", retryable=True)
+                    elif isinstance(item, RequestError):
+                        error = item
+                    elif item is not _SUSPECT:  # a frame (a late suspicion is moot: it answered)
+                        if item.n != expected:
+                            error = RequestError("unavailable", f"response stream lost frames {expected}.."
+                                                 f"{item.n - 1}", retryable=True)
+                        elif item.k == wire.DATA:
+                            expected += 1
+                            items.append(item.d)
+                        else:
+                            finished = ended = True
+                            if item.k != wire.END:
+                                assert item.err is not None
+                                error = RequestError.from_info(item.err)
+                    if error is not None or ended or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if items:
+                    yield items
+                if error is not None:
+                    raise error
+                if ended:
                     return
-                else:
-                    finished = True
-                    assert frame.err is not None
-                    raise RequestError.from_info(frame.err)
         finally:
             del self._streams[token]
             if not finished:

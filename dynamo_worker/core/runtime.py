@@ -218,6 +218,9 @@ class Runtime:
 
     async def close(self) -> None:
         self._closing = True
+        self.streams.stop()
+        for server in self.servers.values():
+            await server.outbox.close()
         for w in self.watchers.values():
             await w.stop()
         await self.discovery.close()
@@ -254,16 +257,22 @@ class Client:
             return random.choice(candidates)
         return candidates[next(self._rr) % len(candidates)]
 
-    async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncGenerator[Any, None]:
-        """Stream the responses of one request sent to ``instance_id``."""
+    def direct_batches(self, payload: Any, instance_id: str,
+                       request_id: str | None = None) -> AsyncGenerator[list[Any], None]:
+        """Stream the responses of one request sent to ``instance_id``, as lists of the items
+        that arrived together (a reader that merges them saves work per item)."""
         rt = self.runtime
-        stream = rt.streams.stream(
+        return rt.streams.stream(  # type: ignore[return-value]
             rt.subject(self.component, self.endpoint, instance_id), instance_id,
             request_id or rt.new_request_id(), payload, rt._send_cancel,
         )
-        async with aclosing(stream):
-            async for item in stream:
-                yield item
+
+    async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncGenerator[Any, None]:
+        """Stream the responses of one request sent to ``instance_id``, item by item."""
+        async with aclosing(self.direct_batches(payload, instance_id, request_id)) as stream:
+            async for items in stream:
+                for item in items:
+                    yield item
 
     async def generate(self, payload: Any, policy: str = "round_robin",
                        where: Callable[[InstanceRecord], bool] | None = None) -> AsyncGenerator[Any, None]:

@@ -40,11 +40,24 @@ class Frame(msgspec.Struct, omit_defaults=True):
     err: ErrorInfo | None = None
 
 
-class RequestEnvelope(msgspec.Struct):
-    """A request: its id (used to cancel it) and the endpoint's payload."""
+class RequestEnvelope(msgspec.Struct, omit_defaults=True):
+    """A request: its id (used to cancel it) and the endpoint's payload.
+
+    ``b``: the caller also takes its frames in batches (:data:`BATCH_SUBJECT` under its reply
+    prefix), so a worker may send the frames of many of its streams in one message.
+    """
 
     id: str
     p: Any
+    b: bool = False
+
+
+#: The last token of the subject a batch of frames goes to: ``{reply prefix}.b``. Stream
+#: reply subjects end in a number, so it never names a stream.
+BATCH_SUBJECT = "b"
+
+#: A batch: ``[[reply token, frame], ...]`` in the order the frames were produced.
+Batch = list[tuple[str, Frame]]
 
 
 class Control(msgspec.Struct, omit_defaults=True):
@@ -57,6 +70,7 @@ _encoder = msgspec.json.Encoder()
 _frame_decoder = msgspec.json.Decoder(Frame)
 _request_decoder = msgspec.json.Decoder(RequestEnvelope)
 _control_decoder = msgspec.json.Decoder(Control)
+_batch_decoder = msgspec.json.Decoder(Batch)
 _any_decoder = msgspec.json.Decoder()
 
 DecodeError = msgspec.DecodeError
@@ -68,6 +82,10 @@ def encode(obj: Any) -> bytes:
 
 def decode_frame(data: bytes) -> Frame:
     return _frame_decoder.decode(data)
+
+
+def decode_batch(data: bytes) -> Batch:
+    return _batch_decoder.decode(data)
 
 
 def decode_request(data: bytes) -> RequestEnvelope:

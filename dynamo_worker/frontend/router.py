@@ -23,6 +23,7 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend import models
 from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.output import merge_messages
 from dynamo_worker.frontend.protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,13 @@ class Router:
             record = self._pick(model, tried)
             tried.add(record.instance_id)
             try:
-                async with aclosing(self.client.direct(request, record.instance_id)) as stream:
-                    async for item in stream:
-                        produced.extend(item.get("token_ids") or [])
-                        if migrations and "completion_usage" in item:
-                            item["completion_usage"] = _usage(payload, produced, item["completion_usage"])
-                        yield item
+                async with aclosing(self.client.direct_batches(request, record.instance_id)) as stream:
+                    async for items in stream:
+                        for item in merge_messages(items):
+                            produced.extend(item.get("token_ids") or [])
+                            if migrations and "completion_usage" in item:
+                                item["completion_usage"] = _usage(payload, produced, item["completion_usage"])
+                            yield item
                 return
             except RequestError as exc:
                 if not exc.retryable:

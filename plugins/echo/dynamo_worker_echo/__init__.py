@@ -72,8 +72,7 @@ class EchoRole:
         if not isinstance(delay, (int, float)) or not 0 <= delay <= 10:
             raise RequestError("bad_request", "delay must be a number of seconds between 0 and 10")
         for i, token in enumerate(tokens):
-            if delay:
-                await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # 0 still yields: each token leaves in its own loop turn
             if self.echoed is not None:
                 self.echoed.inc()
             last = i == len(tokens) - 1
