@@ -16,8 +16,9 @@ from pathlib import Path
 
 import attrs
 
-from benchmarks import machine, profiling, report, rounds
+from benchmarks import extras, machine, profiling, report, rounds
 from benchmarks.config import (
+    SIDES,
     BENCH_ENV,
     ENGINE_FLAGS,
     RESULTS_DIR,
@@ -39,8 +40,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="no new request starts after this long in one level (default %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="ABAB rounds, each side once per round (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="passes over the levels per session (default %(default)s)")
-    p.add_argument("--sides", default="offline,vllm-serve,dynamo", help="which sides, in round-1 order "
-                                                                        "(default %(default)s)")
+    p.add_argument("--sides", default=",".join(SIDES), help="which sides, in round-1 order (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=attrs.fields(BenchConfig).prompt_tokens.default,
+                   help="prompt length in token ids (default %(default)s: above one 128-token CPU KV block, "
+                        "so the disaggregated side really moves KV)")
+    p.add_argument("--max-tokens", type=int, default=attrs.fields(BenchConfig).max_tokens.default,
+                   help="output tokens per request (default %(default)s)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the request-plane and killed-worker measurements")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default %(default)s)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile sessions")
     p.add_argument("--profile-seconds", type=float, default=20.0, help="py-spy sampling time (default %(default)s)")
@@ -62,21 +69,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def config(args: argparse.Namespace) -> BenchConfig:
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     sides = tuple(s.strip() for s in args.sides.split(",") if s.strip())
-    unknown = set(sides) - {"offline", "vllm-serve", "dynamo"}
+    unknown = set(sides) - set(SIDES)
     if unknown or not concurrencies or min(concurrencies) < 1:
-        raise SystemExit(f"error: bad --sides {sorted(unknown)} or --concurrency {args.concurrency!r}")
+        raise SystemExit(f"error: bad --sides {sorted(unknown)} (choose from {','.join(SIDES)}) "
+                         f"or --concurrency {args.concurrency!r}")
+    if not 1 <= args.prompt_tokens <= 400 or not 1 <= args.max_tokens <= 100:
+        raise SystemExit("error: --prompt-tokens must be 1-400 and --max-tokens 1-100 (max-model-len is 512)")
+    shape = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "extras": not args.no_extras}
     if args.quick:
         levels = tuple(LevelPlan(c, 10 if c == 1 else max(32, 2 * c), 30.0) for c in concurrencies)
         return BenchConfig(levels=levels, sides=sides, rounds=1, repeats=1, seed=args.seed, warmup_requests=16,
                            profile=False, chart=not args.no_chart, quick=True, foreign_wait=args.foreign_wait,
                            session_wait=args.session_wait, client_priority=args.client_priority,
-                           dynamo_ref=args.dynamo_ref)
+                           dynamo_ref=args.dynamo_ref, **shape)
     levels = tuple(LevelPlan(c, args.requests_c1 if c == 1 else args.requests, args.max_seconds)
                    for c in concurrencies)
     return BenchConfig(levels=levels, sides=sides, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
                        profile=not args.no_profile, profile_seconds=args.profile_seconds, chart=not args.no_chart,
                        foreign_wait=args.foreign_wait, session_wait=args.session_wait,
-                       client_priority=args.client_priority, dynamo_ref=args.dynamo_ref)
+                       client_priority=args.client_priority, dynamo_ref=args.dynamo_ref, **shape)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         f"levels {[(p.concurrency, p.requests) for p in cfg.levels]}; {cfg.rounds} round(s) x {cfg.repeats} repeat(s); "
         f"logs in {work_root}")
     info = machine.machine_info()
-    if cfg.dynamo_ref != "worktree" and "dynamo" in cfg.sides:
+    if cfg.dynamo_ref != "worktree" and any(side.startswith("dynamo") for side in cfg.sides):
         info["dynamo_source"] = machine.snapshot_source(cfg.dynamo_ref, work_root / "dynamo-src")
         cfg = attrs.evolve(cfg, dynamo_source=info["dynamo_source"]["path"])
         log(f"measuring dynamo_worker at {info['dynamo_source']['commit'][:10]} ({cfg.dynamo_ref})"
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(json_path, {"partial": True, "timestamp": stamp, "machine": info, **partial})
 
     raw = rounds.run(cfg, model, prompts, work_root, log, checkpoint)
+    if cfg.extras:
+        raw["extras"] = extras.run(work_root, log, cfg.dynamo_source)
     agg = report.aggregate(raw["samples"])
     elapsed = time.monotonic() - t0
     result = {
@@ -135,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report.tables(agg))
     print(report.quiet_table(agg))
     print(report.cpu_table(agg))
+    print(report.startup_table(raw["sessions"]))
+    if "extras" in raw:
+        print(extras.render(raw["extras"]))
     if raw["profiles"]:
         print(profiling.render({k: v["processes"] for k, v in raw["profiles"].items()
                                 if isinstance(v, dict) and "processes" in v}))

@@ -12,6 +12,9 @@ import attrs
 #: worker) and parsed with vLLM's own parser for the offline ``LLM``: one source of truth.
 ENGINE_FLAGS: tuple[str, ...] = ("--enforce-eager", "--max-model-len", "512")
 
+#: Every side the harness can measure, in the default round-1 order.
+SIDES: tuple[str, ...] = ("offline", "vllm-serve", "dynamo", "dynamo-disagg")
+
 #: The name clients use for the model on both servers.
 SERVED_NAME = "demo"
 
@@ -63,10 +66,10 @@ class BenchConfig:
     """Everything one ``python -m benchmarks`` invocation does."""
 
     levels: tuple[LevelPlan, ...]
-    sides: tuple[str, ...] = ("offline", "vllm-serve", "dynamo")
+    sides: tuple[str, ...] = SIDES
     rounds: int = 2
     repeats: int = 3  # measurements of each level per server session
-    prompt_tokens: int = 32
+    prompt_tokens: int = 160  # more than one 128-token CPU KV block, so dynamo-disagg moves KV
     max_tokens: int = 32
     seed: int = 0
     warmup_requests: int = 64
@@ -82,4 +85,5 @@ class BenchConfig:
     profile: bool = True
     profile_seconds: float = 20.0
     chart: bool = True
+    extras: bool = True  # the request plane alone and the killed-worker failover
     quick: bool = False

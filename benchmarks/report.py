@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.config import SIDES
 from benchmarks.load import LevelRun
 
 BASELINE = "vllm-serve"
-SIDE_ORDER = ("offline", "vllm-serve", "dynamo")
+SIDE_ORDER = SIDES
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -234,6 +235,26 @@ def cpu_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def startup_table(sessions: list[dict[str, Any]]) -> str:
+    """Per side, median seconds from start until the model was listed and until the first answer;
+    the offline side's figure is the engine's own load time (``LLM(...)`` built)."""
+    lines = ["| side | model listed after s (median, min-max) | first answer after s (median, min-max) | n |",
+             "|---|---|---|---|"]
+    for side in SIDE_ORDER:
+        mine = [x for x in sessions if x.get("side") == side]
+        ready = [x["ready_s"] for x in mine if x.get("ready_s") is not None]
+        first = [x["first_answer_s"] for x in mine if x.get("first_answer_s") is not None]
+        if not ready:
+            continue
+
+        def cell(v: list[float]) -> str:
+            return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-"
+
+        label = "offline (engine load)" if side == "offline" else side
+        lines.append(f"| {label} | {cell(ready)} | {cell(first)} | {len(mine)} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -250,7 +271,7 @@ def chart(path: Path, agg: dict[str, dict[int, dict[str, Any]]], title: str) -> 
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
     concurrencies = sorted({c for side in agg.values() for c in side if c != 0})
     sides = [s for s in SIDE_ORDER if s in agg]
-    colors = {"offline": "#9e9e9e", "vllm-serve": "#1f77b4", "dynamo": "#76b900"}
+    colors = {"offline": "#9e9e9e", "vllm-serve": "#1f77b4", "dynamo": "#76b900", "dynamo-disagg": "#ff7f0e"}
     panels = [("tok_per_s", "output tokens/s", sides), ("ttft_p50_ms", "TTFT p50 (ms)", [s for s in sides if s != "offline"]),
               ("itl_p50_ms", "inter-token p50 (ms)", [s for s in sides if s != "offline"])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))

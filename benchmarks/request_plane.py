@@ -163,13 +163,14 @@ def _rate(times: list[float], expected: int) -> dict[str, Any]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # An exported snapshot on PYTHONPATH (the measured dynamo_worker) stays ahead of the work tree.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO_ROOT)) if p)
     for name in ("NATS_SERVER", "DYN_SYSTEM_PORT", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(name, None)
     return env
 
 
-async def measure(messages: int = 50_000, streams: tuple[int, ...] = (1, 16), timeout: float = 60.0,
+async def measure(messages: int = 50_000, streams: tuple[int, ...] = (1, 16, 64), timeout: float = 60.0,
                   log_dir: Path | None = None) -> dict[str, Any]:
     """Bare nats-py and the echo role on one nats-server; the ratio and per-message overhead."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-request-plane-"))
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.request_plane", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=50_000, help="messages per measurement (default %(default)s)")
-    p.add_argument("--streams", default="1,16", help="concurrent echo requests, comma-separated (default %(default)s)")
+    p.add_argument("--streams", default="1,16,64", help="concurrent echo requests, comma-separated (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on each measurement (default %(default)s)")
     p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--publish", nargs=2, metavar=("URL", "COUNT"), help=argparse.SUPPRESS)  # the bare publisher

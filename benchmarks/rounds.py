@@ -26,7 +26,7 @@ PROFILE_CONCURRENCY = 16
 
 
 def _source(side: str, cfg: BenchConfig) -> Path | None:
-    return Path(cfg.dynamo_source) if side == "dynamo" and cfg.dynamo_source else None
+    return Path(cfg.dynamo_source) if side.startswith("dynamo") and cfg.dynamo_source else None
 
 
 def _warm_up(server: Server, prompts: list[list[int]], cfg: BenchConfig) -> dict[str, Any]:
@@ -47,7 +47,9 @@ def server_session(side: str, round_no: int, model: str, prompts: list[list[int]
     session: dict[str, Any] = {"side": side, "round": round_no, "log_dir": str(server.log_dir)}
     try:
         session["ready_s"] = round(server.start(cfg.startup_timeout), 1)
-        log(f"  {side} serving after {session['ready_s']}s on {server.base_url}")
+        session["first_answer_s"] = round(server.first_answer(prompts[0]), 2)
+        log(f"  {side} serving after {session['ready_s']}s on {server.base_url}; first answer after "
+            f"{session['first_answer_s']}s")
         session["warmup"] = _warm_up(server, prompts, cfg)
         labels = server.labelled_pids()
         session["processes"] = {str(pid): label for pid, label in labels.items()}
@@ -183,7 +185,7 @@ def run(cfg: BenchConfig, model: str, prompts: list[list[int]], work_root: Path,
         if profiling.py_spy() is None:
             profiles["error"] = "py-spy is not installed (pip install -e '.[bench]')"
         else:
-            for side in ("dynamo", "vllm-serve"):
+            for side in ("dynamo", "dynamo-disagg", "vllm-serve"):
                 if side in cfg.sides:
                     _wait_quiet(cfg.session_wait, cfg, side, log)
                     profiles[side] = profile_session(side, model, prompts, cfg, work_root, log)

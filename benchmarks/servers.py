@@ -110,6 +110,15 @@ class Server:
         self.ready_after = time.monotonic() - self.started_at
         return self.ready_after
 
+    def first_answer(self, prompt: list[int], timeout: float = 120.0) -> float:
+        """Send one non-streaming completion; seconds from :meth:`start` until it was answered."""
+        body = json.dumps({"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{self.base_url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            json.load(resp)
+        return time.monotonic() - self.started_at
+
     def roots(self) -> dict[str, int]:
         """``{label: pid}`` of the processes whose CPU we account (descendants included)."""
         raise NotImplementedError
@@ -188,10 +197,11 @@ class DynamoUp(Server):
     """``dynamo-worker up``: nats-server + frontend + 1 decode worker, aggregated."""
 
     side = "dynamo"
+    stack_flags: tuple[str, ...] = ("--decode-workers", "1")
 
     def argv(self) -> list[str]:
         return [python(), "-m", "dynamo_worker", "up", "--model", self.model, "--served-model-name", SERVED_NAME,
-                "--decode-workers", "1", "--http-port", str(self.port), "--log-dir", str(self.log_dir / "stack"),
+                *self.stack_flags, "--http-port", str(self.port), "--log-dir", str(self.log_dir / "stack"),
                 *ENGINE_FLAGS]
 
     def stack(self) -> dict[str, Any]:
@@ -215,7 +225,7 @@ class DynamoUp(Server):
         return labels
 
     def profile_targets(self) -> dict[str, int]:
-        return {name: pid for name, pid in self.roots().items() if name in ("frontend", "decode-0")}
+        return {name: pid for name, pid in self.roots().items() if name in ("frontend", "decode-0", "prefill-0")}
 
     def _groups(self) -> list[int]:
         return [*super()._groups(), *(int(info["pid"]) for info in self.stack().values())]
@@ -228,4 +238,12 @@ class DynamoUp(Server):
             pass
 
 
-SERVERS: dict[str, type[Server]] = {VllmServe.side: VllmServe, DynamoUp.side: DynamoUp}
+class DynamoDisaggregated(DynamoUp):
+    """``dynamo-worker up --prefill-workers 1``: prompts prefilled on a prefill worker, decoded on
+    the decode worker, the KV cache moved through vLLM's file-based connector (one machine)."""
+
+    side = "dynamo-disagg"
+    stack_flags = ("--decode-workers", "1", "--prefill-workers", "1")
+
+
+SERVERS: dict[str, type[Server]] = {cls.side: cls for cls in (VllmServe, DynamoUp, DynamoDisaggregated)}

@@ -129,6 +129,33 @@ async def test_a_request_to_a_gone_instance_fails_fast_and_retryable(nats_server
         await caller.close()
 
 
+async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server: NatsServer,
+                                                                    namespace: str) -> None:
+    """"No responders" takes an instance out of routing long before its lease expires; a
+    keep-alive from a live instance brings it back."""
+    live, dying, caller = [await connect(nats_server, namespace, lease_ttl=3) for _ in range(3)]
+    try:
+        await serve(live)
+        await serve(dying)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5, count=2)
+        await dying.nc.close()  # its subscriptions go at once; its record stays until the lease ends
+        with pytest.raises(RequestError) as err:
+            [x async for x in client.direct({"n": 1}, dying.instance_id)]
+        assert err.value.retryable
+        assert [r.instance_id for r in client.instances()] == [live.instance_id]
+        assert dying.instance_id in caller.unreachable  # marked by the failed request, not by a lease
+        # A live instance wrongly marked (say, mid-reconnect) returns with its next keep-alive.
+        caller.unreachable.add(live.instance_id)
+        assert not client.instances()
+        assert await client.watcher.wait_for(lambda: len(client.instances()) == 1, 5)
+        assert [r.instance_id for r in client.instances()] == [live.instance_id]
+    finally:
+        await caller.close()
+        await live.close()
+        await dying.close()
+
+
 async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(nats_server: NatsServer,
                                                                        namespace: str) -> None:
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)

@@ -314,6 +314,9 @@ class StreamRouter:
         self.inbox_prefix = inbox_prefix
         self.idle_timeout = idle_timeout
         self._streams: dict[str, _OpenStream] = {}
+        # Told when NATS answers "no responders" for an instance: its process is gone (or it
+        # stopped listening), usually well before its discovery lease expires.
+        self.on_no_responders: Callable[[str], None] = lambda instance_id: None
         self._counter = 0
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -413,6 +416,7 @@ class StreamRouter:
                 while True:  # everything that has arrived: one wake-up, one yield
                     if item is _NO_RESPONDERS:
                         finished = True  # nobody received it: nothing to cancel
+                        self.on_no_responders(instance_id)
                         error = RequestError("unavailable", f"no instance listens on {subject}", retryable=True)
                     elif item is _IDLE:
                         error = RequestError("unavailable", f"no response from instance {instance_id} for "

@@ -51,6 +51,10 @@ class Runtime:
         self.streams = StreamRouter(nc, namespace, f"_DW.{self.instance_id}", idle_timeout)
         self.servers: dict[str, EndpointServer] = {}
         self.watchers: dict[str, InstanceWatcher] = {}
+        # Instances NATS said nobody listens for: out of routing until discovery hears from
+        # them again (a keep-alive) or their lease expires.
+        self.unreachable: set[str] = set()
+        self.streams.on_no_responders = self.unreachable.add
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
         self._control_sub: Any = None
         self._request_ids = itertools.count()
@@ -166,6 +170,7 @@ class Runtime:
         return self.watchers[prefix]
 
     def _on_discovery_change(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
+        self.unreachable.discard(record.instance_id if record is not None else key.rpartition(".")[2])
         if record is None and expired:
             instance_id = key.rpartition(".")[2]
             # Only fail streams once the instance has no endpoint left anywhere.
@@ -240,7 +245,8 @@ class Client:
 
     def instances(self, where: Callable[[InstanceRecord], bool] | None = None) -> list[InstanceRecord]:
         found = self.watcher.matching(self.component, self.endpoint)
-        found = [r for r in found if where is None or where(r)]
+        unreachable = self.runtime.unreachable
+        found = [r for r in found if r.instance_id not in unreachable and (where is None or where(r))]
         return sorted(found, key=lambda r: r.instance_id)
 
     async def wait_for_instances(self, timeout: float, count: int = 1) -> list[InstanceRecord]:
