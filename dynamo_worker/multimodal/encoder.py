@@ -48,7 +48,7 @@ class Blip2Encoder:
         return EncodeResponse(image_embeds=TensorData.from_tensor(embeds))
 
 
-ENCODERS = {"blip2": Blip2Encoder}
+ENCODERS = {"blip-2": Blip2Encoder}
 
 
 def load_encoder(path: str, model: VisionModel) -> Blip2Encoder:

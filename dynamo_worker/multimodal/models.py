@@ -36,12 +36,12 @@ class VisionModel:
 def _blip2(config: dict[str, Any]) -> VisionModel:
     # vLLM inserts num_query_tokens image tokens at the start of the prompt and takes one
     # image per prompt (Blip2ProcessingInfo.get_supported_mm_limits).
-    return VisionModel("blip2", int(config["num_query_tokens"]), int(config["text_config"]["hidden_size"]),
+    return VisionModel("blip-2", int(config["num_query_tokens"]), int(config["text_config"]["hidden_size"]),
                        max_images=1)
 
 
 # model_type -> how to read its rules from config.json.
-SUPPORTED = {"blip2": _blip2}
+SUPPORTED = {"blip-2": _blip2}  # transformers' model_type of Blip2
 
 
 def vision_model(config: dict[str, Any], model: str) -> VisionModel:
