@@ -310,7 +310,7 @@ def test_wrong_embeddings_are_refused_before_the_engine_and_it_keeps_serving(
 
 
 def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
-        chain: Chain, media: Path, expected: list[str]) -> None:
+        chain: Chain, media: Path, expected: list[str], prompt_ids: list[int], reference: list[list[int]]) -> None:
     chain.ec_encoder = chain.start(["--vllm-native-encoder-worker", *chain.model_flags, *chain.common,
                                     *ENGINE_FLAGS, "--ec-storage-path", str(chain.ec_storage)])
     chain.ec_encoder.wait_for_log("serving", timeout=300)
@@ -319,13 +319,33 @@ def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
     chain.processor.wait_for_log("serving", timeout=60)
     wait_until(lambda: chain.post(image_message(data_url(png((8, 8), (9, 9, 9)))))[0] == 200, 30, interval=0.2,
                what="the frontend to route image requests to the ec-encoder processor")
-    stored_before = {p.name for p in chain.ec_storage.iterdir()}
+    def stored() -> set[str]:
+        return {p.name for p in chain.ec_storage.iterdir()}
+
+    entries: list[str] = []
     for name, want in zip(("red.png", "blue.png"), expected, strict=True):
+        before = stored()
         out = chain.chat(image_message(data_url((media / name).read_bytes())))
         assert out.choices[0].message.content == want
-    # The ec-encoder stored one encoder output per new image, which the LLM worker consumed.
-    assert len({p.name for p in chain.ec_storage.iterdir()} - stored_before) == 2
-    assert "ec_producer" in chain.ec_encoder.log() and "ec_consumer" in chain.decode.log()
+        (entry,) = stored() - before  # the ec-encoder stored this image's encoder output
+        entries.append(entry)
+    # The LLM worker loads what the ec-encoder stored rather than encoding: store a third image,
+    # put red's stored output in its place, then ask the LLM worker about the third image.
+    green = png((16, 16), (0, 200, 0))
+    before = stored()
+    assert chain.call("ec_encoder", {"images": [base64.b64encode(green).decode()]}) == [{"stored": 1}]
+    (green_entry,) = stored() - before
+    for file in (chain.ec_storage / entries[0]).iterdir():
+        (chain.ec_storage / green_entry / file.name).write_bytes(file.read_bytes())
+    request = {"model": MODEL, "token_ids": prompt_ids, "sampling_options": {"temperature": 0.0},
+               "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True},
+               "multi_modal_data": {"images": [base64.b64encode(green).decode()]}}
+    out = chain.call("backend", request)
+    assert [t for item in out for t in item["token_ids"]] == reference[0]
+    # The control: the third image's own encoder output answers differently.
+    encoded = chain.call("encoder", {"images": [base64.b64encode(green).decode()]})
+    own = chain.call("backend", {**request, "multi_modal_data": {"image_embeds": encoded[0]["image_embeds"]}})
+    assert [t for item in own for t in item["token_ids"]] != reference[0]
 
 
 def test_without_a_processor_an_image_request_is_a_clear_503(chain: Chain, media: Path) -> None:
