@@ -19,20 +19,16 @@ the prompt *and* on the image; tests comparing outputs would prove nothing other
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 from dynamo_worker.demo_model import (
     EOS_TOKEN,
     MAX_POSITIONS,
     TORCH_DTYPE,
     _build_tokenizer,
-    _install_dir,
-    _relax_permissions,
     _save_quietly,
+    write_model_dir,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -42,7 +38,6 @@ TEXT_HIDDEN = 128
 # Large, as for the text model: with small weights the image barely moves the logits and two
 # different images give the same greedy answer.
 INITIALIZER_RANGE = 0.5
-MARKER = "dynamo_demo_model.json"
 
 # The text model's role-tagged template, taking content as a string or as OpenAI parts.
 CHAT_TEMPLATE = (
@@ -112,18 +107,10 @@ def write_demo_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Pa
     Built in a temporary directory beside ``path`` and renamed into place, like
     :func:`dynamo_worker.demo_model.write_demo_model`. Returns the absolute path.
     """
-    path = pathlib.Path(path).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    def save(tmp: pathlib.Path) -> dict[str, object]:
         model, processor = _build(seed)
         _save_quietly(model, processor, tmp)
-        marker = {"kind": "blip2", "seed": seed, "torch_dtype": TORCH_DTYPE,
-                  "image_embeds_shape": [NUM_QUERY_TOKENS, TEXT_HIDDEN]}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _relax_permissions(tmp)
-        _install_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        return {"kind": "blip2", "seed": seed, "torch_dtype": TORCH_DTYPE,
+                "image_embeds_shape": [NUM_QUERY_TOKENS, TEXT_HIDDEN]}
+
+    return write_model_dir(path, save)

@@ -5,6 +5,7 @@ Its own module so that its engine never runs beside test_multimodal's.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -15,13 +16,32 @@ from tests.test_multimodal import data_url, image_message, png
 from tests.test_up import up_stack
 
 
-@pytest.mark.parametrize("encoder", ["encode", "ec-encoder"])
-def test_up_multimodal_serves_image_requests_through_processor_and_encoder(
-        encoder: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Blip2, written by the command users run."""
+    path = tmp_path_factory.mktemp("vlm") / "model"
+    out = run_cli("demo-model", str(path), "--multimodal", "--seed", "3", timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == str(path), out.stderr
+    return str(path)
+
+
+def test_demo_model_multimodal_is_a_deterministic_blip2(vlm: str, tmp_path: Path) -> None:
     from dynamo_worker.demo_vlm import write_demo_vlm
 
+    config = json.loads((Path(vlm) / "config.json").read_text())
+    assert config["model_type"] == "blip-2" and config["num_query_tokens"] == 4
+    assert config["text_config"]["hidden_size"] == 128
+    again = write_demo_vlm(tmp_path / "again", seed=3)
+    assert (again / "model.safetensors").read_bytes() == (Path(vlm) / "model.safetensors").read_bytes()
+    other = write_demo_vlm(tmp_path / "other", seed=4)
+    assert (other / "model.safetensors").read_bytes() != (Path(vlm) / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("encoder", ["encode", "ec-encoder"])
+def test_up_multimodal_serves_image_requests_through_processor_and_encoder(
+        encoder: str, vlm: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("up-mm")
-    model = str(write_demo_vlm(base / "vlm"))
+    model = vlm
     with up_stack(base, "--multimodal", "--encoder", encoder, "--model", model, "--served-model-name", "vlm",
                   "--max-num-seqs", "16") as stack:
         assert {"nats", "frontend", "decode-0", f"{encoder}-0", "processor-0"} <= set(stack.manifest())
