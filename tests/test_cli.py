@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import run_cli
 
@@ -94,6 +95,18 @@ def test_multimodal_roles_need_enable_multimodal_in_one_line() -> None:
         assert out.returncode == 2, out.stderr
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
         assert f"{flag} needs --enable-multimodal; add --enable-multimodal" in out.stderr
+
+
+def test_enable_multimodal_refuses_a_model_the_multimodal_roles_do_not_serve(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    for argv in (["--enable-multimodal"], ["--vllm-native-encoder-worker", "--enable-multimodal",
+                                           "--ec-storage-path", str(tmp_path)],
+                 ["--multimodal-encode-worker", "--enable-multimodal"]):
+        out = run_cli(*argv, "--model", str(tmp_path), "--nats-url", "nats://127.0.0.1:1")
+        # vLLM's own import warnings may come first; the error is one line, without a traceback.
+        errors = [line for line in out.stderr.splitlines() if line.startswith("dynamo-worker: error:")]
+        assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"model {tmp_path} (llama) is not one the multimodal roles serve (supported: blip-2" in out.stderr
 
 
 def test_enable_multimodal_is_refused_by_roles_that_do_not_take_it() -> None:

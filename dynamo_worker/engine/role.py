@@ -70,10 +70,15 @@ class VllmRole:
         if self.uses_kv_cache:
             self.kv_transfer = kv_transfer.configure(ctx.options, self.engine_args, role=self.name,
                                                      required=self.needs_connector)
-        if getattr(ctx.options, "enable_multimodal", False) and self.name == "decode":
-            # The LLM worker of the multimodal chain takes image embeddings from encode workers.
-            self.engine_args.enable_mm_embeds = True
-            applied.append(("enable_mm_embeds", True, "--enable-multimodal: encode workers send image embeddings"))
+        if getattr(ctx.options, "enable_multimodal", False):
+            from dynamo_worker.multimodal import models
+
+            # A model the multimodal roles do not serve is a one-line error now, not after the engine.
+            model = str(self.engine_args.model)
+            models.vision_model(models.read_config(model), model)
+            if self.name == "decode":  # the LLM worker takes image embeddings from encode workers
+                self.engine_args.enable_mm_embeds = True
+                applied.append(("enable_mm_embeds", True, "--enable-multimodal: encode workers send image embeddings"))
         self.ec_transfer = ec_transfer.configure(ctx.options, self.engine_args, role=self.name)
         self.lora_dirs = lora.parse_lora_dirs(getattr(ctx.options, "lora_dirs", None))
         if self.lora_dirs and not self.engine_args.enable_lora:
