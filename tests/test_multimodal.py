@@ -311,14 +311,18 @@ def test_wrong_embeddings_are_refused_before_the_engine_and_it_keeps_serving(
 
 def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
         chain: Chain, media: Path, expected: list[str], prompt_ids: list[int], reference: list[list[int]]) -> None:
+    chain.processor.stop()  # the next processor sends images to an ec-encoder instead
+    chain.processor = chain.start_processor("ec-encoder")
+    chain.processor.wait_for_log("serving", timeout=60)
+    probe = image_message(data_url(png((8, 8), (9, 9, 9))))
+    # No ec-encoder yet: the processor says what to start.
+    wait_until(lambda: chain.post(probe)[0] == 503, 30, interval=0.2, what="the frontend to find the new processor")
+    message = chain.post(probe)[1]["error"]["message"]
+    assert "no ec-encoder worker serves model 'vlm'; start one: dynamo-worker --vllm-native-encoder-worker" in message
     chain.ec_encoder = chain.start(["--vllm-native-encoder-worker", *chain.model_flags, *chain.common,
                                     *ENGINE_FLAGS, "--ec-storage-path", str(chain.ec_storage)])
     chain.ec_encoder.wait_for_log("serving", timeout=300)
-    chain.processor.stop()  # the next processor sends images to the ec-encoder instead
-    chain.processor = chain.start_processor("ec-encoder")
-    chain.processor.wait_for_log("serving", timeout=60)
-    wait_until(lambda: chain.post(image_message(data_url(png((8, 8), (9, 9, 9)))))[0] == 200, 30, interval=0.2,
-               what="the frontend to route image requests to the ec-encoder processor")
+    wait_until(lambda: chain.post(probe)[0] == 200, 30, interval=0.2, what="the processor to find the ec-encoder")
     def stored() -> set[str]:
         return {p.name for p in chain.ec_storage.iterdir()}
 

@@ -37,7 +37,7 @@ from dynamo_worker.multimodal.models import VisionModel
 from dynamo_worker.multimodal.wire import EncodeRequest, EncodeResponse, convert, to_builtins
 
 BACKEND = "backend"
-ENCODERS = {"encode": "encoder", "ec-encoder": "ec_encoder"}  # --encoder value -> component
+ENCODER_COMPONENTS = {"encode": "encoder", "ec-encoder": "ec_encoder"}  # --encoder value -> component
 VIDEO_PARTS = ("video_url", "video")
 START_HINT = {"encode": "dynamo-worker --multimodal-encode-worker --enable-multimodal --model PATH",
               "ec-encoder": "dynamo-worker --vllm-native-encoder-worker --enable-multimodal --model PATH "

@@ -70,14 +70,14 @@ class ProcessorRole:
     async def dynamo_worker_create_engine(self, ctx: Any) -> Any:
         from transformers import AutoTokenizer
 
-        from dynamo_worker.multimodal.processor import BACKEND, ENCODERS, Processor
+        from dynamo_worker.multimodal.processor import BACKEND, ENCODER_COMPONENTS, Processor
 
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.path)
         o = ctx.options
         self.processor = Processor(
             tokenizer=tokenizer, model=self.model, served=self.served, loader=self.loader,
             backend=ctx.runtime.client(BACKEND, "generate"),
-            encoder=ctx.runtime.client(ENCODERS[o.encoder], "generate"), encoder_kind=o.encoder)
+            encoder=ctx.runtime.client(ENCODER_COMPONENTS[o.encoder], "generate"), encoder_kind=o.encoder)
         return self.processor
 
     @hookimpl
