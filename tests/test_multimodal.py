@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -132,14 +133,15 @@ class Chain:
 
     def start_processor(self, encoder: str) -> WorkerProcess:
         return self.start(["--multimodal-processor", *self.model_flags, *self.common, "--encoder", encoder,
-                           "--allowed-local-media-path", str(self.media), "--max-image-bytes", str(MAX_IMAGE_BYTES)])
+                           "--allowed-local-media-path", str(self.media), "--max-image-bytes", str(MAX_IMAGE_BYTES),
+                           "--media-fetch-timeout", "1"])
 
     def chat(self, messages: list[dict[str, Any]], **kw: Any) -> Any:
         return self.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
                                                    temperature=0, extra_body={"ignore_eos": True}, **kw)
 
-    def post(self, messages: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-        body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": MAX_TOKENS}).encode()
+    def post(self, messages: list[dict[str, Any]], max_tokens: int = MAX_TOKENS) -> tuple[int, dict[str, Any]]:
+        body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": max_tokens}).encode()
         req = urllib.request.Request(f"{self.base}/v1/chat/completions", body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
@@ -249,10 +251,13 @@ def test_a_remote_image_is_fetched_with_the_size_limit(chain: Chain, media: Path
     import http.server
     import threading
 
-    files = {"/red.png": (media / "red.png").read_bytes(), "/big.png": png((200, 200), seed=2)}
+    files = {"/red.png": (media / "red.png").read_bytes(), "/big.png": png((200, 200), seed=2),
+             "/slow.png": (media / "red.png").read_bytes()}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path == "/slow.png":  # slower than the processor's --media-fetch-timeout 1
+                time.sleep(3)
             body = files.get(self.path)
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "image/png")
@@ -271,8 +276,19 @@ def test_a_remote_image_is_fetched_with_the_size_limit(chain: Chain, media: Path
         assert status == 400 and f"is over {MAX_IMAGE_BYTES} bytes" in body["error"]["message"]
         status, body = chain.post(image_message(f"{url}/missing.png"))
         assert status == 400 and "answered HTTP 404" in body["error"]["message"]
+        status, body = chain.post(image_message(f"{url}/slow.png"))
+        assert status == 400 and "took over 1 s (--media-fetch-timeout)" in body["error"]["message"]
     finally:
         server.shutdown()
+
+
+def test_the_prompt_with_its_image_tokens_is_checked_against_the_context(chain: Chain, media: Path,
+                                                                         prompt_ids: list[int]) -> None:
+    room = 256 - len(prompt_ids) - 4  # --max-model-len 256; Blip2 adds 4 image tokens
+    status, body = chain.post(image_message(data_url((media / "red.png").read_bytes())), max_tokens=room + 1)
+    assert status == 400 and f"lower max_tokens to at most {room}" in body["error"]["message"]
+    status, body = chain.post(image_message(data_url((media / "red.png").read_bytes())), max_tokens=room)
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
 
 
 def test_a_text_only_chat_keeps_the_direct_path(chain: Chain) -> None:

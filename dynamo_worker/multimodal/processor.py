@@ -44,15 +44,18 @@ START_HINT = {"encode": "dynamo-worker --multimodal-encode-worker --enable-multi
                             "--ec-storage-path DIR"}
 
 
-class ProcessorRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """What the frontend sends ``processor.generate``."""
+class ProcessorRequest(msgspec.Struct):
+    """What the frontend sends ``processor.generate``: ``messages`` and ``model``, plus the
+    ``PreprocessedRequest`` fields (``stop_conditions``, ``sampling_options``, ...), which are
+    forwarded to the LLM worker as they are: it validates them, so a field the frontend adds
+    later needs no change here."""
 
     messages: list[dict[str, Any]]
     model: str | None = None
-    stop_conditions: dict[str, Any] | None = None
-    sampling_options: dict[str, Any] | None = None
-    output_options: dict[str, Any] | None = None
-    eos_token_ids: list[int] | None = None
+
+
+# Fields the processor sets itself; the caller's are not forwarded.
+OWN_FIELDS = ("messages", "model", "token_ids", "multi_modal_data", "prompt_embeds")
 
 
 def split_parts(messages: list[dict[str, Any]], model: VisionModel, name: str
@@ -108,11 +111,32 @@ class Processor:
     def _serves(self, multimodal: bool) -> Callable[[Any], bool]:
         return lambda r: r.data.get("model") == self.served and (not multimodal or r.data.get("multimodal") is True)
 
-    def _pick(self, client: Any, what: str, hint: str, *, multimodal: bool = False) -> str:
+    def _pick(self, client: Any, what: str, hint: str, *, multimodal: bool = False) -> Any:
         where = self._serves(multimodal)
         if not client.instances(where):
             raise RequestError("unavailable", f"no {what} serves model {self.served!r}; start one: {hint}")
-        return str(client.pick(self.policy, where).instance_id)
+        return client.pick(self.policy, where)
+
+    def _length(self, stop: Any, text_tokens: int, images: int, max_model_len: Any) -> dict[str, Any]:
+        """``stop_conditions`` with the prompt checked against the context: the text tokens plus
+        each image's feature tokens (which vLLM inserts); ``max_tokens`` defaults to the rest."""
+        stop = dict(stop) if isinstance(stop, dict) else {}
+        if not isinstance(max_model_len, int):
+            return stop
+        prompt = text_tokens + images * self.model.tokens_per_image
+        room = max_model_len - prompt
+        if room < 1:
+            raise RequestError("bad_request", f"the prompt is {prompt} tokens ({text_tokens} text, {images} image(s) "
+                                              f"of {self.model.tokens_per_image}) but model {self.served!r} takes at "
+                                              f"most {max_model_len} with at least 1 generated token; shorten it")
+        max_tokens = stop.get("max_tokens")
+        if max_tokens is None:
+            stop["max_tokens"] = room
+        elif isinstance(max_tokens, int) and max_tokens > room:
+            raise RequestError("bad_request", f"the prompt ({prompt} tokens with its images) plus max_tokens "
+                                              f"({max_tokens}) is over the {max_model_len}-token limit of model "
+                                              f"{self.served!r}; lower max_tokens to at most {room}")
+        return stop
 
     def tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
         from dynamo_worker.frontend.preprocess import encode_chat_prompt
@@ -128,7 +152,7 @@ class Processor:
         instance = self._pick(self.encoder, f"{self.encoder_kind} worker", START_HINT[self.encoder_kind])
         answer: Any = None
         request = to_builtins(EncodeRequest(images=pngs, model=self.served))
-        async with aclosing(self.encoder.direct(request, instance)) as stream:
+        async with aclosing(self.encoder.direct(request, instance.instance_id)) as stream:
             async for item in stream:
                 answer = item
         if self.encoder_kind == "ec-encoder":  # stored through the EC connector: send the images
@@ -142,17 +166,16 @@ class Processor:
             raise RequestError("not_found", f"this processor serves {self.served!r}, not {req.model!r}")
         messages, images = split_parts(req.messages, self.model, self.served)
         token_ids = self.tokenize(messages)
-        payload: dict[str, Any] = {"model": self.served, "token_ids": token_ids}
-        for field in ("stop_conditions", "sampling_options", "output_options", "eos_token_ids"):
-            value = getattr(req, field)
-            if value is not None:
-                payload[field] = value
+        record = self._pick(self.backend, "LLM worker (decode with --enable-multimodal)",
+                            "dynamo-worker --enable-multimodal --model PATH", multimodal=True)
+        payload = {k: v for k, v in request.items() if k not in OWN_FIELDS}
+        payload.update(model=self.served, token_ids=token_ids)
+        payload["stop_conditions"] = self._length(payload.get("stop_conditions"), len(token_ids), len(images),
+                                                  record.data.get("max_model_len"))
         if images:
             pngs = await asyncio.gather(*(self.loader.load(url, where) for where, url in images))
             mm = await self.encode(list(pngs))
             payload["multi_modal_data"] = {k: v for k, v in mm.items() if v is not None}
-        instance = self._pick(self.backend, "LLM worker (decode with --enable-multimodal)",
-                              "dynamo-worker --enable-multimodal --model PATH", multimodal=True)
-        async with aclosing(self.backend.direct(payload, instance)) as stream:
+        async with aclosing(self.backend.direct(payload, record.instance_id)) as stream:
             async for item in stream:
                 yield item
