@@ -13,6 +13,8 @@ import asyncio
 import base64
 import io
 import json
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -171,6 +173,15 @@ class Chain:
         return asyncio.run(go())
 
     def stop(self) -> None:
+        # All at once (each drains and stops its engine), then wait; stop() kills a straggler's group.
+        running = [w for w in self.workers if w.proc.poll() is None]
+        for worker in running:
+            worker.signal(signal.SIGTERM)
+        for worker in running:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                continue  # still draining: stop() below kills its process group
         for worker in reversed(self.workers):
             worker.stop()
 
