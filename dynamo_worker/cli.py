@@ -27,12 +27,14 @@ ROLE_ALIASES = {
     "--multimodal-processor": "processor",
     "--multimodal-encode-worker": "encode",
     "--vllm-native-encoder-worker": "ec-encoder",
+    "--multimodal-worker": "decode",  # the LLM worker of the multimodal chain
 }
 
 # Dynamo's rules: the multimodal roles need --enable-multimodal, which the language-model
 # (decode) worker takes too, to accept images and image embeddings.
 MULTIMODAL_ROLES = ("processor", "encode", "ec-encoder")
 ENABLE_MULTIMODAL_ROLES = ("decode", *MULTIMODAL_ROLES)
+MULTIMODAL_FLAGS = ("--multimodal-worker",)  # selects decode, but only as a multimodal worker
 
 DESCRIPTION = """\
 Serve LLMs with vLLM as cooperating worker roles over NATS.
@@ -83,14 +85,15 @@ def select_role(ns: argparse.Namespace, *, check: bool = True) -> str:
         raise UsageError(f"{flags} select different roles; pass only one of them")
     role = chosen[0][1] if chosen else DEFAULT_ROLE
     if check:
-        check_multimodal(ns, role, chosen[0][0] if chosen else f"--role {role}")
+        multimodal_flag = next((f for f, _ in chosen if f in MULTIMODAL_FLAGS), None)
+        check_multimodal(ns, role, multimodal_flag or (chosen[0][0] if chosen else f"--role {role}"))
     return role
 
 
 def check_multimodal(ns: argparse.Namespace, role: str, flag: str) -> None:
     """Dynamo's rules: a multimodal role needs ``--enable-multimodal``, which only decode shares."""
     enabled = getattr(ns, "enable_multimodal", False)
-    if role in MULTIMODAL_ROLES and not enabled:
+    if (role in MULTIMODAL_ROLES or flag in MULTIMODAL_FLAGS) and not enabled:
         raise UsageError(f"{flag} needs --enable-multimodal; add --enable-multimodal "
                          "(and give it to the decode worker too)")
     if enabled and role not in ENABLE_MULTIMODAL_ROLES:
@@ -143,7 +146,8 @@ def run_role(argv: Sequence[str]) -> int:
     wants_help = any(a in ("-h", "--help") for a in argv)
     # --help describes a role; the --enable-multimodal rule is for running one.
     role_name = select_role(pre, check=not wants_help)
-    if wants_help and not pre.role and role_name == DEFAULT_ROLE:
+    aliased = any(getattr(pre, flag.lstrip("-").replace("-", "_")) for flag in ROLE_ALIASES)
+    if wants_help and not pre.role and not aliased:
         # Plain --help: describe the command without importing any role.
         build_parser(HookRelay(role_name, None)).print_help()
         return 0

@@ -84,13 +84,16 @@ def test_dynamo_alias_flags_select_the_role() -> None:
     assert out.returncode == 0 and "ec-encoder role" in out.stdout and "--ec-storage-path" in out.stdout
     out = run_cli("--multimodal-processor", "--enable-multimodal", "--help")
     assert out.returncode == 0 and "--allowed-local-media-path" in out.stdout
+    out = run_cli("--multimodal-worker", "--enable-multimodal", "--help")  # Dynamo's LLM worker of the chain
+    assert out.returncode == 0 and "decode role" in out.stdout and "--ec-storage-path" in out.stdout
 
 
 def test_multimodal_roles_need_enable_multimodal_in_one_line() -> None:
     for argv, flag in ((["--multimodal-processor"], "--multimodal-processor"),
                        (["--multimodal-encode-worker"], "--multimodal-encode-worker"),
                        (["--vllm-native-encoder-worker"], "--vllm-native-encoder-worker"),
-                       (["--role", "encode"], "--role encode")):
+                       (["--role", "encode"], "--role encode"),
+                       (["--multimodal-worker"], "--multimodal-worker")):
         out = run_cli(*argv, "--model", "/nonexistent")
         assert out.returncode == 2, out.stderr
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
