@@ -27,7 +27,14 @@ ROLE_ALIASES = {
     "--multimodal-processor": "processor",
     "--multimodal-encode-worker": "encode",
     "--vllm-native-encoder-worker": "ec-encoder",
+    "--multimodal-worker": "decode",  # the LLM worker of the multimodal chain
 }
+
+# Dynamo's rules: the multimodal roles need --enable-multimodal, which the language-model
+# (decode) worker takes too, to accept images and image embeddings.
+MULTIMODAL_ROLES = ("processor", "encode", "ec-encoder")
+ENABLE_MULTIMODAL_ROLES = ("decode", *MULTIMODAL_ROLES)
+MULTIMODAL_FLAGS = ("--multimodal-worker",)  # selects decode, but only as a multimodal worker
 
 DESCRIPTION = """\
 Serve LLMs with vLLM as cooperating worker roles over NATS.
@@ -38,6 +45,7 @@ commands:
   dynamo-worker --role ROLE --help        core options plus that role's options
   dynamo-worker up [--help]               start NATS, a frontend and workers on this machine
   dynamo-worker demo-model PATH           write a tiny random-weight Llama to PATH
+  dynamo-worker demo-model PATH --multimodal   write a tiny random-weight Blip2 instead
 """
 
 
@@ -50,6 +58,9 @@ def _selector_parser(add_help: bool) -> argparse.ArgumentParser:
     g.add_argument("--role", help=f"the role this process runs (default {DEFAULT_ROLE}); see --list-roles")
     for flag, role in ROLE_ALIASES.items():
         g.add_argument(flag, action="store_true", help=f"Dynamo alias for --role {role}")
+    g.add_argument("--enable-multimodal", action="store_true",
+                   help="accept images: needed by the multimodal roles (processor, encode, ec-encoder) "
+                        "and by the decode worker that serves them (docs/multimodal.md)")
     g.add_argument("--list-roles", action="store_true", help="list installed roles and exit")
     g.add_argument("--json", action="store_true", help="with --list-roles: print JSON")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -57,8 +68,11 @@ def _selector_parser(add_help: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def select_role(ns: argparse.Namespace) -> str:
-    """The role named by ``--role`` or one alias flag; conflicting flags are an error naming both."""
+def select_role(ns: argparse.Namespace, *, check: bool = True) -> str:
+    """The role named by ``--role`` or one alias flag; conflicting flags are an error naming both.
+
+    With ``check``, Dynamo's ``--enable-multimodal`` rule is enforced too (:func:`check_multimodal`).
+    """
     chosen: list[tuple[str, str]] = []
     if ns.role:
         chosen.append(("--role " + ns.role, ns.role))
@@ -69,7 +83,22 @@ def select_role(ns: argparse.Namespace) -> str:
     if len(roles) > 1:
         flags = " and ".join(flag for flag, _ in chosen)
         raise UsageError(f"{flags} select different roles; pass only one of them")
-    return chosen[0][1] if chosen else DEFAULT_ROLE
+    role = chosen[0][1] if chosen else DEFAULT_ROLE
+    if check:
+        multimodal_flag = next((f for f, _ in chosen if f in MULTIMODAL_FLAGS), None)
+        check_multimodal(ns, role, multimodal_flag or (chosen[0][0] if chosen else f"--role {role}"))
+    return role
+
+
+def check_multimodal(ns: argparse.Namespace, role: str, flag: str) -> None:
+    """Dynamo's rules: a multimodal role needs ``--enable-multimodal``, which only decode shares."""
+    enabled = getattr(ns, "enable_multimodal", False)
+    if (role in MULTIMODAL_ROLES or flag in MULTIMODAL_FLAGS) and not enabled:
+        raise UsageError(f"{flag} needs --enable-multimodal; add --enable-multimodal "
+                         "(and give it to the decode worker too)")
+    if enabled and role not in ENABLE_MULTIMODAL_ROLES:
+        raise UsageError(f"--enable-multimodal does not apply to {flag}; it is for "
+                         f"{', '.join(ENABLE_MULTIMODAL_ROLES)}: drop it or choose one of those roles")
 
 
 def list_roles(as_json: bool) -> str:
@@ -115,8 +144,10 @@ def run_role(argv: Sequence[str]) -> int:
         print(list_roles(pre.json))
         return 0
     wants_help = any(a in ("-h", "--help") for a in argv)
-    role_name = select_role(pre)
-    if wants_help and not pre.role and role_name == DEFAULT_ROLE:
+    # --help describes a role; the --enable-multimodal rule is for running one.
+    role_name = select_role(pre, check=not wants_help)
+    aliased = any(getattr(pre, flag.lstrip("-").replace("-", "_")) for flag in ROLE_ALIASES)
+    if wants_help and not pre.role and not aliased:
         # Plain --help: describe the command without importing any role.
         build_parser(HookRelay(role_name, None)).print_help()
         return 0
@@ -156,7 +187,14 @@ def demo_model_main(argv: Sequence[str]) -> int:
                                      description="Write a tiny random-weight Llama with its tokenizer (no network).")
     parser.add_argument("path", help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default %(default)s)")
+    parser.add_argument("--multimodal", action="store_true",
+                        help="write a tiny Blip2 vision-language model instead (for the multimodal roles)")
     args = parser.parse_args(argv)
+    if args.multimodal:
+        from dynamo_worker.demo_vlm import write_demo_vlm
+
+        print(write_demo_vlm(args.path, seed=args.seed))
+        return 0
     from dynamo_worker.demo_model import write_demo_model
 
     print(write_demo_model(args.path, seed=args.seed))

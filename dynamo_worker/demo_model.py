@@ -27,6 +27,7 @@ import pathlib
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 
 __all__ = [
     "DEMO_MODEL_VERSION",
@@ -288,16 +289,27 @@ def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.
         The absolute path of the model directory, loadable with
         ``vllm.LLM(model=...)`` or ``transformers.AutoModelForCausalLM.from_pretrained``.
     """
+    def save(tmp: pathlib.Path) -> dict[str, object]:
+        tokenizer = _build_tokenizer(seed)
+        _save_quietly(_build_model(tokenizer, seed), tokenizer, tmp)
+        return {"version": DEMO_MODEL_VERSION, "seed": seed, "torch_dtype": TORCH_DTYPE}
+
+    return write_model_dir(path, save)
+
+
+def write_model_dir(path: str | os.PathLike[str],
+                    save: Callable[[pathlib.Path], dict[str, object]]) -> pathlib.Path:
+    """Build a model directory with ``save(tmp)`` beside ``path``, then rename it into place.
+
+    ``save`` writes the files and returns the marker's content, written last: its presence
+    means every other file is complete. A crash never leaves a half-written model at ``path``.
+    """
     path = pathlib.Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same filesystem as ``path``, so the final rename is atomic.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tokenizer = _build_tokenizer(seed)
-        model = _build_model(tokenizer, seed)
-        _save_quietly(model, tokenizer, tmp)
-        # The marker goes last: its presence means every other file is complete.
-        marker = {"version": DEMO_MODEL_VERSION, "seed": seed, "torch_dtype": TORCH_DTYPE}
+        marker = save(tmp)
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _relax_permissions(tmp)
         _install_dir(tmp, path)

@@ -33,3 +33,30 @@ def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: P
     line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
     assert line, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(line[2:])
+
+
+OFFLINE_IMAGES_SCRIPT = r"""
+import json, sys
+from PIL import Image
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    model, prompt, images, max_tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    llm = LLM(model=model, enforce_eager=True, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    prompts = [{"prompt_token_ids": prompt, "multi_modal_data": {"image": Image.open(p).convert("RGB")}}
+               for p in images]
+    outs = llm.generate(prompts, params)
+    print("@@" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def offline_greedy_images(model: str, prompt: list[int], images: list[str], max_tokens: int,
+                          tmp: Path) -> list[list[int]]:
+    """vLLM's offline greedy output for one token-id prompt with each image given as pixels."""
+    script = tmp / "offline_images.py"
+    script.write_text(OFFLINE_IMAGES_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), model, json.dumps(prompt), json.dumps(images),
+                          str(max_tokens)], capture_output=True, text=True, timeout=300)
+    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(line[2:])

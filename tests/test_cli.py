@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import run_cli
 
@@ -53,7 +54,7 @@ def test_help_and_list_roles_import_no_role_and_no_vllm_or_torch() -> None:
 def test_role_help_imports_only_that_role_and_no_vllm_or_torch() -> None:
     for role in sorted(BUILT_IN):
         module = "dynamo_worker.roles." + role.replace("-", "_")
-        assert _modules_loaded_by("--role", role, "--help") <= {module, "dynamo_worker.roles.planned"}
+        assert _modules_loaded_by("--role", role, "--help") <= {module}
 
 
 def test_role_help_shows_core_and_role_options() -> None:
@@ -76,24 +77,67 @@ def test_debug_shows_the_traceback() -> None:
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-def test_planned_role_says_it_is_not_implemented_and_does_not_serve() -> None:
-    out = run_cli("--role", "processor", "--nats-url", "nats://127.0.0.1:1")
-    assert out.returncode == 2
-    assert "role 'processor' is declared but not implemented yet" in out.stderr
-
-
 def test_dynamo_alias_flags_select_the_role() -> None:
-    out = run_cli("--multimodal-encode-worker")
-    assert "role 'encode'" in out.stderr
-    out = run_cli("--vllm-native-encoder-worker")
-    assert "role 'ec-encoder'" in out.stderr
+    out = run_cli("--multimodal-encode-worker", "--enable-multimodal", "--help")
+    assert out.returncode == 0 and "encode role" in out.stdout
+    out = run_cli("--vllm-native-encoder-worker", "--enable-multimodal", "--help")
+    assert out.returncode == 0 and "ec-encoder role" in out.stdout and "--ec-storage-path" in out.stdout
+    out = run_cli("--multimodal-processor", "--enable-multimodal", "--help")
+    assert out.returncode == 0 and "--allowed-local-media-path" in out.stdout
+    out = run_cli("--multimodal-worker", "--enable-multimodal", "--help")  # Dynamo's LLM worker of the chain
+    assert out.returncode == 0 and "decode role" in out.stdout and "--ec-storage-path" in out.stdout
+
+
+def test_multimodal_roles_need_enable_multimodal_in_one_line() -> None:
+    for argv, flag in ((["--multimodal-processor"], "--multimodal-processor"),
+                       (["--multimodal-encode-worker"], "--multimodal-encode-worker"),
+                       (["--vllm-native-encoder-worker"], "--vllm-native-encoder-worker"),
+                       (["--role", "encode"], "--role encode"),
+                       (["--multimodal-worker"], "--multimodal-worker")):
+        out = run_cli(*argv, "--model", "/nonexistent")
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert f"{flag} needs --enable-multimodal; add --enable-multimodal" in out.stderr
+
+
+def test_enable_multimodal_refuses_a_model_the_multimodal_roles_do_not_serve(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    for argv in (["--enable-multimodal"], ["--vllm-native-encoder-worker", "--enable-multimodal",
+                                           "--ec-storage-path", str(tmp_path)],
+                 ["--multimodal-encode-worker", "--enable-multimodal"]):
+        out = run_cli(*argv, "--model", str(tmp_path), "--nats-url", "nats://127.0.0.1:1")
+        # vLLM's own import warnings may come first; the error is one line, without a traceback.
+        errors = [line for line in out.stderr.splitlines() if line.startswith("dynamo-worker: error:")]
+        assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"model {tmp_path} (llama) is not one the multimodal roles serve (supported: blip-2" in out.stderr
+
+
+def test_enable_multimodal_is_refused_by_roles_that_do_not_take_it() -> None:
+    out = run_cli("--is-prefill-worker", "--enable-multimodal")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "--enable-multimodal does not apply to --is-prefill-worker" in out.stderr
+
+
+def test_multimodal_role_flags_are_mutually_exclusive() -> None:
+    out = run_cli("--multimodal-processor", "--vllm-native-encoder-worker", "--enable-multimodal")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "--multimodal-processor and --vllm-native-encoder-worker select different roles" in out.stderr
+
+
+def test_multimodal_roles_check_their_model_before_serving() -> None:
+    out = run_cli("--multimodal-encode-worker", "--enable-multimodal", "--nats-url", "nats://127.0.0.1:1")
+    assert out.returncode == 2 and "--model is required" in out.stderr
+    out = run_cli("--multimodal-processor", "--enable-multimodal", "--model", "/nonexistent")
+    assert out.returncode == 2 and "cannot read /nonexistent/config.json" in out.stderr
+    out = run_cli("--vllm-native-encoder-worker", "--enable-multimodal", "--model", "/nonexistent")
+    assert out.returncode == 2 and "--model /nonexistent: no such directory" in out.stderr
 
 
 def test_conflicting_role_flags_name_both() -> None:
     out = run_cli("--role", "decode", "--is-prefill-worker")
     assert out.returncode == 2
     assert "--role decode and --is-prefill-worker select different roles" in out.stderr
-    out = run_cli("--multimodal-processor", "--multimodal-encode-worker")
+    out = run_cli("--multimodal-processor", "--multimodal-encode-worker", "--enable-multimodal")
     assert "--multimodal-processor and --multimodal-encode-worker" in out.stderr
 
 

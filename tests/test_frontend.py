@@ -335,7 +335,10 @@ BAD_REQUESTS = [
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400,
                  "messages[0].content", id="message-content-type"),
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content[0]", id="image"),
+        {"type": "file", "file": {"file_id": "x"}}]}]}, 400, "messages[0].content[0]", id="unknown-part-type"),
+    # Media parts go to a multimodal processor; no processor serves "tiny" (docs/multimodal.md).
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 503, None, id="image-without-processor"),
     pytest.param("/v1/chat/completions", {"model": "tiny", "stream": True,
                                           "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n",
                  id="chat-n-3"),

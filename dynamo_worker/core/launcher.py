@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
                    help="prefill workers (default %(default)s); with 1 or more the stack serves disaggregated: "
                         "every worker gets vLLM's file-based KV connector (--connector example) with a "
                         "shared directory under the log dir")
+    p.add_argument("--multimodal", action="store_true",
+                   help="serve a vision-language model (--model from: dynamo-worker demo-model PATH --multimodal): "
+                        "decode workers get --enable-multimodal, and a processor and an encoder start too")
+    p.add_argument("--encoder", choices=("encode", "ec-encoder"), default="encode",
+                   help="with --multimodal: an encode worker (embeddings to the LLM worker) or an ec-encoder "
+                        "(vLLM's encoder-only instance; outputs go through a shared EC directory); default %(default)s")
     p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
     p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
@@ -187,6 +193,13 @@ def validate(args: argparse.Namespace) -> None:
     if args.model and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such directory; give a local model directory "
                          "(or omit --model to use the demo model)")
+    if args.multimodal and not args.model:
+        raise UsageError("--multimodal needs --model PATH: a vision-language model directory "
+                         "(write a tiny one with: dynamo-worker demo-model PATH --multimodal)")
+    if args.multimodal and args.prefill_workers:
+        raise UsageError("--multimodal with --prefill-workers is not supported; drop one of them")
+    if args.encoder != "encode" and not args.multimodal:
+        raise UsageError(f"--encoder {args.encoder} needs --multimodal")
     if not _port_is_free(args.http_port):
         raise UsageError(f"--http-port {args.http_port} is in use; pick another port")
 
@@ -256,15 +269,19 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
         worker += ["--connector", "example", "--kv-shared-storage", str(shared)]
     for i in range(args.prefill_workers):
         stack.start(f"prefill-{i}", [*exe, "--role", "prefill", *common, *worker], env, system_port=_free_port())
+    if args.multimodal:
+        worker += ["--enable-multimodal", *_start_multimodal(args, exe, common, model, served, worker, env, stack)]
     for i in range(args.decode_workers):
         stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, *worker], env, system_port=_free_port())
     prefill = f", {args.prefill_workers} prefill worker(s)" if args.prefill_workers else ""
-    print(f"starting nats-server, the frontend{prefill} and {args.decode_workers} decode worker(s); "
+    multimodal = f", a processor and an {args.encoder} worker" if args.multimodal else ""
+    print(f"starting nats-server, the frontend{prefill}{multimodal} and {args.decode_workers} decode worker(s); "
           f"logs in {stack.log_dir}", flush=True)
 
     started = time.monotonic()
     last_note = started
-    while served not in _served_models(args.http_port) or not _healthy(stack, "prefill-"):
+    while served not in _served_models(args.http_port) or not all(
+            _healthy(stack, prefix) for prefix in ("prefill-", "processor-", "encode-", "ec-encoder-")):
         if stopping:
             return 0
         dead = stack.exited()
@@ -285,7 +302,11 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
 
     url = f"http://127.0.0.1:{args.http_port}"
     print(f"\nready in {time.monotonic() - started:.0f}s: model {served!r} at {url}/v1\n")
-    body = json.dumps({"model": served, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
+    content: Any = "Hello!"
+    if args.multimodal:
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+                   {"type": "text", "text": "What is in the picture?"}]
+    body = json.dumps({"model": served, "messages": [{"role": "user", "content": content}], "max_tokens": 16})
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n")
     print("Ctrl-C stops everything.", flush=True)
     if args.once:
@@ -298,6 +319,25 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
             return 1
         time.sleep(0.5)
     return 0
+
+
+def _start_multimodal(args: argparse.Namespace, exe: list[str], common: list[str], model: str, served: str,
+                      worker: list[str], env: dict[str, str], stack: Stack) -> list[str]:
+    """Start the processor and the encoder of a multimodal stack; the decode workers' extra flags."""
+    model_flags = ["--enable-multimodal", "--model", model, "--served-model-name", served]
+    decode_extra: list[str] = []
+    if args.encoder == "ec-encoder":
+        # One machine: vLLM's file-based EC connector, through a directory both engines share.
+        shared = stack.log_dir / "ec-shared"
+        shared.mkdir(exist_ok=True)
+        decode_extra = ["--ec-storage-path", str(shared)]
+        stack.start("ec-encoder-0", [*exe, "--role", "ec-encoder", *common, *worker, "--enable-multimodal",
+                                     *decode_extra], env, system_port=_free_port())
+    else:
+        stack.start("encode-0", [*exe, "--role", "encode", *common, *model_flags], env, system_port=_free_port())
+    stack.start("processor-0", [*exe, "--role", "processor", *common, *model_flags, "--encoder", args.encoder],
+                env, system_port=_free_port())
+    return decode_extra
 
 
 def _cpu_defaults(engine_argv: list[str]) -> list[str]:

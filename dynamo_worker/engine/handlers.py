@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from dynamo_worker.engine.lora import LoraManager
     from dynamo_worker.engine.metrics import EngineMetrics, RequestTimer
     from dynamo_worker.engine.sleep import SleepControl
+    from dynamo_worker.multimodal.llm_inputs import ImageInputs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class GenerateHandler:
         self.metrics: EngineMetrics | None = None
         self.adapters: LoraManager | None = None
         self.sleep: SleepControl | None = None
+        self.images: ImageInputs | None = None  # set with --enable-multimodal: takes multi_modal_data
 
     def _dp_rank(self, req: protocol.PreprocessedRequest) -> int | None:
         """The data-parallel rank a request is pinned to (``routing.dp_rank``), checked."""
@@ -108,7 +110,10 @@ class GenerateHandler:
 
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
-                                     max_model_len=self.facts.max_model_len)
+                                     max_model_len=self.facts.max_model_len, multimodal=self.images is not None)
+        # Checked here, before the engine: bad multimodal input can kill vLLM's engine.
+        mm_data = (self.images.engine_data(req.multi_modal_data)
+                   if self.images is not None and req.multi_modal_data is not None else None)
         transfer = None
         if self.prefill_only:  # one token: the KV cache is the product; decode samples for real
             req.stop_conditions.max_tokens = req.stop_conditions.min_tokens = 1
@@ -124,20 +129,23 @@ class GenerateHandler:
             # Labelled after validation: a request cannot mint a series with a name of its choosing.
             model = lora_request.lora_name if lora_request is not None else self.facts.served_name
             timer = self.metrics.request(context.endpoint, model) if self.metrics is not None else None
-            async for chunk in self._stream(req, params, context, lora_request, want_logprobs, timer):
+            async for chunk in self._stream(req, params, context, lora_request, want_logprobs, timer, mm_data):
                 yield chunk
 
     async def _stream(self, req: protocol.PreprocessedRequest, params: Any, context: RequestContext,
-                      lora_request: Any, want_logprobs: bool, timer: RequestTimer | None
-                      ) -> AsyncIterator[dict[str, Any]]:
+                      lora_request: Any, want_logprobs: bool, timer: RequestTimer | None,
+                      mm_data: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
         completion_tokens = 0
+        # Token ids plus images go through vLLM's input processor (it inserts the image tokens).
+        prompt: Any = (tokens_input(req.token_ids) if mm_data is None
+                       else {"prompt_token_ids": req.token_ids, "multi_modal_data": mm_data})
         try:
             # Cancelling this task (the caller went away) makes vLLM abort the request.
-            async for out in self.engine.generate(tokens_input(req.token_ids), params, context.request_id,
+            async for out in self.engine.generate(prompt, params, context.request_id,
                                                   lora_request=lora_request,
                                                   data_parallel_rank=self._dp_rank(req)):
                 choice = out.outputs[0]

@@ -80,14 +80,21 @@ class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defau
     multi_modal_data: dict[str, Any] | None = None
 
 
-def parse_request(payload: Any, *, vocab_size: int, max_model_len: int) -> PreprocessedRequest:
-    """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise."""
+def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
+                  multimodal: bool = False) -> PreprocessedRequest:
+    """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise.
+
+    ``multi_modal_data`` is only accepted with ``multimodal`` (a worker started with
+    ``--enable-multimodal``), which validates it itself (:mod:`dynamo_worker.multimodal.llm_inputs`).
+    """
     try:
         req = msgspec.convert(payload, PreprocessedRequest)
     except msgspec.ValidationError as exc:
         raise RequestError("bad_request", f"invalid generate request: {exc}") from None
-    if req.prompt_embeds is not None or req.multi_modal_data is not None:
-        raise RequestError("bad_request", "prompt_embeds and multi_modal_data need a multimodal worker")
+    if req.prompt_embeds is not None:
+        raise RequestError("bad_request", "prompt_embeds are not supported; send token_ids")
+    if req.multi_modal_data is not None and not multimodal:
+        raise RequestError("bad_request", "multi_modal_data needs a worker started with --enable-multimodal")
     if not req.token_ids:
         raise RequestError("bad_request", "token_ids must not be empty")
     bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)

@@ -30,6 +30,7 @@ class VllmRole:
     name = ""
     component = COMPONENT
     needs_connector = False  # a prefill engine is pointless without a KV connector
+    uses_kv_cache = True  # False for an encoder-only engine: no KV connector, no KV events
 
     def __init__(self) -> None:
         self.engine_args: Any = None
@@ -42,6 +43,7 @@ class VllmRole:
         self.load: Any = None
         self.dp_rank: int | None = None  # this process's data-parallel rank, with --data-parallel-rank
         self.kv_transfer: dict[str, Any] | None = None  # the KV connector decided at configure
+        self.ec_transfer: dict[str, Any] | None = None  # the EC connector decided at configure
 
     def _engine_arguments(self, parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         g = parser.add_argument_group(
@@ -60,20 +62,32 @@ class VllmRole:
         if ctx.options.engine_help:
             print(engine_args.engine_help())
             raise SystemExit(0)
-        from dynamo_worker.engine import data_parallel, kv_events, kv_transfer, lora
+        from dynamo_worker.engine import data_parallel, ec_transfer, kv_events, kv_transfer, lora
 
         self.engine_args, applied = engine_args.parse_engine_args(ctx.options.extra_args)
         ctx.options.extra_args = []  # consumed: vLLM's parser accepted all of them
         self.dp_rank = data_parallel.assign_rank(self.engine_args)
-        self.kv_transfer = kv_transfer.configure(ctx.options, self.engine_args, role=self.name,
-                                                 required=self.needs_connector)
+        if self.uses_kv_cache:
+            self.kv_transfer = kv_transfer.configure(ctx.options, self.engine_args, role=self.name,
+                                                     required=self.needs_connector)
+        if getattr(ctx.options, "enable_multimodal", False):
+            from dynamo_worker.multimodal import models
+
+            # A model the multimodal roles do not serve is a one-line error now, not after the engine.
+            model = str(self.engine_args.model)
+            models.vision_model(models.read_config(model), model)
+            if self.name == "decode":  # the LLM worker takes image embeddings from encode workers
+                self.engine_args.enable_mm_embeds = True
+                applied.append(("enable_mm_embeds", True, "--enable-multimodal: encode workers send image embeddings"))
+        self.ec_transfer = ec_transfer.configure(ctx.options, self.engine_args, role=self.name)
         self.lora_dirs = lora.parse_lora_dirs(getattr(ctx.options, "lora_dirs", None))
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
-        self.kv_events = kv_events.configure(self.engine_args)
+        self.kv_events = kv_events.configure(self.engine_args) if self.uses_kv_cache else None
         ctx.state["component"] = self.component
         ctx.state["resolved_config"] = {
             "kv_transfer": self.kv_transfer,
+            "ec_transfer": self.ec_transfer,
             "engine_args": engine_args.resolved(self.engine_args),
             "defaults_applied": {attr: {"value": v, "why": why} for attr, v, why in applied},
             "kv_event_ports": self.kv_events.ports if self.kv_events else None,

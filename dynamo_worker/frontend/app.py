@@ -26,7 +26,7 @@ import msgspec
 from aiohttp import web
 
 from dynamo_worker.core.runtime import Client, Runtime
-from dynamo_worker.frontend import disaggregation, preprocess
+from dynamo_worker.frontend import disaggregation, multimodal, preprocess
 from dynamo_worker.frontend.detokenizer import TokenStrings
 from dynamo_worker.frontend.metrics import CLIENT_CLOSED, CONTENT_TYPE, FrontendMetrics, RequestTracker
 from dynamo_worker.frontend.models import ModelTable, ServedModel
@@ -44,6 +44,7 @@ from dynamo_worker.frontend.protocol import (
     internal,
     parse_chat,
     parse_completion,
+    unavailable,
 )
 from dynamo_worker.frontend.disaggregation import PrefillRouter
 from dynamo_worker.frontend.router import POLICIES, Router
@@ -87,6 +88,7 @@ class _Prepared:
     params: GenerationParams
     payload: dict[str, Any]
     shape: ResponseShape
+    router: Router | None = None  # None: the LLM workers' router; else the processors'
 
 
 class FrontendServer:
@@ -94,7 +96,8 @@ class FrontendServer:
 
     def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
                  migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
-                 metrics: FrontendMetrics | None = None, prefill_client: Client | None = None) -> None:
+                 metrics: FrontendMetrics | None = None, prefill_client: Client | None = None,
+                 processor_client: Client | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
         self.table = ModelTable(client)
@@ -108,6 +111,11 @@ class FrontendServer:
                              on_retry=lambda model: self.metrics.retries.labels(model).inc(),
                              on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
                              prefill=prefill)
+        self.media: multimodal.MediaRoute | None = None
+        if processor_client is not None:
+            self.media = multimodal.MediaRoute(processor_client, Router(
+                processor_client, router_mode, retries,
+                on_retry=lambda model: self.metrics.retries.labels(model).inc()))
         self.max_request_bytes = max_request_bytes
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -117,7 +125,8 @@ class FrontendServer:
         return cls(runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT), router_mode=options.router_mode,
                    retries=options.request_retries, migration_limit=options.migration_limit,
                    max_request_bytes=options.max_request_bytes,
-                   prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT))
+                   prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT),
+                   processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -252,6 +261,8 @@ class FrontendServer:
         else:
             req = parse_chat(body)
             params = generation_params(req)
+            if multimodal.has_media(req):
+                return await self._prepare_media(body, req.model, params, tracker)
             messages = chat_messages(req)
             prompt_param, shape_cls = "messages", ChatShape
         tracker.request_type = "stream" if params.stream else "unary"
@@ -270,11 +281,26 @@ class FrontendServer:
         shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)
         return _Prepared(model, tokenizer, prompt_ids, params, payload, shape)
 
+    async def _prepare_media(self, body: bytes, model_name: str, params: GenerationParams,
+                             tracker: RequestTracker) -> _Prepared:
+        """A chat request with image/video parts: a processor tokenizes and encodes it."""
+        tracker.request_type = "stream" if params.stream else "unary"
+        model = self.table.resolve(model_name)
+        tracker.set_model(model.name)
+        if self.media is None:
+            raise unavailable("this frontend routes no multimodal requests", code="no_processor")
+        self.media.check(model.name)
+        tokenizer = await self.table.tokenizer(model)
+        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids)
+        shape = ChatShape(model.name, TokenStrings(tokenizer), params.include_usage)
+        return _Prepared(model, tokenizer, [], params, self.media.payload(body, model, params), shape,
+                         router=self.media.router)
+
     async def _unary(self, p: _Prepared, tracker: RequestTracker) -> web.Response:
         out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
         texts: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if p.params.logprobs is not None else None
-        async with aclosing(self.router.generate(p.model.name, p.payload)) as stream:
+        async with aclosing((p.router or self.router).generate(p.model.name, p.payload)) as stream:
             async for item in stream:
                 delta = out.process(item)
                 tracker.tokens(delta.tokens)
@@ -304,7 +330,7 @@ class FrontendServer:
             return r
 
         try:
-            async with aclosing(self.router.generate(p.model.name, p.payload)) as stream:
+            async with aclosing((p.router or self.router).generate(p.model.name, p.payload)) as stream:
                 async for item in stream:
                     delta = out.process(item)
                     tracker.tokens(delta.tokens)

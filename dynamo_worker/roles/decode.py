@@ -5,7 +5,10 @@ request plane, ``/engine/sleep``, ``/engine/wake_up`` and ``/engine/is_sleeping`
 port, publishes per-engine load (``load_metrics``) and relays vLLM's KV-cache events
 (``kv_events``) on the event plane. With a KV connector (``--connector``) it is the decode half
 of disaggregated serving: a request carrying a ``prefill_result`` loads its prompt's KV through
-the connector. The hooks it shares with the prefill role are in
+the connector. With ``--enable-multimodal`` it is the language-model worker of the multimodal
+chain: ``generate`` also takes ``multi_modal_data`` (image embeddings from an ``encode`` worker,
+or images whose encoder output an ``ec-encoder`` stored, with ``--ec-storage-path``), checked
+before vLLM sees it (docs/multimodal.md). The hooks it shares with the prefill role are in
 :class:`dynamo_worker.engine.role.VllmRole`; docs/operations.md describes them for operators.
 """
 
@@ -26,7 +29,7 @@ class DecodeRole(VllmRole):
 
     @hookimpl
     def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from dynamo_worker.engine import kv_transfer
+        from dynamo_worker.engine import ec_transfer, kv_transfer
 
         g = self._engine_arguments(parser)
         g.add_argument("--is-decode-worker", action="store_true",
@@ -35,6 +38,7 @@ class DecodeRole(VllmRole):
                        help="directories load_lora may load adapters from (with --enable-lora); "
                             "none by default, so load_lora refuses every path until this is given")
         kv_transfer.add_arguments(g)
+        ec_transfer.add_arguments(g)
 
     def _register_controls(self, registrar: Any, ctx: Any, data: dict[str, Any]) -> None:
         """LoRA endpoints and sleep/wake routes (``data``: the generate record, changed by them)."""
@@ -43,6 +47,13 @@ class DecodeRole(VllmRole):
         from dynamo_worker.engine.sleep import SleepControl
 
         engine = ctx.engine
+        if ctx.options.enable_multimodal:
+            from dynamo_worker.multimodal.llm_inputs import ImageInputs
+            from dynamo_worker.multimodal.models import vision_model
+
+            config = engine.model_config.hf_config.to_dict()
+            self.handler.images = ImageInputs.for_engine(engine, vision_model(config, self.facts.path))
+            data["multimodal"] = True
         if self.engine_args.enable_lora:
             data["loras"] = []
         record = GenerateRecord(ctx, self.component, "generate", dict(data))
