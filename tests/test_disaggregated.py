@@ -318,6 +318,10 @@ class _FakeClient:
                 raise item
             yield item
 
+    async def direct_batches(self, payload: dict[str, Any], instance_id: str) -> Any:
+        async for item in self.direct(payload, instance_id):
+            yield [item]
+
 
 async def test_a_migrated_stream_continues_aggregated_and_a_failed_prefill_falls_back() -> None:
     from dynamo_worker.core.request_plane import RequestError
