@@ -227,9 +227,13 @@ def main(argv: list[str]) -> int:
     return status
 
 
-def _child_env(nats_url: str) -> dict[str, str]:
+def _child_env(nats_url: str, token: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["NATS_SERVER"] = nats_url  # the token stays off command lines
+    # The token stays off command lines and out of URLs that get logged.
+    for var in ("NATS_AUTH_USERNAME", "NATS_AUTH_PASSWORD", "NATS_AUTH_CREDENTIALS_FILE"):
+        env.pop(var, None)
+    env["NATS_SERVER"] = nats_url
+    env["NATS_AUTH_TOKEN"] = token
     env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("DYN_SYSTEM_PORT", None)  # one port cannot serve several children
@@ -243,7 +247,7 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     store = stack.log_dir / "jetstream"
     stack.start("nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(store),
                          "--auth", token], dict(os.environ))
-    env = _child_env(f"nats://{token}@127.0.0.1:{nats_port}")
+    env = _child_env(f"nats://127.0.0.1:{nats_port}", token)
     common = ["--namespace", args.namespace]
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
                              "--migration-limit", str(args.migration_limit)], env,

@@ -46,6 +46,7 @@ from dynamo_worker.frontend.protocol import (
     parse_completion,
 )
 from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.limits import Limits
 from dynamo_worker.frontend.router import POLICIES, Router
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,12 @@ class FrontendServer:
 
     def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
                  migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
-                 metrics: FrontendMetrics | None = None, prefill_client: Client | None = None) -> None:
+                 metrics: FrontendMetrics | None = None, prefill_client: Client | None = None,
+                 limits: Limits | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
+        self.limits = limits or Limits()
+        self.limits.register_metrics(self.metrics.registry)
         self.table = ModelTable(client)
         prefill = None
         if prefill_client is not None:
@@ -117,12 +121,14 @@ class FrontendServer:
         return cls(runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT), router_mode=options.router_mode,
                    retries=options.request_retries, migration_limit=options.migration_limit,
                    max_request_bytes=options.max_request_bytes,
-                   prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT))
+                   prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT),
+                   limits=Limits.from_options(options))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[_openai_errors])
+        app = web.Application(client_max_size=self.max_request_bytes,
+                              middlewares=[*self.limits.middlewares(), _openai_errors])
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
@@ -263,8 +269,10 @@ class FrontendServer:
         else:
             prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages)
         preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids)
+        self.limits.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params, prompt_param=prompt_param,
                                                    max_param=params.max_tokens_param)
+        max_tokens = self.limits.check_max_tokens(params.max_tokens, max_tokens, params.max_tokens_param)
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))
         shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)
