@@ -93,9 +93,10 @@ class Runtime:
                 timeout,
             )
         except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise RuntimeUnavailable(
                 f"cannot reach the NATS server at {redact(url)} within {timeout:g}s "
-                f"({type(exc).__name__}: {exc}); start nats-server or pass --nats-url / NATS_SERVER "
+                f"({why}); start nats-server or pass --nats-url / NATS_SERVER "
                 "(and its credentials: --nats-token, --nats-user, --nats-creds)"
             ) from exc
         rt = cls(nc, namespace, lease_ttl, idle_timeout)

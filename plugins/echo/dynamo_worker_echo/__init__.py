@@ -28,7 +28,7 @@ MAX_TOKENS = 4096
 # frontend sends (ignored here). Anything else is a bad request, as on a decode worker.
 KNOWN_FIELDS = frozenset({
     "token_ids", "delay", "model", "stop_conditions", "sampling_options", "output_options",
-    "eos_token_ids", "mdc_sum", "annotations", "routing", "extra_args",
+    "eos_token_ids", "mdc_sum", "annotations", "routing", "extra_args", "prefill_result", "bootstrap_info",
 })
 
 
