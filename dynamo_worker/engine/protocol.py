@@ -83,7 +83,8 @@ class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defau
     multi_modal_data: dict[str, Any] | None = None
 
 
-def parse_request(payload: Any, *, vocab_size: int, max_model_len: int) -> PreprocessedRequest:
+def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
+                  min_prompt_tokens: int = 1) -> PreprocessedRequest:
     """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise."""
     try:
         req = msgspec.convert(payload, PreprocessedRequest)
@@ -93,6 +94,9 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int) -> Prepr
         raise RequestError("bad_request", "prompt_embeds and multi_modal_data need a multimodal worker")
     if not req.token_ids:
         raise RequestError("bad_request", "token_ids must not be empty")
+    if len(req.token_ids) < min_prompt_tokens:
+        raise RequestError("bad_request", f"this worker's KV connector (vLLM's ExampleConnector) needs a prompt of "
+                           f"at least {min_prompt_tokens} tokens; a shorter one would fail its engine")
     bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise RequestError("bad_request", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
