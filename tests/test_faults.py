@@ -56,6 +56,7 @@ class Load:
     def __init__(self, base: str, model: str, concurrency: int = 8, max_requests: int = 2000) -> None:
         self.base, self.model, self.concurrency, self.max_requests = base, model, concurrency, max_requests
         self.outcomes: list[tuple[float, float, str]] = []  # (start, end, "ok" or the failure)
+        self.messages: Counter[str] = Counter()  # the error messages of failed requests
         self.stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -91,6 +92,7 @@ class Load:
             async with session.post(f"{self.base}/v1/completions", json=body) as resp:
                 if resp.status != 200:
                     error = (await resp.json())["error"]
+                    self.messages[error["message"]] += 1
                     return f"{resp.status} {error['type']}"
                 if not stream:
                     got = (await resp.json())["usage"]["completion_tokens"]
@@ -192,7 +194,7 @@ async def test_a_nats_restart_under_load_loses_no_accepted_request(echo_stack: E
     print(f"\nFIGURE nats restart: {len(load.outcomes)} requests at concurrency 8 "
           f"({accepted_before} before the kill); outage {up - down:.2f} s; first new success "
           f"{first_ok - up:.2f} s after restart; both workers rediscovered {rediscovered - up:.2f} s after; "
-          f"outcomes {dict(summary)}")
+          f"outcomes {dict(summary)}; errors {dict(load.messages)}")
     # Every request completed with all its tokens, or failed with a clear retryable 503.
     assert all(o.startswith("503 ") for o in failures), failures
     assert first_ok - up < 15
@@ -220,16 +222,32 @@ async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_
         echo_stack: EchoStack) -> None:
     s = echo_stack
     assert s.frontend is not None
-    load = Load(s.base, "echo", concurrency=8, max_requests=400)
+    load = Load(s.base, "echo", concurrency=6, max_requests=400)
     load.start()
     await wait_for_load(load, 30)
-    inflight = await asyncio.to_thread(frontend_metric, s.base, "dynamo_frontend_inflight_requests")
-    s.frontend.signal(signal.SIGTERM)
+    long_tokens = 300  # 300 tokens at 10 ms each: these streams are still running at the signal
+    body = {"model": "echo", "prompt": " ".join(["bird"] * 320), "max_tokens": long_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        responses = [await session.post(f"{s.base}/v1/completions", json=body) for _ in range(4)]
+        for resp in responses:
+            assert resp.status == 200
+            await resp.content.readline()  # the first event: accepted and streaming
+        inflight = await asyncio.to_thread(frontend_metric, s.base, "dynamo_frontend_inflight_requests")
+        s.frontend.signal(signal.SIGTERM)
+        texts = [(await resp.read()).decode() for resp in responses]
     assert await asyncio.to_thread(s.frontend.wait, 60) == 0
     await load.stop()
     summary = load.summary()
-    print(f"\nFIGURE sigterm frontend: {inflight:.0f} in flight at the signal; outcomes {dict(summary)}")
-    # Accepted requests completed; later ones could not connect (the listener was closed).
+    print(f"\nFIGURE sigterm frontend: {inflight:.0f} in flight at the signal (4 of them {long_tokens}-token "
+          f"streams); load outcomes {dict(summary)}")
+    # Every stream that had started finished whole.
+    for text in texts:
+        usage = [json.loads(line[6:])["usage"] for line in text.splitlines()
+                 if line.startswith("data: {") and '"usage"' in line]
+        assert text.endswith("data: [DONE]\n\n") and usage[-1]["completion_tokens"] == long_tokens
+    # The load's requests completed, or found the listener closed or their idle kept-alive
+    # connection closed by the server (never sent, so never accepted).
     assert all(o == "ok" or o.startswith("connection ") for o in summary), summary
     assert "draining" in s.frontend.log()
     s.start_frontend()
@@ -249,7 +267,8 @@ class EngineStack:
                   "--connector", "example", "--kv-shared-storage", str(storage), "--graceful-shutdown-timeout", "60"]
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
-        self.prefill = WorkerProcess(["--role", "prefill", *engine],
+        self.prefill_port = free_port()
+        self.prefill = WorkerProcess(["--role", "prefill", *engine, "--system-port", str(self.prefill_port)],
                                      env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
         self.decode = WorkerProcess(["--role", "decode", *engine],
                                     env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
@@ -286,18 +305,24 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
         [record] = await client.wait_for_instances(30)
 
         async def prefill(i: int) -> list[Any]:
-            payload = {"token_ids": [1, *range(10 + i, 200 + i)], "stop_conditions": {"max_tokens": 1}}
+            payload = {"token_ids": [1, *range(10 + i, 240 + i)], "stop_conditions": {"max_tokens": 1}}
             return [x async for x in client.direct(payload, record.instance_id)]
 
-        calls = [asyncio.create_task(prefill(i)) for i in range(16)]
-        await asyncio.sleep(0.2)
-        started = sum(1 for c in calls if not c.done())
+        def inflight() -> float:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{s.prefill_port}/metrics", timeout=5).read().decode()
+            return sum(x.value for fam in text_string_to_metric_families(body) for x in fam.samples
+                       if x.name == "dynamo_component_inflight_requests" and x.labels.get("dynamo_endpoint") == "generate")
+
+        calls = [asyncio.create_task(prefill(i)) for i in range(24)]
+        # Signal while the worker has requests in flight (watched on the worker, not the client).
+        await asyncio.to_thread(wait_until, lambda: inflight() >= 2, 60, 0.01, "prefill requests in flight")
+        at_signal = await asyncio.to_thread(inflight)
         s.prefill.signal(signal.SIGTERM)
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert await asyncio.to_thread(s.prefill.wait, 120) == 0
         errors = [r for r in results if isinstance(r, BaseException)]
-        print(f"\nFIGURE sigterm prefill: 16 prefill requests, {started} unfinished at the signal, "
-              f"{len(errors)} failed")
+        print(f"\nFIGURE sigterm prefill: 24 prefill requests, {at_signal:.0f} in flight on the worker at the "
+              f"signal, {len(errors)} failed")
         assert errors == [], errors
         assert all(r and "kv_transfer_params" in json.dumps(r) for r in results)
         assert "draining" in s.prefill.log()
@@ -307,7 +332,7 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
 
 async def test_killing_the_engine_core_exits_the_worker_1_and_traffic_moves_on(engine_stack: EngineStack) -> None:
     s = engine_stack
-    load = Load(s.base, "tiny", concurrency=4, max_requests=400)
+    load = Load(s.base, "tiny", concurrency=4, max_requests=5000)
     load.start()
     await wait_for_load(load, 10, timeout=120)
     cores = [p for p in _children(s.decode.pid) if "EngineCor" in _comm(p)]

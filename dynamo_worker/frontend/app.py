@@ -111,7 +111,7 @@ class FrontendServer:
         self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
                              on_retry=lambda model: self.metrics.retries.labels(model).inc(),
                              on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
-                             prefill=prefill)
+                             prefill=prefill, bus_connected=lambda: client.runtime.nc.is_connected)
         self.max_request_bytes = max_request_bytes
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -261,7 +261,7 @@ class FrontendServer:
             messages = chat_messages(req)
             prompt_param, shape_cls = "messages", ChatShape
         tracker.request_type = "stream" if params.stream else "unary"
-        model = self.table.resolve(req.model)
+        model = await self.table.resolve_soon(req.model)
         tracker.set_model(model.name)
         tokenizer = await self.table.tokenizer(model)
         if endpoint == "completions":
