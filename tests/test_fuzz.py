@@ -178,6 +178,13 @@ def test_a_one_token_prompt_never_reaches_the_example_connector(stack: Stack) ->
     assert stack.all_alive() == dict.fromkeys(stack.processes)
 
 
+def test_an_integer_over_64_bits_is_a_bad_request_not_an_internal_error(stack: Stack) -> None:
+    for payload in ({"token_ids": [1, 5], "sampling_options": {"seed": 2**70}},
+                    {"token_ids": [1, 5], "stop_conditions": {"max_tokens": 2**64}}):
+        err = stack.loop.run(call(stack, "decode/generate", payload))
+        assert err is not None and err.code == "bad_request"
+
+
 # ---- the frontend --------------------------------------------------------------------------------
 
 def post(url: str, body: bytes) -> tuple[int, bytes, str]:
