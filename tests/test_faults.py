@@ -313,15 +313,15 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
             return sum(x.value for fam in text_string_to_metric_families(body) for x in fam.samples
                        if x.name == "dynamo_component_inflight_requests" and x.labels.get("dynamo_endpoint") == "generate")
 
-        calls = [asyncio.create_task(prefill(i)) for i in range(24)]
+        calls = [asyncio.create_task(prefill(i)) for i in range(48)]
         # Signal while the worker has requests in flight (watched on the worker, not the client).
-        await asyncio.to_thread(wait_until, lambda: inflight() >= 2, 60, 0.01, "prefill requests in flight")
-        at_signal = await asyncio.to_thread(inflight)
+        busy = lambda: (n := inflight()) >= 2 and n  # noqa: E731 - the count, once 2 or more
+        at_signal = await asyncio.to_thread(wait_until, busy, 60, 0.01, "prefill requests in flight")
         s.prefill.signal(signal.SIGTERM)
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert await asyncio.to_thread(s.prefill.wait, 120) == 0
         errors = [r for r in results if isinstance(r, BaseException)]
-        print(f"\nFIGURE sigterm prefill: 24 prefill requests, {at_signal:.0f} in flight on the worker at the "
+        print(f"\nFIGURE sigterm prefill: 48 prefill requests, {at_signal:.0f} in flight on the worker at the "
               f"signal, {len(errors)} failed")
         assert errors == [], errors
         assert all(r and "kv_transfer_params" in json.dumps(r) for r in results)
