@@ -18,7 +18,6 @@ docs/reliability.md.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.error
 import urllib.request
