@@ -137,3 +137,12 @@ def test_limit_flag_mistakes_are_one_line_errors(flag: str, value: str, message:
     out = run_cli("--role", "frontend", flag, value)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_503_for_a_model_without_workers_says_when_to_retry(limited: Limited) -> None:
+    # Runs last: it stops the module's worker.
+    limited.worker.stop()
+    wait_until(lambda: limited.post(completion(max_tokens=2))[0] == 503, 30, what="the model to lose its worker")
+    status, body, headers = limited.post(completion(max_tokens=2))
+    assert status == 503 and headers.get("Retry-After") == "1"
+    assert body["error"]["type"] == "service_unavailable_error"

@@ -5,6 +5,7 @@
   stay open, as with ``vllm serve``, so probes and scrapers need no secret.
 * ``--max-concurrent-requests``: generation requests served at once; the next one gets 429 with
   ``Retry-After`` at once instead of queueing without bound (memory, and latency for everyone).
+  A 503 (no worker for the model right now) carries ``Retry-After`` too.
 * ``--max-prompt-tokens`` / ``--max-completion-tokens``: 400 past either, below the model's own
   context limit (which the frontend checks anyway). A request without ``max_tokens`` gets
   ``--max-completion-tokens`` when it is set, the rest of the context otherwise.
@@ -116,9 +117,13 @@ class Limits:
             return resp
         self.active += 1
         try:
-            return await handler(request)
+            resp = await handler(request)
         finally:
             self.active -= 1
+        if resp.status == 503 and not resp.prepared:
+            # No worker right now (restarting, or every try failed): worth retrying shortly.
+            resp.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+        return resp
 
     def check_prompt(self, prompt_len: int, param: str) -> None:
         if self.max_prompt_tokens and prompt_len > self.max_prompt_tokens:
