@@ -1,6 +1,6 @@
 """Safe defaults: NATS credentials and TLS on every role, the frontend's API key, nothing unpickled.
 
-Real nats-servers configured for a token, a user and password, and mutual TLS (certificates
+Real nats-servers configured for a token, a user and password, JWT accounts (a .creds file) and mutual TLS (certificates
 generated here with ``cryptography``); the echo role (no engine) as the worker.
 """
 
@@ -28,12 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 class ConfiguredNats:
     """A nats-server started with extra arguments (authentication, TLS)."""
 
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", tempfile.mkdtemp(prefix="dw-nats-"), *args],
+    def __init__(self, *args: str, port: int | None = None, argv: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        argv = argv or ["-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", tempfile.mkdtemp(prefix="dw-nats-")]
+        self.proc = subprocess.Popen([nats_server_binary(), *argv, *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(self._listening, 10, what="nats-server to listen")
+
+    @classmethod
+    def with_config(cls, config: Path, port: int) -> ConfiguredNats:
+        return cls(port=port, argv=["-c", str(config)])
 
     def _listening(self) -> bool:
         import socket
@@ -165,14 +169,67 @@ async def test_a_mutual_tls_nats_is_used_with_the_tls_flags(namespace: str, cert
         nats.stop()
 
 
-def test_a_creds_file_is_handed_to_nats_py() -> None:
-    # A JWT-authenticating nats-server needs an operator set up with nsc, which is not installed
-    # here: this checks the plumbing to nats-py's user_credentials only.
-    with tempfile.NamedTemporaryFile(suffix=".creds") as creds:
-        opts = SimpleNamespace(nats_token=None, nats_user=None, nats_password=None, nats_creds=creds.name,
-                               nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None)
-        nats_auth.check(opts)
-        assert nats_auth.connect_options(opts) == {"user_credentials": creds.name}
+def _operator_mode(directory: Path, port: int) -> Path:
+    """A nats-server config in JWT (operator) mode, and a user's .creds file; returns the config.
+
+    What ``nsc`` would write: an operator, a system account, an account with JetStream, and a
+    user of it, each an nkey, their JWTs signed by their issuer (ed25519, base64url).
+    """
+    import base64
+    import hashlib
+    import json
+    import os
+    import time
+
+    import nkeys
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def keypair(prefix: int) -> nkeys.KeyPair:
+        return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+    def jwt(issuer: nkeys.KeyPair, subject: nkeys.KeyPair, nats: dict[str, object]) -> str:
+        claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), "name": "test",
+                  "sub": subject.public_key.decode(), "nats": {**nats, "version": 2}}
+        claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims).encode()).digest()).decode().rstrip("=")
+        signed = f"{b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{b64(json.dumps(claims).encode())}"
+        return f"{signed}.{b64(issuer.sign(signed.encode()))}"
+
+    unlimited = {k: -1 for k in ("subs", "data", "payload", "imports", "exports", "conn", "leaf")}
+    operator, system, account, user = (keypair(p) for p in (nkeys.PREFIX_BYTE_OPERATOR, nkeys.PREFIX_BYTE_ACCOUNT,
+                                                             nkeys.PREFIX_BYTE_ACCOUNT, nkeys.PREFIX_BYTE_USER))
+    accounts = {
+        system.public_key.decode(): jwt(operator, system, {"type": "account", "limits": unlimited}),
+        account.public_key.decode(): jwt(operator, account, {"type": "account", "limits": {
+            **unlimited, "wildcards": True, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}}),
+    }
+    preload = ", ".join(f'{k}: "{v}"' for k, v in accounts.items())
+    config = directory / "operator.conf"
+    config.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{directory / "js"}" }}\n'
+                      f'operator: "{jwt(operator, operator, {"type": "operator"})}"\nresolver: MEMORY\n'
+                      f"system_account: {system.public_key.decode()}\nresolver_preload: {{ {preload} }}\n")
+    user_jwt = jwt(account, user, {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+    (directory / "user.creds").write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
+    return config
+
+
+async def test_a_jwt_nats_is_used_with_a_creds_file(namespace: str, tmp_path: Path) -> None:
+    port = free_port()
+    config = _operator_mode(tmp_path, port)
+    nats = ConfiguredNats.with_config(config, port)
+    creds = str(tmp_path / "user.creds")
+    worker = echo_worker(nats.url, namespace, NATS_AUTH_CREDENTIALS_FILE=creds)
+    try:
+        worker.wait_for_log("serving")  # discovery (JetStream KV) works under the account
+        assert await echo_round_trip(nats.url, namespace, user_credentials=creds) == [3, 1, 4]
+        refused = run_cli("--role", "echo", "--nats-url", nats.url, "--nats-connect-timeout", "3")
+        assert refused.returncode != 0 and "cannot reach the NATS server" in refused.stderr
+    finally:
+        worker.stop()
+        nats.stop()
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [

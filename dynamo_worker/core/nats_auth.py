@@ -10,6 +10,7 @@ Dynamo's runtime names (``NATS_AUTH_*``), so a Dynamo deployment's settings carr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ssl
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def check(options: Any) -> None:
               if value]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} are exclusive; authenticate to NATS one way")
+    if creds and importlib.util.find_spec("nkeys") is None:
+        raise UsageError("--nats-creds needs the nkeys package to sign with the seed: pip install 'nats-py[nkeys]'")
     if bool(options.nats_tls_cert) != bool(options.nats_tls_key):
         raise UsageError("--nats-tls-cert and --nats-tls-key go together; give both or neither")
     for flag, path in (("--nats-creds", creds), ("--nats-tls-ca", options.nats_tls_ca),
