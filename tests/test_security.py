@@ -1,7 +1,8 @@
 """Safe defaults: NATS credentials and TLS on every role, the frontend's API key, nothing unpickled.
 
-Real nats-servers configured for a token, a user and password, JWT accounts (a .creds file) and mutual TLS (certificates
-generated here with ``cryptography``); the echo role (no engine) as the worker.
+Real nats-servers configured for a token, a user and password, JWT accounts (a .creds file)
+and mutual TLS (certificates generated here with ``cryptography``); the echo role (no engine)
+as the worker.
 """
 
 from __future__ import annotations
