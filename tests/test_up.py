@@ -5,6 +5,7 @@ One stack (nats-server, frontend, one decode worker on vLLM) for the whole modul
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynamo_worker.core.errors import RuntimeUnavailable
+from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import offline_greedy
 from tests.helpers import DYNAMO_WORKER, free_port, run_cli, wait_until, worker_env
 
@@ -182,6 +186,26 @@ def test_a_client_disconnect_mid_stream_aborts_the_request_on_the_worker(stack: 
     assert cancelled() == before + 1
     wait_until(lambda: stack.worker_metric("dynamo_component_inflight_requests", dynamo_endpoint="generate") == 0,
                15, what="no request left in flight on the worker")
+
+
+def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(stack: Stack) -> None:
+    manifest = stack.manifest()
+    config = next(Path(a) for a in psutil.Process(manifest["nats"]["pid"]).cmdline() if a.endswith("nats.conf"))
+    assert config.stat().st_mode & 0o077 == 0  # only this user reads the token
+    token = config.read_text().split('token: "')[1].split('"')[0]
+    assert len(token) >= 32
+    for name in ("frontend", "decode-0"):
+        child = psutil.Process(manifest[name]["pid"])
+        env = child.environ()
+        assert env["NATS_AUTH_TOKEN"] == token and token not in env["NATS_SERVER"]
+        assert not any(token in arg for arg in child.cmdline())
+    # Every listening socket of the stack (NATS, frontend, status servers, vLLM's) is on loopback.
+    pids = descendants(stack.proc.pid) | {stack.proc.pid}
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert listening and all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
+    nats_port = next(c.laddr.port for c in listening if c.pid == manifest["nats"]["pid"])
+    with pytest.raises(RuntimeUnavailable):
+        asyncio.run(Runtime.connect(f"nats://127.0.0.1:{nats_port}", "x", timeout=3))
 
 
 def test_sigterm_stops_everything_and_leaves_no_process_behind(stack: Stack) -> None:

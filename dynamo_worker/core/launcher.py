@@ -1,8 +1,8 @@
 """``dynamo-worker up``: a whole local stack (NATS, a frontend, workers) as child processes.
 
 Everything binds 127.0.0.1. NATS gets a generated token that only the children know (passed
-through the environment, never on a command line). Every child runs in its own process group so
-stopping it also stops vLLM's engine-core processes. Ctrl-C/SIGTERM stops workers first (they
+through the environment and a config file only this user can read, never on a command line).
+Every child runs in its own process group so stopping it also stops vLLM's engine-core processes. Ctrl-C/SIGTERM stops workers first (they
 drain), then the frontend, then NATS.
 """
 
@@ -240,9 +240,25 @@ def main(argv: list[str]) -> int:
     return status
 
 
-def _child_env(nats_url: str) -> dict[str, str]:
+def _nats_config(directory: Path, port: int, token: str, store: Path) -> Path:
+    """nats-server's configuration, readable by this user only: a token on its command line
+    would be visible to every user of the host (``ps``)."""
+    path = directory / "nats.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'listen: "127.0.0.1:{port}"\n'
+                f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n"
+                f"authorization {{ token: {json.dumps(token)} }}\n")
+    return path
+
+
+def _child_env(nats_url: str, token: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["NATS_SERVER"] = nats_url  # the token stays off command lines
+    # The token stays off command lines and out of URLs that get logged.
+    for var in ("NATS_AUTH_USERNAME", "NATS_AUTH_PASSWORD", "NATS_AUTH_CREDENTIALS_FILE"):
+        env.pop(var, None)
+    env["NATS_SERVER"] = nats_url
+    env["NATS_AUTH_TOKEN"] = token
     env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("DYN_SYSTEM_PORT", None)  # one port cannot serve several children
@@ -254,9 +270,9 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     exe = [sys.executable, "-m", "dynamo_worker"]
     nats_port, token = _free_port(), secrets.token_hex(16)
     store = stack.log_dir / "jetstream"
-    stack.start("nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(store),
-                         "--auth", token], dict(os.environ))
-    env = _child_env(f"nats://{token}@127.0.0.1:{nats_port}")
+    stack.start("nats", [nats_server_binary(), "-c", str(_nats_config(stack.log_dir, nats_port, token, store))],
+                dict(os.environ))
+    env = _child_env(f"nats://127.0.0.1:{nats_port}", token)
     common = ["--namespace", args.namespace]
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
                              "--migration-limit", str(args.migration_limit)], env,

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from dynamo_worker.core import nats_auth
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.hookspecs import hookimpl
 
@@ -72,6 +73,7 @@ class CoreOptions:
             metavar="SECONDS",
             help="give up start-up if NATS is unreachable this long (default %(default)s)",
         )
+        nats_auth.add_arguments(g)
         g.add_argument(
             "--lease-ttl",
             type=int,
@@ -150,6 +152,7 @@ class CoreOptions:
         check_positive("--nats-connect-timeout", o.nats_connect_timeout)
         check_positive("--health-check-idle", o.health_check_idle)
         check_positive("--health-check-timeout", o.health_check_timeout)
+        nats_auth.check(o)
         # A role that accepts pass-through flags (decode: vLLM's engine arguments) takes them
         # out of extra_args in its own configure, which runs before this one.
         if getattr(o, "extra_args", None):

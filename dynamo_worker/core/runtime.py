@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from dynamo_worker.core import wire
 from dynamo_worker.core.discovery import Discovery, InstanceRecord, InstanceWatcher
 from dynamo_worker.core.errors import EngineDead, RuntimeUnavailable
+from dynamo_worker.core.nats_auth import redact
 from dynamo_worker.core.request_plane import (
     EndpointServer,
     Handler,
@@ -74,7 +75,7 @@ class Runtime:
         async def disconnected() -> None:
             rt = holder.get("rt")
             if rt is not None and not rt._closing:
-                log.warning("lost the NATS connection to %s; reconnecting", url)
+                log.warning("lost the NATS connection to %s; reconnecting", redact(url))
 
         async def error(exc: Exception) -> None:
             log.debug("NATS client error: %s", exc)
@@ -96,9 +97,11 @@ class Runtime:
                 timeout,
             )
         except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise RuntimeUnavailable(
-                f"cannot reach the NATS server at {url} within {timeout:g}s "
-                f"({type(exc).__name__}); start nats-server or pass --nats-url / NATS_SERVER"
+                f"cannot reach the NATS server at {redact(url)} within {timeout:g}s "
+                f"({why}); start nats-server or pass --nats-url / NATS_SERVER "
+                "(and its credentials: --nats-token, --nats-user, --nats-creds)"
             ) from exc
         rt = cls(nc, namespace, lease_ttl, idle_timeout)
         holder["rt"] = rt

@@ -29,6 +29,7 @@ from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
 from dynamo_worker.core.plugins import HookRelay
 from dynamo_worker.core.registrar import Registrar
 from dynamo_worker.core.roles import RoleInfo
+from dynamo_worker.core import nats_auth
 from dynamo_worker.core.runtime import Runtime
 from dynamo_worker.core.status_server import HealthState, StatusServer
 
@@ -90,6 +91,7 @@ class Worker:
         ctx.runtime = await Runtime.connect(
             self.options.nats_url, self.options.namespace, timeout=self.options.nats_connect_timeout,
             lease_ttl=self.options.lease_ttl, name=f"dynamo-worker/{self.info.name}",
+            **nats_auth.connect_options(self.options),
         )
         ctx.runtime.on_engine_dead = self._engine_dead
         self._install_signal_handlers(loop)
@@ -190,7 +192,7 @@ class Worker:
             return
         dump = {
             "role": self.info.as_dict(),
-            "options": {k: v for k, v in vars(self.options).items() if _jsonable(v)},
+            "options": nats_auth.without_secrets({k: v for k, v in vars(self.options).items() if _jsonable(v)}),
             "resolved": ctx.state.get("resolved_config", {}),
         }
         try:

@@ -34,6 +34,9 @@ class ModelFacts:
     eos_token_ids: list[int]
     bos_token_id: int | None
     data_parallel_size: int = 1
+    # vLLM's ExampleConnector fails the engine (IndexError in the model runner) on a one-token
+    # prompt: a prefill worker at once, a decode worker once any prefill wrote the empty prefix.
+    min_prompt_tokens: int = 1
 
     def health_payload(self) -> dict[str, Any]:
         """A one-token greedy ``generate`` request of the BOS token (Dynamo's canary).
@@ -43,7 +46,7 @@ class ModelFacts:
         """
         bos = self.bos_token_id
         return {
-            "token_ids": [bos if bos is not None else 1],
+            "token_ids": [bos if bos is not None else 1] * self.min_prompt_tokens,
             "sampling_options": {"temperature": 0.0},
             "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
         }
@@ -57,6 +60,8 @@ def model_facts(engine: Any, served_name: str) -> ModelFacts:
     model_config = engine.model_config
     tokenizer = engine.tokenizer
     eos = tokenizer.eos_token_id if tokenizer is not None else None
+    kv_transfer = engine.vllm_config.kv_transfer_config
+    example_connector = kv_transfer is not None and kv_transfer.kv_connector == "ExampleConnector"
     return ModelFacts(
         served_name=served_name,
         path=str(model_config.model),
@@ -65,6 +70,7 @@ def model_facts(engine: Any, served_name: str) -> ModelFacts:
         eos_token_ids=[eos] if eos is not None else [],
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
         data_parallel_size=int(engine.vllm_config.parallel_config.data_parallel_size),
+        min_prompt_tokens=2 if example_connector else 1,
     )
 
 
@@ -110,7 +116,9 @@ class GenerateHandler:
 
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
-                                     max_model_len=self.facts.max_model_len, multimodal=self.images is not None)
+                                     max_model_len=self.facts.max_model_len,
+                                     min_prompt_tokens=self.facts.min_prompt_tokens,
+                                     multimodal=self.images is not None)
         # Checked here, before the engine: bad multimodal input can kill vLLM's engine.
         mm_data = (self.images.engine_data(req.multi_modal_data)
                    if self.images is not None and req.multi_modal_data is not None else None)

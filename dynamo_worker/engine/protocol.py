@@ -11,7 +11,7 @@ error and never touches the engine.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -19,42 +19,45 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.engine import kv_transfer
 
 MAX_LOGPROBS = 20
+# vLLM hands requests to its engine core as msgpack, which has no integer wider than 64 bits: a
+# larger one fails there as an internal error. Every integer field is bounded here instead.
+Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class StopConditions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    max_tokens: int | None = None
-    min_tokens: int | None = None
+    max_tokens: Int | None = None
+    min_tokens: Int | None = None
     stop: list[str] | None = None  # applied by the frontend (it sees text); ignored here
-    stop_token_ids: list[int] | None = None
-    stop_token_ids_hidden: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
+    stop_token_ids_hidden: list[Int] | None = None
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
-    max_thinking_tokens: int | None = None
+    max_thinking_tokens: Int | None = None
 
 
 class SamplingOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    n: int | None = None
-    best_of: int | None = None
+    n: Int | None = None
+    best_of: Int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
     use_beam_search: bool | None = None
     length_penalty: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     include_stop_str_in_output: bool | None = None
     guided_decoding: dict[str, Any] | None = None
     detokenize: bool | None = None
-    allowed_token_ids: list[int] | None = None
-    bad_words_token_ids: list[list[int]] | None = None
+    allowed_token_ids: list[Int] | None = None
+    bad_words_token_ids: list[list[Int]] | None = None
 
 
 class OutputOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    logprobs: Int | None = None
+    prompt_logprobs: Int | None = None
     skip_special_tokens: bool | None = None
     formatted_prompt: bool | None = None
     return_tokens_as_token_ids: bool | None = None
@@ -63,12 +66,12 @@ class OutputOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
 class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Dynamo's ``PreprocessedRequest``; fields we accept but do not use are kept for compatibility."""
 
-    token_ids: list[int]
+    token_ids: list[Int]
     model: str | None = None
     stop_conditions: StopConditions = msgspec.field(default_factory=StopConditions)
     sampling_options: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
     output_options: OutputOptions = msgspec.field(default_factory=OutputOptions)
-    eos_token_ids: list[int] | None = None
+    eos_token_ids: list[Int] | None = None
     mdc_sum: str | None = None
     annotations: list[str] | None = None
     routing: dict[str, Any] | None = None
@@ -81,7 +84,7 @@ class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defau
 
 
 def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
-                  multimodal: bool = False) -> PreprocessedRequest:
+                  min_prompt_tokens: int = 1, multimodal: bool = False) -> PreprocessedRequest:
     """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise.
 
     ``multi_modal_data`` is only accepted with ``multimodal`` (a worker started with
@@ -97,6 +100,9 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
         raise RequestError("bad_request", "multi_modal_data needs a worker started with --enable-multimodal")
     if not req.token_ids:
         raise RequestError("bad_request", "token_ids must not be empty")
+    if len(req.token_ids) < min_prompt_tokens:
+        raise RequestError("bad_request", f"this worker's KV connector (vLLM's ExampleConnector) needs a prompt of "
+                           f"at least {min_prompt_tokens} tokens; a shorter one would fail its engine")
     bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise RequestError("bad_request", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")

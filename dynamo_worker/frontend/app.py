@@ -47,6 +47,7 @@ from dynamo_worker.frontend.protocol import (
     unavailable,
 )
 from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.limits import Limits
 from dynamo_worker.frontend.router import POLICIES, Router
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,11 @@ class FrontendServer:
     def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
                  migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
                  metrics: FrontendMetrics | None = None, prefill_client: Client | None = None,
-                 processor_client: Client | None = None) -> None:
+                 processor_client: Client | None = None, limits: Limits | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
+        self.limits = limits or Limits()
+        self.limits.register_metrics(self.metrics.registry)
         self.table = ModelTable(client)
         prefill = None
         if prefill_client is not None:
@@ -110,12 +113,13 @@ class FrontendServer:
         self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
                              on_retry=lambda model: self.metrics.retries.labels(model).inc(),
                              on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
-                             prefill=prefill)
+                             prefill=prefill, bus_connected=lambda: client.runtime.nc.is_connected)
         self.media: multimodal.MediaRoute | None = None
         if processor_client is not None:
             self.media = multimodal.MediaRoute(processor_client, Router(
                 processor_client, router_mode, retries,
-                on_retry=lambda model: self.metrics.retries.labels(model).inc()))
+                on_retry=lambda model: self.metrics.retries.labels(model).inc(),
+                bus_connected=lambda: processor_client.runtime.nc.is_connected))
         self.max_request_bytes = max_request_bytes
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -126,12 +130,14 @@ class FrontendServer:
                    retries=options.request_retries, migration_limit=options.migration_limit,
                    max_request_bytes=options.max_request_bytes,
                    prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT),
-                   processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT))
+                   processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT),
+                   limits=Limits.from_options(options))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[_openai_errors])
+        app = web.Application(client_max_size=self.max_request_bytes,
+                              middlewares=[*self.limits.middlewares(), _openai_errors])
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
@@ -266,7 +272,7 @@ class FrontendServer:
             messages = chat_messages(req)
             prompt_param, shape_cls = "messages", ChatShape
         tracker.request_type = "stream" if params.stream else "unary"
-        model = self.table.resolve(req.model)
+        model = await self.table.resolve_soon(req.model)
         tracker.set_model(model.name)
         tokenizer = await self.table.tokenizer(model)
         if endpoint == "completions":
@@ -274,8 +280,10 @@ class FrontendServer:
         else:
             prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages)
         preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids)
+        self.limits.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params, prompt_param=prompt_param,
                                                    max_param=params.max_tokens_param)
+        max_tokens = self.limits.check_max_tokens(params.max_tokens, max_tokens, params.max_tokens_param)
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))
         shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)

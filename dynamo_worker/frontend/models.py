@@ -26,6 +26,8 @@ from dynamo_worker.frontend.protocol import ApiError, model_not_found, unavailab
 
 log = logging.getLogger(__name__)
 
+REAPPEAR_WAIT = 2.0  # seconds a request for a known model waits for one of its workers to reappear
+
 
 def _load_tokenizer(path: str) -> Any:
     if not os.path.isdir(path):
@@ -201,6 +203,13 @@ class ModelTable:
         if name in self.seen:
             raise unavailable(f"no worker serves the model {name!r} right now; retry later")
         raise model_not_found(name, list(live))
+
+    async def resolve_soon(self, name: str, timeout: float = REAPPEAR_WAIT) -> ServedModel:
+        """:meth:`resolve`, but a model seen before whose instances are all gone gets ``timeout``
+        seconds to come back (after a NATS restart its workers take a moment to register again)."""
+        if name in self.seen and name not in self.live():
+            await self.client.watcher.wait_for(lambda: name in self.live(), timeout)
+        return self.resolve(name)
 
     async def tokenizer(self, model: ServedModel) -> Any:
         """The model's tokenizer, from the first of its instances' directories that loads here."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.options import check_at_least, check_port, env_default
+from dynamo_worker.frontend import limits
 
 ROUTER_MODES = ("round-robin", "random")
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -30,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="when a worker fails mid-stream, continue the request on another worker "
                    "(prompt plus the tokens already sent) up to N times; the client sees one "
                    "unbroken stream (env DYN_MIGRATION_LIMIT; default %(default)s)")
-    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
-                   help="largest accepted request body; larger ones get 413 (default %(default)s)")
+    g.add_argument("--max-request-bytes", type=int,
+                   default=env_default("DYN_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES, int), metavar="BYTES",
+                   help="largest accepted request body; larger ones get 413 (env DYN_MAX_REQUEST_BYTES; "
+                   "default %(default)s)")
+    limits.add_arguments(g)
     g.add_argument("--model-wait-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="at start-up, wait this long for the first discovery snapshot before "
                    "listening (default %(default)s)")
@@ -44,5 +48,6 @@ def configure(options: Any) -> None:
     check_at_least("--migration-limit", options.migration_limit, 0)
     check_at_least("--max-request-bytes", options.max_request_bytes, 1024)
     check_at_least("--model-wait-timeout", options.model_wait_timeout, 0)
+    limits.configure(options)
     if not options.http_host:
         raise UsageError("--http-host is empty; give an address such as 127.0.0.1 or 0.0.0.0")

@@ -9,11 +9,18 @@ times. One that arrives after tokens were produced is *migrated*, up to ``--migr
 times: the request goes to another instance with the prompt plus the tokens already produced
 and the remaining token budget, and its tokens continue the same stream, so the client sees one
 unbroken answer. Seeded sampling restarts its random stream on the new worker.
+
+Before each try (the first, a retry, a migration) the router waits, up to :data:`RECOVERY_WAIT`
+seconds, until the NATS connection is up and some instance serves the model (at once when they
+are): during a NATS restart every try would otherwise fail at once, and the request with it,
+and just after one the workers take a moment to register again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -39,6 +46,7 @@ STATUS_BY_CODE = {
 }
 
 POLICIES = {"round-robin": "round_robin", "random": "random"}
+RECOVERY_WAIT = 3.0  # seconds a try waits for NATS and an instance of its model to be back
 
 
 def api_error(exc: RequestError) -> ApiError:
@@ -54,7 +62,7 @@ class Router:
     def __init__(self, client: Client, mode: str = "round-robin", retries: int = 2, *,
                  migration_limit: int = 0, on_retry: Callable[[str], None] | None = None,
                  on_migration: Callable[[str], None] | None = None,
-                 prefill: PrefillRouter | None = None) -> None:
+                 prefill: PrefillRouter | None = None, bus_connected: Callable[[], bool] | None = None) -> None:
         self.client = client
         self.prefill = prefill  # disaggregated serving: prefill first when prefill workers exist
         self.policy = POLICIES[mode]
@@ -62,6 +70,7 @@ class Router:
         self.migration_limit = migration_limit
         self.on_retry = on_retry or (lambda model: None)
         self.on_migration = on_migration or (lambda model: None)
+        self.bus_connected = bus_connected or (lambda: True)
 
     def _pick(self, model: str, tried: set[str]) -> InstanceRecord:
         def serves(r: InstanceRecord) -> bool:
@@ -76,6 +85,14 @@ class Router:
                 return self.client.pick(self.policy, where)
         raise ApiError(503, f"no worker serves the model {model!r} right now; retry later", code="no_worker")
 
+    async def _recovered(self, model: str) -> None:
+        """Wait (bounded) until NATS is connected and an instance serves ``model``; at once if so."""
+        deadline = time.monotonic() + RECOVERY_WAIT
+        while time.monotonic() < deadline:
+            if self.bus_connected() and self.client.instances(lambda r: models.serves(r, model)):
+                return
+            await asyncio.sleep(0.05)
+
     async def generate(self, model: str, payload: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Stream the worker's response messages; an :class:`ApiError` on failure.
 
@@ -89,6 +106,7 @@ class Router:
         if prefill_result is not None:
             request = {**payload, "prefill_result": prefill_result}
         while True:
+            await self._recovered(model)
             record = self._pick(model, tried)
             tried.add(record.instance_id)
             try:
