@@ -2,7 +2,8 @@
 
 Everything is checked before vLLM sees it, because bad multimodal input can kill vLLM's engine
 (image embeddings with the wrong number of feature tokens do): the embeddings' dtype, byte
-count, rank and exact ``[images, tokens per image, hidden size]`` for the served model, the
+count, rank and exact ``[images, tokens per image, hidden size]`` for the served model, their
+values (finite and bounded: NaNs poison the KV cache for later requests), the
 number of images per prompt, and each PNG (decoded with the same limits as the processor's).
 A failure is a ``bad_request`` for that request only; the engine never sees it.
 """
@@ -17,6 +18,27 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.multimodal.media import MediaLimits, open_png
 from dynamo_worker.multimodal.models import VisionModel
 from dynamo_worker.multimodal.wire import MultiModalData, convert
+
+
+# Far above what a vision encoder's projection produces (Blip2's are within a few tens), far
+# below what overflows the language model's float arithmetic.
+MAX_EMBED_ABS = 1e4
+
+
+def check_values(embeds: Any, field: str) -> None:
+    """A ``bad_request`` for NaN, infinite or huge embedding values. vLLM would run them: the
+    request's own answer is garbage, and on CPU the NaNs its attention writes to the KV cache
+    stay in the freed blocks and turn later, well-formed requests of other clients into
+    garbage too (token 0 forever), so they never reach the engine."""
+    import torch
+
+    values = embeds.float()
+    if not bool(torch.isfinite(values).all()):
+        raise RequestError("bad_request", f"{field} has non-finite values (NaN or infinity)")
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    if peak > MAX_EMBED_ABS:
+        raise RequestError("bad_request", f"{field} has a value of magnitude {peak:.3g}; image embeddings "
+                                          f"are at most {MAX_EMBED_ABS:g} in magnitude")
 
 
 @attrs.define
@@ -55,7 +77,9 @@ class ImageInputs:
                 f"multi_modal_data.image_embeds has shape {tensor.shape}; {self.model.model_type} "
                 f"needs [images, {want[0]}, {want[1]}] (feature tokens per image, hidden size)")
         self._check_count(tensor.shape[0])
-        return {"image": tensor.to_tensor("multi_modal_data.image_embeds")}
+        embeds = tensor.to_tensor("multi_modal_data.image_embeds")
+        check_values(embeds, "multi_modal_data.image_embeds")
+        return {"image": embeds}
 
     def _check_count(self, n: int) -> None:
         if not 1 <= n <= self.max_images:
