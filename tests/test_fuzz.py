@@ -24,7 +24,6 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import aclosing
 from typing import Any
 
 import openai
@@ -32,9 +31,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynamo_worker.core import wire
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
+from tests import fuzz_helpers
 from tests.engine_helpers import ENGINE_FLAGS
 from tests.frontend_helpers import LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
@@ -220,40 +219,18 @@ def test_random_http_bodies_get_a_2xx_or_an_openai_4xx(stack: Stack, endpoint: s
 
 # ---- the request plane ---------------------------------------------------------------------------
 
-CLEAN_CODES = {"bad_request", "not_found"}
 
 
 async def call(stack: Stack, key: str, payload: Any) -> RequestError | None:
-    """Send ``payload`` to the endpoint; read at most a few items; any error must be a clean one
-    (and is returned)."""
     assert stack.runtime is not None
     component, endpoint, instance = stack.subjects[key]
-    client = stack.runtime.client(component, endpoint)
-    try:
-        async with aclosing(client.direct(payload, instance)) as stream:
-            count = 0
-            async for _ in stream:
-                count += 1
-                if count >= 8:
-                    break  # closing cancels the rest on the worker
-    except RequestError as err:
-        assert err.code in CLEAN_CODES, f"{err!r} for {key} payload {payload!r}"
-        return err
-    return None
+    return await fuzz_helpers.call(stack.runtime, component, endpoint, instance, payload)
 
 
 async def send_raw(stack: Stack, key: str, data: bytes) -> None:
-    """Raw bytes as a request: the first answer is a structured error (or data, if they parse)."""
     assert stack.runtime is not None
     component, endpoint, instance = stack.subjects[key]
-    msg = await stack.runtime.nc.request(stack.runtime.subject(component, endpoint, instance), data, timeout=60)
-    frame = wire.decode_frame(msg.data)
-    if frame.k == wire.ERROR:
-        assert frame.err is not None and frame.err.code in CLEAN_CODES, frame.err
-    if frame.k == wire.DATA:
-        # They parsed as a real request: cancel whatever the worker started.
-        envelope = wire.decode_request(data)
-        await stack.runtime._send_cancel(instance, envelope.id)
+    await fuzz_helpers.send_raw(stack.runtime, component, endpoint, instance, data)
 
 
 ENDPOINTS = ["decode/generate", "decode/clear_kv_blocks", "decode/load_lora", "decode/unload_lora",

@@ -47,9 +47,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from dynamo_worker.core import wire
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
+from tests import fuzz_helpers
 from tests.engine_helpers import ENGINE_FLAGS
 from tests.frontend_helpers import LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
@@ -61,7 +61,6 @@ BUS_FUZZ = settings(max_examples=100, deadline=None, database=None,
 RAW_FUZZ = settings(BUS_FUZZ, max_examples=30)
 TRIED: Counter[str] = Counter()
 OUTCOMES: Counter[tuple[str, str]] = Counter()  # (component, "data" or the error code) of structured payloads
-CLEAN_CODES = {"bad_request", "not_found"}
 
 
 def png(size: tuple[int, int] = (16, 16), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -299,33 +298,13 @@ raw_messages = (st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v
 # ---- the fuzzing -------------------------------------------------------------------------------
 
 async def call(chain: Chain, component: str, payload: Any) -> RequestError | None:
-    """Send ``payload``; read at most a few items; any error must be a clean one (and is returned)."""
     assert chain.runtime is not None
-    client = chain.runtime.client(component, "generate")
-    try:
-        async with aclosing(client.direct(payload, chain.instances[component])) as stream:
-            count = 0
-            async for _ in stream:
-                count += 1
-                if count >= 8:
-                    break  # closing cancels the rest on the worker
-    except RequestError as err:
-        assert err.code in CLEAN_CODES, f"{err!r} from {component} for payload {payload!r:.2000}"
-        return err
-    return None
+    return await fuzz_helpers.call(chain.runtime, component, "generate", chain.instances[component], payload)
 
 
 async def send_raw(chain: Chain, component: str, data: bytes) -> None:
-    """Raw bytes as a request: the first answer is a structured error (or data, if they parse)."""
     assert chain.runtime is not None
-    instance = chain.instances[component]
-    msg = await chain.runtime.nc.request(chain.runtime.subject(component, "generate", instance), data, timeout=60)
-    frame = wire.decode_frame(msg.data)
-    assert frame.k in (wire.ERROR, wire.DATA, wire.END), frame
-    if frame.k == wire.ERROR:
-        assert frame.err is not None and frame.err.code in CLEAN_CODES, frame.err
-    if frame.k == wire.DATA:
-        await chain.runtime._send_cancel(instance, wire.decode_request(data).id)
+    await fuzz_helpers.send_raw(chain.runtime, component, "generate", chain.instances[component], data)
 
 
 def test_the_fuzzer_reaches_past_validation(chain: Chain, baseline: list[int]) -> None:
