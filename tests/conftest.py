@@ -30,3 +30,11 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from dynamo_worker.demo_model import write_demo_model
 
     return str(write_demo_model(tmp_path_factory.mktemp("demo-model") / "model"))
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Blip2 of the multimodal tests, written once per session (read-only for them)."""
+    from dynamo_worker.demo_vlm import write_demo_vlm
+
+    return str(write_demo_vlm(tmp_path_factory.mktemp("vlm") / "model"))

@@ -162,13 +162,6 @@ class Chain:
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from dynamo_worker.demo_vlm import write_demo_vlm
-
-    return str(write_demo_vlm(tmp_path_factory.mktemp("vlm") / "model"))
-
-
-@pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("media")
     (d / "red.png").write_bytes(RED)

@@ -63,13 +63,6 @@ def image_message(url: str, kind: str = "image_url") -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from dynamo_worker.demo_vlm import write_demo_vlm
-
-    return str(write_demo_vlm(tmp_path_factory.mktemp("vlm") / "model"))
-
-
-@pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The directory the processor may read file:// images from: two different images."""
     d = tmp_path_factory.mktemp("media")
