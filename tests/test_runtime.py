@@ -1,4 +1,8 @@
-"""The NATS runtime: request plane, discovery, event plane, cancellation and reconnect."""
+"""The runtime: request plane, discovery, event plane, cancellation and reconnect.
+
+Every test runs over each request plane (TCP, the default, and NATS): the same behaviour is
+owed on both. What only one plane has is tested in tests/test_tcp_plane.py.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,17 @@ from dynamo_worker.core.runtime import Runtime
 from tests.helpers import NatsServer, WorkerProcess
 
 
+PLANE = {"name": "tcp"}
+
+
+@pytest.fixture(params=["tcp", "nats"], autouse=True)
+def plane(request: pytest.FixtureRequest) -> str:
+    PLANE["name"] = request.param
+    return str(request.param)
+
+
 async def connect(server: NatsServer, namespace: str, **kw: Any) -> Runtime:
-    return await Runtime.connect(server.url, namespace, **kw)
+    return await Runtime.connect(server.url, namespace, request_plane=PLANE["name"], **kw)
 
 
 async def counting(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
@@ -139,7 +152,10 @@ async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server
         await serve(dying)
         client = caller.client("math", "count")
         await client.wait_for_instances(5, count=2)
-        await dying.nc.close()  # its subscriptions go at once; its record stays until the lease ends
+        # Its subscriptions and listener go at once; its record stays until the lease ends.
+        await dying.nc.close()
+        if dying.listener is not None:
+            await dying.listener.close()
         with pytest.raises(RequestError) as err:
             [x async for x in client.direct({"n": 1}, dying.instance_id)]
         assert err.value.retryable

@@ -42,6 +42,7 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True):
     pid: int
     host: str
     data: dict[str, Any] = {}
+    address: str = ""  # host:port of its TCP request-plane listener ("": NATS only)
 
     @property
     def key(self) -> str:

@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                         "(vLLM's encoder-only instance; outputs go through a shared EC directory); default %(default)s")
     p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
     p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
+    p.add_argument("--request-plane", choices=("tcp", "nats"), default="tcp",
+                   help="requests travel straight to workers over TCP (on 127.0.0.1) or through NATS "
+                        "(default %(default)s)")
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
                    help="frontend: continue a stream on another worker when its worker fails, up to N "
                         "times (default %(default)s)")
@@ -273,7 +276,9 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     stack.start("nats", [nats_server_binary(), "-c", str(_nats_config(stack.log_dir, nats_port, token, store))],
                 dict(os.environ))
     env = _child_env(f"nats://127.0.0.1:{nats_port}", token)
-    common = ["--namespace", args.namespace]
+    # Every listener on 127.0.0.1, each on a free port (whatever DYN_TCP_RPC_* say).
+    common = ["--namespace", args.namespace, "--request-plane", args.request_plane,
+              "--tcp-rpc-host", "127.0.0.1", "--tcp-rpc-port", "0"]
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
                              "--migration-limit", str(args.migration_limit)], env,
                 system_port=_free_port())

@@ -75,6 +75,27 @@ class CoreOptions:
         )
         nats_auth.add_arguments(g)
         g.add_argument(
+            "--request-plane",
+            choices=["tcp", "nats"],
+            default=env_default("DYN_REQUEST_PLANE", "tcp"),
+            help="how requests and their responses travel: straight to the worker over TCP, or "
+            "through NATS; a worker answers on both (env DYN_REQUEST_PLANE; default %(default)s)",
+        )
+        g.add_argument(
+            "--tcp-rpc-host",
+            default=env_default("DYN_TCP_RPC_HOST", "127.0.0.1"),
+            metavar="HOST",
+            help="address a worker's TCP request-plane listener binds (and publishes); it has no "
+            "authentication, so keep it on a private network (env DYN_TCP_RPC_HOST; default %(default)s)",
+        )
+        g.add_argument(
+            "--tcp-rpc-port",
+            type=int,
+            default=env_default("DYN_TCP_RPC_PORT", 0, int),
+            metavar="PORT",
+            help="port of that listener, 0 for any free one (env DYN_TCP_RPC_PORT; default %(default)s)",
+        )
+        g.add_argument(
             "--lease-ttl",
             type=int,
             default=env_default("DYN_LEASE_TTL", 3, int),
@@ -146,6 +167,9 @@ class CoreOptions:
     def dynamo_worker_configure(self, ctx: Any) -> None:
         o = ctx.options
         check_port("--system-port", o.system_port)
+        check_port("--tcp-rpc-port", o.tcp_rpc_port)
+        if o.request_plane not in ("tcp", "nats"):  # from DYN_REQUEST_PLANE: argparse checks only the flag
+            raise UsageError(f"--request-plane / DYN_REQUEST_PLANE {o.request_plane!r} is invalid; use tcp or nats")
         check_positive("--lease-ttl", o.lease_ttl)
         check_positive("--graceful-shutdown-timeout", o.graceful_shutdown_timeout)
         check_positive("--engine-check-interval", o.engine_check_interval)

@@ -74,6 +74,9 @@ class RequestContext:
 
 Handler = Callable[[Any, RequestContext], AsyncIterator[Any]]
 
+#: Where a served request's frames go: the NATS outbox (reply subject) or a TCP connection.
+FrameSink = Callable[[wire.Frame], Awaitable[None]]
+
 #: A batch is sent as soon as it holds this many frames (bounds message size and latency when a
 #: handler yields many items without awaiting anything).
 MAX_BATCH_FRAMES = 256
@@ -174,6 +177,7 @@ class EndpointServer:
         self.last_activity = time.monotonic()  # when a request last started or ended (idle canary)
         self._sub: Any = None
         self._shutting_down = False
+        self._answers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.subject, cb=self._on_message)
@@ -206,63 +210,73 @@ class EndpointServer:
         task.cancel()
         return True
 
+    @property
+    def accepting(self) -> bool:
+        return self._sub is not None
+
     async def _on_message(self, msg: Msg) -> None:
         if not msg.reply:
             log.warning("dropping a request on %s without a reply subject", self.subject)
             return
+        reply, outbox = msg.reply, self.outbox
+
         try:
             envelope = wire.decode_request(msg.data)
         except wire.DecodeError as exc:
-            self.observer.started(self.endpoint)
-            await self._publish_error(msg.reply, 0, wire.ErrorInfo("bad_request", f"malformed request: {exc}"))
-            self.observer.finished(self.endpoint, 0.0, "bad_request")
+            await self.refuse(lambda f: outbox.put(reply, f, False), f"malformed request: {exc}")
             return
+        batching = envelope.b
+        self.accept(envelope, lambda frame: outbox.put(reply, frame, batching))
+
+    async def refuse(self, put: FrameSink, message: str) -> None:
+        """Answer a request that could not be decoded with a ``bad_request`` (counted, not served)."""
+        self.observer.started(self.endpoint)
+        await put(wire.Frame(wire.ERROR, 0, err=wire.ErrorInfo("bad_request", message)))
+        self.observer.finished(self.endpoint, 0.0, "bad_request")
+
+    def accept(self, envelope: wire.RequestEnvelope, put: FrameSink) -> None:
+        """Serve one decoded request in its own task, its frames going to ``put`` (either plane)."""
         if envelope.id in self.inflight:
             err = wire.ErrorInfo("bad_request", f"request id {envelope.id!r} is already in flight")
-            await self._publish_error(msg.reply, 0, err)
+            answer = asyncio.create_task(put(wire.Frame(wire.ERROR, 0, err=err)))
+            self._answers.add(answer)  # keep a reference until it is sent
+            answer.add_done_callback(self._answers.discard)
             return
         self.last_activity = time.monotonic()
-        task = asyncio.create_task(self._serve(envelope, msg.reply))
+        task = asyncio.create_task(self._serve(envelope, put))
         self.inflight[envelope.id] = task
         task.add_done_callback(lambda _t, rid=envelope.id: self.inflight.pop(rid, None))
 
-    async def _publish_error(self, reply: str, seq: int, err: wire.ErrorInfo) -> None:
-        await self.nc.publish(reply, wire.encode(wire.Frame(wire.ERROR, seq, err=err)))
-
-    async def _serve(self, envelope: wire.RequestEnvelope, reply: str) -> None:
+    async def _serve(self, envelope: wire.RequestEnvelope, put: FrameSink) -> None:
         ctx = RequestContext(envelope.id, self.endpoint, self.instance_id)
         seq = 0
         outcome = "ok"
-        put, batching = self.outbox.put, envelope.b
+        err: wire.ErrorInfo | None = None
         self.observer.started(self.endpoint)
         try:
             async for item in self.handler(envelope.p, ctx):
-                await put(reply, wire.Frame(wire.DATA, seq, d=item), batching)
+                await put(wire.Frame(wire.DATA, seq, d=item))
                 seq += 1
-            await put(reply, wire.Frame(wire.END, seq), batching)
         except RequestError as exc:
-            outcome = exc.code
-            await put(reply, wire.Frame(wire.ERROR, seq, err=exc.info()), batching)
+            outcome, err = exc.code, exc.info()
         except EngineDead as exc:
-            outcome = "engine_dead"
-            err = wire.ErrorInfo("engine_dead", str(exc), retryable=True)
-            await put(reply, wire.Frame(wire.ERROR, seq, err=err), batching)
+            outcome, err = "engine_dead", wire.ErrorInfo("engine_dead", str(exc), retryable=True)
             self.on_engine_dead(exc)
         except asyncio.CancelledError:
             outcome = "cancelled"
             if self._shutting_down:
                 # Tell the caller to retry elsewhere rather than leave it waiting.
                 err = wire.ErrorInfo("unavailable", "worker shut down before the request finished", retryable=True)
-                await put(reply, wire.Frame(wire.ERROR, seq, err=err), batching)
+                await put(wire.Frame(wire.ERROR, seq, err=err))
             raise
         except Exception as exc:  # a handler bug: answer the caller, keep serving, log it loudly
             outcome = "internal"
             log.exception("endpoint %s failed on request %s", self.endpoint, envelope.id)
             err = wire.ErrorInfo("internal", f"{type(exc).__name__}: {exc}")
-            await put(reply, wire.Frame(wire.ERROR, seq, err=err), batching)
         finally:
             self.last_activity = time.monotonic()
             self.observer.finished(self.endpoint, self.last_activity - ctx.started, outcome)
+        await put(wire.Frame(wire.END, seq) if err is None else wire.Frame(wire.ERROR, seq, err=err))
 
 
 class RequestObserver:
@@ -281,6 +295,7 @@ GONE_GRACE = 0.5
 _SUSPECT = object()
 _NO_RESPONDERS = object()
 _IDLE = object()
+_CONNECTION_LOST = object()
 
 
 class InstanceGone(RequestError):
@@ -293,12 +308,13 @@ class InstanceGone(RequestError):
 class _OpenStream:
     """One request's receiving end: frames (or markers) queue here until its reader takes them."""
 
-    __slots__ = ("instance_id", "queue", "last_frame")
+    __slots__ = ("instance_id", "queue", "last_frame", "connection")
 
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.last_frame = time.monotonic()
+        self.connection: object = None  # the TCP connection it went over (None: NATS)
 
 
 class StreamRouter:
@@ -347,12 +363,7 @@ class StreamRouter:
             except wire.DecodeError as exc:
                 log.warning("dropping a malformed batch of response frames: %s", exc)
                 return
-            now = time.monotonic()
-            for token, frame in batch:
-                stream = self._streams.get(token)
-                if stream is not None:
-                    stream.last_frame = now
-                    stream.queue.put_nowait(frame)
+            self.deliver(batch)
             return
         stream = self._streams.get(token)
         if stream is None:
@@ -365,6 +376,28 @@ class StreamRouter:
             stream.queue.put_nowait(wire.decode_frame(msg.data))
         except wire.DecodeError as exc:
             stream.queue.put_nowait(RequestError("internal", f"malformed response frame: {exc}"))
+
+    def deliver(self, batch: wire.Batch) -> None:
+        """Hand frames to their open streams (frames of a stream that ended are dropped)."""
+        now = time.monotonic()
+        streams = self._streams
+        for token, frame in batch:
+            stream = streams.get(token)
+            if stream is not None:
+                stream.last_frame = now
+                stream.queue.put_nowait(frame)
+
+    def no_responders(self, token: str) -> None:
+        """Nobody serves the request of stream ``token`` (the instance is gone or not listening)."""
+        stream = self._streams.get(token)
+        if stream is not None:
+            stream.queue.put_nowait(_NO_RESPONDERS)
+
+    def connection_lost(self, connection: object) -> None:
+        """Open streams over this TCP connection fail at once, retryably: their instance is gone."""
+        for stream in self._streams.values():
+            if stream.connection is connection:
+                stream.queue.put_nowait(_CONNECTION_LOST)
 
     def instance_gone(self, instance_id: str) -> None:
         """Open streams to ``instance_id`` fail unless a frame arrives within ``GONE_GRACE``.
@@ -380,26 +413,33 @@ class StreamRouter:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    async def stream(self, subject: str, instance_id: str, request_id: str, payload: Any,
-                     send_cancel: Callable[[str, str], Awaitable[None]]) -> AsyncIterator[list[Any]]:
-        """Send one request and yield its response items, as lists of the items that arrived
-        together, until the end frame.
+    def new_token(self) -> str:
+        self._counter += 1
+        return str(self._counter)
+
+    async def stream(self, instance_id: str, request_id: str, what: str,
+                     send: Callable[[str], Awaitable[object]],
+                     cancel: Callable[[], Awaitable[None]]) -> AsyncIterator[list[Any]]:
+        """Send one request with ``send(token)`` (it returns the TCP connection it used, or None)
+        and yield its response items, as lists of the
+        items that arrived together, until the end frame. ``what`` names the endpoint in errors;
+        ``cancel()`` stops the request on the worker if this stream ends early.
 
         Raises :class:`RequestError` for an error frame (``retryable`` as the worker said), for
-        no responders (``unavailable``, retryable), for a lost frame or an idle stream. Items
-        that arrived before an error are yielded first.
+        no responders (``unavailable``, retryable), for a lost frame or connection or an idle
+        stream. Items that arrived before an error are yielded first.
         """
-        self._counter += 1
-        token = str(self._counter)
+        token = self.new_token()
         stream = _OpenStream(instance_id)
         queue = stream.queue
         self._streams[token] = stream
         finished = False
         try:
-            await self.nc.publish(
-                subject, wire.encode(wire.RequestEnvelope(request_id, payload, b=True)),
-                reply=f"{self.inbox_prefix}.{token}",
-            )
+            try:
+                stream.connection = await send(token)
+            except RequestError:
+                finished = True  # it never reached the instance: nothing to cancel
+                raise
             expected = 0
             while True:
                 item = await queue.get()
@@ -417,7 +457,11 @@ class StreamRouter:
                     if item is _NO_RESPONDERS:
                         finished = True  # nobody received it: nothing to cancel
                         self.on_no_responders(instance_id)
-                        error = RequestError("unavailable", f"no instance listens on {subject}", retryable=True)
+                        error = RequestError("unavailable", f"no instance listens on {what}", retryable=True)
+                    elif item is _CONNECTION_LOST:
+                        finished = True  # the worker cancels what its caller's connection carried
+                        self.on_no_responders(instance_id)  # out of routing until it is heard again
+                        error = InstanceGone(instance_id)
                     elif item is _IDLE:
                         error = RequestError("unavailable", f"no response from instance {instance_id} for "
                                              f"{self.idle_timeout}s", retryable=True)
@@ -434,6 +478,9 @@ class StreamRouter:
                             finished = ended = True
                             if item.k != wire.END:
                                 assert item.err is not None
+                                if item.err.code == wire.NO_RESPONDERS:  # the TCP plane's "no responders"
+                                    self.on_no_responders(instance_id)
+                                    item.err = wire.ErrorInfo("unavailable", item.err.message, retryable=True)
                                 error = RequestError.from_info(item.err)
                     if error is not None or ended or queue.empty():
                         break
@@ -448,4 +495,4 @@ class StreamRouter:
             del self._streams[token]
             if not finished:
                 # The caller went away (or the stream broke): stop the work on the worker.
-                await send_cancel(instance_id, request_id)
+                await cancel()

@@ -1,8 +1,13 @@
-"""The distributed runtime over NATS: addressing, discovery, request plane, event plane.
+"""The distributed runtime: addressing, discovery, request plane, event plane.
 
 Addressing is ``namespace.component.endpoint`` plus an instance id per process. Every request
 goes to one chosen instance (the caller picks it from discovery), so routing policy lives in
 the caller (round-robin, random, or a router of its own).
+
+NATS carries discovery, events and control. Requests and their response frames go over the
+TCP request plane (:mod:`.tcp_plane`, the default) to instances that publish a TCP address, or
+over NATS (``request_plane="nats"``). A worker always answers on NATS too, so a caller of
+either kind reaches it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from dynamo_worker.core.request_plane import (
     RequestObserver,
     StreamRouter,
 )
+from dynamo_worker.core.tcp_plane import TcpCaller, TcpListener
+
+#: The request planes a runtime can call (and serve) requests over.
+REQUEST_PLANES = ("tcp", "nats")
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +53,13 @@ def new_instance_id() -> str:
 class Runtime:
     """One process's connection to the deployment. Create with :meth:`connect`."""
 
-    def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float) -> None:
+    def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float,
+                 request_plane: str = "tcp", tcp_host: str = "127.0.0.1", tcp_port: int = 0) -> None:
+        if request_plane not in REQUEST_PLANES:
+            raise ValueError(f"request plane {request_plane!r}: choose one of {', '.join(REQUEST_PLANES)}")
         self.nc = nc
+        self.request_plane = request_plane
+        self.tcp_host, self.tcp_port = tcp_host, tcp_port
         self.namespace = namespace
         self.instance_id = new_instance_id()
         self.discovery = Discovery(nc.jetstream(), lease_ttl)
@@ -56,6 +70,8 @@ class Runtime:
         # them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
         self.streams.on_no_responders = self.unreachable.add
+        self.tcp = TcpCaller(self.streams)
+        self.listener: TcpListener | None = None  # started with the first endpoint served over TCP
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
         self._control_sub: Any = None
         self._request_ids = itertools.count()
@@ -63,8 +79,8 @@ class Runtime:
 
     @classmethod
     async def connect(cls, url: str, namespace: str, *, timeout: float = 5.0, lease_ttl: int = 3,
-                      idle_timeout: float = 60.0, name: str = "dynamo-worker",
-                      **nats_options: Any) -> Runtime:
+                      idle_timeout: float = 60.0, name: str = "dynamo-worker", request_plane: str = "tcp",
+                      tcp_host: str = "127.0.0.1", tcp_port: int = 0, **nats_options: Any) -> Runtime:
         """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot."""
         holder: dict[str, Runtime] = {}
 
@@ -103,7 +119,7 @@ class Runtime:
                 f"({why}); start nats-server or pass --nats-url / NATS_SERVER "
                 "(and its credentials: --nats-token, --nats-user, --nats-creds)"
             ) from exc
-        rt = cls(nc, namespace, lease_ttl, idle_timeout)
+        rt = cls(nc, namespace, lease_ttl, idle_timeout, request_plane, tcp_host, tcp_port)
         holder["rt"] = rt
         await rt.streams.start()
         rt._control_sub = await nc.subscribe(rt._control_subject(rt.instance_id), cb=rt._on_control)
@@ -126,6 +142,10 @@ class Runtime:
             self.nc, self.subject(component, endpoint, self.instance_id), endpoint,
             self.instance_id, handler, self.on_engine_dead, observer,
         )
+        if self.request_plane == "tcp" and self.listener is None:
+            listener = TcpListener(self.servers)
+            await listener.start(self.tcp_host, self.tcp_port)
+            self.listener = listener
         await server.start()
         self.servers[endpoint] = server
         return server
@@ -133,7 +153,8 @@ class Runtime:
     async def publish(self, component: str, endpoint: str, role: str, data: dict[str, Any]) -> InstanceRecord:
         """Make an endpoint of this instance discoverable (kept alive until withdrawn)."""
         record = InstanceRecord(self.namespace, component, endpoint, self.instance_id, role,
-                                os.getpid(), socket.gethostname(), data)
+                                os.getpid(), socket.gethostname(), data,
+                                address=self.listener.address if self.listener is not None else "")
         await self.discovery.register(record)
         return record
 
@@ -183,6 +204,21 @@ class Runtime:
     def client(self, component: str, endpoint: str) -> Client:
         return Client(self, component, endpoint)
 
+    def nats_call(self, component: str, endpoint: str, instance_id: str, request_id: str,
+                  payload: Any) -> AsyncGenerator[list[Any], None]:
+        """Stream one request over NATS (see :meth:`StreamRouter.stream`)."""
+        subject = self.subject(component, endpoint, instance_id)
+        request = wire.encode(wire.RequestEnvelope(request_id, payload, b=True))
+        inbox = self.streams.inbox_prefix
+
+        async def send(token: str) -> None:
+            await self.nc.publish(subject, request, reply=f"{inbox}.{token}")
+
+        async def cancel() -> None:
+            await self._send_cancel(instance_id, request_id)
+
+        return self.streams.stream(instance_id, request_id, subject, send, cancel)  # type: ignore[return-value]
+
     async def _send_cancel(self, instance_id: str, request_id: str) -> None:
         if self.nc.is_closed:
             return
@@ -229,6 +265,9 @@ class Runtime:
         self.streams.stop()
         for server in self.servers.values():
             await server.outbox.close()
+        if self.listener is not None:
+            await self.listener.close()
+        self.tcp.close()
         for w in self.watchers.values():
             await w.stop()
         await self.discovery.close()
@@ -271,10 +310,13 @@ class Client:
         """Stream the responses of one request sent to ``instance_id``, as lists of the items
         that arrived together (a reader that merges them saves work per item)."""
         rt = self.runtime
-        return rt.streams.stream(  # type: ignore[return-value]
-            rt.subject(self.component, self.endpoint, instance_id), instance_id,
-            request_id or rt.new_request_id(), payload, rt._send_cancel,
-        )
+        request_id = request_id or rt.new_request_id()
+        if rt.request_plane == "tcp":
+            record = self.watcher.records.get(rt.subject(self.component, self.endpoint, instance_id))
+            if record is not None and record.address:
+                return rt.tcp.call(record.address, instance_id, self.endpoint,  # type: ignore[no-any-return]
+                                   request_id, payload)
+        return rt.nats_call(self.component, self.endpoint, instance_id, request_id, payload)
 
     async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncGenerator[Any, None]:
         """Stream the responses of one request sent to ``instance_id``, item by item."""

@@ -1,4 +1,4 @@
-"""The messages that cross NATS, and the one encoder/decoder for them.
+"""The messages of the request and event planes (NATS or TCP), and the one encoder/decoder for them.
 
 JSON (through msgspec) rather than a binary format: a Dynamo user can read a captured frame, and
 msgspec's JSON is fast enough that per-token frames are affordable (see docs/performance.md).
@@ -28,6 +28,11 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True):
     code: str
     message: str
     retryable: bool = False
+
+
+#: The error code a TCP worker answers with for an endpoint it does not (or no longer) serve:
+#: the caller treats it as NATS's "no responders" (retry elsewhere, route around the instance).
+NO_RESPONDERS = "no_responders"
 
 
 class Frame(msgspec.Struct, omit_defaults=True):
@@ -66,12 +71,29 @@ class Control(msgspec.Struct, omit_defaults=True):
     cancel: str | None = None
 
 
+class Call(msgspec.Struct, tag="r"):
+    """A request on a TCP request-plane connection: stream token ``s`` of this connection, the
+    endpoint name ``e`` and the request envelope ``r``. Frames come back on the same connection
+    as batches (:data:`Batch`) keyed by ``s``."""
+
+    s: str
+    e: str
+    r: RequestEnvelope
+
+
+class Cancel(msgspec.Struct, tag="c"):
+    """Stop the request with this id (the caller went away); TCP counterpart of :class:`Control`."""
+
+    id: str
+
+
 _encoder = msgspec.json.Encoder()
 _frame_decoder = msgspec.json.Decoder(Frame)
 _request_decoder = msgspec.json.Decoder(RequestEnvelope)
 _control_decoder = msgspec.json.Decoder(Control)
 _batch_decoder = msgspec.json.Decoder(Batch)
 _any_decoder = msgspec.json.Decoder()
+_tcp_decoder = msgspec.json.Decoder(Call | Cancel)
 
 DecodeError = msgspec.DecodeError
 
@@ -94,6 +116,10 @@ def decode_request(data: bytes) -> RequestEnvelope:
 
 def decode_control(data: bytes) -> Control:
     return _control_decoder.decode(data)
+
+
+def decode_tcp(data: bytes) -> Call | Cancel:
+    return _tcp_decoder.decode(data)
 
 
 def decode_json(data: bytes) -> Any:

@@ -91,6 +91,8 @@ class Worker:
         ctx.runtime = await Runtime.connect(
             self.options.nats_url, self.options.namespace, timeout=self.options.nats_connect_timeout,
             lease_ttl=self.options.lease_ttl, name=f"dynamo-worker/{self.info.name}",
+            request_plane=self.options.request_plane, tcp_host=self.options.tcp_rpc_host,
+            tcp_port=self.options.tcp_rpc_port,
             **nats_auth.connect_options(self.options),
         )
         ctx.runtime.on_engine_dead = self._engine_dead

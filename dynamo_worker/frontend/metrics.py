@@ -101,11 +101,13 @@ class RequestTracker:
         if count <= 0:
             return
         now = time.monotonic()
+        itl = self.metrics.itl.labels(self.model)
         if self._last_token is None:
             self.metrics.ttft.labels(self.model).observe(now - self.started)
+            for _ in range(count - 1):  # tokens that came with the first one: no gap between them
+                itl.observe(0.0)
         else:
             gap = (now - self._last_token) / count
-            itl = self.metrics.itl.labels(self.model)
             for _ in range(count):
                 itl.observe(gap)
         self._last_token = now
