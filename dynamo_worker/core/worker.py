@@ -13,6 +13,7 @@ and exits 1.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -123,6 +124,11 @@ class Worker:
                 self.status.add_routes(registrar.routes)
             for name, handler in registrar.endpoints.items():
                 await ctx.runtime.serve_endpoint(component, name, handler, observer)
+            # Start-up objects (the engine, torch, tokenizers: millions) never die: move them out
+            # of the collector's sight, as vllm serve does, so a full collection while serving
+            # does not walk them all.
+            gc.collect()
+            gc.freeze()
             for name in registrar.endpoints:
                 await ctx.runtime.publish(component, name, self.info.name, registrar.endpoint_data[name])
             for name, task in registrar.tasks.items():
