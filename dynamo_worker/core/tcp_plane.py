@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dynamo_worker.core import wire
+from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.request_plane import RequestError, StreamRouter
 
 if TYPE_CHECKING:
@@ -186,8 +187,8 @@ class TcpListener:
             self._server = await loop.create_server(
                 lambda: _WorkerConnection(self.servers, self.connections), host, port, reuse_address=True)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen for the TCP request plane on {host}:{port} ({exc.strerror}); "
-                                     "pass another --tcp-rpc-port (0 picks a free one) or --tcp-rpc-host") from exc
+            raise UsageError(f"--tcp-rpc-host {host} --tcp-rpc-port {port}: cannot listen there "
+                             f"({exc.strerror or exc}); pass another port (0 picks a free one) or host") from exc
         bound_port = self._server.sockets[0].getsockname()[1]
         self.address = f"{advertised_host(host)}:{bound_port}"
         return self.address
