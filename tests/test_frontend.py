@@ -542,3 +542,35 @@ def test_the_role_imports_no_engine_or_tokenizer_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert out.stdout.strip() == "[]", out.stderr
+
+
+async def test_the_model_table_follows_discovery_and_unreachable_instances(nats_server: NatsServer,
+                                                                           namespace: str,
+                                                                           tmp_path: Path) -> None:
+    """``ModelTable.live`` is cached between changes: every change must still show at once."""
+    from dynamo_worker.core.runtime import Runtime
+    from dynamo_worker.frontend.models import ModelTable
+
+    async def never(request: Any, context: Any) -> Any:
+        yield {}
+
+    worker = await Runtime.connect(nats_server.url, namespace)
+    caller = await Runtime.connect(nats_server.url, namespace)
+    try:
+        table = ModelTable(caller.client("backend", "generate"))
+        assert table.live() == {}
+        await worker.serve_endpoint("backend", "generate", never)
+        await worker.publish("backend", "generate", "decode", {"model": "m", "model_path": str(tmp_path)})
+        assert await table.client.watcher.wait_for(lambda: "m" in table.live(), 5)
+        assert table.live() is table.live()  # nothing changed: the same view
+        caller.unreachable.add(worker.instance_id)
+        assert table.live() == {}
+        caller.unreachable.discard(worker.instance_id)
+        assert [r.instance_id for r in table.live()["m"].instances] == [worker.instance_id]
+        await worker.publish("backend", "generate", "decode", {"model": "n", "model_path": str(tmp_path)})
+        assert await table.client.watcher.wait_for(lambda: list(table.live()) == ["n"], 5)
+        await worker.withdraw()
+        assert await table.client.watcher.wait_for(lambda: table.live() == {}, 5)
+    finally:
+        await caller.close()
+        await worker.close()

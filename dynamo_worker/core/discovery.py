@@ -149,6 +149,7 @@ class InstanceWatcher:
         self.discovery = discovery
         self.prefix = prefix
         self.records: dict[str, InstanceRecord] = {}
+        self.version = 0  # bumped on every change of ``records``: views computed from it can be cached
         self.listeners: list[Listener] = []
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -196,8 +197,11 @@ class InstanceWatcher:
     async def _apply(self, key: str, record: InstanceRecord | None, expired: bool = False) -> None:
         if record is None:
             if self.records.pop(key, None) is not None:
+                self.version += 1
                 await self._notify(key, None, expired)
         else:
+            if self.records.get(key) != record:  # a lease refresh rewrites the same record
+                self.version += 1
             self.records[key] = record
             await self._notify(key, record, False)
 
