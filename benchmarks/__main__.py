@@ -34,8 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short smoke run: 1 round, 1 repeat, few requests, "
                                                         "no profile")
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated levels (default %(default)s)")
-    p.add_argument("--requests", type=int, default=200, help="requests per level (default %(default)s)")
-    p.add_argument("--requests-c1", type=int, default=50, help="requests at concurrency 1 (default %(default)s)")
+    p.add_argument("--requests", type=int, default=600,
+                   help="requests per level (default %(default)s: at concurrency 64 a level then lasts about 5 s, "
+                        "long enough that a start-up burst or one slow second does not decide the ratio)")
+    p.add_argument("--requests-c1", type=int, default=100, help="requests at concurrency 1 (default %(default)s)")
     p.add_argument("--max-seconds", type=float, default=120.0,
                    help="no new request starts after this long in one level (default %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="ABAB rounds, each side once per round (default %(default)s)")
