@@ -1,4 +1,4 @@
-"""The request plane alone: the echo role streaming tokens through NATS vs bare nats-py.
+"""The request plane alone: the echo role streaming tokens (over TCP, and through NATS) vs bare nats-py.
 
 ``python -m benchmarks.request_plane`` starts its own nats-server on 127.0.0.1 and measures, in
 one invocation and on the same server:
@@ -8,7 +8,8 @@ one invocation and on the same server:
   last one received: what one Python publisher and one Python subscriber can move.
 * **echo**: a ``dynamo-worker --role echo`` process streams ``N`` tokens back, one frame per
   token, over ``S`` concurrent requests made through :class:`dynamo_worker.core.runtime.Client`
-  (the path every role's responses take). Frames/s over the same window.
+  (the path every role's responses take), once on the TCP request plane (the default) and once
+  through NATS (``--request-plane nats``). Frames/s over the same window.
 
 The ratio echo/bare is the request plane's efficiency; ``1/echo - 1/bare`` is the per-message
 overhead it adds to nats-py. Everything is bounded in count and in time.
@@ -115,15 +116,16 @@ async def bare(url: str, messages: int, timeout: float) -> dict[str, Any]:
 
 # ---- the request plane through the echo role -------------------------------------------------------
 
-async def echo(url: str, messages: int, streams: int, timeout: float, log_dir: Path) -> dict[str, Any]:
+async def echo(url: str, messages: int, streams: int, timeout: float, log_dir: Path,
+               plane: str = "tcp") -> dict[str, Any]:
     """Frames/s from an echo worker to a :class:`Client` over ``streams`` concurrent requests."""
-    namespace = f"bench{os.getpid()}"
-    log_path = log_dir / f"echo-worker-{streams}.log"
+    namespace = f"bench{os.getpid()}{plane}{streams}"
+    log_path = log_dir / f"echo-worker-{plane}-{streams}.log"
     with open(log_path, "wb") as out:
         worker = subprocess.Popen([python(), "-m", "dynamo_worker", "--role", "echo", "--nats-url", url,
                                    "--namespace", namespace, "--system-port", "0"],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env())
-    rt = await Runtime.connect(url, namespace)
+    rt = await Runtime.connect(url, namespace, request_plane=plane)
     try:
         client = rt.client("echo", "generate")
         await client.wait_for_instances(60)
@@ -178,12 +180,14 @@ async def measure(messages: int = 50_000, streams: tuple[int, ...] = (1, 16, 64)
         baseline = await bare(server.url, messages, timeout)
         result: dict[str, Any] = {"messages": messages, "frame_bytes": len(SAMPLE_FRAME), "bare": baseline,
                                   "echo": {}}
-        for s in streams:
-            e = await echo(server.url, messages, s, timeout, log_dir)
-            if e["msgs_per_s"] and baseline["msgs_per_s"]:
-                e["ratio_to_bare"] = round(e["msgs_per_s"] / baseline["msgs_per_s"], 2)
-                e["overhead_us_per_msg"] = round(e["us_per_msg"] - baseline["us_per_msg"], 2)
-            result["echo"][str(s)] = e
+        for plane, key in (("tcp", "echo"), ("nats", "echo_nats")):
+            result[key] = {}
+            for s in streams:
+                e = await echo(server.url, messages, s, timeout, log_dir, plane)
+                if e["msgs_per_s"] and baseline["msgs_per_s"]:
+                    e["ratio_to_bare"] = round(e["msgs_per_s"] / baseline["msgs_per_s"], 2)
+                    e["overhead_us_per_msg"] = round(e["us_per_msg"] - baseline["us_per_msg"], 2)
+                result[key][str(s)] = e
     return result
 
 
@@ -192,10 +196,11 @@ def render(result: dict[str, Any]) -> str:
     lines = [f"request plane ({result['messages']:,} messages of {result['frame_bytes']} bytes; one nats-server):",
              f"  bare nats-py pub -> sub     {b['msgs_per_s'] or 0:>9,} msg/s  {b['us_per_msg'] or 0:7.2f} us/msg  "
              f"({b['received']:,}/{b['expected']:,} received)"]
-    for s, e in result["echo"].items():
-        lines.append(f"  echo role, {s:>2} stream(s)     {e['msgs_per_s'] or 0:>9,} msg/s  {e['us_per_msg'] or 0:7.2f} "
-                     f"us/msg  {e.get('ratio_to_bare', 0):.2f}x bare, +{e.get('overhead_us_per_msg', 0):.2f} us/msg  "
-                     f"({e['received']:,}/{e['expected']:,} received)")
+    for key, plane in (("echo", "tcp "), ("echo_nats", "nats")):  # runs before 2026-12-02 had NATS only, as "echo"
+        for s, e in result.get(key, {}).items():
+            lines.append(f"  echo role, {plane}, {s:>2} stream(s) {e['msgs_per_s'] or 0:>9,} msg/s  "
+                         f"{e['us_per_msg'] or 0:7.2f} us/msg  {e.get('ratio_to_bare', 0):.2f}x bare, "
+                         f"+{e.get('overhead_us_per_msg', 0):.2f} us/msg  ({e['received']:,}/{e['expected']:,} received)")
     return "\n".join(lines)
 
 

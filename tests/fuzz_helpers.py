@@ -9,6 +9,8 @@ from typing import Any
 from dynamo_worker.core import wire
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
+from tests.frontend_helpers import LoopThread
+from tests.helpers import WorkerProcess
 
 #: The error codes a bad input may earn; anything else (internal, engine_dead) is a bug.
 CLEAN_CODES = {"bad_request", "not_found"}
@@ -40,3 +42,25 @@ async def send_raw(runtime: Runtime, component: str, endpoint: str, instance: st
     if frame.k == wire.DATA:
         # They parsed as a real request: cancel whatever the worker started.
         await runtime._send_cancel(instance, wire.decode_request(data).id)
+
+
+class FuzzTarget:
+    """Role processes under fuzz and the fuzzer's own runtime on a loop thread; subclasses start
+    them. :meth:`stop` closes the runtime, then stops every process."""
+
+    processes: dict[str, WorkerProcess]
+
+    def __init__(self) -> None:
+        self.loop = LoopThread()
+        self.runtime: Runtime | None = None
+
+    def all_alive(self) -> dict[str, int | None]:
+        """Each process's exit status: None while it runs."""
+        return {name: proc.proc.poll() for name, proc in self.processes.items()}
+
+    def stop(self) -> None:
+        if self.runtime is not None:
+            self.loop.run(self.runtime.close())
+        self.loop.close()
+        for proc in self.processes.values():
+            proc.stop()

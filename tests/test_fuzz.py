@@ -35,7 +35,6 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests import fuzz_helpers
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.frontend_helpers import LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
 
 MAX_COMPLETION_TOKENS = 4
@@ -45,7 +44,7 @@ BUS_FUZZ = settings(FUZZ, max_examples=60)
 TRIED: Counter[str] = Counter()  # inputs sent, by target, for the summary
 
 
-class Stack:
+class Stack(fuzz_helpers.FuzzTarget):
     def __init__(self, nats: NatsServer, model: str, storage: str) -> None:
         self.nats = nats
         self.namespace = f"fz{uuid.uuid4().hex[:8]}"
@@ -64,8 +63,7 @@ class Stack:
                                        "--max-request-bytes", "65536"]),
         }
         self.base = f"http://127.0.0.1:{self.http_port}"
-        self.loop = LoopThread()
-        self.runtime: Runtime | None = None
+        super().__init__()
         self.subjects: dict[str, tuple[str, str, str]] = {}  # "role/endpoint" -> (component, endpoint, instance)
 
     def start(self) -> None:
@@ -90,16 +88,6 @@ class Stack:
         client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
         wait_until(lambda: {m.id for m in client.models.list().data} >= {"tiny", "echo"}, 30,
                    what="both models in the frontend")
-
-    def all_alive(self) -> dict[str, int | None]:
-        return {name: proc.proc.poll() for name, proc in self.processes.items()}
-
-    def stop(self) -> None:
-        if self.runtime is not None:
-            self.loop.run(self.runtime.close())
-        self.loop.close()
-        for proc in self.processes.values():
-            proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,6 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests import fuzz_helpers
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.frontend_helpers import LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
 
 MODEL = "vlm"
@@ -105,7 +104,7 @@ def image_request(image: bytes = RED, max_tokens: int = 6) -> dict[str, Any]:
             "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True}}
 
 
-class Chain:
+class Chain(fuzz_helpers.FuzzTarget):
     def __init__(self, nats: NatsServer, model: str, media: Path, ec_storage: Path) -> None:
         self.nats = nats
         self.namespace = f"fzmm{uuid.uuid4().hex[:8]}"
@@ -128,8 +127,7 @@ class Chain:
                                          str(self.ec_encoder_port), "--max-image-bytes", str(MAX_IMAGE_BYTES)],
                                         env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()))),
         }
-        self.loop = LoopThread()
-        self.runtime: Runtime | None = None
+        super().__init__()
         self.instances: dict[str, str] = {}  # component -> instance id
 
     def start(self) -> None:
@@ -144,21 +142,11 @@ class Chain:
         for component in ("encoder", "processor", "backend", "ec_encoder"):
             self.instances[component] = self.loop.run(discover(component), timeout=40)
 
-    def all_alive(self) -> dict[str, int | None]:
-        return {name: proc.proc.poll() for name, proc in self.processes.items()}
-
     async def collect(self, component: str, payload: Any) -> list[Any]:
         assert self.runtime is not None
         client = self.runtime.client(component, "generate")
         async with aclosing(client.direct(payload, self.instances[component])) as stream:
             return [item async for item in stream]
-
-    def stop(self) -> None:
-        if self.runtime is not None:
-            self.loop.run(self.runtime.close())
-        self.loop.close()
-        for proc in self.processes.values():
-            proc.stop()
 
 
 @pytest.fixture(scope="module")
