@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -29,13 +31,30 @@ log = logging.getLogger(__name__)
 REAPPEAR_WAIT = 2.0  # seconds a request for a known model waits for one of its workers to reappear
 
 
+#: transformers' lazy module is not safe to import from two threads at once (a half-initialised
+#: module answers "cannot import name 'AutoTokenizer'"): the warm-up and the loads take turns.
+_IMPORTING = threading.Lock()
+
+
+def _import_transformers() -> None:
+    with _IMPORTING:
+        importlib.import_module("transformers")
+
+
 def _load_tokenizer(path: str) -> Any:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory on this host")
     # Imported here: transformers takes seconds to import and only a serving frontend needs it.
-    from transformers import AutoTokenizer
+    with _IMPORTING:
+        from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _warmed(task: asyncio.Task[Any]) -> None:
+    # A failed import is reported by the tokenizer load that needs it, with the model's path.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("importing transformers ahead of time failed: %s", task.exception())
 
 
 class TokenizerCache:
@@ -51,6 +70,16 @@ class TokenizerCache:
     def __init__(self) -> None:
         self._loading: dict[str, asyncio.Task[Any]] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # path -> (when, why)
+        self._warming: asyncio.Task[Any] | None = None
+
+    def warm_up(self) -> None:
+        """Import the tokenizer library in a thread now, while workers are still loading their
+        engines, rather than when the first model appears: it takes seconds, and until it is
+        done that model's first request waits (about 3 s of the time to the first answer)."""
+        if self._warming is None:
+            self._warming = asyncio.create_task(asyncio.to_thread(_import_transformers),
+                                                name="import transformers")
+            self._warming.add_done_callback(_warmed)
 
     def prefetch(self, path: str) -> None:
         if path in self._loading:
@@ -86,7 +115,7 @@ class TokenizerCache:
         return await asyncio.shield(task)
 
     def close(self) -> None:
-        for task in self._loading.values():
+        for task in [*self._loading.values(), *([self._warming] if self._warming else [])]:
             task.cancel()
 
 
@@ -149,6 +178,7 @@ class ModelTable:
 
     def start(self) -> None:
         """Follow discovery: remember each model and start loading its tokenizer on arrival."""
+        self.tokenizers.warm_up()
         self.client.watcher.add_listener(self._on_change)
         for record in self.client.instances():
             self._on_change(record.key, record, False)
