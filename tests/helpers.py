@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -163,3 +164,18 @@ def write_distribution(site: Path, dist: str, version: str, roles: dict[str, str
     (info / "entry_points.txt").write_text(f"[dynamo_worker.roles]\n{lines}")
     for module, source in modules.items():
         (site / f"{module}.py").write_text(source)
+
+
+def slow_counter(cancelled: asyncio.Event) -> Any:
+    """An endpoint handler counting to 1,000 one item per 10 ms; sets ``cancelled`` if it is cancelled."""
+
+    async def slow(request: Any, context: Any) -> Any:
+        try:
+            for i in range(1000):
+                yield i
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    return slow

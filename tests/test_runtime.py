@@ -18,7 +18,7 @@ import pytest
 from dynamo_worker.core.errors import RuntimeUnavailable
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.core.runtime import Runtime
-from tests.helpers import NatsServer, WorkerProcess
+from tests.helpers import NatsServer, WorkerProcess, slow_counter
 
 
 PLANE = {"name": "tcp"}
@@ -177,15 +177,7 @@ async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(nats_se
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
     cancelled = asyncio.Event()
 
-    async def slow(request: Any, context: RequestContext) -> AsyncIterator[int]:
-        try:
-            for i in range(1000):
-                yield i
-                await asyncio.sleep(0.01)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    slow = slow_counter(cancelled)
     try:
         await serve(worker, slow)
         client = caller.client("math", "count")

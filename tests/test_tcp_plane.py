@@ -18,7 +18,7 @@ import pytest
 
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.core.runtime import Runtime
-from tests.helpers import NatsServer, free_port, run_cli
+from tests.helpers import NatsServer, free_port, run_cli, slow_counter
 
 
 async def counting(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
@@ -85,15 +85,7 @@ async def test_a_caller_whose_connection_drops_has_its_requests_cancelled(nats_s
                                                                           namespace: str) -> None:
     cancelled = asyncio.Event()
 
-    async def slow(request: Any, context: RequestContext) -> AsyncIterator[int]:
-        try:
-            for i in range(1000):
-                yield i
-                await asyncio.sleep(0.01)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    slow = slow_counter(cancelled)
     worker, caller = await worker_and_caller(nats_server, namespace, slow)
     try:
         stream = caller.client("math", "count").generate({})
