@@ -193,16 +193,23 @@ class TcpListener:
         self.address = f"{advertised_host(host)}:{bound_port}"
         return self.address
 
-    async def close(self) -> None:
-        """Stop listening; send what is pending and close every connection."""
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop listening; send what is pending and close every connection (a peer that does not
+        take its last frames within ``grace`` seconds is cut off: shutdown must not hang on it)."""
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             conn.flush()
             if conn.transport is not None:
                 conn.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            log.warning("closing the request-plane connection with %s without its last frames", conn.peer)
+            conn.transport.abort()
+        # Not Server.wait_closed(): it waits for every connection ever accepted, and a connection
+        # whose close is still in flight would hold shutdown forever.
 
 
 def advertised_host(bind_host: str) -> str:
