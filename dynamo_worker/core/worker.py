@@ -235,12 +235,16 @@ class Worker:
         cut = await runtime.drain(drain_timeout)
         if cut:
             self.log.warning("%d request(s) did not finish in time and were cancelled", cut)
+        # Each step is logged so that a shutdown that hangs shows where.
+        self.log.info("shutdown: requests drained; stopping background tasks")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.log.info("shutdown: background tasks stopped; running the role's shutdown hooks")
         for exc in await self.hooks.shutdown(ctx):
             self.log.error("role shutdown hook failed: %s: %s", type(exc).__name__, exc)
             status = status or EXIT_FATAL
+        self.log.info("shutdown: role stopped; closing the runtime")
         if self.status is not None:
             await self.status.stop()
         await runtime.close()
