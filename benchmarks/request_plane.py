@@ -123,7 +123,8 @@ async def echo(url: str, messages: int, streams: int, timeout: float, log_dir: P
     log_path = log_dir / f"echo-worker-{plane}-{streams}.log"
     with open(log_path, "wb") as out:
         worker = subprocess.Popen([python(), "-m", "dynamo_worker", "--role", "echo", "--nats-url", url,
-                                   "--namespace", namespace, "--system-port", "0"],
+                                   "--namespace", namespace, "--system-port", "0",
+                                   "--request-plane", "tcp"],  # listens on TCP, answers on NATS too
                                   stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env())
     rt = await Runtime.connect(url, namespace, request_plane=plane)
     try:

@@ -30,7 +30,7 @@ async def counting(request: Any, context: RequestContext) -> AsyncIterator[dict[
 
 async def worker_and_caller(server: NatsServer, namespace: str, handler: Any = counting,
                             caller_plane: str = "tcp") -> tuple[Runtime, Runtime]:
-    worker = await Runtime.connect(server.url, namespace)
+    worker = await Runtime.connect(server.url, namespace, request_plane="tcp")
     await worker.serve_endpoint("math", "count", handler)
     await worker.publish("math", "count", "test", {})
     caller = await Runtime.connect(server.url, namespace, request_plane=caller_plane)
@@ -169,7 +169,7 @@ def test_a_port_in_use_is_a_one_line_error(nats_server: NatsServer, namespace: s
         taken.bind(("127.0.0.1", port))
         taken.listen()
         out = run_cli("--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                      "--tcp-rpc-port", str(port))
+                      "--request-plane", "tcp", "--tcp-rpc-port", str(port))
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert f"--tcp-rpc-port {port}: cannot listen there" in last and "Traceback" not in out.stderr

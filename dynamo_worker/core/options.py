@@ -77,9 +77,10 @@ class CoreOptions:
         g.add_argument(
             "--request-plane",
             choices=["tcp", "nats"],
-            default=env_default("DYN_REQUEST_PLANE", "tcp"),
-            help="how requests and their responses travel: straight to the worker over TCP, or "
-            "through NATS; a worker answers on both (env DYN_REQUEST_PLANE; default %(default)s)",
+            default=env_default("DYN_REQUEST_PLANE", "nats"),
+            help="how requests and their responses travel: through NATS, or straight to the worker "
+            "over TCP (faster: docs/performance.md); a tcp worker answers on both "
+            "(env DYN_REQUEST_PLANE; default %(default)s)",
         )
         g.add_argument(
             "--tcp-rpc-host",

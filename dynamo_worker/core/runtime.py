@@ -4,9 +4,9 @@ Addressing is ``namespace.component.endpoint`` plus an instance id per process. 
 goes to one chosen instance (the caller picks it from discovery), so routing policy lives in
 the caller (round-robin, random, or a router of its own).
 
-NATS carries discovery, events and control. Requests and their response frames go over the
-TCP request plane (:mod:`.tcp_plane`, the default) to instances that publish a TCP address, or
-over NATS (``request_plane="nats"``). A worker always answers on NATS too, so a caller of
+NATS carries discovery, events and control. Requests and their response frames go through NATS
+(the default) or, with ``request_plane="tcp"``, over the TCP request plane (:mod:`.tcp_plane`)
+to instances that publish a TCP address. A worker always answers on NATS too, so a caller of
 either kind reaches it.
 """
 
@@ -54,7 +54,7 @@ class Runtime:
     """One process's connection to the deployment. Create with :meth:`connect`."""
 
     def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float,
-                 request_plane: str = "tcp", tcp_host: str = "127.0.0.1", tcp_port: int = 0) -> None:
+                 request_plane: str = "nats", tcp_host: str = "127.0.0.1", tcp_port: int = 0) -> None:
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: choose one of {', '.join(REQUEST_PLANES)}")
         self.nc = nc
@@ -79,7 +79,7 @@ class Runtime:
 
     @classmethod
     async def connect(cls, url: str, namespace: str, *, timeout: float = 5.0, lease_ttl: int = 3,
-                      idle_timeout: float = 60.0, name: str = "dynamo-worker", request_plane: str = "tcp",
+                      idle_timeout: float = 60.0, name: str = "dynamo-worker", request_plane: str = "nats",
                       tcp_host: str = "127.0.0.1", tcp_port: int = 0, **nats_options: Any) -> Runtime:
         """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot."""
         holder: dict[str, Runtime] = {}
