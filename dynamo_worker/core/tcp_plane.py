@@ -96,6 +96,10 @@ class FramedConnection(asyncio.Protocol):
 
     def send(self, payload: bytes) -> None:
         self._out += (_HEADER.pack(len(payload)), payload)
+        self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        """Write what was queued once the current event-loop turn is over."""
         if not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -159,9 +163,7 @@ class _WorkerConnection(FramedConnection):
         if frame.k != wire.DATA:
             self._requests.pop(token, None)
         self._frames.append((token, frame))
-        if not self._flush_pending:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        self.schedule_flush()
 
     def flush(self) -> None:
         if self._frames:
