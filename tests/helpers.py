@@ -179,3 +179,44 @@ def slow_counter(cancelled: asyncio.Event) -> Any:
             raise
 
     return slow
+
+
+def endpoint_inflight(port: int, endpoint: str = "generate") -> float:
+    """Requests a worker's ``endpoint`` is serving now, read from its /metrics (the worker's own
+    view: a caller's view lags, a stream can finish on the worker well before its caller sees it)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+               if s.name == "dynamo_component_inflight_requests" and s.labels.get("dynamo_endpoint") == endpoint)
+
+
+async def signal_while_busy(proc: WorkerProcess, sig: int, start: Callable[[], list[asyncio.Task[Any]]],
+                            inflight: Callable[[], float], *, at_least: int = 2, waves: int = 3,
+                            timeout: float = 60) -> tuple[float, list[Any]]:
+    """Start a wave of calls (``start`` returns their tasks) and send ``sig`` to ``proc`` once
+    ``inflight()`` reaches ``at_least``; return that count and the wave's results (exceptions
+    included). A wave that ends before (the worker answered faster than the poll) must have
+    succeeded, and the next one is started; after ``waves`` of them the test fails, saying so."""
+    seen = 0.0
+    for _ in range(waves):
+        calls = start()
+        deadline = time.monotonic() + timeout
+        while not all(c.done() for c in calls) and time.monotonic() < deadline:
+            n = await asyncio.to_thread(inflight)
+            seen = max(seen, n)
+            if n >= at_least:
+                proc.signal(sig)
+                return n, await asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.sleep(0.005)
+        if not all(c.done() for c in calls):
+            for c in calls:
+                c.cancel()
+            raise AssertionError(f"the calls neither finished nor had {at_least} in flight within {timeout}s "
+                                 f"(at most {seen:.0f} seen)")
+        results = [c.exception() or c.result() for c in calls]
+        assert not any(isinstance(r, BaseException) for r in results), results
+    raise AssertionError(f"{waves} waves of calls never had {at_least} in flight on the worker at once "
+                         f"(at most {seen:.0f} seen)")

@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
+from tests.helpers import (NatsServer, WorkerProcess, endpoint_inflight, free_kv_event_port, free_port, signal_while_busy,
+                           wait_until, worker_env)
 from tests.test_resilience import _children, _comm, _kill
 
 MAX_TOKENS = 16
@@ -305,20 +306,18 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
         [record] = await client.wait_for_instances(30)
 
         async def prefill(i: int) -> list[Any]:
-            payload = {"token_ids": [1, *range(10 + i, 240 + i)], "stop_conditions": {"max_tokens": 1}}
+            payload = {"token_ids": [1, *(10 + (i + k) % 490 for k in range(230))], "stop_conditions": {"max_tokens": 1}}
             return [x async for x in client.direct(payload, record.instance_id)]
 
-        def inflight() -> float:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{s.prefill_port}/metrics", timeout=5).read().decode()
-            return sum(x.value for fam in text_string_to_metric_families(body) for x in fam.samples
-                       if x.name == "dynamo_component_inflight_requests" and x.labels.get("dynamo_endpoint") == "generate")
+        waves = iter(range(0, 480, 48))  # each wave's prompts are new (no prefix-cache hits)
 
-        calls = [asyncio.create_task(prefill(i)) for i in range(48)]
+        def start() -> list[asyncio.Task[Any]]:
+            first = next(waves)
+            return [asyncio.create_task(prefill(i)) for i in range(first, first + 48)]
+
         # Signal while the worker has requests in flight (watched on the worker, not the client).
-        busy = lambda: (n := inflight()) >= 2 and n  # noqa: E731 - the count, once 2 or more
-        at_signal = await asyncio.to_thread(wait_until, busy, 60, 0.01, "prefill requests in flight")
-        s.prefill.signal(signal.SIGTERM)
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        at_signal, results = await signal_while_busy(s.prefill, signal.SIGTERM, start,
+                                                     lambda: endpoint_inflight(s.prefill_port))
         assert await asyncio.to_thread(s.prefill.wait, 120) == 0
         errors = [r for r in results if isinstance(r, BaseException)]
         print(f"\nFIGURE sigterm prefill: 48 prefill requests, {at_signal:.0f} in flight on the worker at the "

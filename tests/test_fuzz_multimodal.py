@@ -34,7 +34,6 @@ import io
 import json
 import math
 import signal
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -45,13 +44,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests import fuzz_helpers
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
+from tests.helpers import (NatsServer, WorkerProcess, endpoint_inflight, free_kv_event_port, free_port, signal_while_busy,
+                           worker_env)
 
 MODEL = "vlm"
 MAX_IMAGE_BYTES = 20_000
@@ -380,25 +379,17 @@ def test_after_the_fuzzing_every_process_lives_and_the_chain_answers_as_before(c
 
 # ---- SIGTERM with requests in flight -----------------------------------------------------------
 
-def inflight(port: int) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(x.value for fam in text_string_to_metric_families(body) for x in fam.samples
-               if x.name == "dynamo_component_inflight_requests" and x.labels.get("dynamo_endpoint") == "generate")
-
-
 def test_sigterm_to_the_processor_mid_stream_drains_it_and_exits_0(chain: Chain, baseline: list[int]) -> None:
     long_tokens = 120
     proc = chain.processes["processor"]
 
-    async def go() -> tuple[float, list[Any]]:
-        calls = [asyncio.create_task(chain.collect("processor", image_request(max_tokens=long_tokens)))
-                 for _ in range(4)]
-        busy = lambda: (n := inflight(chain.processor_port)) >= 4 and n  # noqa: E731 - the count, once 4
-        at_signal = await asyncio.to_thread(wait_until, busy, 60, 0.01, "processor requests in flight")
-        proc.signal(signal.SIGTERM)
-        return at_signal, await asyncio.gather(*calls, return_exceptions=True)
+    def start() -> list[asyncio.Task[Any]]:
+        return [asyncio.create_task(chain.collect("processor", image_request(max_tokens=long_tokens)))
+                for _ in range(4)]
 
-    at_signal, results = chain.loop.run(go(), timeout=180)
+    at_signal, results = chain.loop.run(signal_while_busy(proc, signal.SIGTERM, start,
+                                                          lambda: endpoint_inflight(chain.processor_port),
+                                                          at_least=4), timeout=300)
     assert proc.wait(120) == 0
     errors = [r for r in results if isinstance(r, BaseException)]
     print(f"\nFIGURE sigterm processor: {at_signal:.0f} image requests in flight at the signal, {len(errors)} failed")
@@ -414,15 +405,15 @@ def test_sigterm_to_the_encode_worker_with_requests_in_flight_drains_it_and_exit
     proc = chain.processes["encode"]
     count = 24
 
-    async def go() -> tuple[float, list[Any]]:
-        calls = [asyncio.create_task(chain.collect("encoder", {"images": [b64(png((20 + i, 20), (i, 9, 9)))]}))
-                 for i in range(count)]
-        busy = lambda: (n := inflight(chain.encode_port)) >= 2 and n  # noqa: E731 - the count, once 2 or more
-        at_signal = await asyncio.to_thread(wait_until, busy, 60, 0.005, "encode requests in flight")
-        proc.signal(signal.SIGTERM)
-        return at_signal, await asyncio.gather(*calls, return_exceptions=True)
+    waves = iter(range(0, 1000, count))  # each wave's images are new to the worker
 
-    at_signal, results = chain.loop.run(go(), timeout=180)
+    def start() -> list[asyncio.Task[Any]]:
+        first = next(waves)
+        return [asyncio.create_task(chain.collect("encoder", {"images": [b64(png((20 + i % 200, 20 + i // 200), (i % 256, 9, 9)))]}))
+                for i in range(first, first + count)]
+
+    at_signal, results = chain.loop.run(
+        signal_while_busy(proc, signal.SIGTERM, start, lambda: endpoint_inflight(chain.encode_port)), timeout=300)
     assert proc.wait(120) == 0
     errors = [r for r in results if isinstance(r, BaseException)]
     print(f"\nFIGURE sigterm encode: {count} encode requests, {at_signal:.0f} in flight on the worker at the "
@@ -437,15 +428,15 @@ def test_sigterm_to_the_ec_encoder_with_requests_in_flight_drains_it_and_exits_0
     proc = chain.processes["ec-encoder"]
     count = 24
 
-    async def go() -> tuple[float, list[Any]]:
-        calls = [asyncio.create_task(chain.collect("ec_encoder", {"images": [b64(png((20 + i, 21), (9, i, 9)))]}))
-                 for i in range(count)]
-        busy = lambda: (n := inflight(chain.ec_encoder_port)) >= 2 and n  # noqa: E731 - the count, once 2 or more
-        at_signal = await asyncio.to_thread(wait_until, busy, 60, 0.005, "ec-encoder requests in flight")
-        proc.signal(signal.SIGTERM)
-        return at_signal, await asyncio.gather(*calls, return_exceptions=True)
+    waves = iter(range(0, 1000, count))  # each wave's images are new to the worker (not in its EC store)
 
-    at_signal, results = chain.loop.run(go(), timeout=180)
+    def start() -> list[asyncio.Task[Any]]:
+        first = next(waves)
+        return [asyncio.create_task(chain.collect("ec_encoder", {"images": [b64(png((20 + i % 200, 21 + i // 200), (9, i % 256, 9)))]}))
+                for i in range(first, first + count)]
+
+    at_signal, results = chain.loop.run(
+        signal_while_busy(proc, signal.SIGTERM, start, lambda: endpoint_inflight(chain.ec_encoder_port)), timeout=300)
     assert proc.wait(120) == 0
     errors = [r for r in results if isinstance(r, BaseException)]
     print(f"\nFIGURE sigterm ec-encoder: {count} encode requests, {at_signal:.0f} in flight on the worker at the "

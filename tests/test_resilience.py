@@ -25,8 +25,11 @@ from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
 
 MAX_TOKENS = 450
 CONCURRENCY = 8
+# No idle health canary: a canary in flight on an otherwise idle worker would look, in the worker's
+# in-flight gauge, like the load's streams (CI once killed worker b for its canary before the load
+# reached it, and nothing was migrated).
 WORKER_FLAGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--served-model-name", "tiny",
-                "--lease-ttl", "2", "--graceful-shutdown-timeout", "60"]
+                "--lease-ttl", "2", "--graceful-shutdown-timeout", "60", "--health-check-idle", "3600"]
 
 
 class Deployment:
@@ -71,10 +74,12 @@ class Deployment:
         """Wait until worker ``name`` is generating for ``load``; False if the load ended first.
 
         Watched on the worker, not the client: on two busy cores the frontend can relay a stream
-        well after the worker finished generating it.
+        well after the worker finished generating it. The load's streams must all have reached
+        the frontend first, so what the worker serves is theirs.
         """
         for _ in range(1000):
-            if await asyncio.to_thread(self.worker_inflight, name) > 0:
+            admitted = await asyncio.to_thread(self.frontend_metric, "dynamo_frontend_inflight_requests")
+            if admitted >= CONCURRENCY and await asyncio.to_thread(self.worker_inflight, name) > 0:
                 await asyncio.sleep(0.1)  # let it produce some tokens first
                 return await asyncio.to_thread(self.worker_inflight, name) > 0
             if load.done():
@@ -166,6 +171,7 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
     for _ in range(4):
         load = asyncio.create_task(run_load(d))
         if await d.generating("b", load):
+            at_kill = d.worker_inflight("b")
             d.workers["b"].signal(signal.SIGKILL)
             break
         assert all(r["text"] == expected for r in await load)
@@ -176,7 +182,7 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
     # gives exactly the text an uninterrupted run gives.
     assert [r["completion_tokens"] for r in results] == [MAX_TOKENS] * CONCURRENCY
     assert all(r["text"] == expected for r in results)
-    assert recovered() > before, "the kill interrupted no request"
+    assert recovered() > before, f"the kill interrupted no request (worker b had {at_kill:.0f} in flight just before)"
     print(f"\nFIGURE sigkill decode: {CONCURRENCY} streams of {MAX_TOKENS} tokens, {recovered() - before:.0f} "
           f"migrated or retried, {sum(r['completion_tokens'] == MAX_TOKENS for r in results)} complete, 0 lost")
     wait_until(lambda: d.instances() == 1, 10, what="the killed worker to leave routing")
