@@ -7,7 +7,7 @@ import signal
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until, worker_env, write_distribution
+from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until, worker_env, write_distribution
 
 RECORDING_ROLE = '''
 import os
@@ -99,3 +99,50 @@ def test_hooks_run_in_the_documented_order_from_start_to_shutdown(tmp_path: Path
     ]
     config = json.loads(dump.read_text())
     assert config["role"]["name"] == "recording" and config["options"]["namespace"] == namespace
+
+
+STUCK_ROLE = '''
+import time
+from dynamo_worker.core.hookspecs import hookimpl
+
+class StuckRole:
+    """Serves; its shutdown hook blocks the event loop (an engine that will not stop)."""
+    name = "stuck"
+
+    @hookimpl
+    def dynamo_worker_register_endpoints(self, registrar, ctx):
+        async def generate(request, context):
+            yield {"ok": True}
+        registrar.endpoint("generate", generate)
+
+    @hookimpl
+    async def dynamo_worker_shutdown(self, ctx):
+        stop_the_engine_forever()
+
+def stop_the_engine_forever():
+    time.sleep(600)
+'''
+
+
+def test_a_shutdown_step_that_hangs_ends_in_exit_1_with_the_stuck_stack(tmp_path: Path, nats_server: NatsServer,
+                                                                        namespace: str) -> None:
+    site = tmp_path / "site"
+    write_distribution(site, "stuck-role", "0.1.0", {"stuck": "stuck_role:StuckRole"}, {"stuck_role": STUCK_ROLE})
+    worker = WorkerProcess(["--role", "stuck", "--nats-url", nats_server.url, "--namespace", namespace,
+                            "--shutdown-cleanup-timeout", "1"], env=worker_env(site))
+    try:
+        worker.wait_for_log("serving")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 1  # not the 600 s the hook would block
+    finally:
+        worker.stop()
+    log = worker.log()
+    assert "shutdown did not finish within 1s of the drain; exiting 1" in log
+    assert "shutdown: background tasks stopped; running the role's shutdown hooks" in log
+    assert "stop_the_engine_forever" in log  # the stack shows where it hung
+
+
+def test_the_shutdown_cleanup_timeout_must_be_positive() -> None:
+    result = run_cli("--role", "echo", "--shutdown-cleanup-timeout", "0")
+    assert result.returncode != 0
+    assert "--shutdown-cleanup-timeout" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -112,6 +112,14 @@ class CoreOptions:
             help="on SIGTERM/SIGINT, wait this long for in-flight requests (default %(default)s)",
         )
         g.add_argument(
+            "--shutdown-cleanup-timeout",
+            type=float,
+            default=env_default("DYN_SHUTDOWN_CLEANUP_TIMEOUT", 30.0, float),
+            metavar="SECONDS",
+            help="after the drain, the rest of shutdown (engine stop, connections) gets this long, then the "
+            "process logs every thread's stack and exits 1 (env DYN_SHUTDOWN_CLEANUP_TIMEOUT; default %(default)s)",
+        )
+        g.add_argument(
             "--engine-check-interval",
             type=float,
             default=2.0,
@@ -173,6 +181,7 @@ class CoreOptions:
             raise UsageError(f"--request-plane / DYN_REQUEST_PLANE {o.request_plane!r} is invalid; use tcp or nats")
         check_positive("--lease-ttl", o.lease_ttl)
         check_positive("--graceful-shutdown-timeout", o.graceful_shutdown_timeout)
+        check_positive("--shutdown-cleanup-timeout", o.shutdown_cleanup_timeout)
         check_positive("--engine-check-interval", o.engine_check_interval)
         check_positive("--nats-connect-timeout", o.nats_connect_timeout)
         check_positive("--health-check-idle", o.health_check_idle)

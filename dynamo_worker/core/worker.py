@@ -7,17 +7,22 @@ health payload -> serve and publish in discovery -> background tasks and engine 
 Shutdown (SIGTERM/SIGINT): withdraw from discovery -> drain in-flight requests up to
 ``--graceful-shutdown-timeout`` -> stop background tasks -> role shutdown hook -> close the
 runtime -> exit 0. A second signal exits at once. A dead engine does the same with no drain
-and exits 1.
+and exits 1. The steps after the drain have ``--shutdown-cleanup-timeout`` seconds: a step that hangs
+(a stuck engine shutdown, a peer that never lets go) gets every thread's stack logged and the
+process exits 1, rather than waiting for an orchestrator's SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import json
 import logging
 import os
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +240,8 @@ class Worker:
         cut = await runtime.drain(drain_timeout)
         if cut:
             self.log.warning("%d request(s) did not finish in time and were cancelled", cut)
-        # Each step is logged so that a shutdown that hangs shows where.
+        # Each step is logged so that a shutdown that hangs shows where; the watchdog ends it.
+        watchdog = _cleanup_watchdog(self.log, self.options.shutdown_cleanup_timeout)
         self.log.info("shutdown: requests drained; stopping background tasks")
         for task in self._tasks:
             task.cancel()
@@ -248,8 +254,26 @@ class Worker:
         if self.status is not None:
             await self.status.stop()
         await runtime.close()
+        watchdog.cancel()
         self.log.info("stopped (exit %d)", status)
         return status
+
+
+def _cleanup_watchdog(log: logging.Logger, seconds: float) -> threading.Timer:
+    """A thread that ends the process (exit 1) if shutdown is still going after ``seconds``.
+
+    A thread, not an asyncio timeout: a step can block the event loop itself.
+    """
+    def fire() -> None:
+        log.error("shutdown did not finish within %gs of the drain; exiting 1 (every thread's stack follows)",
+                  seconds)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(EXIT_FATAL)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class _Fatal(Exception):
