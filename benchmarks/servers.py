@@ -197,7 +197,7 @@ class DynamoUp(Server):
     """``dynamo-worker up``: nats-server + frontend + 1 decode worker, aggregated."""
 
     side = "dynamo"
-    # The TCP request plane (not yet the default, see docs/performance.md) is what is measured.
+    # The TCP request plane (up's default since 2026-12-02; explicit, so older refs measure the same).
     stack_flags: tuple[str, ...] = ("--decode-workers", "1", "--request-plane", "tcp")
 
     def argv(self) -> list[str]:

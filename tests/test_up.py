@@ -204,6 +204,12 @@ def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(sta
     listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert listening and all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
     nats_port = next(c.laddr.port for c in listening if c.pid == manifest["nats"]["pid"])
+    # Requests take the TCP request plane (up's default): the frontend holds a connection
+    # straight to a port the decode worker listens on.
+    worker_ports = {c.laddr.port for c in listening if c.pid == manifest["decode-0"]["pid"]}
+    frontend_peers = {c.raddr.port for c in psutil.Process(manifest["frontend"]["pid"]).net_connections("inet")
+                      if c.status == psutil.CONN_ESTABLISHED and c.raddr}
+    assert worker_ports & frontend_peers, (worker_ports, frontend_peers)
     with pytest.raises(RuntimeUnavailable):
         asyncio.run(Runtime.connect(f"nats://127.0.0.1:{nats_port}", "x", timeout=3))
 

@@ -55,8 +55,10 @@ def parser() -> argparse.ArgumentParser:
                         "(vLLM's encoder-only instance; outputs go through a shared EC directory); default %(default)s")
     p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
     p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
-    p.add_argument("--request-plane", choices=("tcp", "nats"), default="nats",
-                   help="requests travel straight to workers over TCP (on 127.0.0.1) or through NATS "
+    # TCP here, unlike a standalone role's default: everything `up` starts is on this host, so the
+    # unauthenticated listener stays on 127.0.0.1 and every caller reaches it.
+    p.add_argument("--request-plane", choices=("tcp", "nats"), default="tcp",
+                   help="requests travel straight to workers over TCP (on 127.0.0.1; faster) or through NATS "
                         "(default %(default)s)")
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
                    help="frontend: continue a stream on another worker when its worker fails, up to N "
