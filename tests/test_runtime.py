@@ -158,11 +158,17 @@ async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server
         await dying.nc.close()
         if dying.listener is not None:
             await dying.listener.close()
-        with pytest.raises(RequestError) as err:
-            [x async for x in client.direct({"n": 1}, dying.instance_id)]
-        assert err.value.retryable
+        # nats-server drops a closed connection's subscriptions when it notices the close: a
+        # request racing that meets silence (a retryable timeout, no mark) instead of "no
+        # responders". The next one cannot.
+        for _ in range(5):
+            with pytest.raises(RequestError) as err:
+                [x async for x in client.direct({"n": 1}, dying.instance_id)]
+            assert err.value.retryable
+            if dying.instance_id in caller.unreachable:
+                break
         assert [r.instance_id for r in client.instances()] == [live.instance_id]
-        assert dying.instance_id in caller.unreachable  # marked by the failed request, not by a lease
+        assert dying.instance_id in caller.unreachable, err.value  # marked by a failed request, not by a lease
         # A live instance wrongly marked (say, mid-reconnect) returns with its next keep-alive.
         caller.unreachable.add(live.instance_id)
         assert not client.instances()
