@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from benchmarks import machine, report
 from benchmarks.config import BENCH_ENV, RESULTS_DIR
 from benchmarks.load import run_level
@@ -36,13 +38,6 @@ from benchmarks.servers import SERVERS
 from benchmarks.workload import make_prompts
 
 LEVELS = ((1, 100), (16, 400), (64, 400))  # (concurrency, requests)
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _threads(pids: set[int]) -> list[int]:
@@ -70,7 +65,7 @@ def layout_switch(name: str, engine: set[int], others: set[int]) -> Callable[[bo
         nice = int(name.split(":", 1)[1])
         return lambda on: _each_thread(engine, lambda t: os.setpriority(os.PRIO_PROCESS, t, nice if on else 0))
     if name == "pin-runner":
-        runner = {p for p in engine if "Worker" in _comm(p)}
+        runner = {p for p in engine if "Worker" in psutil.Process(p).name()}
 
         def pin(on: bool) -> None:
             _each_thread(runner, lambda t: os.sched_setaffinity(t, {1} if on else every_cpu))
@@ -107,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_level(server.base_url, "demo", prompts, concurrency=16, requests=64, max_tokens=32,
                               max_seconds=60, request_timeout=60))  # warm-up
         procs = machine.descendants(server.roots().values())
-        engine = {pid for pid in procs if any(m in _comm(pid) for m in ("EngineCor", "VLLM::"))}
+        engine = {pid for pid in procs if machine.is_engine(psutil.Process(pid))}
         switch = layout_switch(args.layout, engine, procs - engine)
         for i in range(args.pairs):
             for on in ((False, True) if i % 2 == 0 else (True, False)):

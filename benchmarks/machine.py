@@ -89,7 +89,7 @@ def descendants(pids: Iterable[int]) -> set[int]:
     return out
 
 
-def _is_engine(proc: psutil.Process) -> bool:
+def is_engine(proc: psutil.Process) -> bool:
     try:
         text = " ".join(proc.cmdline()) + " " + proc.name()
     except psutil.Error:
@@ -104,7 +104,7 @@ def _orphaned_engine(proc: psutil.Process) -> bool:
             parent = proc.parent()
             if parent is None or parent.pid == 1:
                 return True
-            if not _is_engine(parent):
+            if not is_engine(parent):
                 return False
             proc = parent
     except psutil.Error:
@@ -116,7 +116,7 @@ def foreign_engines(own_pids: Iterable[int] = ()) -> list[dict[str, Any]]:
     mine = descendants([os.getpid(), *own_pids])
     found = []
     for proc in psutil.process_iter(["pid", "ppid", "name"]):
-        if proc.pid in mine or not _is_engine(proc):
+        if proc.pid in mine or not is_engine(proc):
             continue
         try:
             found.append({"pid": proc.pid, "ppid": proc.ppid(), "cmd": " ".join(proc.cmdline()).strip()[:120],

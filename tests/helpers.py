@@ -193,16 +193,16 @@ def endpoint_inflight(port: int, endpoint: str = "generate") -> float:
                if s.name == "dynamo_component_inflight_requests" and s.labels.get("dynamo_endpoint") == endpoint)
 
 
-async def signal_while_busy(proc: WorkerProcess, sig: int, start: Callable[[], list[asyncio.Task[Any]]],
+async def signal_while_busy(proc: WorkerProcess, sig: int, start: Callable[[int], list[asyncio.Task[Any]]],
                             inflight: Callable[[], float], *, at_least: int = 2, waves: int = 3,
                             timeout: float = 60) -> tuple[float, list[Any]]:
-    """Start a wave of calls (``start`` returns their tasks) and send ``sig`` to ``proc`` once
+    """Start a wave of calls (``start(wave)`` returns their tasks; wave 0, 1, ...) and send ``sig`` to ``proc`` once
     ``inflight()`` reaches ``at_least``; return that count and the wave's results (exceptions
     included). A wave that ends before (the worker answered faster than the poll) must have
     succeeded, and the next one is started; after ``waves`` of them the test fails, saying so."""
     seen = 0.0
-    for _ in range(waves):
-        calls = start()
+    for wave in range(waves):
+        calls = start(wave)
         deadline = time.monotonic() + timeout
         while not all(c.done() for c in calls) and time.monotonic() < deadline:
             n = await asyncio.to_thread(inflight)

@@ -309,11 +309,8 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
             payload = {"token_ids": [1, *(10 + (i + k) % 490 for k in range(230))], "stop_conditions": {"max_tokens": 1}}
             return [x async for x in client.direct(payload, record.instance_id)]
 
-        waves = iter(range(0, 480, 48))  # each wave's prompts are new (no prefix-cache hits)
-
-        def start() -> list[asyncio.Task[Any]]:
-            first = next(waves)
-            return [asyncio.create_task(prefill(i)) for i in range(first, first + 48)]
+        def start(wave: int) -> list[asyncio.Task[Any]]:  # each wave's prompts are new (no prefix-cache hits)
+            return [asyncio.create_task(prefill(i)) for i in range(wave * 48, wave * 48 + 48)]
 
         # Signal while the worker has requests in flight (watched on the worker, not the client).
         at_signal, results = await signal_while_busy(s.prefill, signal.SIGTERM, start,

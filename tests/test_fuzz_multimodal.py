@@ -383,7 +383,7 @@ def test_sigterm_to_the_processor_mid_stream_drains_it_and_exits_0(chain: Chain,
     long_tokens = 120
     proc = chain.processes["processor"]
 
-    def start() -> list[asyncio.Task[Any]]:
+    def start(_wave: int) -> list[asyncio.Task[Any]]:
         return [asyncio.create_task(chain.collect("processor", image_request(max_tokens=long_tokens)))
                 for _ in range(4)]
 
@@ -405,12 +405,9 @@ def test_sigterm_to_the_encode_worker_with_requests_in_flight_drains_it_and_exit
     proc = chain.processes["encode"]
     count = 24
 
-    waves = iter(range(0, 1000, count))  # each wave's images are new to the worker
-
-    def start() -> list[asyncio.Task[Any]]:
-        first = next(waves)
+    def start(wave: int) -> list[asyncio.Task[Any]]:  # each wave's images are new to the worker
         return [asyncio.create_task(chain.collect("encoder", {"images": [b64(png((20 + i % 200, 20 + i // 200), (i % 256, 9, 9)))]}))
-                for i in range(first, first + count)]
+                for i in range(wave * count, wave * count + count)]
 
     at_signal, results = chain.loop.run(
         signal_while_busy(proc, signal.SIGTERM, start, lambda: endpoint_inflight(chain.encode_port)), timeout=300)
@@ -428,12 +425,9 @@ def test_sigterm_to_the_ec_encoder_with_requests_in_flight_drains_it_and_exits_0
     proc = chain.processes["ec-encoder"]
     count = 24
 
-    waves = iter(range(0, 1000, count))  # each wave's images are new to the worker (not in its EC store)
-
-    def start() -> list[asyncio.Task[Any]]:
-        first = next(waves)
+    def start(wave: int) -> list[asyncio.Task[Any]]:  # each wave's images are new (not in its EC store)
         return [asyncio.create_task(chain.collect("ec_encoder", {"images": [b64(png((20 + i % 200, 21 + i // 200), (9, i % 256, 9)))]}))
-                for i in range(first, first + count)]
+                for i in range(wave * count, wave * count + count)]
 
     at_signal, results = chain.loop.run(
         signal_while_busy(proc, signal.SIGTERM, start, lambda: endpoint_inflight(chain.ec_encoder_port)), timeout=300)

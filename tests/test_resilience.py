@@ -68,8 +68,9 @@ class Deployment:
         body = urllib.request.urlopen(f"{self.base}/metrics").read().decode()
         return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples if s.name == name)
 
-    async def generating(self, name: str, load: asyncio.Task[Any]) -> bool:
-        """Wait until worker ``name`` is generating for ``load``; False if the load ended first.
+    async def generating(self, name: str, load: asyncio.Task[Any]) -> float:
+        """Wait until worker ``name`` is generating for ``load``; its in-flight count, 0 if the
+        load ended first.
 
         Watched on the worker, not the client: on two busy cores the frontend can relay a stream
         well after the worker finished generating it. (The workers run no idle health canary,
@@ -78,11 +79,11 @@ class Deployment:
         for _ in range(1000):
             if await asyncio.to_thread(self.worker_inflight, name) > 0:
                 await asyncio.sleep(0.1)  # let it produce some tokens first
-                return await asyncio.to_thread(self.worker_inflight, name) > 0
+                return await asyncio.to_thread(self.worker_inflight, name)
             if load.done():
-                return False
+                return 0
             await asyncio.sleep(0.01)
-        return False
+        return 0
 
     def stop(self) -> None:
         for worker in self.started:
@@ -167,8 +168,7 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
     # model is fast: if b is already done when checked, run the load again; a few tries at most.
     for _ in range(4):
         load = asyncio.create_task(run_load(d))
-        if await d.generating("b", load):
-            at_kill = d.worker_inflight("b")
+        if at_kill := await d.generating("b", load):
             d.workers["b"].signal(signal.SIGKILL)
             break
         assert all(r["text"] == expected for r in await load)
