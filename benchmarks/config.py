@@ -13,7 +13,13 @@ import attrs
 ENGINE_FLAGS: tuple[str, ...] = ("--enforce-eager", "--max-model-len", "512")
 
 #: Every side the harness can measure, in the default round-1 order.
-SIDES: tuple[str, ...] = ("offline", "vllm-serve", "dynamo", "dynamo-disagg")
+SIDES: tuple[str, ...] = ("offline", "vllm-serve", "vllm-serve-uni", "dynamo", "dynamo-disagg")
+
+#: The baseline every ratio is taken to (``vllm serve`` as it starts by default), and the
+#: like-for-like one: ``vllm serve`` with the model in its engine-core process, as
+#: dynamo-worker runs it on CPU (dynamo_worker/engine/executor.py).
+BASELINE = "vllm-serve"
+SAME_LAYOUT_BASELINE = "vllm-serve-uni"
 
 #: The name clients use for the model on both servers.
 SERVED_NAME = "demo"

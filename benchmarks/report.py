@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import SIDES
+from benchmarks.config import BASELINE, SAME_LAYOUT_BASELINE, SIDES
 from benchmarks.load import LevelRun
 
-BASELINE = "vllm-serve"
 SIDE_ORDER = SIDES
 
 
@@ -215,6 +214,17 @@ def quiet_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
             base = agg.get(BASELINE, {}).get(c, {}).get("tok_per_s_quiet")
             cells.append(f"{_fmt(a.get('tok_per_s_quiet'))}{_ratio(a.get('tok_per_s_quiet'), base)} ({a.get('n_quiet', 0)})")
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
+    same = agg.get(SAME_LAYOUT_BASELINE)
+    if same:  # the hop alone: dynamo against vllm serve with the same engine layout
+        lines += ["", f"the same, as ratios to {SAME_LAYOUT_BASELINE} (the engine laid out as dynamo's)", "",
+                  "| side | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
+                  "|---|" + "---|" * len(concurrencies)]
+        for side in SIDE_ORDER:
+            if side not in agg or side == "offline":
+                continue
+            cells = [_ratio(agg[side].get(c, {}).get("tok_per_s_quiet"),
+                            same.get(c, {}).get("tok_per_s_quiet")).strip(" ()") or "-" for c in concurrencies]
+            lines.append(f"| {side} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +281,7 @@ def chart(path: Path, agg: dict[str, dict[int, dict[str, Any]]], title: str) -> 
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
     concurrencies = sorted({c for side in agg.values() for c in side if c != 0})
     sides = [s for s in SIDE_ORDER if s in agg]
-    colors = {"offline": "#9e9e9e", "vllm-serve": "#1f77b4", "dynamo": "#76b900", "dynamo-disagg": "#ff7f0e"}
+    colors = {"offline": "#9e9e9e", "vllm-serve": "#1f77b4", "vllm-serve-uni": "#6baed6", "dynamo": "#76b900", "dynamo-disagg": "#ff7f0e"}
     panels = [("tok_per_s", "output tokens/s", sides), ("ttft_p50_ms", "TTFT p50 (ms)", [s for s in sides if s != "offline"]),
               ("itl_p50_ms", "inter-token p50 (ms)", [s for s in sides if s != "offline"])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))

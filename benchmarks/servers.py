@@ -71,6 +71,7 @@ class Server:
     """One side's server processes: start, wait until the model is served, stop everything."""
 
     side = ""
+    extra_env: dict[str, str] = {}  # on top of benchmarks.config.side_env
 
     def __init__(self, model: str, work_root: Path, log: Any, source: Path | None = None) -> None:
         self.model = model
@@ -93,6 +94,7 @@ class Server:
         log_path = self.log_dir / "server.log"
         self.started_at = time.monotonic()
         env = side_env(self.tmpdir)
+        env.update(self.extra_env)
         if self.source is not None:  # first on sys.path: it wins over the editable install
             env["PYTHONPATH"] = os.pathsep.join([str(self.source), env["PYTHONPATH"]])
         with open(log_path, "wb") as out:
@@ -193,6 +195,18 @@ class VllmServe(Server):
         return {"api_server": self.proc.pid}
 
 
+class VllmServeUni(VllmServe):
+    """``vllm serve --distributed-executor-backend uni``: the model in the engine-core process, as
+    dynamo-worker runs it on CPU; vLLM's CPU platform keeps ``uni`` only with
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (dynamo_worker/engine/executor.py)."""
+
+    side = "vllm-serve-uni"
+    extra_env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--distributed-executor-backend", "uni"]
+
+
 class DynamoUp(Server):
     """``dynamo-worker up``: nats-server + frontend + 1 decode worker, aggregated."""
 
@@ -247,4 +261,4 @@ class DynamoDisaggregated(DynamoUp):
     stack_flags = ("--decode-workers", "1", "--prefill-workers", "1", "--request-plane", "tcp")
 
 
-SERVERS: dict[str, type[Server]] = {cls.side: cls for cls in (VllmServe, DynamoUp, DynamoDisaggregated)}
+SERVERS: dict[str, type[Server]] = {cls.side: cls for cls in (VllmServe, VllmServeUni, DynamoUp, DynamoDisaggregated)}

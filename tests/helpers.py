@@ -220,3 +220,24 @@ async def signal_while_busy(proc: WorkerProcess, sig: int, start: Callable[[int]
         assert not any(isinstance(r, BaseException) for r in results), results
     raise AssertionError(f"{waves} waves of calls never had {at_least} in flight on the worker at once "
                          f"(at most {seen:.0f} seen)")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc: no psutil in the test dependencies)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def process_name(pid: int) -> str:
+    """A process's name (``comm``; vLLM sets it to its process title, e.g. ``VLLM::EngineCor``)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS, MAX_MODEL_LEN, offline_greedy
-from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
+from tests.helpers import NatsServer, WorkerProcess, child_pids, free_port, process_name, wait_until
 
 PROMPT_A = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
 PROMPT_B = [1, 200, 201, 150, 151, 300, 301, 17, 18, 19, 20, 21]
@@ -226,6 +227,19 @@ def test_dump_config_has_the_engine_arguments_and_the_defaults_we_applied(deploy
     assert config["resolved"]["defaults_applied"]["enable_log_requests"]["value"] is False
 
 
+def test_on_cpu_the_model_runs_in_the_engine_core_process(deployment: Deployment) -> None:
+    """No vLLM Worker process beside the EngineCore (dynamo_worker/engine/executor.py); the greedy
+    test above checks the output still equals the offline engine's, which runs vLLM's own layout."""
+    config = json.loads(deployment.dump.read_text())
+    applied = config["resolved"]["defaults_applied"]["distributed_executor_backend"]
+    assert applied["value"] == "uni" and "engine-core process" in applied["why"]
+    assert config["resolved"]["engine_args"]["distributed_executor_backend"] == "uni"
+    engine_cores = [p for p in child_pids(deployment.worker.pid) if "EngineCor" in process_name(p)]
+    assert len(engine_cores) == 1, [process_name(p) for p in child_pids(deployment.worker.pid)]
+    under_core = [process_name(p) for p in child_pids(engine_cores[0])]
+    assert not [n for n in under_core if n.startswith("VLLM")], under_core
+
+
 def test_engine_flag_mistakes_are_one_line_errors_before_any_engine_starts() -> None:
     from tests.helpers import run_cli
 
@@ -248,3 +262,37 @@ def test_engine_help_lists_vllm_engine_arguments() -> None:
     out = run_cli("--role", "decode", "--engine-help")
     assert out.returncode == 0
     assert "--max-model-len" in out.stdout and "--enable-prefix-caching" in out.stdout
+
+
+@pytest.mark.parametrize(("backend", "sizes", "env", "expected"), [
+    (None, (1, 1, 1), None, "uni"),  # our default on CPU
+    ("uni", (1, 1, 1), None, "uni"),  # honoured (vLLM alone would turn it into mp)
+    ("mp", (1, 1, 1), None, None),  # the user's choice stays
+    (None, (2, 1, 1), None, None),  # tensor parallel: several model processes, vLLM decides
+    (None, (1, 1, 2), None, None),  # data parallel: left to vLLM
+    (None, (1, 1, 1), "1", None),  # VLLM_ENABLE_V1_MULTIPROCESSING=1 set on purpose
+])
+def test_the_executor_choice_on_cpu(monkeypatch: pytest.MonkeyPatch, backend: str | None,
+                                    sizes: tuple[int, int, int], env: str | None, expected: str | None) -> None:
+    from types import SimpleNamespace
+
+    from dynamo_worker.engine import executor
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if env is None:
+        monkeypatch.delenv(executor.MULTIPROCESSING_ENV, raising=False)
+    else:
+        monkeypatch.setenv(executor.MULTIPROCESSING_ENV, env)
+    tp, pp, dp = sizes
+    args = SimpleNamespace(distributed_executor_backend=backend, tensor_parallel_size=tp,
+                           pipeline_parallel_size=pp, data_parallel_size=dp)
+    applied = executor.configure(args)
+    if expected is None:
+        assert applied is None and args.distributed_executor_backend == backend
+        assert os.environ.get(executor.MULTIPROCESSING_ENV) == env and "OMP_NUM_THREADS" not in os.environ
+    else:
+        assert applied is not None and applied[:2] == ("distributed_executor_backend", "uni")
+        assert args.distributed_executor_backend == "uni"
+        assert os.environ[executor.MULTIPROCESSING_ENV] == "0"
+        # One OpenMP thread per usable CPU but one, as vLLM's mp layout gives its Worker.
+        assert os.environ["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))

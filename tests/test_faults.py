@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import (NatsServer, WorkerProcess, endpoint_inflight, free_kv_event_port, free_port, signal_while_busy,
-                           wait_until, worker_env)
-from tests.test_resilience import _children, _comm, _kill
+from tests.helpers import (NatsServer, WorkerProcess, child_pids, endpoint_inflight, free_kv_event_port, free_port,
+                           process_name, signal_while_busy, wait_until, worker_env)
+from tests.test_resilience import _kill
 
 MAX_TOKENS = 16
 PROMPT = " ".join(["bird"] * 24)  # longer than MAX_TOKENS: every answer has exactly MAX_TOKENS tokens
@@ -331,7 +331,7 @@ async def test_killing_the_engine_core_exits_the_worker_1_and_traffic_moves_on(e
     load = Load(s.base, "tiny", concurrency=4, max_requests=5000)
     load.start()
     await wait_for_load(load, 10, timeout=120)
-    cores = [p for p in _children(s.decode.pid) if "EngineCor" in _comm(p)]
+    cores = [p for p in child_pids(s.decode.pid) if "EngineCor" in process_name(p)]
     assert cores, "the decode worker has an engine-core child process"
     killed = time.monotonic()
     for pid in cores:

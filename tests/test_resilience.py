@@ -21,7 +21,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import NatsServer, WorkerProcess, endpoint_inflight, free_port, wait_until
+from tests.helpers import (NatsServer, WorkerProcess, child_pids, endpoint_inflight, free_port, process_name,
+                           wait_until)
 
 MAX_TOKENS = 450
 CONCURRENCY = 8
@@ -163,7 +164,7 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
         return d.frontend_metric("dynamo_frontend_migrations_total") + d.frontend_metric("dynamo_frontend_retries_total")
 
     before = recovered()
-    engine_processes = _children(d.workers["b"].pid)
+    engine_processes = child_pids(d.workers["b"].pid)
     # Kill b while it generates (a request b never started is a retry, not a migration). The tiny
     # model is fast: if b is already done when checked, run the load again; a few tries at most.
     for _ in range(4):
@@ -192,7 +193,7 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
 async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routing(deployment: Deployment) -> None:
     d = deployment
     worker = d.workers["a"]
-    engine_cores = [p for p in _children(worker.pid) if "EngineCor" in _comm(p)]
+    engine_cores = [p for p in child_pids(worker.pid) if "EngineCor" in process_name(p)]
     assert engine_cores, "the worker has an engine-core child process"
     for pid in engine_cores:
         _kill(pid)
@@ -203,25 +204,6 @@ async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routin
     with pytest.raises(openai.APIStatusError) as err:
         client.completions.create(model="tiny", prompt="hello", max_tokens=2)
     assert err.value.status_code == 503
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _kill(pid: int) -> None:

@@ -62,7 +62,7 @@ class VllmRole:
         if ctx.options.engine_help:
             print(engine_args.engine_help())
             raise SystemExit(0)
-        from dynamo_worker.engine import data_parallel, ec_transfer, kv_events, kv_transfer, lora
+        from dynamo_worker.engine import data_parallel, ec_transfer, executor, kv_events, kv_transfer, lora
 
         self.engine_args, applied = engine_args.parse_engine_args(ctx.options.extra_args)
         ctx.options.extra_args = []  # consumed: vLLM's parser accepted all of them
@@ -70,6 +70,9 @@ class VllmRole:
         if self.uses_kv_cache:
             self.kv_transfer = kv_transfer.configure(ctx.options, self.engine_args, role=self.name,
                                                      required=self.needs_connector)
+        chosen = executor.configure(self.engine_args)  # after the connector, which may need mp
+        if chosen is not None:
+            applied.append(chosen)
         if getattr(ctx.options, "enable_multimodal", False):
             from dynamo_worker.multimodal import models
 
