@@ -264,32 +264,35 @@ def test_engine_help_lists_vllm_engine_arguments() -> None:
     assert "--max-model-len" in out.stdout and "--enable-prefix-caching" in out.stdout
 
 
-@pytest.mark.parametrize(("backend", "sizes", "env", "expected"), [
-    (None, (1, 1, 1), None, "uni"),  # our default on CPU
-    ("uni", (1, 1, 1), None, "uni"),  # honoured (vLLM alone would turn it into mp)
-    ("mp", (1, 1, 1), None, None),  # the user's choice stays
-    (None, (2, 1, 1), None, None),  # tensor parallel: several model processes, vLLM decides
-    (None, (1, 1, 2), None, None),  # data parallel: left to vLLM
-    (None, (1, 1, 1), "1", None),  # VLLM_ENABLE_V1_MULTIPROCESSING=1 set on purpose
+@pytest.mark.parametrize(("backend", "sizes", "environ", "expected"), [
+    (None, (1, 1, 1), {}, "uni"),  # our default on CPU
+    ("uni", (1, 1, 1), {}, "uni"),  # honoured (vLLM alone would turn it into mp)
+    ("mp", (1, 1, 1), {}, None),  # the user's choice stays
+    (None, (2, 1, 1), {}, None),  # tensor parallel: several model processes, vLLM decides
+    (None, (1, 1, 2), {}, None),  # data parallel: left to vLLM
+    (None, (1, 1, 1), {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, None),  # set on purpose
+    (None, (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, None),  # CPU lists: only mp applies them
+    (None, (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, "uni"),
+    ("uni", (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "uni"),  # an explicit choice wins
 ])
-def test_the_executor_choice_on_cpu(monkeypatch: pytest.MonkeyPatch, backend: str | None,
-                                    sizes: tuple[int, int, int], env: str | None, expected: str | None) -> None:
+def test_the_executor_choice_on_cpu(monkeypatch: pytest.MonkeyPatch, backend: str | None, sizes: tuple[int, int, int],
+                                    environ: dict[str, str], expected: str | None) -> None:
     from types import SimpleNamespace
 
     from dynamo_worker.engine import executor
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    if env is None:
-        monkeypatch.delenv(executor.MULTIPROCESSING_ENV, raising=False)
-    else:
-        monkeypatch.setenv(executor.MULTIPROCESSING_ENV, env)
+    for name in ("OMP_NUM_THREADS", executor.BIND_ENV, executor.MULTIPROCESSING_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     tp, pp, dp = sizes
     args = SimpleNamespace(distributed_executor_backend=backend, tensor_parallel_size=tp,
                            pipeline_parallel_size=pp, data_parallel_size=dp)
     applied = executor.configure(args)
     if expected is None:
         assert applied is None and args.distributed_executor_backend == backend
-        assert os.environ.get(executor.MULTIPROCESSING_ENV) == env and "OMP_NUM_THREADS" not in os.environ
+        assert os.environ.get(executor.MULTIPROCESSING_ENV) == environ.get(executor.MULTIPROCESSING_ENV)
+        assert "OMP_NUM_THREADS" not in os.environ
     else:
         assert applied is not None and applied[:2] == ("distributed_executor_backend", "uni")
         assert args.distributed_executor_backend == "uni"

@@ -198,6 +198,25 @@ def test_messages_that_arrived_together_merge_into_one() -> None:
     assert merge_messages(malformed) == malformed  # left for OutputProcessor to report
 
 
+def test_the_tokenizer_warm_up_imports_what_the_first_load_needs(demo_model: str) -> None:
+    """The frontend imports AutoTokenizer's machinery while workers load their engines, so a new
+    model's tokenizer loads at once (it took 2.5-3.5 s after the model was listed when the warm-up
+    imported only transformers' lazy top-level module). A fresh interpreter: this one has it already."""
+    code = (
+        "import asyncio, sys\n"
+        "from dynamo_worker.frontend.models import TokenizerCache\n"
+        "async def main():\n"
+        "    cache = TokenizerCache()\n"
+        "    cache.warm_up()\n"
+        "    await cache._warming\n"
+        "    print('tokenization_auto' , 'transformers.models.auto.tokenization_auto' in sys.modules)\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokenization_auto True" in out.stdout, out.stdout
+
+
 def test_models_lists_what_workers_serve(frontend: str) -> None:
     assert {"elsewhere", "flaky", "forward", "midfail", "refuses", "slow", "tiny"} <= set(served_models(frontend))
     status, body = get(f"{frontend}/v1/models/tiny")

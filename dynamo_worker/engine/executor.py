@@ -15,7 +15,9 @@ So on CPU, with an engine of world size 1 (no tensor, pipeline or data paralleli
 engine core in a process of its own (it always does); what the variable changes is the CPU
 platform's override above (and vLLM's synchronous ``LLMEngine``, which workers do not use).
 ``--distributed-executor-backend mp`` keeps vLLM's layout, which binds the model's OpenMP
-threads to cores of their own: the better choice on a large machine with cores to spare.
+threads to cores of their own: the better choice on a large machine with cores to spare. A
+``VLLM_CPU_OMP_THREADS_BIND`` naming CPU lists (not ``auto`` or ``nobind``) keeps it too, since
+only that layout applies the lists.
 
 With ``uni``, the OpenMP thread count is the engine process's (vLLM sets none): unless
 ``OMP_NUM_THREADS`` is set, it is set here to what vLLM's ``mp`` layout gives its Worker, the
@@ -28,6 +30,7 @@ import os
 from typing import Any
 
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def _is_cpu() -> bool:
@@ -45,15 +48,18 @@ def configure(args: Any) -> tuple[str, Any, str] | None:
     """Choose the executor for ``args`` (after the KV connector chose its own, if any).
 
     Returns the applied default as ``(attribute, value, why)`` for the resolved configuration,
-    or None when nothing was changed (not CPU, parallel, the user chose ``mp``, or turned
-    ``VLLM_ENABLE_V1_MULTIPROCESSING`` on explicitly).
+    or None when nothing was changed (not CPU, parallel, the user chose ``mp``, turned
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` on explicitly, or gave ``VLLM_CPU_OMP_THREADS_BIND`` CPU
+    lists, which only vLLM's ``mp`` layout applies).
     """
     if not _is_cpu() or os.environ.get(MULTIPROCESSING_ENV) == "1":
         return None
     backend = args.distributed_executor_backend
+    # CPU lists to bind the model's threads to: only vLLM's mp layout applies them.
+    binds_cpus = os.environ.get(BIND_ENV, "auto") not in ("auto", "nobind")
     if backend == "uni":
         why = "--distributed-executor-backend uni, honoured on CPU"
-    elif backend is None and _single_process_engine(args):
+    elif backend is None and _single_process_engine(args) and not binds_cpus:
         args.distributed_executor_backend = "uni"
         why = ("CPU, world size 1: the model runs in the engine-core process (one polling process "
                "fewer; --distributed-executor-backend mp for vLLM's layout)")
