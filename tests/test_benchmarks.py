@@ -1,0 +1,69 @@
+"""The benchmark harness's own parts that run without a vLLM engine.
+
+The full ``python -m benchmarks`` starts vLLM servers for about 15 minutes, too long for the
+suite; its figures are in docs/performance.md. Tested here: the ratios the report prints (to
+``vllm serve`` and to ``vllm serve`` with dynamo's engine layout), the request-plane measurement
+(the echo role on both planes against bare nats-py) and the killed-worker measurement, on small
+counts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import failover, report
+from benchmarks.config import BASELINE, REPO_ROOT, SAME_LAYOUT_BASELINE
+
+
+def _sample(side: str, tok_per_s: float, *, other_cores: float = 0.0) -> dict[str, Any]:
+    return {"side": side, "concurrency": 16, "errors": 0, "tok_per_s": tok_per_s, "req_per_s": tok_per_s / 32,
+            "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_p50_ms": 2.0, "itl_p99_ms": 4.0,
+            "cpu": {"client_cores": 0.2, "other_cores": other_cores, "server_cores_total": 1.0}}
+
+
+def test_the_report_gives_ratios_to_vllm_serve_and_to_the_same_engine_layout() -> None:
+    agg = report.aggregate([
+        _sample(BASELINE, 100), _sample(BASELINE, 300),
+        _sample(SAME_LAYOUT_BASELINE, 400),
+        _sample("dynamo", 300), _sample("dynamo", 5000, other_cores=2.0),  # disturbed: not in the quiet median
+    ])
+    quiet = report.quiet_table(agg)
+    assert "| vllm-serve | 200 (1.00x) (2) |" in quiet
+    assert "| dynamo | 300 (1.50x) (1) |" in quiet
+    same = quiet.split(f"as ratios to {SAME_LAYOUT_BASELINE}")[1]
+    assert "| dynamo | 0.75x |" in same and "| vllm-serve | 0.50x |" in same
+    # Every median in the main table has its ratio to vllm serve (here: over all samples).
+    assert "| dynamo | 2,650 (13.25x) (300-5,000)" in report.tables(agg)
+
+
+def test_without_the_same_layout_side_the_report_has_no_such_table() -> None:
+    agg = report.aggregate([_sample(BASELINE, 100), _sample("dynamo", 90)])
+    assert "as ratios to" not in report.quiet_table(agg)
+
+
+def test_the_request_plane_benchmark_counts_every_frame_on_both_planes(tmp_path: Path) -> None:
+    out = tmp_path / "plane.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.request_plane", "--messages", "3000",
+                           "--streams", "1,4", "--timeout", "60", "--json", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["bare"]["received"] == result["bare"]["expected"] == 3000
+    for plane in ("echo", "echo_nats"):  # the TCP plane, then NATS
+        for streams in ("1", "4"):
+            e = result[plane][streams]
+            assert e["received"] == e["expected"], (plane, streams, e)
+            assert e["msgs_per_s"] > 0 and e["ratio_to_bare"] > 0
+    assert "bare nats-py pub -> sub" in done.stdout and "echo role, tcp" in done.stdout
+
+
+async def test_the_failover_benchmark_sees_a_killed_worker_leave_routing_and_discovery(tmp_path: Path) -> None:
+    result = await failover.measure(trials=1, lease_ttl=2, timeout=20, log_dir=tmp_path)
+    [trial] = result["trials"]
+    assert trial["request_failed_over_s"] is not None, trial  # a retryable error, not a hang
+    assert result["out_of_routing_s"]["never"] == 0 and result["out_of_discovery_s"]["never"] == 0, result
+    assert "killed worker (SIGKILL), 1 trials" in failover.render(result)
