@@ -5,7 +5,7 @@ vLLM's CPU platform turns ``--distributed-executor-backend uni`` into ``mp`` whi
 the one serving requests: the EngineCore (scheduler) and a Worker (the model), which pass every
 step through a shared-memory queue that both sides busy-poll (``sched_yield``) for a second
 after each message. On a machine with few cores those two polling processes leave the serving
-processes little CPU: on this 2-core machine the in-process model runner served 1.6-2x the
+processes little CPU: on this 2-core machine the in-process model runner served 1.2-1.9x the
 tokens per second (docs/performance.md, "Changes and experiments on 2026-12-02 (fourth session)").
 
 So on CPU, with an engine of world size 1 (no tensor, pipeline or data parallelism) and no
