@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 import urllib.error
@@ -29,7 +30,6 @@ from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
 from tests.helpers import (NatsServer, WorkerProcess, child_pids, endpoint_inflight, free_kv_event_port, free_port,
                            process_name, signal_while_busy, wait_until, worker_env)
-from tests.test_resilience import _kill
 
 MAX_TOKENS = 16
 PROMPT = " ".join(["bird"] * 24)  # longer than MAX_TOKENS: every answer has exactly MAX_TOKENS tokens
@@ -335,7 +335,7 @@ async def test_killing_the_engine_core_exits_the_worker_1_and_traffic_moves_on(e
     assert cores, "the decode worker has an engine-core child process"
     killed = time.monotonic()
     for pid in cores:
-        _kill(pid)
+        os.kill(pid, signal.SIGKILL)
     assert await asyncio.to_thread(s.decode.wait, 60) == 1
     exited = time.monotonic()
     await asyncio.to_thread(wait_until, lambda: frontend_instances(s.base) == 1, 30, 0.1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import urllib.error
 import urllib.request
@@ -196,7 +197,7 @@ async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routin
     engine_cores = [p for p in child_pids(worker.pid) if "EngineCor" in process_name(p)]
     assert engine_cores, "the worker has an engine-core child process"
     for pid in engine_cores:
-        _kill(pid)
+        os.kill(pid, signal.SIGKILL)
     assert await asyncio.to_thread(worker.wait, 60) == 1
     assert "vLLM engine died" in worker.log()
     wait_until(lambda: d.instances() == 0, 10, what="the dead worker to leave routing")
@@ -204,12 +205,6 @@ async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routin
     with pytest.raises(openai.APIStatusError) as err:
         client.completions.create(model="tiny", prompt="hello", max_tokens=2)
     assert err.value.status_code == 503
-
-
-def _kill(pid: int) -> None:
-    import os
-
-    os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
