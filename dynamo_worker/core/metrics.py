@@ -19,6 +19,25 @@ from dynamo_worker.core.request_plane import RequestObserver
 LABELS = ("dynamo_namespace", "dynamo_component", "dynamo_endpoint")
 
 
+def observe_token_arrival(ttft: Histogram | None, itl: Histogram, count: int, started: float, last: float | None,
+                          now: float) -> None:
+    """``count`` tokens of one request arrived together at ``now`` (``last``: the previous arrival;
+    ``ttft`` is only used on the first, so a caller may skip looking it up after that).
+
+    The first arrival observes the time to first token; every later token one inter-token gap,
+    so a request of N tokens observes N-1 gaps however its tokens were grouped: tokens that came
+    with the first one have no gap (0), and a later group shares the time since the last one.
+    """
+    if last is None:
+        assert ttft is not None, "the first arrival needs the time-to-first-token histogram"
+        ttft.observe(now - started)
+        gap, gaps = 0.0, count - 1
+    else:
+        gap, gaps = (now - last) / count, count
+    for _ in range(gaps):
+        itl.observe(gap)
+
+
 def exposition_registry() -> CollectorRegistry:
     """The registry ``/metrics`` renders.
 

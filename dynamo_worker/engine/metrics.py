@@ -31,6 +31,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
+from dynamo_worker.core.metrics import observe_token_arrival
+
 log = logging.getLogger(__name__)
 
 REQUEST_LABELS = ("dynamo_namespace", "dynamo_component", "dynamo_endpoint", "model")
@@ -98,15 +100,9 @@ class RequestTimer:
 
     def tokens(self, count: int, started: float, now: float) -> None:
         """``count`` new tokens arrived at ``now`` (monotonic); ``started``: the request's arrival."""
-        if count <= 0:
-            return
-        if self._last is None:
-            self._ttft.observe(now - started)
-        else:
-            gap = (now - self._last) / count
-            for _ in range(count):  # a chunk carries one token almost always; share the gap if not
-                self._itl.observe(gap)
-        self._last = now
+        if count > 0:
+            observe_token_arrival(self._ttft, self._itl, count, started, self._last, now)
+            self._last = now
 
 
 class ChildProcessMetrics:

@@ -16,6 +16,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from dynamo_worker.core.metrics import observe_token_arrival
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -101,15 +103,8 @@ class RequestTracker:
         if count <= 0:
             return
         now = time.monotonic()
-        itl = self.metrics.itl.labels(self.model)
-        if self._last_token is None:
-            self.metrics.ttft.labels(self.model).observe(now - self.started)
-            for _ in range(count - 1):  # tokens that came with the first one: no gap between them
-                itl.observe(0.0)
-        else:
-            gap = (now - self._last_token) / count
-            for _ in range(count):
-                itl.observe(gap)
+        ttft = self.metrics.ttft.labels(self.model) if self._last_token is None else None
+        observe_token_arrival(ttft, self.metrics.itl.labels(self.model), count, self.started, self._last_token, now)
         self._last_token = now
 
     def finish(self, status: int | str, output_tokens: int = 0) -> None:
