@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tests.helpers import NatsServer
+from tests.helpers import NatsServer, WorkerProcess
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,22 @@ def vlm(tmp_path_factory: pytest.TempPathFactory) -> str:
     from dynamo_worker.demo_vlm import write_demo_vlm
 
     return str(write_demo_vlm(tmp_path_factory.mktemp("vlm") / "model"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """On a failure, the tail of every worker log written during the test, so a CI log alone
+    shows what the workers saw."""
+    report = yield
+    if report.failed:
+        since = getattr(item, "_worker_logs_since", 0.0)
+        for worker in WorkerProcess.started:
+            if worker.log_path.exists() and worker.log_path.stat().st_mtime >= since:
+                report.sections.append((f"worker log tail: {' '.join(worker.args[:2])} pid {worker.pid}",
+                                        worker.log_tail()))
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item._worker_logs_since = time.time()  # type: ignore[attr-defined]

@@ -114,8 +114,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 class WorkerProcess:
     """``dynamo-worker --role ...`` as a child process, with its log captured to a file."""
 
+    started: list[WorkerProcess] = []  # every one of the session, for the failure report (conftest.py)
+
     def __init__(self, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
+        self.args = args
         self.log_path = Path(tempfile.mkstemp(prefix="dw-worker-", suffix=".log", dir=log_dir)[1])
+        WorkerProcess.started.append(self)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([DYNAMO_WORKER, *args], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env or worker_env(), stdin=subprocess.DEVNULL,
@@ -127,6 +131,11 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40, width: int = 400) -> str:
+        """The last ``lines`` lines of the log, each cut at ``width`` characters (vLLM logs its whole
+        config on one line)."""
+        return "\n".join(line[:width] for line in self.log().splitlines()[-lines:])
 
     def wait_for_log(self, text: str, timeout: float = 30) -> None:
         def seen() -> bool:
