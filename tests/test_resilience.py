@@ -29,9 +29,13 @@ MAX_TOKENS = 450
 CONCURRENCY = 8
 # No idle health canary: a canary in flight on an otherwise idle worker would look, in the worker's
 # in-flight gauge, like the load's streams (CI once killed worker b for its canary before the load
-# reached it, and nothing was migrated).
+# reached it, and nothing was migrated). The default lease (3 s): nothing here waits for a lease to
+# run out (a killed worker's connection closes at once, a stopped one withdraws), and with 2 s a
+# keep-alive held up on two busy cores could let a live worker's record lapse for a moment, and
+# the frontend route a whole load past it: the likeliest cause of the CI run where worker a got
+# none of the load (round-robin over two instances cannot do that otherwise).
 WORKER_FLAGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--served-model-name", "tiny",
-                "--lease-ttl", "2", "--graceful-shutdown-timeout", "60", "--health-check-idle", "3600"]
+                "--graceful-shutdown-timeout", "60", "--health-check-idle", "3600"]
 
 
 class Deployment:

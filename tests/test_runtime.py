@@ -7,6 +7,7 @@ owed on both. What only one plane has is tested in tests/test_tcp_plane.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -142,10 +143,11 @@ async def test_a_request_to_a_gone_instance_fails_fast_and_retryable(nats_server
         await caller.close()
 
 
-async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server: NatsServer,
-                                                                    namespace: str) -> None:
+async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server: NatsServer, namespace: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """"No responders" takes an instance out of routing long before its lease expires; a
     keep-alive from a live instance brings it back."""
+    caplog.set_level(logging.INFO)
     # A lease long enough not to run out during the test on a loaded machine (its expiry would
     # also take the instance out of routing, and clear the mark this test looks for).
     live, dying, caller = [await connect(nats_server, namespace, lease_ttl=6) for _ in range(3)]
@@ -169,11 +171,13 @@ async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server
                 break
         assert [r.instance_id for r in client.instances()] == [live.instance_id]
         assert dying.instance_id in caller.unreachable, err.value  # marked by a failed request, not by a lease
+        assert f"instance {dying.instance_id} is out of routing" in caplog.text  # operators see why
         # A live instance wrongly marked (say, mid-reconnect) returns with its next keep-alive.
         caller.unreachable.add(live.instance_id)
         assert not client.instances()
         assert await client.watcher.wait_for(lambda: len(client.instances()) == 1, 5)
         assert [r.instance_id for r in client.instances()] == [live.instance_id]
+        assert f"instance {live.instance_id} is back in routing" in caplog.text
     finally:
         await caller.close()
         await live.close()
@@ -202,7 +206,9 @@ async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(nats_se
         await worker.close()
 
 
-async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, namespace: str) -> None:
+async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, namespace: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
     events: list[tuple[str, bool]] = []
     try:
@@ -214,12 +220,16 @@ async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, na
         await worker.withdraw()
         assert await watcher.wait_for(lambda: not client.instances(), 5)
         assert events == [(worker.instance_id, True), (worker.instance_id, False)]
+        assert f"math.count.{worker.instance_id} joined" in caplog.text
+        assert f"math.count.{worker.instance_id} left (withdrawn)" in caplog.text
     finally:
         await caller.close()
         await worker.close()
 
 
-async def test_a_killed_process_leaves_discovery_within_its_lease(nats_server: NatsServer, namespace: str) -> None:
+async def test_a_killed_process_leaves_discovery_within_its_lease(nats_server: NatsServer, namespace: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     caller = await connect(nats_server, namespace)
     worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
                             "--lease-ttl", "2"])
@@ -239,9 +249,29 @@ async def test_a_killed_process_leaves_discovery_within_its_lease(nats_server: N
         elapsed = time.monotonic() - killed
         # Lease 2 s, refreshed every 2/3 s: gone 1.3-2.1 s after the kill.
         assert elapsed < 3.0, elapsed
+        assert "left (its lease expired)" in caplog.text
     finally:
         worker.stop()
         await caller.close()
+
+
+async def test_a_keep_alive_held_up_by_a_busy_event_loop_is_logged_and_the_lease_holds(
+        nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    worker, caller = await connect(nats_server, namespace, lease_ttl=3), await connect(nats_server, namespace)
+    try:
+        await serve(worker)
+        client = caller.client("math", "count")
+        assert await client.wait_for_instances(5)
+        # Keep-alives every 1 s; the worker's loop blocked for 2.2 s (a busy worker's can be)
+        # puts one 1.2 s or more behind: two thirds of the lease had gone when it ran.
+        time.sleep(2.2)
+        await asyncio.sleep(0.5)
+        assert "discovery keep-alive ran" in caplog.text
+        assert [r.instance_id for r in client.instances()] == [worker.instance_id]
+        assert "left (its lease expired)" not in caplog.text
+    finally:
+        await caller.close()
+        await worker.close()
 
 
 async def test_events_reach_every_subscriber_in_the_namespace(nats_server: NatsServer, namespace: str) -> None:

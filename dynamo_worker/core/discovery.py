@@ -97,22 +97,35 @@ class Discovery:
             await kv.delete(k)
 
     async def refresh(self) -> None:
-        """Rewrite every record now (also after a reconnect: the bucket may be new)."""
-        for record in list(self._records.values()):
-            try:
-                await self._put(record)
-            except (BucketNotFoundError, NotFoundError):
-                self._kv = None  # the server lost its JetStream state: recreate the bucket
-                await self._put(record)
+        """Rewrite every record now (also after a reconnect: the bucket may be new).
+
+        All at once: one after the other, a worker's five or more records took five acks' time
+        per round, which a busy machine stretches towards the lease.
+        """
+        records = list(self._records.values())
+        try:
+            await asyncio.gather(*(self._put(r) for r in records))
+        except (BucketNotFoundError, NotFoundError):
+            self._kv = None  # the server lost its JetStream state: recreate the bucket
+            await asyncio.gather(*(self._put(r) for r in records))
 
     async def _keep_alive(self) -> None:
+        # Rounds start every third of the lease, counted from the previous round's start (not its
+        # end), so a slow round does not push the next one later.
         interval = max(self.lease_ttl / 3, 0.2)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            started = loop.time()
+            if started - due > interval:  # two thirds of the lease gone: the lease may lapse
+                log.warning("discovery keep-alive ran %.1f s late (the event loop or NATS was busy); the "
+                            "lease is %s s", started - due, self.lease_ttl)
             try:
                 await self.refresh()
             except Exception as exc:  # an outage: keep trying, the lease may lapse meanwhile
                 log.warning("discovery keep-alive failed (%s: %s); retrying", type(exc).__name__, exc)
+            due = started + interval
 
     async def close(self) -> None:
         if self._keepalive is not None:
@@ -198,10 +211,14 @@ class InstanceWatcher:
         if record is None:
             if self.records.pop(key, None) is not None:
                 self.version += 1
+                log.info("discovery: %s left (%s)", key, "its lease expired" if expired else "withdrawn")
                 await self._notify(key, None, expired)
         else:
-            if self.records.get(key) != record:  # a lease refresh rewrites the same record
+            known = self.records.get(key)
+            if known != record:  # a lease refresh rewrites the same record
                 self.version += 1
+                if known is None:
+                    log.info("discovery: %s joined", key)
             self.records[key] = record
             await self._notify(key, record, False)
 

@@ -69,7 +69,7 @@ class Runtime:
         # Instances NATS said nobody listens for: out of routing until discovery hears from
         # them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
-        self.streams.on_no_responders = self.unreachable.add
+        self.streams.on_no_responders = self._unreachable
         self.tcp = TcpCaller(self.streams)
         self.listener: TcpListener | None = None  # started with the first endpoint served over TCP
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
@@ -193,8 +193,18 @@ class Runtime:
             self.watchers[prefix] = w
         return self.watchers[prefix]
 
+    def _unreachable(self, instance_id: str) -> None:
+        if instance_id not in self.unreachable:
+            log.warning("instance %s is out of routing until discovery hears from it again "
+                        "(nobody answered there)", instance_id)
+            self.unreachable.add(instance_id)
+
     def _on_discovery_change(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
-        self.unreachable.discard(record.instance_id if record is not None else key.rpartition(".")[2])
+        instance_id = record.instance_id if record is not None else key.rpartition(".")[2]
+        if instance_id in self.unreachable:
+            self.unreachable.discard(instance_id)
+            if record is not None:
+                log.info("instance %s is back in routing (discovery heard from it)", instance_id)
         if record is None and expired:
             instance_id = key.rpartition(".")[2]
             # Only fail streams once the instance has no endpoint left anywhere.
