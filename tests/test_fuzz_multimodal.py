@@ -107,7 +107,7 @@ class Chain(fuzz_helpers.FuzzTarget):
     def __init__(self, nats: NatsServer, model: str, media: Path, ec_storage: Path) -> None:
         self.nats = nats
         self.namespace = f"fzmm{uuid.uuid4().hex[:8]}"
-        common = ["--nats-url", nats.url, "--namespace", self.namespace, "--lease-ttl", "1",
+        common = ["--nats-url", nats.url, "--namespace", self.namespace,
                   "--graceful-shutdown-timeout", "60"]
         flags = ["--enable-multimodal", "--model", model, "--served-model-name", MODEL, *common]
         self.encode_port = free_port()

@@ -107,7 +107,7 @@ class Chain:
         self.namespace = f"mm{uuid.uuid4().hex[:8]}"
         self.ec_storage = tmp / "ec-shared"
         self.ec_storage.mkdir()
-        self.common = ["--nats-url", nats.url, "--namespace", self.namespace, "--lease-ttl", "1"]
+        self.common = ["--nats-url", nats.url, "--namespace", self.namespace]
         self.model_flags = ["--enable-multimodal", "--model", model, "--served-model-name", MODEL]
         self.http_port = free_port()
         self.workers: list[WorkerProcess] = []
