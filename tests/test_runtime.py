@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -253,6 +253,37 @@ async def test_a_killed_process_leaves_discovery_within_its_lease(nats_server: N
     finally:
         worker.stop()
         await caller.close()
+
+
+async def test_a_restarted_watcher_leaves_no_consumer_behind(nats_server: NatsServer, namespace: str) -> None:
+    """Watchers are recreated after every reconnect; the old one's JetStream consumer must be let
+    go (unsubscribed), or it keeps receiving every keep-alive of every instance."""
+    rt = await connect(nats_server, namespace)
+
+    def consumer_tasks() -> int:  # nats-py runs heartbeat and flow-control tasks per KV watcher
+        return sum(1 for t in asyncio.all_tasks() if "_JSI." in t.get_coro().__qualname__)
+
+    try:
+        watcher = rt.watcher()
+        await asyncio.wait_for(watcher.ready.wait(), 5)
+        one_watcher = consumer_tasks()
+        assert one_watcher > 0
+        for _ in range(3):
+            await watcher.restart()  # back to back, as in a reconnect storm
+        assert await settles(lambda: consumer_tasks() == one_watcher), consumer_tasks()
+    finally:
+        await rt.close()
+    # None left pending at exit ("Task was destroyed but it is pending!").
+    assert await settles(lambda: consumer_tasks() == 0), consumer_tasks()
+
+
+async def settles(predicate: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 async def test_a_keep_alive_held_up_by_a_busy_event_loop_is_logged_and_the_lease_holds(

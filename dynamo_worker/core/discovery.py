@@ -11,11 +11,13 @@ existing JetStream watcher stalls for many seconds after a server restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE
@@ -224,9 +226,16 @@ class InstanceWatcher:
 
     async def _run(self) -> None:
         while True:
+            watcher = None
             try:
                 kv = await self.discovery.bucket()
-                watcher = await kv.watch(f"{self.prefix}>")
+                creating = asyncio.ensure_future(kv.watch(f"{self.prefix}>"))
+                try:
+                    watcher = await asyncio.shield(creating)
+                except asyncio.CancelledError:  # a restart mid-creation: finish, to let it go below
+                    with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                        watcher = await creating
+                    raise
                 seen: set[str] = set()
                 initial = True
                 async for entry in watcher:
@@ -253,3 +262,15 @@ class InstanceWatcher:
                 log.warning("discovery watch failed (%s: %s); retrying", type(exc).__name__, exc)
                 self.discovery._kv = None
                 await asyncio.sleep(0.5)
+            finally:
+                if watcher is not None:
+                    await _stop_watch(watcher)
+
+
+async def _stop_watch(watcher: Any) -> None:
+    """Unsubscribe a KV watcher: its consumer and heartbeat tasks otherwise outlive it, one more
+    set after every reconnect (watchers are recreated then)."""
+    try:
+        await watcher.stop()
+    except nats.errors.Error as exc:  # the connection is closed or reconnecting: nothing to undo
+        log.debug("discovery: could not stop a watcher (%s)", type(exc).__name__)
