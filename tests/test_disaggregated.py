@@ -46,7 +46,7 @@ _rng = random.Random(6)
 # the test corrupts; all distinct from their first token, so none shares a cached prefix.
 PROMPTS = [[3 + i] + [_rng.randrange(3, 500) for _ in range(PROMPT_LEN - 1)] for i in range(8)]
 DISAGG, FALLBACK, CORRUPTED = PROMPTS[:4], PROMPTS[4:7], PROMPTS[7]
-COMMON = ["--served-model-name", "tiny", "--lease-ttl", "1", *ENGINE_FLAGS]
+COMMON = ["--served-model-name", "tiny", "--lease-ttl", "2", *ENGINE_FLAGS]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ class Deployment:
         self.decode = WorkerProcess(["--role", "decode", *base, "--system-port", str(self.decode_port)],
                                     env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
         self.frontend = WorkerProcess(["--role", "frontend", "--nats-url", nats.url, "--namespace", self.namespace,
-                                       "--http-port", str(self.http_port), "--lease-ttl", "1"])
+                                       "--http-port", str(self.http_port), "--lease-ttl", "2"])
         self.base = f"http://127.0.0.1:{self.http_port}"
 
     async def runtime(self) -> Runtime:
@@ -230,7 +230,7 @@ async def test_killing_the_prefill_worker_falls_back_to_aggregated_without_clien
     await asyncio.sleep(1.0)
     os.killpg(d.prefill.pid, signal.SIGKILL)  # the worker and its engine core, mid-run
     await asyncio.to_thread(d.prefill.wait, 30)
-    await asyncio.sleep(3.0)  # its lease (1 s) runs out meanwhile; requests keep flowing
+    await asyncio.sleep(3.0)  # its lease (2 s) runs out meanwhile; requests keep flowing
     stop.set()
     results = [r for task in running for r in await task]
     assert len(results) > 4 and all(text == expected[tuple(p)] for p, text in results)
