@@ -66,8 +66,8 @@ class Runtime:
         self.streams = StreamRouter(nc, namespace, f"_DW.{self.instance_id}", idle_timeout)
         self.servers: dict[str, EndpointServer] = {}
         self.watchers: dict[str, InstanceWatcher] = {}
-        # Instances NATS said nobody listens for: out of routing until discovery hears from
-        # them again (a keep-alive) or their lease expires.
+        # Instances nobody answered for (NATS "no responders", a refused or lost TCP connection):
+        # out of routing until discovery hears from them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
         self.streams.on_no_responders = self._unreachable
         self.tcp = TcpCaller(self.streams)
@@ -206,7 +206,6 @@ class Runtime:
             if record is not None:
                 log.info("instance %s is back in routing (discovery heard from it)", instance_id)
         if record is None and expired:
-            instance_id = key.rpartition(".")[2]
             # Only fail streams once the instance has no endpoint left anywhere.
             if not any(r.instance_id == instance_id for w in self.watchers.values() for r in w.records.values()):
                 self.streams.instance_gone(instance_id)
