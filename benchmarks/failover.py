@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -47,7 +48,11 @@ async def _trial(rt: Runtime, url: str, namespace: str, lease_ttl: int, log_dir:
         before = {r.instance_id for r in client.instances()}
         await client.watcher.wait_for(lambda: len({r.instance_id for r in client.instances()} - before) == 1, 60)
         (victim,) = {r.instance_id for r in client.instances()} - before
-        await asyncio.sleep(lease_ttl)  # a steady state: several keep-alives sent
+        # A steady state (several keep-alives sent), then the kill at a point of the keep-alive
+        # cycle that differs per trial: keep-alives run on a fixed cadence from registration, so a
+        # fixed wait would always kill at the same distance from the last one (just after it: the
+        # whole lease; just before it: two thirds of it).
+        await asyncio.sleep(lease_ttl + random.Random(n).uniform(0, lease_ttl / 3))
         killed = time.monotonic()
         os.kill(victim_proc.pid, signal.SIGKILL)
         victim_proc.wait(10)
