@@ -69,7 +69,7 @@ class Runtime:
         # Instances nobody answered for (NATS "no responders", a refused or lost TCP connection):
         # out of routing until discovery hears from them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
-        self.streams.on_no_responders = self._unreachable
+        self.streams.on_no_responders = self._mark_unreachable
         self.tcp = TcpCaller(self.streams)
         self.listener: TcpListener | None = None  # started with the first endpoint served over TCP
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
@@ -193,7 +193,7 @@ class Runtime:
             self.watchers[prefix] = w
         return self.watchers[prefix]
 
-    def _unreachable(self, instance_id: str) -> None:
+    def _mark_unreachable(self, instance_id: str) -> None:
         if instance_id not in self.unreachable:
             log.warning("instance %s is out of routing until discovery hears from it again "
                         "(nobody answered there)", instance_id)
