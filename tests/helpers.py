@@ -63,20 +63,23 @@ def nats_server_binary() -> str:
 class NatsServer:
     """A real nats-server with JetStream on a fixed port, restartable in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int | None = None) -> None:
         self.port = free_port()
         self.store = tempfile.mkdtemp(prefix="dw-nats-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.max_payload = max_payload  # None: nats-server's default, 1 MiB
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
+        if self.max_payload is not None:  # only a configuration file sets it
+            config = Path(self.store) / "nats.conf"
+            config.write_text(f"max_payload: {self.max_payload}\n")
+            argv += ["-c", str(config)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._accepting, 10, what="nats-server to accept connections")
 
     def _accepting(self) -> bool:

@@ -365,3 +365,99 @@ async def test_endpoints_serve_again_after_a_nats_server_restart(namespace: str)
 async def test_an_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(RuntimeUnavailable, match="cannot reach the NATS server at nats://127.0.0.1:1"):
         await Runtime.connect("nats://127.0.0.1:1", "ns", timeout=1)
+
+
+@pytest.fixture(scope="module")
+def small_nats() -> Any:
+    """A nats-server whose max_payload is 64 KiB: the request plane's limit on both planes."""
+    server = NatsServer(max_payload=64 * 1024)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+async def test_a_request_over_the_limit_is_refused_as_too_large_before_it_is_sent(small_nats: NatsServer,
+                                                                                  namespace: str) -> None:
+    seen: list[int] = []
+
+    async def sizing(request: Any, context: RequestContext) -> AsyncIterator[int]:
+        seen.append(len(request["blob"]))
+        yield len(request["blob"])
+
+    worker, caller = await connect(small_nats, namespace), await connect(small_nats, namespace)
+    try:
+        await serve(worker, sizing)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        assert caller.max_message_bytes() == 64 * 1024  # learned from the server
+        with pytest.raises(RequestError) as too_large:
+            [x async for x in client.generate({"blob": "x" * 70_000})]
+        assert too_large.value.code == "too_large" and not too_large.value.retryable
+        assert "over its 65536-byte limit" in too_large.value.message
+        assert seen == [] and worker.instance_id not in caller.unreachable
+        assert [x async for x in client.generate({"blob": "x" * 60_000})] == [60_000]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_a_response_frame_over_the_limit_ends_its_stream_as_too_large_and_stops_the_handler(
+        small_nats: NatsServer, namespace: str) -> None:
+    """Not a 60 s idle timeout (NATS would refuse to publish it) nor a dropped connection (TCP):
+    the caller gets a too_large error in the frame's place and the handler is cancelled."""
+    cancelled = asyncio.Event()
+
+    async def growing(request: Any, context: RequestContext) -> AsyncIterator[str]:
+        try:
+            yield "small"
+            yield "x" * request["size"]
+            for _ in range(1000):  # a handler that would go on for 10 s
+                yield "after"
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    worker, caller = await connect(small_nats, namespace), await connect(small_nats, namespace)
+    try:
+        await serve(worker, growing)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        got: list[str] = []
+        started = time.monotonic()
+        with pytest.raises(RequestError) as too_large:
+            async for item in client.generate({"size": 70_000}):
+                got.append(item)
+        assert got == ["small"] and too_large.value.code == "too_large"
+        assert "over the request plane's 65536-byte limit" in too_large.value.message
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert time.monotonic() - started < 5
+        # Frames that fit one by one but not together in one batch all arrive.
+        many: list[str] = []
+        async with aclosing(client.generate({"size": 40_000})) as stream:
+            async for item in stream:
+                many.append(item)
+                if len(many) == 3:
+                    break
+        assert many == ["small", "x" * 40_000, "after"]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
+async def test_many_frames_of_one_turn_over_the_limit_together_arrive_in_order(small_nats: NatsServer,
+                                                                               namespace: str) -> None:
+    async def burst(request: Any, context: RequestContext) -> AsyncIterator[str]:
+        for i in range(request["n"]):  # no await between yields: one batch, split to fit
+            yield f"{i:06d}" + "y" * 10_000
+
+    worker, caller = await connect(small_nats, namespace), await connect(small_nats, namespace)
+    try:
+        await serve(worker, burst)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        items = [x async for x in client.generate({"n": 40})]
+        assert [int(x[:6]) for x in items] == list(range(40))
+    finally:
+        await caller.close()
+        await worker.close()

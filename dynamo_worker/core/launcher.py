@@ -259,6 +259,9 @@ def _nats_config(directory: Path, port: int, token: str, store: Path) -> Path:
 
 def _child_env(nats_url: str, token: str) -> dict[str, str]:
     env = dict(os.environ)
+    # The request plane's secret: every child proves it with it on each TCP connection
+    # (dynamo_worker.core.tcp_plane); a secret of its own, so one leaked never opens both.
+    env["DYN_REQUEST_PLANE_TOKEN"] = secrets.token_hex(16)
     # The token stays off command lines and out of URLs that get logged.
     for var in ("NATS_AUTH_USERNAME", "NATS_AUTH_PASSWORD", "NATS_AUTH_CREDENTIALS_FILE"):
         env.pop(var, None)

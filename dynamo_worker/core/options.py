@@ -7,9 +7,10 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from dynamo_worker.core import nats_auth
+from dynamo_worker.core import nats_auth, request_plane_auth
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.hookspecs import hookimpl
+from dynamo_worker.core.tcp_plane import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT
 
 T = TypeVar("T")
 
@@ -86,8 +87,9 @@ class CoreOptions:
             "--tcp-rpc-host",
             default=env_default("DYN_TCP_RPC_HOST", "127.0.0.1"),
             metavar="HOST",
-            help="address a worker's TCP request-plane listener binds (and publishes); it has no "
-            "authentication, so keep it on a private network (env DYN_TCP_RPC_HOST; default %(default)s)",
+            help="address a worker's TCP request-plane listener binds (and publishes); beyond loopback it "
+            "needs the deployment's secret, --request-plane-token or --nats-token (env DYN_TCP_RPC_HOST; "
+            "default %(default)s)",
         )
         g.add_argument(
             "--tcp-rpc-port",
@@ -95,6 +97,31 @@ class CoreOptions:
             default=env_default("DYN_TCP_RPC_PORT", 0, int),
             metavar="PORT",
             help="port of that listener, 0 for any free one (env DYN_TCP_RPC_PORT; default %(default)s)",
+        )
+        request_plane_auth.add_arguments(g)
+        g.add_argument(
+            "--tcp-max-connections",
+            type=int,
+            default=env_default("DYN_TCP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, int),
+            metavar="N",
+            help="connections the TCP listener holds at once; more are closed at once "
+            "(env DYN_TCP_MAX_CONNECTIONS; default %(default)s)",
+        )
+        g.add_argument(
+            "--tcp-read-timeout",
+            type=float,
+            default=env_default("DYN_TCP_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, float),
+            metavar="SECONDS",
+            help="a TCP connection's handshake, and each message once begun, must arrive within this "
+            "long, or the connection is closed (env DYN_TCP_READ_TIMEOUT; default %(default)s)",
+        )
+        g.add_argument(
+            "--tcp-idle-timeout",
+            type=float,
+            default=env_default("DYN_TCP_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT, float),
+            metavar="SECONDS",
+            help="close a TCP connection with no request in flight after this long without traffic "
+            "(env DYN_TCP_IDLE_TIMEOUT; default %(default)s)",
         )
         g.add_argument(
             "--lease-ttl",
@@ -179,6 +206,9 @@ class CoreOptions:
         check_port("--tcp-rpc-port", o.tcp_rpc_port)
         if o.request_plane not in ("tcp", "nats"):  # from DYN_REQUEST_PLANE: argparse checks only the flag
             raise UsageError(f"--request-plane / DYN_REQUEST_PLANE {o.request_plane!r} is invalid; use tcp or nats")
+        check_at_least("--tcp-max-connections", o.tcp_max_connections, 1)
+        check_positive("--tcp-read-timeout", o.tcp_read_timeout)
+        check_positive("--tcp-idle-timeout", o.tcp_idle_timeout)
         check_positive("--lease-ttl", o.lease_ttl)
         check_positive("--graceful-shutdown-timeout", o.graceful_shutdown_timeout)
         check_positive("--shutdown-cleanup-timeout", o.shutdown_cleanup_timeout)
@@ -187,6 +217,7 @@ class CoreOptions:
         check_positive("--health-check-idle", o.health_check_idle)
         check_positive("--health-check-timeout", o.health_check_timeout)
         nats_auth.check(o)
+        request_plane_auth.check(o)
         # A role that accepts pass-through flags (decode: vLLM's engine arguments) takes them
         # out of extra_args in its own configure, which runs before this one.
         if getattr(o, "extra_args", None):

@@ -62,6 +62,14 @@ class RequestError(Exception):
         return f"RequestError({self.code!r}, {self.message!r}, retryable={self.retryable})"
 
 
+def check_size(size: int, limit: int) -> None:
+    """A ``too_large`` :class:`RequestError` (HTTP 413) for a request over the plane's limit."""
+    if size > limit:
+        raise RequestError(wire.TOO_LARGE, f"the request is {size} bytes on the request plane, over its "
+                           f"{limit}-byte limit (the NATS server's max_payload); send a smaller request, or "
+                           "have the operator raise max_payload")
+
+
 @attrs.define
 class RequestContext:
     """What a handler knows about the request it serves."""
@@ -100,12 +108,12 @@ class Outbox:
 
     async def put(self, reply: str, frame: wire.Frame, batching: bool) -> None:
         if not batching:
-            await self.nc.publish(reply, wire.encode(frame))
+            await self._publish_frame(reply, frame)
             return
         if not self._in_turn and not self._pending:
             self._in_turn = True
             asyncio.get_running_loop().call_soon(self._end_turn)
-            await self.nc.publish(reply, wire.encode(frame))
+            await self._publish_frame(reply, frame)
             return
         prefix, _, token = reply.rpartition(".")
         frames = self._pending.get(prefix)
@@ -118,6 +126,12 @@ class Outbox:
             self._wake.set()
             if self._sender is None or self._sender.done():
                 self._sender = asyncio.create_task(self._run(), name="response-frame-sender")
+
+    async def _publish_frame(self, reply: str, frame: wire.Frame) -> None:
+        data = wire.encode(frame)
+        if len(data) > self.nc.max_payload:  # the caller learns why instead of waiting for a frame
+            data = wire.encode(wire.too_large_frame(frame, len(data), self.nc.max_payload))
+        await self.nc.publish(reply, data)
 
     def _end_turn(self) -> None:
         self._in_turn = False
@@ -145,9 +159,10 @@ class Outbox:
         try:
             if len(frames) == 1:
                 token, frame = frames[0]
-                await self.nc.publish(f"{prefix}.{token}", wire.encode(frame))
+                await self._publish_frame(f"{prefix}.{token}", frame)
             else:
-                await self.nc.publish(f"{prefix}.{wire.BATCH_SUBJECT}", wire.encode(frames))
+                for batch in wire.encode_batches(frames, self.nc.max_payload):
+                    await self.nc.publish(f"{prefix}.{wire.BATCH_SUBJECT}", batch)
         except nats_errors.Error as exc:  # the caller's stream then times out or fails over
             log.warning("could not send %d response frame(s) to %s: %s", len(frames), prefix, exc)
 
@@ -399,6 +414,10 @@ class StreamRouter:
             if stream.connection is connection:
                 stream.queue.put_nowait(_CONNECTION_LOST)
 
+    def uses(self, connection: object) -> bool:
+        """Whether an open stream goes over this TCP connection."""
+        return any(stream.connection is connection for stream in self._streams.values())
+
     def instance_gone(self, instance_id: str) -> None:
         """Open streams to ``instance_id`` fail unless a frame arrives within ``GONE_GRACE``.
 
@@ -478,6 +497,8 @@ class StreamRouter:
                             finished = ended = True
                             if item.k != wire.END:
                                 assert item.err is not None
+                                # A frame too large to deliver: the handler still runs; stop it.
+                                finished = item.err.code != wire.TOO_LARGE
                                 if item.err.code == wire.NO_RESPONDERS:  # the TCP plane's "no responders"
                                     self.on_no_responders(instance_id)
                                     item.err = wire.ErrorInfo("unavailable", item.err.message, retryable=True)

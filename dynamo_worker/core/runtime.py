@@ -37,8 +37,9 @@ from dynamo_worker.core.request_plane import (
     RequestError,
     RequestObserver,
     StreamRouter,
+    check_size,
 )
-from dynamo_worker.core.tcp_plane import TcpCaller, TcpListener
+from dynamo_worker.core.tcp_plane import DEFAULT_LIMITS, ListenerLimits, TcpCaller, TcpListener
 
 #: The request planes a runtime can call (and serve) requests over.
 REQUEST_PLANES = ("tcp", "nats")
@@ -54,12 +55,15 @@ class Runtime:
     """One process's connection to the deployment. Create with :meth:`connect`."""
 
     def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float,
-                 request_plane: str = "nats", tcp_host: str = "127.0.0.1", tcp_port: int = 0) -> None:
+                 request_plane: str = "nats", tcp_host: str = "127.0.0.1", tcp_port: int = 0,
+                 request_plane_secret: bytes | None = None, tcp_limits: ListenerLimits = DEFAULT_LIMITS) -> None:
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: choose one of {', '.join(REQUEST_PLANES)}")
         self.nc = nc
         self.request_plane = request_plane
         self.tcp_host, self.tcp_port = tcp_host, tcp_port
+        self.request_plane_secret = request_plane_secret
+        self.tcp_limits = tcp_limits
         self.namespace = namespace
         self.instance_id = new_instance_id()
         self.discovery = Discovery(nc.jetstream(), lease_ttl)
@@ -70,7 +74,7 @@ class Runtime:
         # out of routing until discovery hears from them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
         self.streams.on_no_responders = self._mark_unreachable
-        self.tcp = TcpCaller(self.streams)
+        self.tcp = TcpCaller(self.streams, secret=request_plane_secret, max_message_bytes=self.max_message_bytes)
         self.listener: TcpListener | None = None  # started with the first endpoint served over TCP
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
         self._control_sub: Any = None
@@ -80,8 +84,13 @@ class Runtime:
     @classmethod
     async def connect(cls, url: str, namespace: str, *, timeout: float = 5.0, lease_ttl: int = 3,
                       idle_timeout: float = 60.0, name: str = "dynamo-worker", request_plane: str = "nats",
-                      tcp_host: str = "127.0.0.1", tcp_port: int = 0, **nats_options: Any) -> Runtime:
-        """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot."""
+                      tcp_host: str = "127.0.0.1", tcp_port: int = 0, request_plane_secret: bytes | None = None,
+                      tcp_limits: ListenerLimits = DEFAULT_LIMITS, **nats_options: Any) -> Runtime:
+        """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot.
+
+        ``request_plane_secret``: the deployment's TCP-plane secret (:mod:`.request_plane_auth`);
+        None only for a deployment without one.
+        """
         holder: dict[str, Runtime] = {}
 
         async def reconnected() -> None:
@@ -119,11 +128,17 @@ class Runtime:
                 f"({why}); start nats-server or pass --nats-url / NATS_SERVER "
                 "(and its credentials: --nats-token, --nats-user, --nats-creds)"
             ) from exc
-        rt = cls(nc, namespace, lease_ttl, idle_timeout, request_plane, tcp_host, tcp_port)
+        rt = cls(nc, namespace, lease_ttl, idle_timeout, request_plane, tcp_host, tcp_port,
+                 request_plane_secret, tcp_limits)
         holder["rt"] = rt
         await rt.streams.start()
         rt._control_sub = await nc.subscribe(rt._control_subject(rt.instance_id), cb=rt._on_control)
         return rt
+
+    def max_message_bytes(self) -> int:
+        """The request plane's size limit, on either plane: the NATS server's ``max_payload``
+        (one setting for the deployment; learned from the server at connect)."""
+        return int(self.nc.max_payload)
 
     # ---- addressing --------------------------------------------------------------------------
 
@@ -143,7 +158,8 @@ class Runtime:
             self.instance_id, handler, self.on_engine_dead, observer,
         )
         if self.request_plane == "tcp" and self.listener is None:
-            listener = TcpListener(self.servers)
+            listener = TcpListener(self.servers, secret=self.request_plane_secret,
+                                   max_message_bytes=self.max_message_bytes, limits=self.tcp_limits)
             await listener.start(self.tcp_host, self.tcp_port)
             self.listener = listener
         await server.start()
@@ -221,6 +237,7 @@ class Runtime:
         inbox = self.streams.inbox_prefix
 
         async def send(token: str) -> None:
+            check_size(len(request), self.nc.max_payload)  # else nats-py raises MaxPayloadError
             await self.nc.publish(subject, request, reply=f"{inbox}.{token}")
 
         async def cancel() -> None:
@@ -280,8 +297,19 @@ class Runtime:
         for w in self.watchers.values():
             await w.stop()
         await self.discovery.close()
-        if not self.nc.is_closed:
+        if self.nc.is_closed:
+            return
+        # With the server unreachable there is nothing to drain to: stop reconnecting and close,
+        # so a role stopped during an outage still exits 0 (its lease expires on the server).
+        if self.nc.is_reconnecting or self.nc.is_connecting:
+            log.warning("NATS is unreachable; closing the connection without draining it")
+            await self.nc.close()
+            return
+        try:
             await self.nc.drain()
+        except nats.errors.Error as exc:  # the connection dropped while it drained
+            log.warning("could not drain the NATS connection (%s); closing it", exc or type(exc).__name__)
+            await self.nc.close()
 
 
 class Client:

@@ -30,6 +30,11 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True):
     retryable: bool = False
 
 
+#: The error code of a message over the request plane's size limit (the NATS server's
+#: ``max_payload``, which the TCP plane takes too): a request too large to send, or a response
+#: frame too large to deliver. Not retryable (every instance has the same limit); HTTP 413.
+TOO_LARGE = "too_large"
+
 #: The error code a TCP worker answers with for an endpoint it does not (or no longer) serve:
 #: the caller treats it as NATS's "no responders" (retry elsewhere, route around the instance).
 NO_RESPONDERS = "no_responders"
@@ -82,9 +87,42 @@ class Call(msgspec.Struct, tag="r"):
 
 
 class Cancel(msgspec.Struct, tag="c"):
-    """Stop the request with this id (the caller went away); TCP counterpart of :class:`Control`."""
+    """Stop the request with this id (the caller went away); TCP counterpart of :class:`Control`.
+    It reaches only requests sent on the same connection."""
 
     id: str
+
+
+# The TCP plane's handshake (dynamo_worker.core.request_plane_auth): the worker speaks first with
+# a nonce, the caller proves the deployment's secret over both nonces, the worker proves it back.
+# Nothing else is read from a connection before that.
+
+
+class Hello(msgspec.Struct, tag="h"):
+    """Worker to caller, on connect: the worker's nonce ``n`` (hex)."""
+
+    n: str
+
+
+class Auth(msgspec.Struct, tag="a"):
+    """Caller to worker: the caller's nonce ``n`` and its proof ``m`` (hex HMAC) of the secret."""
+
+    n: str
+    m: str
+
+
+class Welcome(msgspec.Struct, tag="w"):
+    """Worker to caller: the worker's proof ``m`` of the same secret; calls may follow. ``i``: the
+    worker closes the connection after this many idle seconds (the caller closes it first)."""
+
+    m: str
+    i: float = 0.0
+
+
+class Refused(msgspec.Struct, tag="f"):
+    """Worker to caller, then the worker closes: why the connection was not accepted."""
+
+    why: str
 
 
 _encoder = msgspec.json.Encoder()
@@ -94,6 +132,8 @@ _control_decoder = msgspec.json.Decoder(Control)
 _batch_decoder = msgspec.json.Decoder(Batch)
 _any_decoder = msgspec.json.Decoder()
 _tcp_decoder = msgspec.json.Decoder(Call | Cancel)
+_auth_decoder = msgspec.json.Decoder(Auth)
+_greeting_decoder = msgspec.json.Decoder(Hello | Welcome | Refused)
 
 DecodeError = msgspec.DecodeError
 
@@ -120,6 +160,35 @@ def decode_control(data: bytes) -> Control:
 
 def decode_tcp(data: bytes) -> Call | Cancel:
     return _tcp_decoder.decode(data)
+
+
+def decode_auth(data: bytes) -> Auth:
+    return _auth_decoder.decode(data)
+
+
+def decode_greeting(data: bytes) -> Hello | Welcome | Refused:
+    return _greeting_decoder.decode(data)
+
+
+def too_large_frame(frame: Frame, size: int, limit: int) -> Frame:
+    """The error frame that takes the place of ``frame`` (``size`` bytes encoded) over ``limit``."""
+    return Frame(ERROR, frame.n, err=ErrorInfo(
+        TOO_LARGE, f"a response message of {size} bytes is over the request plane's {limit}-byte limit "
+        "(the NATS server's max_payload); ask for less output per message (fewer logprobs, smaller "
+        "media), or have the operator raise max_payload"))
+
+
+def encode_batches(frames: Batch, limit: int) -> list[bytes]:
+    """``frames`` as encoded batches of at most ``limit`` bytes each, in order. A frame too large
+    on its own is replaced by :func:`too_large_frame`, which ends its stream for the caller."""
+    payload = encode(frames)
+    if len(payload) <= limit:
+        return [payload]
+    if len(frames) > 1:
+        half = len(frames) // 2
+        return encode_batches(frames[:half], limit) + encode_batches(frames[half:], limit)
+    token, frame = frames[0]
+    return [encode([(token, too_large_frame(frame, len(payload), limit))])]
 
 
 def decode_json(data: bytes) -> Any:

@@ -35,8 +35,9 @@ from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
 from dynamo_worker.core.plugins import HookRelay
 from dynamo_worker.core.registrar import Registrar
 from dynamo_worker.core.roles import RoleInfo
-from dynamo_worker.core import nats_auth
+from dynamo_worker.core import nats_auth, request_plane_auth
 from dynamo_worker.core.runtime import Runtime
+from dynamo_worker.core.tcp_plane import ListenerLimits
 from dynamo_worker.core.status_server import HealthState, StatusServer
 
 EXIT_OK = 0
@@ -99,6 +100,9 @@ class Worker:
             lease_ttl=self.options.lease_ttl, name=f"dynamo-worker/{self.info.name}",
             request_plane=self.options.request_plane, tcp_host=self.options.tcp_rpc_host,
             tcp_port=self.options.tcp_rpc_port,
+            request_plane_secret=request_plane_auth.secret_from(self.options),
+            tcp_limits=ListenerLimits(self.options.tcp_max_connections, self.options.tcp_read_timeout,
+                                      self.options.tcp_idle_timeout),
             **nats_auth.connect_options(self.options),
         )
         ctx.runtime.on_engine_dead = self._engine_dead
@@ -146,9 +150,11 @@ class Worker:
                 self._tasks.append(asyncio.create_task(canary.run(), name="health-canary"))
             self.health.endpoints = sorted(registrar.endpoints)
             self.health.phase = "serving"
-            self.log.info("role %s serving %s as instance %s in namespace %s", self.info.name,
+            listener = ctx.runtime.listener
+            self.log.info("role %s serving %s as instance %s in namespace %s%s", self.info.name,
                           ", ".join(f"{component}.{e}" for e in registrar.endpoints) or "no endpoints",
-                          ctx.instance_id, self.options.namespace)
+                          ctx.instance_id, self.options.namespace,
+                          f" (TCP request plane at {listener.address})" if listener is not None else "")
             await self._until_fatal(ctx.shutdown_requested.wait())
             return await self._shutdown(ctx, EXIT_OK, self.options.graceful_shutdown_timeout)
         except _Fatal as fatal:

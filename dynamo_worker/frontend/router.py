@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
+from dynamo_worker.core import wire
 from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
@@ -43,6 +44,7 @@ STATUS_BY_CODE = {
     "engine_dead": 503,
     "cancelled": 503,
     "internal": 500,
+    wire.TOO_LARGE: 413,  # a request (or its response) over the request plane's size limit
 }
 
 POLICIES = {"round-robin": "round_robin", "random": "random"}
@@ -53,7 +55,8 @@ def api_error(exc: RequestError) -> ApiError:
     """The HTTP error a request-plane error becomes (unknown codes are internal errors)."""
     status = STATUS_BY_CODE.get(exc.code, 500)
     message = exc.message if status != 500 else f"the worker failed: {exc.message}"
-    return ApiError(status, message, code=exc.code)
+    code = "request_too_large" if status == 413 else exc.code  # as for a body over --max-request-bytes
+    return ApiError(status, message, code=code)
 
 
 class Router:

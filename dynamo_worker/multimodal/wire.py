@@ -61,6 +61,13 @@ class TensorData(msgspec.Struct, forbid_unknown_fields=True):
         return torch.frombuffer(bytearray(self.data), dtype=getattr(torch, self.dtype)).reshape(self.shape)
 
 
+def embeds_message_bytes(tokens_per_image: int, hidden_size: int, images: int = 1, item_size: int = 4) -> int:
+    """About how many bytes ``images`` images' embeddings take in one request-plane message:
+    float32 (what the encode role produces) in base64, plus the message around it."""
+    raw = images * tokens_per_image * hidden_size * item_size
+    return math.ceil(raw / 3) * 4 + 1024
+
+
 class MultiModalData(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """``multi_modal_data`` of a ``generate`` request to an LLM worker started with ``--enable-multimodal``.
 

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.hookspecs import hookimpl
 
 COMPONENT = "encoder"  # Dynamo's component name for encode workers
@@ -52,7 +53,17 @@ class EncodeRole:
     @hookimpl
     async def dynamo_worker_create_engine(self, ctx: Any) -> Any:
         from dynamo_worker.multimodal.encoder import load_encoder
+        from dynamo_worker.multimodal.wire import embeds_message_bytes
 
+        # Embeddings go to the LLM worker in a request-plane message: a model whose image does
+        # not fit could never be served (a real vision model's are megabytes; nats-server's
+        # default max_payload is 1 MiB).
+        limit = ctx.runtime.max_message_bytes()
+        one = embeds_message_bytes(*self.model.embeds_shape)
+        if one > limit:
+            raise UsageError(f"--model {self.path}: one image's embeddings take about {one} bytes on the request "
+                             f"plane, over its {limit}-byte limit (the NATS server's max_payload); raise max_payload "
+                             "in nats-server's configuration ('up' sizes it from --max-request-bytes)")
         ctx.log.info("loading the %s encoder of %s", self.model.model_type, self.path)
         self.encoder = await asyncio.to_thread(load_encoder, self.path, self.model)
         return self.encoder

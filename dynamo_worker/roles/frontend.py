@@ -52,6 +52,13 @@ class FrontendRole:
             reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
             raise UsageError(f"cannot listen on --http-host {o.http_host} --http-port {o.http_port} "
                              f"({reason}); choose a free port or another address") from exc
+        plane_limit = ctx.runtime.max_message_bytes()
+        if o.max_request_bytes > plane_limit:
+            # Checked at send time too (413): say at start-up which bodies cannot be served.
+            ctx.log.warning("--max-request-bytes %d is above the request plane's %d-byte limit (the NATS "
+                            "server's max_payload): a request whose message to a worker is larger gets 413; "
+                            "raise max_payload in nats-server's configuration or lower --max-request-bytes",
+                            o.max_request_bytes, plane_limit)
         self.ctx = ctx
         self.server = FrontendServer.for_runtime(ctx.runtime, o)
         registrar.background("http", self.serve_http)
