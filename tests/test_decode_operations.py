@@ -1,6 +1,9 @@
-"""What an operator sees of a decode worker: /metrics, load and KV events, sleep and wake.
+"""What an operator sees of a decode worker: /metrics, load and KV events, sleep and wake, the
+status server's admin token, the config dump.
 
-One real vLLM engine (CPU, the tiny demo model) for the module, behind a real nats-server.
+One real vLLM engine (CPU, the tiny demo model) for the module, behind a real token-protected
+nats-server, configured as in production: secrets in the environment (and vLLM's --hf-token), the
+status server bound to 0.0.0.0 with an admin token (the tests only connect to 127.0.0.1).
 The engine runs with 32-token KV blocks, so prompts of 70 tokens fill two blocks.
 """
 
@@ -8,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
+import stat
 import urllib.error
 import urllib.request
 import uuid
@@ -24,16 +29,26 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, run_cli, worker_env
+from tests.test_security import ConfiguredNats
 
 BLOCK = 32
+# The deployment's secrets: none may show in its config dump.
+NATS_TOKEN = "nats-SECRET-0b1c2d3e"
+ADMIN_TOKEN = "admin-SECRET-4f5a6b7c"
+REQUEST_PLANE_TOKEN = "rp-SECRET-8d9e0f1a"
+HF_TOKEN = "hf_SECRETq8w7e6r5t4y3u2i1"
+SECRETS = (NATS_TOKEN, ADMIN_TOKEN, REQUEST_PLANE_TOKEN, HF_TOKEN)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class Deployment:
-    def __init__(self, worker: WorkerProcess, nats_url: str, namespace: str, port: int, tmp: Path) -> None:
+    def __init__(self, worker: WorkerProcess, nats_url: str, namespace: str, port: int, tmp: Path,
+                 dump: Path) -> None:
         self.worker, self.nats_url, self.namespace, self.port, self.tmp = worker, nats_url, namespace, port, tmp
+        self.dump = dump
 
     async def runtime(self) -> Runtime:
-        return await Runtime.connect(self.nats_url, self.namespace)
+        return await Runtime.connect(self.nats_url, self.namespace, token=NATS_TOKEN)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -41,8 +56,10 @@ class Deployment:
     def metrics_text(self) -> str:
         return urllib.request.urlopen(self.url("/metrics"), timeout=10).read().decode()
 
-    def post(self, path: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(self.url(path), data=body, method="POST")
+    def post(self, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        """POST as an operator's tool would: JSON, with the admin token unless ``headers`` replace it."""
+        headers = {"Content-Type": "application/json", **ADMIN} if headers is None else headers
+        req = urllib.request.Request(self.url(path), data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, json.loads(resp.read())
@@ -62,20 +79,27 @@ def metrics_dirs(tmp: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def deployment(demo_model: str, nats_server: NatsServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     namespace = f"ops{uuid.uuid4().hex[:8]}"
     port = free_port()
     tmp = tmp_path_factory.mktemp("worker-tmp")  # the worker's own TMPDIR: its files are visible here
-    env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()), TMPDIR=str(tmp))
+    dump = tmp_path_factory.mktemp("dump") / "config.json"
+    nats = ConfiguredNats("--auth", NATS_TOKEN)
+    env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()), TMPDIR=str(tmp), NATS_AUTH_TOKEN=NATS_TOKEN,
+                     DYN_SYSTEM_ADMIN_TOKEN=ADMIN_TOKEN, DYN_REQUEST_PLANE_TOKEN=REQUEST_PLANE_TOKEN)
+    # --tokenizer and --max-num-batched-tokens (vLLM's CPU default) are given so the dump has
+    # values there that a careless redaction would hide.
     worker = WorkerProcess(["--role", "decode", "--model", demo_model, "--served-model-name", "tiny",
-                            "--nats-url", nats_server.url, "--namespace", namespace, "--system-port", str(port),
+                            "--nats-url", nats.url, "--namespace", namespace, "--system-port", str(port),
+                            "--system-host", "0.0.0.0", "--dump-config-to", str(dump), "--hf-token", HF_TOKEN,
+                            "--tokenizer", demo_model, "--max-num-batched-tokens", "2048",
                             "--block-size", str(BLOCK), *ENGINE_FLAGS], env=env)
     try:
         worker.wait_for_log("serving", timeout=240)
-        yield Deployment(worker, nats_server.url, namespace, port, tmp)
+        yield Deployment(worker, nats.url, namespace, port, tmp, dump)
     finally:
         worker.stop()
+        nats.stop()
     # The engine processes' metrics directory lives as long as the worker, and no longer.
     assert worker.proc.returncode == 0, worker.log()[-3000:]
     assert metrics_dirs(tmp) == []
@@ -349,6 +373,46 @@ def test_sleep_and_wake_reject_bad_bodies(deployment: Deployment) -> None:
     status, body = deployment.post("/engine/wake_up", b'{"tags": "weights"}')
     assert status == 400 and "tags must be a list" in body["message"]
     assert deployment.get("/engine/is_sleeping")[1]["is_sleeping"] is False
+
+
+def test_on_a_non_loopback_bind_sleep_and_wake_need_the_admin_token(deployment: Deployment) -> None:
+    """The worker binds 0.0.0.0 with DYN_SYSTEM_ADMIN_TOKEN: a wrong or missing bearer is 401, a
+    browser page of another origin is 403 even with it, and probes and scrapers need nothing.
+    (Without a token such a bind answers 403: tests/test_health.py, on the same StatusServer.)"""
+    json_only = {"Content-Type": "application/json"}
+    for headers in (json_only, {**json_only, "Authorization": "Bearer admin-wrong"},
+                    {**json_only, "Authorization": f"Basic {ADMIN_TOKEN}"}):
+        for path in ("/engine/sleep", "/engine/wake_up"):
+            status, body = deployment.post(path, b'{"level": 1}', headers=headers)
+            assert status == 401 and "DYN_SYSTEM_ADMIN_TOKEN" in body["message"], (path, headers, body)
+    status, body = deployment.post("/engine/sleep", b'{"level": 1}',
+                                   headers={**json_only, **ADMIN, "Origin": "http://evil.example"})
+    assert status == 403 and "Origin" in body["message"]
+    assert deployment.get("/engine/is_sleeping") == (200, {"is_sleeping": False, "level": None})
+    assert deployment.get("/live")[0] == 200 and deployment.get("/health")[0] == 200
+    assert "dynamo_component_requests_total" in deployment.metrics_text()
+    # The right token: an awake engine's wake_up is answered and changes nothing.
+    status, body = deployment.post("/engine/wake_up", headers=ADMIN)
+    assert status == 200 and body["message"] == "Engine is awake"
+    assert deployment.get("/health")[0] == 200
+
+
+def test_the_config_dump_hides_every_secret_and_only_the_secrets(deployment: Deployment, demo_model: str) -> None:
+    text = deployment.dump.read_text()
+    for secret in SECRETS:
+        assert secret not in text
+    assert stat.S_IMODE(os.stat(deployment.dump).st_mode) == 0o600
+    assert os.listdir(deployment.dump.parent) == [deployment.dump.name]  # written in place, no temp left
+    config = json.loads(text)
+    options, engine = config["options"], config["resolved"]["engine_args"]
+    assert options["nats_token"] == options["system_admin_token"] == options["request_plane_token"] == "***"
+    assert engine["hf_token"] == "***"
+    assert engine["tokenizer"] == demo_model and engine["max_num_batched_tokens"] == 2048
+    assert engine["skip_tokenizer_init"] is False and engine["kv_cache_dtype"] == "auto"
+    assert engine["enable_prefix_caching"] is True and options["system_host"] == "0.0.0.0"
+    # Nor in the worker's log (vLLM logs its engine configuration there).
+    log = deployment.worker.log()
+    assert [s for s in SECRETS if s in log] == []
 
 
 # ---- LoRA endpoints without --enable-lora ------------------------------------------------------------------

@@ -258,6 +258,50 @@ def test_secrets_are_not_in_the_config_dump_or_the_logged_url(tmp_path: Path) ->
                     "nats_url": "nats://***@10.0.0.1:4222,nats://***@10.0.0.2:4222"}
 
 
+def test_the_config_dump_redacts_secret_names_at_any_depth_and_nothing_else() -> None:
+    """vLLM's engine arguments and a connector's extra config go through the same redaction as
+    our options: whole name parts decide, values that are not secrets stay."""
+    hf = "hf_SECRETabcdefghijkl"
+    config = {
+        "options": {"nats_token": "nats-tok-123", "request_plane_token": "rp-secret-456",
+                    "system_admin_token": "adm-secret-789", "nats_user": "dyn", "nats_password": "",
+                    "nats_url": "nats://dyn:p@ss@10.0.0.1:4222", "api_key": None},
+        "engine_args": {
+            "hf_token": hf, "max_num_batched_tokens": 2048, "tokenizer": "/models/tok",
+            "skip_tokenizer_init": False, "kv_cache_dtype": "auto", "enable_prefix_caching": True,
+            "long_prefill_token_threshold": 0, "tokens_only": False, "tokenizer_mode": "auto",
+            "otlp_traces_endpoint": "https://collector:4317/v1/traces?api_key=otlp-k&service=dw",
+            "hf_overrides": {"author": "someone", "keyboard": "qwerty"},
+            "kv_transfer_config": {"kv_connector": "LMCacheConnectorV1", "kv_connector_extra_config": {
+                "remote_url": "redis://admin:redis-pw-2@cache:6379/0", "accessToken": "at-abc",
+                "AWS_SECRET_ACCESS_KEY": "aws-xyz", "credentials": {"user": "u", "pass": "in-a-secret-dict"},
+                "apiKeys": ["k-one", "k-two"], "chunk_size": 256}},
+            "model_repr": f"ModelConfig(model='/m', hf_token='{hf}')",  # found by name, scrubbed here
+        },
+        "hf_token_flag": True,  # "use the stored login": not itself a secret
+    }
+    safe = nats_auth.without_secrets(config)
+    text = str(safe)
+    for secret in (hf, "nats-tok-123", "rp-secret-456", "adm-secret-789", "p@ss", "otlp-k", "redis-pw-2",
+                   "at-abc", "aws-xyz", "in-a-secret-dict", "k-one", "k-two"):
+        assert secret not in text, secret
+    o, e = safe["options"], safe["engine_args"]
+    assert o["nats_token"] == o["request_plane_token"] == o["system_admin_token"] == "***"
+    assert (o["nats_user"], o["nats_password"], o["api_key"]) == ("dyn", "", None)  # nothing to hide
+    assert o["nats_url"] == "nats://***@10.0.0.1:4222"
+    assert e["hf_token"] == "***" and e["model_repr"] == "ModelConfig(model='/m', hf_token='***')"
+    assert e["otlp_traces_endpoint"] == "https://collector:4317/v1/traces?api_key=***&service=dw"
+    extra = e["kv_transfer_config"]["kv_connector_extra_config"]
+    assert extra == {"remote_url": "redis://***@cache:6379/0", "accessToken": "***", "AWS_SECRET_ACCESS_KEY": "***",
+                     "credentials": {"user": "***", "pass": "***"}, "apiKeys": ["***", "***"], "chunk_size": 256}
+    assert e["kv_transfer_config"]["kv_connector"] == "LMCacheConnectorV1"
+    untouched = ("max_num_batched_tokens", "tokenizer", "skip_tokenizer_init", "kv_cache_dtype",
+                 "enable_prefix_caching", "long_prefill_token_threshold", "tokens_only", "tokenizer_mode",
+                 "hf_overrides")
+    assert {k: e[k] for k in untouched} == {k: config["engine_args"][k] for k in untouched}
+    assert safe["hf_token_flag"] is True
+
+
 @pytest.fixture(scope="module")
 def keyed_stack(nats_server, demo_model: str) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """A frontend with an API key in front of an echo backend worker."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import ssl
 from pathlib import Path
 from typing import Any
@@ -95,15 +96,72 @@ def connect_options(options: Any) -> dict[str, Any]:
     return kwargs
 
 
-SECRET_OPTIONS = ("nats_token", "nats_password", "api_key")
+#: Our own secret options, redacted whatever the name rule below says.
+SECRET_OPTIONS = ("nats_token", "nats_password", "api_key", "request_plane_token", "system_admin_token")
+#: A name with one of these as a whole part (``hf_token``, ``apiKey``, ``aws_secret_access_key``)
+#: holds a secret; ``max_num_batched_tokens``, ``tokenizer``, ``kv_cache_dtype`` do not.
+SECRET_WORDS = frozenset({"token", "key", "keys", "apikey", "secret", "secrets", "password", "passwords",
+                          "passwd", "passphrase", "credential", "credentials", "auth", "authorization"})
+#: Found secrets this long are also searched for in every other string (a repr, a URL); shorter
+#: ones would blank innocent text.
+SCRUB_MIN_LENGTH = 8
+_NAME_PARTS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+_URL_QUERY = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
 
 
-def without_secrets(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` for a config dump: secrets replaced by ``"***"``, the NATS URL redacted."""
-    out = {k: ("***" if k in SECRET_OPTIONS and v else v) for k, v in options.items()}
-    if isinstance(out.get("nats_url"), str):
-        out["nats_url"] = redact(out["nats_url"])
-    return out
+def is_secret_name(name: str) -> bool:
+    """Whether an option or field called ``name`` holds a secret (by its whole name parts)."""
+    return name in SECRET_OPTIONS or any(part.lower() in SECRET_WORDS for part in _NAME_PARTS.findall(name))
+
+
+def without_secrets(config: Any) -> Any:
+    """``config`` (options, vLLM's engine arguments, nested dicts and lists) for a config dump.
+
+    A non-empty string (or list of them) under a secret-like name becomes ``"***"``, at any
+    depth; so does every string inside a dict or list under such a name. Numbers and booleans
+    stay (``hf_token: true`` means "the stored login"; ``long_prefill_token_threshold`` counts
+    tokens). In every string, a URL's ``user:password@`` (or ``token@``) and secret-named query
+    parameters are hidden, and any secret found by name is blanked wherever else it appears.
+    Other objects become their ``str()``.
+    """
+    found: set[str] = set()
+    out = _redact(config, found, secret=False)
+    scrub = sorted((s for s in found if len(s) >= SCRUB_MIN_LENGTH), key=len, reverse=True)
+    return _scrub(out, scrub) if scrub else out
+
+
+def _redact(value: Any, found: set[str], *, secret: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, found, secret=secret or is_secret_name(str(k))) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_redact(v, found, secret=secret) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if secret and text:
+        found.add(text)
+        return "***"
+    return _redact_urls(text)
+
+
+def _redact_urls(text: str) -> str:
+    if "://" not in text:
+        return text
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+    return _URL_QUERY.sub(lambda m: f"{m['sep']}{m['name']}=***" if is_secret_name(m["name"]) and m["value"]
+                          else m[0], text)
+
+
+def _scrub(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+    return value
 
 
 def redact(url: str) -> str:

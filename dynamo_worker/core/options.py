@@ -50,6 +50,19 @@ def check_positive(flag: str, value: float) -> None:
         raise UsageError(f"{flag} must be greater than 0 (got {value})")
 
 
+def check_admin_token(token: str | None) -> None:
+    """A token a client can send back as ``Authorization: Bearer TOKEN``: printable ASCII, no spaces
+    (a secret file's trailing newline would otherwise make every request 401)."""
+    if token is None:
+        return
+    if not token.strip():
+        raise UsageError("--system-admin-token is blank; give a secret (or set DYN_SYSTEM_ADMIN_TOKEN) "
+                         "or leave it unset")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise UsageError("--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces "
+                         "or newlines (it is sent as Authorization: Bearer TOKEN)")
+
+
 class CoreOptions:
     """Runtime, status-server and shutdown options every role process has."""
 
@@ -184,7 +197,16 @@ class CoreOptions:
         g.add_argument(
             "--system-host",
             default="127.0.0.1",
-            help="address the system status server binds (default %(default)s)",
+            help="address the system status server binds; beyond loopback, routes that change the worker "
+            "(POST /engine/sleep, ...) need --system-admin-token (default %(default)s)",
+        )
+        g.add_argument(
+            "--system-admin-token",
+            default=env_default("DYN_SYSTEM_ADMIN_TOKEN", None),
+            metavar="TOKEN",
+            help="status-server routes that change the worker (POST /engine/sleep, /engine/wake_up, ...) need "
+            "Authorization: Bearer TOKEN; without one they answer 403 when --system-host is not loopback "
+            "(env DYN_SYSTEM_ADMIN_TOKEN, preferred: a flag is visible in ps)",
         )
         g.add_argument(
             "--dump-config-to",
@@ -203,6 +225,7 @@ class CoreOptions:
     def dynamo_worker_configure(self, ctx: Any) -> None:
         o = ctx.options
         check_port("--system-port", o.system_port)
+        check_admin_token(o.system_admin_token)
         check_port("--tcp-rpc-port", o.tcp_rpc_port)
         if o.request_plane not in ("tcp", "nats"):  # from DYN_REQUEST_PLANE: argparse checks only the flag
             raise UsageError(f"--request-plane / DYN_REQUEST_PLANE {o.request_plane!r} is invalid; use tcp or nats")

@@ -16,11 +16,21 @@ RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BackgroundTask = Callable[[], Awaitable[None]]
 
 
+#: Methods that must not change a worker; a role route with any other method is an admin route.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @attrs.frozen
 class Route:
     method: str
     path: str
     handler: RouteHandler
+
+    @property
+    def admin(self) -> bool:
+        """It changes the worker (``POST /engine/sleep``): the status server guards it (a token
+        beyond loopback, no cross-site browser requests)."""
+        return self.method.upper() not in SAFE_METHODS
 
 
 @attrs.define
@@ -52,7 +62,12 @@ class Registrar:
         self.endpoint_data[name] = data
 
     def route(self, method: str, path: str, handler: RouteHandler) -> None:
-        """Serve ``handler`` at ``method path`` on the system status server (``--system-port``)."""
+        """Serve ``handler`` at ``method path`` on the system status server (``--system-port``).
+
+        Any method but GET/HEAD/OPTIONS makes it an admin route: it needs
+        ``--system-admin-token`` when one is set or the server binds beyond loopback, and refuses
+        cross-site browser requests (docs/operations.md). A GET route must change nothing.
+        """
         if any(r.method == method and r.path == path for r in self.routes):
             raise RoleError(f"role {self.role!r} registered route {method} {path} twice")
         self.routes.append(Route(method, path, handler))

@@ -28,6 +28,7 @@ from typing import Any
 
 from dynamo_worker.core.context import WorkerContext
 from dynamo_worker.core.errors import EngineDead, UsageError
+from dynamo_worker.core.files import write_private_file
 from dynamo_worker.core.health import HealthCanary
 from prometheus_client import REGISTRY
 
@@ -109,7 +110,7 @@ class Worker:
         self._install_signal_handlers(loop)
         try:
             if self.options.system_port is not None:
-                self.status = StatusServer(self.health, registry)
+                self.status = StatusServer(self.health, registry, admin_token=self.options.system_admin_token)
                 await self.status.start(self.options.system_host, self.options.system_port)
             return await self._serve(ctx, registry, component, observer)
         except BaseException:
@@ -211,11 +212,14 @@ class Worker:
             return
         dump = {
             "role": self.info.as_dict(),
-            "options": nats_auth.without_secrets({k: v for k, v in vars(self.options).items() if _jsonable(v)}),
+            "options": {k: v for k, v in vars(self.options).items() if _jsonable(v)},
             "resolved": ctx.state.get("resolved_config", {}),
         }
+        # Secrets go at every depth (vLLM's hf_token, a connector's extra config); the file is
+        # 0600 and written atomically, so no reader ever sees it half-written or world-readable.
+        text = json.dumps(nats_auth.without_secrets(dump), indent=2, sort_keys=True, default=str) + "\n"
         try:
-            Path(path).write_text(json.dumps(dump, indent=2, sort_keys=True, default=str) + "\n")
+            write_private_file(Path(path), text)
         except OSError as exc:
             raise UsageError(f"--dump-config-to {path}: {exc.strerror}") from exc
         self.log.info("wrote the resolved configuration to %s", path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 from pathlib import Path
 from typing import Any
@@ -95,13 +96,30 @@ def engine_help() -> str:
 
 
 def resolved(args: Any) -> dict[str, Any]:
-    """The engine arguments as JSON-ready values, for ``--dump-config-to``."""
-    out: dict[str, Any] = {}
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        try:
-            json.dumps(value)
-        except TypeError:
-            value = repr(value)
-        out[field.name] = value
-    return out
+    """The engine arguments as JSON-ready values, for ``--dump-config-to``.
+
+    vLLM's nested configs (``kv_transfer_config``, ``compilation_config``, ...) become dicts, not
+    their repr: the dump redacts secrets by field name (``kv_connector_extra_config`` may hold
+    credentials), which it cannot do inside a repr string.
+    """
+    return {field.name: _plain(getattr(args, field.name)) for field in dataclasses.fields(args)}
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth > 8:  # deeper than any vLLM config: not worth walking
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, depth + 1)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v, depth + 1) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name, None), depth + 1) for f in dataclasses.fields(value)}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value

@@ -30,6 +30,11 @@ health canary waits), and 200 again as soon as the engine is awake.
 
 Errors are ``{"status": "error", "message"}`` with 400 for a bad body and 500 when the engine
 call failed (then the worker is published again, since it still serves).
+
+The two POSTs are admin routes: the status server lets a request through only with
+``Authorization: Bearer $DYN_SYSTEM_ADMIN_TOKEN`` when the worker has a token, refuses them (403)
+on a bind beyond loopback without one, and refuses cross-site browser requests
+(:mod:`dynamo_worker.core.status_server`).
 """
 
 from __future__ import annotations
