@@ -44,7 +44,7 @@ commands:
   dynamo-worker --list-roles [--json]     list installed roles
   dynamo-worker --role ROLE --help        core options plus that role's options
   dynamo-worker up [--help]               start NATS, a frontend and workers on this machine
-  dynamo-worker demo-model PATH           write a tiny random-weight Llama to PATH
+  dynamo-worker demo-model PATH [--force] write a tiny random-weight Llama to PATH
   dynamo-worker demo-model PATH --multimodal   write a tiny random-weight Blip2 instead
 """
 
@@ -183,19 +183,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def demo_model_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"{PROG} demo-model",
-                                     description="Write a tiny random-weight Llama with its tokenizer (no network).")
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} demo-model",
+        description="Write a tiny random-weight Llama with its tokenizer (no network). PATH may be missing, an "
+                    "empty directory, or a demo model this command wrote earlier (recognised by the marker file "
+                    "dynamo_demo_model.json, written last), which is replaced; anything else at PATH is refused "
+                    "unless --force.")
     parser.add_argument("path", help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default %(default)s)")
     parser.add_argument("--multimodal", action="store_true",
                         help="write a tiny Blip2 vision-language model instead (for the multimodal roles)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace whatever is at PATH (a file, or a directory with someone else's files: "
+                             "they are deleted)")
     args = parser.parse_args(argv)
     if args.multimodal:
         from dynamo_worker.demo_vlm import write_demo_vlm
 
-        print(write_demo_vlm(args.path, seed=args.seed))
+        print(write_demo_vlm(args.path, seed=args.seed, force=args.force))
         return 0
     from dynamo_worker.demo_model import write_demo_model
 
-    print(write_demo_model(args.path, seed=args.seed))
+    print(write_demo_model(args.path, seed=args.seed, force=args.force))
     return 0

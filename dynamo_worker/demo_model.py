@@ -29,6 +29,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
+from dynamo_worker.core.errors import UsageError
+
 __all__ = [
     "DEMO_MODEL_VERSION",
     "default_demo_model_dir",
@@ -40,7 +42,8 @@ __all__ = [
 #: :func:`ensure_demo_model`.
 DEMO_MODEL_VERSION = 1
 
-#: Written last into a finished model directory; records how it was built.
+#: Written last into a finished model directory; records how it was built. Its presence is how
+#: a directory is recognised as a completed demo model of ours (one we may replace).
 _MARKER = "dynamo_demo_model.json"
 
 # Files a loadable model directory must contain (besides the marker).
@@ -256,15 +259,46 @@ def _relax_permissions(tmp: pathlib.Path) -> None:
         os.chmod(child, 0o666 & ~umask)
 
 
-def _install_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
-    """Move the finished ``tmp`` directory to ``path``, replacing what is there."""
+def _is_ours(path: pathlib.Path) -> bool:
+    """True if ``path`` is a completed demo model written by us (any recipe version or kind)."""
+    marker = path / _MARKER
+    try:
+        return (not path.is_symlink() and path.is_dir() and not marker.is_symlink()
+                and isinstance(json.loads(marker.read_text()), dict))
+    except (OSError, ValueError):
+        return False
+
+
+def check_target(path: pathlib.Path) -> None:
+    """Refuse (:class:`UsageError`) a ``path`` whose content we did not write.
+
+    Writable: a missing path, an empty directory, or a completed demo model of ours (its marker
+    file, written last). Anything else is the user's and is never replaced without ``--force``.
+    """
+    if not os.path.lexists(path):
+        return
+    fix = "pick a new or empty directory, or pass --force to replace it"
+    if path.is_symlink():
+        raise UsageError(f"demo-model {path}: is a symbolic link; {fix}")
+    if not path.is_dir():
+        raise UsageError(f"demo-model {path}: is a file, not a directory; {fix}")
+    if any(path.iterdir()) and not _is_ours(path):
+        raise UsageError(f"demo-model {path}: the directory is not empty and holds no demo model written by "
+                         f"dynamo-worker (no {_MARKER}); {fix}")
+
+
+def _install_dir(tmp: pathlib.Path, path: pathlib.Path, force: bool) -> None:
+    """Move the finished ``tmp`` directory to ``path``, replacing a model of ours (anything
+    with ``force``) that is there."""
     try:
         # Atomic when ``path`` is missing or an empty directory.
         os.rename(tmp, path)
         return
     except OSError:
-        if not path.exists():
+        if not os.path.lexists(path):
             raise
+    if not force:
+        check_target(path)  # again: something may have appeared there while we built
     # ``path`` is in the way: move it aside first. A crash between the two renames
     # leaves no model at ``path`` (never a half one); the old one sits in ``trash``.
     trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -273,17 +307,19 @@ def _install_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
+def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool = False) -> pathlib.Path:
     """Write the tiny demo Llama model and its tokenizer to ``path``.
 
     Needs no network. The result is deterministic for a given ``seed`` (same corpus,
     same tokenizer, same weights). The model is built in a temporary directory beside
     ``path`` and renamed into place, so a crash never leaves a half-written model at
-    ``path``; an existing directory at ``path`` is replaced.
+    ``path``.
 
     Args:
-        path: Target directory (created, or replaced if it exists).
+        path: Target directory: missing, empty, or a demo model written earlier (replaced).
+            Anything else raises :class:`UsageError` unless ``force``.
         seed: Seed for the training corpus and the random weights.
+        force: Replace whatever is at ``path``.
 
     Returns:
         The absolute path of the model directory, loadable with
@@ -294,17 +330,21 @@ def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.
         _save_quietly(_build_model(tokenizer, seed), tokenizer, tmp)
         return {"version": DEMO_MODEL_VERSION, "seed": seed, "torch_dtype": TORCH_DTYPE}
 
-    return write_model_dir(path, save)
+    return write_model_dir(path, save, force=force)
 
 
-def write_model_dir(path: str | os.PathLike[str],
-                    save: Callable[[pathlib.Path], dict[str, object]]) -> pathlib.Path:
+def write_model_dir(path: str | os.PathLike[str], save: Callable[[pathlib.Path], dict[str, object]],
+                    *, force: bool = False) -> pathlib.Path:
     """Build a model directory with ``save(tmp)`` beside ``path``, then rename it into place.
 
     ``save`` writes the files and returns the marker's content, written last: its presence
     means every other file is complete. A crash never leaves a half-written model at ``path``.
+    Without ``force``, a ``path`` that is not missing, empty or a model of ours is refused
+    (:func:`check_target`) before anything is built.
     """
     path = pathlib.Path(path).expanduser().absolute()
+    if not force:
+        check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same filesystem as ``path``, so the final rename is atomic.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -312,7 +352,7 @@ def write_model_dir(path: str | os.PathLike[str],
         marker = save(tmp)
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _relax_permissions(tmp)
-        _install_dir(tmp, path)
+        _install_dir(tmp, path, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -341,6 +381,11 @@ def ensure_demo_model() -> pathlib.Path:
     path = default_demo_model_dir()
     if _is_complete(path):
         return path
+    try:
+        check_target(path)
+    except UsageError:
+        raise UsageError(f"the demo model's cache directory {path} holds files that are not a demo model; "
+                         "move them away (or set XDG_CACHE_HOME to another directory)") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -101,11 +101,13 @@ def _build(seed: int):  # -> (model, processor)
     return model, processor
 
 
-def write_demo_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
+def write_demo_vlm(path: str | os.PathLike[str], *, seed: int = 0, force: bool = False) -> pathlib.Path:
     """Write the tiny Blip2 (model, tokenizer, processor) to ``path``; deterministic per ``seed``.
 
     Built in a temporary directory beside ``path`` and renamed into place, like
-    :func:`dynamo_worker.demo_model.write_demo_model`. Returns the absolute path.
+    :func:`dynamo_worker.demo_model.write_demo_model`, with the same rule for what may be at
+    ``path`` (missing, empty, or a demo model of ours; anything with ``force``). Returns the
+    absolute path.
     """
     def save(tmp: pathlib.Path) -> dict[str, object]:
         model, processor = _build(seed)
@@ -113,4 +115,4 @@ def write_demo_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Pa
         return {"kind": "blip2", "seed": seed, "torch_dtype": TORCH_DTYPE,
                 "image_embeds_shape": [NUM_QUERY_TOKENS, TEXT_HIDDEN]}
 
-    return write_model_dir(path, save)
+    return write_model_dir(path, save, force=force)

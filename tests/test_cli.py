@@ -161,3 +161,60 @@ def test_unreachable_nats_is_one_line_naming_the_url() -> None:
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0, out.stderr
     assert "cannot reach the NATS server at nats://127.0.0.1:1" in out.stderr
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (relative) with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _refusal(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dynamo-worker: error: demo-model "), out.stderr
+    assert "--force" in lines[0] and out.stdout == ""
+    return lines[0]
+
+
+def test_demo_model_refuses_a_directory_holding_someone_elses_files(tmp_path: Path) -> None:
+    target = tmp_path / "mine"
+    (target / "notes").mkdir(parents=True)
+    (target / "thesis.tex").write_bytes(b"\\documentclass{article}\x00\xff")
+    (target / "notes" / "todo.txt").write_text("write the thesis\n")
+    before = _tree(tmp_path)
+    line = _refusal(run_cli("demo-model", str(target)))
+    assert "not empty" in line and "dynamo_demo_model.json" in line
+    _refusal(run_cli("demo-model", str(target), "--multimodal"))
+    assert _tree(tmp_path) == before  # byte for byte, and nothing left beside it
+
+
+def test_demo_model_refuses_a_file_at_path(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    target.write_bytes(b"not a model\n")
+    assert "is a file" in _refusal(run_cli("demo-model", str(target)))
+    assert target.read_bytes() == b"not a model\n" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_demo_model_writes_into_an_empty_directory_replaces_its_own_and_force_replaces_anything(
+        tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    target.mkdir()
+    out = run_cli("demo-model", str(target), timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == str(target), out.stderr
+    first = _tree(target)
+    assert "dynamo_demo_model.json" in first and "model.safetensors" in first
+    # Over a demo model of ours: replaced (here by another seed) without --force.
+    out = run_cli("demo-model", str(target), "--seed", "1", timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert _tree(target)["model.safetensors"] != first["model.safetensors"]
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "data.bin").write_bytes(b"\x01\x02")
+    out = run_cli("demo-model", str(users), "--force", timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert _tree(users) == first  # the same model as seed 0, and nothing of the user's left
+    (tmp_path / "a-file").write_text("x")
+    out = run_cli("demo-model", str(tmp_path / "a-file"), "--force", timeout=180)
+    assert out.returncode == 0 and (tmp_path / "a-file" / "config.json").is_file(), out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "model", "users"]  # no temp dirs left

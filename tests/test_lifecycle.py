@@ -7,6 +7,8 @@ import signal
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until, worker_env, write_distribution
 
 RECORDING_ROLE = '''
@@ -146,3 +148,28 @@ def test_the_shutdown_cleanup_timeout_must_be_positive() -> None:
     result = run_cli("--role", "echo", "--shutdown-cleanup-timeout", "0")
     assert result.returncode != 0
     assert "--shutdown-cleanup-timeout" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("role", ["frontend", "echo"])
+def test_a_role_stopped_while_its_nats_server_is_down_exits_0_without_a_traceback(tmp_path: Path, role: str,
+                                                                                  namespace: str) -> None:
+    # A server of its own: this test kills it.
+    server = NatsServer()
+    server.start()
+    extra = ["--http-port", str(free_port())] if role == "frontend" else []
+    worker = WorkerProcess(["--role", role, "--nats-url", server.url, "--namespace", namespace, *extra],
+                           log_dir=tmp_path)
+    try:
+        worker.wait_for_log("serving")
+        server.stop(signal.SIGKILL)
+        worker.wait_for_log("lost the NATS connection")  # its client is reconnecting now
+        worker.signal(signal.SIGTERM)
+        status = worker.wait(60)
+    finally:
+        worker.stop()
+        server.cleanup()
+    log = worker.log()
+    assert status == 0, log
+    assert "Traceback" not in log, log
+    assert "NATS is unreachable; closing the connection without draining it" in log
+    assert "stopped (exit 0)" in log

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -25,7 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from dynamo_worker.core.errors import RuntimeUnavailable
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import offline_greedy
-from tests.helpers import DYNAMO_WORKER, free_port, run_cli, wait_until, worker_env
+from tests.helpers import (
+    DYNAMO_WORKER,
+    free_port,
+    process_name,
+    run_cli,
+    wait_until,
+    worker_env,
+)
 
 
 def descendants(pid: int) -> set[int]:
@@ -80,12 +89,20 @@ class Stack:
 
 
 @contextmanager
-def up_stack(base: Path, *args: str) -> Iterator[Stack]:
-    """``dynamo-worker up ARGS`` with its own port, log dir and cache under ``base``, until ready."""
+def up_stack(base: Path, *args: str, temp_log_dir: bool = False) -> Iterator[Stack]:
+    """``dynamo-worker up ARGS`` with its own port, log dir and cache under ``base``, until ready.
+
+    ``temp_log_dir``: no ``--log-dir``; up makes its own temp directory (under ``base/tmp``).
+    """
     port, log_dir, cache, out = free_port(), base / "logs", base / "cache", base / "up.out"
     env = worker_env(XDG_CACHE_HOME=str(cache))
+    log_flags = ["--log-dir", str(log_dir)]
+    if temp_log_dir:
+        log_flags = []
+        env["TMPDIR"] = str(base / "tmp")
+        (base / "tmp").mkdir()
     with open(out, "w") as stdout:
-        proc = subprocess.Popen([DYNAMO_WORKER, "up", "--http-port", str(port), "--log-dir", str(log_dir),
+        proc = subprocess.Popen([DYNAMO_WORKER, "up", "--http-port", str(port), *log_flags,
                                  "--namespace", f"up{port}", *args],
                                 stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env,
                                 stdin=subprocess.DEVNULL)
@@ -97,6 +114,8 @@ def up_stack(base: Path, *args: str) -> Iterator[Stack]:
 
     try:
         wait_until(ready, 300, interval=0.5, what="dynamo-worker up to be ready")
+        if temp_log_dir:
+            s.log_dir = Path(re.search(r"logs in (\S+)", out.read_text())[1])
         yield s
     finally:
         if proc.poll() is None:
@@ -106,7 +125,8 @@ def up_stack(base: Path, *args: str) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with up_stack(tmp_path_factory.mktemp("up"), "--max-num-seqs", "16") as s:
+    # No --log-dir, as users run it: the last test checks that the temp directory goes on stop.
+    with up_stack(tmp_path_factory.mktemp("up"), "--max-num-seqs", "16", temp_log_dir=True) as s:
         yield s
 
 
@@ -191,7 +211,10 @@ def test_a_client_disconnect_mid_stream_aborts_the_request_on_the_worker(stack: 
 def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(stack: Stack) -> None:
     manifest = stack.manifest()
     config = next(Path(a) for a in psutil.Process(manifest["nats"]["pid"]).cmdline() if a.endswith("nats.conf"))
-    assert config.stat().st_mode & 0o077 == 0  # only this user reads the token
+    assert config.stat().st_mode & 0o777 == 0o600  # only this user reads the token
+    assert (stack.log_dir / "stack.json").stat().st_mode & 0o777 == 0o600
+    # Written atomically: no temp file of the writer is left beside them.
+    assert not [p.name for p in stack.log_dir.iterdir() if p.name.endswith(".tmp")]
     token = config.read_text().split('token: "')[1].split('"')[0]
     assert len(token) >= 32
     for name in ("frontend", "decode-0"):
@@ -219,11 +242,15 @@ def test_sigterm_stops_everything_and_leaves_no_process_behind(stack: Stack) -> 
     everyone = descendants(stack.proc.pid)
     names = {Path(f"/proc/{p}/comm").read_text().strip() for p in everyone if alive(p)}
     assert "nats-server" in names and any("VLLM" in n or "EngineCore" in n for n in names), names
+    assert stack.log_dir.is_dir() and (stack.log_dir / "jetstream").is_dir()
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(90) == 0
     out = stack.out.read_text()
     assert "stopping: workers first" in out and "stopped." in out
     wait_until(lambda: not any(alive(p) for p in everyone), 10, what="every child process to exit")
+    # A clean stop removes the temp log directory up made (no --log-dir): nothing failed.
+    assert "logs kept" not in out
+    assert not stack.log_dir.exists(), sorted(p.name for p in stack.log_dir.iterdir())
 
 
 def test_up_flag_mistakes_are_one_line_errors() -> None:
@@ -241,3 +268,49 @@ def test_up_flag_mistakes_are_one_line_errors() -> None:
         out = run_cli("up", "--http-port", str(busy.getsockname()[1]))
     assert out.returncode == 2 and "is in use" in out.stderr
     assert all(line.startswith("dynamo-worker: error:") for line in out.stderr.strip().splitlines())
+
+
+def test_a_failed_start_keeps_the_temp_log_dir_and_removes_the_scratch_state(tmp_path: Path) -> None:
+    # The workers fail fast on a directory that holds no model; no engine loads.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tmp").mkdir()
+    out = run_cli("up", "--model", str(tmp_path / "empty"), "--prefill-workers", "1",
+                  "--http-port", str(free_port()), "--namespace", f"up{os.getpid()}",
+                  env=worker_env(TMPDIR=str(tmp_path / "tmp")), timeout=180)
+    assert out.returncode == 1, out.stderr
+    failed = re.search(r"exited with status 1 during start-up; last lines of (\S+):", out.stderr)
+    kept = re.search(r"^logs kept in (\S+)", out.stderr, re.MULTILINE)
+    assert failed and kept, out.stderr
+    log_dir = Path(kept[1])
+    assert log_dir.parent == tmp_path / "tmp"
+    # The log the error pointed to is still there to read.
+    assert Path(failed[1]).parent == log_dir
+    assert "Invalid repository ID or local directory" in Path(failed[1]).read_text()
+    assert (log_dir / "stack.json").is_file()
+    # The KV connector's files, the JetStream store and the token's file go even so.
+    assert not {"kv-shared", "jetstream", "nats.conf"} & {p.name for p in log_dir.iterdir()}
+
+
+def test_a_sigkilled_up_leaves_no_process_behind(tmp_path: Path) -> None:
+    # Runs after test_sigterm_stops_everything_and_leaves_no_process_behind ended the module's
+    # stack: one engine at a time.
+    everyone: set[int] = set()
+    try:
+        with up_stack(tmp_path, "--max-num-seqs", "4") as stack:
+            pids = {child["pid"] for child in stack.manifest().values()}
+            everyone = descendants(stack.proc.pid)
+            assert pids <= everyone and len(everyone) > len(pids), (pids, everyone)  # engine cores too
+            # nats-server and every worker lead sessions of their own: when up dies nothing but
+            # the kernel (PR_SET_PDEATHSIG) signals them.
+            assert all(os.getsid(pid) == pid for pid in pids)
+            stack.proc.kill()
+            stack.proc.wait(10)
+            deadline = time.monotonic() + 5
+            while any(alive(p) for p in everyone) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            survivors = {p: process_name(p) for p in everyone if alive(p)}
+            assert not survivors, f"still running 5 s after up was SIGKILLed: {survivors}"
+    finally:
+        for pid in everyone:  # the stack's own processes, should the assertion have failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -3,7 +3,10 @@
 Everything binds 127.0.0.1. NATS gets a generated token that only the children know (passed
 through the environment and a config file only this user can read, never on a command line).
 Every child runs in its own process group so stopping it also stops vLLM's engine-core processes. Ctrl-C/SIGTERM stops workers first (they
-drain), then the frontend, then NATS.
+drain), then the frontend, then NATS. Every child also gets SIGKILL from the kernel if ``up`` dies
+(PR_SET_PDEATHSIG), so even a SIGKILLed ``up`` leaves nothing running. On stop the scratch state
+(the KV/EC connector directories, the JetStream store, nats.conf) is removed, and so is the
+whole temp log directory when ``--log-dir`` was not given and nothing failed.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from dynamo_worker.core.child_processes import PR_SET_PDEATHSIG
 from dynamo_worker.core.errors import UsageError
+from dynamo_worker.core.files import write_private_file
 from dynamo_worker.core.options import check_at_least, check_port
 
 DEMO_SERVED_NAME = "demo"
@@ -65,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
                         "times (default %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="give up if the model is not served after this long (default %(default)s)")
-    p.add_argument("--log-dir", help="where child logs go (default: a new temp directory)")
+    p.add_argument("--log-dir", help="where child logs go (default: a new temp directory, removed on a clean stop "
+                                     "and kept, with its path printed, when something failed)")
     p.add_argument("--once", action="store_true",
                    help="exit (stopping everything) once the stack answers; for scripts and tests")
     return p
@@ -77,6 +84,8 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     system_port: int | None = None
+    # Exit statuses that count as a clean stop after our SIGTERM.
+    stop_statuses: tuple[int, ...] = (0,)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -91,30 +100,62 @@ class Stack:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.children: list[Child] = []
+        # Paths under log_dir that only matter while the stack runs; removed by remove_scratch().
+        self.scratch: list[Path] = []
+        self._preexec = _die_with_parent_preexec()
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], system_port: int | None = None) -> Child:
+    def start(self, name: str, argv: list[str], env: dict[str, str], system_port: int | None = None,
+              stop_statuses: tuple[int, ...] = (0,)) -> Child:
         log_path = self.log_dir / f"{name}.log"
         if system_port is not None:
             argv = [*argv, "--system-port", str(system_port)]
         with open(log_path, "wb") as log:
+            # preexec_fn is safe here: up runs no other thread that could hold a lock across the fork.
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True)
-        child = Child(name, proc, log_path, system_port)
+                                    env=env, start_new_session=True,
+                                    preexec_fn=self._preexec)  # noqa: PLW1509
+        child = Child(name, proc, log_path, system_port, stop_statuses)
         self.children.append(child)
         self._write_manifest()
         return child
+
+    def scratch_dir(self, name: str) -> Path:
+        """An empty directory ``log_dir/name`` for this run, removed when the stack stops.
+
+        Emptied first: files a killed earlier run left there (KV tensors of another model) must
+        not be read as this run's.
+        """
+        path = self.log_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise UsageError(f"--log-dir {self.log_dir}: {path} is in the way (not a directory of ours); "
+                             "remove it or pick another --log-dir")
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(exist_ok=True)
+        self.scratch.append(path)
+        return path
+
+    def remove_scratch(self) -> None:
+        for path in self.scratch:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _write_manifest(self) -> None:
         """``stack.json``: each child's pid, log and status port, for operators and tests."""
         manifest = {c.name: {"pid": c.proc.pid, "log": str(c.log_path), "system_port": c.system_port}
                     for c in self.children}
-        (self.log_dir / "stack.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_private_file(self.log_dir / "stack.json", json.dumps(manifest, indent=2) + "\n")
 
     def exited(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
-    def stop(self, timeout: float = 40.0) -> None:
-        """Workers first (so they drain while the frontend still answers), NATS last."""
+    def stop(self, timeout: float = 40.0) -> list[str]:
+        """Workers first (so they drain while the frontend still answers), NATS last.
+
+        Returns what did not stop cleanly (killed after ``timeout``, or an unexpected exit status).
+        """
+        unclean: list[str] = []
         order = sorted(self.children, key=lambda c: (c.name == "nats", c.name == "frontend"))
         for group in (
             [c for c in order if c.name not in ("frontend", "nats")],
@@ -126,12 +167,42 @@ class Stack:
             deadline = time.monotonic() + timeout
             for child in group:
                 try:
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                    status = child.proc.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     print(f"  {child.name} did not stop in {timeout:.0f}s: killing it", file=sys.stderr)
+                    status = None
                 # Whatever the leader did, nothing of its group (engine cores) may outlive it.
                 _signal_group(child.proc, signal.SIGKILL)
                 child.proc.wait()
+                if status is None:
+                    unclean.append(f"{child.name} killed after {timeout:.0f}s")
+                elif status < 0:
+                    unclean.append(f"{child.name} ended by {signal.Signals(-status).name}")
+                elif status not in child.stop_statuses:
+                    unclean.append(f"{child.name} exit status {status}")
+        return unclean
+
+
+def _die_with_parent_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when ``up`` dies, even by SIGKILL.
+
+    The death signal fires when the thread that forked the child ends; ``up`` starts every child
+    from its main thread. libc is loaded here, before any fork: the child only calls prctl.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return  # refused (a seccomp policy): stop() still ends each process group
+        if os.getppid() != parent:  # up died before the request took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -223,6 +294,7 @@ def main(argv: list[str]) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="dynamo-worker-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(log_dir)
+    status = 1  # whatever escapes _run is a failure: its logs are kept
     stopping: list[int] = []
 
     def on_signal(sig: int, frame: Any) -> None:
@@ -238,22 +310,43 @@ def main(argv: list[str]) -> int:
     try:
         status = _run(args, engine_argv, model, served, stack, stopping)
     finally:
+        unclean: list[str] = []
         if stack.children:
             print("stopping: workers first, then the frontend, then NATS...", flush=True)
-            stack.stop()
+            unclean = stack.stop()
             print("stopped.", flush=True)
+        _tidy(stack, temporary=not args.log_dir, failed=bool(status or unclean), unclean=unclean)
     return status
+
+
+def _tidy(stack: Stack, temporary: bool, failed: bool, unclean: list[str]) -> None:
+    """After every child has exited: remove what only mattered while the stack ran.
+
+    The KV/EC connector files are a cache of tensors and the JetStream store holds only
+    discovery leases, both useless now (and the KV files grow with every request); nats.conf
+    holds the stack's token. A temp log directory goes too unless something failed: then the
+    logs are what the user needs, so it stays and its path is printed.
+    """
+    stack.remove_scratch()
+    if not temporary:
+        return
+    if failed and stack.children:
+        why = f" (not stopped cleanly: {', '.join(unclean)})" if unclean else ""
+        print(f"logs kept in {stack.log_dir}{why}", file=sys.stderr, flush=True)
+        return
+    shutil.rmtree(stack.log_dir, ignore_errors=True)
 
 
 def _nats_config(directory: Path, port: int, token: str, store: Path) -> Path:
     """nats-server's configuration, readable by this user only: a token on its command line
     would be visible to every user of the host (``ps``)."""
     path = directory / "nats.conf"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f'listen: "127.0.0.1:{port}"\n'
-                f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n"
-                f"authorization {{ token: {json.dumps(token)} }}\n")
+    lines = [
+        f'listen: "127.0.0.1:{port}"',
+        f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
+        f"authorization {{ token: {json.dumps(token)} }}",
+    ]
+    write_private_file(path, "".join(f"{line}\n" for line in lines))
     return path
 
 
@@ -275,11 +368,15 @@ def _child_env(nats_url: str, token: str) -> dict[str, str]:
 
 def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: str, stack: Stack,
          stopping: list[int]) -> int:
-    exe = [sys.executable, "-m", "dynamo_worker"]
+    # Not `-m dynamo_worker`: under that name vLLM's engine processes would not die with their
+    # worker (dynamo_worker/core/role_process.py says why).
+    exe = [sys.executable, "-m", "dynamo_worker.core.role_process"]
     nats_port, token = _free_port(), secrets.token_hex(16)
-    store = stack.log_dir / "jetstream"
-    stack.start("nats", [nats_server_binary(), "-c", str(_nats_config(stack.log_dir, nats_port, token, store))],
-                dict(os.environ))
+    store = stack.scratch_dir("jetstream")
+    config = _nats_config(stack.log_dir, nats_port, token, store)
+    stack.scratch.append(config)
+    # nats-server exits 1 on SIGTERM, its normal way to stop.
+    stack.start("nats", [nats_server_binary(), "-c", str(config)], dict(os.environ), stop_statuses=(0, 1))
     env = _child_env(f"nats://127.0.0.1:{nats_port}", token)
     # Every listener on 127.0.0.1, each on a free port (whatever DYN_TCP_RPC_* say).
     common = ["--namespace", args.namespace, "--request-plane", args.request_plane,
@@ -290,8 +387,7 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     worker = ["--model", model, "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv]
     if args.prefill_workers:
         # One machine: vLLM's file-based connector, through a directory every worker shares.
-        shared = stack.log_dir / "kv-shared"
-        shared.mkdir(exist_ok=True)
+        shared = stack.scratch_dir("kv-shared")
         worker += ["--connector", "example", "--kv-shared-storage", str(shared)]
     for i in range(args.prefill_workers):
         stack.start(f"prefill-{i}", [*exe, "--role", "prefill", *common, *worker], env, system_port=_free_port())
@@ -354,8 +450,7 @@ def _start_multimodal(args: argparse.Namespace, exe: list[str], common: list[str
     decode_extra: list[str] = []
     if args.encoder == "ec-encoder":
         # One machine: vLLM's file-based EC connector, through a directory both engines share.
-        shared = stack.log_dir / "ec-shared"
-        shared.mkdir(exist_ok=True)
+        shared = stack.scratch_dir("ec-shared")
         decode_extra = ["--ec-storage-path", str(shared)]
         stack.start("ec-encoder-0", [*exe, "--role", "ec-encoder", *common, *worker, "--enable-multimodal",
                                      *decode_extra], env, system_port=_free_port())

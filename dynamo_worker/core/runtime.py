@@ -299,17 +299,26 @@ class Runtime:
         await self.discovery.close()
         if self.nc.is_closed:
             return
+
+        async def close_undrained() -> None:
+            try:
+                await self.nc.close()
+            except RuntimeError as exc:
+                # nats-py writes what it buffered during the outage into the dead socket on close
+                # (uvloop: "the handler is closed"); those messages were for a server that is gone.
+                log.debug("closing the NATS connection: %s", exc)
+
         # With the server unreachable there is nothing to drain to: stop reconnecting and close,
         # so a role stopped during an outage still exits 0 (its lease expires on the server).
         if self.nc.is_reconnecting or self.nc.is_connecting:
             log.warning("NATS is unreachable; closing the connection without draining it")
-            await self.nc.close()
+            await close_undrained()
             return
         try:
             await self.nc.drain()
         except nats.errors.Error as exc:  # the connection dropped while it drained
             log.warning("could not drain the NATS connection (%s); closing it", exc or type(exc).__name__)
-            await self.nc.close()
+            await close_undrained()
 
 
 class Client:
