@@ -217,6 +217,13 @@ def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(sta
     assert not [p.name for p in stack.log_dir.iterdir() if p.name.endswith(".tmp")]
     token = config.read_text().split('token: "')[1].split('"')[0]
     assert len(token) >= 32
+    # The request plane's limit is sized for the largest body the frontend accepts (4 MiB).
+    assert "max_payload: 8388608" in config.read_text()
+    assert "is above the request plane's" not in (stack.log_dir / "frontend.log").read_text()
+    # The TCP request plane has a secret of its own, the same in every child, in no command line.
+    secrets = {psutil.Process(manifest[name]["pid"]).environ()["DYN_REQUEST_PLANE_TOKEN"]
+               for name in ("frontend", "decode-0")}
+    assert len(secrets) == 1 and len(secrets.pop()) >= 32
     for name in ("frontend", "decode-0"):
         child = psutil.Process(manifest[name]["pid"])
         env = child.environ()
@@ -260,6 +267,8 @@ def test_up_flag_mistakes_are_one_line_errors() -> None:
     assert out.returncode == 2 and "--model /no/such/dir: no such directory" in out.stderr
     out = run_cli("up", "--decode-workers", "0")
     assert out.returncode == 2 and "--decode-workers must be at least 1" in out.stderr
+    out = run_cli("up", "--max-request-bytes", str(40 * 1024 * 1024))
+    assert out.returncode == 2 and "NATS carries at most 67108864 bytes per message" in out.stderr
     import socket
 
     with socket.socket() as busy:

@@ -34,8 +34,11 @@ from dynamo_worker.core.child_processes import PR_SET_PDEATHSIG
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.files import write_private_file
 from dynamo_worker.core.options import check_at_least, check_port
+from dynamo_worker.frontend.options import DEFAULT_MAX_REQUEST_BYTES
 
 DEMO_SERVED_NAME = "demo"
+NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024
+NATS_MAX_PAYLOAD_CEILING = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
 PROGRESS_EVERY = 5.0
 
 
@@ -69,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
                    help="frontend: continue a stream on another worker when its worker fails, up to N "
                         "times (default %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                   help="largest request body the frontend accepts (413 past it); nats-server's max_payload, "
+                        "the request plane's limit on both planes, is sized from it (default %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="give up if the model is not served after this long (default %(default)s)")
     p.add_argument("--log-dir", help="where child logs go (default: a new temp directory, removed on a clean stop "
@@ -266,6 +272,11 @@ def validate(args: argparse.Namespace) -> None:
     check_at_least("--decode-workers", args.decode_workers, 1)
     check_at_least("--migration-limit", args.migration_limit, 0)
     check_at_least("--prefill-workers", args.prefill_workers, 0)
+    check_at_least("--max-request-bytes", args.max_request_bytes, 1024)
+    if nats_max_payload(args.max_request_bytes) > NATS_MAX_PAYLOAD_CEILING:
+        raise UsageError(f"--max-request-bytes {args.max_request_bytes} is too large: NATS carries at most "
+                         f"{NATS_MAX_PAYLOAD_CEILING} bytes per message and up needs twice the body; use at most "
+                         f"{NATS_MAX_PAYLOAD_CEILING // 2}")
     if args.model and not Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such directory; give a local model directory "
                          "(or omit --model to use the demo model)")
@@ -337,7 +348,14 @@ def _tidy(stack: Stack, temporary: bool, failed: bool, unclean: list[str]) -> No
     shutil.rmtree(stack.log_dir, ignore_errors=True)
 
 
-def _nats_config(directory: Path, port: int, token: str, store: Path) -> Path:
+def nats_max_payload(max_request_bytes: int) -> int:
+    """The ``max_payload`` ``up`` gives its nats-server (the request plane's size limit on both
+    planes): twice the largest body the frontend accepts, since a tokenized prompt's ids can take
+    more bytes than its text, and never below nats-server's own default."""
+    return max(NATS_DEFAULT_MAX_PAYLOAD, 2 * max_request_bytes)
+
+
+def _nats_config(directory: Path, port: int, token: str, store: Path, max_payload: int) -> Path:
     """nats-server's configuration, readable by this user only: a token on its command line
     would be visible to every user of the host (``ps``)."""
     path = directory / "nats.conf"
@@ -345,6 +363,7 @@ def _nats_config(directory: Path, port: int, token: str, store: Path) -> Path:
         f'listen: "127.0.0.1:{port}"',
         f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
         f"authorization {{ token: {json.dumps(token)} }}",
+        f"max_payload: {max_payload}",
     ]
     write_private_file(path, "".join(f"{line}\n" for line in lines))
     return path
@@ -373,7 +392,7 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     exe = [sys.executable, "-m", "dynamo_worker.core.role_process"]
     nats_port, token = _free_port(), secrets.token_hex(16)
     store = stack.scratch_dir("jetstream")
-    config = _nats_config(stack.log_dir, nats_port, token, store)
+    config = _nats_config(stack.log_dir, nats_port, token, store, nats_max_payload(args.max_request_bytes))
     stack.scratch.append(config)
     # nats-server exits 1 on SIGTERM, its normal way to stop.
     stack.start("nats", [nats_server_binary(), "-c", str(config)], dict(os.environ), stop_statuses=(0, 1))
@@ -382,7 +401,8 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     common = ["--namespace", args.namespace, "--request-plane", args.request_plane,
               "--tcp-rpc-host", "127.0.0.1", "--tcp-rpc-port", "0"]
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
-                             "--migration-limit", str(args.migration_limit)], env,
+                             "--migration-limit", str(args.migration_limit),
+                             "--max-request-bytes", str(args.max_request_bytes)], env,
                 system_port=_free_port())
     worker = ["--model", model, "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv]
     if args.prefill_workers:
