@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import NatsServer, WorkerProcess
+
+# Hypothesis (tests/test_fuzz.py, tests/test_fuzz_multimodal.py) in CI: derandomized, so each fuzz
+# test draws the same inputs on every CI run (its seed comes from the test's own source) and a CI
+# failure reproduces with the same command; print_blob adds the @reproduce_failure line to a
+# failure's report. No example database and no deadline there either. Loaded when the environment
+# has CI=true (GitHub Actions sets it); tests/test_ci.py checks it is. Hypothesis has a built-in
+# "ci" profile it loads itself on seeing a CI variable: this one replaces it, so CI runs what is
+# written here whatever Hypothesis's version. The fuzz tests' settings objects are created at import,
+# after this conftest, and inherit what they do not set from this profile; they set max_examples,
+# deadline=None, database=None and suppress_health_check (a superset of the built-in profile's),
+# never derandomize or print_blob, so nothing here is overridden. Elsewhere the default profile
+# stays: random inputs on every run, and a failure that does not replay says its
+# --hypothesis-seed to rerun it.
+HYPOTHESIS_CI_PROFILE = "ci"
+HYPOTHESIS_CI = settings(settings.get_profile("default"), derandomize=True, print_blob=True, database=None,
+                         deadline=None)
+settings.register_profile(HYPOTHESIS_CI_PROFILE, HYPOTHESIS_CI)
+if os.environ.get("CI") == "true":
+    settings.load_profile(HYPOTHESIS_CI_PROFILE)
 
 
 @pytest.fixture(scope="session")

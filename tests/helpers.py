@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -253,3 +254,71 @@ def process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def metric_sum(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` (whose labels include ``labels``) on the /metrics page
+    at ``url``, parsed with prometheus_client's text parser (a counter's samples end in ``_total``)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+# What the frontend's router logs for each retry and each migration (dynamo_worker/frontend/router.py);
+# ``cause`` is the request-plane error as "code: message".
+_RETRY_LINE = re.compile(r"failed before the first token \((?P<cause>.*)\); retry \d+ of \d+$", re.MULTILINE)
+_MIGRATION_LINE = re.compile(r"failed after \d+ tokens \((?P<cause>.*)\); migrating \(\d+ of \d+\)$", re.MULTILINE)
+# Retry causes that mean no worker ever took the request: the instance's NATS subscription was gone
+# ("no responders") or its TCP listener no longer served the endpoint. A draining worker gives them
+# to requests routed to it in the moment before the frontend saw it withdraw: nothing it had
+# accepted is lost, the request simply goes to another worker.
+NEVER_TAKEN = ("unavailable: no instance listens on ", "unavailable: this instance does not serve ")
+
+
+class FrontendRecoveries:
+    """What a frontend recovered from here on: its retries and migrations, counted on its /metrics
+    and, each with its cause, in its log.
+
+    A frontend with ``--request-retries`` and ``--migration-limit`` hides from clients a worker
+    that cut its streams (the cut requests are retried or migrated and complete): a drain test run
+    through one must also check that the frontend recovered nothing. ``base`` is the frontend's
+    URL; None for a frontend that will not be there to ask at the end (the log alone is checked).
+    """
+
+    def __init__(self, frontend: WorkerProcess, base: str | None) -> None:
+        self.frontend, self.base = frontend, base
+        self.log_start = len(frontend.log())
+        self.start = self.counters() if base is not None else None
+
+    def counters(self) -> tuple[float, float]:
+        """The frontend's retries and migrations counters (every model)."""
+        return (metric_sum(f"{self.base}/metrics", "dynamo_frontend_retries_total"),
+                metric_sum(f"{self.base}/metrics", "dynamo_frontend_migrations_total"))
+
+    def logged(self) -> tuple[list[str], list[str]]:
+        """The causes of the retries and of the migrations the frontend logged since."""
+        new = self.frontend.log()[self.log_start:]
+        return ([m["cause"] for m in _RETRY_LINE.finditer(new)],
+                [m["cause"] for m in _MIGRATION_LINE.finditer(new)])
+
+    def assert_none_cut(self) -> dict[str, Any]:
+        """No stream was migrated, and every retry was of a request no worker had taken; returns the
+        figures (counter moves and causes) for the test's report."""
+        retry_causes, migration_causes = self.logged()
+        figures: dict[str, Any] = {"retry_causes": retry_causes, "migration_causes": migration_causes}
+        if self.start is not None:
+            retries, migrations = (now - then for now, then in zip(self.counters(), self.start, strict=True))
+            figures.update(retries=int(retries), migrations=int(migrations))
+            # The counters and the log agree, so the log's causes are every recovery's (a log that
+            # said nothing, at another log level, could not pass for "nothing recovered").
+            assert (retries, migrations) == (len(retry_causes), len(migration_causes)), figures
+        else:  # the log alone: it must be one that would show a retry (they are logged at INFO)
+            assert " INFO " in self.frontend.log(), "the frontend logs nothing at INFO: retries would not show"
+        assert not migration_causes, f"streams cut after their first token, migrated by the frontend: {figures}"
+        cut = [c for c in retry_causes if not c.startswith(NEVER_TAKEN)]
+        assert not cut, f"requests a worker had taken were cut and retried by the frontend: {figures}"
+        return figures

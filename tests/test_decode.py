@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import urllib.request
 import uuid
@@ -26,6 +27,14 @@ from tests.helpers import NatsServer, WorkerProcess, child_pids, free_port, proc
 PROMPT_A = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
 PROMPT_B = [1, 200, 201, 150, 151, 300, 301, 17, 18, 19, 20, 21]
 GREEDY_TOKENS = 16
+# For the log-probability test: a prompt whose two most likely next tokens differ clearly at each of
+# its first 4 greedy steps with the demo model (by 1.375 at the closest on the development machine).
+# The values depend on the machine's CPU kernels: on one (a clean clone's run) PROMPT_B's first step
+# had two tokens tied to five decimals (-0.97378), vLLM ranked one first and greedy took the other
+# (here they are 0.25 apart). The test checks the margin itself, so neither another machine nor a
+# new demo model can bring a tie back silently.
+PROMPT_LOGPROBS = [1, 148, 303, 454, 258, 436, 484, 261, 204, 304, 439, 20]
+CLEAR_MARGIN = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +151,22 @@ async def test_stop_token_ids_min_tokens_and_seeded_sampling(deployment: Deploym
 async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
     rt = await deployment.runtime()
     try:
-        chunks = await generate(rt, greedy(PROMPT_B, max_tokens=4, output_options={"logprobs": 2}))
+        plain = tokens(await generate(rt, greedy(PROMPT_LOGPROBS, max_tokens=4)))
+        chunks = await generate(rt, greedy(PROMPT_LOGPROBS, max_tokens=4, output_options={"logprobs": 2}))
         lps = [lp for c in chunks for lp in c["log_probs"]]
         tops = [t for c in chunks for t in c["top_logprobs"]]
-        assert len(lps) == len(tops) == 4 and all(lp <= 0 for lp in lps)
-        for token, top, lp in zip(tokens(chunks), tops, lps):
-            assert 2 <= len(top) <= 3
-            # Greedy: the sampled token is the most likely one.
-            best = min(top, key=lambda t: t["rank"])
-            assert best["token_id"] == token and best["logprob"] == pytest.approx(lp)
+        assert tokens(chunks) == plain  # asking for log-probabilities does not change the answer
+        assert len(lps) == len(tops) == 4
+        for step, (token, top, lp) in enumerate(zip(tokens(chunks), tops, lps)):
+            best, runner_up = sorted((t["logprob"] for t in top), reverse=True)[:2]
+            assert best - runner_up > CLEAR_MARGIN, (
+                f"step {step}: the two most likely tokens tie ({top}); greedy may take either, so the check "
+                f"below means nothing: pick a prompt without ties for this model")
+            # Greedy: the sampled token is the most likely one (rank 1; the 2 asked for, and no more,
+            # since the sampled token is among them), and its log-probability is the one reported.
+            assert [t["rank"] for t in top] == [1, 2], top
+            assert top[0]["token_id"] == token and top[0]["logprob"] == pytest.approx(lp) == best
+            assert lp < 0 and sum(math.exp(t["logprob"]) for t in top) <= 1 + 1e-6, top
     finally:
         await rt.close()
 

@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import (NatsServer, WorkerProcess, child_pids, endpoint_inflight, free_kv_event_port, free_port,
-                           process_name, signal_while_busy, wait_until, worker_env)
+from tests.helpers import (FrontendRecoveries, NatsServer, WorkerProcess, child_pids, endpoint_inflight,
+                           free_kv_event_port, free_port, process_name, signal_while_busy, wait_until, worker_env)
 
 MAX_TOKENS = 16
 PROMPT = " ".join(["bird"] * 24)  # longer than MAX_TOKENS: every answer has exactly MAX_TOKENS tokens
@@ -91,22 +91,29 @@ class Load:
             body["stream_options"] = {"include_usage": True}
         try:
             async with session.post(f"{self.base}/v1/completions", json=body) as resp:
-                if resp.status != 200:
-                    error = (await resp.json())["error"]
-                    self.messages[error["message"]] += 1
-                    return f"{resp.status} {error['type']}"
-                if not stream:
-                    got = (await resp.json())["usage"]["completion_tokens"]
-                    return "ok" if got == MAX_TOKENS else f"short {got}"
-                text = (await resp.read()).decode()
-                events = [json.loads(line[6:]) for line in text.splitlines()
-                          if line.startswith("data: {")]
-                if any("error" in e for e in events) or not text.endswith("data: [DONE]\n\n"):
-                    return f"stream error {text[-200:]!r}"
-                usage = [e["usage"] for e in events if e.get("usage")]
-                return "ok" if usage and usage[-1]["completion_tokens"] == MAX_TOKENS else "short stream"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                try:
+                    return await self._outcome(resp, stream)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # Its status line had come: the request was accepted, then its answer was cut.
+                    return f"cut {type(exc).__name__}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # no answer began
             return f"connection {type(exc).__name__}"
+
+    async def _outcome(self, resp: aiohttp.ClientResponse, stream: bool) -> str:
+        if resp.status != 200:
+            error = (await resp.json())["error"]
+            self.messages[error["message"]] += 1
+            return f"{resp.status} {error['type']}"
+        if not stream:
+            got = (await resp.json())["usage"]["completion_tokens"]
+            return "ok" if got == MAX_TOKENS else f"short {got}"
+        text = (await resp.read()).decode()
+        events = [json.loads(line[6:]) for line in text.splitlines()
+                  if line.startswith("data: {")]
+        if any("error" in e for e in events) or not text.endswith("data: [DONE]\n\n"):
+            return f"stream error {text[-200:]!r}"
+        usage = [e["usage"] for e in events if e.get("usage")]
+        return "ok" if usage and usage[-1]["completion_tokens"] == MAX_TOKENS else "short stream"
 
     def summary(self) -> Counter[str]:
         return Counter(o for _, _, o in self.outcomes)
@@ -192,17 +199,27 @@ async def test_a_nats_restart_under_load_loses_no_accepted_request(echo_stack: E
     await load.stop()
     summary = load.summary()
     failures = {o: n for o, n in summary.items() if o != "ok"}
+    at_kill = sum(1 for start, end, _ in load.outcomes if start < down < end)
+    in_outage = sum(1 for start, _, _ in load.outcomes if down <= start < up)
     print(f"\nFIGURE nats restart: {len(load.outcomes)} requests at concurrency 8 "
-          f"({accepted_before} before the kill); outage {up - down:.2f} s; first new success "
-          f"{first_ok - up:.2f} s after restart; both workers rediscovered {rediscovered - up:.2f} s after; "
-          f"outcomes {dict(summary)}; errors {dict(load.messages)}")
-    # Every request completed with all its tokens, or failed with a clear retryable 503.
-    assert all(o.startswith("503 ") for o in failures), failures
+          f"({accepted_before} before the kill, {at_kill} in flight at the kill, {in_outage} sent during the "
+          f"outage); outage {up - down:.2f} s; first new success {first_ok - up:.2f} s after restart; both "
+          f"workers rediscovered {rediscovered - up:.2f} s after; outcomes {dict(summary)}; "
+          f"errors {dict(load.messages)}")
+    # docs/reliability.md: 0 failed. Every request completed with all its tokens, the ones the
+    # outage caught in flight included (the load is at least 50 successes before the kill and 50
+    # after both workers are back: at least 100 requests).
+    assert failures == {}, (failures, dict(load.messages))
+    assert len(load.outcomes) >= 100 and at_kill >= 1, (len(load.outcomes), at_kill)
     assert first_ok - up < 15
 
 
 async def test_sigterm_to_an_echo_worker_under_load_loses_nothing_and_exits_0(echo_stack: EchoStack) -> None:
     s = echo_stack
+    assert s.frontend is not None
+    # The frontend retries and migrates (--request-retries 3, --migration-limit 3): a worker that cut
+    # its streams would still leave every client whole, so the frontend must have recovered nothing.
+    recoveries = FrontendRecoveries(s.frontend, s.base)
     load = Load(s.base, "echo")
     load.start()
     await wait_for_load(load, 30)
@@ -211,9 +228,11 @@ async def test_sigterm_to_an_echo_worker_under_load_loses_nothing_and_exits_0(ec
     assert await asyncio.to_thread(victim.wait, 60) == 0
     await wait_for_load(load, sum(1 for *_, o in load.outcomes if o == "ok") + 30)
     await load.stop()
-    print(f"\nFIGURE sigterm echo: {dict(load.summary())}")
+    recovered = await asyncio.to_thread(recoveries.assert_none_cut)
+    print(f"\nFIGURE sigterm echo: {len(load.outcomes)} requests, {dict(load.summary())}; frontend {recovered}")
     assert set(load.summary()) == {"ok"}
-    assert "draining" in victim.log()
+    log = victim.log()
+    assert "draining" in log and "did not finish in time" not in log
     s.workers.remove(victim)
     s.start_worker()
     await asyncio.to_thread(wait_until, lambda: frontend_instances(s.base) == 2, 30, 0.1, "the replacement")
@@ -223,6 +242,7 @@ async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_
         echo_stack: EchoStack) -> None:
     s = echo_stack
     assert s.frontend is not None
+    recoveries = FrontendRecoveries(s.frontend, None)  # it will not be there to ask at the end: its log
     load = Load(s.base, "echo", concurrency=6, max_requests=400)
     load.start()
     await wait_for_load(load, 30)
@@ -248,8 +268,11 @@ async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_
                  if line.startswith("data: {") and '"usage"' in line]
         assert text.endswith("data: [DONE]\n\n") and usage[-1]["completion_tokens"] == long_tokens
     # The load's requests completed, or found the listener closed or their idle kept-alive
-    # connection closed by the server (never sent, so never accepted).
+    # connection closed by the server (never sent, so never accepted): none whose answer had begun
+    # was cut ("cut ...").
     assert all(o == "ok" or o.startswith("connection ") for o in summary), summary
+    # Its workers were not stopped: it had nothing to retry or migrate (so nothing was cut and hidden).
+    recoveries.assert_none_cut()
     assert "draining" in s.frontend.log()
     s.start_frontend()
     await asyncio.to_thread(wait_until, lambda: frontend_instances(s.base) == 2, 30, 0.1, "the new frontend")
@@ -302,6 +325,8 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
     s = engine_stack
     caller = await Runtime.connect(s.nats.url, s.namespace)
     try:
+        # Called on the instance itself (no frontend): nothing retries or migrates, so a request the
+        # worker cut would be an error in ``results``.
         client = caller.client("prefill", "generate")
         [record] = await client.wait_for_instances(30)
 
@@ -321,7 +346,8 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
               f"signal, {len(errors)} failed")
         assert errors == [], errors
         assert all(r and "kv_transfer_params" in json.dumps(r) for r in results)
-        assert "draining" in s.prefill.log()
+        log = s.prefill.log()
+        assert "draining" in log and "did not finish in time" not in log
     finally:
         await caller.close()
 

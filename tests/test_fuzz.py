@@ -38,6 +38,8 @@ from tests.engine_helpers import ENGINE_FLAGS
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, wait_until, worker_env
 
 MAX_COMPLETION_TOKENS = 4
+# Built on the loaded Hypothesis profile (tests/conftest.py: in CI derandomized, with the failure's
+# reproduction blob): set neither derandomize nor print_blob here (tests/test_ci.py checks both hold).
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 BUS_FUZZ = settings(FUZZ, max_examples=60)

@@ -378,6 +378,9 @@ def test_after_the_fuzzing_every_process_lives_and_the_chain_answers_as_before(c
 
 
 # ---- SIGTERM with requests in flight -----------------------------------------------------------
+# Each role is called on its instance itself (``Chain.collect``: the runtime's ``Client.direct``, no
+# frontend): nothing retries or migrates, so a request the signalled role cut is an error in
+# ``results``, and the role's log must not report any cut ("did not finish in time").
 
 def test_sigterm_to_the_processor_mid_stream_drains_it_and_exits_0(chain: Chain, baseline: list[int]) -> None:
     long_tokens = 120
