@@ -37,3 +37,12 @@ def write_demo_lora(path: Path, model_dir: str, *, rank: int = 8, seed: int = 1,
         "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }, indent=2))
     return path
+
+
+def write_adapter_files(path: Path) -> Path:
+    """An adapter directory's files with placeholder contents (for the path checks, which read no
+    tensor; no model needed): ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (path / "adapter_model.safetensors").write_bytes(b"placeholder")
+    return path

@@ -1,4 +1,5 @@
-"""LoRA adapters on a real decode worker, and through the frontend.
+"""LoRA adapters on a real decode worker, and through the frontend; first, without an engine,
+the checks of the adapter path a ``load_lora`` request names.
 
 One real vLLM engine (CPU, the tiny demo model, ``--enable-lora --lora-dirs DIR``), a real
 frontend process, and beside the real worker a scripted fake worker serving the same base model
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -22,14 +24,112 @@ import pytest
 
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
+from dynamo_worker.engine.lora import LoraManager
 from tests.engine_helpers import ENGINE_FLAGS
 from tests.frontend_helpers import FakeDecodeWorker, LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
-from tests.lora_helpers import write_demo_lora
+from tests.lora_helpers import write_adapter_files, write_demo_lora
 
 PROMPT = [0, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
 TOKENS = 12
 
+
+# ---- the path checks, no engine ------------------------------------------------------------------
+
+class EngineNeverCalled:
+    """A LoraManager's engine for requests the path checks must refuse (reaching it would give
+    another message: ``cannot load LoRA adapter``)."""
+
+    async def add_lora(self, request: Any) -> None:
+        raise AssertionError(f"the engine was asked to load {request.lora_path}")
+
+
+def manager_for(allowed: Path) -> LoraManager:
+    return LoraManager(EngineNeverCalled(), enabled=True, allowed_dirs=[allowed.resolve()], capacity=2,
+                       base_names={"tiny"}, record=None)
+
+
+def refusal_of(allowed: Path, uri: str) -> str:
+    manager = manager_for(allowed)
+
+    async def collect() -> list[dict[str, Any]]:
+        return [reply async for reply in manager.load_lora({"lora_name": "x", "source": {"uri": uri}}, None)]
+
+    async def go() -> list[dict[str, Any]]:
+        try:
+            return await asyncio.wait_for(collect(), 10)
+        except asyncio.TimeoutError:
+            # A check blocked on a FIFO in a thread nothing can cancel: give it EOF, then fail.
+            for fifo in (p for p in allowed.rglob("*") if p.is_fifo()):
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # ENXIO: nobody reads this one
+                    continue
+            pytest.fail(f"checking {uri} blocked")
+
+    [reply] = asyncio.run(go())
+    assert reply["status"] == "error", reply
+    return reply["message"]
+
+
+@pytest.fixture
+def lora_tree(tmp_path: Path) -> dict[str, Path]:
+    """--lora-dirs ``allowed`` and, outside it, a complete adapter ``secret`` (it exists: only the
+    check refuses it); inside, links and special files next to adapter files."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    secret = write_adapter_files(outside / "secret")
+    write_adapter_files(allowed / "good")
+    (allowed / "out-link").symlink_to(secret, target_is_directory=True)
+    linked_file = write_adapter_files(allowed / "linked-file")
+    (linked_file / "adapter_model.safetensors").unlink()
+    (linked_file / "adapter_model.safetensors").symlink_to(secret / "adapter_model.safetensors")
+    fifo_config = write_adapter_files(allowed / "fifo-config")
+    (fifo_config / "adapter_config.json").unlink()
+    os.mkfifo(fifo_config / "adapter_config.json")
+    os.mkfifo(allowed / "pipe")
+    return {"allowed": allowed.resolve(), "secret": secret.resolve()}
+
+
+def test_an_adapter_that_exists_outside_lora_dirs_is_refused(lora_tree: dict[str, Path]) -> None:
+    secret = lora_tree["secret"]
+    assert (secret / "adapter_config.json").is_file()
+    assert refusal_of(lora_tree["allowed"], str(secret)) == f"{secret} is outside the directories --lora-dirs allows"
+    assert refusal_of(lora_tree["allowed"], secret.as_uri()) == f"{secret} is outside the directories --lora-dirs allows"
+
+
+def test_dot_dot_out_of_lora_dirs_is_refused(lora_tree: dict[str, Path]) -> None:
+    uri = f"{lora_tree['allowed']}/../outside/secret"
+    assert refusal_of(lora_tree["allowed"], uri) == f"{uri}: '..' leads outside the directories --lora-dirs allows"
+
+
+def test_a_symlink_in_lora_dirs_pointing_outside_is_refused(lora_tree: dict[str, Path]) -> None:
+    link = lora_tree["allowed"] / "out-link"
+    assert refusal_of(lora_tree["allowed"], str(link)) == (
+        f"{link}: a symbolic link leads outside the directories --lora-dirs allows")
+
+
+def test_an_adapter_file_linked_from_outside_lora_dirs_is_refused(lora_tree: dict[str, Path]) -> None:
+    weights = lora_tree["allowed"] / "linked-file" / "adapter_model.safetensors"
+    assert refusal_of(lora_tree["allowed"], str(weights.parent)) == (
+        f"{weights}: a symbolic link leads outside the directories --lora-dirs allows")
+
+
+def test_a_fifo_in_lora_dirs_is_refused_without_blocking(lora_tree: dict[str, Path]) -> None:
+    pipe = lora_tree["allowed"] / "pipe"
+    assert refusal_of(lora_tree["allowed"], str(pipe)) == f"{pipe} is not a directory"
+    config = lora_tree["allowed"] / "fifo-config" / "adapter_config.json"
+    # vLLM's engine would open it and block for good.
+    assert refusal_of(lora_tree["allowed"], str(config.parent)) == f"{config} is not a regular file (a FIFO)"
+
+
+def test_an_adapter_inside_lora_dirs_passes_the_checks(lora_tree: dict[str, Path]) -> None:
+    # The control for the refusals above (load_lora then hands this path to the engine).
+    allowed = lora_tree["allowed"]
+    assert manager_for(allowed)._resolve(str(allowed / "good")) == allowed / "good"
+    assert manager_for(allowed)._resolve(f"{allowed}/linked-file/../good") == allowed / "good"
+
+
+# ---- a real worker --------------------------------------------------------------------------------
 
 class Deployment:
     def __init__(self, nats_url: str, namespace: str, adapters: Path, outside: Path, frontend: str,

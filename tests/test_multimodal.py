@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -126,10 +127,10 @@ class Chain:
         self.workers.append(worker)
         return worker
 
-    def start_processor(self, encoder: str) -> WorkerProcess:
+    def start_processor(self, encoder: str, *extra: str) -> WorkerProcess:
         return self.start(["--multimodal-processor", *self.model_flags, *self.common, "--encoder", encoder,
                            "--allowed-local-media-path", str(self.media), "--max-image-bytes", str(MAX_IMAGE_BYTES),
-                           "--media-fetch-timeout", "1"])
+                           "--media-fetch-timeout", "1", *extra])
 
     def chat(self, messages: list[dict[str, Any]], **kw: Any) -> Any:
         return self.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
@@ -213,16 +214,19 @@ def test_a_streamed_image_answer_is_the_same_text(chain: Chain, media: Path, exp
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected[1]
 
 
-def test_file_urls_are_served_only_below_the_allowed_directory(chain: Chain, media: Path, expected: list[str],
-                                                                 tmp_path: Path) -> None:
+def test_file_urls_are_served_only_below_the_allowed_directory(chain: Chain, media: Path, expected: list[str]) -> None:
     out = chain.chat(image_message((media / "red.png").as_uri()))
     assert out.choices[0].message.content == expected[0]
-    outside = tmp_path / "red.png"
+    # A valid image that exists beside the allowed directory: only the check refuses it.
+    outside = media.parent / f"{media.name}-outside.png"
     outside.write_bytes((media / "red.png").read_bytes())
     status, body = chain.post(image_message(outside.as_uri()))
-    assert status == 400 and "is not below an --allowed-local-media-path directory" in body["error"]["message"]
-    status, body = chain.post(image_message((media / ".." / media.name / ".." / "x.png").as_uri()))
-    assert status == 400
+    assert status == 400 and body["error"]["message"].endswith(
+        f"messages[0].content[0]: {outside} is outside the directories --allowed-local-media-path allows")
+    escape = f"{media}/../{media.name}/../{outside.name}"
+    status, body = chain.post(image_message(f"file://{escape}"))
+    assert status == 400 and body["error"]["message"].endswith(
+        f"messages[0].content[0]: {escape}: '..' leads outside the directories --allowed-local-media-path allows")
 
 
 BAD_MEDIA = [
@@ -251,39 +255,84 @@ def test_bad_media_gets_a_400_and_the_chain_keeps_serving(chain: Chain, media: P
     assert out.choices[0].message.content == expected[0]
 
 
-def test_a_remote_image_is_fetched_with_the_size_limit(chain: Chain, media: Path, expected: list[str]) -> None:
+CANNOT_FETCH = "messages[0].content[0]: cannot fetch this image URL (the processor's log has the reason)"
+
+
+@pytest.fixture
+def image_server(media: Path) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1: ``/red.png``, ``/big.png`` (over the byte limit), ``/slow.png``
+    (3 s, over the processor's --media-fetch-timeout 1), ``/redirect?to=URL``, 404 otherwise; its
+    base URL and the paths it was asked for."""
     import http.server
     import threading
 
     files = {"/red.png": (media / "red.png").read_bytes(), "/big.png": png((200, 200), seed=2),
              "/slow.png": (media / "red.png").read_bytes()}
+    asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            if self.path == "/slow.png":  # slower than the processor's --media-fetch-timeout 1
+            asked.append(self.path)
+            path, _, query = self.path.partition("?")
+            if path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", urllib.parse.unquote(query.removeprefix("to=")))
+                self.end_headers()
+                return
+            if path == "/slow.png":
                 time.sleep(3)
-            body = files.get(self.path)
+            body = files.get(path)
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "image/png")
             self.end_headers()
-            self.wfile.write(body or b"")
+            try:
+                self.wfile.write(body or b"")
+            except (BrokenPipeError, ConnectionResetError):
+                return  # /slow.png: the processor gave up first
 
         def log_message(self, *args: Any) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert chain.chat(image_message(f"{url}/red.png")).choices[0].message.content == expected[0]
-        status, body = chain.post(image_message(f"{url}/big.png"))
-        assert status == 400 and f"is over {MAX_IMAGE_BYTES} bytes" in body["error"]["message"]
-        status, body = chain.post(image_message(f"{url}/missing.png"))
-        assert status == 400 and "answered HTTP 404" in body["error"]["message"]
-        status, body = chain.post(image_message(f"{url}/slow.png"))
-        assert status == 400 and "took over 1 s (--media-fetch-timeout)" in body["error"]["message"]
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def test_a_private_address_is_not_fetched_and_reads_like_a_closed_port(
+        chain: Chain, image_server: tuple[str, list[str]]) -> None:
+    url, asked = image_server
+    # The server would answer a valid PNG; the processor (no --allowed-media-domains) never asks it.
+    status, body = chain.post(image_message(f"{url}/red.png"))
+    assert status == 400 and body["error"]["message"].endswith(CANNOT_FETCH), body
+    closed = chain.post(image_message(f"http://127.0.0.1:{free_port()}/red.png"))
+    assert closed == (status, body)
+    assert asked == []
+    assert "127.0.0.1 is not a public address" in chain.processor.log()  # the reason, on the worker only
+
+
+def test_a_remote_image_is_fetched_from_an_allowed_host_with_the_size_limit(
+        chain: Chain, media: Path, expected: list[str], image_server: tuple[str, list[str]]) -> None:
+    chain.processor.stop()  # the same processor, with the test server's host allowed
+    chain.processor = chain.start_processor("encode", "--allowed-media-domains", "127.0.0.1")
+    chain.wait_for_processor(chain.processor)
+    url, asked = image_server
+    assert chain.chat(image_message(f"{url}/red.png")).choices[0].message.content == expected[0]
+    status, body = chain.post(image_message(f"{url}/big.png"))
+    assert status == 400 and f"is over {MAX_IMAGE_BYTES} bytes" in body["error"]["message"]
+    status, body = chain.post(image_message(f"{url}/missing.png"))
+    assert status == 400 and "answered HTTP 404" in body["error"]["message"]
+    status, body = chain.post(image_message(f"{url}/slow.png"))
+    assert status == 400 and body["error"]["message"].endswith(CANNOT_FETCH)
+    # A redirect to a host not allowed is not followed, and reads the same.
+    target = urllib.parse.quote(url.replace("127.0.0.1", "localhost") + "/red.png")
+    status, body = chain.post(image_message(f"{url}/redirect?to={target}"))
+    assert status == 400 and body["error"]["message"].endswith(CANNOT_FETCH)
+    assert asked[-1].startswith("/redirect")
 
 
 def test_the_prompt_with_its_image_tokens_is_checked_against_the_context(chain: Chain, media: Path,

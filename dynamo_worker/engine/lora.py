@@ -9,7 +9,9 @@ Safety rules, because a bad adapter reaching vLLM inside a ``generate`` request 
 engine (every later request fails), while the same adapter given to ``add_lora`` only raises:
 
 * an adapter is loaded only from a directory under one of ``--lora-dirs`` (none by default),
-  and only through ``load_lora``, which calls ``engine.add_lora`` and so fails cleanly;
+  checked on its real path (symlinks and ``..`` resolved), whose files are regular files inside
+  ``--lora-dirs`` too (:meth:`LoraManager._resolve`), and only through ``load_lora``, which calls
+  ``engine.add_lora`` and so fails cleanly;
 * a ``generate`` request names an adapter by its ``model`` field; a name that is not loaded
   right now is a ``not_found`` error; a path never comes from a request;
 * the number of loaded adapters stays within vLLM's CPU adapter cache (``--max-cpu-loras``), so
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import contextmanager
@@ -38,11 +42,13 @@ import attrs
 
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.request_plane import RequestContext, RequestError
+from dynamo_worker.multimodal.media import PathRefused, check_regular, confine
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_MAX_LORAS = 4
 UNLOAD_WAIT = 30.0  # seconds an unload waits for the requests using the adapter
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few hundred bytes
 
 
 def parse_lora_dirs(value: str | None) -> list[Path]:
@@ -144,7 +150,15 @@ class LoraManager:
         return None
 
     def _resolve(self, uri: str) -> Path:
-        """The local directory a ``source.uri`` names, if --lora-dirs allows it; ValueError if not."""
+        """The real directory a ``source.uri`` names, if --lora-dirs allows it; ValueError if not.
+
+        Blocking (it reads the file system): call it off the event loop. vLLM's engine reads the
+        adapter's files itself, so the files are checked here: symlinks and ``..`` are resolved
+        before the directory check, and every file directly in the adapter directory (vLLM reads
+        ``adapter_config.json`` and ``adapter_model.*`` there) must be a regular file whose real
+        path is inside --lora-dirs too: a FIFO would block the engine's open for good, a symlink
+        would read a file outside. ``adapter_config.json`` is bounded (vLLM loads it whole).
+        """
         parsed = urlparse(uri)
         if parsed.scheme not in ("", "file"):
             raise ValueError(f"source.uri {uri!r}: only local directories (a path or file://) can be loaded")
@@ -152,12 +166,23 @@ class LoraManager:
         if not self.allowed_dirs:
             raise ValueError("loading adapters is off on this worker: start it with --lora-dirs DIR[,DIR] "
                              "naming the directories adapters may be loaded from")
-        path = Path(raw).expanduser().resolve()
-        if not any(path == d or path.is_relative_to(d) for d in self.allowed_dirs):
-            allowed = ", ".join(map(str, self.allowed_dirs))
-            raise ValueError(f"{path} is outside the directories --lora-dirs allows ({allowed})")
-        if not path.is_dir():
-            raise ValueError(f"{path} is not a directory")
+        path = confine(os.path.expanduser(raw), self.allowed_dirs, "--lora-dirs")  # "~nobody" stays as is
+        try:
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                raise ValueError(f"{path} is not a directory")
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    real = confine(entry.path, self.allowed_dirs, "--lora-dirs")
+                    if not real.is_dir():  # vLLM reads no subdirectory; only files need be regular
+                        check_regular(real)
+        except FileNotFoundError:
+            raise ValueError(f"{path} is not a directory") from None
+        except OSError as exc:
+            raise PathRefused(f"cannot read {path}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+        config = check_regular(path / "adapter_config.json")
+        if config.st_size > MAX_ADAPTER_CONFIG_BYTES:
+            raise PathRefused(f"{path / 'adapter_config.json'} is {config.st_size} bytes; an adapter's "
+                              f"config is at most {MAX_ADAPTER_CONFIG_BYTES}")
         return path
 
     async def load_lora(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
@@ -177,8 +202,8 @@ class LoraManager:
         if name in self.base_names:
             return _error(f"lora_name {name!r} is the base model's name; choose another")
         try:
-            path = self._resolve(uri)
-        except ValueError as exc:
+            path = await asyncio.to_thread(self._resolve, uri)  # file-system checks: off the event loop
+        except ValueError as exc:  # PathRefused included
             return _error(str(exc))
         async with self._lock:
             existing = self.adapters.get(name)

@@ -1,7 +1,8 @@
 """The ``processor`` role: the multimodal entry point between the frontend and the workers.
 
 Serves ``processor.generate``: takes chat messages with ``image_url`` parts (data: URLs, files
-below ``--allowed-local-media-path``, remote URLs with a size limit and a timeout), renders the
+below ``--allowed-local-media-path``, remote URLs with a size limit and a timeout, from public
+addresses only or from ``--allowed-media-domains``), renders the
 chat template and tokenizes, sends the images to an ``encode`` worker (or an ``ec-encoder`` with
 ``--encoder ec-encoder``), then the token ids with the embeddings (or the images) to the LLM
 worker, and streams its answer back. The frontend routes chat requests with media parts here
@@ -45,7 +46,12 @@ class ProcessorRole:
                        help="file:// image URLs may name files below DIR (repeatable); without it every "
                             "file:// URL is refused")
         g.add_argument("--no-remote-media", dest="remote_media", action="store_false",
-                       help="refuse http(s):// image URLs (they are fetched by default)")
+                       help="refuse http(s):// image URLs (they are fetched by default, from public "
+                            "addresses only)")
+        g.add_argument("--allowed-media-domains", metavar="HOST", nargs="+", action="extend", default=[],
+                       help="fetch http(s):// images only from these host names (vLLM's flag); they may "
+                            "resolve to private addresses, e.g. an internal image store. Without it any "
+                            "host is fetched from, but only from public addresses")
         g.add_argument("--media-fetch-timeout", type=float, default=media.DEFAULT_FETCH_TIMEOUT, metavar="SECONDS",
                        help="give up fetching a remote image after this long (default %(default)s)")
         media.add_limit_arguments(g)
@@ -56,6 +62,13 @@ class ProcessorRole:
         from dynamo_worker.multimodal import media, models
 
         o = ctx.options
+        try:
+            domains = media.parse_media_domains(o.allowed_media_domains)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if domains and not o.remote_media:
+            raise UsageError("--allowed-media-domains allows remote images that --no-remote-media refuses; "
+                             "pass only one of them")
         self.path, self.served, self.model = models.configured_model(o)
         check_positive("--media-fetch-timeout", o.media_fetch_timeout)
         dirs = []
@@ -64,7 +77,8 @@ class ProcessorRole:
             if not path.is_dir():
                 raise UsageError(f"--allowed-local-media-path {d}: no such directory")
             dirs.append(path)
-        self.loader = media.MediaLoader(media.limits_from(o), tuple(dirs), o.remote_media, o.media_fetch_timeout)
+        self.loader = media.MediaLoader(media.limits_from(o), tuple(dirs), o.remote_media, o.media_fetch_timeout,
+                                        domains)
 
     @hookimpl
     async def dynamo_worker_create_engine(self, ctx: Any) -> Any:
