@@ -47,6 +47,7 @@ from dynamo_worker.frontend.protocol import (
     unavailable,
 )
 from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.kv_routing import KvRouting
 from dynamo_worker.frontend.limits import Limits
 from dynamo_worker.frontend.router import POLICIES, Router
 
@@ -98,22 +99,25 @@ class FrontendServer:
     def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
                  migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
                  metrics: FrontendMetrics | None = None, prefill_client: Client | None = None,
-                 processor_client: Client | None = None, limits: Limits | None = None) -> None:
+                 processor_client: Client | None = None, limits: Limits | None = None,
+                 kv: dict[str, Any] | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
+        # --router-mode kv: ``kv`` holds KvRouting's knobs (overlap_weight, temperature, ...).
+        self.kv = KvRouting(client, registry=self.metrics.registry, **(kv or {})) if router_mode == "kv" else None
         self.limits = limits or Limits()
         self.limits.register_metrics(self.metrics.registry)
         self.table = ModelTable(client)
         prefill = None
         if prefill_client is not None:
             prefill = PrefillRouter(
-                prefill_client, POLICIES[router_mode],
+                prefill_client, POLICIES.get(router_mode, "round_robin"),  # kv: prefill by turns (for now)
                 on_prefill=lambda model: self.metrics.disaggregated.labels(model).inc(),
                 on_fallback=lambda model, reason: self.metrics.prefill_fallbacks.labels(model, reason).inc())
         self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
                              on_retry=lambda model: self.metrics.retries.labels(model).inc(),
                              on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
-                             prefill=prefill, bus_connected=lambda: client.runtime.nc.is_connected)
+                             prefill=prefill, bus_connected=lambda: client.runtime.nc.is_connected, kv=self.kv)
         self.media: multimodal.MediaRoute | None = None
         if processor_client is not None:
             self.media = multimodal.MediaRoute(processor_client, Router(
@@ -131,7 +135,9 @@ class FrontendServer:
                    max_request_bytes=options.max_request_bytes,
                    prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT),
                    processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT),
-                   limits=Limits.from_options(options))
+                   limits=Limits.from_options(options),
+                   kv={"overlap_weight": options.kv_overlap_score_weight, "temperature": options.router_temperature,
+                       "busy_threshold": options.busy_threshold, "use_events": options.kv_events})
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -161,6 +167,8 @@ class FrontendServer:
         """Follow discovery, then serve on ``sock`` (or a new socket on host:port); returns the base URL."""
         sock = sock or self.bind(host, port)
         self.table.start()
+        if self.kv is not None:
+            await self.kv.start()
         if not await self._wait_ready(discovery_timeout):
             log.warning("no discovery snapshot after %.1fs; listening anyway (models appear as "
                         "workers are found)", discovery_timeout)
@@ -185,6 +193,8 @@ class FrontendServer:
         if self.runner is not None:
             runner, self.runner = self.runner, None
             await runner.cleanup()
+        if self.kv is not None:
+            await self.kv.stop()
         self.table.tokenizers.close()
 
     # ---- informational routes ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.options import check_at_least, check_port, env_default
 from dynamo_worker.frontend import limits
 
-ROUTER_MODES = ("round-robin", "random")
+ROUTER_MODES = ("round-robin", "random", "kv")
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
@@ -20,9 +20,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--http-port", type=int, default=env_default("DYN_HTTP_PORT", 8000, int),
                    help="port of the HTTP server; 0 picks a free one (env DYN_HTTP_PORT; "
                    "default %(default)s)")
-    g.add_argument("--router-mode", choices=ROUTER_MODES, default="round-robin",
-                   help="how a request picks one of the instances serving its model "
-                   "(default %(default)s)")
+    g.add_argument("--router-mode", choices=ROUTER_MODES, default=env_default("DYN_ROUTER_MODE", "round-robin"),
+                   help="how a request picks one of the instances serving its model: kv sends it to the "
+                   "worker that caches most of its prefix, weighed against load (docs/routing.md) "
+                   "(env DYN_ROUTER_MODE; default %(default)s)")
+    g.add_argument("--kv-overlap-score-weight", type=float, default=1.0, metavar="W",
+                   help="with --router-mode kv: weight of the prefill blocks a worker would compute against "
+                   "its decode load; 0 routes by load alone (default %(default)s)")
+    g.add_argument("--router-temperature", type=float, default=0.0, metavar="T",
+                   help="with --router-mode kv: 0 picks the cheapest worker; above 0, a softmax over costs "
+                   "spreads requests (default %(default)s)")
+    g.add_argument("--no-kv-events", dest="kv_events", action="store_false",
+                   help="with --router-mode kv: predict each worker's cache from what was routed there "
+                   "(for engines that publish no KV events) instead of reading their events")
+    g.add_argument("--busy-threshold", type=float, default=0.9, metavar="FRACTION",
+                   help="with --router-mode kv: skip a worker whose KV cache is this full (its active "
+                   "blocks, or its published usage) while another has room (default %(default)s)")
     g.add_argument("--request-retries", type=int, default=2, metavar="N",
                    help="retry a request on another instance up to N times when it fails with a "
                    "retryable error before its first token (default %(default)s)")
@@ -48,6 +61,13 @@ def configure(options: Any) -> None:
     check_at_least("--migration-limit", options.migration_limit, 0)
     check_at_least("--max-request-bytes", options.max_request_bytes, 1024)
     check_at_least("--model-wait-timeout", options.model_wait_timeout, 0)
+    if options.router_mode not in ROUTER_MODES:  # from DYN_ROUTER_MODE: argparse checks only the flag
+        raise UsageError(f"--router-mode / DYN_ROUTER_MODE {options.router_mode!r} is invalid; use one of "
+                         f"{', '.join(ROUTER_MODES)}")
+    check_at_least("--kv-overlap-score-weight", options.kv_overlap_score_weight, 0)
+    check_at_least("--router-temperature", options.router_temperature, 0)
+    if not 0 < options.busy_threshold <= 1:
+        raise UsageError(f"--busy-threshold must be above 0 and at most 1 (got {options.busy_threshold})")
     limits.configure(options)
     if not options.http_host:
         raise UsageError("--http-host is empty; give an address such as 127.0.0.1 or 0.0.0.0")

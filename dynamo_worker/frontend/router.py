@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -31,6 +32,7 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend import models
 from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.kv_routing import KvRouting
 from dynamo_worker.frontend.output import merge_messages
 from dynamo_worker.frontend.protocol import ApiError
 
@@ -65,17 +67,22 @@ class Router:
     def __init__(self, client: Client, mode: str = "round-robin", retries: int = 2, *,
                  migration_limit: int = 0, on_retry: Callable[[str], None] | None = None,
                  on_migration: Callable[[str], None] | None = None,
-                 prefill: PrefillRouter | None = None, bus_connected: Callable[[], bool] | None = None) -> None:
+                 prefill: PrefillRouter | None = None, bus_connected: Callable[[], bool] | None = None,
+                 kv: KvRouting | None = None) -> None:
         self.client = client
+        self.kv = kv  # --router-mode kv: the choice by cached prefix and load
         self.prefill = prefill  # disaggregated serving: prefill first when prefill workers exist
-        self.policy = POLICIES[mode]
+        self.policy = POLICIES.get(mode, "round_robin")  # kv: the policy of whatever kv does not route
         self.retries = retries
         self.migration_limit = migration_limit
         self.on_retry = on_retry or (lambda model: None)
         self.on_migration = on_migration or (lambda model: None)
         self.bus_connected = bus_connected or (lambda: True)
 
-    def _pick(self, model: str, tried: set[str]) -> InstanceRecord:
+    def _pick(self, model: str, tried: set[str], request: dict[str, Any],
+              request_id: str | None) -> tuple[InstanceRecord, dict[str, Any]]:
+        """The instance for this try, and the request to send it (with ``routing.dp_rank`` when
+        the KV router chose a data-parallel rank)."""
         def serves(r: InstanceRecord) -> bool:
             return models.serves(r, model)  # its base model, or a LoRA adapter it holds
 
@@ -84,8 +91,15 @@ class Router:
 
         # Prefer an instance not tried yet; with none left, one that failed may have recovered.
         for where in (untried, serves):
-            if self.client.instances(where):
-                return self.client.pick(self.policy, where)
+            candidates = self.client.instances(where)
+            if not candidates:
+                continue
+            if self.kv is None or request_id is None:
+                return self.client.pick(self.policy, where), request
+            record, rank = self.kv.choose(candidates, request, request_id)
+            if record.data.get("data_parallel_size", 1) > 1:
+                request = {**request, "routing": {**(request.get("routing") or {}), "dp_rank": rank}}
+            return record, request
         raise ApiError(503, f"no worker serves the model {model!r} right now; retry later", code="no_worker")
 
     async def _recovered(self, model: str) -> None:
@@ -101,6 +115,24 @@ class Router:
 
         Close it (``contextlib.aclosing``) to stop early: the worker's request is cancelled.
         """
+        if self.kv is None:
+            async with aclosing(self._generate(model, payload, None)) as stream:
+                async for item in stream:
+                    yield item
+            return
+        request_id = uuid.uuid4().hex  # the KV router's handle on this request's load
+        cached: int | None = None
+        try:
+            async with aclosing(self._generate(model, payload, request_id)) as stream:
+                async for item in stream:
+                    if "completion_usage" in item:
+                        cached = _cached_tokens(item["completion_usage"])
+                    yield item
+        finally:
+            self.kv.finished(request_id, cached)
+
+    async def _generate(self, model: str, payload: dict[str, Any],
+                        request_id: str | None) -> AsyncGenerator[dict[str, Any], None]:
         tried: set[str] = set()
         attempt = migrations = 0
         produced: list[int] = []
@@ -110,10 +142,10 @@ class Router:
             request = {**payload, "prefill_result": prefill_result}
         while True:
             await self._recovered(model)
-            record = self._pick(model, tried)
+            record, sent = self._pick(model, tried, request, request_id)
             tried.add(record.instance_id)
             try:
-                async with aclosing(self.client.direct_batches(request, record.instance_id)) as stream:
+                async with aclosing(self.client.direct_batches(sent, record.instance_id)) as stream:
                     async for items in stream:
                         for item in merge_messages(items):
                             produced.extend(item.get("token_ids") or [])
@@ -157,6 +189,12 @@ def continuation(payload: dict[str, Any], produced: list[int]) -> dict[str, Any]
     if stop.get("min_tokens"):
         stop["min_tokens"] = max(0, stop["min_tokens"] - len(produced))
     return {**payload, "token_ids": [*payload["token_ids"], *produced], "stop_conditions": stop}
+
+
+def _cached_tokens(usage: Any) -> int | None:
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) else None
 
 
 def _usage(payload: dict[str, Any], produced: list[int], reported: dict[str, Any] | None) -> dict[str, Any]:

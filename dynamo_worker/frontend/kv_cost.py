@@ -1,0 +1,246 @@
+"""The cost of sending a request to each worker, and the choice (``--router-mode kv``).
+
+Dynamo's formula, in KV blocks::
+
+    cost = overlap_weight * new_prefill_blocks + decode_blocks
+    new_prefill_blocks = prompt_blocks - overlap_blocks   (the blocks the worker must compute)
+    decode_blocks      = the worker's active blocks        (the attention work of what it runs)
+
+``overlap_weight`` (``--kv-overlap-score-weight``, default 1.0) trades time to first token
+against inter-token latency: 0 routes by load alone. ``decode_blocks`` is what makes a hot
+shared prefix spread instead of piling onto its first holder: every request routed to the
+holder adds its blocks there until another worker, paying the prefix's prefill once, is cheaper.
+
+**Decode load** (:class:`ActiveLoad`): the router's own requests in flight, each counted from
+:meth:`ActiveLoad.start` (its prompt blocks plus expected output blocks, :func:`expected_blocks`)
+to :meth:`ActiveLoad.finish`, corrected by the worker's published ``load_metrics``
+(:mod:`dynamo_worker.engine.load`): the larger of the two, so requests routed by other frontends
+count too (several routers otherwise pile onto the same worker), while our own burst counts
+before the next publication. A publication older than ``stale_after`` (2 s) is ignored: an idle
+worker publishes nothing, so its last figure would otherwise stay forever. Blocks a worker's
+requests share are counted once per request (decode attention reads them once per request).
+
+**Busy** (:meth:`KvSelector.is_busy`): a worker whose decode blocks reach ``busy_threshold`` x
+its capacity (published ``kv_total_blocks`` or discovery's), or whose fresh published KV usage
+reaches ``busy_threshold``, is skipped while some candidate is not busy. When all are busy they
+are all candidates again (the frontend's own limits queue or refuse the excess); a worker of
+unknown capacity is never busy by blocks.
+
+**Choice**: with ``temperature`` 0, the lowest cost; ties go to the least decode load, then the
+fewest published waiting requests, then at random (never by worker order: every frontend
+would send its first requests to the same worker). With ``temperature`` > 0, Dynamo's softmax:
+costs normalised to [0, 1] over the candidates, ``p ~ exp(-normalised / temperature)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from dynamo_worker.frontend.kv_index import WorkerKey
+
+# Output tokens a request is expected to add to its worker's blocks: its max_tokens, capped
+# (a max_tokens far above what requests really produce would make every worker look full).
+OUTPUT_TOKENS_CAP = 256
+
+
+def expected_blocks(prompt_tokens: int, max_tokens: int | None, block_size: int,
+                    output_tokens_cap: int = OUTPUT_TOKENS_CAP) -> int:
+    """The blocks a request will occupy at its end: prompt plus expected output, rounded up."""
+    output = output_tokens_cap if max_tokens is None else min(max(0, max_tokens), output_tokens_cap)
+    return -(-(prompt_tokens + output) // block_size)
+
+
+@attrs.frozen
+class PublishedLoad:
+    """A worker's last ``load_metrics`` message."""
+
+    active_blocks: int
+    total_blocks: int
+    usage: float  # 0..1
+    waiting: int
+    received: float  # clock time it arrived
+
+
+class ActiveLoad:
+    """The load the router sees on each worker: its own requests in flight, in blocks, and the
+    workers' published ``load_metrics``."""
+
+    def __init__(self, *, stale_after: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after = stale_after
+        self.clock = clock
+        self._requests: dict[str, tuple[WorkerKey, int]] = {}
+        self._blocks: dict[WorkerKey, int] = {}
+        self._counts: dict[WorkerKey, int] = {}
+        self._published: dict[WorkerKey, PublishedLoad] = {}
+        self._capacity: dict[WorkerKey, int] = {}
+
+    def start(self, request_id: str, worker: WorkerKey, blocks: int) -> None:
+        """A request was routed to ``worker``; it occupies ``blocks`` until :meth:`finish`."""
+        if request_id in self._requests:
+            self.finish(request_id)  # routed again (a retry or a migration): moved, not doubled
+        self._requests[request_id] = (worker, blocks)
+        self._blocks[worker] = self._blocks.get(worker, 0) + blocks
+        self._counts[worker] = self._counts.get(worker, 0) + 1
+
+    def finish(self, request_id: str) -> bool:
+        """The request ended (any way); False if it was not in flight."""
+        found = self._requests.pop(request_id, None)
+        if found is None:
+            return False
+        worker, blocks = found
+        left = self._blocks[worker] - blocks
+        count = self._counts[worker] - 1
+        if count:
+            self._blocks[worker] = left
+            self._counts[worker] = count
+        else:
+            del self._blocks[worker], self._counts[worker]
+        return True
+
+    def set_capacity(self, worker: WorkerKey, blocks: int | None) -> None:
+        """The worker's KV capacity in blocks (from discovery); None forgets it."""
+        if blocks:
+            self._capacity[worker] = blocks
+        else:
+            self._capacity.pop(worker, None)
+
+    def apply_load_metrics(self, message: Mapping[str, Any]) -> WorkerKey:
+        """Take one ``load_metrics`` message (dynamo_worker.engine.load); the worker it is about."""
+        worker = (str(message["instance_id"]), int(message.get("dp_rank") or 0))
+        kv = message.get("kv_stats") or {}
+        stats = message.get("worker_stats") or {}
+        self._published[worker] = PublishedLoad(
+            active_blocks=int(kv.get("kv_active_blocks") or 0), total_blocks=int(kv.get("kv_total_blocks") or 0),
+            usage=float(kv.get("gpu_cache_usage_perc") or 0.0), waiting=int(stats.get("num_requests_waiting") or 0),
+            received=self.clock())
+        return worker
+
+    def remove_instance(self, instance_id: str) -> None:
+        """Forget an instance that left discovery (its requests will fail and finish anyway)."""
+        for request_id, (worker, _) in list(self._requests.items()):
+            if worker[0] == instance_id:
+                self.finish(request_id)
+        for table in (self._published, self._capacity):
+            for worker in [w for w in table if w[0] == instance_id]:
+                del table[worker]
+
+    def tracked_blocks(self, worker: WorkerKey) -> int:
+        """Blocks of this router's requests in flight on ``worker``."""
+        return self._blocks.get(worker, 0)
+
+    def in_flight(self, worker: WorkerKey) -> int:
+        """This router's requests in flight on ``worker``."""
+        return self._counts.get(worker, 0)
+
+    def published(self, worker: WorkerKey) -> PublishedLoad | None:
+        """The worker's last publication, if fresh."""
+        load = self._published.get(worker)
+        if load is None or self.clock() - load.received > self.stale_after:
+            return None
+        return load
+
+    def decode_blocks(self, worker: WorkerKey) -> int:
+        tracked = self._blocks.get(worker, 0)
+        load = self.published(worker)
+        return tracked if load is None else max(tracked, load.active_blocks)
+
+    def capacity(self, worker: WorkerKey) -> int | None:
+        known = self._capacity.get(worker)
+        if known:
+            return known
+        load = self._published.get(worker)  # capacity does not go stale
+        return load.total_blocks if load is not None and load.total_blocks > 0 else None
+
+    def waiting(self, worker: WorkerKey) -> int:
+        load = self.published(worker)
+        return 0 if load is None else load.waiting
+
+
+@attrs.frozen
+class Decision:
+    """The worker chosen for one request, and why."""
+
+    worker: WorkerKey
+    cost: float
+    overlap_blocks: int  # the predicted cached prefix on that worker
+    prompt_blocks: int
+    busy_skipped: int  # busy workers passed over
+
+
+class KvSelector:
+    """Scores candidate workers by cost and picks one (Dynamo's knobs)."""
+
+    def __init__(self, *, overlap_weight: float = 1.0, temperature: float = 0.0,
+                 busy_threshold: float | None = 0.9, rng: random.Random | None = None) -> None:
+        if overlap_weight < 0 or temperature < 0:
+            raise ValueError("overlap_weight and temperature must be >= 0")
+        if busy_threshold is not None and busy_threshold <= 0:
+            raise ValueError("busy_threshold must be > 0 (or None: never busy)")
+        self.overlap_weight = overlap_weight
+        self.temperature = temperature
+        self.busy_threshold = busy_threshold
+        self.rng = rng or random.Random()
+
+    def cost(self, prompt_blocks: int, overlap_blocks: int, decode_blocks: float) -> float:
+        return self.overlap_weight * max(0, prompt_blocks - overlap_blocks) + decode_blocks
+
+    def is_busy(self, worker: WorkerKey, load: ActiveLoad) -> bool:
+        threshold = self.busy_threshold
+        if threshold is None:
+            return False
+        capacity = load.capacity(worker)
+        if capacity and load.decode_blocks(worker) >= threshold * capacity:
+            return True
+        published = load.published(worker)
+        return published is not None and published.usage >= threshold
+
+    def choose(self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
+               load: ActiveLoad) -> Decision:
+        """The worker for a request of ``prompt_blocks`` blocks among ``workers`` (not empty)."""
+        if not workers:
+            raise ValueError("no candidate workers")
+        candidates = [w for w in workers if not self.is_busy(w, load)] if self.busy_threshold is not None else []
+        skipped = len(workers) - len(candidates)
+        if not candidates:
+            candidates, skipped = list(workers), 0
+        weight = self.overlap_weight
+        decode = [load.decode_blocks(w) for w in candidates]
+        costs = [weight * max(0, prompt_blocks - overlaps.get(w, 0)) + d for w, d in zip(candidates, decode)]
+        if self.temperature == 0 or len(candidates) == 1:
+            index = self._lowest(candidates, costs, decode, load)
+        else:
+            index = self._sample(costs)
+        worker = candidates[index]
+        return Decision(worker=worker, cost=costs[index], overlap_blocks=overlaps.get(worker, 0),
+                        prompt_blocks=prompt_blocks, busy_skipped=skipped)
+
+    def _lowest(self, candidates: list[WorkerKey], costs: list[float], decode: list[int], load: ActiveLoad) -> int:
+        best = min(costs)
+        tied = [i for i, c in enumerate(costs) if c == best]
+        if len(tied) > 1:
+            least = min(decode[i] for i in tied)
+            tied = [i for i in tied if decode[i] == least]
+        if len(tied) > 1:
+            waits = {i: load.waiting(candidates[i]) for i in tied}
+            fewest = min(waits.values())
+            tied = [i for i in tied if waits[i] == fewest]
+        return tied[0] if len(tied) == 1 else self.rng.choice(tied)
+
+    def _sample(self, costs: list[float]) -> int:
+        low, high = min(costs), max(costs)
+        if high == low:
+            return self.rng.randrange(len(costs))
+        scale = 1.0 / ((high - low) * self.temperature)
+        weights = [math.exp(-(c - low) * scale) for c in costs]
+        pick = self.rng.random() * sum(weights)
+        for index, w in enumerate(weights):
+            pick -= w
+            if pick < 0:
+                return index
+        return len(costs) - 1

@@ -1,0 +1,286 @@
+"""``--router-mode kv``: send each request to the worker that already caches most of its prefix,
+weighed against that worker's load.
+
+The frontend keeps its own index of every worker's cached blocks (:mod:`.kv_index`), fed by the
+``kv_events`` the decode workers relay from vLLM, and its own view of their load (:mod:`.kv_cost`),
+fed by the requests it routes and by the workers' ``load_metrics``. Per request: hash the
+prompt's blocks (the router's own chained hash), ask the index how many leading blocks each
+worker holds, and pick the lowest ``overlap_weight * new_prefill_blocks + decode_blocks``.
+
+What keeps the index honest:
+
+* every worker's batches carry an event id (``seq``); a gap (a lost batch, a batch chained onto
+  a block the index never saw, the first batch seen after this frontend started) makes the
+  frontend fetch that worker's block set from its ``kv_blocks`` endpoint and rebuild the
+  worker's entry (one fetch at a time per instance, at most one per ``RESYNC_INTERVAL``);
+* an instance that leaves discovery is dropped from the index and the load view at once; events
+  from an instance discovery does not list are ignored (a late batch would bring it back);
+* a worker that publishes no events (prefix caching off, or not a vLLM worker) is routed by load
+  alone, and the log says so once.
+
+With ``--no-kv-events`` the index is the router's own record of what it routed where, with a TTL
+(:class:`.kv_index.ApproxIndex`): for engines that publish no events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from dynamo_worker.core.discovery import InstanceRecord
+from dynamo_worker.core.request_plane import RequestError
+from dynamo_worker.core.runtime import Client
+from dynamo_worker.frontend.kv_cost import ActiveLoad, Decision, KvSelector, expected_blocks
+from dynamo_worker.frontend.kv_index import ApproxIndex, KvIndex, WorkerKey, prompt_hashes
+
+log = logging.getLogger(__name__)
+
+KV_EVENTS_TOPIC = "kv_events"  # dynamo_worker.engine.kv_events.TOPIC (not imported: it is the worker's side)
+LOAD_TOPIC = "load_metrics"
+SNAPSHOT_ENDPOINT = "kv_blocks"
+#: The block size assumed for a worker that publishes none (it is routed by load alone anyway).
+DEFAULT_BLOCK_SIZE = 16
+#: Seconds between two snapshot fetches of one instance (a worker whose events keep gapping
+#: must not be asked for its whole cache on every batch).
+RESYNC_INTERVAL = 1.0
+RESYNC_TIMEOUT = 10.0
+
+_DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+_BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class KvRoutingMetrics:
+    """The router's own metrics on the frontend's ``/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decision_seconds = Histogram(
+            "dynamo_frontend_kv_routing_decision_seconds", "Time to choose a worker by KV overlap and load",
+            registry=registry, buckets=_DECISION_BUCKETS)
+        self.predicted_overlap = Histogram(
+            "dynamo_frontend_kv_predicted_overlap_blocks", "Prompt blocks predicted cached on the chosen worker",
+            registry=registry, buckets=_BLOCK_BUCKETS)
+        self.routed = Counter(
+            "dynamo_frontend_kv_routed_requests", "Requests routed by KV overlap, per worker",
+            ("instance", "dp_rank"), registry=registry)
+        self.index_blocks = Gauge(
+            "dynamo_frontend_kv_index_blocks", "Cached blocks in the router's index (over every worker)",
+            registry=registry)
+        self.index_workers = Gauge(
+            "dynamo_frontend_kv_index_workers", "Workers (instance, dp rank) in the router's index",
+            registry=registry)
+        self.event_gaps = Counter(
+            "dynamo_frontend_kv_event_gaps", "KV event gaps seen (lost batches, unknown parents, first contact)",
+            registry=registry)
+        self.resyncs = Counter(
+            "dynamo_frontend_kv_resyncs", "Workers' block sets fetched to rebuild the index, by outcome",
+            ("outcome",), registry=registry)
+        self.predicted_tokens = Counter(
+            "dynamo_frontend_kv_predicted_cached_tokens", "Prompt tokens the router predicted cached", registry=registry)
+        self.actual_tokens = Counter(
+            "dynamo_frontend_kv_actual_cached_tokens", "Prompt tokens the engines reported cached "
+            "(usage.prompt_tokens_details.cached_tokens) for requests routed by KV overlap", registry=registry)
+        self.prediction_misses = Counter(
+            "dynamo_frontend_kv_prediction_misses", "Requests whose cached tokens differed from the prediction",
+            registry=registry)
+
+
+class KvRouting:
+    """The KV-aware choice among the instances of one endpoint (``backend.generate``)."""
+
+    def __init__(self, client: Client, *, overlap_weight: float = 1.0, temperature: float = 0.0,
+                 busy_threshold: float | None = 0.9, use_events: bool = True,
+                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.runtime = client.runtime
+        self.use_events = use_events
+        self.index: KvIndex | ApproxIndex = KvIndex() if use_events else ApproxIndex()
+        self.load = ActiveLoad()
+        self.selector = KvSelector(overlap_weight=overlap_weight, temperature=temperature,
+                                   busy_threshold=busy_threshold)
+        self.metrics = KvRoutingMetrics(registry or CollectorRegistry())
+        self.snapshots = self.runtime.client(client.component, SNAPSHOT_ENDPOINT)
+        self.clock = clock
+        self._predicted: dict[str, int] = {}  # request id -> predicted cached tokens
+        self._resyncing: dict[str, asyncio.Task[None]] = {}
+        self._last_resync: dict[str, float] = {}
+        self._said_no_events: set[str] = set()
+        self._subscriptions: list[Any] = []
+
+    async def start(self) -> None:
+        """Follow events, load and discovery (call once the runtime is connected)."""
+        self.client.watcher.add_listener(self._on_discovery_change)
+        if self.use_events:
+            self._subscriptions.append(await self.runtime.subscribe_events(KV_EVENTS_TOPIC, self._on_kv_events))
+        self._subscriptions.append(await self.runtime.subscribe_events(LOAD_TOPIC, self._on_load))
+
+    async def stop(self) -> None:
+        for task in self._resyncing.values():
+            task.cancel()
+        for sub in self._subscriptions:
+            await sub.unsubscribe()
+        self._subscriptions.clear()
+
+    # ---- choosing ---------------------------------------------------------------------------------
+
+    def choose(self, records: Sequence[InstanceRecord], payload: dict[str, Any],
+               request_id: str) -> tuple[InstanceRecord, int]:
+        """The instance and data-parallel rank for ``payload`` among ``records`` (not empty);
+        counts the request's blocks on it until :meth:`finished`."""
+        started = time.perf_counter()
+        token_ids: list[int] = payload.get("token_ids") or []
+        by_worker: dict[WorkerKey, InstanceRecord] = {}
+        for record in records:
+            self._note_capacity(record)
+            for rank in range(_dp_size(record)):
+                by_worker[(record.instance_id, rank)] = record
+        # Workers of one model share a block size; group anyway so mixed ones stay correct.
+        overlaps: dict[WorkerKey, int] = {}
+        block_sizes = {_block_size(r) for r in records}
+        lora = _lora_name(payload, records[0])
+        hashes_by_size = {}
+        for size in block_sizes:
+            hashes = prompt_hashes(token_ids, size, lora_name=lora)
+            hashes_by_size[size] = hashes
+            for worker, blocks in self.index.overlaps(hashes).items():
+                record = by_worker.get(worker)
+                if record is not None and _block_size(record) == size:
+                    overlaps[worker] = blocks
+        block_size = min(block_sizes)
+        prompt_blocks = len(token_ids) // block_size
+        decision = self.selector.choose(sorted(by_worker), prompt_blocks, overlaps, self.load)
+        record = by_worker[decision.worker]
+        size = _block_size(record)
+        max_tokens = (payload.get("stop_conditions") or {}).get("max_tokens")
+        self.load.start(request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size))
+        if isinstance(self.index, ApproxIndex):
+            self.index.record(decision.worker, hashes_by_size[size])
+        self._observe(decision, size, request_id, started)
+        return record, decision.worker[1]
+
+    def _observe(self, decision: Decision, block_size: int, request_id: str, started: float) -> None:
+        m = self.metrics
+        m.decision_seconds.observe(time.perf_counter() - started)
+        m.predicted_overlap.observe(decision.overlap_blocks)
+        m.routed.labels(decision.worker[0], str(decision.worker[1])).inc()
+        self._predicted[request_id] = decision.overlap_blocks * block_size
+        m.index_blocks.set(self.index.block_count)
+        m.index_workers.set(self.index.worker_count)
+
+    def finished(self, request_id: str, cached_tokens: int | None = None) -> None:
+        """The request ended (however): its blocks no longer load its worker. ``cached_tokens``:
+        what the engine reported cached, to measure the prediction."""
+        self.load.finish(request_id)
+        predicted = self._predicted.pop(request_id, None)
+        if predicted is None or cached_tokens is None:
+            return
+        self.metrics.predicted_tokens.inc(predicted)
+        self.metrics.actual_tokens.inc(cached_tokens)
+        if cached_tokens != predicted:
+            self.metrics.prediction_misses.inc()
+
+    def _note_capacity(self, record: InstanceRecord) -> None:
+        capacity = record.data.get("kv_capacity_blocks")
+        for rank in range(_dp_size(record)):
+            self.load.set_capacity((record.instance_id, rank), capacity if isinstance(capacity, int) else None)
+        if self.use_events and not record.data.get("kv_events") and record.instance_id not in self._said_no_events:
+            self._said_no_events.add(record.instance_id)
+            log.info("instance %s publishes no KV events (prefix caching off, or not a vLLM worker): routed by "
+                     "load alone", record.instance_id)
+
+    # ---- following the workers ---------------------------------------------------------------------
+
+    def _known(self, instance_id: str) -> bool:
+        return any(r.instance_id == instance_id for r in self.client.instances())
+
+    async def _on_kv_events(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        instance_id, rank, seq = message.get("instance_id"), message.get("dp_rank", 0), message.get("seq")
+        events = message.get("events")
+        if not isinstance(instance_id, str) or not isinstance(seq, int) or not isinstance(events, list):
+            log.warning("ignoring a malformed kv_events message")
+            return
+        if not self._known(instance_id) or instance_id in self._resyncing:
+            return  # a departed instance, or one being rebuilt from its snapshot
+        assert isinstance(self.index, KvIndex)
+        result = self.index.apply(instance_id, int(rank or 0), seq, events)
+        if result.gap:
+            self.metrics.event_gaps.inc()
+            log.info("KV events of instance %s rank %s: %s; fetching its block set", instance_id, rank, result.reason)
+            self._resync(instance_id)
+        self.metrics.index_blocks.set(self.index.block_count)
+
+    async def _on_load(self, message: Any) -> None:
+        if isinstance(message, dict) and self._known(str(message.get("instance_id"))):
+            self.load.apply_load_metrics(message)
+
+    def _on_discovery_change(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
+        # Keys are namespace.component.endpoint.instance; only a departure of the routed endpoint counts.
+        *_, component, endpoint, instance_id = key.split(".")
+        if record is not None or (component, endpoint) != (self.client.component, self.client.endpoint):
+            return
+        self.index.remove_instance(instance_id)
+        self.load.remove_instance(instance_id)
+        task = self._resyncing.pop(instance_id, None)
+        if task is not None:
+            task.cancel()
+        self.metrics.index_blocks.set(self.index.block_count)
+        self.metrics.index_workers.set(self.index.worker_count)
+
+    def _resync(self, instance_id: str) -> None:
+        if instance_id in self._resyncing:
+            return
+        wait = self._last_resync.get(instance_id, -RESYNC_INTERVAL) + RESYNC_INTERVAL - self.clock()
+        self._resyncing[instance_id] = asyncio.create_task(self._fetch_snapshot(instance_id, max(0.0, wait)),
+                                                           name=f"kv-resync-{instance_id}")
+
+    async def _fetch_snapshot(self, instance_id: str, wait: float) -> None:
+        """Rebuild every rank of one instance from its ``kv_blocks`` endpoint."""
+        try:
+            if wait:
+                await asyncio.sleep(wait)
+            self._last_resync[instance_id] = self.clock()
+            ranks: dict[int, tuple[int | None, list[dict[str, Any]]]] = {}
+            async with asyncio.timeout(RESYNC_TIMEOUT):
+                async with aclosing(self.snapshots.direct({}, instance_id)) as stream:
+                    async for part in stream:
+                        rank = int(part.get("dp_rank", 0))
+                        seq, blocks = ranks.get(rank, (None, []))
+                        blocks.extend(part.get("blocks") or [])
+                        ranks[rank] = (part.get("seq", seq), blocks)
+            assert isinstance(self.index, KvIndex)
+            for rank, (seq, blocks) in ranks.items():
+                self.index.replace_worker((instance_id, rank), blocks, seq)
+            self.metrics.resyncs.labels("ok").inc()
+            log.info("rebuilt the KV index entry of instance %s from its block set (%d block(s))", instance_id,
+                     sum(self.index.blocks((instance_id, rank)) for rank in ranks))
+        except (RequestError, TimeoutError) as exc:
+            # The instance keeps its (possibly stale) entry; the next gap tries again.
+            self.metrics.resyncs.labels("failed").inc()
+            log.warning("could not fetch the block set of instance %s: %s", instance_id, exc)
+        finally:
+            self._resyncing.pop(instance_id, None)
+        self.metrics.index_blocks.set(self.index.block_count)
+        self.metrics.index_workers.set(self.index.worker_count)
+
+
+def _dp_size(record: InstanceRecord) -> int:
+    size = record.data.get("data_parallel_size", 1)
+    return size if isinstance(size, int) and size >= 1 else 1
+
+
+def _block_size(record: InstanceRecord) -> int:
+    size = record.data.get("kv_block_size")
+    return size if isinstance(size, int) and size > 0 else DEFAULT_BLOCK_SIZE
+
+
+def _lora_name(payload: dict[str, Any], record: InstanceRecord) -> str | None:
+    """The LoRA adapter a request runs with: its ``model`` when that is not the base model."""
+    model = payload.get("model")
+    return model if isinstance(model, str) and model != record.data.get("model") else None

@@ -1,0 +1,234 @@
+"""``--router-mode kv`` in the frontend: following the workers' events, load and discovery.
+
+Workers here are runtimes in the test process on a real nats-server: each serves
+``backend.generate`` and ``backend.kv_blocks`` and publishes ``kv_events`` shaped as the decode
+workers relay them from vLLM (tests/test_decode_operations.py checks that relay on a real engine).
+So each behaviour can be driven exactly: which blocks a worker holds, a lost batch, a departure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dynamo_worker.core.runtime import Runtime
+from dynamo_worker.frontend.kv_routing import KV_EVENTS_TOPIC, KvRouting
+from tests.helpers import NatsServer
+
+BLOCK = 4
+ENGINE_BASE = {"a": 1_000, "b": 2_000}  # engine hashes differ per worker: the router must not rely on them
+
+
+class FakeWorker:
+    """A decode worker as the router sees it: discovery record, events, a block-set endpoint."""
+
+    def __init__(self, rt: Runtime, name: str) -> None:
+        self.rt = rt
+        self.name = name
+        self.seq = 0
+        self.stored: list[dict[str, Any]] = []  # what kv_blocks answers
+        self.snapshots_served = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self.rt.instance_id
+
+    async def start(self, data: dict[str, Any] | None = None) -> None:
+        async def generate(request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+            yield {"token_ids": [1], "finish_reason": "length",
+                   "completion_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+        async def kv_blocks(request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+            self.snapshots_served += 1
+            yield {"dp_rank": 0, "seq": self.seq - 1, "block_size": BLOCK, "stale": False, "blocks": self.stored}
+
+        await self.rt.serve_endpoint("backend", "generate", generate)
+        await self.rt.serve_endpoint("backend", "kv_blocks", kv_blocks)
+        await self.rt.publish("backend", "kv_blocks", "decode", {})
+        await self.rt.publish("backend", "generate", "decode", {
+            "model": "m", "model_path": "/m", "kv_block_size": BLOCK, "kv_capacity_blocks": 1000,
+            "kv_events": True, **(data or {})})
+
+    def store_event(self, tokens: list[int]) -> dict[str, Any]:
+        """A BlockStored of ``tokens`` (whole blocks) chained onto the last block stored (the first
+        one from the start of a prompt), as vLLM sends it."""
+        blocks = len(tokens) // BLOCK
+        held = sum(len(e["block_hashes"]) for e in self.stored)
+        hashes = [ENGINE_BASE[self.name] + held + i for i in range(blocks)]
+        parent = self.stored[-1]["block_hashes"][-1] if self.stored else None
+        event = {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
+                 "token_ids": tokens[:blocks * BLOCK], "block_size": BLOCK, "lora_name": None, "medium": "GPU"}
+        self.stored.append(event)
+        return event
+
+    async def publish(self, events: list[dict[str, Any]], *, lose: bool = False) -> None:
+        """Relay one batch (``lose``: it is numbered but never arrives, as a lost NATS message)."""
+        message = {"instance_id": self.instance_id, "dp_rank": 0, "seq": self.seq, "ts": 0.0, "events": events}
+        self.seq += 1
+        if not lose:
+            await self.rt.publish_event(KV_EVENTS_TOPIC, message)
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def cluster(nats_server: NatsServer, namespace: str) -> AsyncIterator[tuple[KvRouting, dict[str, FakeWorker]]]:
+    workers = {name: FakeWorker(await Runtime.connect(nats_server.url, namespace), name) for name in ENGINE_BASE}
+    for w in workers.values():
+        await w.start()
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    client = frontend.client("backend", "generate")
+    kv = KvRouting(client)
+    await kv.start()
+    await client.wait_for_instances(5, count=2)
+    try:
+        yield kv, workers
+    finally:
+        await kv.stop()
+        await frontend.close()
+        for w in workers.values():
+            await w.rt.close()
+
+
+def pick(kv: KvRouting, tokens: list[int], request_id: str) -> str:
+    record, rank = kv.choose(kv.client.instances(), {"model": "m", "token_ids": tokens,
+                                                      "stop_conditions": {"max_tokens": 4}}, request_id)
+    assert rank == 0
+    return record.instance_id
+
+
+PREFIX = list(range(100, 132))  # 8 blocks
+
+
+async def test_a_request_goes_to_the_worker_holding_its_prefix(cluster: Any) -> None:
+    kv, w = cluster
+    await w["b"].publish([w["b"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    # b has the whole prefix: its cost is far below a's even with a's load lighter.
+    assert pick(kv, PREFIX + [1, 2, 3, 4], "r1") == w["b"].instance_id
+    kv.finished("r1")
+    # A prompt b does not hold (a different first block) has no overlap anywhere: least load wins.
+    other = [7, 7, 7, 7] + PREFIX[4:]
+    kv.load.start("busy", (w["b"].instance_id, 0), 50)
+    assert pick(kv, other, "r2") == w["a"].instance_id
+    kv.finished("r2", cached_tokens=0)
+    assert kv.metrics.prediction_misses._value.get() == 0
+
+
+async def test_removed_and_cleared_blocks_stop_attracting_requests(cluster: Any) -> None:
+    kv, w = cluster
+    event = w["a"].store_event(PREFIX)
+    await w["a"].publish([event])
+    await eventually(lambda: kv.index.block_count == 8)
+    await w["a"].publish([{"type": "BlockRemoved", "block_hashes": event["block_hashes"][4:], "medium": "GPU"}])
+    await eventually(lambda: kv.index.block_count == 4)
+    await w["a"].publish([{"type": "AllBlocksCleared"}])
+    await eventually(lambda: kv.index.block_count == 0)
+
+
+async def test_a_lost_batch_makes_the_router_fetch_the_workers_block_set(cluster: Any) -> None:
+    kv, w = cluster
+    await w["a"].publish([w["a"].store_event(PREFIX[:16])])
+    await eventually(lambda: kv.index.block_count == 4)
+    await w["a"].publish([w["a"].store_event(PREFIX[16:])], lose=True)  # blocks 5-8: never arrive
+    assert w["a"].snapshots_served == 0
+    await w["a"].publish([])  # the next batch shows the gap
+    await eventually(lambda: w["a"].snapshots_served == 1 and kv.index.block_count == 8)
+    assert kv.metrics.event_gaps._value.get() == 1
+    assert pick(kv, PREFIX, "r") == w["a"].instance_id
+    # And the stream goes on from the snapshot's seq without another fetch.
+    await w["a"].publish([])
+    await asyncio.sleep(0.2)
+    assert w["a"].snapshots_served == 1
+
+
+async def test_a_restarted_frontend_rebuilds_from_the_workers(cluster: Any, nats_server: NatsServer,
+                                                             namespace: str) -> None:
+    kv, w = cluster
+    await w["b"].publish([w["b"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    late = await Runtime.connect(nats_server.url, namespace)
+    try:
+        fresh = KvRouting(late.client("backend", "generate"))
+        await fresh.start()
+        await fresh.client.wait_for_instances(5, count=2)
+        await w["b"].publish([])  # its first batch is not seq 0: what came before is unknown
+        await eventually(lambda: fresh.index.block_count == 8)
+        assert pick(fresh, PREFIX, "r") == w["b"].instance_id  # both frontends route alike
+        assert pick(kv, PREFIX, "r") == w["b"].instance_id
+        await fresh.stop()
+    finally:
+        await late.close()
+
+
+async def test_an_instance_that_leaves_discovery_is_purged_at_once(cluster: Any) -> None:
+    kv, w = cluster
+    await w["a"].publish([w["a"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    await w["a"].rt.withdraw()
+    await eventually(lambda: kv.index.block_count == 0)
+    # A late batch of the departed instance does not bring it back.
+    await w["a"].publish([w["a"].store_event(PREFIX + [9, 9, 9, 9])])
+    await asyncio.sleep(0.2)
+    assert kv.index.block_count == 0
+
+
+async def test_a_hot_prefix_spreads_over_the_workers_as_their_load_grows(cluster: Any) -> None:
+    kv, w = cluster
+    await w["a"].publish([w["a"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    chosen = [pick(kv, PREFIX + [i] * 4, f"r{i}") for i in range(20)]  # none finishes
+    counts = {name: chosen.count(worker.instance_id) for name, worker in w.items()}
+    assert counts["a"] >= 1 and counts["b"] >= 1
+    assert max(counts.values()) <= 1.5 * min(counts.values()) + 1, counts
+
+
+async def test_a_worker_without_events_is_routed_by_load_and_said_once(nats_server: NatsServer, namespace: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dynamo_worker.frontend.kv_routing")
+    worker = FakeWorker(await Runtime.connect(nats_server.url, namespace), "a")
+    await worker.start({"kv_events": False})
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    try:
+        kv = KvRouting(frontend.client("backend", "generate"))
+        await kv.start()
+        await kv.client.wait_for_instances(5)
+        for i in range(3):
+            assert pick(kv, PREFIX, f"r{i}") == worker.instance_id
+        said = [r for r in caplog.records if "publishes no KV events" in r.getMessage()]
+        assert len(said) == 1
+        await kv.stop()
+    finally:
+        await frontend.close()
+        await worker.rt.close()
+
+
+async def test_approximate_mode_follows_its_own_decisions(nats_server: NatsServer, namespace: str) -> None:
+    workers = [FakeWorker(await Runtime.connect(nats_server.url, namespace), name) for name in ENGINE_BASE]
+    for w in workers:
+        await w.start({"kv_events": False})
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    try:
+        kv = KvRouting(frontend.client("backend", "generate"), use_events=False)
+        await kv.start()
+        await kv.client.wait_for_instances(5, count=2)
+        first = pick(kv, PREFIX, "r1")
+        kv.finished("r1")
+        for i in range(5):  # no events at all: the router's own record sends the prefix back
+            assert pick(kv, PREFIX + [i] * 4, f"s{i}") == first
+            kv.finished(f"s{i}")
+        assert kv.index.block_count >= 8
+        await kv.stop()
+    finally:
+        await frontend.close()
+        for w in workers:
+            await w.rt.close()
