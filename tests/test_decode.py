@@ -225,7 +225,7 @@ async def test_clear_kv_blocks_and_the_health_payload(deployment: Deployment) ->
         assert [x async for x in client.generate({})] == [{"status": "success", "message": "KV cache cleared"}]
         health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{deployment.port}/health"))
         assert health["status"] == "healthy" and health["endpoints"] == [
-            "clear_kv_blocks", "generate", "list_loras", "load_lora", "unload_lora"]
+            "clear_kv_blocks", "generate", "kv_blocks", "list_loras", "load_lora", "unload_lora"]
         # The canary the role defines is a valid one-token request.
         payload = {"token_ids": [1], "sampling_options": {"temperature": 0.0},
                    "stop_conditions": {"max_tokens": 1, "ignore_eos": False}}

@@ -1,5 +1,5 @@
-"""What an operator sees of a decode worker: /metrics, load and KV events, sleep and wake, the
-status server's admin token, the config dump.
+"""What an operator sees of a decode worker: /metrics, load and KV events (and the block set they
+describe, ``kv_blocks``), sleep and wake, the status server's admin token, the config dump.
 
 One real vLLM engine (CPU, the tiny demo model) for the module, behind a real token-protected
 nats-server, configured as in production: secrets in the environment (and vLLM's --hf-token), the
@@ -100,9 +100,11 @@ def deployment(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         worker.stop()
         nats.stop()
-    # The engine processes' metrics directory lives as long as the worker, and no longer.
+    # The engine processes' metrics directory lives as long as the worker, and no longer; so does
+    # the directory of the KV-event replay socket.
     assert worker.proc.returncode == 0, worker.log()[-3000:]
     assert metrics_dirs(tmp) == []
+    assert list(tmp.glob("dw-kv-*")) == []
 
 
 def greedy(prompt: list[int], max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
@@ -276,6 +278,145 @@ async def test_kv_events_report_stored_blocks_whose_hashes_repeat_for_a_repeated
         assert stored(events, record.instance_id)[2]["block_hashes"] == [hash1, hash2]
         seqs = [e["seq"] for e in events.items]
         assert seqs == sorted(seqs)
+    finally:
+        await rt.close()
+
+
+class Consumer:
+    """A router's view of one worker, written from the event format alone: every relayed batch
+    applied in order (independent of the worker's own bookkeeping, which it checks)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, tuple[Any, ...]] = {}  # hash -> (parent, token ids, lora_name, extra key)
+
+    def apply(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev["type"] == "BlockStored":
+                size, parent, extra = ev["block_size"], ev["parent_block_hash"], ev.get("extra_keys")
+                for i, h in enumerate(ev["block_hashes"]):
+                    self.blocks[h] = (parent, ev["token_ids"][i * size:(i + 1) * size], ev["lora_name"],
+                                      None if extra is None else extra[i])
+                    parent = h
+            elif ev["type"] == "BlockRemoved":
+                for h in ev["block_hashes"]:
+                    self.blocks.pop(h, None)
+            elif ev["type"] == "AllBlocksCleared":
+                self.blocks = {}
+
+
+def held(messages: list[dict[str, Any]]) -> dict[int, tuple[Any, ...]]:
+    """The blocks of a kv_blocks answer, keyed as :class:`Consumer` keys them."""
+    out = {}
+    for b in (b for m in messages for b in m["blocks"]):
+        [h] = b["block_hashes"]
+        out[h] = (b["parent_block_hash"], b["token_ids"], b["lora_name"],
+                  None if b["extra_keys"] is None else b["extra_keys"][0])
+    return out
+
+
+async def kv_blocks(rt: Runtime, request: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    client = rt.client("backend", "kv_blocks")
+    await client.wait_for_instances(10)
+    return [m async for m in client.generate({} if request is None else request)]
+
+
+async def clear_and_wait(rt: Runtime, events: Events, instance_id: str) -> int:
+    """Reset the prefix cache; the seq of the batch that reports it."""
+    before = len(events.items)
+    cleared = [x async for x in rt.client("backend", "clear_kv_blocks").generate({})]
+    assert cleared == [{"status": "success", "message": "KV cache cleared"}]
+    await generate(rt, greedy([0, 5, 6], max_tokens=1))  # an engine step: it reports the reset
+    for _ in range(200):
+        found = [e["seq"] for e in events.items[before:] if e["instance_id"] == instance_id
+                 and any(ev["type"] == "AllBlocksCleared" for ev in e["events"])]
+        if found:
+            return int(found[-1])
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no AllBlocksCleared after clear_kv_blocks: {events.items[before:]}")
+
+
+async def settled(rt: Runtime, predicate: Any, timeout: float = 10) -> list[dict[str, Any]]:
+    """kv_blocks once ``predicate(answer)`` holds (the last batches reach the relay after the
+    request that made them has answered)."""
+    for _ in range(int(timeout / 0.1)):
+        answer = await kv_blocks(rt)
+        if predicate(answer):
+            return answer
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"kv_blocks never settled: {answer}")
+
+
+async def test_the_generate_record_tells_routers_the_kv_block_size_capacity_and_events(
+        deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        [record] = await rt.client("backend", "generate").wait_for_instances(10)
+    finally:
+        await rt.close()
+    data = record.data
+    assert data["kv_block_size"] == BLOCK and data["kv_events"] is True and data["data_parallel_size"] == 1
+    samples = {s.name: s.value for f in text_string_to_metric_families(deployment.metrics_text())
+               for s in f.samples}
+    assert data["kv_capacity_blocks"] == samples["dynamo_component_kvstats_total_blocks"] > 0
+    # One data-parallel rank: lost batches can be replayed from vLLM's buffer, through a socket in
+    # a directory of the worker's own.
+    [replay] = deployment.tmp.glob("dw-kv-*/replay")
+    assert replay.is_socket() and stat.S_IMODE(replay.parent.stat().st_mode) == 0o700
+    assert "(lost batches replayed from vLLM)" in deployment.worker.log()
+
+
+async def test_kv_blocks_hold_what_every_relayed_event_says_and_chain_back_to_the_prompts(
+        deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        [record] = await rt.client("backend", "generate").wait_for_instances(10)
+        events = await Events().subscribe(rt, "kv_events")
+        # From an empty cache on, a consumer of the events holds exactly what they say.
+        start = await clear_and_wait(rt, events, record.instance_id)
+        empty = await settled(rt, lambda answer: answer[0]["seq"] >= start)
+        assert empty == [{"dp_rank": 0, "seq": start, "block_size": BLOCK, "stale": False, "last": True, "blocks": []}]
+
+        base = unique_prompt(70, 21)  # 2 full blocks
+        prompts = [base,
+                   base[:BLOCK] + unique_prompt(40, 22),  # shares block 1, adds 1
+                   base[:2 * BLOCK] + unique_prompt(44, 23),  # shares blocks 1-2, adds 1
+                   unique_prompt(100, 24)]  # 3 of its own
+        for prompt in prompts:
+            await generate(rt, greedy(prompt, max_tokens=2))
+        answer = await settled(rt, lambda answer: sum(len(m["blocks"]) for m in answer) == 7)
+        [message] = answer
+        assert (message["dp_rank"], message["block_size"], message["stale"], message["last"]) == (0, BLOCK, False, True)
+        seq = message["seq"]
+        await events.wait_for(lambda e: e["instance_id"] == record.instance_id and e["seq"] >= seq)
+        batches = sorted((e for e in events.items if e["instance_id"] == record.instance_id
+                          and start <= e["seq"] <= seq), key=lambda e: e["seq"])
+        assert [e["seq"] for e in batches] == list(range(start, seq + 1))  # every batch reached the test
+        consumer = Consumer()
+        for batch in batches:
+            consumer.apply(batch["events"])
+        assert held(answer) == consumer.blocks and len(consumer.blocks) == 7
+
+        blocks = message["blocks"]
+        seen: set[int] = set()
+        for block in blocks:  # parents first
+            assert block["parent_block_hash"] is None or block["parent_block_hash"] in seen
+            assert block["type"] == "BlockStored" and block["block_size"] == BLOCK and block["medium"] == "GPU"
+            seen.add(block["block_hashes"][0])
+        for prompt in prompts:  # each prompt's full blocks, chained from its first
+            parent = None
+            for i in range(len(prompt) // BLOCK):
+                [block] = [b for b in blocks if b["parent_block_hash"] == parent
+                           and b["token_ids"] == prompt[i * BLOCK:(i + 1) * BLOCK]]
+                parent = block["block_hashes"][0]
+        assert await kv_blocks(rt, {"dp_rank": 0}) == answer
+        with pytest.raises(RequestError) as err:
+            await kv_blocks(rt, {"dp_rank": 1})
+        assert err.value.code == "bad_request" and "dp_rank must be one of [0]" in err.value.message
+
+        # A prefix-cache reset empties it.
+        cleared = await clear_and_wait(rt, events, record.instance_id)
+        assert await settled(rt, lambda answer: answer[0]["seq"] >= cleared) == [
+            {"dp_rank": 0, "seq": cleared, "block_size": BLOCK, "stale": False, "last": True, "blocks": []}]
     finally:
         await rt.close()
 

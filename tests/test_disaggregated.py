@@ -133,7 +133,7 @@ async def test_the_prefill_worker_registers_its_own_component_endpoints_and_cana
         assert [r.role for r in await rt.client("backend", "generate").wait_for_instances(10)] == ["decode"]
         url = f"http://127.0.0.1:{deployment.prefill_port}/health"
         health = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url).read()))
-        assert health["status"] == "healthy" and health["endpoints"] == ["clear_kv_blocks", "generate"]
+        assert health["status"] == "healthy" and health["endpoints"] == ["clear_kv_blocks", "generate", "kv_blocks"]
         client = rt.client("prefill", "clear_kv_blocks")
         await client.wait_for_instances(10)
         assert [x async for x in client.generate({})] == [{"status": "success", "message": "KV cache cleared"}]

@@ -223,8 +223,8 @@ async def send_raw(stack: Stack, key: str, data: bytes) -> None:
     await fuzz_helpers.send_raw(stack.runtime, component, endpoint, instance, data)
 
 
-ENDPOINTS = ["decode/generate", "decode/clear_kv_blocks", "decode/load_lora", "decode/unload_lora",
-             "decode/list_loras", "prefill/generate", "prefill/clear_kv_blocks", "echo/generate"]
+ENDPOINTS = ["decode/generate", "decode/clear_kv_blocks", "decode/kv_blocks", "decode/load_lora", "decode/unload_lora",
+             "decode/list_loras", "prefill/generate", "prefill/clear_kv_blocks", "prefill/kv_blocks", "echo/generate"]
 
 
 @pytest.mark.parametrize("key", ENDPOINTS)

@@ -51,9 +51,14 @@ class ModelFacts:
             "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
         }
 
-    def discovery_data(self, kind: str) -> dict[str, Any]:
+    def discovery_data(self, kind: str, *, kv_block_size: int | None = None, kv_capacity_blocks: int | None = None,
+                       kv_events: bool = False) -> dict[str, Any]:
+        """The ``generate`` record. For KV-aware routers: the engine's block size (tokens), its KV
+        capacity in blocks per data-parallel rank, and ``kv_events``: whether this worker relays
+        KV events and serves its block set (``kv_blocks``); false, it is routed by load alone."""
         return {"model": self.served_name, "model_path": self.path, "max_model_len": self.max_model_len,
-                "eos_token_ids": self.eos_token_ids, "kind": kind, "data_parallel_size": self.data_parallel_size}
+                "eos_token_ids": self.eos_token_ids, "kind": kind, "data_parallel_size": self.data_parallel_size,
+                "kv_block_size": kv_block_size, "kv_capacity_blocks": kv_capacity_blocks, "kv_events": kv_events}
 
 
 def model_facts(engine: Any, served_name: str) -> ModelFacts:

@@ -1,9 +1,9 @@
 """The shared hooks of the roles that serve a vLLM ``AsyncLLM``: decode and prefill.
 
 Engine arguments (vLLM's flags plus our defaults and the KV connector), engine creation in a
-thread, data-parallel followers, metrics, load publishing, the KV-event relay, ``generate`` and
-``clear_kv_blocks``, the health canary, engine checks and shutdown. The role modules in
-``dynamo_worker.roles`` subclass :class:`VllmRole` and only add what differs.
+thread, data-parallel followers, metrics, load publishing, the KV-event relay, ``generate``,
+``clear_kv_blocks`` and ``kv_blocks``, the health canary, engine checks and shutdown. The role
+modules in ``dynamo_worker.roles`` subclass :class:`VllmRole` and only add what differs.
 """
 
 from __future__ import annotations
@@ -138,7 +138,23 @@ class VllmRole:
         ctx.log.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)", served_name,
                      self.facts.max_model_len, config.cache_config.num_gpu_blocks or 0,
                      config.cache_config.block_size)
+        if self.kv_relay is not None:
+            self.kv_relay.set_engine(int(config.cache_config.block_size), self._kv_capacity_per_rank(engine))
         return engine
+
+    @staticmethod
+    def _kv_capacity_per_rank(engine: Any) -> int:
+        """KV blocks of one data-parallel rank's engine: vLLM's front end sums num_gpu_blocks over
+        every engine it manages (as :class:`dynamo_worker.engine.load.LoadPublisher` reads it)."""
+        ranks = list(getattr(engine.engine_core, "engine_ranks_managed", None) or [0])
+        return int(engine.vllm_config.cache_config.num_gpu_blocks or 0) // max(1, len(ranks))
+
+    def _kv_discovery(self, engine: Any) -> dict[str, Any]:
+        """What a KV-aware router needs in the generate record: block size, capacity per rank,
+        and whether this worker's KV events (and ``kv_blocks``) describe its cache."""
+        cache = engine.vllm_config.cache_config
+        return {"kv_block_size": int(cache.block_size), "kv_capacity_blocks": self._kv_capacity_per_rank(engine),
+                "kv_events": self.kv_relay is not None and bool(cache.enable_prefix_caching)}
 
     def _leads(self) -> bool:
         """Whether this process serves (data-parallel rank 0, or no data parallelism): the leader
@@ -164,7 +180,7 @@ class VllmRole:
             ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal "
                          "(rank 0 serves this rank's engine)", self.dp_rank)
             return
-        data = self.facts.discovery_data(self.name)
+        data = self.facts.discovery_data(self.name, **self._kv_discovery(ctx.engine))
         self._register_controls(registrar, ctx, data)
         registrar.endpoint("generate", self.handler.generate, **data)
         registrar.endpoint("clear_kv_blocks", self.handler.clear_kv_blocks, model=self.facts.served_name)
@@ -173,7 +189,13 @@ class VllmRole:
         if self.kv_relay is not None:
             self.kv_relay.instance_id = ctx.instance_id
             self.kv_relay.publish = ctx.runtime.publish_event
+            self.kv_relay.max_message_bytes = ctx.runtime.max_message_bytes
+            registrar.endpoint("kv_blocks", self.kv_relay.kv_blocks, model=self.facts.served_name)
             registrar.background("kv-events", self.kv_relay.run)
+        else:
+            from dynamo_worker.engine.kv_events import no_kv_blocks
+
+            registrar.endpoint("kv_blocks", no_kv_blocks, model=self.facts.served_name)
 
     def _register_controls(self, registrar: Any, ctx: Any, data: dict[str, Any]) -> None:
         """More endpoints and routes of the role (``data``: the generate record); none by default."""

@@ -1,14 +1,16 @@
 """The ``decode`` role: an aggregated (or decode-side) worker on vLLM's ``AsyncLLM``.
 
-Serves ``generate``, ``clear_kv_blocks``, ``load_lora``, ``unload_lora`` and ``list_loras`` on the
-request plane, ``/engine/sleep``, ``/engine/wake_up`` and ``/engine/is_sleeping`` on its system
-port, publishes per-engine load (``load_metrics``) and relays vLLM's KV-cache events
-(``kv_events``) on the event plane. With a KV connector (``--connector``) it is the decode half
-of disaggregated serving: a request carrying a ``prefill_result`` loads its prompt's KV through
-the connector. With ``--enable-multimodal`` it is the language-model worker of the multimodal
-chain: ``generate`` also takes ``multi_modal_data`` (image embeddings from an ``encode`` worker,
-or images whose encoder output an ``ec-encoder`` stored, with ``--ec-storage-path``), checked
-before vLLM sees it (docs/multimodal.md). The hooks it shares with the prefill role are in
+Serves ``generate``, ``clear_kv_blocks``, ``kv_blocks``, ``load_lora``, ``unload_lora`` and
+``list_loras`` on the request plane, ``/engine/sleep``, ``/engine/wake_up`` and
+``/engine/is_sleeping`` on its system port, publishes per-engine load (``load_metrics``) and
+relays vLLM's KV-cache events (``kv_events``) on the event plane; ``kv_blocks`` answers the
+blocks those events say are cached (for a KV-aware router that lost events or just started).
+With a KV connector (``--connector``) it is the decode half of disaggregated serving: a request
+carrying a ``prefill_result`` loads its prompt's KV through the connector. With
+``--enable-multimodal`` it is the language-model worker of the multimodal chain: ``generate``
+also takes ``multi_modal_data`` (image embeddings from an ``encode`` worker, or images whose
+encoder output an ``ec-encoder`` stored, with ``--ec-storage-path``), checked before vLLM sees it
+(docs/multimodal.md). The hooks it shares with the prefill role are in
 :class:`dynamo_worker.engine.role.VllmRole`; docs/operations.md describes them for operators.
 """
 

@@ -3,10 +3,10 @@
 It shares the decode role's hooks (:class:`dynamo_worker.engine.role.VllmRole`: engine
 arguments, engine creation, metrics, KV-event relay, engine checks and shutdown) with three
 differences: it registers under its own component
-``prefill`` (so a frontend tells it from decode's ``backend``), it serves only ``generate``
-and ``clear_kv_blocks``, and its ``generate`` runs the prompt with one output token and the
-connector's ``do_remote_decode`` parameters, answering one chunk with the KV connector's
-``kv_transfer_params`` (``dynamo_worker.engine.handlers``). It needs a KV connector
+``prefill`` (so a frontend tells it from decode's ``backend``), it serves only ``generate``,
+``clear_kv_blocks`` and ``kv_blocks``, and its ``generate`` runs the prompt with one output
+token and the connector's ``do_remote_decode`` parameters, answering one chunk with the KV
+connector's ``kv_transfer_params`` (``dynamo_worker.engine.handlers``). It needs a KV connector
 (``--connector`` or ``--kv-transfer-config``, ``dynamo_worker.engine.kv_transfer``).
 docs/disaggregated.md describes the whole flow.
 """
