@@ -247,6 +247,7 @@ class KvRouting:
                 await asyncio.sleep(wait)
             self._last_resync[instance_id] = self.clock()
             ranks: dict[int, tuple[int | None, list[dict[str, Any]]]] = {}
+            stale = False
             async with asyncio.timeout(RESYNC_TIMEOUT):
                 async with aclosing(self.snapshots.direct({}, instance_id)) as stream:
                     async for part in stream:
@@ -254,6 +255,10 @@ class KvRouting:
                         seq, blocks = ranks.get(rank, (None, []))
                         blocks.extend(part.get("blocks") or [])
                         ranks[rank] = (part.get("seq", seq), blocks)
+                        stale = stale or bool(part.get("stale"))
+            if stale:  # the worker's own view lost a batch: it may under-report until its next reset
+                log.info("instance %s says its block set may be incomplete (a lost event batch); using it",
+                         instance_id)
             assert isinstance(self.index, KvIndex)
             for rank, (seq, blocks) in ranks.items():
                 self.index.replace_worker((instance_id, rank), blocks, seq)
