@@ -196,13 +196,24 @@ def demo_model_main(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true",
                         help="replace whatever is at PATH (a file, or a directory with someone else's files: "
                              "they are deleted)")
+    from dynamo_worker import demo_model  # cheap: its heavy imports are inside its functions
+
+    size = parser.add_argument_group("size of the Llama (defaults: the tiny demo model)")
+    size.add_argument("--layers", type=int, default=demo_model.LAYERS, help="decoder layers (default %(default)s)")
+    size.add_argument("--hidden", type=int, default=demo_model.HIDDEN,
+                      help="hidden size, a multiple of 64 (the head size); the MLP is twice as wide "
+                           "(default %(default)s)")
+    size.add_argument("--max-positions", type=int, default=demo_model.MAX_POSITIONS,
+                      help="context length (default %(default)s)")
     args = parser.parse_args(argv)
+    default_shape = (demo_model.LAYERS, demo_model.HIDDEN, demo_model.MAX_POSITIONS)
+    if args.multimodal and (args.layers, args.hidden, args.max_positions) != default_shape:
+        raise UsageError("demo-model --layers, --hidden and --max-positions apply to the Llama, not --multimodal")
     if args.multimodal:
         from dynamo_worker.demo_vlm import write_demo_vlm
 
         print(write_demo_vlm(args.path, seed=args.seed, force=args.force))
         return 0
-    from dynamo_worker.demo_model import write_demo_model
-
-    print(write_demo_model(args.path, seed=args.seed, force=args.force))
+    print(demo_model.write_demo_model(args.path, seed=args.seed, force=args.force, layers=args.layers,
+                                      hidden=args.hidden, max_positions=args.max_positions))
     return 0

@@ -8,7 +8,9 @@ that can be produced offline. :func:`write_demo_model` builds one in a few secon
   :class:`transformers.PreTrainedTokenizerFast` with BOS/EOS/PAD tokens and a simple
   role-tagged chat template;
 * a 2-layer :class:`transformers.LlamaForCausalLM` (hidden 128, head size 64) with
-  random weights, saved in float32.
+  random weights, saved in float32. ``layers``, ``hidden`` and ``max_positions`` build a
+  larger one (benchmarks that need prefill to cost something); the defaults write the same
+  bytes as before the options existed.
 
 The weights are random but drawn with a large ``initializer_range`` (0.5) so that
 greedy output depends strongly on the prompt and does not settle into one repeated
@@ -55,6 +57,9 @@ PAD_TOKEN = "<|pad|>"
 
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
+LAYERS = 2
+HIDDEN = 128
+HEAD_SIZE = 64  # vLLM's CPU attention needs it
 # A large init scale makes the random network's logits vary strongly with the input;
 # 0.5 was checked to give prompt-dependent, non-repeating greedy continuations.
 INITIALIZER_RANGE = 0.5
@@ -154,7 +159,7 @@ def _training_text(seed: int, num_lines: int = 4000) -> list[str]:
     return [" ".join(_sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(num_lines)]
 
 
-def _build_tokenizer(seed: int):  # -> transformers.PreTrainedTokenizerFast
+def _build_tokenizer(seed: int, max_positions: int = MAX_POSITIONS):  # -> transformers.PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -190,23 +195,24 @@ def _build_tokenizer(seed: int):  # -> transformers.PreTrainedTokenizerFast
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_POSITIONS,
+        model_max_length=max_positions,
         clean_up_tokenization_spaces=False,
     )
 
 
-def _build_model(tokenizer, seed: int):  # -> transformers.LlamaForCausalLM
+def _build_model(tokenizer, seed: int, layers: int = LAYERS, hidden: int = HIDDEN,
+                 max_positions: int = MAX_POSITIONS):  # -> transformers.LlamaForCausalLM
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head size 128 / 2 = 64: vLLM's CPU attention needs it
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // HEAD_SIZE,  # head size 64: vLLM's CPU attention needs it
         num_key_value_heads=1,  # grouped-query attention, like real Llamas
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         initializer_range=INITIALIZER_RANGE,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -307,7 +313,18 @@ def _install_dir(tmp: pathlib.Path, path: pathlib.Path, force: bool) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool = False) -> pathlib.Path:
+def check_size(layers: int, hidden: int, max_positions: int) -> None:
+    """Refuse (:class:`UsageError`) a model shape vLLM's CPU backend cannot serve."""
+    if layers < 1:
+        raise UsageError(f"demo-model --layers must be at least 1 (got {layers})")
+    if hidden < HEAD_SIZE or hidden % HEAD_SIZE:
+        raise UsageError(f"demo-model --hidden must be a multiple of {HEAD_SIZE} (the head size; got {hidden})")
+    if max_positions < 16:
+        raise UsageError(f"demo-model --max-positions must be at least 16 (got {max_positions})")
+
+
+def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool = False, layers: int = LAYERS,
+                     hidden: int = HIDDEN, max_positions: int = MAX_POSITIONS) -> pathlib.Path:
     """Write the tiny demo Llama model and its tokenizer to ``path``.
 
     Needs no network. The result is deterministic for a given ``seed`` (same corpus,
@@ -320,15 +337,22 @@ def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool
             Anything else raises :class:`UsageError` unless ``force``.
         seed: Seed for the training corpus and the random weights.
         force: Replace whatever is at ``path``.
+        layers, hidden, max_positions: The model's depth, width (a multiple of 64; the MLP is
+            twice as wide) and context length; recorded in the marker when not the defaults.
 
     Returns:
         The absolute path of the model directory, loadable with
         ``vllm.LLM(model=...)`` or ``transformers.AutoModelForCausalLM.from_pretrained``.
     """
+    check_size(layers, hidden, max_positions)
+    shape = {"layers": layers, "hidden": hidden, "max_positions": max_positions}
+    # Only a non-default shape is recorded: the default model's files stay what they always were.
+    extra = {} if shape == {"layers": LAYERS, "hidden": HIDDEN, "max_positions": MAX_POSITIONS} else shape
+
     def save(tmp: pathlib.Path) -> dict[str, object]:
-        tokenizer = _build_tokenizer(seed)
-        _save_quietly(_build_model(tokenizer, seed), tokenizer, tmp)
-        return {"version": DEMO_MODEL_VERSION, "seed": seed, "torch_dtype": TORCH_DTYPE}
+        tokenizer = _build_tokenizer(seed, max_positions)
+        _save_quietly(_build_model(tokenizer, seed, layers, hidden, max_positions), tokenizer, tmp)
+        return {"version": DEMO_MODEL_VERSION, "seed": seed, "torch_dtype": TORCH_DTYPE, **extra}
 
     return write_model_dir(path, save, force=force)
 

@@ -34,7 +34,7 @@ from dynamo_worker.core.child_processes import PR_SET_PDEATHSIG
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.files import write_private_file
 from dynamo_worker.core.options import check_at_least, check_port
-from dynamo_worker.frontend.options import DEFAULT_MAX_REQUEST_BYTES
+from dynamo_worker.frontend.options import DEFAULT_MAX_REQUEST_BYTES, ROUTER_MODES
 
 DEMO_SERVED_NAME = "demo"
 NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-plane", choices=("tcp", "nats"), default="tcp",
                    help="requests travel straight to workers over TCP (on 127.0.0.1; faster) or through NATS "
                         "(default %(default)s)")
+    p.add_argument("--router-mode", choices=ROUTER_MODES,
+                   help="frontend: how a request picks a worker; kv: by cached prefix and load (docs/routing.md); "
+                        "default: the frontend's (round-robin, or env DYN_ROUTER_MODE)")
+    p.add_argument("--no-kv-events", action="store_true",
+                   help="frontend, with --router-mode kv: approximate mode, predict each worker's cache from what "
+                        "was routed there instead of reading its KV events")
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
                    help="frontend: continue a stream on another worker when its worker fails, up to N "
                         "times (default %(default)s)")
@@ -401,6 +407,8 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     common = ["--namespace", args.namespace, "--request-plane", args.request_plane,
               "--tcp-rpc-host", "127.0.0.1", "--tcp-rpc-port", "0"]
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
+                             *(["--router-mode", args.router_mode] if args.router_mode else []),
+                             *(["--no-kv-events"] if args.no_kv_events else []),
                              "--migration-limit", str(args.migration_limit),
                              "--max-request-bytes", str(args.max_request_bytes)], env,
                 system_port=_free_port())
