@@ -383,6 +383,24 @@ def test_active_load_tracks_requests_until_they_finish() -> None:
     assert load.tracked_blocks(B) == 0 and not load.finish("r3")
 
 
+def test_prompt_blocks_shared_by_requests_in_flight_count_once_per_worker() -> None:
+    """Four turns of one tenant on one worker hold its 8-block system prompt once in the cache,
+    not four times: the load must say so, or the holder looks busier than it is (the benchmark
+    saw 35% of requests routed away from their prefix for that)."""
+    load = ActiveLoad()
+    system = list(range(1000, 1008))
+    for turn in range(4):
+        load.start(f"t{turn}", A, 12, shared=[*system, 2000 + turn])  # 9 full prompt blocks, 3 of output
+    assert load.tracked_blocks(A) == 8 + 4 * (1 + 3)
+    load.finish("t0")
+    assert load.tracked_blocks(A) == 8 + 3 * (1 + 3)
+    for turn in range(1, 4):
+        load.finish(f"t{turn}")
+    assert load.tracked_blocks(A) == 0 and load.in_flight(A) == 0
+    load.start("again", A, 12, shared=[*system, 3000])  # the bookkeeping starts clean
+    assert load.tracked_blocks(A) == 12
+
+
 def test_expected_blocks_count_the_prompt_and_the_capped_output() -> None:
     assert expected_blocks(100, 28, 16) == 8
     assert expected_blocks(100, None, 16) == -(-(100 + 256) // 16)

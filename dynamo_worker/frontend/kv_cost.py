@@ -17,8 +17,10 @@ to :meth:`ActiveLoad.finish`, corrected by the worker's published ``load_metrics
 (:mod:`dynamo_worker.engine.load`): the larger of the two, so requests routed by other frontends
 count too (several routers otherwise pile onto the same worker), while our own burst counts
 before the next publication. A publication older than ``stale_after`` (2 s) is ignored: an idle
-worker publishes nothing, so its last figure would otherwise stay forever. Blocks a worker's
-requests share are counted once per request (decode attention reads them once per request).
+worker publishes nothing, so its last figure would otherwise stay forever. Prompt blocks that
+several requests in flight on one worker share (a tenant's system prompt) count once, as in the
+engine's cache: counted once per request, they made the holder of a hot prefix look busier than
+a worker without it (35% of requests routed away from their prefix in the first benchmark).
 
 **Busy** (:meth:`KvSelector.is_busy`): a worker whose decode blocks reach ``busy_threshold`` x
 its capacity (published ``kv_total_blocks`` or discovery's), or whose fresh published KV usage
@@ -74,18 +76,30 @@ class ActiveLoad:
     def __init__(self, *, stale_after: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.stale_after = stale_after
         self.clock = clock
-        self._requests: dict[str, tuple[WorkerKey, int]] = {}
-        self._blocks: dict[WorkerKey, int] = {}
+        self._requests: dict[str, tuple[WorkerKey, int, tuple[int, ...]]] = {}
+        self._blocks: dict[WorkerKey, int] = {}  # blocks of requests in flight that are theirs alone
+        # Prompt blocks of requests in flight, by router hash, with how many requests use each: a
+        # block shared by several (a tenant's system prompt) is one block of the worker's cache.
+        self._shared: dict[WorkerKey, dict[int, int]] = {}
         self._counts: dict[WorkerKey, int] = {}
         self._published: dict[WorkerKey, PublishedLoad] = {}
         self._capacity: dict[WorkerKey, int] = {}
 
-    def start(self, request_id: str, worker: WorkerKey, blocks: int) -> None:
-        """A request was routed to ``worker``; it occupies ``blocks`` until :meth:`finish`."""
+    def start(self, request_id: str, worker: WorkerKey, blocks: int, shared: Sequence[int] = ()) -> None:
+        """A request was routed to ``worker``; it occupies ``blocks`` until :meth:`finish`.
+
+        ``shared``: the router hashes of its prompt's full blocks (part of ``blocks``): each counts
+        once per worker however many requests in flight there use it, as in the engine's cache.
+        """
         if request_id in self._requests:
             self.finish(request_id)  # routed again (a retry or a migration): moved, not doubled
-        self._requests[request_id] = (worker, blocks)
-        self._blocks[worker] = self._blocks.get(worker, 0) + blocks
+        hashes = tuple(shared[:blocks])
+        own = blocks - len(hashes)
+        self._requests[request_id] = (worker, own, hashes)
+        self._blocks[worker] = self._blocks.get(worker, 0) + own
+        refs = self._shared.setdefault(worker, {})
+        for h in hashes:
+            refs[h] = refs.get(h, 0) + 1
         self._counts[worker] = self._counts.get(worker, 0) + 1
 
     def finish(self, request_id: str) -> bool:
@@ -93,14 +107,20 @@ class ActiveLoad:
         found = self._requests.pop(request_id, None)
         if found is None:
             return False
-        worker, blocks = found
-        left = self._blocks[worker] - blocks
+        worker, own, hashes = found
+        refs = self._shared[worker]
+        for h in hashes:
+            left_users = refs[h] - 1
+            if left_users:
+                refs[h] = left_users
+            else:
+                del refs[h]
         count = self._counts[worker] - 1
         if count:
-            self._blocks[worker] = left
+            self._blocks[worker] -= own
             self._counts[worker] = count
         else:
-            del self._blocks[worker], self._counts[worker]
+            del self._blocks[worker], self._counts[worker], self._shared[worker]
         return True
 
     def set_capacity(self, worker: WorkerKey, blocks: int | None) -> None:
@@ -123,7 +143,7 @@ class ActiveLoad:
 
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance that left discovery (its requests will fail and finish anyway)."""
-        for request_id, (worker, _) in list(self._requests.items()):
+        for request_id, (worker, _, _) in list(self._requests.items()):
             if worker[0] == instance_id:
                 self.finish(request_id)
         for table in (self._published, self._capacity):
@@ -131,8 +151,8 @@ class ActiveLoad:
                 del table[worker]
 
     def tracked_blocks(self, worker: WorkerKey) -> int:
-        """Blocks of this router's requests in flight on ``worker``."""
-        return self._blocks.get(worker, 0)
+        """Blocks of this router's requests in flight on ``worker`` (shared prompt blocks once)."""
+        return self._blocks.get(worker, 0) + len(self._shared.get(worker, ()))
 
     def in_flight(self, worker: WorkerKey) -> int:
         """This router's requests in flight on ``worker``."""
@@ -146,7 +166,7 @@ class ActiveLoad:
         return load
 
     def decode_blocks(self, worker: WorkerKey) -> int:
-        tracked = self._blocks.get(worker, 0)
+        tracked = self.tracked_blocks(worker)
         load = self.published(worker)
         return tracked if load is None else max(tracked, load.active_blocks)
 

@@ -157,7 +157,8 @@ class KvRouting:
         record = by_worker[decision.worker]
         size = _block_size(record)
         max_tokens = (payload.get("stop_conditions") or {}).get("max_tokens")
-        self.load.start(request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size))
+        self.load.start(request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size),
+                        shared=hashes_by_size[size])
         if isinstance(self.index, ApproxIndex):
             self.index.record(decision.worker, hashes_by_size[size])
         self._observe(decision, size, request_id, started)
