@@ -84,7 +84,7 @@ class Stack(fuzz_helpers.FuzzTarget):
                 if role is not None:
                     key = f"{role}/{record.endpoint}"
                     self.subjects[key] = (record.component, record.endpoint, record.instance_id)
-            return len(self.subjects) == 8
+            return len(self.subjects) == len(ENDPOINTS)
 
         wait_until(discovered, 30, what="every endpoint of decode, prefill and echo in discovery")
         client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
