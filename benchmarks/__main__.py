@@ -2,21 +2,21 @@
 
 Run from the repo root with the venv's python. Prints a table per concurrency and writes
 ``benchmarks/results/<timestamp>.json`` (raw samples, per-request times, CPU per process,
-profiles) and ``<timestamp>.png`` beside it.
+profiles) and ``<timestamp>.png`` beside it. ``--kv-routing`` adds the KV-aware routing section:
+``python -m benchmarks.kv_routing`` with its defaults, after the rest, its results file recorded
+in this run's JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import signal
 import sys
 import time
 from pathlib import Path
 
 import attrs
 
-from benchmarks import extras, machine, profiling, report, rounds
+from benchmarks import extras, kv_routing, machine, profiling, report, rounds
 from benchmarks.config import (
     SIDES,
     BENCH_ENV,
@@ -24,6 +24,8 @@ from benchmarks.config import (
     RESULTS_DIR,
     BenchConfig,
     LevelPlan,
+    measured_source,
+    start_run,
 )
 from benchmarks.workload import make_prompts
 
@@ -64,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dynamo-ref", default="HEAD",
                    help="git ref of dynamo_worker/ to measure, exported once so edits during the run do not "
                         "change it; 'worktree' uses the live files (default %(default)s)")
+    p.add_argument("--kv-routing", action="store_true",
+                   help="also run the KV-aware routing benchmark (python -m benchmarks.kv_routing, about 5 more "
+                        "minutes; with --quick, its --quick)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -92,22 +97,13 @@ def config(args: argparse.Namespace) -> BenchConfig:
                        client_priority=args.client_priority, dynamo_ref=args.dynamo_ref, **shape)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every server's stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     cfg = config(args)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir: Path = args.out
-    work_root = out_dir / f"{stamp}-logs"
-    work_root.mkdir(parents=True, exist_ok=True)
+    run = start_run(out_dir)
+    stamp, work_root, log = run.stamp, run.work_root, run.log
     t0 = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:6.0f}s] {msg}", flush=True)
 
     from dynamo_worker.demo_model import ensure_demo_model
 
@@ -117,14 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         f"levels {[(p.concurrency, p.requests) for p in cfg.levels]}; {cfg.rounds} round(s) x {cfg.repeats} repeat(s); "
         f"logs in {work_root}")
     info = machine.machine_info()
-    if cfg.dynamo_ref != "worktree" and any(side.startswith("dynamo") for side in cfg.sides):
-        info["dynamo_source"] = machine.snapshot_source(cfg.dynamo_ref, work_root / "dynamo-src")
-        cfg = attrs.evolve(cfg, dynamo_source=info["dynamo_source"]["path"])
-        log(f"measuring dynamo_worker at {info['dynamo_source']['commit'][:10]} ({cfg.dynamo_ref})"
-            + (f"; the work tree differs from it in {len(info['dynamo_source']['work_tree_differed'])} file(s)"
-               if info["dynamo_source"]["work_tree_differed"] else ""))
-    else:
-        info["dynamo_source"] = {"ref": "worktree"}
+    measures_dynamo = any(side.startswith("dynamo") for side in cfg.sides)
+    source = measured_source(cfg.dynamo_ref if measures_dynamo else "worktree", work_root, info, log)
+    if source is not None:
+        cfg = attrs.evolve(cfg, dynamo_source=str(source))
     json_path = out_dir / f"{stamp}.json"
 
     def checkpoint(partial: dict[str, object]) -> None:  # an interrupted run keeps what it measured
@@ -133,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = rounds.run(cfg, model, prompts, work_root, log, checkpoint)
     if cfg.extras:
         raw["extras"] = extras.run(work_root, log, cfg.dynamo_source)
+    if args.kv_routing:
+        log("KV-aware routing section: python -m benchmarks.kv_routing")
+        kv_argv = ["--out", str(out_dir), "--dynamo-ref", cfg.dynamo_ref, *(["--quick"] if cfg.quick else [])]
+        results = kv_routing.run_benchmark(kv_argv)
+        raw["kv_routing"] = {"command": "python -m benchmarks.kv_routing " + " ".join(kv_argv),
+                             "results": str(results)}
     agg = report.aggregate(raw["samples"])
     elapsed = time.monotonic() - t0
     result = {

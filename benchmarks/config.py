@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -93,3 +98,46 @@ class BenchConfig:
     chart: bool = True
     extras: bool = True  # the request plane alone and the killed-worker failover
     quick: bool = False
+
+
+@attrs.frozen
+class Run:
+    """One benchmark invocation's stamp, log directory and progress log (seconds since start)."""
+
+    stamp: str
+    work_root: Path
+    log: Callable[[str], None]
+
+
+def start_run(out: Path, prefix: str = "") -> Run:
+    """Set up a benchmark command: its ``<prefix><timestamp>-logs`` directory under ``out``, a
+    progress log, and SIGTERM unwinding like Ctrl-C (through every server's ``stop()``)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work_root = out / f"{prefix}{stamp}-logs"
+    work_root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.0f}s] {msg}", flush=True)
+
+    return Run(stamp, work_root, log)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def measured_source(ref: str, work_root: Path, info: dict[str, Any], log: Callable[[str], None]) -> Path | None:
+    """Export ``dynamo_worker/`` at git ``ref`` once, so edits during the run do not change what
+    is measured; records it in ``info["dynamo_source"]``. None for ``worktree`` (the live files)."""
+    from benchmarks import machine  # machine imports psutil; config stays light
+
+    if ref == "worktree":
+        info["dynamo_source"] = {"ref": "worktree"}
+        return None
+    source = info["dynamo_source"] = machine.snapshot_source(ref, work_root / "dynamo-src")
+    differed = source["work_tree_differed"]
+    log(f"measuring dynamo_worker at {source['commit'][:10]} ({ref})"
+        + (f"; the work tree differs from it in {len(differed)} file(s)" if differed else ""))
+    return Path(source["path"])

@@ -20,12 +20,16 @@ if __name__ == "__main__":
     llm = LLM(model=model, enforce_eager=True, max_model_len=256)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    print("@@" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    print("@@" + json.dumps([{"ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
+                             for o in outs]))
 """
 
 
-def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: Path) -> list[list[int]]:
-    """vLLM's offline engine (``vllm.LLM``) greedy output for token-id prompts, in a subprocess."""
+def offline_greedy_outputs(model: str, prompts: list[list[int]], max_tokens: int,
+                           tmp: Path) -> list[dict]:
+    """vLLM's offline engine (``vllm.LLM``) greedy output for token-id prompts, in a subprocess:
+    per prompt ``{"ids": [...], "text": "..."}``, the text as vLLM's own detokenizer made it
+    (which drops a character the output stops inside, where ``tokenizer.decode`` gives U+FFFD)."""
     script = tmp / "offline.py"
     script.write_text(OFFLINE_SCRIPT)
     out = subprocess.run([sys.executable, str(script), model, json.dumps(prompts), str(max_tokens)],
@@ -33,6 +37,11 @@ def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: P
     line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
     assert line, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(line[2:])
+
+
+def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: Path) -> list[list[int]]:
+    """The token ids of :func:`offline_greedy_outputs`."""
+    return [out["ids"] for out in offline_greedy_outputs(model, prompts, max_tokens, tmp)]
 
 
 OFFLINE_IMAGES_SCRIPT = r"""

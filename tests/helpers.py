@@ -120,12 +120,14 @@ class WorkerProcess:
 
     started: list[WorkerProcess] = []  # every one of the session, for the failure report (conftest.py)
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        """``wrapper``: an argv prefix to run it under (``ip netns exec NS``: a host of tests/netns.py)."""
         self.args = args
         self.log_path = Path(tempfile.mkstemp(prefix="dw-worker-", suffix=".log", dir=log_dir)[1])
         WorkerProcess.started.append(self)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([DYNAMO_WORKER, *args], stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*(wrapper or []), DYNAMO_WORKER, *args], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env or worker_env(), stdin=subprocess.DEVNULL,
                                      start_new_session=True)
 

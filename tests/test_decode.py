@@ -180,6 +180,13 @@ async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
     ({"token_ids": [1, 2], "surprise": True}, "unknown field `surprise`"),
     ({"token_ids": [1, 2], "sampling_options": {"temperature": -1}}, "temperature"),
     ({"token_ids": []}, "must not be empty"),
+    # Dynamo's guided_decoding becomes vLLM's StructuredOutputsParams; what cannot compile is refused.
+    ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "[a-"}}}, "guided_decoding"),
+    ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "a", "choice": ["a"]}}},
+     "guided_decoding"),
+    ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"json": {"type": "nope"}}}}, "guided_decoding"),
+    ({"token_ids": [1, 2], "output_options": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+    ({"token_ids": [1, 2], "sampling_options": {"logit_bias": {"99999": 1.0}}}, "logit_bias"),
 ])
 async def test_bad_requests_get_bad_request_and_the_worker_keeps_serving(
         deployment: Deployment, bad: dict[str, Any], message: str) -> None:

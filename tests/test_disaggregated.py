@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.runtime import Runtime
-from tests.engine_helpers import ENGINE_FLAGS, offline_greedy
+from tests.engine_helpers import ENGINE_FLAGS, offline_greedy_outputs
 from tests.helpers import (
     NatsServer,
     WorkerProcess,
@@ -50,8 +50,13 @@ COMMON = ["--served-model-name", "tiny", "--lease-ttl", "2", *ENGINE_FLAGS]
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
-    return offline_greedy(demo_model, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("offline"))
+def offline(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return offline_greedy_outputs(demo_model, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("offline"))
+
+
+@pytest.fixture(scope="module")
+def reference(offline: list[dict[str, Any]]) -> list[list[int]]:
+    return [out["ids"] for out in offline]
 
 
 class Deployment:
@@ -112,12 +117,9 @@ def deployment(reference: Any, nats_server: NatsServer, demo_model: str,
 
 
 @pytest.fixture(scope="module")
-def texts(demo_model: str, reference: list[list[int]]) -> list[str]:
-    """The reference token ids as the frontend's completion text."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model, local_files_only=True)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in reference]
+def texts(offline: list[dict[str, Any]]) -> list[str]:
+    """The reference texts as vLLM's own detokenizer made them (what the frontend must return)."""
+    return [out["text"] for out in offline]
 
 
 def greedy(prompt: list[int], **extra: Any) -> dict[str, Any]:

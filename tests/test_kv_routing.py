@@ -1,8 +1,9 @@
 """``--router-mode kv`` in the frontend: following the workers' events, load and discovery.
 
 Workers here are runtimes in the test process on a real nats-server: each serves
-``backend.generate`` and ``backend.kv_blocks`` and publishes ``kv_events`` shaped as the decode
-workers relay them from vLLM (tests/test_decode_operations.py checks that relay on a real engine).
+``backend.generate`` and ``backend.kv_blocks`` (``prefill.*`` for a prefill worker) and publishes
+``kv_events`` shaped as the workers relay them from vLLM (tests/test_decode_operations.py checks
+that relay on a real engine).
 So each behaviour can be driven exactly: which blocks a worker holds, a lost batch, a departure.
 """
 
@@ -26,9 +27,11 @@ ENGINE_BASE = {"a": 1_000, "b": 2_000}  # engine hashes differ per worker: the r
 class FakeWorker:
     """A decode worker as the router sees it: discovery record, events, a block-set endpoint."""
 
-    def __init__(self, rt: Runtime, name: str) -> None:
+    def __init__(self, rt: Runtime, name: str, component: str = "backend") -> None:
         self.rt = rt
         self.name = name
+        self.component = component  # "prefill": a prefill worker of disaggregated serving
+        self.served: list[dict[str, Any]] = []  # the generate requests it got
         self.seq = 0
         self.stored: list[dict[str, Any]] = []  # what kv_blocks answers
         self.snapshots_served = 0
@@ -39,17 +42,22 @@ class FakeWorker:
 
     async def start(self, data: dict[str, Any] | None = None) -> None:
         async def generate(request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
-            yield {"token_ids": [1], "finish_reason": "length",
-                   "completion_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            self.served.append(request)
+            answer = {"token_ids": [1], "finish_reason": "length",
+                      "completion_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            if self.component == "prefill":  # what a prefill worker hands the decode worker
+                answer["disaggregated_params"] = {"kv_transfer_params": {"prefilled_by": self.name}}
+            yield answer
 
         async def kv_blocks(request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
             self.snapshots_served += 1
             yield {"dp_rank": 0, "seq": self.seq - 1, "block_size": BLOCK, "stale": False, "blocks": self.stored}
 
-        await self.rt.serve_endpoint("backend", "generate", generate)
-        await self.rt.serve_endpoint("backend", "kv_blocks", kv_blocks)
-        await self.rt.publish("backend", "kv_blocks", "decode", {})
-        await self.rt.publish("backend", "generate", "decode", {
+        role = "prefill" if self.component == "prefill" else "decode"
+        await self.rt.serve_endpoint(self.component, "generate", generate)
+        await self.rt.serve_endpoint(self.component, "kv_blocks", kv_blocks)
+        await self.rt.publish(self.component, "kv_blocks", role, {})
+        await self.rt.publish(self.component, "generate", role, {
             "model": "m", "model_path": "/m", "kv_block_size": BLOCK, "kv_capacity_blocks": 1000,
             "kv_events": True, **(data or {})})
 
@@ -231,4 +239,51 @@ async def test_approximate_mode_follows_its_own_decisions(nats_server: NatsServe
     finally:
         await frontend.close()
         for w in workers:
+            await w.rt.close()
+
+
+async def test_prefill_workers_are_chosen_by_their_cached_prefix_too(nats_server: NatsServer, namespace: str) -> None:
+    """Disaggregated serving with ``--router-mode kv``: the frontend prefills each request on the
+    prefill worker holding its prefix (their own KV events), not by turns."""
+    from dynamo_worker.frontend.app import FrontendServer
+
+    decode = [FakeWorker(await Runtime.connect(nats_server.url, namespace), name) for name in ENGINE_BASE]
+    prefill = {name: FakeWorker(await Runtime.connect(nats_server.url, namespace), name, "prefill")
+               for name in ENGINE_BASE}
+    for w in [*decode, *prefill.values()]:
+        await w.start()
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    server = FrontendServer(frontend.client("backend", "generate"), router_mode="kv",
+                            prefill_client=frontend.client("prefill", "generate"))
+    try:
+        await server.start()
+        assert server.prefill_kv is not None
+        await server.prefill_kv.client.wait_for_instances(5, count=2)
+        await server.kv.client.wait_for_instances(5, count=2)  # type: ignore[union-attr]
+        await prefill["b"].publish([prefill["b"].store_event(PREFIX)])
+        await eventually(lambda: server.prefill_kv.index.block_count == 8)  # type: ignore[union-attr]
+        assert server.kv.index.block_count == 0  # type: ignore[union-attr]  # not a decode worker's blocks
+
+        async def send(tokens: list[int]) -> dict[str, Any]:
+            payload = {"model": "m", "token_ids": tokens, "stop_conditions": {"max_tokens": 1}}
+            return [item async for item in server.router.generate("m", payload)][-1]
+
+        for turn in range(6):  # each finishes before the next: only the prefix decides
+            await send(PREFIX + [turn] * BLOCK)
+        assert (len(prefill["b"].served), len(prefill["a"].served)) == (6, 0)
+        # The decode workers got the holder's transfer parameters.
+        decoded = [r for w in decode for r in w.served]
+        assert len(decoded) == 6
+        assert {r["prefill_result"]["disaggregated_params"]["kv_transfer_params"]["prefilled_by"]
+                for r in decoded} == {"b"}
+        # A prompt nobody holds goes to the prefill worker with the lighter load.
+        server.prefill_kv.load.start("elsewhere", (prefill["b"].instance_id, 0), 50)
+        await send([5] * (4 * BLOCK))
+        assert len(prefill["a"].served) == 1
+        server.prefill_kv.finished("elsewhere")
+        assert server.prefill_kv.metrics.routed.labels(prefill["b"].instance_id, "0")._value.get() == 6
+    finally:
+        await server.stop()
+        await frontend.close()
+        for w in [*decode, *prefill.values()]:
             await w.rt.close()

@@ -63,6 +63,15 @@ class Cluster:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return json.load(resp)
 
+    def start_stream(self, base: str, prompt: list[int], max_tokens: int) -> Any:
+        """A streamed completion, open once its first chunk came: it is running on its worker."""
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": True, "stream": True}).encode()
+        req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(req, timeout=60)
+        assert resp.readline().startswith(b"data: ")
+        return resp
+
     def stop(self) -> None:
         for proc, _ in [*self.workers.values(), *self.frontends]:
             proc.stop()
@@ -96,8 +105,12 @@ def cluster(nats_server: NatsServer, demo_model: str) -> Iterator[Cluster]:
 def test_requests_sharing_a_prefix_go_to_the_worker_that_caches_it(cluster: Cluster) -> None:
     _, base = cluster.frontends[0]
     prefixes = {seed: prompt_of(seed, 4 * BLOCK) for seed in (1, 2)}  # two tenants' system prompts
-    for seed, prefix in prefixes.items():
-        cluster.complete(base, prefix + [7])  # the first request of a tenant computes its prefix
+    # The first request of a tenant computes its prefix. The second tenant's comes while the
+    # first's is still running, so it goes to the other worker (the least loaded, nobody holding
+    # any of it): each worker then holds one prefix, whatever the tie-breaks.
+    with cluster.start_stream(base, prefixes[1] + [7], max_tokens=300) as running:
+        cluster.complete(base, prefixes[2] + [7])
+        running.read()
     wait_until(lambda: metric(base, "dynamo_frontend_kv_index_blocks") >= 8, 15, what="the index holding both prefixes")
     before = cluster.hits()
     holders = {}
@@ -112,6 +125,7 @@ def test_requests_sharing_a_prefix_go_to_the_worker_that_caches_it(cluster: Clus
         [holder] = [name for name, tokens in gained.items() if tokens > 0]
         assert gained[holder] == 4 * 4 * BLOCK, gained
         holders[seed] = holder
+    assert sorted(holders.values()) == ["a", "b"]
     # Predictions matched what the engines reported for every request routed here.
     assert metric(base, "dynamo_frontend_kv_prediction_misses_total") == 0
     assert metric(base, "dynamo_frontend_kv_event_gaps_total") == 0

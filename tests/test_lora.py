@@ -305,7 +305,8 @@ async def test_the_frontend_lists_adapters_and_sends_them_only_to_workers_that_h
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(deployment.fake.model_path)
-    assert resp.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    # rstrip: like vLLM, the frontend drops a character the output stops inside (not U+FFFD).
+    assert resp.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
     # The base model is still served by both workers.
     for _ in range(2):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)

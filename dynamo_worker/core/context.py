@@ -22,9 +22,13 @@ class WorkerContext:
 
     ``options`` holds every parsed flag (core and role). ``runtime`` is connected from
     ``dynamo_worker_create_engine`` on. ``engine`` is what ``dynamo_worker_create_engine``
-    returned. ``state`` is free for the role's own bookkeeping that other plugins may read.
-    ``health`` is what ``/health`` reports; a role that stops serving on purpose (an engine put
-    to sleep) says why in ``health.paused[name]`` and removes it when it serves again.
+    returned. ``component`` is where the role's endpoints are addressed
+    (``namespace.component.endpoint``): the core sets it from the role's ``component`` attribute
+    (its ``name`` when it has none) right after ``dynamo_worker_configure``. ``resolved_config``
+    is what the role decided at configure (defaults it applied, derived settings) for
+    ``--dump-config-to``. ``health`` is what ``/health`` reports; a role that stops serving on
+    purpose (an engine put to sleep) says why in ``health.paused[name]`` and removes it when it
+    serves again.
     """
 
     role: RoleInfo
@@ -33,12 +37,13 @@ class WorkerContext:
     log: logging.Logger
     engine: Any = None
     shutdown_requested: asyncio.Event = attrs.field(factory=asyncio.Event)
-    state: dict[str, Any] = attrs.field(factory=dict)
+    component: str = ""
+    resolved_config: dict[str, Any] = attrs.field(factory=dict)
     health: HealthState = attrs.field(factory=HealthState)
 
     @property
     def namespace(self) -> str:
-        return self.options.namespace
+        return str(self.options.namespace)
 
     @property
     def instance_id(self) -> str:

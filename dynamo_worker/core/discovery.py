@@ -6,6 +6,11 @@ that dies stops rewriting, and the server expires its keys: the bucket is create
 ``limit_marker_ttl`` so watchers see the expiry as a PURGE about a millisecond after it runs out.
 A clean shutdown deletes its keys at once. Watchers are recreated after a reconnect, because an
 existing JetStream watcher stalls for many seconds after a server restart.
+
+On one nats-server the bucket has one replica, in memory. On a cluster (``--discovery-replicas N``)
+it has N replicas in file storage, so discovery survives the loss of a minority of the servers and a
+partition leaves the majority side with the live view (an instance cut off with a minority cannot
+refresh its lease, and leaves routing when it runs out).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from dynamo_worker.core import wire
+from dynamo_worker.core.errors import UsageError
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -61,23 +67,52 @@ _record_decoder = msgspec.json.Decoder(InstanceRecord)
 class Discovery:
     """Registers this process's records and keeps their leases alive."""
 
-    def __init__(self, js: JetStreamContext, lease_ttl: int) -> None:
+    def __init__(self, js: JetStreamContext, lease_ttl: int, replicas: int = 1) -> None:
         self.js = js
         self.lease_ttl = lease_ttl
+        self.replicas = replicas
         self._kv: KeyValue | None = None
         self._records: dict[str, InstanceRecord] = {}
         self._keepalive: asyncio.Task[None] | None = None
+        self._failing = False  # keep-alives are failing: said once, and once when they work again
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
             try:
-                self._kv = await self.js.key_value(BUCKET)
+                kv = await self.js.key_value(BUCKET)
             except BucketNotFoundError:
-                self._kv = await self.js.create_key_value(
-                    KeyValueConfig(bucket=BUCKET, history=1, storage=StorageType.MEMORY,
-                                   limit_marker_ttl=5)
-                )
+                kv = await self._create()
+            self._kv = kv
         return self._kv
+
+    async def _create(self) -> KeyValue:
+        # Replicated: file storage, so a restarted server catches up from its own copy plus the log.
+        storage = StorageType.MEMORY if self.replicas == 1 else StorageType.FILE
+        try:
+            return await self.js.create_key_value(
+                KeyValueConfig(bucket=BUCKET, history=1, storage=storage, replicas=self.replicas,
+                               limit_marker_ttl=5)
+            )
+        except APIError as exc:
+            # 10074: replicas > 1 on a server that is not clustered; 10005 ("no suitable peers for
+            # placement") and 10023 ("insufficient resources"): fewer servers than replicas.
+            if self.replicas > 1 and exc.err_code in (10074, 10005, 10023):
+                raise UsageError(
+                    f"--discovery-replicas {self.replicas}: the NATS cluster cannot hold {self.replicas} replicas "
+                    f"({exc.description}); give at most the number of JetStream servers in the cluster "
+                    "(1 for a single nats-server)") from exc
+            raise
+
+    async def check_replicas(self) -> None:
+        """Create (or find) the bucket now; a one-line :class:`UsageError` if the cluster has fewer
+        servers than ``--discovery-replicas``. A bucket made earlier with another count is used as
+        it is, with a warning (changing it is the operator's: ``nats kv edit``, or recreate it)."""
+        kv = await self.bucket()
+        status = await kv.status()
+        have = status.stream_info.config.num_replicas or 1
+        if have != self.replicas:
+            log.warning("the discovery bucket %s exists with %d replica(s), not the %d of --discovery-replicas; "
+                        "using it as it is", BUCKET, have, self.replicas)
 
     async def _put(self, record: InstanceRecord) -> None:
         await self.bucket()
@@ -120,13 +155,26 @@ class Discovery:
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
             started = loop.time()
-            if started - due > interval:  # two thirds of the lease gone: the lease may lapse
+            # Two thirds of the lease gone: the lease may lapse (during an outage, each failed round
+            # waits out its publish timeout: that lateness is the outage's, already said).
+            if started - due > interval and not self._failing:
                 log.warning("discovery keep-alive ran %.1f s late (the event loop or NATS was busy); the "
                             "lease is %s s", started - due, self.lease_ttl)
             try:
                 await self.refresh()
             except Exception as exc:  # an outage: keep trying, the lease may lapse meanwhile
-                log.warning("discovery keep-alive failed (%s: %s); retrying", type(exc).__name__, exc)
+                if not self._failing:
+                    # Once per outage: with no JetStream quorum (most servers down, or this one cut
+                    # off) this fails every round. Requests to instances already known still flow.
+                    log.warning("discovery keep-alive failed (%s: %s): JetStream is unreachable or has no "
+                                "quorum; this instance's lease runs out in %s s and peers stop routing to it "
+                                "until it comes back; retrying every %.1f s", type(exc).__name__, exc or "",
+                                self.lease_ttl, interval)
+                    self._failing = True
+            else:
+                if self._failing:
+                    log.warning("discovery keep-alive works again: this instance is back in discovery")
+                    self._failing = False
             due = started + interval
 
     async def close(self) -> None:
@@ -225,6 +273,7 @@ class InstanceWatcher:
             await self._notify(key, record, False)
 
     async def _run(self) -> None:
+        failing = False
         while True:
             watcher = None
             try:
@@ -241,6 +290,9 @@ class InstanceWatcher:
                 async for entry in watcher:
                     if entry is None:  # end of the initial snapshot
                         if initial:
+                            if failing:
+                                log.warning("discovery watch works again")
+                                failing = False
                             for gone in set(self.records) - seen:
                                 await self._apply(gone, None, expired=True)
                             initial = False
@@ -259,7 +311,12 @@ class InstanceWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # outage or lost bucket: keep the last view, try again
-                log.warning("discovery watch failed (%s: %s); retrying", type(exc).__name__, exc)
+                # Once per outage (no JetStream quorum fails every try): routing goes on with the
+                # last view meanwhile.
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "discovery watch failed (%s: %s); routing on the last view (%d records) "
+                        "and retrying", type(exc).__name__, exc, len(self.records))
+                failing = True
                 self.discovery._kv = None
                 await asyncio.sleep(0.5)
             finally:

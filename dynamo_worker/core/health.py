@@ -14,11 +14,35 @@ import time
 from contextlib import aclosing
 from typing import Any
 
+import attrs
+
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from dynamo_worker.core.status_server import HealthState
 
 log = logging.getLogger(__name__)
+
+#: The endpoint a health payload goes to when the hook returns a bare dict.
+DEFAULT_CANARY_ENDPOINT = "generate"
+
+
+@attrs.frozen
+class HealthCheck:
+    """What ``dynamo_worker_health_payload`` returns: the request (``payload``) the canary sends,
+    and the role's ``endpoint`` it goes to. A bare dict means ``HealthCheck(payload, "generate")``."""
+
+    payload: dict[str, Any]
+    endpoint: str = DEFAULT_CANARY_ENDPOINT
+
+    @classmethod
+    def of(cls, value: HealthCheck | dict[str, Any] | None) -> HealthCheck | None:
+        """The hook's result as a :class:`HealthCheck` (``None`` stays ``None``)."""
+        if value is None or isinstance(value, HealthCheck):
+            return value
+        if isinstance(value, dict):
+            return cls(value)
+        raise TypeError(f"dynamo_worker_health_payload returned {type(value).__name__}; "
+                        "return a dict, a HealthCheck or None")
 
 
 class HealthCanary:
@@ -38,11 +62,16 @@ class HealthCanary:
         """Send one canary; record the outcome in the health state."""
         client = self.runtime.client(self.component, self.endpoint)
         started = time.monotonic()
+        # The endpoint server is in this process: marking the id here is what lets the handler
+        # see RequestContext.is_health_check, and no caller can forge it.
+        marked = self.runtime.servers[self.endpoint].health_check_ids
+        request_id = self.runtime.new_request_id()
 
         async def ask() -> list[Any]:
-            async with aclosing(client.direct(self.payload, self.runtime.instance_id)) as stream:
+            async with aclosing(client.direct(self.payload, self.runtime.instance_id, request_id)) as stream:
                 return [item async for item in stream]
 
+        marked.add(request_id)
         try:
             if not await asyncio.wait_for(ask(), self.timeout):
                 raise RequestError("internal", "the endpoint answered nothing")
@@ -52,6 +81,8 @@ class HealthCanary:
                 log.error("health canary on %s failed: %s", self.endpoint, message)
             self.health.canary_ok, self.health.canary_error = False, message
             return
+        finally:
+            marked.discard(request_id)
         if self.health.canary_ok is False:
             log.info("health canary on %s passes again", self.endpoint)
         self.health.canary_ok, self.health.canary_error = True, None

@@ -11,6 +11,12 @@ Rules that keep third-party roles working across releases:
 * Registration order (written down in :data:`dynamo_worker.core.plugins.CORE_PLUGINS`): core
   plugins first, the selected role last. pluggy calls implementations last-in first-out, so the
   role's implementation runs before the core's for every hook.
+* The core calls every hook by argument name. Hook wrappers (``hookwrapper=True`` or
+  ``wrapper=True``) are refused when the role is loaded: hooks may return awaitables that the
+  core awaits after pluggy returns, so a wrapper would only ever see un-awaited coroutines.
+* If start-up fails after the runtime is connected (an engine that does not load, an endpoint
+  that raises while registering), ``dynamo_worker_shutdown`` still runs, with whatever exists
+  (``ctx.engine`` may be ``None``).
 
 docs/hooks.md documents each hook with its exact signature; a test keeps the two in step.
 """
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from dynamo_worker.core.context import WorkerContext
+    from dynamo_worker.core.health import HealthCheck
     from dynamo_worker.core.registrar import Registrar
 
 PROJECT_NAME = "dynamo_worker"
@@ -54,7 +61,9 @@ def dynamo_worker_configure(ctx: WorkerContext) -> None:
     Called after parsing, before logging, metrics or the runtime are set up; ``ctx.options``
     is the parsed :class:`argparse.Namespace`, ``ctx.runtime`` is not connected yet. Raise
     :class:`dynamo_worker.core.errors.UsageError` with a one-line message naming the flag and
-    the fix for a bad combination: the CLI prints it and exits 2.
+    the fix for a bad combination: the CLI prints it and exits 2. A role whose component
+    depends on its options sets ``self.component`` here (the core reads it afterwards into
+    ``ctx.component``); what the role resolved goes into ``ctx.resolved_config``.
 
     Merge rule: all implementations run (role first, then core).
     """
@@ -100,11 +109,14 @@ def dynamo_worker_register_endpoints(registrar: Registrar, ctx: WorkerContext) -
 
 
 @hookspec(firstresult=True)
-def dynamo_worker_health_payload(ctx: WorkerContext) -> dict[str, Any] | None:
-    """Return the request sent to this role's ``generate`` endpoint as a health canary.
+def dynamo_worker_health_payload(ctx: WorkerContext) -> HealthCheck | dict[str, Any] | None:
+    """Return the health canary: the request sent to one of this role's endpoints when idle.
 
-    Called once after endpoints are registered. ``DYN_HEALTH_CHECK_PAYLOAD`` (JSON) overrides
-    the result. Return ``None`` for a role with no canary.
+    Return ``HealthCheck(payload, endpoint="name")`` to probe any endpoint; a bare dict goes to
+    ``generate``. Called once after endpoints are registered. ``DYN_HEALTH_CHECK_PAYLOAD`` (JSON)
+    overrides the payload, sent to the same endpoint. Return ``None`` for a role with no
+    canary; a role that serves endpoints but gets no canary is warned about at start-up. The
+    handler sees ``context.is_health_check`` true for a canary.
 
     Merge rule: first non-None result wins.
     """

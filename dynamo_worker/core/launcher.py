@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-events", action="store_true",
                    help="frontend, with --router-mode kv: approximate mode, predict each worker's cache from what "
                         "was routed there instead of reading its KV events")
+    p.add_argument("--kv-overlap-score-weight", type=float, metavar="W",
+                   help="frontend, with --router-mode kv: weight of the prefill blocks a worker would compute "
+                        "against its decode load (default: the frontend's, 1.0)")
     p.add_argument("--migration-limit", type=int, default=0, metavar="N",
                    help="frontend: continue a stream on another worker when its worker fails, up to N "
                         "times (default %(default)s)")
@@ -409,6 +412,8 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
                              *(["--router-mode", args.router_mode] if args.router_mode else []),
                              *(["--no-kv-events"] if args.no_kv_events else []),
+                             *(["--kv-overlap-score-weight", str(args.kv_overlap_score_weight)]
+                               if args.kv_overlap_score_weight is not None else []),
                              "--migration-limit", str(args.migration_limit),
                              "--max-request-bytes", str(args.max_request_bytes)], env,
                 system_port=_free_port())

@@ -63,6 +63,37 @@ def check_admin_token(token: str | None) -> None:
                          "or newlines (it is sent as Authorization: Bearer TOKEN)")
 
 
+def _nats_hosts(nats_url: str) -> list[str]:
+    from urllib.parse import urlsplit
+
+    hosts = []
+    for url in nats_url.split(","):
+        url = url.strip()
+        hosts.append(urlsplit(url if "://" in url else f"nats://{url}").hostname or "")
+    return hosts
+
+
+def check_advertise(o: Any) -> None:
+    """A worker that would publish a TCP address other hosts cannot reach while its deployment spans
+    hosts (NATS is not on loopback) fails at start with one line naming the flag."""
+    from dynamo_worker.core.tcp_plane import WILDCARDS
+
+    advertise = o.tcp_rpc_advertise_host
+    if advertise is not None and (not advertise.strip() or advertise in WILDCARDS):
+        raise UsageError(f"--tcp-rpc-advertise-host {advertise!r} is no address callers can reach; give this "
+                         "host's address (or name) as other hosts see it")
+    if o.request_plane != "tcp":
+        return
+    remote_nats = not all(request_plane_auth.is_loopback(h) for h in _nats_hosts(o.nats_url))
+    published = advertise or (None if o.tcp_rpc_host in WILDCARDS else o.tcp_rpc_host)
+    if remote_nats and published is not None and request_plane_auth.is_loopback(published):
+        flag = "--tcp-rpc-advertise-host" if advertise else "--tcp-rpc-host"
+        raise UsageError(f"{flag} {published}: the worker would publish a loopback address while NATS "
+                         f"({o.nats_url}) is reached over the network, so callers on other hosts could not reach "
+                         "it; bind --tcp-rpc-host 0.0.0.0 (this host's address on the NATS connection is published) "
+                         "or pass --tcp-rpc-advertise-host ADDRESS")
+
+
 class CoreOptions:
     """Runtime, status-server and shutdown options every role process has."""
 
@@ -78,7 +109,24 @@ class CoreOptions:
         g.add_argument(
             "--nats-url",
             default=env_default("NATS_SERVER", DEFAULT_NATS_URL),
-            help="NATS server URL, comma-separated for a cluster (env NATS_SERVER; default %(default)s)",
+            help="NATS server URL, comma-separated for a cluster: the first that answers is used (list this "
+            "host's own server first), the others when it dies (env NATS_SERVER; default %(default)s)",
+        )
+        g.add_argument(
+            "--nats-randomize",
+            action="store_true",
+            default=env_default("DYN_NATS_RANDOMIZE", False, lambda v: v.lower() in ("1", "true", "yes")),
+            help="try the --nats-url servers in random order, to spread clients that all pass the same list "
+            "(env DYN_NATS_RANDOMIZE=true)",
+        )
+        g.add_argument(
+            "--discovery-replicas",
+            type=int,
+            default=env_default("DYN_DISCOVERY_REPLICAS", 1, int),
+            metavar="N",
+            help="replicas of the discovery bucket (JetStream KV), at most the cluster's servers; with 3 the "
+            "live view survives one server down or cut off; above 1 it is kept on disk (env "
+            "DYN_DISCOVERY_REPLICAS; default %(default)s: one nats-server)",
         )
         g.add_argument(
             "--nats-connect-timeout",
@@ -100,9 +148,17 @@ class CoreOptions:
             "--tcp-rpc-host",
             default=env_default("DYN_TCP_RPC_HOST", "127.0.0.1"),
             metavar="HOST",
-            help="address a worker's TCP request-plane listener binds (and publishes); beyond loopback it "
-            "needs the deployment's secret, --request-plane-token or --nats-token (env DYN_TCP_RPC_HOST; "
+            help="address a worker's TCP request-plane listener binds; beyond loopback it needs the "
+            "deployment's secret, --request-plane-token or --nats-token (env DYN_TCP_RPC_HOST; "
             "default %(default)s)",
+        )
+        g.add_argument(
+            "--tcp-rpc-advertise-host",
+            default=env_default("DYN_TCP_RPC_ADVERTISE_HOST", None),
+            metavar="HOST",
+            help="address other processes reach that listener at, published in discovery (default: "
+            "--tcp-rpc-host; for a wildcard such as 0.0.0.0, this host's address on its NATS connection) "
+            "(env DYN_TCP_RPC_ADVERTISE_HOST)",
         )
         g.add_argument(
             "--tcp-rpc-port",
@@ -233,6 +289,9 @@ class CoreOptions:
         check_positive("--tcp-read-timeout", o.tcp_read_timeout)
         check_positive("--tcp-idle-timeout", o.tcp_idle_timeout)
         check_positive("--lease-ttl", o.lease_ttl)
+        check_at_least("--discovery-replicas", o.discovery_replicas, 1)
+        if o.discovery_replicas > 5:  # JetStream's own limit
+            raise UsageError(f"--discovery-replicas {o.discovery_replicas}: JetStream allows at most 5 replicas")
         check_positive("--graceful-shutdown-timeout", o.graceful_shutdown_timeout)
         check_positive("--shutdown-cleanup-timeout", o.shutdown_cleanup_timeout)
         check_positive("--engine-check-interval", o.engine_check_interval)

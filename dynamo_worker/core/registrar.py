@@ -38,8 +38,8 @@ class Registrar:
     """Collects what one role serves; bound to the role's name so duplicates name their owner.
 
     ``component`` is the component the role's endpoints are addressed under
-    (``namespace.component.endpoint``); it defaults to the role name and a role may set it in
-    ``dynamo_worker_configure`` through ``ctx.state["component"]``.
+    (``namespace.component.endpoint``): the role class's ``component`` attribute (which
+    ``dynamo_worker_configure`` may change on the instance), else the role name.
     """
 
     role: str

@@ -72,12 +72,19 @@ def check_size(size: int, limit: int) -> None:
 
 @attrs.define
 class RequestContext:
-    """What a handler knows about the request it serves."""
+    """What a handler knows about the request it serves.
+
+    ``is_health_check`` is true for the health canary this process sends itself (the role's
+    health payload, after the endpoint has been idle): a handler may answer it more cheaply, or
+    leave it out of its own accounting. A caller cannot set it: the worker marks the ids of the
+    canaries it sent, in its own memory.
+    """
 
     request_id: str
     endpoint: str
     instance_id: str
     started: float = attrs.field(factory=time.monotonic)
+    is_health_check: bool = False
 
 
 Handler = Callable[[Any, RequestContext], AsyncIterator[Any]]
@@ -190,6 +197,7 @@ class EndpointServer:
         self.outbox = Outbox(nc)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.last_activity = time.monotonic()  # when a request last started or ended (idle canary)
+        self.health_check_ids: set[str] = set()  # request ids of this process's own canaries
         self._sub: Any = None
         self._shutting_down = False
         self._answers: set[asyncio.Task[None]] = set()
@@ -263,7 +271,8 @@ class EndpointServer:
         task.add_done_callback(lambda _t, rid=envelope.id: self.inflight.pop(rid, None))
 
     async def _serve(self, envelope: wire.RequestEnvelope, put: FrameSink) -> None:
-        ctx = RequestContext(envelope.id, self.endpoint, self.instance_id)
+        ctx = RequestContext(envelope.id, self.endpoint, self.instance_id,
+                             is_health_check=envelope.id in self.health_check_ids)
         seq = 0
         outcome = "ok"
         err: wire.ErrorInfo | None = None

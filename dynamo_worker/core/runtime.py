@@ -28,8 +28,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from dynamo_worker.core import wire
-from dynamo_worker.core.discovery import Discovery, InstanceRecord, InstanceWatcher
-from dynamo_worker.core.errors import EngineDead, RuntimeUnavailable
+from dynamo_worker.core.discovery import BUCKET, Discovery, InstanceRecord, InstanceWatcher
+from dynamo_worker.core.errors import EngineDead, RuntimeUnavailable, UsageError
 from dynamo_worker.core.nats_auth import redact
 from dynamo_worker.core.request_plane import (
     EndpointServer,
@@ -39,7 +39,7 @@ from dynamo_worker.core.request_plane import (
     StreamRouter,
     check_size,
 )
-from dynamo_worker.core.tcp_plane import DEFAULT_LIMITS, ListenerLimits, TcpCaller, TcpListener
+from dynamo_worker.core.tcp_plane import DEFAULT_LIMITS, WILDCARDS, ListenerLimits, TcpCaller, TcpListener
 
 #: The request planes a runtime can call (and serve) requests over.
 REQUEST_PLANES = ("tcp", "nats")
@@ -56,17 +56,20 @@ class Runtime:
 
     def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float,
                  request_plane: str = "nats", tcp_host: str = "127.0.0.1", tcp_port: int = 0,
-                 request_plane_secret: bytes | None = None, tcp_limits: ListenerLimits = DEFAULT_LIMITS) -> None:
+                 request_plane_secret: bytes | None = None, tcp_limits: ListenerLimits = DEFAULT_LIMITS,
+                 discovery_replicas: int = 1, tcp_advertise_host: str | None = None) -> None:
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: choose one of {', '.join(REQUEST_PLANES)}")
         self.nc = nc
         self.request_plane = request_plane
         self.tcp_host, self.tcp_port = tcp_host, tcp_port
+        self.tcp_advertise_host = tcp_advertise_host  # None: derived (see advertise_host())
+        self.last_server = ""  # the server last connected to (nats-py forgets it while reconnecting)
         self.request_plane_secret = request_plane_secret
         self.tcp_limits = tcp_limits
         self.namespace = namespace
         self.instance_id = new_instance_id()
-        self.discovery = Discovery(nc.jetstream(), lease_ttl)
+        self.discovery = Discovery(nc.jetstream(), lease_ttl, discovery_replicas)
         self.streams = StreamRouter(nc, namespace, f"_DW.{self.instance_id}", idle_timeout)
         self.servers: dict[str, EndpointServer] = {}
         self.watchers: dict[str, InstanceWatcher] = {}
@@ -85,22 +88,33 @@ class Runtime:
     async def connect(cls, url: str, namespace: str, *, timeout: float = 5.0, lease_ttl: int = 3,
                       idle_timeout: float = 60.0, name: str = "dynamo-worker", request_plane: str = "nats",
                       tcp_host: str = "127.0.0.1", tcp_port: int = 0, request_plane_secret: bytes | None = None,
-                      tcp_limits: ListenerLimits = DEFAULT_LIMITS, **nats_options: Any) -> Runtime:
+                      tcp_limits: ListenerLimits = DEFAULT_LIMITS, discovery_replicas: int = 1,
+                      tcp_advertise_host: str | None = None, randomize_servers: bool = False,
+                      **nats_options: Any) -> Runtime:
         """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot.
 
+        ``url`` may list several servers of a cluster, comma-separated. The first one that answers
+        is used (list the host's own server first), unless ``randomize_servers``; when it dies the
+        client moves on to the next (the cluster's other servers, learnt from it, included) and keeps
+        trying all of them forever.
+
         ``request_plane_secret``: the deployment's TCP-plane secret (:mod:`.request_plane_auth`);
-        None only for a deployment without one.
+        None only for a deployment without one. ``discovery_replicas``: the discovery bucket's
+        replicas, checked here when above 1 (:class:`UsageError` if the cluster is too small).
         """
         holder: dict[str, Runtime] = {}
 
         async def reconnected() -> None:
             if "rt" in holder:
+                holder["rt"].last_server = holder["rt"].connected_url()
+                log.warning("reconnected to NATS at %s", redact(holder["rt"].last_server))
                 await holder["rt"]._on_reconnect()
 
         async def disconnected() -> None:
             rt = holder.get("rt")
             if rt is not None and not rt._closing:
-                log.warning("lost the NATS connection to %s; reconnecting", redact(url))
+                log.warning("lost the NATS connection to %s; reconnecting (to any server of %s)",
+                            redact(rt.last_server or url), redact(url))
 
         async def error(exc: Exception) -> None:
             log.debug("NATS client error: %s", exc)
@@ -111,9 +125,12 @@ class Runtime:
                     servers=[u.strip() for u in url.split(",")],
                     name=name,
                     connect_timeout=min(timeout, 2.0),
-                    # Reconnect fast and forever: the process should outlive a NATS restart.
+                    # Reconnect fast and forever: the process should outlive a NATS restart, and
+                    # move to another server of the cluster when its own dies (a dead server is
+                    # tried again only after the others).
                     reconnect_time_wait=0.25,
                     max_reconnect_attempts=-1,
+                    dont_randomize=not randomize_servers,
                     reconnected_cb=reconnected,
                     disconnected_cb=disconnected,
                     error_cb=error,
@@ -129,11 +146,53 @@ class Runtime:
                 "(and its credentials: --nats-token, --nats-user, --nats-creds)"
             ) from exc
         rt = cls(nc, namespace, lease_ttl, idle_timeout, request_plane, tcp_host, tcp_port,
-                 request_plane_secret, tcp_limits)
+                 request_plane_secret, tcp_limits, discovery_replicas, tcp_advertise_host)
         holder["rt"] = rt
+        rt.last_server = rt.connected_url()
+        log.info("connected to NATS at %s", redact(rt.last_server))
+        if discovery_replicas > 1:
+            try:
+                await asyncio.wait_for(rt.discovery.check_replicas(), timeout)
+            except UsageError:
+                rt._closing = True
+                await nc.close()
+                raise
+            except (asyncio.TimeoutError, nats.errors.Error) as exc:  # no quorum now: it is retried on use
+                log.warning("could not check the discovery bucket now (%s); JetStream may have no quorum yet",
+                            type(exc).__name__)
         await rt.streams.start()
         rt._control_sub = await nc.subscribe(rt._control_subject(rt.instance_id), cb=rt._on_control)
+        # A KV watcher is a consumer on the bucket's stream leader: when a server dies the leader
+        # moves and the watcher stalls without an error (so it would miss lease expiries, and
+        # streams to a dead instance would wait for their idle timeout). Restart watchers then.
+        await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.KV_{BUCKET}", cb=rt._on_leader_elected)
         return rt
+
+    def connected_url(self) -> str:
+        """The URL of the NATS server this process is attached to now ("" while it is not)."""
+        url = self.nc.connected_url
+        return url.geturl() if url is not None else ""
+
+    def nats_local_host(self) -> str | None:
+        """This host's address on the NATS connection: the interface that reaches the server,
+        so an address the server's other clients (on other hosts) can reach too."""
+        transport = getattr(self.nc, "_transport", None)
+        writer = getattr(transport, "_io_writer", None)
+        sockname = writer.get_extra_info("sockname") if writer is not None else None
+        return str(sockname[0]) if sockname else None
+
+    def advertise_host(self) -> str:
+        """The host other processes reach this process's TCP listener at: ``--tcp-rpc-advertise-host``,
+        else the bind address, else (a wildcard bind) this host's address on the NATS connection."""
+        if self.tcp_advertise_host:
+            return self.tcp_advertise_host
+        if self.tcp_host not in WILDCARDS:
+            return self.tcp_host
+        local = self.nats_local_host()
+        if local is None:
+            raise UsageError(f"--tcp-rpc-host {self.tcp_host}: cannot tell which address other hosts reach "
+                             "this one at; pass --tcp-rpc-advertise-host ADDRESS")
+        return local
 
     def max_message_bytes(self) -> int:
         """The request plane's size limit, on either plane: the NATS server's ``max_payload``
@@ -160,7 +219,7 @@ class Runtime:
         if self.request_plane == "tcp" and self.listener is None:
             listener = TcpListener(self.servers, secret=self.request_plane_secret,
                                    max_message_bytes=self.max_message_bytes, limits=self.tcp_limits)
-            await listener.start(self.tcp_host, self.tcp_port)
+            await listener.start(self.tcp_host, self.tcp_port, self.advertise_host())
             self.listener = listener
         await server.start()
         self.servers[endpoint] = server
@@ -185,6 +244,12 @@ class Runtime:
         """Stop accepting, wait for in-flight requests up to ``timeout``; return how many were cut."""
         results = await asyncio.gather(*(s.drain(timeout) for s in self.servers.values()))
         return sum(results)
+
+    async def _on_leader_elected(self, msg: Msg) -> None:
+        if self.watchers:
+            log.info("the discovery bucket has a new leader; recreating discovery watchers")
+            for w in list(self.watchers.values()):
+                await w.restart()
 
     async def _on_control(self, msg: Msg) -> None:
         try:

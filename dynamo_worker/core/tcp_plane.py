@@ -273,8 +273,9 @@ class TcpListener:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> str:
-        """Listen on ``host:port`` (0: any free port); returns the address callers should use."""
+    async def start(self, host: str, port: int, advertise_host: str | None = None) -> str:
+        """Listen on ``host:port`` (0: any free port); returns the address callers should use
+        (``advertise_host``, default ``host``, with the bound port)."""
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(lambda: _WorkerConnection(self), host, port, reuse_address=True)
@@ -285,7 +286,11 @@ class TcpListener:
             log.warning("the TCP request plane on %s has no secret: any process on this host can call this "
                         "worker; set DYN_REQUEST_PLANE_TOKEN (or --nats-token) to close it", host)
         bound_port = self._server.sockets[0].getsockname()[1]
-        self.address = f"{advertised_host(host)}:{bound_port}"
+        advertised = advertise_host or host
+        if advertised in WILDCARDS:
+            raise UsageError(f"--tcp-rpc-host {host}: a wildcard is no address to publish; pass "
+                             "--tcp-rpc-advertise-host ADDRESS")
+        self.address = f"[{advertised}]:{bound_port}" if ":" in advertised else f"{advertised}:{bound_port}"
         self._sweeper = asyncio.create_task(self._sweep(), name="tcp-plane-timeouts")
         return self.address
 
@@ -327,14 +332,8 @@ class TcpListener:
         # whose close is still in flight would hold shutdown forever.
 
 
-def advertised_host(bind_host: str) -> str:
-    """The host callers reach a listener bound to ``bind_host`` at (a wildcard is not one)."""
-    if bind_host in ("", "0.0.0.0", "::"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return bind_host
+#: Bind addresses that mean "every interface": callers need another address to reach the listener.
+WILDCARDS = ("", "0.0.0.0", "::")
 
 
 # ---- caller side --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 from dynamo_worker.core.context import WorkerContext
 from dynamo_worker.core.errors import EngineDead, UsageError
 from dynamo_worker.core.files import write_private_file
-from dynamo_worker.core.health import HealthCanary
+from dynamo_worker.core.health import HealthCanary, HealthCheck
 from prometheus_client import REGISTRY
 
 from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
@@ -43,7 +43,6 @@ from dynamo_worker.core.status_server import HealthState, StatusServer
 
 EXIT_OK = 0
 EXIT_FATAL = 1
-CANARY_ENDPOINT = "generate"
 
 
 def health_payload_override() -> dict[str, Any] | None:
@@ -90,17 +89,19 @@ class Worker:
         ctx = self.ctx = WorkerContext(role=self.info, options=self.options, runtime=None, log=self.log,
                                             health=self.health)  # type: ignore[arg-type]
         await self.hooks.configure(ctx)
-        ctx.state["health_payload_override"] = health_payload_override()  # bad JSON fails before any work
+        override = health_payload_override()  # bad JSON fails before any work
+        # Read after configure: a role may choose its component from its options there.
+        component = ctx.component = getattr(self.hooks.role, "component", None) or self.info.name
         self._dump_config(ctx)
         registry = exposition_registry()
-        component = ctx.state.setdefault("component", self.info.name)
         observer = WorkerMetrics(self.options.namespace, component)
 
         ctx.runtime = await Runtime.connect(
             self.options.nats_url, self.options.namespace, timeout=self.options.nats_connect_timeout,
             lease_ttl=self.options.lease_ttl, name=f"dynamo-worker/{self.info.name}",
             request_plane=self.options.request_plane, tcp_host=self.options.tcp_rpc_host,
-            tcp_port=self.options.tcp_rpc_port,
+            tcp_port=self.options.tcp_rpc_port, tcp_advertise_host=self.options.tcp_rpc_advertise_host,
+            discovery_replicas=self.options.discovery_replicas, randomize_servers=self.options.nats_randomize,
             request_plane_secret=request_plane_auth.secret_from(self.options),
             tcp_limits=ListenerLimits(self.options.tcp_max_connections, self.options.tcp_read_timeout,
                                       self.options.tcp_idle_timeout),
@@ -112,7 +113,7 @@ class Worker:
             if self.options.system_port is not None:
                 self.status = StatusServer(self.health, registry, admin_token=self.options.system_admin_token)
                 await self.status.start(self.options.system_host, self.options.system_port)
-            return await self._serve(ctx, registry, component, observer)
+            return await self._serve(ctx, registry, component, observer, override)
         except BaseException:
             # A start-up failure (bad engine argument, model not found): release what exists.
             await self._shutdown(ctx, EXIT_FATAL, 0.0)
@@ -121,15 +122,17 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
-    async def _serve(self, ctx: WorkerContext, registry: Any, component: str, observer: WorkerMetrics) -> int:
+    async def _serve(self, ctx: WorkerContext, registry: Any, component: str, observer: WorkerMetrics,
+                     override: dict[str, Any] | None) -> int:
         assert self._fatal is not None
         try:
             ctx.engine = await self._until_fatal(self.hooks.create_engine(ctx))
             await self.hooks.register_metrics(REGISTRY, ctx)
             registrar = Registrar(role=self.info.name, component=component)
             await self.hooks.register_endpoints(registrar, ctx)
-            override = ctx.state["health_payload_override"]
-            ctx.state["health_payload"] = override or await self.hooks.health_payload(ctx)
+            check = await self.hooks.health_payload(ctx)
+            if override is not None:  # the operator's payload, to the endpoint the role probes
+                check = HealthCheck(override) if check is None else HealthCheck(override, check.endpoint)
             if self.status is not None:
                 self.status.add_routes(registrar.routes)
             for name, handler in registrar.endpoints.items():
@@ -144,9 +147,8 @@ class Worker:
             for name, task in registrar.tasks.items():
                 self._tasks.append(asyncio.create_task(self._background(name, task), name=name))
             self._tasks.append(asyncio.create_task(self._engine_monitor(ctx), name="engine-monitor"))
-            payload = ctx.state["health_payload"]
-            if payload is not None and self.options.health_check and CANARY_ENDPOINT in registrar.endpoints:
-                canary = HealthCanary(ctx.runtime, component, CANARY_ENDPOINT, payload, self.health,
+            if self._canary_checks(check, registrar) and check is not None:
+                canary = HealthCanary(ctx.runtime, component, check.endpoint, check.payload, self.health,
                                       idle=self.options.health_check_idle, timeout=self.options.health_check_timeout)
                 self._tasks.append(asyncio.create_task(canary.run(), name="health-canary"))
             self.health.endpoints = sorted(registrar.endpoints)
@@ -162,6 +164,22 @@ class Worker:
             self.log.error("fatal: %s; shutting down", fatal.cause)
             self.health.phase = "failed"
             return await self._shutdown(ctx, EXIT_FATAL, 0.0)
+
+    def _canary_checks(self, check: HealthCheck | None, registrar: Registrar) -> bool:
+        """Whether a canary will probe the endpoints; if not (and there are some), say so once."""
+        if not registrar.endpoints or not self.options.health_check:
+            return False  # nothing to probe, or the operator turned canaries off
+        if check is None:
+            reason = "the role returns no health payload (dynamo_worker_health_payload)"
+        elif check.endpoint not in registrar.endpoints:
+            reason = (f"its health payload goes to endpoint {check.endpoint!r}, which it does not serve "
+                      f"(it serves {', '.join(sorted(registrar.endpoints))})")
+        else:
+            return True
+        self.log.warning("no health canary for role %s: %s; /health reports only liveness. Return "
+                         "HealthCheck(payload, endpoint=...) from dynamo_worker_health_payload, or set "
+                         "DYN_HEALTH_CHECK_PAYLOAD", self.info.name, reason)
+        return False
 
     async def _until_fatal(self, aw: Any) -> Any:
         """Await ``aw`` unless a fatal error (dead engine, dead listener) comes first."""
@@ -213,7 +231,7 @@ class Worker:
         dump = {
             "role": self.info.as_dict(),
             "options": {k: v for k, v in vars(self.options).items() if _jsonable(v)},
-            "resolved": ctx.state.get("resolved_config", {}),
+            "resolved": ctx.resolved_config,
         }
         # Secrets go at every depth (vLLM's hf_token, a connector's extra config); the file is
         # 0600 and written atomically, so no reader ever sees it half-written or world-readable.

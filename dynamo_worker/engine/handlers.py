@@ -131,9 +131,11 @@ class GenerateHandler:
         if self.prefill_only:  # one token: the KV cache is the product; decode samples for real
             req.stop_conditions.max_tokens = req.stop_conditions.min_tokens = 1
             req.output_options.logprobs = None
+            req.sampling_options.guided_decoding = None  # the decode worker samples under the constraint
             req.prefill_result = None
             transfer = kv_transfer.prefill_params()
         params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len, transfer)
+        protocol.check_structured_outputs(params, self.engine)
         if self.sleep is not None and self.sleep.asleep:
             raise RequestError("unavailable", "the engine is asleep (POST /engine/wake_up on its system port)",
                                retryable=True)

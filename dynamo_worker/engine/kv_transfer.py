@@ -9,6 +9,10 @@ be given instead (not both: "Cannot specify both", as in Dynamo):
   does: the in-process executor contends for the GIL, vllm#29369), and
   ``VLLM_NIXL_SIDE_CHANNEL_HOST`` defaults to this host's address.
 * ``lmcache``: ``LMCacheConnectorV1``.
+* ``kvbm``: Dynamo's KV block manager, ``DynamoConnector`` from the ``kvbm`` package.
+* ``null`` is Dynamo's other spelling of ``none``.
+* Several (Dynamo's list form, ``--connector lmcache nixl``): vLLM's ``MultiConnector`` chaining
+  them in the order given (Dynamo's ``PdConnector`` does the same); ``none``/``null`` only alone.
 * ``example``: vLLM's file-based ``ExampleConnector`` for one machine (it works on CPU): the
   prefill side writes each prompt's KV, layer by layer, as safetensors files under
   ``--kv-shared-storage DIR``; the decode side finds a prompt's files by a hash of its tokens
@@ -32,18 +36,24 @@ from typing import Any
 
 from dynamo_worker.core.errors import UsageError
 
-CONNECTORS = ("none", "nixl", "lmcache", "example")
-CONNECTOR_CLASSES = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1", "example": "ExampleConnector"}
+NO_CONNECTOR = ("none", "null")  # Dynamo accepts both
+CONNECTORS = (*NO_CONNECTOR, "nixl", "lmcache", "kvbm", "example")
+CONNECTOR_CLASSES = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1", "kvbm": "DynamoConnector",
+                     "example": "ExampleConnector"}
+# Connectors vLLM does not ship: the module vLLM loads the class from.
+CONNECTOR_MODULES = {"kvbm": "kvbm.vllm_integration.connector"}
 # The Python package each connector needs at run time (imported by vLLM inside the engine).
-CONNECTOR_PACKAGES = {"nixl": "nixl", "lmcache": "lmcache"}
+CONNECTOR_PACKAGES = {"nixl": "nixl", "lmcache": "lmcache", "kvbm": "kvbm"}
+MULTI_CONNECTOR = "MultiConnector"  # vLLM's chain of connectors, for a list
 KV_ROLE = "kv_both"
 
 
 def add_arguments(group: Any) -> None:
-    group.add_argument("--connector", choices=CONNECTORS, default=None,
-                       help="KV connector for disaggregated serving (default none): nixl (GPUs, across "
-                            "machines), lmcache, or example (vLLM's file-based connector, one machine, "
-                            "needs --kv-shared-storage); or give vLLM's --kv-transfer-config JSON instead")
+    group.add_argument("--connector", choices=CONNECTORS, nargs="+", default=None, metavar="CONNECTOR",
+                       help="KV connector(s) for disaggregated serving (default none): nixl (GPUs, across "
+                            "machines), lmcache, kvbm, or example (vLLM's file-based connector, one machine, "
+                            "needs --kv-shared-storage); several (--connector lmcache nixl) are chained in "
+                            "that order; or give vLLM's --kv-transfer-config JSON instead")
     group.add_argument("--kv-shared-storage", metavar="DIR", default=None,
                        help="with --connector example: the directory prefill writes KV files to and "
                             "decode reads them from (the same on both)")
@@ -54,22 +64,25 @@ def configure(options: Any, engine_args: Any, *, role: str, required: bool) -> d
 
     Returns what was decided (for ``--dump-config-to``), or None without KV transfer.
     """
-    connector = options.connector
+    names = connector_names(options.connector)
     storage = options.kv_shared_storage
     raw = engine_args.kv_transfer_config
-    if connector is not None and raw is not None:
+    if options.connector is not None and raw is not None:
         raise UsageError("Cannot specify both --connector and --kv-transfer-config; give one of them")
-    if storage is not None and connector != "example":
+    if storage is not None and "example" not in names:
         raise UsageError("--kv-shared-storage is only used with --connector example")
-    if raw is None and connector in (None, "none"):
+    if raw is None and not names:
         if required:
             raise UsageError(f"the {role} role needs a KV connector: --connector nixl|lmcache|example "
                              "(the same as the decode workers') or --kv-transfer-config JSON")
         return None
     if raw is None:
-        engine_args.kv_transfer_config = _config_for(connector, storage)
+        check_packages(names)
+        engine_args.kv_transfer_config = config_for(names, storage)
     cfg = engine_args.kv_transfer_config
-    uses_nixl = cfg.kv_connector == "NixlConnector"
+    extra = cfg.kv_connector_extra_config or {}
+    chained = extra.get("connectors", []) if cfg.kv_connector == MULTI_CONNECTOR else []
+    uses_nixl = "NixlConnector" in (cfg.kv_connector, *(c.get("kv_connector") for c in chained))
     forced = None
     if uses_nixl:
         if engine_args.tensor_parallel_size == 1 and engine_args.distributed_executor_backend is None:
@@ -79,27 +92,57 @@ def configure(options: Any, engine_args: Any, *, role: str, required: bool) -> d
             os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = _host_address()
     return {"kv_connector": cfg.kv_connector, "kv_role": cfg.kv_role,
             "kv_connector_extra_config": dict(cfg.kv_connector_extra_config or {}),
-            "from": "--kv-transfer-config" if raw is not None else f"--connector {connector}",
+            "from": "--kv-transfer-config" if raw is not None else f"--connector {' '.join(names)}",
             "distributed_executor_backend_forced": forced}
 
 
-def _config_for(connector: str, storage: str | None) -> Any:
-    from vllm.config import KVTransferConfig
+def connector_names(given: str | list[str] | None) -> list[str]:
+    """The connectors a ``--connector`` value names, in order; ``[]`` for none (Dynamo's rules:
+    ``none``/``null`` only alone, each connector once)."""
+    names = [given] if isinstance(given, str) else list(given or [])
+    if any(n in NO_CONNECTOR for n in names):
+        if len(names) > 1:
+            raise UsageError(f"--connector {' '.join(names)}: none/null cannot be combined with other connectors; "
+                             "give none alone, or only real connectors")
+        return []
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--connector names {', '.join(repeated)} more than once; give each connector once")
+    return names
 
-    package = CONNECTOR_PACKAGES.get(connector)
-    if package is not None and importlib.util.find_spec(package) is None:
-        raise UsageError(f"--connector {connector} needs the {package!r} package, which is not installed "
-                         f"(pip install {package})")
-    extra: dict[str, Any] = {}
-    if connector == "example":
+
+def check_packages(names: list[str]) -> None:
+    """A one-line error for a connector whose package is not installed (vLLM would fail later)."""
+    for name in names:
+        package = CONNECTOR_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--connector {name} needs the {package!r} package, which is not installed "
+                             f"(pip install {package})")
+
+
+def _one_config(name: str, storage: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"kv_connector": CONNECTOR_CLASSES[name], "kv_role": KV_ROLE}
+    if name in CONNECTOR_MODULES:
+        config["kv_connector_module_path"] = CONNECTOR_MODULES[name]
+    if name == "example":
         if storage is None:
             raise UsageError("--connector example needs --kv-shared-storage DIR (the same directory on the "
                              "prefill and decode workers)")
         if not os.path.isdir(storage):
             raise UsageError(f"--kv-shared-storage {storage}: no such directory")
-        extra["shared_storage_path"] = os.path.abspath(storage)
-    return KVTransferConfig(kv_connector=CONNECTOR_CLASSES[connector], kv_role=KV_ROLE,
-                            kv_connector_extra_config=extra)
+        config["kv_connector_extra_config"] = {"shared_storage_path": os.path.abspath(storage)}
+    return config
+
+
+def config_for(names: list[str], storage: str | None) -> Any:
+    """vLLM's ``KVTransferConfig`` for one connector, or a ``MultiConnector`` chaining several."""
+    from vllm.config import KVTransferConfig
+
+    configs = [_one_config(name, storage) for name in names]
+    if len(configs) == 1:
+        return KVTransferConfig(**configs[0])
+    return KVTransferConfig(kv_connector=MULTI_CONNECTOR, kv_role=KV_ROLE,
+                            kv_connector_extra_config={"connectors": configs})
 
 
 def _host_address() -> str:

@@ -11,6 +11,7 @@ error and never touches the engine.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -35,6 +36,21 @@ class StopConditions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     max_thinking_tokens: Int | None = None
 
 
+class GuidedDecoding(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Dynamo's ``GuidedDecodingOptions``: vLLM's ``StructuredOutputsParams`` fields, one constraint."""
+
+    json: Any = None  # a JSON schema, as an object or a string
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    backend: str | None = None  # Dynamo's per-request backend; vLLM fixes it per engine
+
+
 class SamplingOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     n: Int | None = None
     best_of: Int | None = None
@@ -49,10 +65,11 @@ class SamplingOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     length_penalty: float | None = None
     seed: Int | None = None
     include_stop_str_in_output: bool | None = None
-    guided_decoding: dict[str, Any] | None = None
+    guided_decoding: GuidedDecoding | None = None
     detokenize: bool | None = None
     allowed_token_ids: list[Int] | None = None
     bad_words_token_ids: list[list[Int]] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as JSON object keys are strings) -> bias
 
 
 class OutputOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -122,7 +139,47 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
         raise RequestError("bad_request", f"output_options.logprobs must be between 0 and {MAX_LOGPROBS}")
     if req.sampling_options.n not in (None, 1) or req.sampling_options.use_beam_search:
         raise RequestError("bad_request", "only n=1 without beam search is supported")
+    if req.output_options.prompt_logprobs is not None:
+        raise RequestError("bad_request", "output_options.prompt_logprobs is not supported")
+    for key in req.sampling_options.logit_bias or {}:
+        if not re.fullmatch(r"[0-9]+", key) or int(key) >= vocab_size:
+            raise RequestError("bad_request", f"sampling_options.logit_bias key {key!r} is not a token id "
+                               f"of this model (0..{vocab_size - 1})")
+    guided = req.sampling_options.guided_decoding
+    if guided is not None and guided.backend is not None:
+        raise RequestError("bad_request", "sampling_options.guided_decoding.backend: the structured-output backend "
+                           "is chosen per worker (--structured-outputs-config.backend), not per request")
     return req
+
+
+def structured_outputs(guided: GuidedDecoding) -> Any:
+    """vLLM's ``StructuredOutputsParams`` for Dynamo's ``guided_decoding``; ``bad_request`` if malformed."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fields = {f: v for f in guided.__struct_fields__ if f != "backend" and (v := getattr(guided, f)) is not None}
+    try:
+        return StructuredOutputsParams(**fields)
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        raise RequestError("bad_request", f"invalid sampling_options.guided_decoding: {exc}") from None
+
+
+def check_structured_outputs(params: Any, engine: Any) -> None:
+    """Compile-check a request's constraint with vLLM's own validator before the engine gets it.
+
+    vLLM runs the same check inside ``generate`` (``SamplingParams.verify``); running it here
+    first is what tells a bad schema, regex or grammar (a 400 naming ``guided_decoding``) from
+    other rejections. It also picks the backend in ``auto`` mode, exactly as ``verify`` would.
+    """
+    if params.structured_outputs is None:
+        return
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        params._validate_structured_outputs(engine.model_config, engine.vllm_config.structured_outputs_config,
+                                            engine.tokenizer)
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        raise RequestError("bad_request", f"invalid sampling_options.guided_decoding: {exc}") from None
 
 
 def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_model_len: int,
@@ -150,6 +207,14 @@ def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_mode
         kwargs["min_tokens"] = sc.min_tokens
     if sc.ignore_eos is not None:
         kwargs["ignore_eos"] = sc.ignore_eos
+    # Stop strings are the frontend's; vLLM applies this to stop token ids' text, which a
+    # detokenize=False engine does not produce, so passing it on only keeps it from being lost.
+    if sc.include_stop_str_in_output or so.include_stop_str_in_output:
+        kwargs["include_stop_str_in_output"] = True
+    if so.guided_decoding is not None:
+        kwargs["structured_outputs"] = structured_outputs(so.guided_decoding)
+    if so.logit_bias:
+        kwargs["logit_bias"] = {int(k): min(100.0, max(-100.0, v)) for k, v in so.logit_bias.items()}
     if req.output_options.logprobs is not None:
         kwargs["logprobs"] = req.output_options.logprobs
     kwargs["max_tokens"] = sc.max_tokens or max(1, max_model_len - len(req.token_ids))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from typing import Any
+from typing import Any, ClassVar
 
-from dynamo_worker.core.errors import EngineDead, UsageError
-from dynamo_worker.core.hookspecs import hookimpl
+from dynamo_worker.core import dynamo_flags
+from dynamo_worker.plugin import EngineDead, Registrar, UsageError, WorkerContext, hookimpl
 
 COMPONENT = "backend"  # Dynamo's component name for LLM workers
 
@@ -27,10 +27,11 @@ class VllmRole:
     more endpoints and routes in :meth:`_register_controls`.
     """
 
-    name = ""
-    component = COMPONENT
-    needs_connector = False  # a prefill engine is pointless without a KV connector
-    uses_kv_cache = True  # False for an encoder-only engine: no KV connector, no KV events
+    name: ClassVar[str] = ""
+    component: str = COMPONENT
+    needs_connector: ClassVar[bool] = False  # a prefill engine is pointless without a KV connector
+    uses_kv_cache: ClassVar[bool] = True  # False for an encoder-only engine: no KV connector, no KV events
+    takes_image_embeds: ClassVar[bool] = False  # the LLM worker of the multimodal chain (decode)
 
     def __init__(self) -> None:
         self.engine_args: Any = None
@@ -53,10 +54,11 @@ class VllmRole:
         )
         g.add_argument("--engine-help", action="store_true",
                        help="list vLLM's engine arguments (imports vLLM) and exit")
+        dynamo_flags.add_worker_arguments(g)  # Dynamo's worker flags, accepted for its launch scripts
         return g
 
     @hookimpl
-    def dynamo_worker_configure(self, ctx: Any) -> None:
+    def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
         from dynamo_worker.engine import args as engine_args
 
         if ctx.options.engine_help:
@@ -64,6 +66,8 @@ class VllmRole:
             raise SystemExit(0)
         from dynamo_worker.engine import data_parallel, ec_transfer, executor, kv_events, kv_transfer, lora
 
+        for line in dynamo_flags.worker_warnings(ctx.options):
+            ctx.log.warning("%s", line)
         self.engine_args, applied = engine_args.parse_engine_args(ctx.options.extra_args)
         ctx.options.extra_args = []  # consumed: vLLM's parser accepted all of them
         self.dp_rank = data_parallel.assign_rank(self.engine_args)
@@ -79,7 +83,7 @@ class VllmRole:
             # A model the multimodal roles do not serve is a one-line error now, not after the engine.
             model = str(self.engine_args.model)
             models.vision_model(models.read_config(model), model)
-            if self.name == "decode":  # the LLM worker takes image embeddings from encode workers
+            if self.takes_image_embeds:  # the LLM worker takes image embeddings from encode workers
                 self.engine_args.enable_mm_embeds = True
                 applied.append(("enable_mm_embeds", True, "--enable-multimodal: encode workers send image embeddings"))
         self.ec_transfer = ec_transfer.configure(ctx.options, self.engine_args, role=self.name)
@@ -87,8 +91,7 @@ class VllmRole:
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
         self.kv_events = kv_events.configure(self.engine_args) if self.uses_kv_cache else None
-        ctx.state["component"] = self.component
-        ctx.state["resolved_config"] = {
+        ctx.resolved_config = {
             "kv_transfer": self.kv_transfer,
             "ec_transfer": self.ec_transfer,
             "engine_args": engine_args.resolved(self.engine_args),
@@ -98,7 +101,7 @@ class VllmRole:
         }
 
     @hookimpl
-    async def dynamo_worker_create_engine(self, ctx: Any) -> Any:
+    async def dynamo_worker_create_engine(self, ctx: WorkerContext) -> Any:
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -162,7 +165,7 @@ class VllmRole:
         return not self.dp_rank
 
     @hookimpl
-    def dynamo_worker_register_metrics(self, registry: Any, ctx: Any) -> None:
+    def dynamo_worker_register_metrics(self, registry: Any, ctx: WorkerContext) -> None:
         from dynamo_worker.engine.metrics import EngineMetrics
 
         if self.handler is None:  # no AsyncLLM in this process (a data-parallel follower)
@@ -175,7 +178,7 @@ class VllmRole:
         self.load.attach(ctx.engine)
 
     @hookimpl
-    def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
+    def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
         if not self._leads():
             ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal "
                          "(rank 0 serves this rank's engine)", self.dp_rank)
@@ -197,17 +200,17 @@ class VllmRole:
 
             registrar.endpoint("kv_blocks", no_kv_blocks, model=self.facts.served_name)
 
-    def _register_controls(self, registrar: Any, ctx: Any, data: dict[str, Any]) -> None:
+    def _register_controls(self, registrar: Registrar, ctx: WorkerContext, data: dict[str, Any]) -> None:
         """More endpoints and routes of the role (``data``: the generate record); none by default."""
 
     @hookimpl
-    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any] | None:
+    def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any] | None:
         if self.facts is None:  # a data-parallel follower serves nothing to probe
             return None
         return self.facts.health_payload()
 
     @hookimpl
-    async def dynamo_worker_check_engine(self, ctx: Any) -> bool:
+    async def dynamo_worker_check_engine(self, ctx: WorkerContext) -> bool:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if not self._leads():
@@ -220,7 +223,7 @@ class VllmRole:
         return True
 
     @hookimpl
-    def dynamo_worker_shutdown(self, ctx: Any) -> None:
+    def dynamo_worker_shutdown(self, ctx: WorkerContext) -> None:
         try:
             if ctx.engine is not None:
                 ctx.engine.shutdown()

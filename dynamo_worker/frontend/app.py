@@ -26,7 +26,7 @@ import msgspec
 from aiohttp import web
 
 from dynamo_worker.core.runtime import Client, Runtime
-from dynamo_worker.frontend import disaggregation, multimodal, preprocess
+from dynamo_worker.frontend import disaggregation, guided, multimodal, preprocess, tokenization
 from dynamo_worker.frontend.detokenizer import TokenStrings
 from dynamo_worker.frontend.metrics import CLIENT_CLOSED, CONTENT_TYPE, FrontendMetrics, RequestTracker
 from dynamo_worker.frontend.models import ModelTable, ServedModel
@@ -45,9 +45,10 @@ from dynamo_worker.frontend.protocol import (
     parse_chat,
     parse_completion,
     unavailable,
+    usage_body,
 )
 from dynamo_worker.frontend.disaggregation import PrefillRouter
-from dynamo_worker.frontend.kv_routing import KvRouting
+from dynamo_worker.frontend.kv_routing import KvRouting, KvRoutingMetrics
 from dynamo_worker.frontend.limits import Limits
 from dynamo_worker.frontend.router import POLICIES, Router
 
@@ -91,6 +92,7 @@ class _Prepared:
     payload: dict[str, Any]
     shape: ResponseShape
     router: Router | None = None  # None: the LLM workers' router; else the processors'
+    echo: str = ""  # completions with echo: the prompt's text, sent before the output
 
 
 class FrontendServer:
@@ -103,15 +105,22 @@ class FrontendServer:
                  kv: dict[str, Any] | None = None) -> None:
         self.client = client
         self.metrics = metrics or FrontendMetrics()
-        # --router-mode kv: ``kv`` holds KvRouting's knobs (overlap_weight, temperature, ...).
-        self.kv = KvRouting(client, registry=self.metrics.registry, **(kv or {})) if router_mode == "kv" else None
+        # --router-mode kv: ``kv`` holds KvRouting's knobs (overlap_weight, temperature, ...); the
+        # decode and the prefill workers each get a KvRouting, with one set of metrics.
+        self.kv: KvRouting | None = None
+        self.prefill_kv: KvRouting | None = None
+        if router_mode == "kv":
+            kv_metrics = KvRoutingMetrics(self.metrics.registry)
+            self.kv = KvRouting(client, metrics=kv_metrics, **(kv or {}))
+            if prefill_client is not None:
+                self.prefill_kv = KvRouting(prefill_client, metrics=kv_metrics, **(kv or {}))
         self.limits = limits or Limits()
         self.limits.register_metrics(self.metrics.registry)
         self.table = ModelTable(client)
         prefill = None
         if prefill_client is not None:
             prefill = PrefillRouter(
-                prefill_client, POLICIES.get(router_mode, "round_robin"),  # kv: prefill by turns (for now)
+                prefill_client, POLICIES.get(router_mode, "round_robin"), kv=self.prefill_kv,
                 on_prefill=lambda model: self.metrics.disaggregated.labels(model).inc(),
                 on_fallback=lambda model, reason: self.metrics.prefill_fallbacks.labels(model, reason).inc())
         self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
@@ -148,6 +157,9 @@ class FrontendServer:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.render_metrics)
         return app
@@ -167,8 +179,9 @@ class FrontendServer:
         """Follow discovery, then serve on ``sock`` (or a new socket on host:port); returns the base URL."""
         sock = sock or self.bind(host, port)
         self.table.start()
-        if self.kv is not None:
-            await self.kv.start()
+        for kv in (self.kv, self.prefill_kv):
+            if kv is not None:
+                await kv.start()
         if not await self._wait_ready(discovery_timeout):
             log.warning("no discovery snapshot after %.1fs; listening anyway (models appear as "
                         "workers are found)", discovery_timeout)
@@ -193,8 +206,9 @@ class FrontendServer:
         if self.runner is not None:
             runner, self.runner = self.runner, None
             await runner.cleanup()
-        if self.kv is not None:
-            await self.kv.stop()
+        for kv in (self.kv, self.prefill_kv):
+            if kv is not None:
+                await kv.stop()
         self.table.tokenizers.close()
 
     # ---- informational routes ---------------------------------------------------------------------
@@ -229,6 +243,21 @@ class FrontendServer:
             body["message"] = f"no {WORKER_COMPONENT}.{WORKER_ENDPOINT} worker is discovered"
         return json_response(body, 200 if instances else 503)
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            return json_response(await tokenization.tokenize(self.table, await self._read_body(request)))
+        except ApiError as exc:
+            return error_response(exc)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            return json_response(await tokenization.detokenize(self.table, await self._read_body(request)))
+        except ApiError as exc:
+            return error_response(exc)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response(tokenization.versions())
+
     async def render_metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=self.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE
@@ -244,6 +273,7 @@ class FrontendServer:
 
     async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         tracker = self.metrics.track(endpoint, stream=False)
+        prepared: _Prepared | None = None
         try:
             prepared = await self._prepare(await self._read_body(request), endpoint, tracker)
             if prepared.params.stream:
@@ -251,6 +281,8 @@ class FrontendServer:
             return await self._unary(prepared, tracker)
         except ApiError as exc:
             tracker.finish(exc.status)
+            if prepared is not None:  # a constraint vLLM rejected: name the client's field
+                exc = guided.name_param(exc, prepared.params.guided_param)
             return error_response(exc)
         except asyncio.CancelledError:  # the client went away (handler cancellation)
             tracker.finish(CLIENT_CLOSED)
@@ -289,7 +321,7 @@ class FrontendServer:
             prompt_ids = preprocess.encode_completion_prompt(tokenizer, prompt)
         else:
             prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages)
-        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids)
+        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
         self.limits.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params, prompt_param=prompt_param,
                                                    max_param=params.max_tokens_param)
@@ -297,7 +329,10 @@ class FrontendServer:
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))
         shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)
-        return _Prepared(model, tokenizer, prompt_ids, params, payload, shape)
+        echo = ""
+        if endpoint == "completions" and req.echo:  # the prompt as given, or its token ids decoded
+            echo = prompt if isinstance(prompt, str) else str(tokenizer.decode(prompt_ids))
+        return _Prepared(model, tokenizer, prompt_ids, params, payload, shape, echo=echo)
 
     async def _prepare_media(self, body: bytes, model_name: str, params: GenerationParams,
                              tracker: RequestTracker) -> _Prepared:
@@ -309,14 +344,14 @@ class FrontendServer:
             raise unavailable("this frontend routes no multimodal requests", code="no_processor")
         self.media.check(model.name)
         tokenizer = await self.table.tokenizer(model)
-        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids)
+        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
         shape = ChatShape(model.name, TokenStrings(tokenizer), params.include_usage)
         return _Prepared(model, tokenizer, [], params, self.media.payload(body, model, params), shape,
                          router=self.media.router)
 
     async def _unary(self, p: _Prepared, tracker: RequestTracker) -> web.Response:
         out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
-        texts: list[str] = []
+        texts: list[str] = [p.echo]
         logprobs: list[TokenLogprob] | None = [] if p.params.logprobs is not None else None
         async with aclosing((p.router or self.router).generate(p.model.name, p.payload)) as stream:
             async for item in stream:
@@ -356,6 +391,8 @@ class FrontendServer:
             await r.prepare(request)
             for chunk in p.shape.first_chunks():
                 event(chunk)
+            if p.echo:
+                event(p.shape.chunk(p.echo, None, None))
             return r
 
         try:
@@ -366,7 +403,10 @@ class FrontendServer:
                     if resp is None:
                         resp = await start()
                     if delta.text or delta.logprobs or delta.finish_reason:
-                        event(p.shape.chunk(delta.text, delta.finish_reason, delta.logprobs))
+                        chunk = p.shape.chunk(delta.text, delta.finish_reason, delta.logprobs)
+                        if p.params.continuous_usage:  # stream_options.continuous_usage_stats
+                            chunk["usage"] = usage_body(out.prompt_tokens, out.completion_tokens, None)
+                        event(chunk)
                     if out.finished:
                         break  # a stop string: closing the stream cancels the rest on the worker
                     await send()

@@ -28,7 +28,8 @@ class IncrementalDetokenizer:
     """Turns token ids, fed a few at a time, into text deltas that never split a character.
 
     ``"".join(deltas) + flush()`` equals ``tokenizer.decode(prompt_context + ids)`` minus the
-    decoded prompt context: for byte-level tokenizers that is ``tokenizer.decode(ids)``.
+    decoded prompt context (for byte-level tokenizers, ``tokenizer.decode(ids)``), less the
+    bytes of a character the output stops inside.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), *,
@@ -57,14 +58,19 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of the output: whatever is held back, incomplete characters included."""
+        """At the end of the output: whatever is held back, less a trailing incomplete character.
+
+        Generation can stop inside a multi-byte character; vLLM's detokenizer then never emits
+        those bytes (it waits for a completion that does not come), so its text ends before them
+        rather than in U+FFFD. The complete characters held with them are released.
+        """
         if self.read_offset >= len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text):].rstrip(REPLACEMENT_CHAR)
 
 
 class StopStrings:
@@ -74,8 +80,9 @@ class StopStrings:
     just before the stop string (the stop string itself is not returned, as in OpenAI's API).
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.include_stop = include_stop  # include_stop_str_in_output: keep the stop string
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
         self.stopped = False
@@ -87,13 +94,14 @@ class StopStrings:
             return text, False
         self.pending += text
         # A match must end inside the new text, so it starts within the held-back tail.
-        first = -1
+        first, first_stop = -1, ""
         for stop in self.stops:
             at = self.pending.find(stop)
             if at != -1 and (first == -1 or at < first):
-                first = at
+                first, first_stop = at, stop
         if first != -1:
-            out, self.pending, self.stopped = self.pending[:first], "", True
+            end = first + len(first_stop) if self.include_stop else first
+            out, self.pending, self.stopped = self.pending[:end], "", True
             return out, True
         held = self._partial_match()
         cut = len(self.pending) - held

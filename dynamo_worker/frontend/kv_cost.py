@@ -17,7 +17,12 @@ to :meth:`ActiveLoad.finish`, corrected by the worker's published ``load_metrics
 (:mod:`dynamo_worker.engine.load`): the larger of the two, so requests routed by other frontends
 count too (several routers otherwise pile onto the same worker), while our own burst counts
 before the next publication. A publication older than ``stale_after`` (2 s) is ignored: an idle
-worker publishes nothing, so its last figure would otherwise stay forever. Prompt blocks that
+worker publishes nothing, so its last figure would otherwise stay forever. A publication is also
+*discounted* by the blocks of this router's requests that were running when it arrived and have
+finished since: a worker publishes at most every 0.1 s, so for up to that long after a request
+ends its last figure still counts it, and taken as it is it made a prefix's holder look loaded
+by a request that was already gone (a flaky real-engine test: the next turn went to the worker
+without the prefix). Prompt blocks that
 several requests in flight on one worker share (a tenant's system prompt) count once, as in the
 engine's cache: counted once per request, they made the holder of a hot prefix look busier than
 a worker without it (35% of requests routed away from their prefix in the first benchmark).
@@ -67,6 +72,13 @@ class PublishedLoad:
     usage: float  # 0..1
     waiting: int
     received: float  # clock time it arrived
+    # Blocks of this router's requests that it counted and that finished after it arrived.
+    finished_since: int = 0
+
+    @property
+    def current_blocks(self) -> int:
+        """Its active blocks less those known finished since."""
+        return max(0, self.active_blocks - self.finished_since)
 
 
 class ActiveLoad:
@@ -76,7 +88,8 @@ class ActiveLoad:
     def __init__(self, *, stale_after: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.stale_after = stale_after
         self.clock = clock
-        self._requests: dict[str, tuple[WorkerKey, int, tuple[int, ...]]] = {}
+        # request id -> (worker, blocks of its own, shared prompt hashes, blocks, clock at start)
+        self._requests: dict[str, tuple[WorkerKey, int, tuple[int, ...], int, float]] = {}
         self._blocks: dict[WorkerKey, int] = {}  # blocks of requests in flight that are theirs alone
         # Prompt blocks of requests in flight, by router hash, with how many requests use each: a
         # block shared by several (a tenant's system prompt) is one block of the worker's cache.
@@ -95,7 +108,7 @@ class ActiveLoad:
             self.finish(request_id)  # routed again (a retry or a migration): moved, not doubled
         hashes = tuple(shared[:blocks])
         own = blocks - len(hashes)
-        self._requests[request_id] = (worker, own, hashes)
+        self._requests[request_id] = (worker, own, hashes, blocks, self.clock())
         self._blocks[worker] = self._blocks.get(worker, 0) + own
         refs = self._shared.setdefault(worker, {})
         for h in hashes:
@@ -107,7 +120,11 @@ class ActiveLoad:
         found = self._requests.pop(request_id, None)
         if found is None:
             return False
-        worker, own, hashes = found
+        worker, own, hashes, blocks, started = found
+        published = self._published.get(worker)
+        if published is not None and started <= published.received:
+            # That publication counted this request (it was routed before the figure arrived).
+            self._published[worker] = attrs.evolve(published, finished_since=published.finished_since + blocks)
         refs = self._shared[worker]
         for h in hashes:
             left_users = refs[h] - 1
@@ -143,7 +160,7 @@ class ActiveLoad:
 
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance that left discovery (its requests will fail and finish anyway)."""
-        for request_id, (worker, _, _) in list(self._requests.items()):
+        for request_id, (worker, *_) in list(self._requests.items()):
             if worker[0] == instance_id:
                 self.finish(request_id)
         for table in (self._published, self._capacity):
@@ -165,10 +182,15 @@ class ActiveLoad:
             return None
         return load
 
+    def published_blocks(self, worker: WorkerKey) -> int | None:
+        """The worker's fresh published active blocks, less this router's requests finished since."""
+        load = self.published(worker)
+        return None if load is None else load.current_blocks
+
     def decode_blocks(self, worker: WorkerKey) -> int:
         tracked = self.tracked_blocks(worker)
-        load = self.published(worker)
-        return tracked if load is None else max(tracked, load.active_blocks)
+        published = self.published_blocks(worker)
+        return tracked if published is None else max(tracked, published)
 
     def capacity(self, worker: WorkerKey) -> int | None:
         known = self._capacity.get(worker)
@@ -191,6 +213,11 @@ class Decision:
     overlap_blocks: int  # the predicted cached prefix on that worker
     prompt_blocks: int
     busy_skipped: int  # busy workers passed over
+    # Why a worker holding more of the prompt was passed over (None: it was not): "busy" (the
+    # holder was skipped as busy), "published_load" (the holder would have won on this router's
+    # own count of its load: its published load decided), "load" (this router's own count of
+    # the holder's requests in flight outweighed the hit), "sampled" (temperature).
+    away_from_holder: str | None = None
 
 
 class KvSelector:
@@ -218,7 +245,11 @@ class KvSelector:
         if capacity and load.decode_blocks(worker) >= threshold * capacity:
             return True
         published = load.published(worker)
-        return published is not None and published.usage >= threshold
+        if published is None:
+            return False
+        if published.finished_since:  # its usage still counts requests that are gone
+            return bool(published.total_blocks) and published.current_blocks >= threshold * published.total_blocks
+        return published.usage >= threshold
 
     def choose(self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
                load: ActiveLoad) -> Decision:
@@ -238,7 +269,32 @@ class KvSelector:
             index = self._sample(costs)
         worker = candidates[index]
         return Decision(worker=worker, cost=costs[index], overlap_blocks=overlaps.get(worker, 0),
-                        prompt_blocks=prompt_blocks, busy_skipped=skipped)
+                        prompt_blocks=prompt_blocks, busy_skipped=skipped,
+                        away_from_holder=self._away_from_holder(worker, costs[index], min(costs), workers,
+                                                                candidates, prompt_blocks, overlaps, load))
+
+    def _away_from_holder(self, chosen: WorkerKey, chosen_cost: float, lowest: float, workers: Sequence[WorkerKey],
+                          candidates: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
+                          load: ActiveLoad) -> str | None:
+        """Why the chosen worker holds less of the prompt than the best holder (see :class:`Decision`)."""
+        best = max((overlaps.get(w, 0) for w in workers), default=0)
+        if best == 0 or overlaps.get(chosen, 0) >= best:
+            return None
+        holders = [w for w in candidates if overlaps.get(w, 0) == best]
+        if not holders:
+            return "busy"
+        if chosen_cost > lowest:
+            return "sampled"
+        own = min(self.cost(prompt_blocks, best, load.tracked_blocks(w)) for w in holders)
+        return "published_load" if own <= chosen_cost else "load"
+
+    def explain(self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
+                load: ActiveLoad) -> list[dict[str, Any]]:
+        """Every candidate's terms, for a debug log of one decision."""
+        return [{"worker": w, "overlap": overlaps.get(w, 0), "tracked": load.tracked_blocks(w),
+                 "published": load.published_blocks(w), "in_flight": load.in_flight(w), "capacity": load.capacity(w),
+                 "busy": self.is_busy(w, load),
+                 "cost": self.cost(prompt_blocks, overlaps.get(w, 0), load.decode_blocks(w))} for w in workers]
 
     def _lowest(self, candidates: list[WorkerKey], costs: list[float], decode: list[int], load: ActiveLoad) -> int:
         best = min(costs)

@@ -19,7 +19,17 @@ What keeps the index honest:
   alone, and the log says so once.
 
 With ``--no-kv-events`` the index is the router's own record of what it routed where, with a TTL
-(:class:`.kv_index.ApproxIndex`): for engines that publish no events.
+and at most each worker's KV capacity (:class:`.kv_index.ApproxIndex`): for engines that publish
+no events.
+
+One :class:`KvRouting` routes one endpoint: the decode workers' ``backend.generate``, and in
+disaggregated serving a second one the prefill workers' ``prefill.generate`` (they relay their
+KV events on the same topic; each router keeps only its own endpoint's instances). Both share
+one :class:`KvRoutingMetrics`, the gauges labelled by component.
+
+Each decision is logged at debug level with every candidate's terms (overlap, the router's own
+count of its load, the published load, busy, cost); a request sent away from a worker holding
+more of its prompt is counted by reason (``dynamo_frontend_kv_away_from_holder_total``).
 """
 
 from __future__ import annotations
@@ -70,10 +80,13 @@ class KvRoutingMetrics:
             ("instance", "dp_rank"), registry=registry)
         self.index_blocks = Gauge(
             "dynamo_frontend_kv_index_blocks", "Cached blocks in the router's index (over every worker)",
-            registry=registry)
+            ("component",), registry=registry)
         self.index_workers = Gauge(
             "dynamo_frontend_kv_index_workers", "Workers (instance, dp rank) in the router's index",
-            registry=registry)
+            ("component",), registry=registry)
+        self.away_from_holder = Counter(
+            "dynamo_frontend_kv_away_from_holder", "Requests routed to a worker holding less of their prompt "
+            "than another, by reason (busy, load, published_load, sampled)", ("reason",), registry=registry)
         self.event_gaps = Counter(
             "dynamo_frontend_kv_event_gaps", "KV event gaps seen (lost batches, unknown parents, first contact)",
             registry=registry)
@@ -95,7 +108,8 @@ class KvRouting:
 
     def __init__(self, client: Client, *, overlap_weight: float = 1.0, temperature: float = 0.0,
                  busy_threshold: float | None = 0.9, use_events: bool = True,
-                 registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 registry: CollectorRegistry | None = None, metrics: KvRoutingMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.runtime = client.runtime
         self.use_events = use_events
@@ -103,7 +117,9 @@ class KvRouting:
         self.load = ActiveLoad()
         self.selector = KvSelector(overlap_weight=overlap_weight, temperature=temperature,
                                    busy_threshold=busy_threshold)
-        self.metrics = KvRoutingMetrics(registry or CollectorRegistry())
+        self.metrics = metrics or KvRoutingMetrics(registry or CollectorRegistry())
+        self._index_blocks = self.metrics.index_blocks.labels(client.component)
+        self._index_workers = self.metrics.index_workers.labels(client.component)
         self.snapshots = self.runtime.client(client.component, SNAPSHOT_ENDPOINT)
         self.clock = clock
         self._predicted: dict[str, int] = {}  # request id -> predicted cached tokens
@@ -153,14 +169,19 @@ class KvRouting:
                     overlaps[worker] = blocks
         block_size = min(block_sizes)
         prompt_blocks = len(token_ids) // block_size
-        decision = self.selector.choose(sorted(by_worker), prompt_blocks, overlaps, self.load)
+        workers = sorted(by_worker)
+        decision = self.selector.choose(workers, prompt_blocks, overlaps, self.load)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %d prompt blocks -> %s (away from holder: %s); candidates %s", self.client.component,
+                      prompt_blocks, decision.worker, decision.away_from_holder,
+                      self.selector.explain(workers, prompt_blocks, overlaps, self.load))
         record = by_worker[decision.worker]
         size = _block_size(record)
         max_tokens = (payload.get("stop_conditions") or {}).get("max_tokens")
         self.load.start(request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size),
                         shared=hashes_by_size[size])
         if isinstance(self.index, ApproxIndex):
-            self.index.record(decision.worker, hashes_by_size[size])
+            self.index.record(decision.worker, hashes_by_size[size], capacity=self.load.capacity(decision.worker))
         self._observe(decision, size, request_id, started)
         return record, decision.worker[1]
 
@@ -169,9 +190,11 @@ class KvRouting:
         m.decision_seconds.observe(time.perf_counter() - started)
         m.predicted_overlap.observe(decision.overlap_blocks)
         m.routed.labels(decision.worker[0], str(decision.worker[1])).inc()
+        if decision.away_from_holder is not None:
+            m.away_from_holder.labels(decision.away_from_holder).inc()
         self._predicted[request_id] = decision.overlap_blocks * block_size
-        m.index_blocks.set(self.index.block_count)
-        m.index_workers.set(self.index.worker_count)
+        self._index_blocks.set(self.index.block_count)
+        self._index_workers.set(self.index.worker_count)
 
     def finished(self, request_id: str, cached_tokens: int | None = None) -> None:
         """The request ended (however): its blocks no longer load its worker. ``cached_tokens``:
@@ -215,7 +238,7 @@ class KvRouting:
             self.metrics.event_gaps.inc()
             log.info("KV events of instance %s rank %s: %s; fetching its block set", instance_id, rank, result.reason)
             self._resync(instance_id)
-        self.metrics.index_blocks.set(self.index.block_count)
+        self._index_blocks.set(self.index.block_count)
 
     async def _on_load(self, message: Any) -> None:
         if isinstance(message, dict) and self._known(str(message.get("instance_id"))):
@@ -231,8 +254,8 @@ class KvRouting:
         task = self._resyncing.pop(instance_id, None)
         if task is not None:
             task.cancel()
-        self.metrics.index_blocks.set(self.index.block_count)
-        self.metrics.index_workers.set(self.index.worker_count)
+        self._index_blocks.set(self.index.block_count)
+        self._index_workers.set(self.index.worker_count)
 
     def _resync(self, instance_id: str) -> None:
         if instance_id in self._resyncing:
@@ -272,8 +295,8 @@ class KvRouting:
             log.warning("could not fetch the block set of instance %s: %s", instance_id, exc)
         finally:
             self._resyncing.pop(instance_id, None)
-        self.metrics.index_blocks.set(self.index.block_count)
-        self.metrics.index_workers.set(self.index.worker_count)
+        self._index_blocks.set(self.index.block_count)
+        self._index_workers.set(self.index.worker_count)
 
 
 def _dp_size(record: InstanceRecord) -> int:
@@ -290,3 +313,10 @@ def _lora_name(payload: dict[str, Any], record: InstanceRecord) -> str | None:
     """The LoRA adapter a request runs with: its ``model`` when that is not the base model."""
     model = payload.get("model")
     return model if isinstance(model, str) and model != record.data.get("model") else None
+
+
+def cached_tokens(usage: Any) -> int | None:
+    """The prompt tokens an engine reported cached in a ``completion_usage``, if it did."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) else None

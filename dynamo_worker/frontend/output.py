@@ -79,7 +79,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], params: GenerationParams) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids,
                                                   skip_special_tokens=params.skip_special_tokens)
-        self.stops = StopStrings(params.stop)
+        self.stops = StopStrings(params.stop, include_stop=params.include_stop_str_in_output)
         self.want_logprobs = params.logprobs is not None
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0

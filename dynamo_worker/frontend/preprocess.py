@@ -25,25 +25,31 @@ def encode_completion_prompt(tokenizer: Any, prompt: str | list[int]) -> list[in
     return prompt
 
 
-def encode_chat_prompt(tokenizer: Any, model: str, messages: list[dict[str, str]]) -> list[int]:
+def encode_chat_prompt(tokenizer: Any, model: str, messages: list[dict[str, str]], *,
+                       add_generation_prompt: bool = True, continue_final_message: bool = False,
+                       add_special_tokens: bool = False) -> list[int]:
+    """Chat messages to token ids; the keywords are ``/tokenize``'s (vLLM's defaults)."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request(f"model {model!r} has no chat template; use /v1/completions", param="messages")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False)
     except ApiError:
         raise
     except Exception as exc:  # a template's raise_exception(), or messages it cannot render
         raise bad_request(f"the chat template of model {model!r} rejected the messages: {exc}",
                           param="messages") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def check_stop_token_ids(tokenizer: Any, ids: Sequence[int]) -> None:
+def check_stop_token_ids(tokenizer: Any, ids: Sequence[int], logit_bias: Sequence[int] = ()) -> None:
+    """Token ids a request names (``stop_token_ids``, ``logit_bias`` keys) are in the vocabulary."""
     vocab = len(tokenizer)
-    bad = next((t for t in ids if t >= vocab), None)
-    if bad is not None:
-        raise bad_request(f"stop token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                          param="stop_token_ids")
+    for param, given in (("stop_token_ids", ids), ("logit_bias", logit_bias)):
+        bad = next((t for t in given if t >= vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} in {param} is outside the vocabulary (0..{vocab - 1})",
+                              param=param)
 
 
 def resolve_max_tokens(model: ServedModel, prompt_len: int, params: GenerationParams, *,
@@ -80,8 +86,11 @@ def preprocessed_request(model: ServedModel, token_ids: list[int], params: Gener
             "min_tokens": params.min_tokens,
             "stop_token_ids": list(params.stop_token_ids) or None,
             "ignore_eos": params.ignore_eos,
+            "include_stop_str_in_output": params.include_stop_str_in_output or None,
         },
-        "sampling_options": dict(params.sampling),
+        "sampling_options": dict(params.sampling, **({"guided_decoding": params.guided} if params.guided else {}),
+                                 **({"logit_bias": {str(k): v for k, v in params.logit_bias.items()}}
+                                    if params.logit_bias else {})),
         "output_options": {"logprobs": params.logprobs},
         "eos_token_ids": model.eos_token_ids,
     }

@@ -73,6 +73,7 @@ def internal(message: str) -> ApiError:
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage on every chunk, as vLLM's extension
 
 
 class ContentPart(msgspec.Struct):
@@ -86,8 +87,16 @@ class ChatMessage(msgspec.Struct):
     name: str | None = None
 
 
+class JsonSchema(msgspec.Struct):
+    name: str | None = None
+    description: str | None = None
+    json_schema: Any = msgspec.field(default=None, name="schema")  # OpenAI's "schema"
+    strict: bool | None = None
+
+
 class ResponseFormat(msgspec.Struct):
     type: str
+    json_schema: JsonSchema | None = None
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -114,6 +123,15 @@ class _Common(msgspec.Struct, kw_only=True):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    # Structured outputs (see dynamo_worker.frontend.guided), on both endpoints as in vLLM.
+    response_format: ResponseFormat | None = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -131,7 +149,6 @@ class ChatRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: ResponseFormat | None = None
 
 
 @attrs.frozen
@@ -149,11 +166,21 @@ class GenerationParams:
     include_usage: bool
     skip_special_tokens: bool
     max_tokens_param: str = "max_tokens"  # the name the client used, for error messages
+    continuous_usage: bool = False  # usage on every streamed chunk
+    include_stop_str_in_output: bool = False
+    guided: dict[str, Any] | None = None  # sampling_options.guided_decoding (vLLM's StructuredOutputsParams)
+    guided_param: str | None = None  # the client field the constraint came from
+    logit_bias: dict[int, float] | None = None
 
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def decode_body(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """A request body decoded into its Struct; a 400 naming the bad parameter otherwise."""
+    return _decode(decoder, body)
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
@@ -176,8 +203,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
 
 def parse_completion(body: bytes) -> CompletionRequest:
     req: CompletionRequest = _decode(_completion_decoder, body)
-    if req.echo:
-        raise bad_request("echo is not supported", param="echo")
+    if req.echo and req.logprobs is not None:
+        # vLLM answers echo + logprobs with the prompt's logprobs, which this frontend does not have
+        raise bad_request("echo together with logprobs is not supported (it needs prompt logprobs)", param="echo")
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix")
     if req.best_of not in (None, 1):
@@ -191,11 +219,11 @@ def parse_chat(body: bytes) -> ChatRequest:
     req: ChatRequest = _decode(_chat_decoder, body)
     if not req.messages:
         raise bad_request("messages must not be empty", param="messages")
+    if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
+        # vllm serve's refusal: a tool_choice has no tools to choose from
+        raise bad_request("when using `tool_choice`, `tools` must be set", param="tool_choice")
     if req.tools and req.tool_choice != "none":
         raise bad_request("tools are not supported by this frontend", param="tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported; "
-                          "only 'text'", param="response_format")
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
@@ -251,8 +279,11 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
     stop_ids = tuple(req.stop_token_ids or ())
     if any(t < 0 for t in stop_ids):
         raise bad_request("stop_token_ids must be non-negative token ids", param="stop_token_ids")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
+    logit_bias: dict[int, float] = {}
+    for key, bias in (req.logit_bias or {}).items():
+        if not re.fullmatch(r"[0-9]+", key):
+            raise bad_request(f"logit_bias keys must be token ids (got {key!r})", param="logit_bias")
+        logit_bias[int(key)] = min(100.0, max(-100.0, bias))  # clamped as OpenAI and vLLM do
     sampling = {
         name: value
         for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -264,11 +295,23 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
     else:
         logprobs = req.logprobs
     stream = bool(req.stream)
+    if req.stream_options is not None and not stream:
+        raise bad_request("stream_options can only be defined when `stream=True`", param="stream_options")
+    if req.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs is not supported by this frontend", param="prompt_logprobs")
+    # Imported here: guided builds on this module's errors and response_format type.
+    from dynamo_worker.frontend.guided import guided_decoding
+    guided, guided_param = guided_decoding(req, req.response_format)
+    include_usage = stream and req.stream_options is not None and req.stream_options.include_usage
     return GenerationParams(
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos, sampling=sampling, logprobs=logprobs, stream=stream,
-        include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
+        include_usage=include_usage,
         skip_special_tokens=req.skip_special_tokens, max_tokens_param=max_param,
+        continuous_usage=include_usage and req.stream_options is not None
+        and req.stream_options.continuous_usage_stats,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        guided=guided, guided_param=guided_param, logit_bias=logit_bias or None,
     )
 
 
@@ -295,8 +338,13 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
 
 def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
     """The messages as the chat template wants them: role and plain-text content."""
+    return template_messages(req.messages)
+
+
+def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """:func:`chat_messages` of a message list (``/tokenize`` takes one too)."""
     out: list[dict[str, str]] = []
-    for i, msg in enumerate(req.messages):
+    for i, msg in enumerate(messages):
         if isinstance(msg.content, list):
             texts = []
             for j, part in enumerate(msg.content):

@@ -32,7 +32,7 @@ from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend import models
 from dynamo_worker.frontend.disaggregation import PrefillRouter
-from dynamo_worker.frontend.kv_routing import KvRouting
+from dynamo_worker.frontend.kv_routing import KvRouting, cached_tokens
 from dynamo_worker.frontend.output import merge_messages
 from dynamo_worker.frontend.protocol import ApiError
 
@@ -126,7 +126,7 @@ class Router:
             async with aclosing(self._generate(model, payload, request_id)) as stream:
                 async for item in stream:
                     if "completion_usage" in item:
-                        cached = _cached_tokens(item["completion_usage"])
+                        cached = cached_tokens(item["completion_usage"])
                     yield item
         finally:
             self.kv.finished(request_id, cached)
@@ -189,12 +189,6 @@ def continuation(payload: dict[str, Any], produced: list[int]) -> dict[str, Any]
     if stop.get("min_tokens"):
         stop["min_tokens"] = max(0, stop["min_tokens"] - len(produced))
     return {**payload, "token_ids": [*payload["token_ids"], *produced], "stop_conditions": stop}
-
-
-def _cached_tokens(usage: Any) -> int | None:
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) else None
 
 
 def _usage(payload: dict[str, Any], produced: list[int], reported: dict[str, Any] | None) -> dict[str, Any]:

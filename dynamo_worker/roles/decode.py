@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dynamo_worker.core.hookspecs import hookimpl
 from dynamo_worker.engine.role import COMPONENT, VllmRole
+from dynamo_worker.plugin import Registrar, WorkerContext, hookimpl
 
 
 class DecodeRole(VllmRole):
@@ -28,6 +28,7 @@ class DecodeRole(VllmRole):
 
     name = "decode"
     component = COMPONENT
+    takes_image_embeds = True  # with --enable-multimodal: embeddings from encode workers
 
     @hookimpl
     def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -35,14 +36,26 @@ class DecodeRole(VllmRole):
 
         g = self._engine_arguments(parser)
         g.add_argument("--is-decode-worker", action="store_true",
-                       help="Dynamo compatibility: this worker is the decode half of disaggregated serving")
+                       help="Dynamo's decode worker: publishes no KV events (a decode worker's cache holds "
+                            "what prefill workers computed, so routers choose by the prefill workers' events)")
         g.add_argument("--lora-dirs", metavar="DIR[,DIR]", default=None,
                        help="directories load_lora may load adapters from (with --enable-lora); "
                             "none by default, so load_lora refuses every path until this is given")
         kv_transfer.add_arguments(g)
         ec_transfer.add_arguments(g)
 
-    def _register_controls(self, registrar: Any, ctx: Any, data: dict[str, Any]) -> None:
+    @hookimpl
+    def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
+        super().dynamo_worker_configure(ctx)
+        if ctx.options.is_decode_worker:
+            # Dynamo's --is-decode-worker does only this: no KV-event publisher (kv_blocks answers none).
+            self.kv_events = None
+            self.engine_args.kv_events_config = None
+            ctx.resolved_config["kv_event_ports"] = None
+            ctx.resolved_config["engine_args"]["kv_events_config"] = None
+            ctx.log.info("--is-decode-worker: no KV events are published (as Dynamo's decode workers)")
+
+    def _register_controls(self, registrar: Registrar, ctx: WorkerContext, data: dict[str, Any]) -> None:
         """LoRA endpoints and sleep/wake routes (``data``: the generate record, changed by them)."""
         from dynamo_worker.engine.lora import LoraManager
         from dynamo_worker.engine.publication import GenerateRecord

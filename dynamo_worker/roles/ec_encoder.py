@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dynamo_worker.core.hookspecs import hookimpl
 from dynamo_worker.engine.role import VllmRole
+from dynamo_worker.plugin import Registrar, WorkerContext, hookimpl
 
 
 class EcEncoderRole(VllmRole):
@@ -41,7 +41,7 @@ class EcEncoderRole(VllmRole):
         media.add_limit_arguments(g)
 
     @hookimpl
-    def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
+    def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
         from dynamo_worker.multimodal import media
         from dynamo_worker.multimodal.ec_encoder import EcEncodeHandler
         from dynamo_worker.multimodal.models import vision_model
@@ -56,7 +56,7 @@ class EcEncoderRole(VllmRole):
                            model_path=self.facts.path, kind="ec-encoder")
 
     @hookimpl
-    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
+    def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
         from dynamo_worker.multimodal.media import sample_png
         from dynamo_worker.multimodal.wire import EncodeRequest, to_builtins
 

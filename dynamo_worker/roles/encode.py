@@ -16,8 +16,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.hookspecs import hookimpl
+from dynamo_worker.plugin import (
+    Registrar,
+    RequestContext,
+    RequestError,
+    UsageError,
+    WorkerContext,
+    hookimpl,
+)
 
 COMPONENT = "encoder"  # Dynamo's component name for encode workers
 
@@ -26,6 +32,7 @@ class EncodeRole:
     """Multimodal encode worker: runs the vision encoder and hands embeddings to the LLM worker."""
 
     name = "encode"
+    component = COMPONENT
 
     def __init__(self) -> None:
         self.path = ""
@@ -43,15 +50,14 @@ class EncodeRole:
         media.add_limit_arguments(g)
 
     @hookimpl
-    def dynamo_worker_configure(self, ctx: Any) -> None:
+    def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
         from dynamo_worker.multimodal import media, models
 
         self.path, self.served, self.model = models.configured_model(ctx.options)
         self.limits = media.limits_from(ctx.options)
-        ctx.state["component"] = COMPONENT
 
     @hookimpl
-    async def dynamo_worker_create_engine(self, ctx: Any) -> Any:
+    async def dynamo_worker_create_engine(self, ctx: WorkerContext) -> Any:
         from dynamo_worker.multimodal.encoder import load_encoder
         from dynamo_worker.multimodal.wire import embeds_message_bytes
 
@@ -69,19 +75,18 @@ class EncodeRole:
         return self.encoder
 
     @hookimpl
-    def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
+    def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
         registrar.endpoint("generate", self.generate, model=self.served, model_path=self.path,
                            kind="encode", embeds_shape=list(self.model.embeds_shape))
 
     @hookimpl
-    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
+    def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
         from dynamo_worker.multimodal.media import sample_png
         from dynamo_worker.multimodal.wire import EncodeRequest, to_builtins
 
         return to_builtins(EncodeRequest(images=[sample_png()]))
 
-    async def generate(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
-        from dynamo_worker.core.request_plane import RequestError
+    async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         from dynamo_worker.multimodal.media import open_png
         from dynamo_worker.multimodal.wire import EncodeRequest, convert, to_builtins
 

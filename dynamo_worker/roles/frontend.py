@@ -8,13 +8,10 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.hookspecs import hookimpl
 from dynamo_worker.frontend import options
+from dynamo_worker.plugin import Registrar, UsageError, WorkerContext, hookimpl
 
 if TYPE_CHECKING:
-    from dynamo_worker.core.context import WorkerContext
-    from dynamo_worker.core.registrar import Registrar
     from dynamo_worker.frontend.app import FrontendServer
 
 
@@ -26,6 +23,7 @@ class FrontendRole:
     """
 
     name = "frontend"
+    serves_endpoints = False  # so the core does not check the TCP address it would publish
 
     def __init__(self) -> None:
         self.ctx: WorkerContext | None = None

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from dynamo_worker.core.hookspecs import hookimpl
 from dynamo_worker.engine.role import VllmRole
+from dynamo_worker.plugin import hookimpl
 
 
 class PrefillRole(VllmRole):

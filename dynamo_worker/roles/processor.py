@@ -17,8 +17,7 @@ import asyncio
 import pathlib
 from typing import Any
 
-from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.hookspecs import hookimpl
+from dynamo_worker.plugin import Registrar, UsageError, WorkerContext, hookimpl
 
 
 class ProcessorRole:
@@ -57,7 +56,7 @@ class ProcessorRole:
         media.add_limit_arguments(g)
 
     @hookimpl
-    def dynamo_worker_configure(self, ctx: Any) -> None:
+    def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
         from dynamo_worker.core.options import check_positive
         from dynamo_worker.multimodal import media, models
 
@@ -81,10 +80,14 @@ class ProcessorRole:
                                         domains)
 
     @hookimpl
-    async def dynamo_worker_create_engine(self, ctx: Any) -> Any:
+    async def dynamo_worker_create_engine(self, ctx: WorkerContext) -> Any:
         from transformers import AutoTokenizer
 
-        from dynamo_worker.multimodal.processor import BACKEND, ENCODER_COMPONENTS, Processor
+        from dynamo_worker.multimodal.processor import (
+            BACKEND,
+            ENCODER_COMPONENTS,
+            Processor,
+        )
 
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.path)
         o = ctx.options
@@ -95,12 +98,12 @@ class ProcessorRole:
         return self.processor
 
     @hookimpl
-    def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
+    def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
         registrar.endpoint("generate", self.processor.generate, model=self.served, model_path=self.path,
                            kind="processor", encoder=ctx.options.encoder)
 
     @hookimpl
-    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
+    def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
         # A text-only request through the chain (processor -> LLM worker), one token.
         return {"messages": [{"role": "user", "content": "Hi"}], "sampling_options": {"temperature": 0.0},
                 "stop_conditions": {"max_tokens": 1}}

@@ -19,9 +19,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.hookspecs import hookimpl
-from dynamo_worker.core.request_plane import RequestContext, RequestError
+from dynamo_worker.plugin import (
+    Registrar,
+    RequestContext,
+    RequestError,
+    UsageError,
+    WorkerContext,
+    hookimpl,
+)
 
 MAX_TOKENS = 4096
 # The fields a request may carry: its own, plus Dynamo's PreprocessedRequest ones that the
@@ -36,6 +41,7 @@ class EchoRole:
     """Streams each request's token ids back, one per message (an example plugin, no engine)."""
 
     name = "echo"
+    component = "echo"  # where its endpoints are addressed; "backend" with --echo-model (configure)
 
     def __init__(self) -> None:
         self.delay = 0.0
@@ -55,7 +61,7 @@ class EchoRole:
                            help="the model name clients use with --echo-model (default %(default)s)")
 
     @hookimpl
-    def dynamo_worker_configure(self, ctx: Any) -> None:
+    def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
         if ctx.options.echo_delay < 0:
             raise UsageError(f"--echo-delay must be 0 or more (got {ctx.options.echo_delay})")
         self.delay = ctx.options.echo_delay
@@ -64,14 +70,14 @@ class EchoRole:
                 raise UsageError(f"--echo-model {ctx.options.echo_model}: no tokenizer_config.json there; "
                                  "give a model directory (dynamo-worker demo-model PATH writes one)")
             self.model_dir = str(Path(ctx.options.echo_model).resolve())
-            ctx.state["component"] = "backend"  # where the frontend looks for workers
+            self.component = "backend"  # where the frontend looks for workers
 
     @hookimpl
-    def dynamo_worker_register_metrics(self, registry: CollectorRegistry, ctx: Any) -> None:
+    def dynamo_worker_register_metrics(self, registry: CollectorRegistry, ctx: WorkerContext) -> None:
         self.echoed = Counter("echo_tokens", "Tokens echoed back", registry=registry)
 
     @hookimpl
-    def dynamo_worker_register_endpoints(self, registrar: Any, ctx: Any) -> None:
+    def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
         if self.model_dir is None:
             registrar.endpoint("generate", self.generate, model="echo")
         else:
@@ -80,11 +86,11 @@ class EchoRole:
                                kind="decode")
 
     @hookimpl
-    def dynamo_worker_health_payload(self, ctx: Any) -> dict[str, Any]:
+    def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
         return {"token_ids": [1]}
 
     @hookimpl
-    def dynamo_worker_shutdown(self, ctx: Any) -> None:
+    def dynamo_worker_shutdown(self, ctx: WorkerContext) -> None:
         self.stopped = True
         ctx.log.info("echo role stopped")
 
@@ -110,7 +116,7 @@ class EchoRole:
             tokens, finish = tokens[:limit], "length"
         for i, token in enumerate(tokens):
             await asyncio.sleep(delay)  # 0 still yields: each token leaves in its own loop turn
-            if self.echoed is not None:
+            if self.echoed is not None and not context.is_health_check:  # count users' tokens only
                 self.echoed.inc()
             last = i == len(tokens) - 1
             if last and self.model_dir is not None:  # a backend worker reports usage, as decode does

@@ -1,0 +1,351 @@
+"""Several hosts (network namespaces, tests/netns.py), a 3-server NATS cluster, faults under load.
+
+Hosts h1-h3 each run a nats-server of one cluster with JetStream (the discovery bucket with 3
+replicas). h1 runs the frontend (``--migration-limit 3``), h2 and h3 an echo worker each (the demo
+model's tokenizer, no engine: the faults are in the network and NATS). Every process lists its own
+host's server first. h4 is a stranger's host. The load runs in h1's namespace. The tests run in file
+order on one deployment, each leaving it whole; the printed ``FIGURE`` lines (``-s``) are the
+numbers docs/reliability.md quotes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dynamo_worker.core.request_plane import RequestError
+from dynamo_worker.core.runtime import Runtime
+from tests.helpers import NatsServer, WorkerProcess, run_cli, wait_until, worker_env
+from tests.netns import NatsCluster, Testbed, cluster_testbed
+from tests.test_faults import Load, frontend_instances, wait_for_load
+
+HTTP_PORT = 8000
+LEASE = 2
+TOKEN = "cluster-test-secret"
+
+
+class Cluster:
+    """The deployment: frontend on h1, echo workers on h2 ("a") and h3 ("b")."""
+
+    def __init__(self, bed: Testbed, nats: NatsCluster, model: str, log_dir: Path) -> None:
+        self.bed, self.nats, self.model, self.log_dir = bed, nats, model, log_dir
+        self.namespace = f"cl{uuid.uuid4().hex[:8]}"
+        self.base = f"http://{bed.hosts['h1'].address}:{HTTP_PORT}"
+        self.workers: dict[str, WorkerProcess] = {}
+        self.started: list[WorkerProcess] = []
+        self.frontend = self.start("h1", ["--role", "frontend", "--http-host", bed.hosts["h1"].address,
+                                          "--http-port", str(HTTP_PORT), "--request-retries", "3",
+                                          "--migration-limit", "3"])
+        self.frontend.wait_for_log("frontend listening")
+
+    def common(self, host: str) -> list[str]:
+        return ["--nats-url", self.nats.urls(first=host), "--namespace", self.namespace,
+                "--lease-ttl", str(LEASE), "--discovery-replicas", "3"]
+
+    def start(self, host: str, args: list[str], token: str = TOKEN) -> WorkerProcess:
+        w = WorkerProcess([*args, *self.common(host)], env=worker_env(DYN_REQUEST_PLANE_TOKEN=token),
+                          log_dir=self.log_dir, wrapper=self.bed.hosts[host].wrapper)
+        self.started.append(w)
+        return w
+
+    def start_worker(self, name: str, host: str) -> WorkerProcess:
+        # A TCP worker bound to every interface: it publishes its address on the NATS connection.
+        w = self.start(host, ["--role", "echo", "--echo-model", self.model, "--echo-delay", "0.01",
+                              "--request-plane", "tcp", "--tcp-rpc-host", "0.0.0.0", "--health-check-idle", "3600"])
+        w.wait_for_log("serving")
+        self.workers[name] = w
+        return w
+
+    def instances(self) -> int:
+        return self.bed.call_in("h1", lambda: frontend_instances(self.base))
+
+    def wait_instances(self, count: int, timeout: float = 30) -> float:
+        """Seconds until the frontend routes to ``count`` instances."""
+        start = time.monotonic()
+        wait_until(lambda: self.instances() == count, timeout, 0.05, f"{count} instances in the frontend")
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        for w in self.started:
+            w.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster_testbed(hosts=4, nats_hosts=3) as (bed, nats):
+        c = Cluster(bed, nats, demo_model, tmp_path_factory.mktemp("cluster-logs"))
+        try:
+            c.start_worker("a", "h2")
+            c.start_worker("b", "h3")
+            c.wait_instances(2)
+            yield c
+        finally:
+            c.stop()
+
+
+def attached_server(worker: WorkerProcess) -> str:
+    """The URL of the nats-server the worker last (re)connected to, from its log."""
+    found = re.findall(r"(?:connected|reconnected) to NATS at (\S+)", worker.log())
+    assert found, worker.log_tail()
+    return found[-1]
+
+
+def instance_id(worker: WorkerProcess) -> str:
+    found = re.search(r"serving backend\.generate as instance (\w+)", worker.log())
+    assert found, worker.log_tail()
+    return found[1]
+
+
+def discovered(c: Cluster) -> set[str]:
+    """The instance ids of backend.generate in the discovery bucket now (a fresh watcher's view,
+    unreachable ones included, unlike the frontend's count)."""
+
+    async def view() -> set[str]:
+        rt = await Runtime.connect(c.nats.urls(first="h1"), c.namespace)
+        try:
+            watcher = rt.watcher()
+            await asyncio.wait_for(watcher.ready.wait(), 10)
+            return {r.instance_id for r in watcher.matching("backend", "generate")}
+        finally:
+            await rt.close()
+
+    return c.bed.run_in("h1", view)
+
+
+def failures(load: Load) -> dict[str, int]:
+    return {o: n for o, n in load.summary().items() if o != "ok"}
+
+
+def ok_count(load: Load) -> int:
+    return sum(1 for *_, o in load.outcomes if o == "ok")
+
+
+def test_the_workers_publish_addresses_other_hosts_reach(cluster: Cluster) -> None:
+    """--tcp-rpc-host 0.0.0.0 publishes the host's address on its NATS connection, and a caller on
+    another host with the deployment's secret gets an answer there."""
+    c = cluster
+
+    async def call() -> dict[str, str]:
+        rt = await Runtime.connect(c.nats.urls(first="h1"), c.namespace, request_plane="tcp",
+                                   request_plane_secret=TOKEN.encode())
+        try:
+            client = rt.client("backend", "generate")
+            records = await client.wait_for_instances(10, count=2)
+            for r in records:
+                got = [x async for x in client.direct({"token_ids": [1, 2, 3]}, r.instance_id)]
+                assert [t for x in got for t in x["token_ids"]] == [1, 2, 3]
+            return {r.instance_id: r.address for r in records}
+        finally:
+            await rt.close()
+
+    addresses = c.bed.run_in("h1", call)
+    hosts = sorted(a.rpartition(":")[0] for a in addresses.values())
+    assert hosts == sorted([c.bed.hosts["h2"].address, c.bed.hosts["h3"].address]), addresses
+
+
+def test_sigkill_of_the_nats_server_a_worker_is_attached_to_fails_no_request(cluster: Cluster) -> None:
+    c = cluster
+    victim = c.workers["a"]
+    assert attached_server(victim) == c.nats.url("h2")
+
+    async def body() -> tuple[Load, float, int]:
+        load = Load(c.base, "echo", concurrency=8, max_requests=1500)
+        load.start()
+        await wait_for_load(load, 50)
+        await asyncio.to_thread(c.nats.kill, "h2")
+        killed = time.monotonic()
+        await asyncio.to_thread(wait_until, lambda: attached_server(victim) != c.nats.url("h2"), 20, 0.05,
+                                "worker a on another server")
+        moved = time.monotonic() - killed
+        await wait_for_load(load, ok_count(load) + 100)
+        await load.stop()
+        return load, moved, sum(1 for start, end, _ in load.outcomes if start < killed < end)
+
+    load, moved, at_kill = c.bed.run_in("h1", body)
+    print(f"\nFIGURE cluster nats kill: {len(load.outcomes)} requests at concurrency 8 ({at_kill} in flight at the "
+          f"kill), outcomes {dict(load.summary())}; worker a reconnected to {attached_server(victim)} {moved:.2f} s "
+          "after the kill")
+    assert failures(load) == {}, (failures(load), dict(load.messages))
+    assert at_kill >= 1
+    c.nats.start("h2")
+    c.nats.wait_for_meta_leader()
+    c.wait_instances(2)
+
+
+def test_a_worker_host_cut_off_mid_stream_loses_nothing_and_rejoins(cluster: Cluster) -> None:
+    c = cluster
+
+    async def body() -> dict[str, float]:
+        load = Load(c.base, "echo", concurrency=8, max_requests=3000)
+        load.start()
+        await wait_for_load(load, 50)
+        await asyncio.to_thread(c.bed.link_down, "h2")
+        cut = time.monotonic()
+        left = await asyncio.to_thread(c.wait_instances, 1, 20)
+        await asyncio.sleep(max(0.0, 8 - (time.monotonic() - cut)))  # an 8 s cut, as in the issue
+        during = [o for s, _, o in load.outcomes if cut <= s]
+        await asyncio.to_thread(c.bed.link_up, "h2")
+        restored = time.monotonic()
+        rejoined = await asyncio.to_thread(c.wait_instances, 2, 30)
+        await wait_for_load(load, ok_count(load) + 50)
+        await load.stop()
+        at_cut = [(s, e) for s, e, _ in load.outcomes if s < cut < e]
+        return {"left": left, "rejoined": rejoined, "requests": len(load.outcomes), "at_cut": len(at_cut),
+                "slowest_at_cut": max((e - cut for _, e in at_cut), default=0.0),
+                "sent_during_cut": len(during), "cut_s": restored - cut, "load": load}  # type: ignore[dict-item]
+
+    r = c.bed.run_in("h1", body)
+    load: Load = r.pop("load")  # type: ignore[assignment]
+    print(f"\nFIGURE cluster link cut: {r['requests']:.0f} requests at concurrency 8, link of h2 down "
+          f"{r['cut_s']:.1f} s; {r['at_cut']:.0f} in flight at the cut (slowest finished {r['slowest_at_cut']:.2f} s "
+          f"after it), {r['sent_during_cut']:.0f} sent during the cut; worker a out of routing {r['left']:.2f} s "
+          f"after the cut (lease {LEASE} s), back {r['rejoined']:.2f} s after link-up; outcomes "
+          f"{dict(load.summary())}; errors {dict(load.messages)}")
+    assert failures(load) == {}, (failures(load), dict(load.messages))
+    assert r["left"] < LEASE + 3 and r["rejoined"] < 10
+    assert c.workers["a"].proc.poll() is None  # it rejoined without a restart
+    c.nats.wait_for_meta_leader()
+
+
+def test_every_process_of_a_worker_host_sigkilled_loses_nothing(cluster: Cluster) -> None:
+    c = cluster
+    victim = c.workers.pop("b")
+
+    async def body() -> tuple[Load, float, float]:
+        load = Load(c.base, "echo", concurrency=8, max_requests=1500)
+        load.start()
+        await wait_for_load(load, 50)
+        killed = time.monotonic()
+        victim.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(c.nats.kill, "h3")
+        left = await asyncio.to_thread(c.wait_instances, 1, 20)
+        await wait_for_load(load, ok_count(load) + 100)
+        await load.stop()
+        slowest = max(end - killed for start, end, _ in load.outcomes if start < killed < end)
+        return load, left, slowest
+
+    load, left, slowest = c.bed.run_in("h1", body)
+    dead = instance_id(victim)
+    start = time.monotonic()
+    # Its record leaves the bucket too when its lease runs out (the frontend's count above leaves
+    # out instances it found unreachable: the record itself must go, or it would linger forever).
+    wait_until(lambda: dead not in discovered(c), LEASE + 10, 0.2, "the dead worker's record to expire")
+    expired = time.monotonic() - start
+    print(f"\nFIGURE cluster host kill: {len(load.outcomes)} requests at concurrency 8, worker and nats-server of "
+          f"h3 SIGKILLed; out of routing {left:.2f} s after; its record gone from the bucket within "
+          f"{expired:.2f} s of the load's end; the slowest request in flight at the kill finished {slowest:.2f} s "
+          f"after it; outcomes {dict(load.summary())}")
+    assert failures(load) == {}, (failures(load), dict(load.messages))
+    # Its streams move on when its lease runs out (not after the 60 s idle timeout of a stream).
+    assert slowest < LEASE + 8, slowest
+    victim.wait(10)
+    c.nats.start("h3")
+    c.nats.wait_for_meta_leader()
+    c.start_worker("b", "h3")
+    c.wait_instances(2)
+
+
+def test_two_of_three_nats_servers_down_requests_still_flow_and_discovery_recovers(cluster: Cluster) -> None:
+    c = cluster
+    log_start = {name: len(w.log()) for name, w in c.workers.items()}
+
+    async def body() -> tuple[Load, int, float]:
+        load = Load(c.base, "echo", concurrency=8, max_requests=3000)
+        load.start()
+        await wait_for_load(load, 50)
+        for host in ("h2", "h3"):
+            await asyncio.to_thread(c.nats.kill, host)
+        down = time.monotonic()
+        await asyncio.sleep(3 * LEASE)  # longer than a lease: JetStream cannot expire or refresh one
+        served_without_quorum = sum(1 for s, _, o in load.outcomes if s >= down and o == "ok")
+        for host in ("h2", "h3"):
+            await asyncio.to_thread(c.nats.start, host)
+        await asyncio.to_thread(c.nats.wait_for_meta_leader, 30)
+        back = time.monotonic()
+        await wait_for_load(load, ok_count(load) + 50)
+        await load.stop()
+        return load, served_without_quorum, back - down
+
+    load, served, outage = c.bed.run_in("h1", body)
+    recovered = c.wait_instances(2)
+    for name, w in c.workers.items():
+        wait_until(lambda w=w: "discovery keep-alive works again" in w.log(), 30, what=f"worker {name} recovered")
+    warned = [w.log()[log_start[name]:].count("discovery keep-alive failed") for name, w in c.workers.items()]
+    print(f"\nFIGURE cluster no quorum: 2 of 3 nats-servers down {outage:.1f} s; {served} requests served without "
+          f"quorum; outcomes {dict(load.summary())}; keep-alive failures logged {warned} time(s) per worker; both "
+          f"workers routed {recovered:.2f} s after quorum returned")
+    assert failures(load) == {}, (failures(load), dict(load.messages))
+    assert served > 0
+    assert all(n == 1 for n in warned), warned  # said once per outage, not every round
+    # After quorum returns the bucket holds exactly the live workers (a restarted server's copy
+    # brings back no record whose lease ran out before it went down).
+    live = {instance_id(w) for w in c.workers.values()}
+    wait_until(lambda: discovered(c) == live, LEASE + 10, 0.5, f"the bucket to hold exactly {live}")
+
+
+def test_a_stranger_without_the_secret_is_refused(cluster: Cluster) -> None:
+    """A worker on another host with its own secret: the deployment does not call it, and it
+    cannot call the deployment's workers."""
+    c = cluster
+    stranger = c.start("h4", ["--role", "echo", "--echo-model", c.model, "--request-plane", "tcp",
+                              "--tcp-rpc-host", "0.0.0.0", "--health-check-idle", "3600"], token="not-the-secret")
+    stranger.wait_for_log("serving")
+
+    async def call(secret: str) -> dict[str, str]:
+        rt = await Runtime.connect(c.nats.urls(first="h1"), c.namespace, request_plane="tcp",
+                                   request_plane_secret=secret.encode())
+        outcomes = {}
+        try:
+            client = rt.client("backend", "generate")
+            for r in await client.wait_for_instances(10, count=3):
+                try:
+                    [x async for x in client.direct({"token_ids": [7]}, r.instance_id)]
+                    outcomes[r.instance_id] = "ok"
+                except RequestError as exc:
+                    outcomes[r.instance_id] = exc.code
+        finally:
+            await rt.close()
+        return outcomes
+
+    try:
+        by_deployment = c.bed.run_in("h1", lambda: call(TOKEN))
+        by_stranger = c.bed.call_in("h4", lambda: asyncio.run(call("not-the-secret")))
+    finally:
+        stranger.stop()
+    a, b, s = instance_id(c.workers["a"]), instance_id(c.workers["b"]), instance_id(stranger)
+    print(f"\nFIGURE cluster stranger: the deployment calling the workers: {by_deployment}; the stranger: "
+          f"{by_stranger} (a {a}, b {b}, stranger {s})")
+    assert (by_deployment[a], by_deployment[b], by_deployment[s]) == ("ok", "ok", "unavailable"), by_deployment
+    assert (by_stranger[a], by_stranger[b], by_stranger[s]) == ("unavailable", "unavailable", "ok"), by_stranger
+
+
+# ---- the options a deployment over several hosts sets --------------------------------------------
+
+def test_more_discovery_replicas_than_servers_is_a_one_line_error() -> None:
+    nats = NatsServer()  # a fresh single server: no bucket yet from other tests
+    nats.start()
+    try:
+        result = run_cli("--role", "echo", "--nats-url", nats.url, "--discovery-replicas", "3")
+    finally:
+        nats.cleanup()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("dynamo-worker: error: --discovery-replicas 3: the NATS cluster "
+                                                     "cannot hold 3 replicas"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_publishing_a_loopback_address_to_a_deployment_over_the_network_is_a_one_line_error() -> None:
+    result = run_cli("--role", "echo", "--nats-url", "nats://192.0.2.10:4222", "--request-plane", "tcp",
+                     "--tcp-rpc-host", "0.0.0.0", "--tcp-rpc-advertise-host", "127.0.0.1",
+                     "--request-plane-token", "secret")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("dynamo-worker: error: --tcp-rpc-advertise-host 127.0.0.1: the worker would publish a "
+                           "loopback address"), line
