@@ -38,10 +38,10 @@ def add_arguments(group: Any) -> None:
                        help="extra ec_connector_extra_config entries, as JSON")
 
 
-def configure(options: Any, engine_args: Any, *, role: str) -> dict[str, Any] | None:
-    """Set ``engine_args.ec_transfer_config`` for ``role`` (``ec-encoder``: producer; ``decode``:
-    consumer when ``--ec-storage-path`` is given). Returns what was decided, or None."""
-    producer = role == "ec-encoder"
+def configure(options: Any, engine_args: Any, *, role: str, producer: bool) -> dict[str, Any] | None:
+    """Set ``engine_args.ec_transfer_config`` for the role named ``role`` (``producer``: the
+    ec-encoder; otherwise a consumer when ``--ec-storage-path`` is given). Returns what was
+    decided, or None."""
     storage = getattr(options, "ec_storage_path", None)
     extra_json = getattr(options, "ec_extra_config", None)
     backend = getattr(options, "ec_connector_backend", EXAMPLE)

@@ -32,6 +32,7 @@ class VllmRole:
     needs_connector: ClassVar[bool] = False  # a prefill engine is pointless without a KV connector
     uses_kv_cache: ClassVar[bool] = True  # False for an encoder-only engine: no KV connector, no KV events
     takes_image_embeds: ClassVar[bool] = False  # the LLM worker of the multimodal chain (decode)
+    produces_encoder_cache: ClassVar[bool] = False  # the ec-encoder: the EC connector's producer side
 
     def __init__(self) -> None:
         self.engine_args: Any = None
@@ -86,7 +87,8 @@ class VllmRole:
             if self.takes_image_embeds:  # the LLM worker takes image embeddings from encode workers
                 self.engine_args.enable_mm_embeds = True
                 applied.append(("enable_mm_embeds", True, "--enable-multimodal: encode workers send image embeddings"))
-        self.ec_transfer = ec_transfer.configure(ctx.options, self.engine_args, role=self.name)
+        self.ec_transfer = ec_transfer.configure(ctx.options, self.engine_args, role=self.name,
+                                                producer=self.produces_encoder_cache)
         self.lora_dirs = lora.parse_lora_dirs(getattr(ctx.options, "lora_dirs", None))
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")

@@ -26,6 +26,7 @@ class EcEncoderRole(VllmRole):
     name = "ec-encoder"
     component = "ec_encoder"
     uses_kv_cache = False
+    produces_encoder_cache = True
 
     def __init__(self) -> None:
         super().__init__()
