@@ -142,13 +142,14 @@ class Events:
         await rt.nc.flush()
         return self
 
-    async def wait_for(self, predicate: Any, timeout: float = 10) -> Any:
+    async def wait_for(self, predicate: Any, timeout: float = 10, diagnose: Any = None) -> Any:
         for _ in range(int(timeout / 0.05)):
             found = [e for e in self.items if predicate(e)]
             if found:
                 return found
             await asyncio.sleep(0.05)
-        raise AssertionError(f"no matching event in {len(self.items)} received: {self.items[-5:]}")
+        raise AssertionError(f"no matching event in {len(self.items)} received: {self.items[-5:]}"
+                             + (f"; the worker says {diagnose()}" if diagnose else ""))
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -211,7 +212,11 @@ async def test_load_metrics_show_requests_running_then_an_idle_engine(deployment
         results = await asyncio.gather(*(generate(rt, greedy(unique_prompt(20, 100 + i), max_tokens=48))
                                          for i in range(4)))
         assert all(len(tokens(r)) == 48 for r in results)
-        busy = await load.wait_for(lambda e: e["worker_stats"]["request_active_slots"] > 0)
+        # The worker's own gauges, in a failure message: they tell a stat logger vLLM never called
+        # from a publisher that did not publish.
+        gauges = lambda: [line for line in deployment.metrics_text().splitlines()  # noqa: E731
+                          if line.startswith("dynamo_component_engine_") or "kvstats" in line]
+        busy = await load.wait_for(lambda e: e["worker_stats"]["request_active_slots"] > 0, diagnose=gauges)
         assert busy[0]["instance_id"] == record.instance_id and busy[0]["dp_rank"] == 0
         assert busy[0]["kv_stats"]["kv_active_blocks"] > 0
         # The last message says the engine is idle again (published within the throttle interval).

@@ -117,9 +117,17 @@ def deployment(reference: Any, nats_server: NatsServer, demo_model: str,
 
 
 @pytest.fixture(scope="module")
-def texts(offline: list[dict[str, Any]]) -> list[str]:
-    """The reference texts as vLLM's own detokenizer made them (what the frontend must return)."""
-    return [out["text"] for out in offline]
+def texts(demo_model: str, reference: list[list[int]]) -> list[str]:
+    """The reference token ids as the frontend's completion text: the tokenizer's decoding, less a
+    character the output stops inside (as vLLM drops it).
+
+    Not vLLM's own text: these random prompts can end inside a UTF-8 character, and then vLLM's
+    detokenizer (a DecodeStream seeded with the prompt) returns a different text from the same
+    token ids (2 of these 8 prompts; the frontend follows the tokenizer, docs/frontend.md)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model, local_files_only=True)
+    return [tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd") for ids in reference]
 
 
 def greedy(prompt: list[int], **extra: Any) -> dict[str, Any]:

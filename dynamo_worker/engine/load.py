@@ -134,7 +134,12 @@ class LoadPublisher:
     async def run(self) -> None:
         """Publish changed snapshots until cancelled (a background task of the worker)."""
         while True:
-            await self._changed.wait()
+            # Woken by record(); the timeout is a backstop so a missed wake-up can delay a change
+            # by at most a second instead of hiding it until the next one.
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+            except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
+                pass
             self._changed.clear()
             started = time.monotonic()
             pause = self.min_interval
