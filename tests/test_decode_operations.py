@@ -209,9 +209,9 @@ async def test_load_metrics_show_requests_running_then_an_idle_engine(deployment
     try:
         [record] = await rt.client("backend", "generate").wait_for_instances(10)
         load = await Events().subscribe(rt, "load_metrics")
-        results = await asyncio.gather(*(generate(rt, greedy(unique_prompt(20, 100 + i), max_tokens=48))
+        results = await asyncio.gather(*(generate(rt, greedy(unique_prompt(20, 100 + i), max_tokens=200))
                                          for i in range(4)))
-        assert all(len(tokens(r)) == 48 for r in results)
+        assert all(len(tokens(r)) == 200 for r in results)
         # The worker's own gauges, in a failure message: they tell a stat logger vLLM never called
         # from a publisher that did not publish.
         gauges = lambda: [line for line in deployment.metrics_text().splitlines()  # noqa: E731
