@@ -42,7 +42,7 @@ __all__ = [
 
 #: Bump when the recipe changes so that cached models are rebuilt by
 #: :func:`ensure_demo_model`.
-DEMO_MODEL_VERSION = 1
+DEMO_MODEL_VERSION = 2  # 2: the chat template renders tools and tool calls
 
 #: Written last into a finished model directory; records how it was built. Its presence is how
 #: a directory is recognised as a completed demo model of ours (one we may replace).
@@ -72,11 +72,17 @@ TORCH_DTYPE = "float32"
 
 # Role-tagged turns, each closed by EOS so that a trained model would stop after its
 # turn; BOS is emitted by the template because chat prompts are tokenized without
-# special tokens.
+# special tokens. Tools (``tools=`` of apply_chat_template, as vLLM passes them) are listed
+# as JSON in a ``<|tools|>`` turn, an assistant's earlier calls as JSON after its content, and
+# tool results are ``<|tool|>`` turns; a request without tools renders exactly as before.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|tools|>\\n' + (tools | tojson) + eos_token + '\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] or '') }}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ message['tool_calls'] | tojson }}{% endif %}"
+    "{{ eos_token + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

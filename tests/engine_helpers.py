@@ -39,6 +39,37 @@ def offline_greedy_outputs(model: str, prompts: list[list[int]], max_tokens: int
     return json.loads(line[2:])
 
 
+OFFLINE_SAMPLING_SCRIPT = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+if __name__ == "__main__":
+    model, requests = sys.argv[1], json.loads(sys.argv[2])
+    llm = LLM(model=model, enforce_eager=True, max_model_len=256)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests],
+                        [SamplingParams(**r["params"]) for r in requests])
+    print("@@" + json.dumps([{
+        "choices": [{"ids": list(c.token_ids), "text": c.text} for c in o.outputs],
+        "prompt_logprobs": None if o.prompt_logprobs is None else [
+            None if p is None else {str(t): [lp.logprob, lp.rank] for t, lp in p.items()}
+            for p in o.prompt_logprobs],
+    } for o in outs]))
+"""
+
+
+def offline_outputs(model: str, requests: list[dict], tmp: Path) -> list[dict]:
+    """vLLM's offline engine's answer to ``[{"prompt": token ids, "params": SamplingParams kwargs}]``,
+    in a subprocess: per request ``{"choices": [{"ids", "text"}], "prompt_logprobs": [None |
+    {"<token id>": [logprob, rank]}] | None}``."""
+    script = tmp / "offline_sampling.py"
+    script.write_text(OFFLINE_SAMPLING_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), model, json.dumps(requests)],
+                         capture_output=True, text=True, timeout=300)
+    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(line[2:])
+
+
 def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: Path) -> list[list[int]]:
     """The token ids of :func:`offline_greedy_outputs`."""
     return [out["ids"] for out in offline_greedy_outputs(model, prompts, max_tokens, tmp)]

@@ -47,10 +47,12 @@ class FakeDecodeWorker:
     """One scripted ``backend.generate`` instance serving ``model``.
 
     mode: ``"reverse"`` streams the prompt ids reversed, ``"forward"`` in order without the
-    leading BOS. ``delay``: seconds before each token. ``reject``: a request-plane error code
-    raised before any token (``retryable`` as given). ``fail_after``: raise an internal error
-    after that many tokens. The stream ends with ``finish_reason`` "length" when max_tokens cut
-    it, else "eos", plus ``completion_usage``.
+    leading BOS; ``reply`` (token ids) streams those whatever the prompt. ``delay``: seconds
+    before each token. ``reject``: a request-plane error code raised before any token
+    (``retryable`` as given). ``fail_after``: raise an internal error after that many tokens.
+    The stream ends with ``finish_reason`` "stop" and ``stop_reason`` (vLLM's) on the first of the
+    request's ``stop_token_ids`` (that token sent last, as vLLM sends it), "length" when max_tokens
+    cut it, else "eos", plus ``completion_usage``.
     """
 
     nats_url: str
@@ -65,6 +67,7 @@ class FakeDecodeWorker:
     retryable: bool = False
     fail_after: int | None = None
     bos_token_id: int = 0
+    reply: list[int] | None = None
     requests: list[dict[str, Any]] = attrs.field(factory=list)
     cancelled: list[str] = attrs.field(factory=list)
     runtime: Runtime | None = None
@@ -96,6 +99,8 @@ class FakeDecodeWorker:
 
     def output_ids(self, request: dict[str, Any]) -> list[int]:
         """The token ids this worker streams for ``request`` (before max_tokens)."""
+        if self.reply is not None:
+            return list(self.reply)
         ids = list(request["token_ids"])
         if self.mode == "forward":
             return ids[1:] if ids and ids[0] == self.bos_token_id else ids
@@ -107,8 +112,12 @@ class FakeDecodeWorker:
             raise RequestError(self.reject, f"scripted {self.reject} from {self.model}", retryable=self.retryable)
         out = self.output_ids(request)
         max_tokens = request["stop_conditions"].get("max_tokens")
-        finish = "eos"
-        if max_tokens is not None and len(out) >= max_tokens:
+        finish, stop_reason = "eos", None
+        stop_ids = request["stop_conditions"].get("stop_token_ids") or []
+        at = next((k for k, t in enumerate(out) if t in stop_ids), None)
+        if at is not None and (max_tokens is None or at < max_tokens):
+            out, finish, stop_reason = out[:at + 1], "stop", out[at]
+        elif max_tokens is not None and len(out) >= max_tokens:
             out, finish = out[:max_tokens], "length"
         logprobs = request.get("output_options", {}).get("logprobs")
         try:
@@ -126,6 +135,8 @@ class FakeDecodeWorker:
                     ]]
                 if i == len(out) - 1:
                     item["finish_reason"] = finish
+                    if stop_reason is not None:
+                        item["stop_reason"] = stop_reason
                     item["completion_usage"] = {
                         "prompt_tokens": len(request["token_ids"]), "completion_tokens": len(out),
                         "total_tokens": len(request["token_ids"]) + len(out),

@@ -41,7 +41,7 @@ async def send_raw(runtime: Runtime, component: str, endpoint: str, instance: st
         assert frame.err is not None and frame.err.code in CLEAN_CODES, frame.err
     if frame.k == wire.DATA:
         # They parsed as a real request: cancel whatever the worker started.
-        await runtime._send_cancel(instance, wire.decode_request(data).id)
+        await runtime.caller.cancel(instance, wire.decode_request(data).id)
 
 
 class FuzzTarget:

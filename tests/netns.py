@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+REPO = Path(__file__).resolve().parent.parent
 NATS_PORT, ROUTE_PORT, MONITOR_PORT = 4222, 6222, 8222
 
 
@@ -232,13 +233,51 @@ def nats_server_binary() -> str:
     return found
 
 
-class NatsCluster:
-    """One nats-server per host, clustered (routes to every other), JetStream on each with its own store."""
+class DelayProxy:
+    """tests/delay_proxy.py running in a host: ``forwards`` as ``(LISTEN, TARGET)`` pairs of ``HOST:PORT``."""
 
-    def __init__(self, bed: Testbed, hosts: list[str], store: Path) -> None:
+    def __init__(self, bed: Testbed, host: str, forwards: list[tuple[str, str]], delay_ms: float,
+                 log_path: Path) -> None:
+        self.delay_ms, self.log_path = delay_ms, log_path
+        argv = [sys.executable, "-m", "tests.delay_proxy", "--delay-ms", str(delay_ms)]
+        for listen, target in forwards:
+            argv += ["--forward", f"{listen}={target}"]
+        log = open(log_path, "ab")  # noqa: SIM115 - the child holds it
+        try:
+            self.proc = bed.popen(host, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        finally:
+            log.close()
+        self._wait_for_lines("ready", 1)
+
+    def _wait_for_lines(self, text: str, count: int, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log_path.read_text().splitlines().count(text) < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the delay proxy did not say {text!r}: {self.log_path.read_text()}")
+            time.sleep(0.02)
+
+    def set_delay(self, on: bool) -> None:
+        """The configured delay (``on``) or none, from the next byte read on."""
+        said = f"delay now {self.delay_ms if on else 0:g} ms"
+        before = self.log_path.read_text().splitlines().count(said)
+        self.proc.send_signal(signal.SIGUSR2 if on else signal.SIGUSR1)
+        self._wait_for_lines(said, before + 1)
+
+
+class NatsCluster:
+    """One nats-server per host, clustered (routes to every other), JetStream on each with its own store.
+
+    With ``route_delay_ms``, each server's route listener binds loopback behind a :class:`DelayProxy`
+    on its host's address (the address it advertises to the others): every route, whichever side
+    dialled it, goes through one proxy, so each message between servers of two hosts arrives that
+    much later, and a round trip between hosts gains twice it."""
+
+    def __init__(self, bed: Testbed, hosts: list[str], store: Path, route_delay_ms: float | None = None) -> None:
         self.bed, self.hosts, self.store = bed, hosts, store
         self.name = f"c{bed.run_id}"
         self.procs: dict[str, subprocess.Popen[Any]] = {}
+        self.route_delay_ms = route_delay_ms
+        self.proxies: dict[str, DelayProxy] = {}
 
     def url(self, host: str) -> str:
         return f"nats://{self.bed.hosts[host].address}:{NATS_PORT}"
@@ -256,9 +295,16 @@ class NatsCluster:
         routes = ",".join(f"nats://{self.bed.hosts[h].address}:{ROUTE_PORT}" for h in self.hosts if h != host)
         store = self.store / host
         store.mkdir(parents=True, exist_ok=True)
+        route_listen = f"{address}:{ROUTE_PORT}"
+        if self.route_delay_ms is not None:
+            route_listen = f"127.0.0.1:{ROUTE_PORT}"
+            if host not in self.proxies:  # it outlives a restart of the server
+                self.proxies[host] = DelayProxy(self.bed, host, [(f"{address}:{ROUTE_PORT}", route_listen)],
+                                                self.route_delay_ms, self.store / f"{host}-route-proxy.log")
         argv = [nats_server_binary(), "-a", address, "-p", str(NATS_PORT), "-m", str(MONITOR_PORT),
                 "-n", self.server_name(host), "-js", "-sd", str(store), "--cluster_name", self.name,
-                "--cluster", f"nats://{address}:{ROUTE_PORT}", "--routes", routes]
+                "--cluster", f"nats://{route_listen}", "--cluster_advertise", f"{address}:{ROUTE_PORT}",
+                "--routes", routes]
         log = open(self.store / f"{host}.log", "ab")  # noqa: SIM115 - the child holds it
         try:
             self.procs[host] = self.bed.popen(host, argv, stdout=log, stderr=subprocess.STDOUT)
@@ -312,13 +358,15 @@ class NatsCluster:
 
 
 @contextlib.contextmanager
-def cluster_testbed(hosts: int = 3, nats_hosts: int = 3) -> Iterator[tuple[Testbed, NatsCluster]]:
-    """A test bed of ``hosts`` hosts with a NATS cluster on the first ``nats_hosts``, torn down on exit."""
+def cluster_testbed(hosts: int = 3, nats_hosts: int = 3,
+                    route_delay_ms: float | None = None) -> Iterator[tuple[Testbed, NatsCluster]]:
+    """A test bed of ``hosts`` hosts with a NATS cluster on the first ``nats_hosts``, torn down on exit
+    (``route_delay_ms``: the servers' routes through delaying proxies, see :class:`NatsCluster`)."""
     bed = Testbed(hosts)
     store = Path(tempfile.mkdtemp(prefix=f"dw-cluster-{bed.run_id}-"))
     try:
         bed.up()
-        cluster = NatsCluster(bed, [f"h{i}" for i in range(1, nats_hosts + 1)], store)
+        cluster = NatsCluster(bed, [f"h{i}" for i in range(1, nats_hosts + 1)], store, route_delay_ms)
         cluster.start_all()
         cluster.wait_for_meta_leader()
         yield bed, cluster
@@ -332,13 +380,13 @@ def cluster_testbed(hosts: int = 3, nats_hosts: int = 3) -> Iterator[tuple[Testb
 STATE_DIR = Path(os.environ.get("DW_CLUSTER_STATE", "/tmp/dw-cluster"))
 
 
-def _cli_up(hosts: int, nats_hosts: int) -> int:
+def _cli_up(hosts: int, nats_hosts: int, route_delay_ms: float | None = None) -> int:
     bed = Testbed(hosts)
     store = STATE_DIR / bed.run_id
     store.mkdir(parents=True, exist_ok=True)
     try:
         bed._build()
-        cluster = NatsCluster(bed, [f"h{i}" for i in range(1, nats_hosts + 1)], store)
+        cluster = NatsCluster(bed, [f"h{i}" for i in range(1, nats_hosts + 1)], store, route_delay_ms)
         cluster.start_all()
         leader = cluster.wait_for_meta_leader()
     except BaseException:
@@ -387,6 +435,8 @@ def main(argv: list[str]) -> int:
     up = sub.add_parser("up", help="create the hosts and start the NATS cluster")
     up.add_argument("--hosts", type=int, default=3)
     up.add_argument("--nats-hosts", type=int, default=3, help="how many of the hosts run a nats-server")
+    up.add_argument("--route-delay-ms", type=float, default=None,
+                    help="delay each direction of the routes between nats-servers this much (tests/delay_proxy.py)")
     down = sub.add_parser("down", help="stop everything in a test bed and remove it")
     down.add_argument("run_id")
     for name, help_ in (("link-down", "cut a host off (its bridge port down)"), ("link-up", "reconnect a host")):
@@ -398,7 +448,7 @@ def main(argv: list[str]) -> int:
     if args.command == "up":
         if not 1 <= args.nats_hosts <= args.hosts:
             p.error("--nats-hosts must be between 1 and --hosts")
-        return _cli_up(args.hosts, args.nats_hosts)
+        return _cli_up(args.hosts, args.nats_hosts, args.route_delay_ms)
     if args.command == "down":
         return _cli_down(args.run_id)
     if args.command in ("link-down", "link-up"):

@@ -3,8 +3,8 @@
 The full ``python -m benchmarks`` starts vLLM servers for about 15 minutes, too long for the
 suite; its figures are in docs/performance.md. Tested here: the ratios the report prints (to
 ``vllm serve`` and to ``vllm serve`` with dynamo's engine layout), the request-plane measurement
-(the echo role on both planes against bare nats-py) and the killed-worker measurement, on small
-counts.
+(the echo role on both planes against bare nats-py), the killed-worker measurement and discovery at
+scale (simulated workers on a 3-server NATS cluster), on small counts.
 """
 
 from __future__ import annotations
@@ -67,3 +67,23 @@ async def test_the_failover_benchmark_sees_a_killed_worker_leave_routing_and_dis
     assert trial["request_failed_over_s"] is not None, trial  # a retryable error, not a hang
     assert result["out_of_routing_s"]["never"] == 0 and result["out_of_discovery_s"]["never"] == 0, result
     assert "killed worker (SIGKILL), 1 trials" in failover.render(result)
+
+
+def test_the_discovery_scale_benchmark_sees_every_simulated_worker_routable(tmp_path: Path, demo_model: str) -> None:
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.discovery_scale", "--instances", "20", "--window", "2",
+                           "--timeout", "60", "--model", demo_model, "--log-dir", str(tmp_path / "logs"),
+                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    [level] = result["levels"]
+    assert level["instances"] == 20 and level["records"] == 20 * result["endpoints_per_instance"]
+    # The frontend (its /health, over what its router picks from) counted all 20, and still does after
+    # the steady-state window: the keep-alives, written on three servers, kept every lease alive.
+    assert level["routable_s"] is not None and level["routable_seen"] == 20, level
+    assert level["routable_after_window"] == 20, level
+    assert level["keepalive_msgs_per_s"] > 0 and level["bus_in_msgs_per_s"] > level["keepalive_msgs_per_s"]
+    assert set(level["per_instance"]) == {"keepalive_msgs_per_s", "bus_in_msgs_per_s", "bus_out_msgs_per_s",
+                                          "bus_bytes_per_s", "frontend_discovery_cpu_ms_per_s"}
+    assert result["per_instance_vs_smallest"]["keepalive_msgs_per_s"] == {"20": 1.0}
+    assert "| 20 |" in done.stdout and "per-instance figures as ratios" in done.stdout

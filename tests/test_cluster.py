@@ -4,8 +4,9 @@ Hosts h1-h3 each run a nats-server of one cluster with JetStream (the discovery 
 replicas). h1 runs the frontend (``--migration-limit 3``), h2 and h3 an echo worker each (the demo
 model's tokenizer, no engine: the faults are in the network and NATS). Every process lists its own
 host's server first. h4 is a stranger's host. The load runs in h1's namespace. The tests run in file
-order on one deployment, each leaving it whole; the printed ``FIGURE`` lines (``-s``) are the
-numbers docs/reliability.md quotes.
+order on one deployment, each leaving it whole, except the first, which builds a test bed of its own
+with 10 ms of delay on every connection between hosts (tests/delay_proxy.py); the printed
+``FIGURE`` lines (``-s``) are the numbers docs/reliability.md quotes.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import statistics
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from benchmarks.load import run_level
+from benchmarks.report import summarize_run
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests.helpers import NatsServer, WorkerProcess, run_cli, wait_until, worker_env
-from tests.netns import NatsCluster, Testbed, cluster_testbed
+from tests.netns import DelayProxy, NatsCluster, Testbed, cluster_testbed
 from tests.test_faults import Load, frontend_instances, wait_for_load
 
 HTTP_PORT = 8000
@@ -125,6 +130,83 @@ def failures(load: Load) -> dict[str, int]:
 
 def ok_count(load: Load) -> int:
     return sum(1 for *_, o in load.outcomes if o == "ok")
+
+
+# ---- latency between hosts: a test bed of its own, run before the shared one starts -------------
+
+DELAY_MS = 10  # each way, on every connection between hosts: a round trip between hosts gains 20 ms
+ECHO_DELAY = 0.01  # the echo worker's pause before each token, the first included
+WORKER_TCP_PORT = 7400
+BIRD = 464  # the demo tokenizer's " bird": each streamed token is a chunk with text
+
+
+async def latency_arm(base: str, delay: bool) -> dict[str, Any]:
+    """Five requests one at a time (single-request TTFT), then 96 at concurrency 8, 16 tokens each."""
+    prompts = [[BIRD] * 24]
+    singles = await run_level(base, "echo", prompts, concurrency=1, requests=5, max_tokens=16, max_seconds=30,
+                              request_timeout=30)
+    load = await run_level(base, "echo", prompts, concurrency=8, requests=96, max_tokens=16, max_seconds=60,
+                           request_timeout=30)
+    single_ttfts = sorted(r.ttft * 1000 for r in singles.requests if r.ok and r.ttft is not None)
+    return {"delay": delay, "single_ttft_ms": single_ttfts, "load": summarize_run(load),
+            "load_ttft_min_ms": min((r.ttft * 1000 for r in load.requests if r.ttft is not None), default=None),
+            "errors": summarize_run(singles)["errors"] + summarize_run(load)["errors"]}
+
+
+def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: Path) -> None:
+    """Every connection between hosts through a proxy that delays each direction 10 ms: the NATS
+    routes (each server's route port behind one) and the workers' TCP listeners (each worker binds
+    loopback and publishes its host's address, where the proxy listens). The frontend (h1) and
+    workers (h2, h3) each reach their own host's server directly. The same deployment is measured
+    with the proxies' delay at 0 and at 10 ms, through a frontend on each request plane."""
+    with cluster_testbed(hosts=3, nats_hosts=3, route_delay_ms=DELAY_MS) as (bed, nats):
+        c = Cluster(bed, nats, demo_model, tmp_path)  # its frontend calls workers over NATS
+        try:
+            tcp_base = f"http://{bed.hosts['h1'].address}:{HTTP_PORT + 1}"
+            tcp_frontend = c.start("h1", ["--role", "frontend", "--http-host", bed.hosts["h1"].address,
+                                          "--http-port", str(HTTP_PORT + 1), "--request-plane", "tcp",
+                                          "--request-retries", "3", "--migration-limit", "3"])
+            proxies = list(nats.proxies.values())
+            for name, host in (("a", "h2"), ("b", "h3")):
+                address = bed.hosts[host].address
+                proxies.append(DelayProxy(bed, host, [(f"{address}:{WORKER_TCP_PORT}", f"127.0.0.1:{WORKER_TCP_PORT}")],
+                                          DELAY_MS, tmp_path / f"{host}-tcp-proxy.log"))
+                c.workers[name] = c.start(host, [
+                    "--role", "echo", "--echo-model", demo_model, "--echo-delay", str(ECHO_DELAY),
+                    "--request-plane", "tcp", "--tcp-rpc-host", "127.0.0.1", "--tcp-rpc-port", str(WORKER_TCP_PORT),
+                    "--tcp-rpc-advertise-host", address, "--health-check-idle", "3600"])
+            for w in c.workers.values():
+                w.wait_for_log("serving")
+            tcp_frontend.wait_for_log("frontend listening")
+            for base in (c.base, tcp_base):
+                wait_until(lambda base=base: bed.call_in("h1", lambda: frontend_instances(base)) == 2, 30, 0.05,
+                           f"2 instances in the frontend at {base}")
+            arms: dict[str, dict[bool, dict[str, Any]]] = {"nats": {}, "tcp": {}}
+            for delay in (False, True):
+                for proxy in proxies:
+                    proxy.set_delay(delay)
+                for plane, base in (("nats", c.base), ("tcp", tcp_base)):
+                    if not delay:  # warm-up: connections, the frontend's first requests
+                        bed.run_in("h1", lambda base=base: latency_arm(base, False))
+                    arms[plane][delay] = bed.run_in("h1", lambda base=base, delay=delay: latency_arm(base, delay))
+        finally:
+            c.stop()
+    for plane, by_delay in arms.items():
+        assert by_delay[False]["errors"] == by_delay[True]["errors"] == 0, (plane, by_delay)
+        off, on = by_delay[False]["load"], by_delay[True]["load"]
+        tok, p50, p99 = (f"{on[k]:.{d}f} vs {off[k]:.{d}f}{u} (x{on[k] / off[k]:.2f})"
+                         for k, d, u in (("tok_per_s", 0, ""), ("ttft_p50_ms", 1, " ms"), ("ttft_p99_ms", 1, " ms")))
+        single_on, single_off = (statistics.median(by_delay[d]["single_ttft_ms"]) for d in (True, False))
+        print(f"\nFIGURE cluster latency {plane}: {2 * DELAY_MS} ms per round trip between hosts vs none, same "
+              f"deployment; concurrency 8, 96 requests x 16 tokens: tok/s {tok}, TTFT p50 {p50}, p99 {p99}; one "
+              f"request at a time: TTFT {single_on:.1f} vs {single_off:.1f} ms (median of 5); 0 failed")
+    for plane, by_delay in arms.items():
+        off, on = by_delay[False], by_delay[True]
+        # The delay is on the path of every request: none answered its first token sooner than
+        # a round trip between hosts plus the echo's own pause (and without the delay, one did).
+        floor = ECHO_DELAY * 1000 + 2 * DELAY_MS
+        assert min(on["single_ttft_ms"][0], on["load_ttft_min_ms"]) >= floor, (plane, on)
+        assert off["single_ttft_ms"][0] < floor, (plane, off)
 
 
 def test_the_workers_publish_addresses_other_hosts_reach(cluster: Cluster) -> None:
@@ -255,15 +337,25 @@ def test_every_process_of_a_worker_host_sigkilled_loses_nothing(cluster: Cluster
 def test_two_of_three_nats_servers_down_requests_still_flow_and_discovery_recovers(cluster: Cluster) -> None:
     c = cluster
     log_start = {name: len(w.log()) for name, w in c.workers.items()}
+    frontend_start = len(c.frontend.log())
 
-    async def body() -> tuple[Load, int, float]:
+    def frontend_said(text: str) -> int:
+        return c.frontend.log()[frontend_start:].count(text)
+
+    async def body() -> tuple[Load, int, float, float | None]:
         load = Load(c.base, "echo", concurrency=8, max_requests=3000)
         load.start()
         await wait_for_load(load, 50)
         for host in ("h2", "h3"):
             await asyncio.to_thread(c.nats.kill, host)
         down = time.monotonic()
-        await asyncio.sleep(3 * LEASE)  # longer than a lease: JetStream cannot expire or refresh one
+        # Longer than a lease (JetStream cannot expire or refresh one), and until the frontend has
+        # said its watch stalled (it asks after a lease without news; bounded).
+        stall_said = None
+        while time.monotonic() - down < 3 * LEASE or (stall_said is None and time.monotonic() - down < 20):
+            if stall_said is None and frontend_said("discovery watch st") + frontend_said("discovery watch fa"):
+                stall_said = time.monotonic() - down
+            await asyncio.sleep(0.1)
         served_without_quorum = sum(1 for s, _, o in load.outcomes if s >= down and o == "ok")
         for host in ("h2", "h3"):
             await asyncio.to_thread(c.nats.start, host)
@@ -271,19 +363,26 @@ def test_two_of_three_nats_servers_down_requests_still_flow_and_discovery_recove
         back = time.monotonic()
         await wait_for_load(load, ok_count(load) + 50)
         await load.stop()
-        return load, served_without_quorum, back - down
+        return load, served_without_quorum, back - down, stall_said
 
-    load, served, outage = c.bed.run_in("h1", body)
+    load, served, outage, stall_said = c.bed.run_in("h1", body)
     recovered = c.wait_instances(2)
     for name, w in c.workers.items():
         wait_until(lambda w=w: "discovery keep-alive works again" in w.log(), 30, what=f"worker {name} recovered")
+    wait_until(lambda: frontend_said("discovery watch works again") > 0, 30, what="the frontend's watch recovered")
     warned = [w.log()[log_start[name]:].count("discovery keep-alive failed") for name, w in c.workers.items()]
+    frontend_lines = [line for line in c.frontend.log()[frontend_start:].splitlines() if "discovery watch" in line]
     print(f"\nFIGURE cluster no quorum: 2 of 3 nats-servers down {outage:.1f} s; {served} requests served without "
-          f"quorum; outcomes {dict(load.summary())}; keep-alive failures logged {warned} time(s) per worker; both "
-          f"workers routed {recovered:.2f} s after quorum returned")
+          f"quorum; outcomes {dict(load.summary())}; keep-alive failures logged {warned} time(s) per worker; the "
+          f"frontend said its watch stalled {stall_said or 0:.1f} s after the servers went down; both workers routed "
+          f"{recovered:.2f} s after quorum returned; the frontend's discovery watch lines: {frontend_lines}")
     assert failures(load) == {}, (failures(load), dict(load.messages))
     assert served > 0
     assert all(n == 1 for n in warned), warned  # said once per outage, not every round
+    # The frontend says so too: once when its watch stalls (or fails), once when it works again.
+    assert stall_said is not None, frontend_lines
+    assert frontend_said("JetStream is unreachable or has no quorum") == 1, frontend_lines
+    assert frontend_said("discovery watch works again") == 1, frontend_lines
     # After quorum returns the bucket holds exactly the live workers (a restarted server's copy
     # brings back no record whose lease ran out before it went down).
     live = {instance_id(w) for w in c.workers.values()}

@@ -148,6 +148,44 @@ async def test_stop_token_ids_min_tokens_and_seeded_sampling(deployment: Deploym
         await rt.close()
 
 
+async def test_bad_words_token_ids_and_stop_strings_reach_the_engine(deployment: Deployment, demo_model: str,
+                                                                     reference: list[list[int]]) -> None:
+    """Fields of Dynamo's message that our frontend never sends are honoured all the same."""
+    from transformers import AutoTokenizer
+
+    rt = await deployment.runtime()
+    try:
+        banned = reference[0][0]
+        out = tokens(await generate(rt, greedy(PROMPT_A, sampling_options={
+            "temperature": 0.0, "bad_words_token_ids": [[banned]]})))
+        assert len(out) == GREEDY_TOKENS and banned not in out  # greedy's first choice is banned everywhere
+
+        text = AutoTokenizer.from_pretrained(demo_model).decode(reference[0])
+        at = next(i for i in range(len(text) // 2, len(text) - 2) if text.find(text[i:i + 3]) == i)
+        req = greedy(PROMPT_A)
+        req["stop_conditions"]["stop"] = [text[at:at + 3]]
+        chunks = await generate(rt, req)
+        got = tokens(chunks)
+        assert chunks[-1]["finish_reason"] == "stop" and len(got) < GREEDY_TOKENS
+        assert got == reference[0][:len(got)]  # cut where the stop string appears, not changed
+    finally:
+        await rt.close()
+
+
+async def test_prompt_logprobs_come_with_the_first_message(deployment: Deployment) -> None:
+    rt = await deployment.runtime()
+    try:
+        chunks = await generate(rt, greedy(PROMPT_A, max_tokens=2, output_options={"prompt_logprobs": 2}))
+        plp = chunks[0]["prompt_logprobs"]
+        assert all("prompt_logprobs" not in c for c in chunks[1:])
+        assert len(plp) == len(PROMPT_A) and plp[0] is None
+        for token, entries in zip(PROMPT_A[1:], plp[1:], strict=True):
+            assert entries[0]["token_id"] == token  # the prompt's own token first, as in vLLM's dicts
+            assert {e["rank"] for e in entries[1:]} <= {1, 2} and 2 <= len(entries) <= 3
+    finally:
+        await rt.close()
+
+
 async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
     rt = await deployment.runtime()
     try:
@@ -185,7 +223,15 @@ async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
     ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "a", "choice": ["a"]}}},
      "guided_decoding"),
     ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"json": {"type": "nope"}}}}, "guided_decoding"),
-    ({"token_ids": [1, 2], "output_options": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+    ({"token_ids": [1, 2], "output_options": {"prompt_logprobs": 21}}, "prompt_logprobs"),
+    # Accepted by the message format but not honoured by this worker: refused, never dropped.
+    ({"token_ids": [1, 2], "sampling_options": {"n": 2}}, "sampling_options.n"),
+    ({"token_ids": [1, 2], "sampling_options": {"best_of": 2}}, "sampling_options.best_of"),
+    ({"token_ids": [1, 2], "sampling_options": {"use_beam_search": True}}, "sampling_options.use_beam_search"),
+    ({"token_ids": [1, 2], "sampling_options": {"length_penalty": 0.5}}, "sampling_options.length_penalty"),
+    ({"token_ids": [1, 2], "sampling_options": {"detokenize": True}}, "sampling_options.detokenize"),
+    ({"token_ids": [1, 2], "stop_conditions": {"max_thinking_tokens": 8}}, "stop_conditions.max_thinking_tokens"),
+    ({"token_ids": [1, 2], "sampling_options": {"bad_words_token_ids": [[99999]]}}, "bad_words_token_ids"),
     ({"token_ids": [1, 2], "sampling_options": {"logit_bias": {"99999": 1.0}}}, "logit_bias"),
 ])
 async def test_bad_requests_get_bad_request_and_the_worker_keeps_serving(

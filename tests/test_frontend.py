@@ -28,11 +28,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.frontend.detokenizer import IncrementalDetokenizer, StopStrings
-from dynamo_worker.frontend.output import merge_messages
+from dynamo_worker.frontend.output import OutputProcessor, merge_messages
+from dynamo_worker.frontend.protocol import GenerationParams
 from tests.frontend_helpers import FakeDecodeWorker, LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until
 
 BOS, EOS = 0, 1
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 MAX_MODEL_LEN = 256
 PROMPT = "Alice reads a small book in the garden, and the old cat watches a bird."
 
@@ -70,7 +74,7 @@ class Deployment:
 
     def add_worker(self, model: str, model_path: str | None = None, **script: Any) -> FakeDecodeWorker:
         worker = FakeDecodeWorker(self.nats.url, self.namespace, model, model_path or self.model_path,
-                                  max_model_len=MAX_MODEL_LEN, **script)
+                                  **{"max_model_len": MAX_MODEL_LEN, **script})
         self.loop.run(worker.start())
         self.workers.setdefault(model, []).append(worker)
         return worker
@@ -201,6 +205,16 @@ def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
     assert stops.feed("at s") == ("", False)
     assert stops.feed("at down") == ("", True)
     assert stops.flush() == ""
+    # Several in one delta: the one vLLM's check picks (the first to end, ties by list order).
+    from vllm.v1.engine.detokenizer import check_stop_strings
+
+    text = "say a bigger one"
+    for given in (["a big", "big"], ["big", "a big"], ["a bigger", "big"], ["ig", "bi"], ["b", "a b"]):
+        stops = StopStrings(given)
+        matched, cut = check_stop_strings(text, len(text), given, False) or ("", 0)
+        assert (stops.feed(text), stops.matched) == ((text[:cut], True), matched), given
+    assert {check_stop_strings(text, len(text), g, False)[0] for g in (["a bigger", "big"], ["big", "a bigger"])} \
+        == {"big"}, "the cases must tell the first to end from the first to start"
 
 
 # ---- the OpenAI API ---------------------------------------------------------------------------------
@@ -208,7 +222,7 @@ def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
 
 def test_messages_that_arrived_together_merge_into_one() -> None:
     items = [
-        {"token_ids": [5, 6], "log_probs": [-0.1, -0.2], "top_logprobs": [[], []]},
+        {"token_ids": [5, 6], "log_probs": [-0.1, -0.2], "top_logprobs": [[], []], "prompt_logprobs": [None]},
         {"token_ids": [7]},  # no logprobs: padded so the later ones stay aligned
         {"token_ids": [8], "log_probs": [-0.4], "top_logprobs": [[{"token_id": 8, "logprob": -0.4}]],
          "finish_reason": "length", "completion_usage": {"completion_tokens": 4}},
@@ -218,9 +232,58 @@ def test_messages_that_arrived_together_merge_into_one() -> None:
     assert merged["log_probs"] == [-0.1, -0.2, None, -0.4]
     assert merged["top_logprobs"] == [[], [], [], [{"token_id": 8, "logprob": -0.4}]]
     assert merged["finish_reason"] == "length" and merged["completion_usage"] == {"completion_tokens": 4}
+    assert merged["prompt_logprobs"] == [None]  # the first message's, kept
     assert merge_messages(items[1:2]) == items[1:2]
     malformed = [{"token_ids": [1]}, "not a message"]
     assert merge_messages(malformed) == malformed  # left for OutputProcessor to report
+
+
+def generation_params(**given: Any) -> GenerationParams:
+    fields: dict[str, Any] = {"max_tokens": None, "min_tokens": None, "stop": (), "stop_token_ids": (),
+                              "ignore_eos": False, "sampling": {}, "logprobs": None, "stream": False,
+                              "include_usage": False, "skip_special_tokens": True}
+    return GenerationParams(**{**fields, **given})
+
+
+def finished_text(tokenizer: Any, params: GenerationParams, *items: dict[str, Any]) -> tuple[str, OutputProcessor]:
+    out = OutputProcessor(tokenizer, [BOS], params)
+    return "".join(out.process(item).text for item in items), out
+
+
+def test_a_stop_tokens_text_is_left_out_as_vllms_detokenizer_leaves_it(tokenizer: Any) -> None:
+    """vLLM does not detokenize the token a request stopped on (EOS, or one of stop_token_ids)
+    unless include_stop_str_in_output; stop_reason is the id (null for EOS), as vllm serve says."""
+    ids = tokenizer.encode(" the red ship", add_special_tokens=False)
+    stop_id = ids[-1]
+    whole, head = tokenizer.decode(ids), tokenizer.decode(ids[:-1])
+    assert head != whole
+    keep_eos = generation_params(skip_special_tokens=False)  # else EOS has no text anyway
+    cases = [
+        # (params, last message, text, stop_reason)
+        (keep_eos, {"token_ids": [*ids, EOS], "finish_reason": "eos"}, whole, None),
+        (generation_params(skip_special_tokens=False, include_stop_str_in_output=True),
+         {"token_ids": [*ids, EOS], "finish_reason": "eos"}, whole + "<|eos|>", None),
+        (keep_eos, {"token_ids": ids, "finish_reason": "stop", "stop_reason": stop_id}, head, stop_id),
+        (generation_params(include_stop_str_in_output=True),
+         {"token_ids": ids, "finish_reason": "stop", "stop_reason": stop_id}, whole, stop_id),
+        # No stop token: the echo plugin's "stop", a worker's "eos" on an ordinary token, length.
+        (keep_eos, {"token_ids": ids, "finish_reason": "stop"}, whole, None),
+        (keep_eos, {"token_ids": ids, "finish_reason": "eos"}, whole, None),
+        (keep_eos, {"token_ids": ids, "finish_reason": "length"}, whole, None),
+        # A stop string vLLM matched (the worker's engine applied it): the string is the reason.
+        (keep_eos, {"token_ids": ids, "finish_reason": "stop", "stop_reason": "ship"}, whole, "ship"),
+    ]
+    for params, last, text, reason in cases:
+        got, out = finished_text(tokenizer, params, last)
+        assert (got, out.stop_reason, out.finish_reason) == (text, reason, "stop" if last["finish_reason"] != "length"
+                                                              else "length"), last
+    # The stop token alone in the last message (one token per message): nothing of it is shown.
+    got, out = finished_text(tokenizer, keep_eos, {"token_ids": ids[:-1]},
+                             {"token_ids": [stop_id], "finish_reason": "stop", "stop_reason": stop_id})
+    assert (got, out.stop_reason) == (head, stop_id)
+    # A stop string the frontend matched: the string is the reason.
+    got, out = finished_text(tokenizer, generation_params(stop=("red",)), {"token_ids": ids, "finish_reason": "eos"})
+    assert (got, out.stop_reason, out.finish_reason) == (" the ", "red", "stop")
 
 
 def test_the_tokenizer_warm_up_imports_what_the_first_load_needs(demo_model: str) -> None:
@@ -364,6 +427,57 @@ def test_include_stop_str_in_output_keeps_the_stop_string(client: openai.OpenAI,
     assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["include_stop_str_in_output"] is True
 
 
+def last_choice(resp: Any, stream: bool) -> tuple[str, Any]:
+    """A response's text and the choice that carries its finish reason; in a stream, the chunks
+    before that one carry no stop_reason but null (vllm serve's completions chunks all have the key)."""
+    if not stream:
+        choice = resp.choices[0]
+        return choice.text if hasattr(choice, "text") else choice.message.content, choice
+    choices = [c.choices[0] for c in resp if c.choices]
+    assert all(c.finish_reason is None and c.model_extra.get("stop_reason") is None for c in choices[:-1])
+    return "".join(c.text if hasattr(c, "text") else c.delta.content or "" for c in choices), choices[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("chat", [False, True])
+def test_stop_token_ids_leave_the_tokens_text_out_and_name_it_in_stop_reason(
+        client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool, chat: bool) -> None:
+    messages = [{"role": "user", "content": "Tell me about the red ship"}]
+    prompt = chat_ids(tokenizer, messages) if chat else tokenizer.encode(PROMPT)
+    out = prompt[::-1]  # what the fake worker answers
+    at = next(k for k in range(3, len(out)) if out[k] not in out[:k] and tokenizer.decode([out[k]]).strip())
+    stop_id = out[at]
+    for include, text in ((False, reversed_text(tokenizer, prompt[-at:])),
+                          (True, reversed_text(tokenizer, prompt[-at - 1:]))):
+        extra = {"stop_token_ids": [stop_id], "include_stop_str_in_output": include}
+        if chat:
+            resp = client.chat.completions.create(model="tiny", messages=messages, stream=stream, extra_body=extra)
+        else:
+            resp = client.completions.create(model="tiny", prompt=PROMPT, stream=stream, extra_body=extra)
+        got, last = last_choice(resp, stream)
+        assert got == text, include
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop_id)
+    assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["stop_token_ids"] == [stop_id]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_is_the_matched_stop_string_and_null_otherwise(client: openai.OpenAI, tokenizer: Any,
+                                                                   stream: bool) -> None:
+    full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
+    stop = full[10:14]
+    cases = [({"stop": ["never appears", stop]}, "stop", stop), ({"max_tokens": 3}, "length", None),
+             ({}, "stop", None)]  # the last: the worker's "eos"
+    for given, finish, reason in cases:
+        _, last = last_choice(client.completions.create(model="tiny", prompt=PROMPT, stream=stream, **given), stream)
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == (finish, reason), given
+        _, last = last_choice(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": PROMPT}], stream=stream, **given), stream)
+        assert last.finish_reason == finish and last.model_extra["stop_reason"] == reason, given
+    # Present, as null, on every non-streamed choice (vllm serve's body), not only when set.
+    status, body = post(f"{client.base_url}completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "n": 2})
+    assert status == 200 and [c["stop_reason"] for c in body["choices"]] == [None, None]
+
+
 def test_continuous_usage_stats_puts_usage_on_every_chunk(client: openai.OpenAI, tokenizer: Any) -> None:
     ids = tokenizer.encode(PROMPT)
     chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, stream=True, stream_options={
@@ -411,6 +525,40 @@ def test_echo_puts_the_prompt_before_the_completion(client: openai.OpenAI, token
     assert as_ids.choices[0].text.startswith(tokenizer.decode(ids[1:]))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_are_n_worker_requests_seeded_as_vllms_children(client: openai.OpenAI, tokenizer: Any,
+                                                                  deployment: Deployment, stream: bool) -> None:
+    """n > 1: one worker request per choice, choice i seeded seed + i (as vLLM's own n); the
+    choices come back indexed 0..n-1 (interleaved when streamed) and usage counts them all."""
+    ids = tokenizer.encode(PROMPT)
+    worker = deployment.workers["tiny"][0]
+    before = len(worker.requests)
+    usage = {"stream_options": {"include_usage": True}} if stream else {}
+    resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, n=3, seed=11, stream=stream, **usage)
+    expected = reversed_text(tokenizer, ids[-4:])
+    if stream:
+        chunks = list(resp)
+        texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(3)}
+        finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+        got_usage = chunks[-1].usage
+    else:
+        texts = {c.index: c.text for c in resp.choices}
+        finished = [c.index for c in resp.choices if c.finish_reason == "length"]
+        got_usage = resp.usage
+    assert texts == {0: expected, 1: expected, 2: expected} and sorted(finished) == [0, 1, 2]
+    assert got_usage.prompt_tokens == len(ids) and got_usage.completion_tokens == 12
+    seeds = sorted(r["sampling_options"]["seed"] for r in worker.requests[before:])
+    assert seeds == [11, 12, 13]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          n=2, stream=stream)
+    if stream:
+        roles = [c.choices[0].index for c in chat if c.choices and c.choices[0].delta.role]
+        assert roles == [0, 1]  # the role chunk of every choice first, as vllm serve
+    else:
+        assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 4
+
+
 def test_logit_bias_reaches_the_worker_clamped(client: openai.OpenAI, deployment: Deployment) -> None:
     client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias={"5": 250, "7": -3.5})
     assert deployment.workers["tiny"][0].requests[-1]["sampling_options"]["logit_bias"] == {"5": 100.0, "7": -3.5}
@@ -448,7 +596,12 @@ BAD_REQUESTS = [
                  id="zero-max-tokens"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens",
                  id="wrong-type"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n", id="n-2"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 129}, 400, "n", id="n-over-128"),
+    # vLLM 0.32 refuses n > 1 with greedy sampling (SamplingParams._verify_greedy_sampling).
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}, 400, "n",
+                 id="n-2-greedy"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of",
+                 id="best-of"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", id="two-prompts"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt", id="token-out-of-vocab"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature",
@@ -468,8 +621,8 @@ BAD_REQUESTS = [
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 503, None, id="image-without-processor"),
     pytest.param("/v1/chat/completions", {"model": "tiny", "stream": True,
-                                          "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n",
-                 id="chat-n-3"),
+                                          "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n",
+                 id="chat-n-0"),
     pytest.param("/v1/completions", {"model": "refuses", "prompt": "x"}, 400, None, id="worker-says-bad-request"),
     # Refused as vllm serve refuses them (issue 19).
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
@@ -477,8 +630,28 @@ BAD_REQUESTS = [
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                           "tool_choice": "required"}, 400, "tool_choice",
                  id="tool-choice-without-tools"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "prompt_logprobs": 1}, 400,
-                 "prompt_logprobs", id="prompt-logprobs"),
+    # This frontend runs without --enable-auto-tool-choice/--tool-call-parser: vllm serve's 400s.
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [WEATHER_TOOL]}, 400, "tool_choice", id="auto-tools-without-flags"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [WEATHER_TOOL], "tool_choice": "required"}, 400, "tool_choice",
+                 id="required-tool-without-parser"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [], "tool_choice": "none"}, 400, "tools", id="empty-tools"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [WEATHER_TOOL], "tool_choice": {
+                                              "type": "function", "function": {"name": "get_time"}}},
+                 400, "tool_choice", id="named-tool-not-in-tools"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, 400, "tool_choice",
+                 id="unknown-tool-choice"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "tools": [{"type": "function"}], "tool_choice": "none"}, 400, "tools[0]",
+                 id="tool-without-function"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "prompt_logprobs": 1, "stream": True}, 400,
+                 "prompt_logprobs", id="prompt-logprobs-streamed"),
+    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                          "prompt_logprobs": 21}, 400, "prompt_logprobs", id="prompt-logprobs-21"),
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                           "response_format": {"type": "json_schema"}}, 400, "response_format",
                  id="json-schema-without-schema"),
@@ -493,8 +666,6 @@ BAD_REQUESTS = [
                                      "guided_choice": ["a"]}, 400, "guided_choice", id="two-guided-fields"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "guided_choice": []}, 400,
                  "guided_choice", id="empty-choice"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo",
-                 id="echo-with-logprobs"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"hello": 1}}, 400,
                  "logit_bias", id="logit-bias-key-not-a-token-id"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}}, 400,
@@ -730,3 +901,190 @@ async def test_the_model_table_follows_discovery_and_unreachable_instances(nats_
     finally:
         await caller.close()
         await worker.close()
+
+
+# ---- tools and reasoning through vLLM's parsers (docs/frontend.md) ------------------------------------------
+
+
+THOUGHT = "<think>the cat sees a bird</think>the dog runs"
+CALL = '<think>ok</think><tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def parsing_frontend(deployment: Deployment, tokenizer: Any) -> Iterator[str]:
+    """A frontend with vllm serve's parser flags (Dynamo's spellings for two of them), and workers
+    whose replies are a model's reasoning and a model's hermes-format tool call."""
+    # A longer context than the others': tools and tool turns make long prompts with this tokenizer.
+    deployment.add_worker("thinker", reply=tokenizer.encode(THOUGHT, add_special_tokens=False), max_model_len=1024)
+    deployment.add_worker("caller", reply=tokenizer.encode(CALL, add_special_tokens=False), max_model_len=1024)
+    proc, url = deployment.start_frontend("--enable-auto-tool-choice", "--dyn-tool-call-parser", "hermes",
+                                          "--dyn-reasoning-parser", "qwen3")
+    yield url
+    if proc.proc.poll() is not None:
+        pytest.fail(f"the frontend died:\n{proc.log()}")
+
+
+def parsing_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def streamed_message(chunks: Any) -> tuple[dict[str, str], dict[int, dict[str, str]], str | None]:
+    """A streamed chat choice put together: texts by field, tool calls by index, finish reason."""
+    texts = {"content": "", "reasoning_content": "", "reasoning": ""}
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            for field in texts:
+                texts[field] += delta.get(field) or ""
+            for tc in delta.get("tool_calls") or []:
+                call = calls.setdefault(tc["index"], {"id": "", "name": "", "arguments": ""})
+                call["id"] += tc.get("id") or ""
+                call["name"] += (tc.get("function") or {}).get("name") or ""
+                call["arguments"] += (tc.get("function") or {}).get("arguments") or ""
+            finish = choice.finish_reason or finish
+    return texts, calls, finish
+
+
+def test_a_reasoning_parser_fills_reasoning_content(parsing_frontend: str) -> None:
+    client = parsing_client(parsing_frontend)
+    messages = [{"role": "user", "content": "Think first."}]
+    message = client.chat.completions.create(model="thinker", messages=messages).choices[0].message
+    extra = message.model_extra or {}
+    assert (extra["reasoning_content"], extra["reasoning"], message.content) == (
+        "the cat sees a bird", "the cat sees a bird", "the dog runs")
+    texts, calls, finish = streamed_message(client.chat.completions.create(model="thinker", messages=messages,
+                                                                         stream=True))
+    assert texts == {"content": "the dog runs", "reasoning_content": "the cat sees a bird",
+                     "reasoning": "the cat sees a bird"}
+    assert (calls, finish) == ({}, "stop")
+
+
+def test_auto_tool_choice_returns_the_parsed_call(parsing_frontend: str) -> None:
+    client = parsing_client(parsing_frontend)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    choice = client.chat.completions.create(model="caller", messages=messages, tools=[WEATHER_TOOL]).choices[0]
+    assert choice.message.tool_calls, choice
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", "get_weather", {"city": "Paris"})
+    assert call.id and choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"] == "ok"
+    texts, calls, finish = streamed_message(client.chat.completions.create(
+        model="caller", messages=messages, tools=[WEATHER_TOOL], stream=True))
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
+    assert calls[0]["id"] and finish == "tool_calls" and texts["reasoning_content"] == "ok"
+    # tool_choice none: the same output is plain content, no call (vllm serve's rule)
+    plain = client.chat.completions.create(model="caller", messages=messages, tools=[WEATHER_TOOL],
+                                           tool_choice="none").choices[0]
+    assert not plain.message.tool_calls and "<tool_call>" in plain.message.content
+    assert plain.finish_reason == "stop"
+
+
+def test_tool_turns_in_the_history_reach_the_template(parsing_frontend: str, deployment: Deployment) -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    resp = parsing_client(parsing_frontend).chat.completions.create(model="caller", messages=history,
+                                                                    tools=[WEATHER_TOOL])
+    assert resp.choices[0].finish_reason == "tool_calls"
+    (worker,) = deployment.workers["caller"]
+    from transformers import AutoTokenizer
+    prompt = AutoTokenizer.from_pretrained(deployment.model_path).decode(worker.requests[-1]["token_ids"])
+    assert ('<|tools|>\n[{"type": "function", "function": {"name": "get_weather"' in prompt
+            and '<|assistant|>\n[{"id": "call_1", "type": "function", "function": {"name": "get_weather", '
+                '"arguments": {"city": "Paris"}}}]' in prompt
+            and "<|tool|>\nsunny, 21 C" in prompt), prompt
+    # /tokenize renders tools the same way (vLLM's takes them too)
+    status, tokenized = post(f"{parsing_frontend}/tokenize", {"model": "caller", "messages": history,
+                                                              "tools": [WEATHER_TOOL]})
+    assert (status, tokenized["tokens"]) == (200, worker.requests[-1]["token_ids"])
+
+
+def test_a_named_call_is_forced_with_the_parsers_structural_tag(parsing_frontend: str,
+                                                                deployment: Deployment) -> None:
+    """hermes has an xgrammar structural tag: vLLM's adjust_request forces the call with it (not
+    a bare JSON schema), and the worker gets it as guided_decoding; the call is parsed from the
+    hermes-format text, finish_reason "stop" as for any named call."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    choice = parsing_client(parsing_frontend).chat.completions.create(
+        model="caller", messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL], tool_choice=named,
+        response_format={"type": "json_object"}).choices[0]
+    (worker,) = deployment.workers["caller"]
+    guided = worker.requests[-1]["sampling_options"]["guided_decoding"]
+    assert list(guided) == ["structural_tag"] and "get_weather" in guided["structural_tag"]  # replaces response_format
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert choice.finish_reason == "stop"
+
+
+def test_vllms_request_checks_apply_to_tool_requests(parsing_frontend: str) -> None:
+    base = {"model": "caller", "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_TOOL]}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    status, answer = post(f"{parsing_frontend}/v1/chat/completions",
+                          {**base, "tool_choice": named, "structured_outputs": {"regex": "a+"}})
+    assert status == 400 and "structured outputs or tools, not both" in answer["error"]["message"], answer
+    status, answer = post(f"{parsing_frontend}/v1/chat/completions", {**base, "parallel_tool_calls": "maybe"})
+    assert (status, answer["error"]["param"]) == (400, "parallel_tool_calls"), answer
+
+
+def test_the_demo_template_renders_requests_without_tools_as_before(tokenizer: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|bos|><|system|>\nBe brief.<|eos|>\n<|user|>\nHi<|eos|>\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tool-call-parser", "nope"], "--tool-call-parser 'nope' is not one of vLLM's tool parsers"),
+    (["--reasoning-parser", "nope"], "--reasoning-parser 'nope' is not one of vLLM's reasoning parsers"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice requires --tool-call-parser"),
+])
+def test_parser_flags_are_checked_at_start_up(nats_server: NatsServer, flags: list[str], message: str) -> None:
+    bad = run_cli("--role", "frontend", "--nats-url", nats_server.url, "--http-port", "0", *flags)
+    assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize(("body", "tool_parsing", "auto_enabled", "expected"), [
+    ({"tools": [WEATHER_TOOL]}, True, True, "auto"),  # tools without tool_choice: auto, as OpenAI's default
+    ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, False, False, "none"),
+    ({"tool_choice": "none"}, False, False, "none"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, True, True, "required"),
+    ({"tools": [WEATHER_TOOL]}, False, False, '"auto" tool choice requires --enable-auto-tool-choice'),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, False, False,
+     'tool_choice="required" requires --tool-call-parser'),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, False,
+     False, 'tool_choice=function "get_weather" requires --tool-call-parser'),
+    ({"tool_choice": "auto"}, True, True, "When using `tool_choice`, `tools` must be set."),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function"}}, True, True, "Invalid value for `function`"),
+])
+def test_tool_choice_rules_are_vllm_serves(body: dict[str, Any], tool_parsing: bool, auto_enabled: bool,
+                                           expected: str) -> None:
+    from dynamo_worker.frontend.chat_parsers import check_tools
+    from dynamo_worker.frontend.protocol import ApiError, parse_chat
+
+    req = parse_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], **body}).encode())
+    try:
+        got = check_tools(req, tool_parsing=tool_parsing, auto_enabled=auto_enabled)
+    except ApiError as exc:
+        assert exc.status == 400 and expected in exc.message and exc.param.startswith("tool_choice"), exc
+    else:
+        assert got == expected
+
+
+def test_earlier_tool_calls_reach_templates_with_object_arguments() -> None:
+    """As vLLM renders them (Transformers' convention): arguments as an object; text that is not a
+    JSON object becomes {} so that the conversation can go on."""
+    from dynamo_worker.frontend.protocol import parse_chat, template_messages
+
+    def call(arguments: Any) -> dict[str, Any]:
+        return {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+
+    req = parse_chat(json.dumps({"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [call('{"a": 1}'), call("{oops"), call("[1]")]},
+        {"role": "tool", "tool_call_id": "c", "content": "done"}]}).encode())
+    assistant, tool = template_messages(req.messages)
+    assert [c["function"]["arguments"] for c in assistant["tool_calls"]] == [{"a": 1}, {}, {}]
+    assert assistant["content"] == "" and tool == {"role": "tool", "content": "done", "tool_call_id": "c"}

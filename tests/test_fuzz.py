@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dynamo_worker.core.nats_plane import control_subject
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests import fuzz_helpers
@@ -255,7 +256,7 @@ def test_malformed_control_messages_are_ignored(stack: Stack) -> None:
         for role in ("decode", "prefill", "echo"):
             TRIED["bus control messages"] += 1
             instance = stack.subjects[f"{role}/generate"][2]
-            stack.loop.run(stack.runtime.nc.publish(stack.runtime._control_subject(instance), data))
+            stack.loop.run(stack.runtime.nc.publish(control_subject(stack.runtime.namespace, instance), data))
 
     one()
     stack.loop.run(stack.runtime.nc.flush())  # type: ignore[union-attr]

@@ -206,6 +206,26 @@ async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(nats_se
         await worker.close()
 
 
+async def test_a_request_is_cancelled_on_the_worker_by_its_id(nats_server: NatsServer, namespace: str) -> None:
+    """The caller's ``cancel(instance, request id)`` stops a request still being streamed (the one
+    cancel message, over NATS to the instance, on either plane)."""
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    cancelled = asyncio.Event()
+    try:
+        await serve(worker, slow_counter(cancelled))
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        async with aclosing(client.direct({}, worker.instance_id, request_id="cancel-me")) as stream:
+            assert await stream.__anext__() == 0
+            await caller.caller.cancel(worker.instance_id, "cancel-me")
+            await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert worker.inflight() == 0
+    finally:
+        await caller.close()
+        await worker.close()
+
+
 async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, namespace: str,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)

@@ -19,7 +19,7 @@ import pytest
 from dynamo_worker.core import wire
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.core.runtime import Runtime
-from dynamo_worker.core.tcp_plane import ListenerLimits
+from dynamo_worker.core.tcp_plane import ListenerLimits, TcpCaller
 from tests.helpers import NatsServer, free_port, run_cli, slow_counter, worker_env
 from tests.raw_tcp import count_call, handshake, message, raw, read_message, read_until_closed
 
@@ -99,7 +99,7 @@ async def test_a_caller_whose_connection_drops_has_its_requests_cancelled(nats_s
         stream = caller.client("math", "count").generate({})
         assert await stream.__anext__() == 0
         assert worker.inflight() == 1
-        caller.tcp.close()  # the caller's process died, say: nobody reads the answers
+        await caller.caller.close()  # the caller's process died, say: nobody reads the answers
         await asyncio.wait_for(cancelled.wait(), 5)
         await asyncio.sleep(0.05)
         assert worker.inflight() == 0
@@ -291,7 +291,8 @@ async def test_slow_loris_peers_are_cut_off_and_the_listener_keeps_serving(nats_
         assert 1.5 <= idle_for < 3.5
         # The caller closed its own idle connection first (at half the idle timeout), and opens
         # another when it has a request again.
-        assert worker.listener.connections == set() and caller.tcp._connections == {}
+        assert isinstance(caller.caller, TcpCaller)
+        assert worker.listener.connections == set() and caller.caller._connections == {}
         assert await collect(caller, 2) == [{"i": 0}, {"i": 1}]
     finally:
         await caller.close()

@@ -296,6 +296,8 @@ def test_up_flag_mistakes_are_one_line_errors() -> None:
     assert out.returncode == 2 and "--decode-workers must be at least 1" in out.stderr
     out = run_cli("up", "--max-request-bytes", str(40 * 1024 * 1024))
     assert out.returncode == 2 and "NATS carries at most 67108864 bytes per message" in out.stderr
+    out = run_cli("up", "--enable-auto-tool-choice")  # as vllm serve: auto tool choice needs a parser
+    assert out.returncode == 2 and "--enable-auto-tool-choice requires --tool-call-parser" in out.stderr
     import socket
 
     with socket.socket() as busy:

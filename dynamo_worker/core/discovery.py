@@ -5,7 +5,10 @@ with a per-message TTL (``--lease-ttl`` seconds) and rewrites it every third of 
 that dies stops rewriting, and the server expires its keys: the bucket is created with
 ``limit_marker_ttl`` so watchers see the expiry as a PURGE about a millisecond after it runs out.
 A clean shutdown deletes its keys at once. Watchers are recreated after a reconnect, because an
-existing JetStream watcher stalls for many seconds after a server restart.
+existing JetStream watcher stalls for many seconds after a server restart. A watcher that hears
+nothing for a lease asks the bucket's stream whether it has a quorum: if not, it says so once (and
+once when it works again); if it has, but known instances went quiet, its own consumer was lost,
+and it watches anew.
 
 On one nats-server the bucket has one replica, in memory. On a cluster (``--discovery-replicas N``)
 it has N replicas in file storage, so discovery survives the loss of a minority of the servers and a
@@ -25,7 +28,7 @@ import msgspec
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
-from nats.js.kv import KV_DEL, KV_PURGE
+from nats.js.kv import KV_DEL, KV_PURGE, StopIterSentinel
 
 from dynamo_worker.core import wire
 from dynamo_worker.core.errors import UsageError
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKET = "dynamo_worker_instances"
+#: A replica the bucket's leader has not heard from for this long (in ns) does not count for
+#: quorum (a healthy cluster's replicas, idle or not, are heard from every few ms). No longer than the
+#: shortest lease (1 s), so that a watch quiet for a lease because quorum is lost is told from one that stalled.
+PEER_SILENCE_NS = 1_000_000_000
 
 
 class InstanceRecord(msgspec.Struct, omit_defaults=True):
@@ -217,6 +224,9 @@ class InstanceWatcher:
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
+        # The watch fails or stalls (no JetStream quorum): said once per outage, and once when it
+        # works again. Kept across restarts (a restart during an outage is the same outage).
+        self._failing = False
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(key, record, False)`` on arrival or update; ``listener(key, None, expired)``
@@ -272,8 +282,45 @@ class InstanceWatcher:
             self.records[key] = record
             await self._notify(key, record, False)
 
+    def _outage(self, what: str) -> None:
+        if self._failing:
+            log.debug("discovery watch %s (still)", what)
+            return
+        self._failing = True
+        log.warning("discovery watch %s: JetStream is unreachable or has no quorum; routing on the last view "
+                    "(%d records) until it answers again: instances that join or die meanwhile are not seen",
+                    what, len(self.records))
+
+    async def _jetstream_answers(self, kv: KeyValue, timeout: float) -> bool:
+        """Whether the bucket's stream has a quorum now. Its info alone does not tell: a leader that
+        lost its peers goes on answering (and a leaderless stream answers late, or times out), so
+        count the replicas the leader has heard from lately."""
+        try:
+            status = await asyncio.wait_for(kv.status(), timeout)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            self._outage(f"stalled ({type(exc).__name__}: {str(exc) or 'no answer in time'})")
+            return False
+        cluster = status.stream_info.cluster
+        if cluster is None:  # not clustered: the one server answered
+            return True
+        if not cluster.leader:
+            self._outage("stalled (the discovery bucket has no leader)")
+            return False
+        replicas = cluster.replicas or []
+        heard = sum(1 for r in replicas if r.current and not r.offline and (r.active or 0) < PEER_SILENCE_NS)
+        if 1 + heard <= (1 + len(replicas)) // 2:
+            self._outage(f"stalled (the discovery bucket's leader {cluster.leader} has heard from {heard} of its "
+                         f"{len(replicas)} replicas in {PEER_SILENCE_NS / 1e9:g} s)")
+            return False
+        return True
+
     async def _run(self) -> None:
-        failing = False
+        # A live instance rewrites its record three times per lease, so a watch quiet for a whole
+        # lease either has nobody to hear from or has stalled (without JetStream quorum no write
+        # lands, and the watch just goes quiet, with no error): ask the stream then, so that a stall
+        # is said, and re-read the bucket when it answers again (or at once if it answers but
+        # records are known: then the watch itself stalled).
+        quiet = max(float(self.discovery.lease_ttl), 1.0)
         while True:
             watcher = None
             try:
@@ -287,12 +334,34 @@ class InstanceWatcher:
                     raise
                 seen: set[str] = set()
                 initial = True
-                async for entry in watcher:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=quiet)
+                    except nats.errors.TimeoutError:
+                        if not await self._jetstream_answers(kv, quiet):
+                            continue
+                        if self._failing:
+                            break  # it answers again: watch anew (this one may have missed expiries)
+                        if self.records:
+                            # JetStream has quorum, yet instances we know sent nothing for a lease:
+                            # this watch stalled (its consumer was lost with a server, no error):
+                            # watch anew, so that expiries it missed are seen.
+                            log.info("discovery watch heard nothing for %.0f s with %d records known and "
+                                     "JetStream answering; re-reading the bucket", quiet, len(self.records))
+                            break
+                        continue
+                    if isinstance(entry, StopIterSentinel):  # the watcher was stopped
+                        break
+                    if self._failing and not initial:
+                        # This watch went on after the outage (same consumer: it missed nothing).
+                        log.warning("discovery watch works again: JetStream answers; the watch goes on")
+                        self._failing = False
                     if entry is None:  # end of the initial snapshot
                         if initial:
-                            if failing:
-                                log.warning("discovery watch works again")
-                                failing = False
+                            if self._failing:
+                                log.warning("discovery watch works again: JetStream answers; the view is re-read "
+                                            "from the bucket (%d records)", len(seen))
+                                self._failing = False
                             for gone in set(self.records) - seen:
                                 await self._apply(gone, None, expired=True)
                             initial = False
@@ -311,12 +380,7 @@ class InstanceWatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # outage or lost bucket: keep the last view, try again
-                # Once per outage (no JetStream quorum fails every try): routing goes on with the
-                # last view meanwhile.
-                level = logging.DEBUG if failing else logging.WARNING
-                log.log(level, "discovery watch failed (%s: %s); routing on the last view (%d records) "
-                        "and retrying", type(exc).__name__, exc, len(self.records))
-                failing = True
+                self._outage(f"failed ({type(exc).__name__}: {exc})")
                 self.discovery._kv = None
                 await asyncio.sleep(0.5)
             finally:

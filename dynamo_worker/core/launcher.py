@@ -84,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
                    help="largest request body the frontend accepts (413 past it); nats-server's max_payload, "
                         "the request plane's limit on both planes, is sized from it (default %(default)s)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="frontend: tool_choice auto (the default with tools); needs --tool-call-parser, as vllm serve")
+    p.add_argument("--tool-call-parser", "--dyn-tool-call-parser", metavar="NAME",
+                   help="frontend: vLLM's tool-call parser (hermes, pythonic, ...), as vllm serve's flag")
+    p.add_argument("--reasoning-parser", "--dyn-reasoning-parser", metavar="NAME",
+                   help="vLLM's reasoning parser (qwen3, deepseek_r1, ...): the frontend returns the reasoning "
+                        "apart, and the workers' engines get it too, as vllm serve's one flag does both")
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="give up if the model is not served after this long (default %(default)s)")
     p.add_argument("--log-dir", help="where child logs go (default: a new temp directory, removed on a clean stop "
@@ -296,6 +303,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--multimodal with --prefill-workers is not supported; drop one of them")
     if args.encoder != "encode" and not args.multimodal:
         raise UsageError(f"--encoder {args.encoder} needs --multimodal")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise UsageError("--enable-auto-tool-choice requires --tool-call-parser NAME (vLLM's parser for the "
+                         "model's tool-call format, e.g. hermes)")
     if not _port_is_free(args.http_port):
         raise UsageError(f"--http-port {args.http_port} is in use; pick another port")
 
@@ -415,9 +425,13 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
                              *(["--kv-overlap-score-weight", str(args.kv_overlap_score_weight)]
                                if args.kv_overlap_score_weight is not None else []),
                              "--migration-limit", str(args.migration_limit),
-                             "--max-request-bytes", str(args.max_request_bytes)], env,
+                             "--max-request-bytes", str(args.max_request_bytes),
+                             *(["--enable-auto-tool-choice"] if args.enable_auto_tool_choice else []),
+                             *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
+                             *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else [])], env,
                 system_port=_free_port())
-    worker = ["--model", model, "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv]
+    worker = ["--model", model, "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv,
+              *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else [])]
     if args.prefill_workers:
         # One machine: vLLM's file-based connector, through a directory every worker shares.
         shared = stack.scratch_dir("kv-shared")

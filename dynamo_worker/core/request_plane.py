@@ -1,20 +1,18 @@
-"""The streaming request plane: one request, many response frames, a clear end.
+"""The streaming request plane, what both planes share: one request, many response frames, a
+clear end.
 
-Worker side: an :class:`EndpointServer` subscribes to ``{ns}.{component}.{endpoint}.{instance}``
-and runs the role's handler (an async generator) per request, publishing each yielded item as a
-frame to the request's reply subject, then an end frame. A raised :class:`RequestError` becomes
-a structured error frame; the worker keeps serving.
+A request travels over NATS (:mod:`.nats_plane`) or TCP (:mod:`.tcp_plane`); this module is
+what is the same on both. Worker side: an :class:`EndpointServer` runs the role's handler (an
+async generator) per request, each yielded item becoming a numbered frame to the caller, then an
+end frame; a raised :class:`RequestError` becomes a structured error frame and the worker keeps
+serving. A plane hands it decoded requests (:meth:`EndpointServer.accept`) with a sink for their
+frames, and registers as an :class:`Ingress` to be closed when the server stops accepting.
 
-Frames are sent at the end of the event-loop turn that produced them, and the frames of all the
-streams going to one caller in that turn travel as one message (a *batch*): at concurrency 64 a
-vLLM engine step then costs one NATS message per caller instead of 64 (docs/performance.md).
-Callers that did not ask for batches (``RequestEnvelope.b``) get one message per frame.
-
-Caller side: :meth:`StreamRouter.stream` publishes the request with a reply subject on the
-caller's single wildcard inbox subscription and yields the frames' data until the end, as lists
-of the items that arrived together. If the caller stops
-early (it is cancelled, or breaks out of the loop) a ``cancel`` control message goes to the
-instance, which cancels the handler task (a vLLM handler then aborts the engine request).
+Caller side: a :class:`Caller` (one per runtime, chosen at connect by its request plane) sends a
+request, and the :class:`StreamRouter` yields the frames' data until the end, as lists of the
+items that arrived together. If the caller stops early (it is cancelled, or breaks out of the
+loop) a :class:`wire.Cancel` goes to the instance, which cancels the handler task (a vLLM handler
+then aborts the engine request).
 """
 
 from __future__ import annotations
@@ -22,18 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import attrs
-from nats import errors as nats_errors
 
 from dynamo_worker.core import wire
 from dynamo_worker.core.errors import EngineDead
-
-if TYPE_CHECKING:
-    from nats.aio.client import Client as NATS
-    from nats.aio.msg import Msg
 
 log = logging.getLogger(__name__)
 
@@ -92,124 +85,53 @@ Handler = Callable[[Any, RequestContext], AsyncIterator[Any]]
 #: Where a served request's frames go: the NATS outbox (reply subject) or a TCP connection.
 FrameSink = Callable[[wire.Frame], Awaitable[None]]
 
-#: A batch is sent as soon as it holds this many frames (bounds message size and latency when a
-#: handler yields many items without awaiting anything).
-MAX_BATCH_FRAMES = 256
 
+class Ingress(Protocol):
+    """One way requests reach an :class:`EndpointServer` that is shut when the server stops
+    accepting (the NATS subscription; the TCP listener instead asks :attr:`EndpointServer.accepting`)."""
 
-class Outbox:
-    """Response frames on their way out, batched per caller within one event-loop turn.
-
-    The first frame of a turn leaves at once (a lone stream pays no batching delay); the
-    frames that other streams produce in the same turn wait in ``_pending``, grouped by the
-    caller's reply prefix, for one sender task that runs after them and sends each group as one
-    batch. A frame never overtakes an earlier one: nothing leaves directly while any is pending.
-    """
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self._pending: dict[str, list[tuple[str, wire.Frame]]] = {}
-        self._in_turn = False
-        self._wake = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
-
-    async def put(self, reply: str, frame: wire.Frame, batching: bool) -> None:
-        if not batching:
-            await self._publish_frame(reply, frame)
-            return
-        if not self._in_turn and not self._pending:
-            self._in_turn = True
-            asyncio.get_running_loop().call_soon(self._end_turn)
-            await self._publish_frame(reply, frame)
-            return
-        prefix, _, token = reply.rpartition(".")
-        frames = self._pending.get(prefix)
-        if frames is None:
-            frames = self._pending[prefix] = []
-        frames.append((token, frame))
-        if len(frames) >= MAX_BATCH_FRAMES:
-            await self._send(prefix)
-        else:
-            self._wake.set()
-            if self._sender is None or self._sender.done():
-                self._sender = asyncio.create_task(self._run(), name="response-frame-sender")
-
-    async def _publish_frame(self, reply: str, frame: wire.Frame) -> None:
-        data = wire.encode(frame)
-        if len(data) > self.nc.max_payload:  # the caller learns why instead of waiting for a frame
-            data = wire.encode(wire.too_large_frame(frame, len(data), self.nc.max_payload))
-        await self.nc.publish(reply, data)
-
-    def _end_turn(self) -> None:
-        self._in_turn = False
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self.flush()
+    async def stop(self) -> None:
+        """Take no new requests."""
 
     async def flush(self) -> None:
-        """Send everything pending (also called before the connection closes)."""
-        for prefix in list(self._pending):
-            await self._send(prefix)
+        """Send the frames still waiting to leave."""
 
     async def close(self) -> None:
-        await self.flush()
-        if self._sender is not None:
-            self._sender.cancel()
-
-    async def _send(self, prefix: str) -> None:
-        frames = self._pending.pop(prefix, None)
-        if not frames:
-            return
-        try:
-            if len(frames) == 1:
-                token, frame = frames[0]
-                await self._publish_frame(f"{prefix}.{token}", frame)
-            else:
-                for batch in wire.encode_batches(frames, self.nc.max_payload):
-                    await self.nc.publish(f"{prefix}.{wire.BATCH_SUBJECT}", batch)
-        except nats_errors.Error as exc:  # the caller's stream then times out or fails over
-            log.warning("could not send %d response frame(s) to %s: %s", len(frames), prefix, exc)
+        """Flush, and release what it holds (the process is closing)."""
 
 
 class EndpointServer:
-    """Serves one endpoint of one instance; tracks in-flight requests so shutdown can drain."""
+    """Serves one endpoint of one instance, over either plane; tracks in-flight requests so
+    shutdown can drain."""
 
     def __init__(
         self,
-        nc: NATS,
-        subject: str,
         endpoint: str,
         instance_id: str,
         handler: Handler,
         on_engine_dead: Callable[[EngineDead], None],
         observer: RequestObserver | None = None,
     ) -> None:
-        self.nc = nc
-        self.subject = subject
         self.endpoint = endpoint
         self.instance_id = instance_id
         self.handler = handler
         self.on_engine_dead = on_engine_dead
         self.observer = observer or RequestObserver()
-        self.outbox = Outbox(nc)
+        self.ingresses: list[Ingress] = []
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.last_activity = time.monotonic()  # when a request last started or ended (idle canary)
         self.health_check_ids: set[str] = set()  # request ids of this process's own canaries
-        self._sub: Any = None
+        self._accepting = True
         self._shutting_down = False
         self._answers: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.subject, cb=self._on_message)
-
     async def stop_accepting(self) -> None:
-        """Unsubscribe: new requests get 'no responders' at once and callers go elsewhere."""
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+        """Take no new requests: NATS callers get 'no responders' at once, TCP callers
+        ``no_responders``, and go elsewhere."""
+        if self._accepting:
+            self._accepting = False
+            for ingress in self.ingresses:
+                await ingress.stop()
 
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for in-flight requests; cancel the rest. Returns how many were cut."""
@@ -223,8 +145,14 @@ class EndpointServer:
             task.cancel()
         if cut:
             await asyncio.wait(cut, timeout=5)
-        await self.outbox.flush()
+        for ingress in self.ingresses:
+            await ingress.flush()
         return len(cut)
+
+    async def close(self) -> None:
+        """Send what is pending on every ingress and release them (the runtime is closing)."""
+        for ingress in self.ingresses:
+            await ingress.close()
 
     def cancel(self, request_id: str) -> bool:
         task = self.inflight.get(request_id)
@@ -235,21 +163,7 @@ class EndpointServer:
 
     @property
     def accepting(self) -> bool:
-        return self._sub is not None
-
-    async def _on_message(self, msg: Msg) -> None:
-        if not msg.reply:
-            log.warning("dropping a request on %s without a reply subject", self.subject)
-            return
-        reply, outbox = msg.reply, self.outbox
-
-        try:
-            envelope = wire.decode_request(msg.data)
-        except wire.DecodeError as exc:
-            await self.refuse(lambda f: outbox.put(reply, f, False), f"malformed request: {exc}")
-            return
-        batching = envelope.b
-        self.accept(envelope, lambda frame: outbox.put(reply, frame, batching))
+        return self._accepting
 
     async def refuse(self, put: FrameSink, message: str) -> None:
         """Answer a request that could not be decoded with a ``bad_request`` (counted, not served)."""
@@ -342,27 +256,24 @@ class _OpenStream:
 
 
 class StreamRouter:
-    """The caller's side: one wildcard inbox subscription, one queue per open stream.
+    """The caller's side, on either plane: one queue per open stream, keyed by a token the plane
+    puts on the stream's frames (a NATS reply subject's last part, a TCP call's ``s``).
 
     Idle streams are found by one watchdog task for all of them (rather than a timer per
     frame): a stream that received nothing for ``idle_timeout`` gets a retryable error.
     """
 
-    def __init__(self, nc: NATS, namespace: str, inbox_prefix: str, idle_timeout: float) -> None:
-        self.nc = nc
-        self.namespace = namespace
-        self.inbox_prefix = inbox_prefix
+    def __init__(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
         self._streams: dict[str, _OpenStream] = {}
-        # Told when NATS answers "no responders" for an instance: its process is gone (or it
-        # stopped listening), usually well before its discovery lease expires.
+        # Told when nobody answers for an instance (NATS "no responders", a refused or lost TCP
+        # connection): its process is gone (or it stopped listening), usually well before its
+        # discovery lease expires.
         self.on_no_responders: Callable[[str], None] = lambda instance_id: None
         self._counter = 0
-        self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._sub = await self.nc.subscribe(f"{self.inbox_prefix}.*", cb=self._on_reply)
+    def start(self) -> None:
         self._watchdog = asyncio.create_task(self._watch_idle(), name="stream-idle-watchdog")
 
     def stop(self) -> None:
@@ -379,27 +290,12 @@ class StreamRouter:
                     stream.last_frame = float("inf")  # reported once
                     stream.queue.put_nowait(_IDLE)
 
-    async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject.rpartition(".")[2]
-        if token == wire.BATCH_SUBJECT:
-            try:
-                batch = wire.decode_batch(msg.data)
-            except wire.DecodeError as exc:
-                log.warning("dropping a malformed batch of response frames: %s", exc)
-                return
-            self.deliver(batch)
-            return
+    def put(self, token: str, item: wire.Frame | RequestError) -> None:
+        """Hand one frame (or the error that took its place) to its open stream, if still open."""
         stream = self._streams.get(token)
-        if stream is None:
-            return
-        stream.last_frame = time.monotonic()
-        if msg.headers and msg.headers.get("Status") == "503":
-            stream.queue.put_nowait(_NO_RESPONDERS)
-            return
-        try:
-            stream.queue.put_nowait(wire.decode_frame(msg.data))
-        except wire.DecodeError as exc:
-            stream.queue.put_nowait(RequestError("internal", f"malformed response frame: {exc}"))
+        if stream is not None:
+            stream.last_frame = time.monotonic()
+            stream.queue.put_nowait(item)
 
     def deliver(self, batch: wire.Batch) -> None:
         """Hand frames to their open streams (frames of a stream that ended are dropped)."""
@@ -447,7 +343,7 @@ class StreamRouter:
 
     async def stream(self, instance_id: str, request_id: str, what: str,
                      send: Callable[[str], Awaitable[object]],
-                     cancel: Callable[[], Awaitable[None]]) -> AsyncIterator[list[Any]]:
+                     cancel: Callable[[], Awaitable[None]]) -> AsyncGenerator[list[Any], None]:
         """Send one request with ``send(token)`` (it returns the TCP connection it used, or None)
         and yield its response items, as lists of the
         items that arrived together, until the end frame. ``what`` names the endpoint in errors;
@@ -526,3 +422,23 @@ class StreamRouter:
             if not finished:
                 # The caller went away (or the stream broke): stop the work on the worker.
                 await cancel()
+
+
+class Caller(Protocol):
+    """How this process sends requests: one per runtime, chosen when it connects by its request
+    plane (:class:`.nats_plane.NatsCaller` or :class:`.tcp_plane.TcpCaller`), so no call asks
+    which plane it is on."""
+
+    def stream(self, component: str, endpoint: str, instance_id: str, request_id: str,
+               payload: Any) -> AsyncGenerator[list[Any], None]:
+        """Send one request to ``endpoint`` of instance ``instance_id`` and yield its response
+        items, as lists of the items that arrived together (see :meth:`StreamRouter.stream`:
+        the errors, and the cancel sent when the reader stops early)."""
+        ...
+
+    async def cancel(self, instance_id: str, request_id: str) -> None:
+        """Stop request ``request_id`` on ``instance_id`` (a stream does this itself when its
+        reader stops early; this is for a request sent some other way)."""
+
+    async def close(self) -> None:
+        """Take no more responses and release the plane's connections (the runtime is closing)."""

@@ -5,9 +5,10 @@ goes to one chosen instance (the caller picks it from discovery), so routing pol
 the caller (round-robin, random, or a router of its own).
 
 NATS carries discovery, events and control. Requests and their response frames go through NATS
-(the default) or, with ``request_plane="tcp"``, over the TCP request plane (:mod:`.tcp_plane`)
-to instances that publish a TCP address. A worker always answers on NATS too, so a caller of
-either kind reaches it.
+(the default, :mod:`.nats_plane`) or, with ``request_plane="tcp"``, over the TCP request plane
+(:mod:`.tcp_plane`) to instances that publish a TCP address. The runtime picks its
+:class:`~.request_plane.Caller` once, at connect; every call goes through it. A worker always
+answers on NATS too, so a caller of either kind reaches it.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from dynamo_worker.core import wire
 from dynamo_worker.core.discovery import BUCKET, Discovery, InstanceRecord, InstanceWatcher
 from dynamo_worker.core.errors import EngineDead, RuntimeUnavailable, UsageError
 from dynamo_worker.core.nats_auth import redact
+from dynamo_worker.core.nats_plane import NatsCaller, NatsEndpoint, endpoint_subject, serve_cancels
 from dynamo_worker.core.request_plane import (
+    Caller,
     EndpointServer,
     Handler,
     RequestError,
     RequestObserver,
     StreamRouter,
-    check_size,
 )
 from dynamo_worker.core.tcp_plane import DEFAULT_LIMITS, WILDCARDS, ListenerLimits, TcpCaller, TcpListener
 
@@ -70,14 +72,19 @@ class Runtime:
         self.namespace = namespace
         self.instance_id = new_instance_id()
         self.discovery = Discovery(nc.jetstream(), lease_ttl, discovery_replicas)
-        self.streams = StreamRouter(nc, namespace, f"_DW.{self.instance_id}", idle_timeout)
+        self.streams = StreamRouter(idle_timeout)
         self.servers: dict[str, EndpointServer] = {}
         self.watchers: dict[str, InstanceWatcher] = {}
         # Instances nobody answered for (NATS "no responders", a refused or lost TCP connection):
         # out of routing until discovery hears from them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
         self.streams.on_no_responders = self._mark_unreachable
-        self.tcp = TcpCaller(self.streams, secret=request_plane_secret, max_message_bytes=self.max_message_bytes)
+        self._nats = NatsCaller(nc, self.streams, namespace, f"_DW.{self.instance_id}")
+        # The plane every call of this process goes over, chosen once (a TCP caller reaches a
+        # worker without a TCP address over NATS).
+        self.caller: Caller = self._nats if request_plane == "nats" else TcpCaller(
+            self.streams, self._nats, self._address_of, secret=request_plane_secret,
+            max_message_bytes=self.max_message_bytes)
         self.listener: TcpListener | None = None  # started with the first endpoint served over TCP
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
         self._control_sub: Any = None
@@ -160,8 +167,9 @@ class Runtime:
             except (asyncio.TimeoutError, nats.errors.Error) as exc:  # no quorum now: it is retried on use
                 log.warning("could not check the discovery bucket now (%s); JetStream may have no quorum yet",
                             type(exc).__name__)
-        await rt.streams.start()
-        rt._control_sub = await nc.subscribe(rt._control_subject(rt.instance_id), cb=rt._on_control)
+        rt.streams.start()
+        await rt._nats.start()
+        rt._control_sub = await serve_cancels(nc, namespace, rt.instance_id, rt.servers)
         # A KV watcher is a consumer on the bucket's stream leader: when a server dies the leader
         # moves and the watcher stalls without an error (so it would miss lease expiries, and
         # streams to a dead instance would wait for their idle timeout). Restart watchers then.
@@ -202,26 +210,20 @@ class Runtime:
     # ---- addressing --------------------------------------------------------------------------
 
     def subject(self, component: str, endpoint: str, instance_id: str) -> str:
-        return f"{self.namespace}.{component}.{endpoint}.{instance_id}"
-
-    def _control_subject(self, instance_id: str) -> str:
-        return f"_DWCTL.{self.namespace}.{instance_id}"
+        return endpoint_subject(self.namespace, component, endpoint, instance_id)
 
     # ---- serving ------------------------------------------------------------------------------
 
     async def serve_endpoint(self, component: str, endpoint: str, handler: Handler,
                              observer: RequestObserver | None = None) -> EndpointServer:
         """Start serving ``handler``; not discoverable until :meth:`publish` is called."""
-        server = EndpointServer(
-            self.nc, self.subject(component, endpoint, self.instance_id), endpoint,
-            self.instance_id, handler, self.on_engine_dead, observer,
-        )
+        server = EndpointServer(endpoint, self.instance_id, handler, self.on_engine_dead, observer)
         if self.request_plane == "tcp" and self.listener is None:
             listener = TcpListener(self.servers, secret=self.request_plane_secret,
                                    max_message_bytes=self.max_message_bytes, limits=self.tcp_limits)
             await listener.start(self.tcp_host, self.tcp_port, self.advertise_host())
             self.listener = listener
-        await server.start()
+        await NatsEndpoint(self.nc, self.subject(component, endpoint, self.instance_id), server).start()
         self.servers[endpoint] = server
         return server
 
@@ -250,17 +252,6 @@ class Runtime:
             log.info("the discovery bucket has a new leader; recreating discovery watchers")
             for w in list(self.watchers.values()):
                 await w.restart()
-
-    async def _on_control(self, msg: Msg) -> None:
-        try:
-            control = wire.decode_control(msg.data)
-        except wire.DecodeError:
-            log.warning("ignoring a malformed control message")
-            return
-        if control.cancel:
-            for server in self.servers.values():
-                if server.cancel(control.cancel):
-                    log.debug("request %s cancelled by its caller", control.cancel)
 
     # ---- calling --------------------------------------------------------------------------------
 
@@ -294,26 +285,11 @@ class Runtime:
     def client(self, component: str, endpoint: str) -> Client:
         return Client(self, component, endpoint)
 
-    def nats_call(self, component: str, endpoint: str, instance_id: str, request_id: str,
-                  payload: Any) -> AsyncGenerator[list[Any], None]:
-        """Stream one request over NATS (see :meth:`StreamRouter.stream`)."""
-        subject = self.subject(component, endpoint, instance_id)
-        request = wire.encode(wire.RequestEnvelope(request_id, payload, b=True))
-        inbox = self.streams.inbox_prefix
-
-        async def send(token: str) -> None:
-            check_size(len(request), self.nc.max_payload)  # else nats-py raises MaxPayloadError
-            await self.nc.publish(subject, request, reply=f"{inbox}.{token}")
-
-        async def cancel() -> None:
-            await self._send_cancel(instance_id, request_id)
-
-        return self.streams.stream(instance_id, request_id, subject, send, cancel)  # type: ignore[return-value]
-
-    async def _send_cancel(self, instance_id: str, request_id: str) -> None:
-        if self.nc.is_closed:
-            return
-        await self.nc.publish(self._control_subject(instance_id), wire.encode(wire.Control(cancel=request_id)))
+    def _address_of(self, component: str, endpoint: str, instance_id: str) -> str:
+        """The TCP address an instance published for an endpoint ("": none, or not discovered)."""
+        watcher = self.watchers.get(f"{self.namespace}.")
+        record = watcher.records.get(self.subject(component, endpoint, instance_id)) if watcher else None
+        return record.address if record is not None else ""
 
     def new_request_id(self) -> str:
         return f"{self.instance_id}-{next(self._request_ids)}"
@@ -355,10 +331,10 @@ class Runtime:
         self._closing = True
         self.streams.stop()
         for server in self.servers.values():
-            await server.outbox.close()
+            await server.close()
         if self.listener is not None:
             await self.listener.close()
-        self.tcp.close()
+        await self.caller.close()
         for w in self.watchers.values():
             await w.stop()
         await self.discovery.close()
@@ -421,13 +397,8 @@ class Client:
         """Stream the responses of one request sent to ``instance_id``, as lists of the items
         that arrived together (a reader that merges them saves work per item)."""
         rt = self.runtime
-        request_id = request_id or rt.new_request_id()
-        if rt.request_plane == "tcp":
-            record = self.watcher.records.get(rt.subject(self.component, self.endpoint, instance_id))
-            if record is not None and record.address:
-                return rt.tcp.call(record.address, instance_id, self.endpoint,  # type: ignore[no-any-return]
-                                   request_id, payload)
-        return rt.nats_call(self.component, self.endpoint, instance_id, request_id, payload)
+        return rt.caller.stream(self.component, self.endpoint, instance_id, request_id or rt.new_request_id(),
+                                payload)
 
     async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncGenerator[Any, None]:
         """Stream the responses of one request sent to ``instance_id``, item by item."""

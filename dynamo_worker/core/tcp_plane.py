@@ -32,14 +32,14 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from dynamo_worker.core import request_plane_auth, wire
 from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.request_plane import RequestError, StreamRouter, check_size
+from dynamo_worker.core.request_plane import Caller, RequestError, StreamRouter, check_size
 
 if TYPE_CHECKING:
     from dynamo_worker.core.request_plane import EndpointServer
@@ -412,11 +412,19 @@ class _CallerConnection(FramedConnection):
 
 
 class TcpCaller:
-    """Connections to workers' listeners, one per address, opened (and authenticated) on first use."""
+    """Requests over TCP (a :class:`~.request_plane.Caller`): connections to workers' listeners,
+    one per address, opened (and authenticated) on first use.
 
-    def __init__(self, router: StreamRouter, *, secret: bytes | None = None,
-                 max_message_bytes: Callable[[], int] = lambda: 1024 * 1024) -> None:
+    ``address_of(component, endpoint, instance_id)`` is the TCP address the instance published
+    for that endpoint, or "": a worker on the NATS plane (or one discovery does not know) is
+    called through ``fallback``, since every worker answers on NATS.
+    """
+
+    def __init__(self, router: StreamRouter, fallback: Caller, address_of: Callable[[str, str, str], str], *,
+                 secret: bytes | None = None, max_message_bytes: Callable[[], int] = lambda: 1024 * 1024) -> None:
         self.router = router
+        self.fallback = fallback
+        self.address_of = address_of
         self.secret = secret
         self.max_message_bytes = max_message_bytes
         self._connections: dict[str, _CallerConnection] = {}
@@ -472,9 +480,12 @@ class TcpCaller:
             if known is conn:
                 del self._connections[address]
 
-    def call(self, address: str, instance_id: str, endpoint: str, request_id: str,
-             payload: Any) -> Any:
-        """Stream one request to the worker at ``address`` (see :meth:`StreamRouter.stream`)."""
+    def stream(self, component: str, endpoint: str, instance_id: str, request_id: str,
+               payload: Any) -> AsyncGenerator[list[Any], None]:
+        """Stream one request to the instance's listener (see :meth:`StreamRouter.stream`)."""
+        address = self.address_of(component, endpoint, instance_id)
+        if not address:
+            return self.fallback.stream(component, endpoint, instance_id, request_id, payload)
         envelope = wire.RequestEnvelope(request_id, payload, b=True)
         conn: _CallerConnection | None = None
 
@@ -502,10 +513,18 @@ class TcpCaller:
 
         return self.router.stream(instance_id, request_id, f"{endpoint} of instance {instance_id}", send, cancel)
 
-    def close(self) -> None:
+    async def cancel(self, instance_id: str, request_id: str) -> None:
+        """Over NATS, which every worker also takes cancels on: a request this process no longer
+        streams has no connection of its own (a stream's own cancel goes over its connection)."""
+        await self.fallback.cancel(instance_id, request_id)
+
+    async def close(self) -> None:
+        """Close every connection (each worker then cancels what it still serves for this
+        process), and the NATS fallback."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self._connections.values()):
             if conn.transport is not None:
                 conn.transport.close()
         self._connections.clear()
+        await self.fallback.close()

@@ -70,12 +70,6 @@ BATCH_SUBJECT = "b"
 Batch = list[tuple[str, Frame]]
 
 
-class Control(msgspec.Struct, omit_defaults=True):
-    """A control message to one instance; today only ``cancel`` (a request id)."""
-
-    cancel: str | None = None
-
-
 class Call(msgspec.Struct, tag="r"):
     """A request on a TCP request-plane connection: stream token ``s`` of this connection, the
     endpoint name ``e`` and the request envelope ``r``. Frames come back on the same connection
@@ -87,8 +81,9 @@ class Call(msgspec.Struct, tag="r"):
 
 
 class Cancel(msgspec.Struct, tag="c"):
-    """Stop the request with this id (the caller went away); TCP counterpart of :class:`Control`.
-    It reaches only requests sent on the same connection."""
+    """Stop the request with this id (its caller went away), on either plane: on a TCP connection
+    it reaches only the requests sent on that connection; on NATS it goes to the instance's
+    control subject (``_DWCTL.{namespace}.{instance}``)."""
 
     id: str
 
@@ -128,7 +123,7 @@ class Refused(msgspec.Struct, tag="f"):
 _encoder = msgspec.json.Encoder()
 _frame_decoder = msgspec.json.Decoder(Frame)
 _request_decoder = msgspec.json.Decoder(RequestEnvelope)
-_control_decoder = msgspec.json.Decoder(Control)
+_cancel_decoder = msgspec.json.Decoder(Cancel)
 _batch_decoder = msgspec.json.Decoder(Batch)
 _any_decoder = msgspec.json.Decoder()
 _tcp_decoder = msgspec.json.Decoder(Call | Cancel)
@@ -154,8 +149,8 @@ def decode_request(data: bytes) -> RequestEnvelope:
     return _request_decoder.decode(data)
 
 
-def decode_control(data: bytes) -> Control:
-    return _control_decoder.decode(data)
+def decode_cancel(data: bytes) -> Cancel:
+    return _cancel_decoder.decode(data)
 
 
 def decode_tcp(data: bytes) -> Call | Cancel:

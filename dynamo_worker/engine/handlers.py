@@ -130,7 +130,7 @@ class GenerateHandler:
         transfer = None
         if self.prefill_only:  # one token: the KV cache is the product; decode samples for real
             req.stop_conditions.max_tokens = req.stop_conditions.min_tokens = 1
-            req.output_options.logprobs = None
+            req.output_options.logprobs = req.output_options.prompt_logprobs = None
             req.sampling_options.guided_decoding = None  # the decode worker samples under the constraint
             req.prefill_result = None
             transfer = kv_transfer.prefill_params()
@@ -171,9 +171,13 @@ class GenerateHandler:
                 chunk: dict[str, Any] = {"token_ids": new_ids}
                 if want_logprobs:
                     chunk.update(protocol.logprob_fields(new_ids, choice.logprobs))
+                if out.prompt_logprobs:  # all at once, with the first output (DELTA mode)
+                    chunk["prompt_logprobs"] = protocol.prompt_logprob_fields(out.prompt_logprobs)
                 reason = protocol.finish_reason(choice.finish_reason, choice.stop_reason)
                 if reason is not None:
                     chunk["finish_reason"] = reason
+                    if choice.stop_reason is not None:  # the frontend leaves a stop token's text out
+                        chunk["stop_reason"] = choice.stop_reason
                     prompt_tokens = len(req.token_ids)
                     cached = out.num_cached_tokens
                     chunk["completion_usage"] = {

@@ -2,8 +2,13 @@
 
 Request: Dynamo's ``PreprocessedRequest`` (``token_ids``, ``stop_conditions``,
 ``sampling_options``, ``output_options``, ...). Response chunks: ``token_ids`` (the new ones),
-``finish_reason`` (``eos``, ``stop``, ``length``, ``cancelled``, ``error: ...``), optional
-``log_probs``/``top_logprobs``, and ``completion_usage`` on the last chunk only.
+``finish_reason`` (``eos``, ``stop``, ``length``, ``cancelled``, ``error: ...``), with
+``stop``: ``stop_reason``, vLLM's (the stop token id, an int, or the stop string vLLM matched);
+with ``eos`` and ``stop`` on a stop token that token is the chunk's last id, and vllm serve leaves
+its text out of the output unless ``include_stop_str_in_output``. Optional
+``log_probs``/``top_logprobs``, ``prompt_logprobs`` on the first chunk when asked for (``None``
+for the first prompt token, then per token a list of ``{"token_id", "logprob", "rank"}``: the
+prompt token, then the top ones), and ``completion_usage`` on the last chunk only.
 
 Requests are validated here, before they reach vLLM: malformed input gets a ``bad_request``
 error and never touches the engine.
@@ -28,7 +33,7 @@ Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 class StopConditions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     max_tokens: Int | None = None
     min_tokens: Int | None = None
-    stop: list[str] | None = None  # applied by the frontend (it sees text); ignored here
+    stop: list[str] | None = None  # our frontend applies them itself; given here, vLLM applies them
     stop_token_ids: list[Int] | None = None
     stop_token_ids_hidden: list[Int] | None = None
     ignore_eos: bool | None = None
@@ -137,19 +142,44 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
     lp = req.output_options.logprobs
     if lp is not None and not 0 <= lp <= MAX_LOGPROBS:
         raise RequestError("bad_request", f"output_options.logprobs must be between 0 and {MAX_LOGPROBS}")
-    if req.sampling_options.n not in (None, 1) or req.sampling_options.use_beam_search:
-        raise RequestError("bad_request", "only n=1 without beam search is supported")
-    if req.output_options.prompt_logprobs is not None:
-        raise RequestError("bad_request", "output_options.prompt_logprobs is not supported")
+    plp = req.output_options.prompt_logprobs
+    if plp is not None and not 0 <= plp <= MAX_LOGPROBS:
+        raise RequestError("bad_request", f"output_options.prompt_logprobs must be between 0 and {MAX_LOGPROBS}")
+    _refuse_unsupported(req)
     for key in req.sampling_options.logit_bias or {}:
         if not re.fullmatch(r"[0-9]+", key) or int(key) >= vocab_size:
             raise RequestError("bad_request", f"sampling_options.logit_bias key {key!r} is not a token id "
                                f"of this model (0..{vocab_size - 1})")
+    for word in req.sampling_options.bad_words_token_ids or []:
+        if not word or any(not 0 <= t < vocab_size for t in word):
+            raise RequestError("bad_request", "sampling_options.bad_words_token_ids: each entry must be a non-empty "
+                               f"list of token ids of this model (0..{vocab_size - 1})")
     guided = req.sampling_options.guided_decoding
     if guided is not None and guided.backend is not None:
         raise RequestError("bad_request", "sampling_options.guided_decoding.backend: the structured-output backend "
                            "is chosen per worker (--structured-outputs-config.backend), not per request")
     return req
+
+
+def _refuse_unsupported(req: PreprocessedRequest) -> None:
+    """Fields of Dynamo's message this worker cannot honour: a ``bad_request`` naming each, never dropped.
+
+    ``n`` > 1 is for the caller to fan out (our frontend sends n requests, seeds ``seed + i`` as
+    vLLM's children have); vLLM 0.32 has no ``best_of``, and ``length_penalty`` only in beam search.
+    """
+    so, sc = req.sampling_options, req.stop_conditions
+    refused = [
+        ("sampling_options.n", so.n not in (None, 1), "one sequence per request: send n requests"),
+        ("sampling_options.best_of", so.best_of not in (None, 1), "vLLM 0.32 has no best_of"),
+        ("sampling_options.use_beam_search", bool(so.use_beam_search), "beam search is not supported"),
+        ("sampling_options.length_penalty", so.length_penalty is not None, "it applies to beam search only"),
+        ("sampling_options.detokenize", bool(so.detokenize), "this worker returns token ids, not text"),
+        ("stop_conditions.max_thinking_tokens", sc.max_thinking_tokens is not None,
+         "this worker has no reasoning parser to count thinking tokens with"),
+    ]
+    for name, bad, why in refused:
+        if bad:
+            raise RequestError("bad_request", f"{name} is not supported: {why}")
 
 
 def structured_outputs(guided: GuidedDecoding) -> Any:
@@ -217,15 +247,28 @@ def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_mode
         kwargs["logit_bias"] = {int(k): min(100.0, max(-100.0, v)) for k, v in so.logit_bias.items()}
     if req.output_options.logprobs is not None:
         kwargs["logprobs"] = req.output_options.logprobs
+    if req.output_options.prompt_logprobs is not None:
+        kwargs["prompt_logprobs"] = req.output_options.prompt_logprobs
+    if req.output_options.skip_special_tokens is not None:
+        kwargs["skip_special_tokens"] = req.output_options.skip_special_tokens
+    # Stop strings need text: vLLM detokenizes only requests that have them (our frontend
+    # applies its own and never sends any).
+    if sc.stop:
+        kwargs["stop"] = sc.stop
     kwargs["max_tokens"] = sc.max_tokens or max(1, max_model_len - len(req.token_ids))
     if kv_transfer_params is None:
         kv_transfer_params = kv_transfer.decode_params(req.prefill_result)
     if kv_transfer_params is not None:
         kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     try:
-        return SamplingParams(**kwargs, n=1, detokenize=False, output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(**kwargs, n=1, detokenize=bool(sc.stop), output_kind=RequestOutputKind.DELTA)
     except (ValueError, TypeError, VLLMClientError) as exc:
         raise RequestError("bad_request", f"invalid sampling options: {exc}") from None
+    if so.bad_words_token_ids:
+        # Where vLLM keeps the token ids of its bad_words strings (update_from_tokenizer fills it
+        # from text, and leaves it alone when there is no text); the sampler reads it from there.
+        params._bad_words_token_ids = [list(word) for word in so.bad_words_token_ids]
+    return params
 
 
 def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str | None:
@@ -237,6 +280,15 @@ def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str
     if vllm_reason == "abort":
         return "cancelled"
     return vllm_reason  # "length", or "error" variants
+
+
+def prompt_logprob_fields(prompt_logprobs: Any) -> list[list[dict[str, Any]] | None]:
+    """vLLM's prompt logprobs (``None`` for the first token, then one dict per prompt token of
+    that token and the top ones) as lists of ``{"token_id", "logprob", "rank"}``, in vLLM's order."""
+    return [None if position is None else
+            # -inf (a token the sampler ruled out) is not JSON: -9999.0, as vllm serve reports it
+            [{"token_id": tid, "logprob": max(lp.logprob, -9999.0), "rank": lp.rank} for tid, lp in position.items()]
+            for position in prompt_logprobs]
 
 
 def logprob_fields(token_ids: list[int], logprobs: Any) -> dict[str, Any]:

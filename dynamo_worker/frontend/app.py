@@ -27,10 +27,12 @@ from aiohttp import web
 
 from dynamo_worker.core.runtime import Client, Runtime
 from dynamo_worker.frontend import disaggregation, guided, multimodal, preprocess, tokenization
+from dynamo_worker.frontend.chat_parsers import ChatParsers, RequestParsing, template_tools
+from dynamo_worker.frontend.choices import ChoiceStreams, choice_payloads, merged_usage
 from dynamo_worker.frontend.detokenizer import TokenStrings
 from dynamo_worker.frontend.metrics import CLIENT_CLOSED, CONTENT_TYPE, FrontendMetrics, RequestTracker
 from dynamo_worker.frontend.models import ModelTable, ServedModel
-from dynamo_worker.frontend.output import OutputProcessor
+from dynamo_worker.frontend.output import OutputProcessor, echo_logprobs, prompt_logprobs_body
 from dynamo_worker.frontend.protocol import (
     ApiError,
     ChatShape,
@@ -38,6 +40,7 @@ from dynamo_worker.frontend.protocol import (
     GenerationParams,
     ResponseShape,
     TokenLogprob,
+    bad_request,
     chat_messages,
     completion_prompt,
     generation_params,
@@ -93,6 +96,7 @@ class _Prepared:
     shape: ResponseShape
     router: Router | None = None  # None: the LLM workers' router; else the processors'
     echo: str = ""  # completions with echo: the prompt's text, sent before the output
+    chat: RequestParsing | None = None  # reasoning/tool-call parsing of chat output (chat_parsers)
 
 
 class FrontendServer:
@@ -102,8 +106,9 @@ class FrontendServer:
                  migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
                  metrics: FrontendMetrics | None = None, prefill_client: Client | None = None,
                  processor_client: Client | None = None, limits: Limits | None = None,
-                 kv: dict[str, Any] | None = None) -> None:
+                 kv: dict[str, Any] | None = None, chat_parsers: ChatParsers | None = None) -> None:
         self.client = client
+        self.chat_parsers = chat_parsers or ChatParsers()
         self.metrics = metrics or FrontendMetrics()
         # --router-mode kv: ``kv`` holds KvRouting's knobs (overlap_weight, temperature, ...); the
         # decode and the prefill workers each get a KvRouting, with one set of metrics.
@@ -146,7 +151,8 @@ class FrontendServer:
                    processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT),
                    limits=Limits.from_options(options),
                    kv={"overlap_weight": options.kv_overlap_score_weight, "temperature": options.router_temperature,
-                       "busy_threshold": options.busy_threshold, "use_events": options.kv_events})
+                       "busy_threshold": options.busy_threshold, "use_events": options.kv_events},
+                   chat_parsers=ChatParsers.from_options(options))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -301,6 +307,7 @@ class FrontendServer:
 
     async def _prepare(self, body: bytes, endpoint: str, tracker: RequestTracker) -> _Prepared:
         shape_cls: type[ResponseShape]
+        chat: RequestParsing | None = None
         if endpoint == "completions":
             req: Any = parse_completion(body)
             params = generation_params(req)
@@ -309,7 +316,11 @@ class FrontendServer:
         else:
             req = parse_chat(body)
             params = generation_params(req)
+            self.chat_parsers.check(req)
             if multimodal.has_media(req):
+                if req.tools:  # the processor renders the prompt and knows no tools: refuse, not drop
+                    raise bad_request("tools are not supported together with image or video content",
+                                      param="tools")
                 return await self._prepare_media(body, req.model, params, tracker)
             messages = chat_messages(req)
             prompt_param, shape_cls = "messages", ChatShape
@@ -320,7 +331,10 @@ class FrontendServer:
         if endpoint == "completions":
             prompt_ids = preprocess.encode_completion_prompt(tokenizer, prompt)
         else:
-            prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages)
+            chat = self.chat_parsers.for_request(req, body, tokenizer)
+            if chat is not None:
+                params = chat.adjust(params)  # tool_choice required/named: vLLM's schema constraint
+            prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages, tools=template_tools(req))
         preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
         self.limits.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params, prompt_param=prompt_param,
@@ -332,7 +346,7 @@ class FrontendServer:
         echo = ""
         if endpoint == "completions" and req.echo:  # the prompt as given, or its token ids decoded
             echo = prompt if isinstance(prompt, str) else str(tokenizer.decode(prompt_ids))
-        return _Prepared(model, tokenizer, prompt_ids, params, payload, shape, echo=echo)
+        return _Prepared(model, tokenizer, prompt_ids, params, payload, shape, echo=echo, chat=chat)
 
     async def _prepare_media(self, body: bytes, model_name: str, params: GenerationParams,
                              tracker: RequestTracker) -> _Prepared:
@@ -349,28 +363,68 @@ class FrontendServer:
         return _Prepared(model, tokenizer, [], params, self.media.payload(body, model, params), shape,
                          router=self.media.router)
 
+    def _choices(self, p: _Prepared) -> ChoiceStreams:
+        """The request's n choices as n worker streams (dynamo_worker.frontend.choices)."""
+        router = p.router or self.router
+        return ChoiceStreams(lambda payload: router.generate(p.model.name, payload),
+                             choice_payloads(p.payload, p.params.n))
+
+    @staticmethod
+    def _shapes(p: _Prepared) -> list[ResponseShape]:
+        """One response shape per choice (a completion's text_offset runs per choice), sharing the id."""
+        return [p.shape] + [p.shape.for_choice() for _ in range(p.params.n - 1)]
+
+    @staticmethod
+    def _echo_logprobs(p: _Prepared, out: OutputProcessor) -> list[TokenLogprob]:
+        """Completions with echo and logprobs: the prompt's, which lead the choice's (vLLM's order)."""
+        if not p.echo or p.params.logprobs is None:
+            return []
+        return echo_logprobs(out.prompt_logprobs, p.prompt_ids, p.params.logprobs)
+
     async def _unary(self, p: _Prepared, tracker: RequestTracker) -> web.Response:
-        out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
-        texts: list[str] = [p.echo]
-        logprobs: list[TokenLogprob] | None = [] if p.params.logprobs is not None else None
-        async with aclosing((p.router or self.router).generate(p.model.name, p.payload)) as stream:
-            async for item in stream:
+        n = p.params.n
+        outs = [OutputProcessor(p.tokenizer, p.prompt_ids, p.params) for _ in range(n)]
+        texts: list[list[str]] = [[p.echo] for _ in range(n)]
+        logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if p.params.logprobs is not None else None
+        token_ids: list[list[int]] = [[] for _ in range(n)]  # for vLLM's reasoning/tool parsers
+        choices = self._choices(p)
+        async with aclosing(choices.items()) as stream:
+            async for i, item in stream:
+                out = outs[i]
+                if item is None:  # the worker ended the stream without a finish reason
+                    texts[i].append(out.end_of_stream().text)
+                    continue
                 delta = out.process(item)
                 tracker.tokens(delta.tokens)
-                texts.append(delta.text)
+                texts[i].append(delta.text)
+                token_ids[i].extend(delta.token_ids)
                 if logprobs is not None and delta.logprobs:
-                    logprobs.extend(delta.logprobs)
+                    logprobs[i].extend(delta.logprobs)
                 if out.finished:
-                    break  # a stop string: closing the stream cancels the rest on the worker
-        if not out.finished:
-            texts.append(out.end_of_stream().text)
-        assert out.finish_reason is not None
-        body = p.shape.full("".join(texts), out.finish_reason, logprobs, out.usage())
-        tracker.finish(200, out.completion_tokens)
+                    choices.stop(i)  # a stop string: the rest is cancelled on the worker
+        usage = merged_usage(outs)
+        bodies = []
+        for i, (shape, out) in enumerate(zip(self._shapes(p), outs, strict=True)):
+            assert out.finish_reason is not None
+            lps = None if logprobs is None else self._echo_logprobs(p, out) + logprobs[i]
+            body = shape.full("".join(texts[i]), out.finish_reason, lps, usage)
+            body["choices"][0]["stop_reason"] = out.stop_reason  # vllm serve: on every choice, often null
+            if p.chat is not None:  # reasoning and tool calls, by a parser of its own per choice (as vLLM)
+                p.chat.choice().rewrite_choice(body["choices"][0], "".join(texts[i]), token_ids[i])
+            if p.params.prompt_logprobs is not None:  # vllm serve: per choice on completions, once on chat
+                where = body["choices"][0] if isinstance(shape, CompletionShape) else body
+                where["prompt_logprobs"] = prompt_logprobs_body(out.prompt_logprobs, shape.token_text)
+            bodies.append(body)
+        body = bodies[0]
+        body["choices"] = [_indexed(b, i)["choices"][0] for i, b in enumerate(bodies)]
+        tracker.finish(200, usage["completion_tokens"])
         return json_response(body)
 
     async def _stream(self, request: web.Request, p: _Prepared, tracker: RequestTracker) -> web.StreamResponse:
-        out = OutputProcessor(p.tokenizer, p.prompt_ids, p.params)
+        outs = [OutputProcessor(p.tokenizer, p.prompt_ids, p.params) for _ in range(p.params.n)]
+        shapes = self._shapes(p)
+        echo_pending = [bool(p.echo)] * p.params.n
+        parsers = [p.chat.choice() for _ in range(p.params.n)] if p.chat is not None else None
         resp: web.StreamResponse | None = None
         # The events of one wake-up leave in one write, and the last ones with the end of the
         # body: a client that stops reading at [DONE] then finds the body complete and reuses
@@ -389,35 +443,53 @@ class FrontendServer:
         async def start() -> web.StreamResponse:
             r = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await r.prepare(request)
-            for chunk in p.shape.first_chunks():
-                event(chunk)
-            if p.echo:
-                event(p.shape.chunk(p.echo, None, None))
+            for i, shape in enumerate(shapes):  # e.g. chat's role chunk, for every choice (vLLM's)
+                for chunk in shape.first_chunks():
+                    event(_indexed(chunk, i))
             return r
 
+        def completion_tokens() -> int:
+            return sum(o.completion_tokens for o in outs)
+
+        choices = self._choices(p)
         try:
-            async with aclosing((p.router or self.router).generate(p.model.name, p.payload)) as stream:
-                async for item in stream:
-                    delta = out.process(item)
-                    tracker.tokens(delta.tokens)
+            async with aclosing(choices.items()) as stream:
+                async for i, item in stream:
+                    out = outs[i]
+                    if item is None:  # the worker ended the stream without a finish reason
+                        delta = out.end_of_stream()
+                    else:
+                        delta = out.process(item)
+                        tracker.tokens(delta.tokens)
                     if resp is None:
                         resp = await start()
-                    if delta.text or delta.logprobs or delta.finish_reason:
-                        chunk = p.shape.chunk(delta.text, delta.finish_reason, delta.logprobs)
+                    text, logprobs = delta.text, delta.logprobs
+                    if echo_pending[i]:  # the prompt (and its logprobs) lead the choice's first chunk
+                        echo_pending[i] = False
+                        text = p.echo + text
+                        if p.params.logprobs is not None:
+                            logprobs = self._echo_logprobs(p, out) + (logprobs or [])
+                    emit = bool(text or logprobs or delta.finish_reason)
+                    if parsers is not None:  # reasoning and tool calls: vLLM's parser decides the delta
+                        parsed = parsers[i].delta(text, list(delta.token_ids), p.prompt_ids, delta.finish_reason)
+                        emit = bool(parsed is not None or logprobs or delta.finish_reason)
+                    if emit:
+                        chunk = _indexed(shapes[i].chunk(text, delta.finish_reason, logprobs), i)
+                        if parsers is not None:
+                            parsers[i].rewrite_chunk_choice(chunk["choices"][0], parsed)
+                        if delta.finish_reason is not None or isinstance(shapes[i], CompletionShape):
+                            # vllm serve: on every completions chunk (null until the last), on chat's last
+                            chunk["choices"][0]["stop_reason"] = out.stop_reason
                         if p.params.continuous_usage:  # stream_options.continuous_usage_stats
                             chunk["usage"] = usage_body(out.prompt_tokens, out.completion_tokens, None)
                         event(chunk)
                     if out.finished:
-                        break  # a stop string: closing the stream cancels the rest on the worker
-                    await send()
-            if not out.finished:
-                delta = out.end_of_stream()
-                if resp is None:
-                    resp = await start()
-                event(p.shape.chunk(delta.text, delta.finish_reason, None))
-            assert resp is not None  # set by the first message or by end_of_stream above
+                        choices.stop(i)  # a stop string: closing its stream cancels the rest on the worker
+                    if choices.live:  # the last events leave with the end of the body
+                        await send()
+            assert resp is not None  # every choice ends in a message above
             if p.params.include_usage:
-                event(p.shape.usage_chunk(out.usage()))
+                event(p.shape.usage_chunk(merged_usage(outs)))
             events.append(_SSE_DONE)
             await resp.write_eof(b"".join(events))
         except ApiError as exc:
@@ -429,11 +501,18 @@ class FrontendServer:
                 await resp.write_eof(b"".join(events))
             except ConnectionResetError:
                 pass
-            tracker.finish(exc.status, out.completion_tokens)
+            tracker.finish(exc.status, completion_tokens())
             return resp
         except ConnectionResetError:  # the client closed the connection while we wrote to it
-            tracker.finish(CLIENT_CLOSED, out.completion_tokens)
+            tracker.finish(CLIENT_CLOSED, completion_tokens())
             assert resp is not None
             return resp
-        tracker.finish(200, out.completion_tokens)
+        tracker.finish(200, completion_tokens())
         return resp
+
+
+def _indexed(body: dict[str, Any], index: int) -> dict[str, Any]:
+    """A response body (or chunk) of choice ``index``."""
+    for choice in body["choices"]:
+        choice["index"] = index
+    return body

@@ -86,6 +86,7 @@ class StopStrings:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string found (vLLM's stop_reason)
 
     def feed(self, text: str) -> tuple[str, bool]:
         if self.stopped:
@@ -93,15 +94,16 @@ class StopStrings:
         if not self.stops:
             return text, False
         self.pending += text
-        # A match must end inside the new text, so it starts within the held-back tail.
+        # A match must end inside the new text, so it starts within the held-back tail. The one
+        # that ends first wins, ties by list order: vLLM's check_stop_strings (token by token).
         first, first_stop = -1, ""
         for stop in self.stops:
             at = self.pending.find(stop)
-            if at != -1 and (first == -1 or at < first):
+            if at != -1 and (first == -1 or at + len(stop) < first + len(first_stop)):
                 first, first_stop = at, stop
         if first != -1:
             end = first + len(first_stop) if self.include_stop else first
-            out, self.pending, self.stopped = self.pending[:end], "", True
+            out, self.pending, self.stopped, self.matched = self.pending[:end], "", True, first_stop
             return out, True
         held = self._partial_match()
         cut = len(self.pending) - held

@@ -52,6 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-wait-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="at start-up, wait this long for the first discovery snapshot before "
                    "listening (default %(default)s)")
+    # vllm serve's names (docs/frontend.md); Dynamo's --dyn-* spellings are aliases.
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide to call tools (tool_choice auto, the default with tools); needs "
+                   "--tool-call-parser, as in vllm serve")
+    g.add_argument("--tool-call-parser", "--dyn-tool-call-parser", metavar="NAME",
+                   default=env_default("DYN_TOOL_CALL_PARSER", None),
+                   help="vLLM's tool-call parser for the model's output format (hermes, pythonic, "
+                   "llama3_json, ...: any name vllm serve takes); with --enable-auto-tool-choice, tool_choice "
+                   "auto/required/named work (env DYN_TOOL_CALL_PARSER)")
+    g.add_argument("--reasoning-parser", "--dyn-reasoning-parser", metavar="NAME",
+                   default=env_default("DYN_REASONING_PARSER", None),
+                   help="vLLM's reasoning parser (qwen3, deepseek_r1, granite, ...): the model's reasoning is "
+                   "returned as reasoning / reasoning_content (env DYN_REASONING_PARSER)")
 
 
 def configure(options: Any) -> None:
@@ -69,5 +82,12 @@ def configure(options: Any) -> None:
     if not 0 < options.busy_threshold <= 1:
         raise UsageError(f"--busy-threshold must be above 0 and at most 1 (got {options.busy_threshold})")
     limits.configure(options)
+    if options.enable_auto_tool_choice and not options.tool_call_parser:
+        raise UsageError("--enable-auto-tool-choice requires --tool-call-parser NAME (vLLM's parser for the "
+                         "model's tool-call format, e.g. hermes)")
+    if options.tool_call_parser or options.reasoning_parser:
+        # Imports vLLM's parser registries (and vLLM): only when a parser is asked for.
+        from dynamo_worker.frontend.chat_parsers import check_parser_names
+        check_parser_names(options.tool_call_parser, options.reasoning_parser)
     if not options.http_host:
         raise UsageError("--http-host is empty; give an address such as 127.0.0.1 or 0.0.0.0")

@@ -1,7 +1,12 @@
 """A worker's response messages to OpenAI text deltas, finish reasons, logprobs and usage.
 
 Each ``backend.generate`` message is ``{"token_ids": [new ids], "log_probs"?, "top_logprobs"?,
-"finish_reason": null|"eos"|"length"|"stop"|"cancelled"|"error: msg", "completion_usage"?}``.
+"finish_reason": null|"eos"|"length"|"stop"|"cancelled"|"error: msg", "stop_reason"?,
+"completion_usage"?}``, and the first one ``"prompt_logprobs"`` when they were asked for.
+``stop_reason`` (with ``stop``) is vLLM's: the stop token id or the stop string it matched. After
+``eos`` or a stop token id the last token's text is left out unless ``include_stop_str_in_output``
+(vLLM's detokenizer does the same); the choice's ``stop_reason`` is that id, or the stop string
+the frontend matched, else null (EOS, length), as vllm serve reports it.
 
 Finish reasons (Dynamo's -> OpenAI's): ``eos`` and ``stop`` (a stop token) -> ``stop``;
 ``length`` -> ``length``; ``cancelled``/``abort`` (the engine aborted the request while the
@@ -14,7 +19,7 @@ that ends without any finish reason is finished as ``stop``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -42,6 +47,7 @@ class Delta:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None  # OpenAI's, set on the last delta
     tokens: int  # token ids the message carried
+    token_ids: tuple[int, ...] = ()  # those ids (vLLM's reasoning/tool parsers read them)
 
 
 def _is_token_list(value: Any) -> bool:
@@ -54,8 +60,8 @@ def merge_messages(items: list[Any]) -> list[Any]:
     Under load a stream's messages queue up; detokenizing and writing them as one SSE chunk
     costs one pass instead of one per message (vLLM's DELTA outputs merge the same way). The
     token ids and per-token logprobs are concatenated; everything else (finish reason, usage,
-    transfer parameters) comes from the last message. Malformed messages are left alone, for
-    :meth:`OutputProcessor.process` to report.
+    transfer parameters) comes from the last message, the prompt logprobs from the first.
+    Malformed messages are left alone, for :meth:`OutputProcessor.process` to report.
     """
     if len(items) < 2 or not all(isinstance(i, dict) and _is_token_list(i.get("token_ids", [])) for i in items):
         return items
@@ -70,6 +76,9 @@ def merge_messages(items: list[Any]) -> list[Any]:
                 n = len(i.get("token_ids") or ())
                 values += got[:n] + [missing] * (n - len(got))  # stays aligned with token_ids
             merged[key] = values
+    prompt_logprobs = next((i["prompt_logprobs"] for i in items if "prompt_logprobs" in i), None)
+    if prompt_logprobs is not None:  # sent once, with the first message
+        merged["prompt_logprobs"] = prompt_logprobs
     return [merged]
 
 
@@ -84,7 +93,10 @@ class OutputProcessor:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)  # vLLM's EOS is the tokenizer's
         self._worker_usage: dict[str, Any] | None = None
+        self.prompt_logprobs: list[Any] | None = None  # the worker's, as it sent them
 
     @property
     def finished(self) -> bool:
@@ -99,15 +111,26 @@ class OutputProcessor:
         if isinstance(reason, str) and reason.startswith("error"):
             raise internal(f"the worker failed: {reason.partition(':')[2].strip() or reason}")
         self.completion_tokens += len(ids)
+        if isinstance(item.get("prompt_logprobs"), list):
+            self.prompt_logprobs = item["prompt_logprobs"]
         logprobs = self._logprobs(item, ids) if self.want_logprobs else None
-        text = self.detokenizer.add(ids)
+        worker_stop = item.get("stop_reason")
+        worker_stop = worker_stop if type(worker_stop) in (int, str) else None
+        # Ended on a stop token (EOS, or one of stop_token_ids): vLLM leaves that token's text out.
+        # Checked against the last id, so a worker that says "eos" on an ordinary token keeps it.
+        stop_token = self.eos_token_id if reason == "eos" else worker_stop if reason == "stop" else None
+        on_stop_token = type(stop_token) is int and bool(ids) and ids[-1] == stop_token
+        shown = ids[:-1] if on_stop_token and not self.stops.include_stop else ids
+        text = self.detokenizer.add(shown)
         if reason is not None:
             text += self.detokenizer.flush()
         out, stopped = self.stops.feed(text)
         if stopped:
             self.finish_reason = "stop"
+            self.stop_reason = self.stops.matched
         elif reason is not None:
             out += self.stops.flush()
+            self.stop_reason = worker_stop if reason == "stop" else None
             self.finish_reason = FINISH_REASONS.get(str(reason))
             if self.finish_reason is None:
                 log.warning("unknown finish reason %r from a worker; reporting 'stop'", reason)
@@ -115,7 +138,7 @@ class OutputProcessor:
             usage = item.get("completion_usage")
             if isinstance(usage, dict):
                 self._worker_usage = usage
-        return Delta(out, logprobs, self.finish_reason, len(ids))
+        return Delta(out, logprobs, self.finish_reason, len(ids), tuple(ids))
 
     def end_of_stream(self) -> Delta:
         """The worker ended the stream without a finish reason: release what is held, finish."""
@@ -152,3 +175,37 @@ class OutputProcessor:
             if isinstance(prompt, int) and isinstance(completion, int):
                 return usage_body(prompt, completion, cached)
         return usage_body(self.prompt_tokens, self.completion_tokens, cached)
+
+
+def _prompt_entries(position: Any) -> list[tuple[int, float, int | None]]:
+    """One prompt position's ``(token id, logprob, rank)`` in the worker's (vLLM's) order."""
+    if not isinstance(position, list):
+        return []
+    return [(e["token_id"], float(e["logprob"]), e.get("rank") if isinstance(e.get("rank"), int) else None)
+            for e in position if isinstance(e, dict) and type(e.get("token_id")) is int
+            and isinstance(e.get("logprob"), (int, float))]
+
+
+def prompt_logprobs_body(raw: list[Any] | None, token_text: Callable[[int], str]) -> list[Any] | None:
+    """The response's ``prompt_logprobs`` as vllm serve shapes them: ``None`` for the first token,
+    then per token ``{"<token id>": {"logprob", "rank", "decoded_token"}}``."""
+    if raw is None:
+        return None
+    return [None if position is None else
+            {str(tid): {"logprob": lp, "rank": rank, "decoded_token": token_text(tid)}
+             for tid, lp, rank in _prompt_entries(position)}
+            for position in raw]
+
+
+def echo_logprobs(raw: list[Any] | None, prompt_ids: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """The prompt tokens' logprobs that ``echo`` puts before the output's (vLLM's completions):
+    none for the first token; each other's own and its first ``top_n + 1`` entries."""
+    out = []
+    for i, token_id in enumerate(prompt_ids):
+        entries = _prompt_entries(raw[i]) if raw is not None and i < len(raw) else []
+        own = next((lp for tid, lp, _ in entries if tid == token_id), None)
+        if i == 0 or own is None:
+            out.append(TokenLogprob(token_id, None))
+        else:
+            out.append(TokenLogprob(token_id, own, tuple((tid, lp) for tid, lp, _ in entries[:top_n + 1])))
+    return out

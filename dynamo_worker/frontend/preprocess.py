@@ -25,14 +25,16 @@ def encode_completion_prompt(tokenizer: Any, prompt: str | list[int]) -> list[in
     return prompt
 
 
-def encode_chat_prompt(tokenizer: Any, model: str, messages: list[dict[str, str]], *,
+def encode_chat_prompt(tokenizer: Any, model: str, messages: list[dict[str, Any]], *,
                        add_generation_prompt: bool = True, continue_final_message: bool = False,
-                       add_special_tokens: bool = False) -> list[int]:
-    """Chat messages to token ids; the keywords are ``/tokenize``'s (vLLM's defaults)."""
+                       add_special_tokens: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Chat messages to token ids; the keywords are ``/tokenize``'s (vLLM's defaults).
+
+    ``tools`` go to the template as vllm serve passes them (``tools=``; None without tools)."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request(f"model {model!r} has no chat template; use /v1/completions", param="messages")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, tokenize=False)
     except ApiError:
         raise
@@ -91,6 +93,6 @@ def preprocessed_request(model: ServedModel, token_ids: list[int], params: Gener
         "sampling_options": dict(params.sampling, **({"guided_decoding": params.guided} if params.guided else {}),
                                  **({"logit_bias": {str(k): v for k, v in params.logit_bias.items()}}
                                     if params.logit_bias else {})),
-        "output_options": {"logprobs": params.logprobs},
+        "output_options": {"logprobs": params.logprobs, "prompt_logprobs": params.prompt_logprobs},
         "eos_token_ids": model.eos_token_ids,
     }

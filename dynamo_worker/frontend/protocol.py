@@ -9,6 +9,8 @@ Every failure is an :class:`ApiError`, which the HTTP layer turns into OpenAI's 
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import time
 import uuid
@@ -19,6 +21,8 @@ import attrs
 import msgspec
 
 MAX_LOGPROBS = 20
+# n choices are n worker requests (see app.py); OpenAI's own limit, where vLLM takes up to 16384.
+MAX_N = 128
 MAX_STOP_STRINGS = 32
 
 _ERROR_TYPES = {
@@ -85,6 +89,8 @@ class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
 
 
 class JsonSchema(msgspec.Struct):
@@ -171,6 +177,8 @@ class GenerationParams:
     guided: dict[str, Any] | None = None  # sampling_options.guided_decoding (vLLM's StructuredOutputsParams)
     guided_param: str | None = None  # the client field the constraint came from
     logit_bias: dict[int, float] | None = None
+    n: int = 1  # choices: the frontend sends n requests (app.py)
+    prompt_logprobs: int | None = None  # top-N per prompt token (echo with logprobs asks for them too)
 
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -203,13 +211,10 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
 
 def parse_completion(body: bytes) -> CompletionRequest:
     req: CompletionRequest = _decode(_completion_decoder, body)
-    if req.echo and req.logprobs is not None:
-        # vLLM answers echo + logprobs with the prompt's logprobs, which this frontend does not have
-        raise bad_request("echo together with logprobs is not supported (it needs prompt logprobs)", param="echo")
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix")
-    if req.best_of not in (None, 1):
-        raise bad_request("best_of must be 1 (only one completion per request)", param="best_of")
+    if req.best_of not in (None, 1, req.n):  # vLLM 0.32 has no best_of; equal to n it changes nothing
+        raise bad_request("best_of is not supported (vLLM 0.32 removed it); use n", param="best_of")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
     return req
@@ -219,11 +224,7 @@ def parse_chat(body: bytes) -> ChatRequest:
     req: ChatRequest = _decode(_chat_decoder, body)
     if not req.messages:
         raise bad_request("messages must not be empty", param="messages")
-    if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
-        # vllm serve's refusal: a tool_choice has no tools to choose from
-        raise bad_request("when using `tool_choice`, `tools` must be set", param="tool_choice")
-    if req.tools and req.tool_choice != "none":
-        raise bad_request("tools are not supported by this frontend", param="tools")
+    # tools/tool_choice depend on the server's parser flags: checked by chat_parsers.check_tools
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
@@ -247,8 +248,11 @@ def _check_range(name: str, value: float | None, low: float | None, high: float 
 
 def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
     """Validate what both endpoints share; a 400 naming the parameter on the first problem."""
-    if req.n not in (None, 1):
-        raise bad_request("n must be 1: this frontend returns one choice per request", param="n")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be between 1 and {MAX_N} (got {n})", param="n")
+    if n > 1 and req.temperature is not None and req.temperature < 1e-5:
+        raise bad_request(f"n must be 1 when using greedy sampling, got {n}.", param="n")  # vLLM's words
     max_tokens, max_param = req.max_tokens, "max_tokens"
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
@@ -297,8 +301,16 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
     stream = bool(req.stream)
     if req.stream_options is not None and not stream:
         raise bad_request("stream_options can only be defined when `stream=True`", param="stream_options")
-    if req.prompt_logprobs is not None:
-        raise bad_request("prompt_logprobs is not supported by this frontend", param="prompt_logprobs")
+    prompt_logprobs = req.prompt_logprobs
+    if prompt_logprobs is not None:
+        if stream and prompt_logprobs != 0:
+            raise bad_request("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+        if not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}", param="prompt_logprobs")
+        if stream:
+            prompt_logprobs = None  # 0 while streaming: vllm serve accepts it and returns nothing
+    elif isinstance(req, CompletionRequest) and req.echo:
+        prompt_logprobs = req.logprobs  # echo with logprobs: the prompt's come first, as in vLLM
     # Imported here: guided builds on this module's errors and response_format type.
     from dynamo_worker.frontend.guided import guided_decoding
     guided, guided_param = guided_decoding(req, req.response_format)
@@ -312,6 +324,7 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         and req.stream_options.continuous_usage_stats,
         include_stop_str_in_output=req.include_stop_str_in_output,
         guided=guided, guided_param=guided_param, logit_bias=logit_bias or None,
+        n=n, prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -336,14 +349,14 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
                       param="prompt")
 
 
-def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
     """The messages as the chat template wants them: role and plain-text content."""
     return template_messages(req.messages)
 
 
-def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """:func:`chat_messages` of a message list (``/tokenize`` takes one too)."""
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         if isinstance(msg.content, list):
             texts = []
@@ -356,11 +369,38 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
             content = "\n".join(texts)
         else:
             content = msg.content or ""
-        entry = {"role": msg.role, "content": content}
+        entry: dict[str, Any] = {"role": msg.role, "content": content}
         if msg.name is not None:
             entry["name"] = msg.name
+        if msg.tool_call_id is not None:
+            entry["tool_call_id"] = msg.tool_call_id
+        if msg.tool_calls:  # vLLM drops an empty list so templates take the plain assistant path
+            entry["tool_calls"] = [_template_tool_call(call, f"messages[{i}].tool_calls[{j}]")
+                                   for j, call in enumerate(msg.tool_calls)]
         out.append(entry)
     return out
+
+
+def _template_tool_call(call: dict[str, Any], param: str) -> dict[str, Any]:
+    """An earlier tool call as chat templates take it: ``arguments`` as an object, not JSON text.
+
+    As vLLM does (``_postprocess_messages``), following Transformers' convention; arguments that
+    are not a JSON object become ``{}`` so a conversation with one bad turn can still continue.
+    """
+    function = call.get("function")
+    if call.get("type", "function") != "function" or not isinstance(function, dict) \
+            or not isinstance(function.get("name"), str):
+        raise bad_request('an assistant tool call must be {"type": "function", "function": {"name": ..., '
+                          '"arguments": ...}}', param=param)
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError:
+            arguments = {}
+    if not isinstance(arguments, dict):
+        arguments = {}
+    return {**call, "type": "function", "function": {**function, "arguments": arguments}}
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -371,7 +411,7 @@ class TokenLogprob:
     """One generated token's log-probability and its top alternatives (token id, logprob)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: the first prompt token (echo with logprobs), which has none
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -403,6 +443,11 @@ class ResponseShape:
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
+
+    def for_choice(self) -> ResponseShape:
+        """The shape of another choice of the same response (``n`` > 1): the same id and
+        creation time; a subclass with per-choice state (a running offset) starts it afresh."""
+        return copy.copy(self)
 
     def first_chunks(self) -> list[dict[str, Any]]:
         return []
@@ -438,6 +483,11 @@ class CompletionShape(ResponseShape):
         super().__init__(*args, **kwargs)
         self._offset = 0  # text_offset of the next token (sum of the token texts before it)
 
+    def for_choice(self) -> CompletionShape:
+        shape = copy.copy(self)
+        shape._offset = 0
+        return shape
+
     def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
         if logprobs is None:
             return None
@@ -450,7 +500,8 @@ class CompletionShape(ResponseShape):
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in logprobs],
+            "top_logprobs": [None if lp.logprob is None else {self.token_text(t): v for t, v in lp.top}
+                             for lp in logprobs],
             "text_offset": offsets,
         }
 
@@ -475,7 +526,7 @@ class ChatShape(ResponseShape):
     object_chunk = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+    def _entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
         text = self.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 

@@ -137,7 +137,12 @@ class Router:
         attempt = migrations = 0
         produced: list[int] = []
         request = payload
-        prefill_result = await self.prefill.prefill(model, payload) if self.prefill is not None else None
+        # Prompt logprobs need the prompt run where they are asked for: vLLM neither loads a
+        # transferred KV cache for such a request (skip_reading_prefix_cache) nor could it score
+        # the prompt from one, so a prefill worker's work would be thrown away.
+        wants_prompt_logprobs = (payload.get("output_options") or {}).get("prompt_logprobs") is not None
+        prefill_result = (await self.prefill.prefill(model, payload)
+                          if self.prefill is not None and not wants_prompt_logprobs else None)
         if prefill_result is not None:
             request = {**payload, "prefill_result": prefill_result}
         while True:
@@ -188,7 +193,11 @@ def continuation(payload: dict[str, Any], produced: list[int]) -> dict[str, Any]
         stop["max_tokens"] = remaining
     if stop.get("min_tokens"):
         stop["min_tokens"] = max(0, stop["min_tokens"] - len(produced))
-    return {**payload, "token_ids": [*payload["token_ids"], *produced], "stop_conditions": stop}
+    # The prompt's logprobs came with the first message; scored again, the prompt would include
+    # the tokens produced.
+    output = {k: v for k, v in (payload.get("output_options") or {}).items() if k != "prompt_logprobs"}
+    return {**payload, "token_ids": [*payload["token_ids"], *produced], "stop_conditions": stop,
+            "output_options": output}
 
 
 def _usage(payload: dict[str, Any], produced: list[int], reported: dict[str, Any] | None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template, as for a chat request
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
@@ -82,7 +83,8 @@ async def tokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
         ids = preprocess.encode_chat_prompt(tokenizer, model.name, template_messages(req.messages or []),
                                             add_generation_prompt=req.add_generation_prompt,
                                             continue_final_message=req.continue_final_message,
-                                            add_special_tokens=bool(req.add_special_tokens))
+                                            add_special_tokens=bool(req.add_special_tokens),
+                                            tools=req.tools or None)
     answer: dict[str, Any] = {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids,
                               "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
     return answer
