@@ -138,6 +138,8 @@ def measured_source(ref: str, work_root: Path, info: dict[str, Any], log: Callab
         return None
     source = info["dynamo_source"] = machine.snapshot_source(ref, work_root / "dynamo-src")
     differed = source["work_tree_differed"]
-    log(f"measuring dynamo_worker at {source['commit'][:10]} ({ref})"
-        + (f"; the work tree differs from it in {len(differed)} file(s)" if differed else ""))
+    log(
+        f"measuring dynamo_worker at {source['commit'][:10]} ({ref})"
+        + (f"; the work tree differs from it in {len(differed)} file(s)" if differed else "")
+    )
     return Path(source["path"])

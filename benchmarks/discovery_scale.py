@@ -85,11 +85,33 @@ class LoopbackCluster:
                 store = self.log_dir / f"n{i}"
                 store.mkdir(parents=True, exist_ok=True)
                 with open(self.log_dir / f"nats-{i}.log", "wb") as out:
-                    self.procs.append(subprocess.Popen(
-                        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.ports[i]),
-                         "-m", str(self.monitor_ports[i]), "-n", f"n{i}", "-js", "-sd", str(store),
-                         "--cluster_name", "bench", "--cluster", f"nats://127.0.0.1:{self.route_ports[i]}",
-                         "--routes", routes], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+                    self.procs.append(
+                        subprocess.Popen(
+                            [
+                                nats_server_binary(),
+                                "-a",
+                                "127.0.0.1",
+                                "-p",
+                                str(self.ports[i]),
+                                "-m",
+                                str(self.monitor_ports[i]),
+                                "-n",
+                                f"n{i}",
+                                "-js",
+                                "-sd",
+                                str(store),
+                                "--cluster_name",
+                                "bench",
+                                "--cluster",
+                                f"nats://127.0.0.1:{self.route_ports[i]}",
+                                "--routes",
+                                routes,
+                            ],
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                        )
+                    )
             self._wait_for_meta_leader(30)
         except BaseException:
             self.__exit__()
@@ -109,13 +131,16 @@ class LoopbackCluster:
             if len(leaders) == 1 and None not in leaders:
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"the NATS cluster has no JetStream meta leader after {timeout:.0f}s ({leaders}); "
-                           f"see {self.log_dir}/nats-*.log")
+        raise RuntimeError(
+            f"the NATS cluster has no JetStream meta leader after {timeout:.0f}s ({leaders}); "
+            f"see {self.log_dir}/nats-*.log"
+        )
 
     def varz(self) -> list[dict[str, int]]:
         keys = ("in_msgs", "out_msgs", "in_bytes", "out_bytes")
-        return [{k: int(v[k]) for k in keys}
-                for v in (_get_json(f"http://127.0.0.1:{p}/varz") for p in self.monitor_ports)]
+        return [
+            {k: int(v[k]) for k in keys} for v in (_get_json(f"http://127.0.0.1:{p}/varz") for p in self.monitor_ports)
+        ]
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:
@@ -133,6 +158,7 @@ class LoopbackCluster:
 
 # ---- the simulated workers (a child process each) ------------------------------------------------
 
+
 async def _answer(request: Any, context: Any) -> AsyncIterator[Any]:
     """Every simulated endpoint's handler: the request's token ids back (nothing calls it here)."""
     tokens = request.get("token_ids", []) if isinstance(request, dict) else []
@@ -143,8 +169,17 @@ def _record_data(model_path: str, endpoint: str) -> dict[str, Any]:
     if endpoint != "generate":
         return {"model": MODEL}
     # engine.handlers.ModelFacts.discovery_data with a KV-routing engine's fields
-    return {"model": MODEL, "model_path": model_path, "max_model_len": 512, "eos_token_ids": [2], "kind": "decode",
-            "data_parallel_size": 1, "kv_block_size": 16, "kv_capacity_blocks": 4096, "kv_events": True}
+    return {
+        "model": MODEL,
+        "model_path": model_path,
+        "max_model_len": 512,
+        "eos_token_ids": [2],
+        "kind": "decode",
+        "data_parallel_size": 1,
+        "kv_block_size": 16,
+        "kv_capacity_blocks": 4096,
+        "kv_events": True,
+    }
 
 
 async def _simulate(args: argparse.Namespace) -> None:
@@ -159,8 +194,15 @@ async def _simulate(args: argparse.Namespace) -> None:
         first = index % len(urls)
         order = ",".join(urls[(first + k) % len(urls)] for k in range(len(urls)))
         # As a worker's start-up does (core/worker.py): connect, serve every endpoint, then publish each.
-        rt = await Runtime.connect(order, args.namespace, lease_ttl=args.lease_ttl, discovery_replicas=SERVERS,
-                                   request_plane="tcp", timeout=30, name=f"sim-{index}")
+        rt = await Runtime.connect(
+            order,
+            args.namespace,
+            lease_ttl=args.lease_ttl,
+            discovery_replicas=SERVERS,
+            request_plane="tcp",
+            timeout=30,
+            name=f"sim-{index}",
+        )
         for endpoint in ENDPOINTS:
             await rt.serve_endpoint(COMPONENT, endpoint, _answer)
         for endpoint in ENDPOINTS:
@@ -175,6 +217,7 @@ async def _simulate(args: argparse.Namespace) -> None:
 
 
 # ---- the measurement -----------------------------------------------------------------------------
+
 
 def _frontend_instances(base: str) -> int:
     try:
@@ -208,9 +251,29 @@ class _Frontend:
         self.base = f"http://127.0.0.1:{self.port}"
         with open(log_dir / "frontend.log", "wb") as out:
             self.proc = subprocess.Popen(
-                [python(), "-m", "dynamo_worker", "--role", "frontend", "--nats-url", urls, "--namespace", namespace,
-                 "--lease-ttl", str(lease_ttl), "--discovery-replicas", str(SERVERS), "--http-port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=_env())
+                [
+                    python(),
+                    "-m",
+                    "dynamo_worker",
+                    "--role",
+                    "frontend",
+                    "--nats-url",
+                    urls,
+                    "--namespace",
+                    namespace,
+                    "--lease-ttl",
+                    str(lease_ttl),
+                    "--discovery-replicas",
+                    str(SERVERS),
+                    "--http-port",
+                    str(self.port),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT,
+                env=_env(),
+            )
         self.ps = psutil.Process(self.proc.pid)
         self.log = log_dir / "frontend.log"
 
@@ -256,8 +319,9 @@ class _KvCounter:
             await self.nc.close()
 
 
-def _start_simulators(cluster: LoopbackCluster, namespace: str, instances: int, processes: int, lease_ttl: int,
-                      model: str, log_dir: Path) -> list[subprocess.Popen[str]]:
+def _start_simulators(
+    cluster: LoopbackCluster, namespace: str, instances: int, processes: int, lease_ttl: int, model: str, log_dir: Path
+) -> list[subprocess.Popen[str]]:
     sims: list[subprocess.Popen[str]] = []
     offset = 0
     for p in range(processes):
@@ -266,10 +330,34 @@ def _start_simulators(cluster: LoopbackCluster, namespace: str, instances: int, 
             continue
         urls = ",".join(f"nats://127.0.0.1:{port}" for port in cluster.ports)
         with open(log_dir / f"sim-{p}.log", "wb") as err:
-            sims.append(subprocess.Popen(
-                [python(), "-m", "benchmarks.discovery_scale", "--simulate", "--urls", urls, "--namespace", namespace,
-                 "--offset", str(offset), "--count", str(count), "--lease-ttl", str(lease_ttl), "--model", model],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO_ROOT, env=_env()))
+            sims.append(
+                subprocess.Popen(
+                    [
+                        python(),
+                        "-m",
+                        "benchmarks.discovery_scale",
+                        "--simulate",
+                        "--urls",
+                        urls,
+                        "--namespace",
+                        namespace,
+                        "--offset",
+                        str(offset),
+                        "--count",
+                        str(count),
+                        "--lease-ttl",
+                        str(lease_ttl),
+                        "--model",
+                        model,
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                    cwd=REPO_ROOT,
+                    env=_env(),
+                )
+            )
         offset += count
     return sims
 
@@ -289,8 +377,16 @@ def _read_line(proc: subprocess.Popen[str], expect: str, timeout: float, what: s
     return line
 
 
-async def measure_level(instances: int, *, processes: int = 2, lease_ttl: int = 3, window: float = 10.0,
-                        timeout: float = 60.0, model: str, log_dir: Path) -> dict[str, Any]:
+async def measure_level(
+    instances: int,
+    *,
+    processes: int = 2,
+    lease_ttl: int = 3,
+    window: float = 10.0,
+    timeout: float = 60.0,
+    model: str,
+    log_dir: Path,
+) -> dict[str, Any]:
     """One level: a fresh cluster and frontend, ``instances`` simulated workers; see the module doc."""
     level_dir = log_dir / f"n{instances}"
     level_dir.mkdir(parents=True, exist_ok=True)
@@ -363,8 +459,11 @@ async def measure_level(instances: int, *, processes: int = 2, lease_ttl: int = 
     bus_bytes = (delta("in_bytes") + delta("out_bytes")) / elapsed
     fe_rate = fe_cpu / elapsed
     return {
-        "instances": instances, "records": instances * len(ENDPOINTS), "processes": len(sims),
-        "lease_ttl": lease_ttl, "window_s": round(elapsed, 2),
+        "instances": instances,
+        "records": instances * len(ENDPOINTS),
+        "processes": len(sims),
+        "lease_ttl": lease_ttl,
+        "window_s": round(elapsed, 2),
         "routable_s": round(routable_s, 3) if routable_s is not None else None,
         "routable_seen": instances if routable_s is not None else seen,
         "published_s": round(max(published), 3),
@@ -372,9 +471,11 @@ async def measure_level(instances: int, *, processes: int = 2, lease_ttl: int = 
         "frontend_cpu_s_until_routable": round(cpu_joined, 3),
         "keepalive_msgs_per_s": round(kv_msgs / elapsed, 1),
         "keepalive_bytes_per_s": round(kv_bytes / elapsed),
-        "bus_in_msgs_per_s": round(bus_in, 1), "bus_out_msgs_per_s": round(bus_out, 1),
+        "bus_in_msgs_per_s": round(bus_in, 1),
+        "bus_out_msgs_per_s": round(bus_out, 1),
         "bus_bytes_per_s": round(bus_bytes),
-        "frontend_cpu_per_s": round(fe_rate, 4), "frontend_idle_cpu_per_s": round(idle_rate, 4),
+        "frontend_cpu_per_s": round(fe_rate, 4),
+        "frontend_idle_cpu_per_s": round(idle_rate, 4),
         "frontend_discovery_cpu_per_s": round(max(0.0, fe_rate - idle_rate), 4),
         "simulators_cpu_per_s": round(sims_cpu / elapsed, 3),
         "per_instance": {
@@ -387,38 +488,64 @@ async def measure_level(instances: int, *, processes: int = 2, lease_ttl: int = 
     }
 
 
-async def measure(levels: tuple[int, ...] = (50, 100, 200), *, processes: int = 2, lease_ttl: int = 3,
-                  window: float = 10.0, timeout: float = 60.0, model: str,
-                  log_dir: Path | None = None) -> dict[str, Any]:
+async def measure(
+    levels: tuple[int, ...] = (50, 100, 200),
+    *,
+    processes: int = 2,
+    lease_ttl: int = 3,
+    window: float = 10.0,
+    timeout: float = 60.0,
+    model: str,
+    log_dir: Path | None = None,
+) -> dict[str, Any]:
     """Every level in turn, each on a fresh cluster; the linearity ratios and the target."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-discovery-scale-"))
-    results = [await measure_level(n, processes=processes, lease_ttl=lease_ttl, window=window, timeout=timeout,
-                                   model=model, log_dir=log_dir) for n in levels]
+    results = [
+        await measure_level(
+            n, processes=processes, lease_ttl=lease_ttl, window=window, timeout=timeout, model=model, log_dir=log_dir
+        )
+        for n in levels
+    ]
     smallest = results[0]["per_instance"]
     linearity = {}
-    for key in ("keepalive_msgs_per_s", "bus_in_msgs_per_s", "bus_out_msgs_per_s", "bus_bytes_per_s",
-                "frontend_discovery_cpu_ms_per_s"):
+    for key in (
+        "keepalive_msgs_per_s",
+        "bus_in_msgs_per_s",
+        "bus_out_msgs_per_s",
+        "bus_bytes_per_s",
+        "frontend_discovery_cpu_ms_per_s",
+    ):
         base = smallest[key]
-        linearity[key] = {str(r["instances"]): round(r["per_instance"][key] / base, 2) if base else None
-                          for r in results}
+        linearity[key] = {
+            str(r["instances"]): round(r["per_instance"][key] / base, 2) if base else None for r in results
+        }
     at_target = next((r for r in results if r["instances"] == TARGET_INSTANCES), None)
     return {
-        "levels": results, "endpoints_per_instance": len(ENDPOINTS), "servers": SERVERS,
-        "discovery_replicas": SERVERS, "log_dir": str(log_dir),
+        "levels": results,
+        "endpoints_per_instance": len(ENDPOINTS),
+        "servers": SERVERS,
+        "discovery_replicas": SERVERS,
+        "log_dir": str(log_dir),
         "per_instance_vs_smallest": linearity,
-        "target": {"instances": TARGET_INSTANCES, "seconds": TARGET_SECONDS,
-                   "met": (at_target["routable_s"] is not None and at_target["routable_s"] <= TARGET_SECONDS)
-                   if at_target else None},
+        "target": {
+            "instances": TARGET_INSTANCES,
+            "seconds": TARGET_SECONDS,
+            "met": (at_target["routable_s"] is not None and at_target["routable_s"] <= TARGET_SECONDS)
+            if at_target
+            else None,
+        },
     }
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"discovery at scale: simulated decode workers ({result['endpoints_per_instance']} records each) on "
-             f"{result['servers']} clustered nats-servers (bucket replicas {result['discovery_replicas']}), "
-             f"lease {result['levels'][0]['lease_ttl']} s",
-             "| instances | routable after | all published after | keep-alives/s (per inst.) | bus in msgs/s "
-             "(per inst.) | bus out msgs/s (per inst.) | bus kB/s | frontend CPU for discovery (per 100 inst.) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"discovery at scale: simulated decode workers ({result['endpoints_per_instance']} records each) on "
+        f"{result['servers']} clustered nats-servers (bucket replicas {result['discovery_replicas']}), "
+        f"lease {result['levels'][0]['lease_ttl']} s",
+        "| instances | routable after | all published after | keep-alives/s (per inst.) | bus in msgs/s "
+        "(per inst.) | bus out msgs/s (per inst.) | bus kB/s | frontend CPU for discovery (per 100 inst.) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["levels"]:
         p = r["per_instance"]
         routable = f"{r['routable_s']:.2f} s" if r["routable_s"] is not None else f"never ({r['routable_seen']})"
@@ -426,10 +553,13 @@ def render(result: dict[str, Any]) -> str:
             f"| {r['instances']} | {routable} | {r['published_s']:.2f} s | {r['keepalive_msgs_per_s']:,.0f} "
             f"({p['keepalive_msgs_per_s']:.2f}) | {r['bus_in_msgs_per_s']:,.0f} ({p['bus_in_msgs_per_s']:.1f}) | "
             f"{r['bus_out_msgs_per_s']:,.0f} ({p['bus_out_msgs_per_s']:.1f}) | {r['bus_bytes_per_s'] / 1000:,.0f} | "
-            f"{r['frontend_discovery_cpu_per_s']:.3f} s/s ({p['frontend_discovery_cpu_ms_per_s'] * 100:.0f} ms/s) |")
+            f"{r['frontend_discovery_cpu_per_s']:.3f} s/s ({p['frontend_discovery_cpu_ms_per_s'] * 100:.0f} ms/s) |"
+        )
     lin = result["per_instance_vs_smallest"]
-    lines.append("per-instance figures as ratios to the smallest level (1.00 = linear): " + "; ".join(
-        f"{key} " + ", ".join(f"{n}: {v}" for n, v in per.items()) for key, per in lin.items()))
+    lines.append(
+        "per-instance figures as ratios to the smallest level (1.00 = linear): "
+        + "; ".join(f"{key} " + ", ".join(f"{n}: {v}" for n, v in per.items()) for key, per in lin.items())
+    )
     t = result["target"]
     if t["met"] is not None:
         verdict = "met" if t["met"] else "MISSED"
@@ -438,22 +568,39 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.discovery_scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--instances", default="50,100,200", help="simulated workers per level, comma-separated "
-                   "(default %(default)s; at most 500 each)")
-    p.add_argument("--processes", type=int, default=2, help="child processes the simulated workers run in "
-                   "(default %(default)s: one per core)")
-    p.add_argument("--lease-ttl", type=int, default=3, help="discovery lease, seconds (default %(default)s, "
-                   "the workers' default)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.discovery_scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--instances",
+        default="50,100,200",
+        help="simulated workers per level, comma-separated (default %(default)s; at most 500 each)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="child processes the simulated workers run in (default %(default)s: one per core)",
+    )
+    p.add_argument(
+        "--lease-ttl", type=int, default=3, help="discovery lease, seconds (default %(default)s, the workers' default)"
+    )
     p.add_argument("--window", type=float, default=10.0, help="steady-state measurement, seconds (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="bound on the wait until all are routable "
-                   "(default %(default)s)")
-    p.add_argument("--model", default=None, help="model directory whose tokenizer the records name (default: the "
-                   "demo model)")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="bound on the wait until all are routable (default %(default)s)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model directory whose tokenizer the records name (default: the demo model)"
+    )
     p.add_argument("--json", type=Path, help="also write the result here")
-    p.add_argument("--log-dir", type=Path, default=None, help="the servers' and processes' logs (default: a new "
-                   "temporary directory)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="the servers' and processes' logs (default: a new temporary directory)",
+    )
     # A simulator child process (started by the measurement):
     p.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--urls", help=argparse.SUPPRESS)
@@ -470,15 +617,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--instances {args.instances!r}: give comma-separated integers")
     if not levels or not all(1 <= n <= 500 for n in levels):
         p.error("--instances: each level must be between 1 and 500")
-    if not 1 <= args.processes <= 16 or not 1 <= args.lease_ttl <= 60 or not 1 <= args.window <= 120 \
-            or not 1 <= args.timeout <= 600:
+    if (
+        not 1 <= args.processes <= 16
+        or not 1 <= args.lease_ttl <= 60
+        or not 1 <= args.window <= 120
+        or not 1 <= args.timeout <= 600
+    ):
         p.error("--processes 1-16, --lease-ttl 1-60, --window 1-120, --timeout 1-600")
     if args.model is None:
         from dynamo_worker.demo_model import ensure_demo_model
 
         args.model = str(ensure_demo_model())
-    result = asyncio.run(measure(levels, processes=args.processes, lease_ttl=args.lease_ttl, window=args.window,
-                                 timeout=args.timeout, model=args.model, log_dir=args.log_dir))
+    result = asyncio.run(
+        measure(
+            levels,
+            processes=args.processes,
+            lease_ttl=args.lease_ttl,
+            window=args.window,
+            timeout=args.timeout,
+            model=args.model,
+            log_dir=args.log_dir,
+        )
+    )
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

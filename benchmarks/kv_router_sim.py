@@ -105,8 +105,14 @@ class Workload:
         hashes = EngineHashes()
         size = PREFIX_BLOCKS * config.block_size
         tokens = [random_tokens(rng, size) for _ in range(config.prefixes)]
-        return cls(config, rng, hashes, tokens, [hashes.fresh(PREFIX_BLOCKS) for _ in tokens],
-                   [1.0 / (rank + 1) for rank in range(config.prefixes)])
+        return cls(
+            config,
+            rng,
+            hashes,
+            tokens,
+            [hashes.fresh(PREFIX_BLOCKS) for _ in tokens],
+            [1.0 / (rank + 1) for rank in range(config.prefixes)],
+        )
 
     def worker_batches(self, instance_id: str, target_blocks: int) -> Iterator[bytes]:
         """The worker's batches until it holds ``target_blocks`` blocks."""
@@ -143,7 +149,7 @@ class Workload:
                 sampled = True
             # A few engine steps' worth of events per relayed batch, as vLLM groups them.
             for start in range(0, len(events), 3):
-                yield encode(instance_id, seq, events[start:start + 3])
+                yield encode(instance_id, seq, events[start : start + 3])
                 seq += 1
         self.next_seq[instance_id] = seq
 
@@ -157,8 +163,10 @@ class Workload:
         while done < blocks and len(evictable) >= 8:
             removed = [evictable.pop() for _ in range(8)]
             new_hashes = self.hashes.fresh(8)
-            events = [{"type": "BlockRemoved", "block_hashes": removed, "medium": "GPU"},
-                      stored(new_hashes, None, random_tokens(self.rng, 8 * bs), bs)]
+            events = [
+                {"type": "BlockRemoved", "block_hashes": removed, "medium": "GPU"},
+                stored(new_hashes, None, random_tokens(self.rng, 8 * bs), bs),
+            ]
             yield encode(instance_id, seq, events)
             seq += 1
             done += 8
@@ -170,9 +178,19 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
 
 
 def stored(hashes: list[int], parent: int | None, tokens: list[int], block_size: int) -> dict[str, Any]:
-    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
-            "block_size": block_size, "lora_id": None, "medium": "GPU", "lora_name": None, "extra_keys": None,
-            "group_idx": 0, "kv_cache_spec_kind": "full_attention"}
+    return {
+        "type": "BlockStored",
+        "block_hashes": hashes,
+        "parent_block_hash": parent,
+        "token_ids": tokens,
+        "block_size": block_size,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "extra_keys": None,
+        "group_idx": 0,
+        "kv_cache_spec_kind": "full_attention",
+    }
 
 
 _encoder = msgspec.json.Encoder()
@@ -243,7 +261,7 @@ def decision_prompts(workload: Workload, count: int) -> list[list[int]]:
     for _ in range(count):
         base = rng.choice(workload.samples) if workload.samples else []
         tail = random_tokens(rng, max(0, cfg.prompt_tokens - len(base)))
-        prompts.append((base + tail)[:cfg.prompt_tokens])
+        prompts.append((base + tail)[: cfg.prompt_tokens])
     return prompts
 
 
@@ -292,8 +310,9 @@ def decide(index: KvIndex, prompts: list[list[int]], workers: int, block_size: i
 def traced_bytes_per_block(config: SimConfig) -> tuple[float, float]:
     """tracemalloc's bytes per cached block and per distinct block, on a smaller index."""
     workload = Workload.build(attrs.evolve(config, seed=config.seed + 1))
-    batches = [list(workload.worker_batches(instance_name(i), config.blocks_per_worker))
-               for i in range(config.traced_workers)]
+    batches = [
+        list(workload.worker_batches(instance_name(i), config.blocks_per_worker)) for i in range(config.traced_workers)
+    ]
     messages = [[msgspec.json.decode(p) for p in worker] for worker in batches]
     del batches
     index = KvIndex()
@@ -342,26 +361,51 @@ def _top(profiler: cProfile.Profile, lines: int = 12) -> str:
 
 def parse_args(argv: list[str]) -> SimConfig:
     defaults = SimConfig()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kv_router_sim", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.kv_router_sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workers", type=int, default=defaults.workers, help="simulated workers (default %(default)s)")
-    p.add_argument("--blocks-per-worker", type=int, default=defaults.blocks_per_worker,
-                   help="cached blocks per worker (default %(default)s)")
+    p.add_argument(
+        "--blocks-per-worker",
+        type=int,
+        default=defaults.blocks_per_worker,
+        help="cached blocks per worker (default %(default)s)",
+    )
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per block (default %(default)s)")
-    p.add_argument("--decisions", type=int, default=defaults.decisions, help="routing decisions timed (default %(default)s)")
-    p.add_argument("--prompt-tokens", type=int, default=defaults.prompt_tokens,
-                   help="decision prompt length (default %(default)s)")
-    p.add_argument("--traced-workers", type=int, default=defaults.traced_workers,
-                   help="workers in the tracemalloc memory count (default %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
-                   help="stop adding workers to the fill after this long (default %(default)s)")
+    p.add_argument(
+        "--decisions", type=int, default=defaults.decisions, help="routing decisions timed (default %(default)s)"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=int, default=defaults.prompt_tokens, help="decision prompt length (default %(default)s)"
+    )
+    p.add_argument(
+        "--traced-workers",
+        type=int,
+        default=defaults.traced_workers,
+        help="workers in the tracemalloc memory count (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=defaults.max_seconds,
+        help="stop adding workers to the fill after this long (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="workload seed (default %(default)s)")
     a = p.parse_args(argv)
     if min(a.workers, a.blocks_per_worker, a.block_size, a.decisions, a.prompt_tokens, a.traced_workers) < 1:
         p.error("every count must be at least 1")
-    return SimConfig(workers=a.workers, blocks_per_worker=a.blocks_per_worker, block_size=a.block_size,
-                     decisions=a.decisions, prompt_tokens=a.prompt_tokens, traced_workers=a.traced_workers,
-                     max_seconds=a.max_seconds, seed=a.seed)
+    return SimConfig(
+        workers=a.workers,
+        blocks_per_worker=a.blocks_per_worker,
+        block_size=a.block_size,
+        decisions=a.decisions,
+        prompt_tokens=a.prompt_tokens,
+        traced_workers=a.traced_workers,
+        max_seconds=a.max_seconds,
+        seed=a.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,27 +426,54 @@ def main(argv: list[str] | None = None) -> int:
     ingest = fill_stats.rate()
     p50, p99 = percentile(decisions.total_ms, 50) or 0.0, percentile(decisions.total_ms, 99) or 0.0
     ingest_ok, decision_ok = ingest >= INGEST_TARGET, p99 <= DECISION_P99_TARGET_MS
-    print(f"KV router simulation: {filled} workers x {config.blocks_per_worker:,} blocks "
-          f"(block size {config.block_size}); index {index.block_count:,} cached blocks, "
-          f"{index.unique_blocks:,} distinct; Python {sys.version.split()[0]}")
+    print(
+        f"KV router simulation: {filled} workers x {config.blocks_per_worker:,} blocks "
+        f"(block size {config.block_size}); index {index.block_count:,} cached blocks, "
+        f"{index.unique_blocks:,} distinct; Python {sys.version.split()[0]}"
+    )
     rows = [
-        ("ingestion, JSON decode + apply", f"{ingest:,.0f} blocks/s",
-         f">= {INGEST_TARGET:,}", "ok" if ingest_ok else "MISSED"),
+        (
+            "ingestion, JSON decode + apply",
+            f"{ingest:,.0f} blocks/s",
+            f">= {INGEST_TARGET:,}",
+            "ok" if ingest_ok else "MISSED",
+        ),
         ("ingestion, apply alone", f"{fill_stats.rate(with_decode=False):,.0f} blocks/s", "", ""),
         ("churn (evict 8 + store 8 per batch)", f"{churn_stats.rate():,.0f} blocks/s", "", ""),
-        (f"decision, {config.prompt_tokens}-token prompt, p50 / p99", f"{p50:.3f} / {p99:.3f} ms",
-         f"p99 <= {DECISION_P99_TARGET_MS} ms", "ok" if decision_ok else "MISSED"),
-        ("  of which hashes / overlaps / choice, p50",
-         (f"{percentile(decisions.hash_ms, 50):.3f} / {percentile(decisions.overlap_ms, 50):.3f} / "
-          f"{percentile(decisions.choose_ms, 50):.3f} ms"), "", ""),
-        ("  overlap on the chosen / best worker, p50",
-         (f"{percentile(decisions.chosen_overlap, 50):.0f} / "
-          f"{percentile(decisions.best_overlap, 50):.0f} blocks"), "", ""),
+        (
+            f"decision, {config.prompt_tokens}-token prompt, p50 / p99",
+            f"{p50:.3f} / {p99:.3f} ms",
+            f"p99 <= {DECISION_P99_TARGET_MS} ms",
+            "ok" if decision_ok else "MISSED",
+        ),
+        (
+            "  of which hashes / overlaps / choice, p50",
+            (
+                f"{percentile(decisions.hash_ms, 50):.3f} / {percentile(decisions.overlap_ms, 50):.3f} / "
+                f"{percentile(decisions.choose_ms, 50):.3f} ms"
+            ),
+            "",
+            "",
+        ),
+        (
+            "  overlap on the chosen / best worker, p50",
+            (f"{percentile(decisions.chosen_overlap, 50):.0f} / {percentile(decisions.best_overlap, 50):.0f} blocks"),
+            "",
+            "",
+        ),
         ("memory per cached block, RSS growth", f"{rss_growth / max(1, index.block_count):.0f} B", "", ""),
-        (f"memory per cached / distinct block, tracemalloc ({config.traced_workers} workers)",
-         f"{per_block_traced:.0f} / {per_unique_traced:.0f} B", "", ""),
-        ("event gaps reported (the streams have none)", f"{fill_stats.gaps + churn_stats.gaps}", "0",
-         "ok" if not fill_stats.gaps + churn_stats.gaps else "BUG"),
+        (
+            f"memory per cached / distinct block, tracemalloc ({config.traced_workers} workers)",
+            f"{per_block_traced:.0f} / {per_unique_traced:.0f} B",
+            "",
+            "",
+        ),
+        (
+            "event gaps reported (the streams have none)",
+            f"{fill_stats.gaps + churn_stats.gaps}",
+            "0",
+            "ok" if not fill_stats.gaps + churn_stats.gaps else "BUG",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>28}  {'target':>16}")

@@ -126,8 +126,9 @@ class TraceShape:
         return self.system_tokens + (self.turns - 1) * (self.user_tokens + self.reply_tokens) + self.user_tokens
 
 
-QUICK_SHAPE = TraceShape(users_per_tenant=2, turns=3, system_tokens=256, user_tokens=16, reply_tokens=16,
-                         output_tokens=8)
+QUICK_SHAPE = TraceShape(
+    users_per_tenant=2, turns=3, system_tokens=256, user_tokens=16, reply_tokens=16, output_tokens=8
+)
 
 
 @attrs.frozen
@@ -162,7 +163,7 @@ def make_trace(shape: TraceShape, hot: bool = False) -> list[TraceRequest]:
     for tenant, count in enumerate(users_per_tenant(shape, hot)):
         for _ in range(count):
             prompts, history = [], systems[tenant]
-            for turn in range(shape.turns):
+            for _turn in range(shape.turns):
                 message = ids(shape.user_tokens)
                 prompts.append(history + message)
                 history = history + message + ids(shape.reply_tokens)
@@ -208,8 +209,9 @@ class Ceiling:
         return self.system_hits / self.queries if self.queries else 0.0
 
 
-def prefix_ceiling(prompts: Sequence[Sequence[int]], block_size: int, system_blocks: int = 0,
-                   cap_blocks: int = 0) -> Ceiling:
+def prefix_ceiling(
+    prompts: Sequence[Sequence[int]], block_size: int, system_blocks: int = 0, cap_blocks: int = 0
+) -> Ceiling:
     """The best prefix-cache hit rate for ``prompts`` in order, counted as vLLM counts it.
 
     Blocks are chained exactly (a block is identified by its parent's id and its tokens; no
@@ -224,7 +226,7 @@ def prefix_ceiling(prompts: Sequence[Sequence[int]], block_size: int, system_blo
         usable = (len(prompt) - 1) // block_size
         parent, cached, matching = 0, 0, True
         for index in range(len(prompt) // block_size):
-            key = (parent, tuple(prompt[index * block_size:(index + 1) * block_size]))
+            key = (parent, tuple(prompt[index * block_size : (index + 1) * block_size]))
             known = ids.get(key)
             if known is None:
                 matching = False
@@ -250,8 +252,14 @@ class CachePlan:
     max_model_len: int
 
 
-def cache_plan(shape: TraceShape, block_size: int, workers: int, concurrency: int, cluster_ratio: float,
-               override: int | None = None) -> CachePlan:
+def cache_plan(
+    shape: TraceShape,
+    block_size: int,
+    workers: int,
+    concurrency: int,
+    cluster_ratio: float,
+    override: int | None = None,
+) -> CachePlan:
     """Each worker's KV blocks: its share of ``cluster_ratio`` x the tenants' system-prompt
     blocks, plus the private blocks of its share of the requests in flight (a request routed
     with its tenant pins that tenant's system blocks, already counted in the share).
@@ -290,7 +298,7 @@ def self_check() -> None:
     for turns in by_user.values():
         assert [t.turn for t in turns] == [0, 1, 2], "a user's turns go in order"
         for earlier, later in itertools.pairwise(turns):
-            assert later.prompt[:len(earlier.prompt)] == earlier.prompt, "a turn extends the previous prompt"
+            assert later.prompt[: len(earlier.prompt)] == earlier.prompt, "a turn extends the previous prompt"
     hot = make_trace(shape, hot=True)
     share = sum(r.tenant == 0 for r in hot) / len(hot)
     assert share == 0.5, share
@@ -311,14 +319,18 @@ def scrape(url: str, timeout: float = 10.0) -> Samples:
     """Every sample of a ``/metrics`` page, keyed by (sample name, sorted labels)."""
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels``."""
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+    return sum(
+        v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items())
+    )
 
 
 def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
@@ -355,8 +367,17 @@ class KvStack(DynamoUp):
     """``dynamo-worker up`` with one arm's router flags, ``workers`` decode workers and the
     benchmark's engine flags (the cache size among them)."""
 
-    def __init__(self, arm: str, model: str, work_root: Path, log: Any, *, workers: int,
-                 engine_flags: Sequence[str], source: Path | None = None) -> None:
+    def __init__(
+        self,
+        arm: str,
+        model: str,
+        work_root: Path,
+        log: Any,
+        *,
+        workers: int,
+        engine_flags: Sequence[str],
+        source: Path | None = None,
+    ) -> None:
         self.side = arm  # names the log and temp directories
         self.arm_flags = ARMS[arm]
         self.workers = workers
@@ -364,14 +385,34 @@ class KvStack(DynamoUp):
         super().__init__(model, work_root, log, source=source)
 
     def argv(self) -> list[str]:
-        return [python(), "-m", "dynamo_worker", "up", "--model", self.model, "--served-model-name", SERVED_NAME,
-                "--decode-workers", str(self.workers), "--request-plane", "tcp", *self.arm_flags,
-                "--http-port", str(self.port), "--log-dir", str(self.log_dir / "stack"), *self.engine_flags]
+        return [
+            python(),
+            "-m",
+            "dynamo_worker",
+            "up",
+            "--model",
+            self.model,
+            "--served-model-name",
+            SERVED_NAME,
+            "--decode-workers",
+            str(self.workers),
+            "--request-plane",
+            "tcp",
+            *self.arm_flags,
+            "--http-port",
+            str(self.port),
+            "--log-dir",
+            str(self.log_dir / "stack"),
+            *self.engine_flags,
+        ]
 
     def worker_urls(self) -> dict[str, str]:
         """``{decode-i: http://127.0.0.1:PORT}``: each decode worker's status server."""
-        return {name: f"http://127.0.0.1:{info['system_port']}" for name, info in sorted(self.stack().items())
-                if name.startswith("decode-") and info.get("system_port")}
+        return {
+            name: f"http://127.0.0.1:{info['system_port']}"
+            for name, info in sorted(self.stack().items())
+            if name.startswith("decode-") and info.get("system_port")
+        }
 
     def wait_workers(self, timeout: float) -> None:
         """Until every decode worker reports healthy: ``up`` is ready when the first one serves."""
@@ -390,13 +431,17 @@ class KvStack(DynamoUp):
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerFailed(f"{self.side}: up exited with {self.proc.returncode}; see {self.log_dir}")
             if time.monotonic() > deadline:
-                raise ServerFailed(f"{self.side}: {healthy} of {self.workers} decode workers healthy after "
-                                   f"{timeout:.0f}s; see {self.log_dir}")
+                raise ServerFailed(
+                    f"{self.side}: {healthy} of {self.workers} decode workers healthy after "
+                    f"{timeout:.0f}s; see {self.log_dir}"
+                )
             time.sleep(0.5)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"frontend": scrape(f"{self.base_url}/metrics"),
-                "workers": {name: scrape(f"{url}/metrics") for name, url in self.worker_urls().items()}}
+        return {
+            "frontend": scrape(f"{self.base_url}/metrics"),
+            "workers": {name: scrape(f"{url}/metrics") for name, url in self.worker_urls().items()},
+        }
 
 
 # ---- one arm ------------------------------------------------------------------------------------
@@ -419,24 +464,50 @@ class Plan:
     client_priority: str
 
 
-def _load(server: KvStack, prompts: Sequence[Sequence[int]], plan: Plan, *, concurrency: int,
-          requests: int, max_tokens: int, max_seconds: float) -> LevelRun:
-    return asyncio.run(run_level(server.base_url, SERVED_NAME, [list(p) for p in prompts], concurrency=concurrency,
-                                 requests=requests, max_tokens=max_tokens, max_seconds=max_seconds,
-                                 request_timeout=plan.request_timeout))
+def _load(
+    server: KvStack,
+    prompts: Sequence[Sequence[int]],
+    plan: Plan,
+    *,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    max_seconds: float,
+) -> LevelRun:
+    return asyncio.run(
+        run_level(
+            server.base_url,
+            SERVED_NAME,
+            [list(p) for p in prompts],
+            concurrency=concurrency,
+            requests=requests,
+            max_tokens=max_tokens,
+            max_seconds=max_seconds,
+            request_timeout=plan.request_timeout,
+        )
+    )
 
 
 def _generate_requests(snap: dict[str, Any]) -> dict[str, float]:
-    return {name: total(s, "dynamo_component_requests_total", dynamo_endpoint="generate")
-            for name, s in snap["workers"].items()}
+    return {
+        name: total(s, "dynamo_component_requests_total", dynamo_endpoint="generate")
+        for name, s in snap["workers"].items()
+    }
 
 
 def warm_up(server: KvStack, plan: Plan, log: Any) -> dict[str, Any]:
     """Short random prompts (no prefix shared with the trace) until every worker has served some."""
     before = _generate_requests(server.snapshot())
     prompts = make_prompts(8 * plan.workers, plan.shape.user_tokens * 2, seed=12345)
-    run = _load(server, prompts, plan, concurrency=2 * plan.workers, requests=len(prompts),
-                max_tokens=plan.shape.output_tokens, max_seconds=120)
+    run = _load(
+        server,
+        prompts,
+        plan,
+        concurrency=2 * plan.workers,
+        requests=len(prompts),
+        max_tokens=plan.shape.output_tokens,
+        max_seconds=120,
+    )
     after = _generate_requests(server.snapshot())
     served = {name: after[name] - before.get(name, 0.0) for name in after}
     summary = report.summarize_run(run)
@@ -453,9 +524,12 @@ def prefill_probe(server: KvStack, plan: Plan) -> dict[str, Any]:
     prompt = make_prompts(1, plan.shape.system_tokens + plan.shape.user_tokens, seed=54321)
     run = _load(server, prompt, plan, concurrency=1, requests=2 * plan.workers, max_tokens=1, max_seconds=120)
     ttfts = [r.ttft * 1000 for r in sorted(run.requests, key=lambda r: r.index) if r.ok and r.ttft is not None]
-    cold, warm = ttfts[:plan.workers], ttfts[plan.workers:]
-    return {"prompt_tokens": len(prompt[0]), "cold_ttft_ms": [round(t, 2) for t in cold],
-            "cached_ttft_ms": [round(t, 2) for t in warm]}
+    cold, warm = ttfts[: plan.workers], ttfts[plan.workers :]
+    return {
+        "prompt_tokens": len(prompt[0]),
+        "cold_ttft_ms": [round(t, 2) for t in cold],
+        "cached_ttft_ms": [round(t, 2) for t in warm],
+    }
 
 
 def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: Plan, log: Any) -> dict[str, Any]:
@@ -466,8 +540,15 @@ def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: 
     meter = machine.CpuMeter(labels)
     meter.start()
     with machine.client_priority(plan.client_priority) as priority:
-        run = _load(server, [r.prompt for r in trace], plan, concurrency=plan.concurrency, requests=len(trace),
-                    max_tokens=plan.shape.output_tokens, max_seconds=plan.max_seconds)
+        run = _load(
+            server,
+            [r.prompt for r in trace],
+            plan,
+            concurrency=plan.concurrency,
+            requests=len(trace),
+            max_tokens=plan.shape.output_tokens,
+            max_seconds=plan.max_seconds,
+        )
     cpu = meter.stop(run.client_cpu)
     after = server.snapshot()
     s = report.summarize_run(run)
@@ -475,32 +556,50 @@ def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: 
     def delta(name: str, side: str = "workers", **match: str) -> float:
         if side == "frontend":
             return total(after["frontend"], name, **match) - total(before["frontend"], name, **match)
-        return sum(total(after["workers"][w], name, **match) - total(before["workers"].get(w, {}), name, **match)
-                   for w in after["workers"])
+        return sum(
+            total(after["workers"][w], name, **match) - total(before["workers"].get(w, {}), name, **match)
+            for w in after["workers"]
+        )
 
     hits, queries = delta("vllm:prefix_cache_hits_total"), delta("vllm:prefix_cache_queries_total")
-    per_worker = {w: total(after["workers"][w], "dynamo_component_requests_total", dynamo_endpoint="generate")
-                  - total(before["workers"].get(w, {}), "dynamo_component_requests_total", dynamo_endpoint="generate")
-                  for w in after["workers"]}
-    worker_hits = {w: (total(after["workers"][w], "vllm:prefix_cache_hits_total")
-                       - total(before["workers"].get(w, {}), "vllm:prefix_cache_hits_total"),
-                       total(after["workers"][w], "vllm:prefix_cache_queries_total")
-                       - total(before["workers"].get(w, {}), "vllm:prefix_cache_queries_total"))
-                   for w in after["workers"]}
+    per_worker = {
+        w: total(after["workers"][w], "dynamo_component_requests_total", dynamo_endpoint="generate")
+        - total(before["workers"].get(w, {}), "dynamo_component_requests_total", dynamo_endpoint="generate")
+        for w in after["workers"]
+    }
+    worker_hits = {
+        w: (
+            total(after["workers"][w], "vllm:prefix_cache_hits_total")
+            - total(before["workers"].get(w, {}), "vllm:prefix_cache_hits_total"),
+            total(after["workers"][w], "vllm:prefix_cache_queries_total")
+            - total(before["workers"].get(w, {}), "vllm:prefix_cache_queries_total"),
+        )
+        for w in after["workers"]
+    }
     hot_ttfts = [r.ttft * 1000 for r in run.requests if r.ok and r.ttft is not None and trace[r.index].tenant == 0]
     figures: dict[str, Any] = {
-        "requests": s["requests"], "completed": s["completed"], "errors": s["errors"],
-        "first_errors": s["first_errors"], "stopped_by_deadline": s["stopped_by_deadline"],
-        "wall_s": s["wall_s"], "tok_per_s": s["tok_per_s"], "ttft_p50_ms": s["ttft_p50_ms"],
-        "ttft_p99_ms": s["ttft_p99_ms"], "itl_p50_ms": s["itl_p50_ms"],
+        "requests": s["requests"],
+        "completed": s["completed"],
+        "errors": s["errors"],
+        "first_errors": s["first_errors"],
+        "stopped_by_deadline": s["stopped_by_deadline"],
+        "wall_s": s["wall_s"],
+        "tok_per_s": s["tok_per_s"],
+        "ttft_p50_ms": s["ttft_p50_ms"],
+        "ttft_p99_ms": s["ttft_p99_ms"],
+        "itl_p50_ms": s["itl_p50_ms"],
         "tenant0_ttft_p99_ms": report.percentile(hot_ttfts, 99),
-        "hit_rate": hits / queries if queries else None, "hits": hits, "queries": queries,
+        "hit_rate": hits / queries if queries else None,
+        "hits": hits,
+        "queries": queries,
         # A worker whose running requests outgrow its cache preempts (and later recomputes) one.
         "preemptions": delta("vllm:num_preemptions_total"),
         "ceiling": ceiling.rate,
         "per_worker_requests": per_worker,
         "per_worker_hit_rate": {w: (h / q if q else None) for w, (h, q) in worker_hits.items()},
-        "cpu": cpu, "client_priority": priority, "foreign_engines": foreign,
+        "cpu": cpu,
+        "client_priority": priority,
+        "foreign_engines": foreign,
         "client_loop_lag_max_ms": s["client_loop_lag_max_ms"],
     }
     counts = [v for v in per_worker.values()]
@@ -537,30 +636,46 @@ def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: 
     return figures
 
 
-def arm_session(arm: str, round_no: int, model: str, traces: dict[str, list[TraceRequest]],
-                ceilings: dict[str, Ceiling], plan: Plan, engine_flags: Sequence[str], work_root: Path, log: Any,
-                source: Path | None) -> dict[str, Any]:
+def arm_session(
+    arm: str,
+    round_no: int,
+    model: str,
+    traces: dict[str, list[TraceRequest]],
+    ceilings: dict[str, Ceiling],
+    plan: Plan,
+    engine_flags: Sequence[str],
+    work_root: Path,
+    log: Any,
+    source: Path | None,
+) -> dict[str, Any]:
     server = KvStack(arm, model, work_root, log, workers=plan.workers, engine_flags=engine_flags, source=source)
     session: dict[str, Any] = {"arm": arm, "round": round_no, "log_dir": str(server.log_dir)}
     try:
         session["ready_s"] = round(server.start(plan.startup_timeout), 1)
         server.wait_workers(plan.startup_timeout)
         session["all_workers_s"] = round(time.monotonic() - server.started_at, 1)
-        log(f"  {arm}: served after {session['ready_s']}s, all {plan.workers} workers healthy after "
-            f"{session['all_workers_s']}s")
+        log(
+            f"  {arm}: served after {session['ready_s']}s, all {plan.workers} workers healthy after "
+            f"{session['all_workers_s']}s"
+        )
         session["warmup"] = warm_up(server, plan, log)
         if arm == BASELINE_ARM:
             session["prefill_probe"] = probe = prefill_probe(server, plan)
-            log(f"  prefill probe ({probe['prompt_tokens']} tokens): cold TTFT {probe['cold_ttft_ms']} ms, "
-                f"cached {probe['cached_ttft_ms']} ms")
+            log(
+                f"  prefill probe ({probe['prompt_tokens']} tokens): cold TTFT {probe['cold_ttft_ms']} ms, "
+                f"cached {probe['cached_ttft_ms']} ms"
+            )
         for variant in plan.variants:
             started = time.monotonic()
             figures = measure(server, traces[variant], ceilings[variant], plan, log)
             session[variant] = figures
             if figures.get("routed") and figures.get("predicted_cached_tokens") == 0 and figures["hits"]:
-                log("  warning: the router predicted no cached token at all while the engines hit: do the workers "
-                    "publish kv_block_size in discovery? (the router assumes 16 otherwise)")
-            log(f"  {arm} {variant}: {figures['completed']}/{len(traces[variant])} ok in "
+                log(
+                    "  warning: the router predicted no cached token at all while the engines hit: do the workers "
+                    "publish kv_block_size in discovery? (the router assumes 16 otherwise)"
+                )
+            log(
+                f"  {arm} {variant}: {figures['completed']}/{len(traces[variant])} ok in "
                 f"{time.monotonic() - started:.0f}s"
                 f", hit rate {_pct(figures['hit_rate'])} (ceiling {_pct(figures['ceiling'])}), TTFT p50 "
                 f"{_num(figures['ttft_p50_ms'], 1)} ms p99 {_num(figures['ttft_p99_ms'], 1)} ms, "
@@ -568,7 +683,8 @@ def arm_session(arm: str, round_no: int, model: str, traces: dict[str, list[Trac
                 + f", {figures['preemptions']:.0f} preemptions"
                 + (f", prediction exact {_pct(figures.get('prediction_exact'))}" if "routed" in figures else "")
                 + f", others {figures['cpu']['other_cores']:.2f} cores"
-                + (f", {figures['errors']} errors {figures['first_errors']}" if figures["errors"] else ""))
+                + (f", {figures['errors']} errors {figures['first_errors']}" if figures["errors"] else "")
+            )
     finally:
         server.stop()
     return session
@@ -613,9 +729,11 @@ def aggregate(sessions: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
 
 
 def table(per_arm: dict[str, dict[str, Any]]) -> str:
-    header = ("| arm | prefix-cache hit rate (x ceiling) | TTFT p50 ms | TTFT p99 ms | tenant 0 TTFT p99 ms "
-              "| output tok/s | requests per worker (max/min) | predicted = actual | decision p99 | preemptions "
-              "| errors |")
+    header = (
+        "| arm | prefix-cache hit rate (x ceiling) | TTFT p50 ms | TTFT p99 ms | tenant 0 TTFT p99 ms "
+        "| output tok/s | requests per worker (max/min) | predicted = actual | decision p99 | preemptions "
+        "| errors |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, f in per_arm.items():
         per_worker = f["per_worker_requests"]
@@ -627,7 +745,8 @@ def table(per_arm: dict[str, dict[str, Any]]) -> str:
             f"| {arm} | {_pct(f['hit_rate'])} ({_num(_ratio(f['hit_rate'], f['ceiling']), 2)}x) "
             f"| {_num(f['ttft_p50_ms'], 1)} | {_num(f['ttft_p99_ms'], 1)} | {_num(f['tenant0_ttft_p99_ms'], 1)} "
             f"| {_num(f['tok_per_s'])} | {_counts(per_worker)} ({_num(f['balance'], 2)}x) "
-            f"| {predicted} | {decision} | {_num(f.get('preemptions'))} | {f['errors']} |")
+            f"| {predicted} | {decision} | {_num(f.get('preemptions'))} | {f['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -642,27 +761,61 @@ def targets(agg: dict[str, dict[str, dict[str, Any]]], arm: str) -> list[tuple[s
         out.append((name, met, f"{_num(value, 2)}x ({detail})"))
 
     if k:
-        add(f"hit rate >= {HIT_OF_CEILING_TARGET}x ceiling", _ratio(k["hit_rate"], k["ceiling"]),
-            HIT_OF_CEILING_TARGET, True, f"{_pct(k['hit_rate'])} of {_pct(k['ceiling'])}")
+        add(
+            f"hit rate >= {HIT_OF_CEILING_TARGET}x ceiling",
+            _ratio(k["hit_rate"], k["ceiling"]),
+            HIT_OF_CEILING_TARGET,
+            True,
+            f"{_pct(k['hit_rate'])} of {_pct(k['ceiling'])}",
+        )
         add(f"busiest worker <= {BALANCE_TARGET}x quietest", k["balance"], BALANCE_TARGET, False, "main trace")
         exact = k.get("prediction_exact")
-        out.append((f"predicted == actual for >= {PREDICTION_TARGET:.0%} of requests",
-                    None if exact is None else exact >= PREDICTION_TARGET,
-                    f"{_pct(exact)} ({k.get('prediction_misses', 0):.0f} misses of {k.get('routed', 0):.0f})"))
+        out.append(
+            (
+                f"predicted == actual for >= {PREDICTION_TARGET:.0%} of requests",
+                None if exact is None else exact >= PREDICTION_TARGET,
+                f"{_pct(exact)} ({k.get('prediction_misses', 0):.0f} misses of {k.get('routed', 0):.0f})",
+            )
+        )
     if k and rr:
-        add(f"hit rate >= {HIT_VS_RR_TARGET}x round-robin's", _ratio(k["hit_rate"], rr["hit_rate"]),
-            HIT_VS_RR_TARGET, True, f"{_pct(k['hit_rate'])} vs {_pct(rr['hit_rate'])}")
-        add(f"TTFT p50 >= {TTFT_P50_TARGET}x lower", _ratio(rr["ttft_p50_ms"], k["ttft_p50_ms"]), TTFT_P50_TARGET,
-            True, f"{_num(k['ttft_p50_ms'], 1)} vs {_num(rr['ttft_p50_ms'], 1)} ms")
-        add(f"output tok/s >= {TOKS_TARGET}x", _ratio(k["tok_per_s"], rr["tok_per_s"]), TOKS_TARGET, True,
-            f"{_num(k['tok_per_s'])} vs {_num(rr['tok_per_s'])}")
+        add(
+            f"hit rate >= {HIT_VS_RR_TARGET}x round-robin's",
+            _ratio(k["hit_rate"], rr["hit_rate"]),
+            HIT_VS_RR_TARGET,
+            True,
+            f"{_pct(k['hit_rate'])} vs {_pct(rr['hit_rate'])}",
+        )
+        add(
+            f"TTFT p50 >= {TTFT_P50_TARGET}x lower",
+            _ratio(rr["ttft_p50_ms"], k["ttft_p50_ms"]),
+            TTFT_P50_TARGET,
+            True,
+            f"{_num(k['ttft_p50_ms'], 1)} vs {_num(rr['ttft_p50_ms'], 1)} ms",
+        )
+        add(
+            f"output tok/s >= {TOKS_TARGET}x",
+            _ratio(k["tok_per_s"], rr["tok_per_s"]),
+            TOKS_TARGET,
+            True,
+            f"{_num(k['tok_per_s'])} vs {_num(rr['tok_per_s'])}",
+        )
     kh, rrh = hot.get(arm), hot.get(BASELINE_ARM)
     if kh:
-        add(f"hot variant: busiest worker <= {BALANCE_TARGET}x quietest", kh["balance"], BALANCE_TARGET, False,
-            "hot trace")
+        add(
+            f"hot variant: busiest worker <= {BALANCE_TARGET}x quietest",
+            kh["balance"],
+            BALANCE_TARGET,
+            False,
+            "hot trace",
+        )
     if kh and rrh:
-        add("hot variant: TTFT p99 no worse than round-robin's", _ratio(kh["ttft_p99_ms"], rrh["ttft_p99_ms"]), 1.0,
-            False, f"{_num(kh['ttft_p99_ms'], 1)} vs {_num(rrh['ttft_p99_ms'], 1)} ms")
+        add(
+            "hot variant: TTFT p99 no worse than round-robin's",
+            _ratio(kh["ttft_p99_ms"], rrh["ttft_p99_ms"]),
+            1.0,
+            False,
+            f"{_num(kh['ttft_p99_ms'], 1)} vs {_num(rrh['ttft_p99_ms'], 1)} ms",
+        )
     return out
 
 
@@ -671,23 +824,30 @@ def render(result: dict[str, Any]) -> str:
     lines = []
     for variant, per_arm in agg.items():
         ceiling = result["ceilings"][variant]
-        title = (f"### {variant} trace: {ceiling['requests']} requests, ceiling {_pct(ceiling['rate'])} "
-                 f"({_pct(ceiling.get('system_rate'))} from system prompts alone)")
+        title = (
+            f"### {variant} trace: {ceiling['requests']} requests, ceiling {_pct(ceiling['rate'])} "
+            f"({_pct(ceiling.get('system_rate'))} from system prompts alone)"
+        )
         lines += [title, "", table(per_arm), ""]
         rr = per_arm.get(BASELINE_ARM)
         for arm, f in per_arm.items():
             if arm == BASELINE_ARM or not rr:
                 continue
-            lines.append(f"- {arm} / round-robin: hit rate {_num(_ratio(f['hit_rate'], rr['hit_rate']), 2)}x, "
-                         f"TTFT p50 {_num(_ratio(rr['ttft_p50_ms'], f['ttft_p50_ms']), 2)}x lower, "
-                         f"TTFT p99 {_num(_ratio(rr['ttft_p99_ms'], f['ttft_p99_ms']), 2)}x lower, "
-                         f"output tok/s {_num(_ratio(f['tok_per_s'], rr['tok_per_s']), 2)}x"
-                         + (f"; routed to a worker predicted to hold nothing: "
-                            f"{_pct(f.get('predicted_overlap_zero_share'))}; cached tokens predicted "
-                            f"{_num(f.get('predicted_cached_tokens'))}, reported by the engines "
-                            f"{_num(f.get('actual_cached_tokens'))}; event gaps {_num(f.get('event_gaps'))}; "
-                            f"sent away from a worker holding more, by reason: {f.get('away_from_holder') or {}}"
-                            if f.get("routed") else ""))
+            lines.append(
+                f"- {arm} / round-robin: hit rate {_num(_ratio(f['hit_rate'], rr['hit_rate']), 2)}x, "
+                f"TTFT p50 {_num(_ratio(rr['ttft_p50_ms'], f['ttft_p50_ms']), 2)}x lower, "
+                f"TTFT p99 {_num(_ratio(rr['ttft_p99_ms'], f['ttft_p99_ms']), 2)}x lower, "
+                f"output tok/s {_num(_ratio(f['tok_per_s'], rr['tok_per_s']), 2)}x"
+                + (
+                    f"; routed to a worker predicted to hold nothing: "
+                    f"{_pct(f.get('predicted_overlap_zero_share'))}; cached tokens predicted "
+                    f"{_num(f.get('predicted_cached_tokens'))}, reported by the engines "
+                    f"{_num(f.get('actual_cached_tokens'))}; event gaps {_num(f.get('event_gaps'))}; "
+                    f"sent away from a worker holding more, by reason: {f.get('away_from_holder') or {}}"
+                    if f.get("routed")
+                    else ""
+                )
+            )
         lines.append("")
     for arm in [a for a in ARMS if a != BASELINE_ARM]:
         checks = targets(agg, arm)
@@ -721,47 +881,90 @@ def bench_model(layers: int, hidden: int, max_positions: int, log: Any) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kv_routing", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.kv_routing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="a short smoke run (under 5 minutes): a smaller trace")
-    p.add_argument("--workers", type=int, default=2, choices=(2, 3),
-                   help="decode workers per arm (default %(default)s)")
-    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help=f"which arms, in order, from {','.join(ARMS)} (default %(default)s)")
+    p.add_argument(
+        "--workers", type=int, default=2, choices=(2, 3), help="decode workers per arm (default %(default)s)"
+    )
+    p.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"which arms, in order, from {','.join(ARMS)} (default %(default)s)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help="main, hot or both (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=1, help="sessions per arm, order reversed every other round "
-                                                         "(default %(default)s; figures are medians over rounds)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="sessions per arm, order reversed every other round "
+        "(default %(default)s; figures are medians over rounds)",
+    )
     d = TraceShape()
     p.add_argument("--tenants", type=int, default=d.tenants, help="(default %(default)s)")
-    p.add_argument("--users", type=int, help=f"users per tenant (default {d.users_per_tenant}, quick "
-                                              f"{QUICK_SHAPE.users_per_tenant})")
+    p.add_argument(
+        "--users",
+        type=int,
+        help=f"users per tenant (default {d.users_per_tenant}, quick {QUICK_SHAPE.users_per_tenant})",
+    )
     p.add_argument("--turns", type=int, help=f"turns per user (default {d.turns}, quick {QUICK_SHAPE.turns})")
-    p.add_argument("--system-tokens", type=int, help=f"system prompt length (default {d.system_tokens}, quick "
-                                                      f"{QUICK_SHAPE.system_tokens})")
-    p.add_argument("--output-tokens", type=int, help=f"tokens generated per request (default {d.output_tokens}, "
-                                                      f"quick {QUICK_SHAPE.output_tokens})")
+    p.add_argument(
+        "--system-tokens",
+        type=int,
+        help=f"system prompt length (default {d.system_tokens}, quick {QUICK_SHAPE.system_tokens})",
+    )
+    p.add_argument(
+        "--output-tokens",
+        type=int,
+        help=f"tokens generated per request (default {d.output_tokens}, quick {QUICK_SHAPE.output_tokens})",
+    )
     p.add_argument("--seed", type=int, default=0, help="trace seed (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default %(default)s)")
     # 32: vLLM's CPU attention takes multiples of 32 only. The router reads it from discovery
     # (kv_block_size); a worker that publishes none is assumed to use 16 and would never match.
-    p.add_argument("--block-size", type=int, default=32,
-                   help="the engines' KV block size (default %(default)s, the smallest vLLM's CPU attention takes)")
-    p.add_argument("--cluster-ratio", type=float, default=1.25,
-                   help="the cluster's KV room for prefixes, in multiples of all tenants' system prompts, split "
-                        "evenly over the workers (default %(default)s: they fit the cluster, not one worker)")
-    p.add_argument("--cache-blocks", type=int,
-                   help="each worker's KV blocks, instead of the size --cluster-ratio gives (for experiments)")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="the engines' KV block size (default %(default)s, the smallest vLLM's CPU attention takes)",
+    )
+    p.add_argument(
+        "--cluster-ratio",
+        type=float,
+        default=1.25,
+        help="the cluster's KV room for prefixes, in multiples of all tenants' system prompts, split "
+        "evenly over the workers (default %(default)s: they fit the cluster, not one worker)",
+    )
+    p.add_argument(
+        "--cache-blocks",
+        type=int,
+        help="each worker's KV blocks, instead of the size --cluster-ratio gives (for experiments)",
+    )
     p.add_argument("--layers", type=int, default=4, help="generated model's layers (default %(default)s)")
     p.add_argument("--hidden", type=int, default=512, help="generated model's hidden size (default %(default)s)")
-    p.add_argument("--max-seconds", type=float, help="per trace, no new request after this long "
-                                                     "(default 600, quick 120)")
-    p.add_argument("--foreign-wait", type=float, default=120.0,
-                   help="before each arm, wait at most this long for vLLM engines we did not start "
-                        "(default %(default)s)")
-    p.add_argument("--client-priority", choices=("realtime", "nice", "normal"), default="realtime",
-                   help="the load client's scheduling during traces (default %(default)s)")
-    p.add_argument("--dynamo-ref", default="worktree",
-                   help="git ref of dynamo_worker/ to measure, exported once; 'worktree' (default) uses the live files")
+    p.add_argument(
+        "--max-seconds", type=float, help="per trace, no new request after this long (default 600, quick 120)"
+    )
+    p.add_argument(
+        "--foreign-wait",
+        type=float,
+        default=120.0,
+        help="before each arm, wait at most this long for vLLM engines we did not start (default %(default)s)",
+    )
+    p.add_argument(
+        "--client-priority",
+        choices=("realtime", "nice", "normal"),
+        default="realtime",
+        help="the load client's scheduling during traces (default %(default)s)",
+    )
+    p.add_argument(
+        "--dynamo-ref",
+        default="worktree",
+        help="git ref of dynamo_worker/ to measure, exported once; 'worktree' (default) uses the live files",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default benchmarks/results)")
     p.add_argument("--self-check", action="store_true", help="only check the trace and ceiling code, then exit")
     return p.parse_args(argv)
@@ -770,20 +973,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def plan_from(args: argparse.Namespace) -> Plan:
     base = QUICK_SHAPE if args.quick else TraceShape()
     shape = attrs.evolve(
-        base, tenants=args.tenants, seed=args.seed,
-        **{k: v for k, v in (("users_per_tenant", args.users), ("turns", args.turns),
-                             ("system_tokens", args.system_tokens), ("output_tokens", args.output_tokens))
-           if v is not None})
+        base,
+        tenants=args.tenants,
+        seed=args.seed,
+        **{
+            k: v
+            for k, v in (
+                ("users_per_tenant", args.users),
+                ("turns", args.turns),
+                ("system_tokens", args.system_tokens),
+                ("output_tokens", args.output_tokens),
+            )
+            if v is not None
+        },
+    )
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if set(arms) - set(ARMS) or set(variants) - set(VARIANTS) or not arms or not variants:
         raise SystemExit(f"error: --arms from {','.join(ARMS)}, --variants from {','.join(VARIANTS)}")
     if shape.tenants < 2 or shape.turns < 1 or shape.users_per_tenant < 1 or args.concurrency < 1:
         raise SystemExit("error: at least 2 tenants, 1 user, 1 turn and concurrency 1")
-    return Plan(shape=shape, workers=args.workers, concurrency=args.concurrency, block_size=args.block_size,
-                cluster_ratio=args.cluster_ratio, variants=variants, arms=arms, rounds=max(1, args.rounds),
-                max_seconds=args.max_seconds or (120.0 if args.quick else 600.0), request_timeout=120.0,
-                startup_timeout=300.0, foreign_wait=args.foreign_wait, client_priority=args.client_priority)
+    return Plan(
+        shape=shape,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        block_size=args.block_size,
+        cluster_ratio=args.cluster_ratio,
+        variants=variants,
+        arms=arms,
+        rounds=max(1, args.rounds),
+        max_seconds=args.max_seconds or (120.0 if args.quick else 600.0),
+        request_timeout=120.0,
+        startup_timeout=300.0,
+        foreign_wait=args.foreign_wait,
+        client_priority=args.client_priority,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -810,34 +1034,57 @@ def run_benchmark(argv: list[str]) -> Path | None:
     traces = {v: make_trace(shape, hot=(v == "hot")) for v in plan.variants}
     ceilings = {v: trace_ceiling(t, shape, plan.block_size) for v, t in traces.items()}
     cache = cache_plan(shape, plan.block_size, plan.workers, plan.concurrency, plan.cluster_ratio, args.cache_blocks)
-    engine_flags = ["--enforce-eager", "--max-model-len", str(cache.max_model_len), "--block-size",
-                    str(plan.block_size), "--num-gpu-blocks-override", str(cache.blocks_per_worker)]
+    engine_flags = [
+        "--enforce-eager",
+        "--max-model-len",
+        str(cache.max_model_len),
+        "--block-size",
+        str(plan.block_size),
+        "--num-gpu-blocks-override",
+        str(cache.blocks_per_worker),
+    ]
     for v, t in traces.items():
         gaps = turn_gaps(t)
         median_gap = _num(statistics.median(gaps) if gaps else None)
-        log(f"{v} trace: {len(t)} requests, {len({r.user for r in t})} users, prompts "
+        log(
+            f"{v} trace: {len(t)} requests, {len({r.user for r in t})} users, prompts "
             f"{min(len(r.prompt) for r in t)}-{max(len(r.prompt) for r in t)} tokens, ceiling "
             f"{_pct(ceilings[v].rate)} ({_pct(ceilings[v].system_rate)} from system prompts alone), "
             f"{ceilings[v].distinct_blocks} distinct blocks; a user's next turn "
-            f"comes {min(gaps, default=0)}+ requests after its previous one (median {median_gap})")
+            f"comes {min(gaps, default=0)}+ requests after its previous one (median {median_gap})"
+        )
         if gaps and min(gaps) < 2 * plan.concurrency:
-            log(f"  note: some turns follow their previous turn within 2x the concurrency ({plan.concurrency}): "
-                "that turn may be sent before the previous answer is complete")
-    log(f"KV cache per worker: {cache.blocks_per_worker} blocks of {plan.block_size} tokens "
-        + ("(--cache-blocks)" if args.cache_blocks else
-           f"({cache.prefix_blocks} for prefixes: {plan.cluster_ratio} x the "
-           f"{ceilings[plan.variants[0]].system_blocks} system-prompt blocks / {plan.workers} workers; "
-           f"{cache.in_flight_blocks} for the private blocks of its share of the requests in flight)")
-        + f"; model {model}")
+            log(
+                f"  note: some turns follow their previous turn within 2x the concurrency ({plan.concurrency}): "
+                "that turn may be sent before the previous answer is complete"
+            )
+    log(
+        f"KV cache per worker: {cache.blocks_per_worker} blocks of {plan.block_size} tokens "
+        + (
+            "(--cache-blocks)"
+            if args.cache_blocks
+            else f"({cache.prefix_blocks} for prefixes: {plan.cluster_ratio} x the "
+            f"{ceilings[plan.variants[0]].system_blocks} system-prompt blocks / {plan.workers} workers; "
+            f"{cache.in_flight_blocks} for the private blocks of its share of the requests in flight)"
+        )
+        + f"; model {model}"
+    )
     info = machine.machine_info()
     source = measured_source(args.dynamo_ref, work_root, info, log)
     json_path = args.out / f"kv-routing-{stamp}.json"
     result: dict[str, Any] = {
-        "command": "python -m benchmarks.kv_routing " + " ".join(argv), "timestamp": stamp, "machine": info,
-        "plan": attrs.asdict(plan), "cache": attrs.asdict(cache), "engine_flags": engine_flags, "env": BENCH_ENV,
+        "command": "python -m benchmarks.kv_routing " + " ".join(argv),
+        "timestamp": stamp,
+        "machine": info,
+        "plan": attrs.asdict(plan),
+        "cache": attrs.asdict(cache),
+        "engine_flags": engine_flags,
+        "env": BENCH_ENV,
         "model": {"path": model, "layers": args.layers, "hidden": args.hidden, "max_positions": MODEL_POSITIONS},
-        "ceilings": {v: {**attrs.asdict(c), "rate": c.rate, "system_rate": c.system_rate, "requests": len(traces[v])}
-                     for v, c in ceilings.items()},
+        "ceilings": {
+            v: {**attrs.asdict(c), "rate": c.rate, "system_rate": c.system_rate, "requests": len(traces[v])}
+            for v, c in ceilings.items()
+        },
         "sessions": [],
     }
     for round_no in range(plan.rounds):
@@ -856,8 +1103,10 @@ def run_benchmark(argv: list[str]) -> Path | None:
     print()
     probe = next((s["prefill_probe"] for s in result["sessions"] if "prefill_probe" in s), None)
     if probe:
-        print(f"Prefix cost: a {probe['prompt_tokens']}-token prompt, TTFT cold {probe['cold_ttft_ms']} ms, "
-              f"cached {probe['cached_ttft_ms']} ms\n")
+        print(
+            f"Prefix cost: a {probe['prompt_tokens']}-token prompt, TTFT cold {probe['cold_ttft_ms']} ms, "
+            f"cached {probe['cached_ttft_ms']} ms\n"
+        )
     print(render(result))
     report.write_json(json_path, result)
     print(f"results: {json_path}  ({result['elapsed_s'] / 60:.1f} min)")

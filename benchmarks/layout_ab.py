@@ -70,18 +70,22 @@ def layout_switch(name: str, engine: set[int], others: set[int]) -> Callable[[bo
         def pin(on: bool) -> None:
             _each_thread(runner, lambda t: os.sched_setaffinity(t, {1} if on else every_cpu))
             _each_thread((engine | others) - runner, lambda t: os.sched_setaffinity(t, {0} if on else every_cpu))
+
         return pin
     if name == "batch":
+
         def batch(on: bool) -> None:
             policy = os.SCHED_BATCH if on else os.SCHED_OTHER
             _each_thread(others, lambda t: os.sched_setscheduler(t, policy, os.sched_param(0)))
+
         return batch
     raise SystemExit(f"error: unknown --layout {name!r}; use engine-nice:N, pin-runner or batch")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.layout_ab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.layout_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--side", choices=sorted(SERVERS), default="dynamo")
     p.add_argument("--layout", required=True, help="engine-nice:N, pin-runner or batch")
     p.add_argument("--pairs", type=int, default=6, help="A/B pairs per level (default %(default)s)")
@@ -99,22 +103,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start(300)
         server.first_answer(prompts[0])
-        asyncio.run(run_level(server.base_url, "demo", prompts, concurrency=16, requests=64, max_tokens=32,
-                              max_seconds=60, request_timeout=60))  # warm-up
+        asyncio.run(
+            run_level(
+                server.base_url,
+                "demo",
+                prompts,
+                concurrency=16,
+                requests=64,
+                max_tokens=32,
+                max_seconds=60,
+                request_timeout=60,
+            )
+        )  # warm-up
         procs = machine.descendants(server.roots().values())
         engine = {pid for pid in procs if machine.is_engine(psutil.Process(pid))}
         switch = layout_switch(args.layout, engine, procs - engine)
         for i in range(args.pairs):
-            for on in ((False, True) if i % 2 == 0 else (True, False)):
+            for on in (False, True) if i % 2 == 0 else (True, False):
                 switch(on)
                 for concurrency, requests in LEVELS:
                     with machine.client_priority("realtime"):
-                        run = asyncio.run(run_level(server.base_url, "demo", prompts, concurrency=concurrency,
-                                                    requests=requests, max_tokens=32, max_seconds=60,
-                                                    request_timeout=60))
+                        run = asyncio.run(
+                            run_level(
+                                server.base_url,
+                                "demo",
+                                prompts,
+                                concurrency=concurrency,
+                                requests=requests,
+                                max_tokens=32,
+                                max_seconds=60,
+                                request_timeout=60,
+                            )
+                        )
                     s = report.summarize_run(run)
                     samples[args.layout if on else "default"].setdefault(concurrency, []).append(
-                        {"tok_per_s": s["tok_per_s"], "ttft_p50_ms": s["ttft_p50_ms"] or 0.0, "errors": s["errors"]})
+                        {"tok_per_s": s["tok_per_s"], "ttft_p50_ms": s["ttft_p50_ms"] or 0.0, "errors": s["errors"]}
+                    )
         switch(False)
     finally:
         server.stop()
@@ -123,13 +147,19 @@ def main(argv: list[str] | None = None) -> int:
         a, b = samples["default"][concurrency], samples[args.layout][concurrency]
         ratios = sorted(y["tok_per_s"] / x["tok_per_s"] for x, y in zip(a, b))
         med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
-        print(f"  c={concurrency:<3} default {med(a, 'tok_per_s'):7,.0f} tok/s TTFT p50 {med(a, 'ttft_p50_ms'):7.2f} ms | "
-              f"{args.layout} {med(b, 'tok_per_s'):7,.0f} tok/s TTFT p50 {med(b, 'ttft_p50_ms'):7.2f} ms | "
-              f"paired ratio median {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        print(
+            f"  c={concurrency:<3} "
+            f"default {med(a, 'tok_per_s'):7,.0f} tok/s TTFT p50 {med(a, 'ttft_p50_ms'):7.2f} ms | "
+            f"{args.layout} {med(b, 'tok_per_s'):7,.0f} tok/s TTFT p50 {med(b, 'ttft_p50_ms'):7.2f} ms | "
+            f"paired ratio median {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})"
+        )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"layout-ab-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"side": args.side, "layout": args.layout, "levels": LEVELS, "samples": samples},
-                              default=str, indent=1))
+    out.write_text(
+        json.dumps(
+            {"side": args.side, "layout": args.layout, "levels": LEVELS, "samples": samples}, default=str, indent=1
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -70,8 +70,9 @@ async def _watch_loop(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(time.monotonic() - before - LAG_TICK)
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], record: RequestRecord,
-               timeout: float) -> None:
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], record: RequestRecord, timeout: float
+) -> None:
     """Send one streaming request and fill ``record``; never raises."""
     start = record.sent
     try:
@@ -109,8 +110,17 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], r
         record.error = f"{type(exc).__name__}: {exc}"[:200]
 
 
-async def run_level(base_url: str, model: str, prompts: list[list[int]], *, concurrency: int, requests: int,
-                    max_tokens: int, max_seconds: float, request_timeout: float) -> LevelRun:
+async def run_level(
+    base_url: str,
+    model: str,
+    prompts: list[list[int]],
+    *,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    max_seconds: float,
+    request_timeout: float,
+) -> LevelRun:
     """``requests`` completions (prompt i = ``prompts[i % len]``), ``concurrency`` in flight at once."""
     url = f"{base_url}/v1/completions"
     records: list[RequestRecord] = []
@@ -125,8 +135,9 @@ async def run_level(base_url: str, model: str, prompts: list[list[int]], *, conc
             i, next_index = next_index, next_index + 1
             record = RequestRecord(i, time.monotonic())
             records.append(record)
-            await _one(session, url, completion_body(model, prompts[i % len(prompts)], max_tokens), record,
-                       request_timeout)
+            await _one(
+                session, url, completion_body(model, prompts[i % len(prompts)], max_tokens), record, request_timeout
+            )
 
     lags: list[float] = []
     stop = asyncio.Event()
@@ -137,5 +148,11 @@ async def run_level(base_url: str, model: str, prompts: list[list[int]], *, conc
     await watcher
     ends = [r.sent + r.done for r in records if r.done is not None]
     wall = (max(ends) if ends else time.monotonic()) - t0
-    return LevelRun(concurrency, records, wall, time.process_time() - cpu0,
-                    stopped_by_deadline=next_index < requests, loop_lags=lags)
+    return LevelRun(
+        concurrency,
+        records,
+        wall,
+        time.process_time() - cpu0,
+        stopped_by_deadline=next_index < requests,
+        loop_lags=lags,
+    )

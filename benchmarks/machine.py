@@ -51,8 +51,17 @@ def machine_info() -> dict[str, Any]:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=False, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -65,14 +74,22 @@ def snapshot_source(ref: str, dest: Path) -> dict[str, Any]:
     ``dynamo_worker/`` differed from it when the run started.
     """
     repo = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "rev-parse", ref], capture_output=True, text=True, cwd=repo, check=True,
-                            timeout=30).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", ref], capture_output=True, text=True, cwd=repo, check=True, timeout=30
+    ).stdout.strip()
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", commit, "dynamo_worker"], capture_output=True, cwd=repo, check=True,
-                             timeout=60).stdout
+    archive = subprocess.run(
+        ["git", "archive", commit, "dynamo_worker"], capture_output=True, cwd=repo, check=True, timeout=60
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "dynamo_worker"], capture_output=True, text=True,
-                           cwd=repo, timeout=30, check=False).stdout.splitlines()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "dynamo_worker"],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=30,
+        check=False,
+    ).stdout.splitlines()
     return {"ref": ref, "commit": commit, "path": str(dest), "work_tree_differed": dirty}
 
 
@@ -119,8 +136,14 @@ def foreign_engines(own_pids: Iterable[int] = ()) -> list[dict[str, Any]]:
         if proc.pid in mine or not is_engine(proc):
             continue
         try:
-            found.append({"pid": proc.pid, "ppid": proc.ppid(), "cmd": " ".join(proc.cmdline()).strip()[:120],
-                          "orphaned": _orphaned_engine(proc)})
+            found.append(
+                {
+                    "pid": proc.pid,
+                    "ppid": proc.ppid(),
+                    "cmd": " ".join(proc.cmdline()).strip()[:120],
+                    "orphaned": _orphaned_engine(proc),
+                }
+            )
         except psutil.Error:
             continue
     return found
@@ -157,20 +180,28 @@ def wait_for_quiet(max_wait: float, poll: float, log: Any, busy_limit: float = 3
     started = time.monotonic()
     first_engines, first_busy = foreign_engines(), busy_foreign_processes()
     engines, busy = first_engines, first_busy
+
     def quiet() -> bool:
         # Orphaned engines (their owner died; they sit idle until someone kills them) do not
         # block; an orphan that computes shows up in `busy`.
         return not [e for e in engines if not e["orphaned"]] and sum(b["cpu_percent"] for b in busy) < busy_limit
 
     while not quiet() and time.monotonic() - started < max_wait:
-        log(f"  waiting: {len(engines)} foreign vLLM engine process(es) (pids {[e['pid'] for e in engines]}), "
+        log(
+            f"  waiting: {len(engines)} foreign vLLM engine process(es) (pids {[e['pid'] for e in engines]}), "
             f"busy: {[(b['pid'], round(b['cpu_percent']), b['cmd'][:50]) for b in busy]}; polling every "
-            f"{poll:.0f}s, at most {max_wait:.0f}s in all")
+            f"{poll:.0f}s, at most {max_wait:.0f}s in all"
+        )
         time.sleep(max(0.0, min(poll, max_wait - (time.monotonic() - started))))
         engines, busy = foreign_engines(), busy_foreign_processes()
-    return {"quiet": quiet(), "engines_at_start": first_engines, "busy_at_start": first_busy,
-            "waited_s": round(time.monotonic() - started, 1),
-            "engines_after_wait": engines, "busy_after_wait": busy}
+    return {
+        "quiet": quiet(),
+        "engines_at_start": first_engines,
+        "busy_at_start": first_busy,
+        "waited_s": round(time.monotonic() - started, 1),
+        "engines_after_wait": engines,
+        "busy_after_wait": busy,
+    }
 
 
 @contextlib.contextmanager
@@ -216,8 +247,12 @@ class StallProbe:
     def start(self) -> None:
         import sys
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.stallprobe"], stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.stallprobe"],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
 
     def stop(self) -> dict[str, Any]:
         if self.proc is None:
@@ -231,8 +266,13 @@ class StallProbe:
             self.proc.wait()
             return {"error": "no answer from the stall probe"}
         stalls = data.get("stalls_ms", [])
-        return {"realtime": data.get("realtime"), "ticks": data.get("ticks"), "stalls": len(stalls),
-                "max_stall_ms": max(stalls, default=0.0), "total_stall_ms": round(sum(stalls), 1)}
+        return {
+            "realtime": data.get("realtime"),
+            "ticks": data.get("ticks"),
+            "stalls": len(stalls),
+            "max_stall_ms": max(stalls, default=0.0),
+            "total_stall_ms": round(sum(stalls), 1),
+        }
 
 
 class CpuMeter:

@@ -26,8 +26,16 @@ from benchmarks.config import ENGINE_FLAGS, python, side_env
 ALL_AT_ONCE = 0  # the concurrency label of the one-call level
 
 
-def run_offline(model: str, prompts: list[list[int]], levels: list[tuple[int, int]], repeats: int,
-                max_tokens: int, work_root: Path, timeout: float, log: Any) -> dict[str, Any]:
+def run_offline(
+    model: str,
+    prompts: list[list[int]],
+    levels: list[tuple[int, int]],
+    repeats: int,
+    max_tokens: int,
+    work_root: Path,
+    timeout: float,
+    log: Any,
+) -> dict[str, Any]:
     """Start the child, wait (bounded by ``timeout``), return its JSON result.
 
     ``levels``: ``(concurrency, requests)`` pairs; the result has one sample per level per repeat.
@@ -35,13 +43,28 @@ def run_offline(model: str, prompts: list[list[int]], levels: list[tuple[int, in
     tmpdir = tempfile.mkdtemp(prefix="bench-offline-tmp-")
     run_dir = Path(tempfile.mkdtemp(prefix="offline-", dir=work_root))
     spec_path, out_path, log_path = run_dir / "spec.json", run_dir / "result.json", run_dir / "offline.log"
-    spec_path.write_text(json.dumps({"model": model, "prompts": prompts, "levels": levels, "repeats": repeats,
-                                     "max_tokens": max_tokens, "engine_flags": list(ENGINE_FLAGS)}))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "prompts": prompts,
+                "levels": levels,
+                "repeats": repeats,
+                "max_tokens": max_tokens,
+                "engine_flags": list(ENGINE_FLAGS),
+            }
+        )
+    )
     started = time.monotonic()
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([python(), "-m", "benchmarks.offline", str(spec_path), str(out_path)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=side_env(tmpdir), start_new_session=True)
+        proc = subprocess.Popen(
+            [python(), "-m", "benchmarks.offline", str(spec_path), str(out_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=side_env(tmpdir),
+            start_new_session=True,
+        )
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -89,11 +112,18 @@ def _child(spec_path: str, out_path: str) -> None:
             tokens = 0
             start = time.monotonic()
             for i in range(0, len(work), batch):
-                for out in llm.generate(work[i:i + batch], params, use_tqdm=False):
+                for out in llm.generate(work[i : i + batch], params, use_tqdm=False):
                     tokens += len(out.outputs[0].token_ids)
             wall = time.monotonic() - start
-            samples.append({"concurrency": concurrency, "repeat": repeat, "requests": len(work),
-                            "output_tokens": tokens, "wall_s": wall})
+            samples.append(
+                {
+                    "concurrency": concurrency,
+                    "repeat": repeat,
+                    "requests": len(work),
+                    "output_tokens": tokens,
+                    "wall_s": wall,
+                }
+            )
             print(f"offline c={concurrency}: {tokens / wall:.0f} tok/s", flush=True)
     Path(out_path).write_text(json.dumps({"ready_s": round(ready, 1), "samples": samples}))
 

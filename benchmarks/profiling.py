@@ -32,9 +32,26 @@ def start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     if exe is None:
         raise FileNotFoundError("py-spy is not installed (pip install -e '.[bench]')")
     with open(out.with_suffix(".log"), "wb") as log:  # the child keeps its own copy of the fd
-        return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate",
-                                 str(RATE), "--nonblocking", "--format", "raw", "--output", str(out)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                str(RATE),
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _where(file: str) -> str:
@@ -111,8 +128,10 @@ def render(profiles: dict[str, dict[str, dict[str, Any]]]) -> str:
             if "error" in s:
                 lines.append(f"- {side} / {proc}: {s['error']}")
                 continue
-            lines.append(f"#### {side} / {proc}: Python threads busy {100 * (s['busy_fraction'] or 0):.0f}% "
-                         f"of the time ({s['samples']} samples)")
+            lines.append(
+                f"#### {side} / {proc}: Python threads busy {100 * (s['busy_fraction'] or 0):.0f}% "
+                f"of the time ({s['samples']} samples)"
+            )
             lines.append("self time by package: " + ", ".join(f"{n} {p}%" for n, p in s["self_by_package"][:8]))
             lines.append("")
             lines.append("top self: " + "; ".join(f"{n} {p}%" for n, p in s["top_self"][:8]))

@@ -68,19 +68,35 @@ def summarize_run(run: LevelRun) -> dict[str, Any]:
 
 def raw_requests(run: LevelRun) -> list[dict[str, Any]]:
     """Per-request records for the JSON file (ms, rounded to 0.01)."""
-    return [{"i": r.index, "ok": r.ok, "error": r.error,
-             "ttft_ms": None if r.ttft is None else round(r.ttft * 1000, 2),
-             "done_ms": None if r.done is None else round(r.done * 1000, 2),
-             "output_tokens": r.output_tokens,
-             "itl_ms": [round(g * 1000, 2) for g in r.gaps()]} for r in run.requests]
+    return [
+        {
+            "i": r.index,
+            "ok": r.ok,
+            "error": r.error,
+            "ttft_ms": None if r.ttft is None else round(r.ttft * 1000, 2),
+            "done_ms": None if r.done is None else round(r.done * 1000, 2),
+            "output_tokens": r.output_tokens,
+            "itl_ms": [round(g * 1000, 2) for g in r.gaps()],
+        }
+        for r in run.requests
+    ]
 
 
 def summarize_offline(sample: dict[str, Any]) -> dict[str, Any]:
     wall = sample["wall_s"]
-    return {"requests": sample["requests"], "completed": sample["requests"], "errors": 0,
-            "output_tokens": sample["output_tokens"], "wall_s": round(wall, 4),
-            "req_per_s": sample["requests"] / wall, "tok_per_s": sample["output_tokens"] / wall,
-            "ttft_p50_ms": None, "ttft_p99_ms": None, "itl_p50_ms": None, "itl_p99_ms": None}
+    return {
+        "requests": sample["requests"],
+        "completed": sample["requests"],
+        "errors": 0,
+        "output_tokens": sample["output_tokens"],
+        "wall_s": round(wall, 4),
+        "req_per_s": sample["requests"] / wall,
+        "tok_per_s": sample["output_tokens"] / wall,
+        "ttft_p50_ms": None,
+        "ttft_p99_ms": None,
+        "itl_p50_ms": None,
+        "itl_p99_ms": None,
+    }
 
 
 #: Other processes using this many cores during a sample mark it as disturbed (shown, not dropped).
@@ -119,8 +135,11 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, An
         groups.setdefault((s["side"], s["concurrency"]), []).append(s)
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for (side, conc), group in groups.items():
-        agg: dict[str, Any] = {"n": len(group), "errors": sum(s["errors"] for s in group),
-                               "disturbed": sum(1 for s in group if disturbed(s))}
+        agg: dict[str, Any] = {
+            "n": len(group),
+            "errors": sum(s["errors"] for s in group),
+            "disturbed": sum(1 for s in group if disturbed(s)),
+        }
         for m in METRICS:
             values = [s[m] for s in group if s.get(m) is not None]
             agg[m] = statistics.median(values) if values else None
@@ -169,31 +188,43 @@ def tables(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
     concurrencies = sorted({c for side in agg.values() for c in side if c != 0})
     for conc in concurrencies:
         base = agg.get(BASELINE, {}).get(conc, {})
-        lines += [f"### concurrency {conc}", "",
-                  ("| side | output tok/s (min-max) | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-                  "| client CPU | n |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### concurrency {conc}",
+            "",
+            (
+                "| side | output tok/s (min-max) | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+                "| client CPU | n |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for side in SIDE_ORDER:
             a = agg.get(side, {}).get(conc)
             if a is None:
                 continue
             cells = [
-                (f"{_fmt(a['tok_per_s'])}{_ratio(a['tok_per_s'], base.get('tok_per_s'))} "
-                f"({_fmt(a['tok_per_s_min'])}-{_fmt(a['tok_per_s_max'])})"),
+                (
+                    f"{_fmt(a['tok_per_s'])}{_ratio(a['tok_per_s'], base.get('tok_per_s'))} "
+                    f"({_fmt(a['tok_per_s_min'])}-{_fmt(a['tok_per_s_max'])})"
+                ),
                 f"{_fmt(a['req_per_s'], 1)}{_ratio(a['req_per_s'], base.get('req_per_s'))}",
             ]
             for m in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"):
                 cells.append(f"{_fmt(a[m], 2)}{_ratio(a[m], base.get(m))}")
             client = a.get("client_cores")
             cells.append("-" if client is None else f"{client:.2f} cores")
-            cells.append(f"{a['n']}" + (f", {a['errors']} errors" if a["errors"] else "")
-                         + (f", {a['disturbed']} disturbed" if a["disturbed"] else ""))
+            cells.append(
+                f"{a['n']}"
+                + (f", {a['errors']} errors" if a["errors"] else "")
+                + (f", {a['disturbed']} disturbed" if a["disturbed"] else "")
+            )
             lines.append(f"| {side} | " + " | ".join(cells) + " |")
         lines.append("")
     ceiling = agg.get("offline", {}).get(0)
     if ceiling:
-        lines.append(f"offline, all requests in one generate() call: {_fmt(ceiling['tok_per_s'])} output tok/s "
-                     f"(min-max {_fmt(ceiling['tok_per_s_min'])}-{_fmt(ceiling['tok_per_s_max'])}, n={ceiling['n']})")
+        lines.append(
+            f"offline, all requests in one generate() call: {_fmt(ceiling['tok_per_s'])} output tok/s "
+            f"(min-max {_fmt(ceiling['tok_per_s_min'])}-{_fmt(ceiling['tok_per_s_max'])}, n={ceiling['n']})"
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -201,10 +232,15 @@ def tables(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
 def quiet_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
     """Output tok/s medians over the undisturbed samples only (no other work beside them)."""
     concurrencies = sorted({c for side in agg.values() for c in side if c != 0})
-    lines = [("undisturbed samples only (no foreign engine, other processes under "
-             f"{DISTURBED_CORES} cores): median output tok/s (n)"), "",
-             "| side | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
-             "|---|" + "---|" * len(concurrencies)]
+    lines = [
+        (
+            "undisturbed samples only (no foreign engine, other processes under "
+            f"{DISTURBED_CORES} cores): median output tok/s (n)"
+        ),
+        "",
+        "| side | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
+        "|---|" + "---|" * len(concurrencies),
+    ]
     for side in SIDE_ORDER:
         if side not in agg or side == "offline":
             continue
@@ -212,18 +248,27 @@ def quiet_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
         for c in concurrencies:
             a = agg[side].get(c, {})
             base = agg.get(BASELINE, {}).get(c, {}).get("tok_per_s_quiet")
-            cells.append(f"{_fmt(a.get('tok_per_s_quiet'))}{_ratio(a.get('tok_per_s_quiet'), base)} ({a.get('n_quiet', 0)})")
+            cells.append(
+                f"{_fmt(a.get('tok_per_s_quiet'))}{_ratio(a.get('tok_per_s_quiet'), base)} ({a.get('n_quiet', 0)})"
+            )
         lines.append(f"| {side} | " + " | ".join(cells) + " |")
     same = agg.get(SAME_LAYOUT_BASELINE)
     if same:  # the hop alone: dynamo against vllm serve with the same engine layout
-        lines += ["", f"the same, as ratios to {SAME_LAYOUT_BASELINE} (the engine laid out as dynamo's)", "",
-                  "| side | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
-                  "|---|" + "---|" * len(concurrencies)]
+        lines += [
+            "",
+            f"the same, as ratios to {SAME_LAYOUT_BASELINE} (the engine laid out as dynamo's)",
+            "",
+            "| side | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
+            "|---|" + "---|" * len(concurrencies),
+        ]
         for side in SIDE_ORDER:
             if side not in agg or side == "offline":
                 continue
-            cells = [_ratio(agg[side].get(c, {}).get("tok_per_s_quiet"),
-                            same.get(c, {}).get("tok_per_s_quiet")).strip(" ()") or "-" for c in concurrencies]
+            cells = [
+                _ratio(agg[side].get(c, {}).get("tok_per_s_quiet"), same.get(c, {}).get("tok_per_s_quiet")).strip(" ()")
+                or "-"
+                for c in concurrencies
+            ]
             lines.append(f"| {side} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -231,25 +276,37 @@ def quiet_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
 def cpu_table(agg: dict[str, dict[int, dict[str, Any]]]) -> str:
     """Median CPU cores used per process during each level, and (after "/") how long per second
     its threads waited for a CPU while runnable (server sides only)."""
-    lines = [("| side | concurrency | cores / run-queue wait per process (median) | serving-path CPU ms per token "
-             "| client | other |"), "|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| side | concurrency | cores / run-queue wait per process (median) | serving-path CPU ms per token "
+            "| client | other |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for side in SIDE_ORDER:
         for conc, a in agg.get(side, {}).items():
             if not a.get("server_cores"):
                 continue
             waits = a.get("runq_wait_per_s", {})
-            procs = ", ".join(f"{k} {v:.2f}" + (f"/{waits[k]:.2f}" if k in waits else "")
-                              for k, v in a["server_cores"].items() if v >= 0.01)
-            lines.append(f"| {side} | {conc} | {procs} | {_fmt(a.get('path_cpu_ms_per_token'), 3)} "
-                         f"| {_fmt(a['client_cores'], 2)} | {_fmt(a['other_cores'], 2)} |")
+            procs = ", ".join(
+                f"{k} {v:.2f}" + (f"/{waits[k]:.2f}" if k in waits else "")
+                for k, v in a["server_cores"].items()
+                if v >= 0.01
+            )
+            lines.append(
+                f"| {side} | {conc} | {procs} | {_fmt(a.get('path_cpu_ms_per_token'), 3)} "
+                f"| {_fmt(a['client_cores'], 2)} | {_fmt(a['other_cores'], 2)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def startup_table(sessions: list[dict[str, Any]]) -> str:
     """Per side, median seconds from start until the model was listed and until the first answer;
     the offline side's figure is the engine's own load time (``LLM(...)`` built)."""
-    lines = ["| side | model listed after s (median, min-max) | first answer after s (median, min-max) | n |",
-             "|---|---|---|---|"]
+    lines = [
+        "| side | model listed after s (median, min-max) | first answer after s (median, min-max) | n |",
+        "|---|---|---|---|",
+    ]
     for side in SIDE_ORDER:
         mine = [x for x in sessions if x.get("side") == side]
         ready = [x["ready_s"] for x in mine if x.get("ready_s") is not None]
@@ -281,9 +338,18 @@ def chart(path: Path, agg: dict[str, dict[int, dict[str, Any]]], title: str) -> 
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
     concurrencies = sorted({c for side in agg.values() for c in side if c != 0})
     sides = [s for s in SIDE_ORDER if s in agg]
-    colors = {"offline": "#9e9e9e", "vllm-serve": "#1f77b4", "vllm-serve-uni": "#6baed6", "dynamo": "#76b900", "dynamo-disagg": "#ff7f0e"}
-    panels = [("tok_per_s", "output tokens/s", sides), ("ttft_p50_ms", "TTFT p50 (ms)", [s for s in sides if s != "offline"]),
-              ("itl_p50_ms", "inter-token p50 (ms)", [s for s in sides if s != "offline"])]
+    colors = {
+        "offline": "#9e9e9e",
+        "vllm-serve": "#1f77b4",
+        "vllm-serve-uni": "#6baed6",
+        "dynamo": "#76b900",
+        "dynamo-disagg": "#ff7f0e",
+    }
+    panels = [
+        ("tok_per_s", "output tokens/s", sides),
+        ("ttft_p50_ms", "TTFT p50 (ms)", [s for s in sides if s != "offline"]),
+        ("itl_p50_ms", "inter-token p50 (ms)", [s for s in sides if s != "offline"]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     width = 0.8 / max(1, len(sides))
     for ax, (metric, label, shown) in zip(axes, panels):

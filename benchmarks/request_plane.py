@@ -33,10 +33,10 @@ import nats
 from dynamo_worker_echo import MAX_TOKENS
 
 from benchmarks.config import REPO_ROOT, python
+from benchmarks.servers import free_port
 from dynamo_worker.core import wire
 from dynamo_worker.core.launcher import nats_server_binary
 from dynamo_worker.core.runtime import Runtime
-from benchmarks.servers import free_port
 
 #: One echo frame, as the worker sends it: the size the bare publisher sends too.
 SAMPLE_FRAME = wire.encode(wire.Frame(wire.DATA, 123, d={"token_ids": [321]}))
@@ -60,8 +60,11 @@ class LocalNats:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LocalNats:
-        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", self.store], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not _accepting(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -80,6 +83,7 @@ async def _connect(url: str) -> Any:
 
 
 # ---- bare nats-py ------------------------------------------------------------------------------
+
 
 async def _publish(url: str, subject: str, count: int) -> None:
     nc = await _connect(url)
@@ -102,8 +106,9 @@ async def bare(url: str, messages: int, timeout: float) -> dict[str, Any]:
 
     await nc.subscribe("bench.bare", cb=on_msg)
     await nc.flush()
-    publisher = subprocess.Popen([python(), "-m", "benchmarks.request_plane", "--publish", url, str(messages)],
-                                 cwd=REPO_ROOT, env=_env())
+    publisher = subprocess.Popen(
+        [python(), "-m", "benchmarks.request_plane", "--publish", url, str(messages)], cwd=REPO_ROOT, env=_env()
+    )
     try:
         await asyncio.wait_for(done.wait(), timeout)
     except asyncio.TimeoutError:
@@ -116,16 +121,35 @@ async def bare(url: str, messages: int, timeout: float) -> dict[str, Any]:
 
 # ---- the request plane through the echo role -------------------------------------------------------
 
-async def echo(url: str, messages: int, streams: int, timeout: float, log_dir: Path,
-               plane: str = "tcp") -> dict[str, Any]:
+
+async def echo(
+    url: str, messages: int, streams: int, timeout: float, log_dir: Path, plane: str = "tcp"
+) -> dict[str, Any]:
     """Frames/s from an echo worker to a :class:`Client` over ``streams`` concurrent requests."""
     namespace = f"bench{os.getpid()}{plane}{streams}"
     log_path = log_dir / f"echo-worker-{plane}-{streams}.log"
     with open(log_path, "wb") as out:
-        worker = subprocess.Popen([python(), "-m", "dynamo_worker", "--role", "echo", "--nats-url", url,
-                                   "--namespace", namespace, "--system-port", "0",
-                                   "--request-plane", "tcp"],  # listens on TCP, answers on NATS too
-                                  stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_env())
+        worker = subprocess.Popen(
+            [
+                python(),
+                "-m",
+                "dynamo_worker",
+                "--role",
+                "echo",
+                "--nats-url",
+                url,
+                "--namespace",
+                namespace,
+                "--system-port",
+                "0",
+                "--request-plane",
+                "tcp",
+            ],  # listens on TCP, answers on NATS too
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=_env(),
+        )
     rt = await Runtime.connect(url, namespace, request_plane=plane)
     try:
         client = rt.client("echo", "generate")
@@ -160,8 +184,13 @@ def _rate(times: list[float], expected: int) -> dict[str, Any]:
         return {"received": len(times), "expected": expected, "msgs_per_s": None, "us_per_msg": None}
     span = times[-1] - times[0]
     rate = (len(times) - 1) / span if span > 0 else None
-    return {"received": len(times), "expected": expected, "seconds": round(span, 3),
-            "msgs_per_s": round(rate) if rate else None, "us_per_msg": round(1e6 / rate, 2) if rate else None}
+    return {
+        "received": len(times),
+        "expected": expected,
+        "seconds": round(span, 3),
+        "msgs_per_s": round(rate) if rate else None,
+        "us_per_msg": round(1e6 / rate, 2) if rate else None,
+    }
 
 
 def _env() -> dict[str, str]:
@@ -173,14 +202,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-async def measure(messages: int = 50_000, streams: tuple[int, ...] = (1, 16, 64), timeout: float = 60.0,
-                  log_dir: Path | None = None) -> dict[str, Any]:
+async def measure(
+    messages: int = 50_000, streams: tuple[int, ...] = (1, 16, 64), timeout: float = 60.0, log_dir: Path | None = None
+) -> dict[str, Any]:
     """Bare nats-py and the echo role on one nats-server; the ratio and per-message overhead."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-request-plane-"))
     with LocalNats() as server:
         baseline = await bare(server.url, messages, timeout)
-        result: dict[str, Any] = {"messages": messages, "frame_bytes": len(SAMPLE_FRAME), "bare": baseline,
-                                  "echo": {}}
+        result: dict[str, Any] = {"messages": messages, "frame_bytes": len(SAMPLE_FRAME), "bare": baseline, "echo": {}}
         for plane, key in (("tcp", "echo"), ("nats", "echo_nats")):
             result[key] = {}
             for s in streams:
@@ -194,22 +223,31 @@ async def measure(messages: int = 50_000, streams: tuple[int, ...] = (1, 16, 64)
 
 def render(result: dict[str, Any]) -> str:
     b = result["bare"]
-    lines = [f"request plane ({result['messages']:,} messages of {result['frame_bytes']} bytes; one nats-server):",
-             f"  bare nats-py pub -> sub     {b['msgs_per_s'] or 0:>9,} msg/s  {b['us_per_msg'] or 0:7.2f} us/msg  "
-             f"({b['received']:,}/{b['expected']:,} received)"]
+    lines = [
+        f"request plane ({result['messages']:,} messages of {result['frame_bytes']} bytes; one nats-server):",
+        f"  bare nats-py pub -> sub     {b['msgs_per_s'] or 0:>9,} msg/s  {b['us_per_msg'] or 0:7.2f} us/msg  "
+        f"({b['received']:,}/{b['expected']:,} received)",
+    ]
     for key, plane in (("echo", "tcp "), ("echo_nats", "nats")):  # runs before 2026-12-02 had NATS only, as "echo"
         for s, e in result.get(key, {}).items():
-            lines.append(f"  echo role, {plane}, {s:>2} stream(s) {e['msgs_per_s'] or 0:>9,} msg/s  "
-                         f"{e['us_per_msg'] or 0:7.2f} us/msg  {e.get('ratio_to_bare', 0):.2f}x bare, "
-                         f"+{e.get('overhead_us_per_msg', 0):.2f} us/msg  ({e['received']:,}/{e['expected']:,} received)")
+            lines.append(
+                f"  echo role, {plane}, {s:>2} stream(s) {e['msgs_per_s'] or 0:>9,} msg/s  "
+                f"{e['us_per_msg'] or 0:7.2f} us/msg  {e.get('ratio_to_bare', 0):.2f}x bare, "
+                f"+{e.get('overhead_us_per_msg', 0):.2f} us/msg  ({e['received']:,}/{e['expected']:,} received)"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.request_plane", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.request_plane",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--messages", type=int, default=50_000, help="messages per measurement (default %(default)s)")
-    p.add_argument("--streams", default="1,16,64", help="concurrent echo requests, comma-separated (default %(default)s)")
+    p.add_argument(
+        "--streams", default="1,16,64", help="concurrent echo requests, comma-separated (default %(default)s)"
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="bound on each measurement (default %(default)s)")
     p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--publish", nargs=2, metavar=("URL", "COUNT"), help=argparse.SUPPRESS)  # the bare publisher

@@ -100,13 +100,21 @@ class Server:
         if self.source is not None:  # first on sys.path: it wins over the editable install
             env["PYTHONPATH"] = os.pathsep.join([str(self.source), env["PYTHONPATH"]])
         with open(log_path, "wb") as out:
-            self.proc = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True, cwd=str(self.log_dir))
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                cwd=str(self.log_dir),
+            )
         while not _served(self.base_url):
             self._known_pids |= descendants([self.proc.pid])
             if self.proc.poll() is not None:
-                raise ServerFailed(f"{self.side} exited with status {self.proc.returncode} during start-up; "
-                                   f"see {log_path}")
+                raise ServerFailed(
+                    f"{self.side} exited with status {self.proc.returncode} during start-up; see {log_path}"
+                )
             if time.monotonic() - self.started_at > timeout:
                 raise ServerFailed(f"{self.side} did not serve {SERVED_NAME!r} within {timeout:.0f}s; see {log_path}")
             time.sleep(0.25)
@@ -117,8 +125,9 @@ class Server:
     def first_answer(self, prompt: list[int], timeout: float = 120.0) -> float:
         """Send one non-streaming completion; seconds from :meth:`start` until it was answered."""
         body = json.dumps({"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{self.base_url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.base_url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             json.load(resp)
         return time.monotonic() - self.started_at
@@ -184,9 +193,21 @@ class VllmServe(Server):
     side = "vllm-serve"
 
     def argv(self) -> list[str]:
-        return [python(), "-m", "benchmarks.vllm_cli", "serve", self.model, "--host", "127.0.0.1",
-                "--port", str(self.port), "--served-model-name", SERVED_NAME, "--disable-uvicorn-access-log",
-                *ENGINE_FLAGS]
+        return [
+            python(),
+            "-m",
+            "benchmarks.vllm_cli",
+            "serve",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            SERVED_NAME,
+            "--disable-uvicorn-access-log",
+            *ENGINE_FLAGS,
+        ]
 
     def roots(self) -> dict[str, int]:
         assert self.proc is not None
@@ -217,9 +238,22 @@ class DynamoUp(Server):
     stack_flags: tuple[str, ...] = ("--decode-workers", "1", "--request-plane", "tcp")
 
     def argv(self) -> list[str]:
-        return [python(), "-m", "dynamo_worker", "up", "--model", self.model, "--served-model-name", SERVED_NAME,
-                *self.stack_flags, "--http-port", str(self.port), "--log-dir", str(self.log_dir / "stack"),
-                *ENGINE_FLAGS]
+        return [
+            python(),
+            "-m",
+            "dynamo_worker",
+            "up",
+            "--model",
+            self.model,
+            "--served-model-name",
+            SERVED_NAME,
+            *self.stack_flags,
+            "--http-port",
+            str(self.port),
+            "--log-dir",
+            str(self.log_dir / "stack"),
+            *ENGINE_FLAGS,
+        ]
 
     def stack(self) -> dict[str, Any]:
         """``stack.json`` written by ``up``: each child's pid, log and system port."""

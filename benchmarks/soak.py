@@ -44,19 +44,33 @@ class Stack:
         self.log_dir = log_dir
         self.nats_port, self.http_port = free_port(), free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._start("nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
-                             "-sd", str(log_dir / "js")])
+        self._start(
+            "nats",
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js", "-sd", str(log_dir / "js")],
+        )
         common = ["--nats-url", f"nats://127.0.0.1:{self.nats_port}", "--namespace", "soak"]
         exe = [sys.executable, "-m", "dynamo_worker"]
         self._start("worker", [*exe, "--role", "echo", *common, "--echo-model", model])
-        self._start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(self.http_port),
-                                 "--max-concurrent-requests", "1024"])
+        self._start(
+            "frontend",
+            [
+                *exe,
+                "--role",
+                "frontend",
+                *common,
+                "--http-port",
+                str(self.http_port),
+                "--max-concurrent-requests",
+                "1024",
+            ],
+        )
         self.base = f"http://127.0.0.1:{self.http_port}"
 
     def _start(self, name: str, argv: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -98,8 +112,9 @@ async def one(session: aiohttp.ClientSession, base: str, rng: random.Random) -> 
     kind = rng.random()
     prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 60)))
     if kind < 0.05:  # a bad request: must be a 400, and must not leak
-        async with session.post(f"{base}/v1/completions", json={"model": "echo", "prompt": prompt,
-                                                                "max_tokens": -1}) as resp:
+        async with session.post(
+            f"{base}/v1/completions", json={"model": "echo", "prompt": prompt, "max_tokens": -1}
+        ) as resp:
             return "bad_ok" if resp.status == 400 else f"bad request got {resp.status}"
     stream = kind < 0.55
     body: dict[str, Any] = {"model": "echo", "prompt": prompt, "max_tokens": rng.randint(1, 48), "stream": stream}
@@ -122,6 +137,7 @@ async def drive(base: str, count: int, concurrency: int, deadline: float, seed: 
     remaining = [count]
     rng = random.Random(seed)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
         async def client() -> None:
             while remaining[0] > 0 and time.monotonic() < deadline:
                 remaining[0] -= 1
@@ -136,19 +152,27 @@ async def drive(base: str, count: int, concurrency: int, deadline: float, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=5000, help="requests after warm-up (default %(default)s)")
     p.add_argument("--warmup", type=int, default=500, help="requests before the first RSS sample (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=16, help="clients at once (default %(default)s)")
     p.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long (default %(default)s)")
-    p.add_argument("--max-growth", type=float, default=1.25,
-                   help="fail if end RSS / start RSS exceeds this for either process (default %(default)s)")
+    p.add_argument(
+        "--max-growth",
+        type=float,
+        default=1.25,
+        help="fail if end RSS / start RSS exceeds this for either process (default %(default)s)",
+    )
     p.add_argument("--model", default=None, help="model directory with a tokenizer (default: the demo model)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for flag, value in (("--requests", args.requests), ("--concurrency", args.concurrency),
-                        ("--max-seconds", args.max_seconds)):
+    for flag, value in (
+        ("--requests", args.requests),
+        ("--concurrency", args.concurrency),
+        ("--max-seconds", args.max_seconds),
+    ):
         if value <= 0:
             p.error(f"{flag} must be greater than 0")
     if args.model is None:
@@ -163,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         warm = asyncio.run(drive(stack.base, args.warmup, args.concurrency, started + args.max_seconds, args.seed))
         start_rss = {name: rss_mib(stack.procs[name].pid) for name in ("frontend", "worker")}
         t0 = time.monotonic()
-        outcomes = asyncio.run(drive(stack.base, args.requests, args.concurrency,
-                                     started + args.max_seconds, args.seed + 1))
+        outcomes = asyncio.run(
+            drive(stack.base, args.requests, args.concurrency, started + args.max_seconds, args.seed + 1)
+        )
         elapsed = time.monotonic() - t0
         stack.check_alive()
         end_rss = {name: rss_mib(stack.procs[name].pid) for name in ("frontend", "worker")}
@@ -173,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     sent = sum(outcomes.values())
     failed = {k: v for k, v in outcomes.items() if k not in ("ok", "bad_ok")}
     report = {
-        "requests": sent, "warmup": sum(warm.values()), "concurrency": args.concurrency,
-        "seconds": round(elapsed, 1), "requests_per_second": round(sent / elapsed, 1), "outcomes": outcomes,
+        "requests": sent,
+        "warmup": sum(warm.values()),
+        "concurrency": args.concurrency,
+        "seconds": round(elapsed, 1),
+        "requests_per_second": round(sent / elapsed, 1),
+        "outcomes": outcomes,
         "rss_mib_start": {k: round(v, 1) for k, v in start_rss.items()},
         "rss_mib_end": {k: round(v, 1) for k, v in end_rss.items()},
         "rss_ratio": {k: round(end_rss[k] / start_rss[k], 3) for k in start_rss},

@@ -51,16 +51,21 @@ commands:
 
 def _selector_parser(add_help: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=DESCRIPTION, add_help=add_help,
+        prog=PROG,
+        description=DESCRIPTION,
+        add_help=add_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = parser.add_argument_group("role selection")
     g.add_argument("--role", help=f"the role this process runs (default {DEFAULT_ROLE}); see --list-roles")
     for flag, role in ROLE_ALIASES.items():
         g.add_argument(flag, action="store_true", help=f"Dynamo alias for --role {role}")
-    g.add_argument("--enable-multimodal", action="store_true",
-                   help="accept images: needed by the multimodal roles (processor, encode, ec-encoder) "
-                        "and by the decode worker that serves them (docs/multimodal.md)")
+    g.add_argument(
+        "--enable-multimodal",
+        action="store_true",
+        help="accept images: needed by the multimodal roles (processor, encode, ec-encoder) "
+        "and by the decode worker that serves them (docs/multimodal.md)",
+    )
     g.add_argument("--list-roles", action="store_true", help="list installed roles and exit")
     g.add_argument("--json", action="store_true", help="with --list-roles: print JSON")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -94,11 +99,14 @@ def check_multimodal(ns: argparse.Namespace, role: str, flag: str) -> None:
     """Dynamo's rules: a multimodal role needs ``--enable-multimodal``, which only decode shares."""
     enabled = getattr(ns, "enable_multimodal", False)
     if (role in MULTIMODAL_ROLES or flag in MULTIMODAL_FLAGS) and not enabled:
-        raise UsageError(f"{flag} needs --enable-multimodal; add --enable-multimodal "
-                         "(and give it to the decode worker too)")
+        raise UsageError(
+            f"{flag} needs --enable-multimodal; add --enable-multimodal (and give it to the decode worker too)"
+        )
     if enabled and role not in ENABLE_MULTIMODAL_ROLES:
-        raise UsageError(f"--enable-multimodal does not apply to {flag}; it is for "
-                         f"{', '.join(ENABLE_MULTIMODAL_ROLES)}: drop it or choose one of those roles")
+        raise UsageError(
+            f"--enable-multimodal does not apply to {flag}; it is for "
+            f"{', '.join(ENABLE_MULTIMODAL_ROLES)}: drop it or choose one of those roles"
+        )
 
 
 def list_roles(as_json: bool) -> str:
@@ -186,25 +194,35 @@ def demo_model_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} demo-model",
         description="Write a tiny random-weight Llama with its tokenizer (no network). PATH may be missing, an "
-                    "empty directory, or a demo model this command wrote earlier (recognised by the marker file "
-                    "dynamo_demo_model.json, written last), which is replaced; anything else at PATH is refused "
-                    "unless --force.")
+        "empty directory, or a demo model this command wrote earlier (recognised by the marker file "
+        "dynamo_demo_model.json, written last), which is replaced; anything else at PATH is refused "
+        "unless --force.",
+    )
     parser.add_argument("path", help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default %(default)s)")
-    parser.add_argument("--multimodal", action="store_true",
-                        help="write a tiny Blip2 vision-language model instead (for the multimodal roles)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace whatever is at PATH (a file, or a directory with someone else's files: "
-                             "they are deleted)")
+    parser.add_argument(
+        "--multimodal",
+        action="store_true",
+        help="write a tiny Blip2 vision-language model instead (for the multimodal roles)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever is at PATH (a file, or a directory with someone else's files: they are deleted)",
+    )
     from dynamo_worker import demo_model  # cheap: its heavy imports are inside its functions
 
     size = parser.add_argument_group("size of the Llama (defaults: the tiny demo model)")
     size.add_argument("--layers", type=int, default=demo_model.LAYERS, help="decoder layers (default %(default)s)")
-    size.add_argument("--hidden", type=int, default=demo_model.HIDDEN,
-                      help="hidden size, a multiple of 64 (the head size); the MLP is twice as wide "
-                           "(default %(default)s)")
-    size.add_argument("--max-positions", type=int, default=demo_model.MAX_POSITIONS,
-                      help="context length (default %(default)s)")
+    size.add_argument(
+        "--hidden",
+        type=int,
+        default=demo_model.HIDDEN,
+        help="hidden size, a multiple of 64 (the head size); the MLP is twice as wide (default %(default)s)",
+    )
+    size.add_argument(
+        "--max-positions", type=int, default=demo_model.MAX_POSITIONS, help="context length (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     default_shape = (demo_model.LAYERS, demo_model.HIDDEN, demo_model.MAX_POSITIONS)
     if args.multimodal and (args.layers, args.hidden, args.max_positions) != default_shape:
@@ -214,6 +232,14 @@ def demo_model_main(argv: Sequence[str]) -> int:
 
         print(write_demo_vlm(args.path, seed=args.seed, force=args.force))
         return 0
-    print(demo_model.write_demo_model(args.path, seed=args.seed, force=args.force, layers=args.layers,
-                                      hidden=args.hidden, max_positions=args.max_positions))
+    print(
+        demo_model.write_demo_model(
+            args.path,
+            seed=args.seed,
+            force=args.force,
+            layers=args.layers,
+            hidden=args.hidden,
+            max_positions=args.max_positions,
+        )
+    )
     return 0

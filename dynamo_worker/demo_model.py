@@ -89,25 +89,125 @@ CHAT_TEMPLATE = (
 
 _DETERMINERS = ["the", "a", "this", "that", "every", "some", "one", "my", "our", "their"]
 _ADJECTIVES = [
-    "small", "large", "quick", "quiet", "bright", "dark", "old", "new", "green", "red",
-    "blue", "happy", "tired", "clever", "strange", "gentle", "heavy", "light", "warm",
-    "cold", "early", "late", "simple", "careful", "busy", "empty", "full", "round",
+    "small",
+    "large",
+    "quick",
+    "quiet",
+    "bright",
+    "dark",
+    "old",
+    "new",
+    "green",
+    "red",
+    "blue",
+    "happy",
+    "tired",
+    "clever",
+    "strange",
+    "gentle",
+    "heavy",
+    "light",
+    "warm",
+    "cold",
+    "early",
+    "late",
+    "simple",
+    "careful",
+    "busy",
+    "empty",
+    "full",
+    "round",
 ]
 _NOUNS = [
-    "cat", "dog", "bird", "river", "mountain", "city", "house", "garden", "teacher",
-    "student", "machine", "engine", "server", "model", "token", "request", "worker",
-    "window", "road", "tree", "book", "letter", "friend", "child", "market", "ship",
-    "island", "forest", "question", "answer", "story", "song", "morning", "evening",
-    "winter", "summer", "computer", "network", "message", "system", "user", "assistant",
+    "cat",
+    "dog",
+    "bird",
+    "river",
+    "mountain",
+    "city",
+    "house",
+    "garden",
+    "teacher",
+    "student",
+    "machine",
+    "engine",
+    "server",
+    "model",
+    "token",
+    "request",
+    "worker",
+    "window",
+    "road",
+    "tree",
+    "book",
+    "letter",
+    "friend",
+    "child",
+    "market",
+    "ship",
+    "island",
+    "forest",
+    "question",
+    "answer",
+    "story",
+    "song",
+    "morning",
+    "evening",
+    "winter",
+    "summer",
+    "computer",
+    "network",
+    "message",
+    "system",
+    "user",
+    "assistant",
 ]
 _VERBS = [  # base forms; see _third_person
-    "see", "find", "build", "read", "write", "send", "open", "close", "move", "carry",
-    "follow", "answer", "ask", "like", "help", "watch", "hold", "visit", "remember",
-    "start", "stop", "serve", "count", "paint", "make", "fix", "wash", "try",
+    "see",
+    "find",
+    "build",
+    "read",
+    "write",
+    "send",
+    "open",
+    "close",
+    "move",
+    "carry",
+    "follow",
+    "answer",
+    "ask",
+    "like",
+    "help",
+    "watch",
+    "hold",
+    "visit",
+    "remember",
+    "start",
+    "stop",
+    "serve",
+    "count",
+    "paint",
+    "make",
+    "fix",
+    "wash",
+    "try",
 ]
 _ADVERBS = [
-    "slowly", "quickly", "quietly", "often", "never", "always", "today", "again",
-    "carefully", "gladly", "soon", "later", "almost", "still", "together",
+    "slowly",
+    "quickly",
+    "quietly",
+    "often",
+    "never",
+    "always",
+    "today",
+    "again",
+    "carefully",
+    "gladly",
+    "soon",
+    "later",
+    "almost",
+    "still",
+    "together",
 ]
 _PREPOSITIONS = ["in", "on", "near", "under", "over", "with", "behind", "across", "into", "from"]
 _NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"]
@@ -184,9 +284,7 @@ def _build_tokenizer(seed: int, max_positions: int = MAX_POSITIONS):  # -> trans
     if tok.get_vocab_size() != VOCAB_SIZE:
         # The corpus is rich enough to reach the size; if not, the model's embedding
         # table would not match the tokenizer.
-        raise RuntimeError(
-            f"tokenizer vocabulary is {tok.get_vocab_size()}, expected {VOCAB_SIZE}"
-        )
+        raise RuntimeError(f"tokenizer vocabulary is {tok.get_vocab_size()}, expected {VOCAB_SIZE}")
     bos_id = tok.token_to_id(BOS_TOKEN)
     # Prepend BOS to plain prompts like Llama tokenizers do (chat prompts get it from
     # the template and are encoded without special tokens).
@@ -206,8 +304,9 @@ def _build_tokenizer(seed: int, max_positions: int = MAX_POSITIONS):  # -> trans
     )
 
 
-def _build_model(tokenizer, seed: int, layers: int = LAYERS, hidden: int = HIDDEN,
-                 max_positions: int = MAX_POSITIONS):  # -> transformers.LlamaForCausalLM
+def _build_model(
+    tokenizer, seed: int, layers: int = LAYERS, hidden: int = HIDDEN, max_positions: int = MAX_POSITIONS
+):  # -> transformers.LlamaForCausalLM
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -253,9 +352,7 @@ def _is_complete(path: pathlib.Path) -> bool:
         marker = json.loads((path / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("version") == DEMO_MODEL_VERSION and all(
-        (path / name).is_file() for name in _REQUIRED_FILES
-    )
+    return marker.get("version") == DEMO_MODEL_VERSION and all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
 def _relax_permissions(tmp: pathlib.Path) -> None:
@@ -275,8 +372,12 @@ def _is_ours(path: pathlib.Path) -> bool:
     """True if ``path`` is a completed demo model written by us (any recipe version or kind)."""
     marker = path / _MARKER
     try:
-        return (not path.is_symlink() and path.is_dir() and not marker.is_symlink()
-                and isinstance(json.loads(marker.read_text()), dict))
+        return (
+            not path.is_symlink()
+            and path.is_dir()
+            and not marker.is_symlink()
+            and isinstance(json.loads(marker.read_text()), dict)
+        )
     except (OSError, ValueError):
         return False
 
@@ -295,8 +396,10 @@ def check_target(path: pathlib.Path) -> None:
     if not path.is_dir():
         raise UsageError(f"demo-model {path}: is a file, not a directory; {fix}")
     if any(path.iterdir()) and not _is_ours(path):
-        raise UsageError(f"demo-model {path}: the directory is not empty and holds no demo model written by "
-                         f"dynamo-worker (no {_MARKER}); {fix}")
+        raise UsageError(
+            f"demo-model {path}: the directory is not empty and holds no demo model written by "
+            f"dynamo-worker (no {_MARKER}); {fix}"
+        )
 
 
 def _install_dir(tmp: pathlib.Path, path: pathlib.Path, force: bool) -> None:
@@ -329,8 +432,15 @@ def check_size(layers: int, hidden: int, max_positions: int) -> None:
         raise UsageError(f"demo-model --max-positions must be at least 16 (got {max_positions})")
 
 
-def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool = False, layers: int = LAYERS,
-                     hidden: int = HIDDEN, max_positions: int = MAX_POSITIONS) -> pathlib.Path:
+def write_demo_model(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    force: bool = False,
+    layers: int = LAYERS,
+    hidden: int = HIDDEN,
+    max_positions: int = MAX_POSITIONS,
+) -> pathlib.Path:
     """Write the tiny demo Llama model and its tokenizer to ``path``.
 
     Needs no network. The result is deterministic for a given ``seed`` (same corpus,
@@ -363,8 +473,9 @@ def write_demo_model(path: str | os.PathLike[str], *, seed: int = 0, force: bool
     return write_model_dir(path, save, force=force)
 
 
-def write_model_dir(path: str | os.PathLike[str], save: Callable[[pathlib.Path], dict[str, object]],
-                    *, force: bool = False) -> pathlib.Path:
+def write_model_dir(
+    path: str | os.PathLike[str], save: Callable[[pathlib.Path], dict[str, object]], *, force: bool = False
+) -> pathlib.Path:
     """Build a model directory with ``save(tmp)`` beside ``path``, then rename it into place.
 
     ``save`` writes the files and returns the marker's content, written last: its presence
@@ -414,8 +525,10 @@ def ensure_demo_model() -> pathlib.Path:
     try:
         check_target(path)
     except UsageError:
-        raise UsageError(f"the demo model's cache directory {path} holds files that are not a demo model; "
-                         "move them away (or set XDG_CACHE_HOME to another directory)") from None
+        raise UsageError(
+            f"the demo model's cache directory {path} holds files that are not a demo model; "
+            "move them away (or set XDG_CACHE_HOME to another directory)"
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

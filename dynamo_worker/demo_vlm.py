@@ -70,18 +70,36 @@ def _build(seed: int):  # -> (model, processor)
     tokenizer.chat_template = CHAT_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     text = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, word_embed_proj_dim=TEXT_HIDDEN, ffn_dim=256,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_POSITIONS,
-        init_std=INITIALIZER_RANGE, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        word_embed_proj_dim=TEXT_HIDDEN,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        init_std=INITIALIZER_RANGE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = Blip2Config(
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8,
-                       "initializer_range": INITIALIZER_RANGE},
-        qformer_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                        "num_attention_heads": 2, "encoder_hidden_size": 64,
-                        "initializer_range": INITIALIZER_RANGE},
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 8,
+            "initializer_range": INITIALIZER_RANGE,
+        },
+        qformer_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "encoder_hidden_size": 64,
+            "initializer_range": INITIALIZER_RANGE,
+        },
         text_config=text.to_dict(),
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_index=image_token_id,
@@ -96,8 +114,12 @@ def _build(seed: int):  # -> (model, processor)
         torch.nn.init.normal_(model.query_tokens, std=1.0)
     model = model.to(getattr(torch, TORCH_DTYPE)).eval()
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                               num_query_tokens=NUM_QUERY_TOKENS, chat_template=CHAT_TEMPLATE)
+    processor = Blip2Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+    )
     return model, processor
 
 
@@ -109,10 +131,15 @@ def write_demo_vlm(path: str | os.PathLike[str], *, seed: int = 0, force: bool =
     ``path`` (missing, empty, or a demo model of ours; anything with ``force``). Returns the
     absolute path.
     """
+
     def save(tmp: pathlib.Path) -> dict[str, object]:
         model, processor = _build(seed)
         _save_quietly(model, processor, tmp)
-        return {"kind": "blip2", "seed": seed, "torch_dtype": TORCH_DTYPE,
-                "image_embeds_shape": [NUM_QUERY_TOKENS, TEXT_HIDDEN]}
+        return {
+            "kind": "blip2",
+            "seed": seed,
+            "torch_dtype": TORCH_DTYPE,
+            "image_embeds_shape": [NUM_QUERY_TOKENS, TEXT_HIDDEN],
+        }
 
     return write_model_dir(path, save, force=force)

@@ -109,20 +109,45 @@ class NatsServer:
 class RunningRole:
     """One ``dynamo-worker --role NAME`` process started by ``run_role``."""
 
-    def __init__(self, role: str, args: list[str], *, nats_url: str, namespace: str, system_port: int | None,
-                 env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        role: str,
+        args: list[str],
+        *,
+        nats_url: str,
+        namespace: str,
+        system_port: int | None,
+        env: Mapping[str, str],
+        log_dir: Path,
+    ) -> None:
         self.role = role
         self.nats_url = nats_url
         self.namespace = namespace
         self.system_port = system_port
-        self.argv = [sys.executable, "-m", "dynamo_worker", "--role", role, "--nats-url", nats_url,
-                     "--namespace", namespace, *args]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "dynamo_worker",
+            "--role",
+            role,
+            "--nats-url",
+            nats_url,
+            "--namespace",
+            namespace,
+            *args,
+        ]
         if system_port is not None:
             self.argv += ["--system-port", str(system_port)]
         self.log_path = Path(tempfile.mkstemp(prefix=f"dw-{role}-", suffix=".log", dir=log_dir)[1])
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=dict(env),
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -141,12 +166,14 @@ class RunningRole:
 
     def wait_for_log(self, text: str, timeout: float = 30) -> None:
         """Wait until ``text`` is in the log; fail with the log if the process exits first."""
+
         def seen() -> bool:
             if text in self.log():
                 return True
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.role} exited {self.proc.returncode} before logging {text!r}:\n"
-                                     f"{self.log()}")
+                raise AssertionError(
+                    f"{self.role} exited {self.proc.returncode} before logging {text!r}:\n{self.log()}"
+                )
             return False
 
         _wait_until(seen, timeout, f"{self.role} to log {text!r}")
@@ -181,16 +208,18 @@ class RunningRole:
             await runtime.close()
 
     @asynccontextmanager
-    async def client(self, endpoint: str = "generate", component: str | None = None,
-                     timeout: float = 30) -> AsyncIterator[Client]:
+    async def client(
+        self, endpoint: str = "generate", component: str | None = None, timeout: float = 30
+    ) -> AsyncIterator[Client]:
         """A :class:`~dynamo_worker.plugin.Client` of ``component.endpoint`` (component: the role's
         name unless given) once this role's instance is discoverable."""
         async with self.connect() as runtime:
             client = runtime.client(component or self.role, endpoint)
-            if not await client.watcher.wait_for(lambda: any(r.pid == self.pid for r in client.instances()),
-                                                 timeout):
-                raise TimeoutError(f"{self.role} (pid {self.pid}) is not discoverable at {client.component}."
-                                   f"{endpoint} after {timeout:g}s; its log:\n{self.log()}")
+            if not await client.watcher.wait_for(lambda: any(r.pid == self.pid for r in client.instances()), timeout):
+                raise TimeoutError(
+                    f"{self.role} (pid {self.pid}) is not discoverable at {client.component}."
+                    f"{endpoint} after {timeout:g}s; its log:\n{self.log()}"
+                )
             yield client
 
 
@@ -210,8 +239,9 @@ def dynamo_namespace() -> str:
 
 
 @pytest.fixture
-def run_role(dynamo_nats: NatsServer, dynamo_namespace: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningRole]]:
+def run_role(
+    dynamo_nats: NatsServer, dynamo_namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningRole]]:
     """Start a role process: ``run_role(name, *args, env=None, system_port=True, wait=True)``.
 
     ``env`` is added to this process's environment. With ``wait`` (the default) it returns once
@@ -221,12 +251,24 @@ def run_role(dynamo_nats: NatsServer, dynamo_namespace: str,
     started: list[RunningRole] = []
     log_dir = tmp_path_factory.mktemp("role-logs")
 
-    def start(role: str, *args: str, env: Mapping[str, str] | None = None, system_port: bool = True,
-              wait: bool = True, timeout: float = 60) -> RunningRole:
+    def start(
+        role: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        system_port: bool = True,
+        wait: bool = True,
+        timeout: float = 60,
+    ) -> RunningRole:
         environment = {**os.environ, **(env or {})}
-        running = RunningRole(role, list(args), nats_url=dynamo_nats.url, namespace=dynamo_namespace,
-                              system_port=free_port() if system_port else None, env=environment,
-                              log_dir=log_dir)
+        running = RunningRole(
+            role,
+            list(args),
+            nats_url=dynamo_nats.url,
+            namespace=dynamo_namespace,
+            system_port=free_port() if system_port else None,
+            env=environment,
+            log_dir=log_dir,
+        )
         started.append(running)
         if wait:
             running.wait_for_log(SERVING, timeout)
@@ -235,4 +277,3 @@ def run_role(dynamo_nats: NatsServer, dynamo_namespace: str,
     yield start
     for running in started:
         running.stop()
-

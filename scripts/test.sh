@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs everything, then runs the test suite (extra arguments go to pytest).
+# Installs everything, runs the lint checks, then the test suite (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Formatter, linter, mypy, shellcheck and actionlint (a few seconds): a failure fails the run here.
+bash scripts/lint.sh
 # vLLM leaves IPC sockets in the temp dir: give this run its own and clean it.
 run_tmp=$(mktemp -d -t dynamo-worker-tests.XXXXXX)
 trap 'rm -rf "$run_tmp"' EXIT

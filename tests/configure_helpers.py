@@ -42,11 +42,16 @@ def configure(argv: list[str], caplog: pytest.LogCaptureFixture) -> Configured:
     hooks = HookRelay(role, load_role(info))
     options, extra = build_parser(hooks).parse_known_args(argv)
     options.extra_args = list(extra)
-    ctx = WorkerContext(role=info, options=options, runtime=None,  # type: ignore[arg-type]
-                        log=logging.getLogger(f"dynamo_worker.role.{role}"))
+    ctx = WorkerContext(
+        role=info,
+        options=options,
+        runtime=None,  # type: ignore[arg-type]
+        log=logging.getLogger(f"dynamo_worker.role.{role}"),
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dynamo_worker"):
         asyncio.run(hooks.configure(ctx))
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno >= logging.WARNING and r.name.startswith("dynamo_worker")]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("dynamo_worker")
+    ]
     return Configured(role, options, ctx, warnings)

@@ -26,8 +26,9 @@ from tests.helpers import NatsServer, WorkerProcess
 # stays: random inputs on every run, and a failure that does not replay says its
 # --hypothesis-seed to rerun it.
 HYPOTHESIS_CI_PROFILE = "ci"
-HYPOTHESIS_CI = settings(settings.get_profile("default"), derandomize=True, print_blob=True, database=None,
-                         deadline=None)
+HYPOTHESIS_CI = settings(
+    settings.get_profile("default"), derandomize=True, print_blob=True, database=None, deadline=None
+)
 settings.register_profile(HYPOTHESIS_CI_PROFILE, HYPOTHESIS_CI)
 if os.environ.get("CI") == "true":
     settings.load_profile(HYPOTHESIS_CI_PROFILE)
@@ -72,8 +73,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         since = getattr(item, "_worker_logs_since", 0.0)
         for worker in WorkerProcess.started:
             if worker.log_path.exists() and worker.log_path.stat().st_mtime >= since:
-                report.sections.append((f"worker log tail: {' '.join(worker.args[:2])} pid {worker.pid}",
-                                        worker.log_tail()))
+                report.sections.append(
+                    (f"worker log tail: {' '.join(worker.args[:2])} pid {worker.pid}", worker.log_tail())
+                )
     return report
 
 

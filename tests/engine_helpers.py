@@ -25,15 +25,18 @@ if __name__ == "__main__":
 """
 
 
-def offline_greedy_outputs(model: str, prompts: list[list[int]], max_tokens: int,
-                           tmp: Path) -> list[dict]:
+def offline_greedy_outputs(model: str, prompts: list[list[int]], max_tokens: int, tmp: Path) -> list[dict]:
     """vLLM's offline engine (``vllm.LLM``) greedy output for token-id prompts, in a subprocess:
     per prompt ``{"ids": [...], "text": "..."}``, the text as vLLM's own detokenizer made it
     (which drops a character the output stops inside, where ``tokenizer.decode`` gives U+FFFD)."""
     script = tmp / "offline.py"
     script.write_text(OFFLINE_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), model, json.dumps(prompts), str(max_tokens)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), model, json.dumps(prompts), str(max_tokens)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
     assert line, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(line[2:])
@@ -63,8 +66,9 @@ def offline_outputs(model: str, requests: list[dict], tmp: Path) -> list[dict]:
     {"<token id>": [logprob, rank]}] | None}``."""
     script = tmp / "offline_sampling.py"
     script.write_text(OFFLINE_SAMPLING_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), model, json.dumps(requests)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), model, json.dumps(requests)], capture_output=True, text=True, timeout=300
+    )
     line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
     assert line, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(line[2:])
@@ -90,13 +94,18 @@ if __name__ == "__main__":
 """
 
 
-def offline_greedy_images(model: str, prompt: list[int], images: list[str], max_tokens: int,
-                          tmp: Path) -> list[list[int]]:
+def offline_greedy_images(
+    model: str, prompt: list[int], images: list[str], max_tokens: int, tmp: Path
+) -> list[list[int]]:
     """vLLM's offline greedy output for one token-id prompt with each image given as pixels."""
     script = tmp / "offline_images.py"
     script.write_text(OFFLINE_IMAGES_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), model, json.dumps(prompt), json.dumps(images),
-                          str(max_tokens)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), model, json.dumps(prompt), json.dumps(images), str(max_tokens)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
     assert line, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(line[2:])

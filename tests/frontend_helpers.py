@@ -75,10 +75,18 @@ class FakeDecodeWorker:
     async def start(self) -> FakeDecodeWorker:
         self.runtime = await Runtime.connect(self.nats_url, self.namespace, name=f"fake-decode/{self.model}")
         await self.runtime.serve_endpoint("backend", "generate", self.generate)
-        await self.runtime.publish("backend", "generate", "decode", {
-            "model": self.model, "model_path": self.model_path, "max_model_len": self.max_model_len,
-            "eos_token_ids": self.eos_token_ids, "kind": "decode",
-        })
+        await self.runtime.publish(
+            "backend",
+            "generate",
+            "decode",
+            {
+                "model": self.model,
+                "model_path": self.model_path,
+                "max_model_len": self.max_model_len,
+                "eos_token_ids": self.eos_token_ids,
+                "kind": "decode",
+            },
+        )
         return self
 
     async def withdraw(self) -> None:
@@ -116,7 +124,7 @@ class FakeDecodeWorker:
         stop_ids = request["stop_conditions"].get("stop_token_ids") or []
         at = next((k for k, t in enumerate(out) if t in stop_ids), None)
         if at is not None and (max_tokens is None or at < max_tokens):
-            out, finish, stop_reason = out[:at + 1], "stop", out[at]
+            out, finish, stop_reason = out[: at + 1], "stop", out[at]
         elif max_tokens is not None and len(out) >= max_tokens:
             out, finish = out[:max_tokens], "length"
         logprobs = request.get("output_options", {}).get("logprobs")
@@ -129,16 +137,19 @@ class FakeDecodeWorker:
                 item: dict[str, Any] = {"token_ids": [token]}
                 if logprobs is not None:
                     item["log_probs"] = [-0.25 * (i + 1)]
-                    item["top_logprobs"] = [[
-                        {"rank": r + 1, "token_id": token + r, "logprob": -0.25 * (i + 1) - r}
-                        for r in range(logprobs)
-                    ]]
+                    item["top_logprobs"] = [
+                        [
+                            {"rank": r + 1, "token_id": token + r, "logprob": -0.25 * (i + 1) - r}
+                            for r in range(logprobs)
+                        ]
+                    ]
                 if i == len(out) - 1:
                     item["finish_reason"] = finish
                     if stop_reason is not None:
                         item["stop_reason"] = stop_reason
                     item["completion_usage"] = {
-                        "prompt_tokens": len(request["token_ids"]), "completion_tokens": len(out),
+                        "prompt_tokens": len(request["token_ids"]),
+                        "completion_tokens": len(out),
                         "total_tokens": len(request["token_ids"]) + len(out),
                         "prompt_tokens_details": {"cached_tokens": 0},
                     }

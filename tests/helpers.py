@@ -111,8 +111,14 @@ def worker_env(extra_path: Path | None = None, **env: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([DYNAMO_WORKER, *args], capture_output=True, text=True, env=env or worker_env(),
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [DYNAMO_WORKER, *args],
+        capture_output=True,
+        text=True,
+        env=env or worker_env(),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 class WorkerProcess:
@@ -120,16 +126,26 @@ class WorkerProcess:
 
     started: list[WorkerProcess] = []  # every one of the session, for the failure report (conftest.py)
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 wrapper: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        wrapper: list[str] | None = None,
+    ) -> None:
         """``wrapper``: an argv prefix to run it under (``ip netns exec NS``: a host of tests/netns.py)."""
         self.args = args
         self.log_path = Path(tempfile.mkstemp(prefix="dw-worker-", suffix=".log", dir=log_dir)[1])
         WorkerProcess.started.append(self)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*(wrapper or []), DYNAMO_WORKER, *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env or worker_env(), stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*(wrapper or []), DYNAMO_WORKER, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or worker_env(),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -168,8 +184,7 @@ class WorkerProcess:
         self._log.close()
 
 
-def write_distribution(site: Path, dist: str, version: str, roles: dict[str, str],
-                       modules: dict[str, str]) -> None:
+def write_distribution(site: Path, dist: str, version: str, roles: dict[str, str], modules: dict[str, str]) -> None:
     """A real installed-distribution layout (``*.dist-info`` + modules) under ``site``."""
     site.mkdir(parents=True, exist_ok=True)
     info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
@@ -204,13 +219,24 @@ def endpoint_inflight(port: int, endpoint: str = "generate") -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-               if s.name == "dynamo_component_inflight_requests" and s.labels.get("dynamo_endpoint") == endpoint)
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == "dynamo_component_inflight_requests" and s.labels.get("dynamo_endpoint") == endpoint
+    )
 
 
-async def signal_while_busy(proc: WorkerProcess, sig: int, start: Callable[[int], list[asyncio.Task[Any]]],
-                            inflight: Callable[[], float], *, at_least: int = 2, waves: int = 3,
-                            timeout: float = 60) -> tuple[float, list[Any]]:
+async def signal_while_busy(
+    proc: WorkerProcess,
+    sig: int,
+    start: Callable[[int], list[asyncio.Task[Any]]],
+    inflight: Callable[[], float],
+    *,
+    at_least: int = 2,
+    waves: int = 3,
+    timeout: float = 60,
+) -> tuple[float, list[Any]]:
     """Start a wave of calls (``start(wave)`` returns their tasks; wave 0, 1, ...) and send ``sig`` to ``proc`` once
     ``inflight()`` reaches ``at_least``; return that count and the wave's results (exceptions
     included). A wave that ends before (the worker answered faster than the poll) must have
@@ -229,12 +255,14 @@ async def signal_while_busy(proc: WorkerProcess, sig: int, start: Callable[[int]
         if not all(c.done() for c in calls):
             for c in calls:
                 c.cancel()
-            raise AssertionError(f"the calls neither finished nor had {at_least} in flight within {timeout}s "
-                                 f"(at most {seen:.0f} seen)")
+            raise AssertionError(
+                f"the calls neither finished nor had {at_least} in flight within {timeout}s (at most {seen:.0f} seen)"
+            )
         results = [c.exception() or c.result() for c in calls]
         assert not any(isinstance(r, BaseException) for r in results), results
-    raise AssertionError(f"{waves} waves of calls never had {at_least} in flight on the worker at once "
-                         f"(at most {seen:.0f} seen)")
+    raise AssertionError(
+        f"{waves} waves of calls never had {at_least} in flight on the worker at once (at most {seen:.0f} seen)"
+    )
 
 
 def child_pids(pid: int) -> list[int]:
@@ -266,8 +294,12 @@ def metric_sum(url: str, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     body = urllib.request.urlopen(url, timeout=5).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 # What the frontend's router logs for each retry and each migration (dynamo_worker/frontend/router.py);
@@ -298,14 +330,15 @@ class FrontendRecoveries:
 
     def counters(self) -> tuple[float, float]:
         """The frontend's retries and migrations counters (every model)."""
-        return (metric_sum(f"{self.base}/metrics", "dynamo_frontend_retries_total"),
-                metric_sum(f"{self.base}/metrics", "dynamo_frontend_migrations_total"))
+        return (
+            metric_sum(f"{self.base}/metrics", "dynamo_frontend_retries_total"),
+            metric_sum(f"{self.base}/metrics", "dynamo_frontend_migrations_total"),
+        )
 
     def logged(self) -> tuple[list[str], list[str]]:
         """The causes of the retries and of the migrations the frontend logged since."""
-        new = self.frontend.log()[self.log_start:]
-        return ([m["cause"] for m in _RETRY_LINE.finditer(new)],
-                [m["cause"] for m in _MIGRATION_LINE.finditer(new)])
+        new = self.frontend.log()[self.log_start :]
+        return ([m["cause"] for m in _RETRY_LINE.finditer(new)], [m["cause"] for m in _MIGRATION_LINE.finditer(new)])
 
     def assert_none_cut(self) -> dict[str, Any]:
         """No stream was migrated, and every retry was of a request no worker had taken; returns the

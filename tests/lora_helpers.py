@@ -30,12 +30,26 @@ def write_demo_lora(path: Path, model_dir: str, *, rank: int = 8, seed: int = 1,
             tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((out, rank)) * scale).astype(np.float32)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),
-        "r": rank, "lora_alpha": rank * 2, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "inference_mode": True,
-        "modules_to_save": None, "use_rslora": False, "use_dora": False,
-    }, indent=2))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": str(model_dir),
+                "r": rank,
+                "lora_alpha": rank * 2,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": ["q_proj", "v_proj"],
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+                "modules_to_save": None,
+                "use_rslora": False,
+                "use_dora": False,
+            },
+            indent=2,
+        )
+    )
     return path
 
 

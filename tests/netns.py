@@ -171,8 +171,14 @@ class Testbed:
         return proc
 
     def run(self, host: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.hosts[host].wrapper, *argv], capture_output=True, text=True, check=False,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [*self.hosts[host].wrapper, *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     def call_in(self, host: str, fn: Callable[[], T]) -> T:
         """``fn()`` in a thread inside ``host``'s namespace (its sockets are that host's)."""
@@ -236,8 +242,9 @@ def nats_server_binary() -> str:
 class DelayProxy:
     """tests/delay_proxy.py running in a host: ``forwards`` as ``(LISTEN, TARGET)`` pairs of ``HOST:PORT``."""
 
-    def __init__(self, bed: Testbed, host: str, forwards: list[tuple[str, str]], delay_ms: float,
-                 log_path: Path) -> None:
+    def __init__(
+        self, bed: Testbed, host: str, forwards: list[tuple[str, str]], delay_ms: float, log_path: Path
+    ) -> None:
         self.delay_ms, self.log_path = delay_ms, log_path
         argv = [sys.executable, "-m", "tests.delay_proxy", "--delay-ms", str(delay_ms)]
         for listen, target in forwards:
@@ -299,12 +306,35 @@ class NatsCluster:
         if self.route_delay_ms is not None:
             route_listen = f"127.0.0.1:{ROUTE_PORT}"
             if host not in self.proxies:  # it outlives a restart of the server
-                self.proxies[host] = DelayProxy(self.bed, host, [(f"{address}:{ROUTE_PORT}", route_listen)],
-                                                self.route_delay_ms, self.store / f"{host}-route-proxy.log")
-        argv = [nats_server_binary(), "-a", address, "-p", str(NATS_PORT), "-m", str(MONITOR_PORT),
-                "-n", self.server_name(host), "-js", "-sd", str(store), "--cluster_name", self.name,
-                "--cluster", f"nats://{route_listen}", "--cluster_advertise", f"{address}:{ROUTE_PORT}",
-                "--routes", routes]
+                self.proxies[host] = DelayProxy(
+                    self.bed,
+                    host,
+                    [(f"{address}:{ROUTE_PORT}", route_listen)],
+                    self.route_delay_ms,
+                    self.store / f"{host}-route-proxy.log",
+                )
+        argv = [
+            nats_server_binary(),
+            "-a",
+            address,
+            "-p",
+            str(NATS_PORT),
+            "-m",
+            str(MONITOR_PORT),
+            "-n",
+            self.server_name(host),
+            "-js",
+            "-sd",
+            str(store),
+            "--cluster_name",
+            self.name,
+            "--cluster",
+            f"nats://{route_listen}",
+            "--cluster_advertise",
+            f"{address}:{ROUTE_PORT}",
+            "--routes",
+            routes,
+        ]
         log = open(self.store / f"{host}.log", "ab")  # noqa: SIM115 - the child holds it
         try:
             self.procs[host] = self.bed.popen(host, argv, stdout=log, stderr=subprocess.STDOUT)
@@ -358,8 +388,9 @@ class NatsCluster:
 
 
 @contextlib.contextmanager
-def cluster_testbed(hosts: int = 3, nats_hosts: int = 3,
-                    route_delay_ms: float | None = None) -> Iterator[tuple[Testbed, NatsCluster]]:
+def cluster_testbed(
+    hosts: int = 3, nats_hosts: int = 3, route_delay_ms: float | None = None
+) -> Iterator[tuple[Testbed, NatsCluster]]:
     """A test bed of ``hosts`` hosts with a NATS cluster on the first ``nats_hosts``, torn down on exit
     (``route_delay_ms``: the servers' routes through delaying proxies, see :class:`NatsCluster`)."""
     bed = Testbed(hosts)
@@ -392,10 +423,15 @@ def _cli_up(hosts: int, nats_hosts: int, route_delay_ms: float | None = None) ->
     except BaseException:
         bed.down()
         raise
-    state = {"run_id": bed.run_id, "switch": bed.switch, "namespaces": bed._made, "subnet": bed.subnet,
-             "hosts": {h.name: {"netns": h.netns, "address": h.address} for h in bed.hosts.values()},
-             "nats_pids": {h: p.pid for h, p in cluster.procs.items()},
-             "nats_urls": {h: cluster.urls(first=h) for h in cluster.hosts}}
+    state = {
+        "run_id": bed.run_id,
+        "switch": bed.switch,
+        "namespaces": bed._made,
+        "subnet": bed.subnet,
+        "hosts": {h.name: {"netns": h.netns, "address": h.address} for h in bed.hosts.values()},
+        "nats_pids": {h: p.pid for h, p in cluster.procs.items()},
+        "nats_urls": {h: cluster.urls(first=h) for h in cluster.hosts},
+    }
     (store / "state.json").write_text(json.dumps(state, indent=2))
     print(f"test bed {bed.run_id}: subnet {bed.subnet}, JetStream meta leader {leader}")
     for h in bed.hosts.values():
@@ -429,14 +465,20 @@ def _cli_down(run_id: str) -> int:
 def main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="scripts/cluster.sh", description="hosts as network namespaces, with a "
-                                "clustered nats-server on each (docs/cluster.md)")
+    p = argparse.ArgumentParser(
+        prog="scripts/cluster.sh",
+        description="hosts as network namespaces, with a clustered nats-server on each (docs/cluster.md)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create the hosts and start the NATS cluster")
     up.add_argument("--hosts", type=int, default=3)
     up.add_argument("--nats-hosts", type=int, default=3, help="how many of the hosts run a nats-server")
-    up.add_argument("--route-delay-ms", type=float, default=None,
-                    help="delay each direction of the routes between nats-servers this much (tests/delay_proxy.py)")
+    up.add_argument(
+        "--route-delay-ms",
+        type=float,
+        default=None,
+        help="delay each direction of the routes between nats-servers this much (tests/delay_proxy.py)",
+    )
     down = sub.add_parser("down", help="stop everything in a test bed and remove it")
     down.add_argument("run_id")
     for name, help_ in (("link-down", "cut a host off (its bridge port down)"), ("link-up", "reconnect a host")):
@@ -459,8 +501,10 @@ def main(argv: list[str]) -> int:
         return 0
     for path in sorted(STATE_DIR.glob("*/state.json")):
         state = json.loads(path.read_text())
-        print(f"{state['run_id']}  {state['subnet']}  " + " ".join(f"{h}={v['address']}" for h, v in
-                                                                   state["hosts"].items()))
+        print(
+            f"{state['run_id']}  {state['subnet']}  "
+            + " ".join(f"{h}={v['address']}" for h, v in state["hosts"].items())
+        )
     return 0
 
 

@@ -20,17 +20,30 @@ from benchmarks.config import BASELINE, REPO_ROOT, SAME_LAYOUT_BASELINE
 
 
 def _sample(side: str, tok_per_s: float, *, other_cores: float = 0.0) -> dict[str, Any]:
-    return {"side": side, "concurrency": 16, "errors": 0, "tok_per_s": tok_per_s, "req_per_s": tok_per_s / 32,
-            "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_p50_ms": 2.0, "itl_p99_ms": 4.0,
-            "cpu": {"client_cores": 0.2, "other_cores": other_cores, "server_cores_total": 1.0}}
+    return {
+        "side": side,
+        "concurrency": 16,
+        "errors": 0,
+        "tok_per_s": tok_per_s,
+        "req_per_s": tok_per_s / 32,
+        "ttft_p50_ms": 10.0,
+        "ttft_p99_ms": 20.0,
+        "itl_p50_ms": 2.0,
+        "itl_p99_ms": 4.0,
+        "cpu": {"client_cores": 0.2, "other_cores": other_cores, "server_cores_total": 1.0},
+    }
 
 
 def test_the_report_gives_ratios_to_vllm_serve_and_to_the_same_engine_layout() -> None:
-    agg = report.aggregate([
-        _sample(BASELINE, 100), _sample(BASELINE, 300),
-        _sample(SAME_LAYOUT_BASELINE, 400),
-        _sample("dynamo", 300), _sample("dynamo", 5000, other_cores=2.0),  # disturbed: not in the quiet median
-    ])
+    agg = report.aggregate(
+        [
+            _sample(BASELINE, 100),
+            _sample(BASELINE, 300),
+            _sample(SAME_LAYOUT_BASELINE, 400),
+            _sample("dynamo", 300),
+            _sample("dynamo", 5000, other_cores=2.0),  # disturbed: not in the quiet median
+        ]
+    )
     quiet = report.quiet_table(agg)
     assert "| vllm-serve | 200 (1.00x) (2) |" in quiet
     assert "| dynamo | 300 (1.50x) (1) |" in quiet
@@ -47,9 +60,25 @@ def test_without_the_same_layout_side_the_report_has_no_such_table() -> None:
 
 def test_the_request_plane_benchmark_counts_every_frame_on_both_planes(tmp_path: Path) -> None:
     out = tmp_path / "plane.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.request_plane", "--messages", "3000",
-                           "--streams", "1,4", "--timeout", "60", "--json", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.request_plane",
+            "--messages",
+            "3000",
+            "--streams",
+            "1,4",
+            "--timeout",
+            "60",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["bare"]["received"] == result["bare"]["expected"] == 3000
@@ -71,9 +100,29 @@ async def test_the_failover_benchmark_sees_a_killed_worker_leave_routing_and_dis
 
 def test_the_discovery_scale_benchmark_sees_every_simulated_worker_routable(tmp_path: Path, demo_model: str) -> None:
     out = tmp_path / "scale.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.discovery_scale", "--instances", "20", "--window", "2",
-                           "--timeout", "60", "--model", demo_model, "--log-dir", str(tmp_path / "logs"),
-                           "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.discovery_scale",
+            "--instances",
+            "20",
+            "--window",
+            "2",
+            "--timeout",
+            "60",
+            "--model",
+            demo_model,
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     [level] = result["levels"]
@@ -83,7 +132,12 @@ def test_the_discovery_scale_benchmark_sees_every_simulated_worker_routable(tmp_
     assert level["routable_s"] is not None and level["routable_seen"] == 20, level
     assert level["routable_after_window"] == 20, level
     assert level["keepalive_msgs_per_s"] > 0 and level["bus_in_msgs_per_s"] > level["keepalive_msgs_per_s"]
-    assert set(level["per_instance"]) == {"keepalive_msgs_per_s", "bus_in_msgs_per_s", "bus_out_msgs_per_s",
-                                          "bus_bytes_per_s", "frontend_discovery_cpu_ms_per_s"}
+    assert set(level["per_instance"]) == {
+        "keepalive_msgs_per_s",
+        "bus_in_msgs_per_s",
+        "bus_out_msgs_per_s",
+        "bus_bytes_per_s",
+        "frontend_discovery_cpu_ms_per_s",
+    }
     assert result["per_instance_vs_smallest"]["keepalive_msgs_per_s"] == {"20": 1.0}
     assert "| 20 |" in done.stdout and "per-instance figures as ratios" in done.stdout

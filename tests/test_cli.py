@@ -89,11 +89,13 @@ def test_dynamo_alias_flags_select_the_role() -> None:
 
 
 def test_multimodal_roles_need_enable_multimodal_in_one_line() -> None:
-    for argv, flag in ((["--multimodal-processor"], "--multimodal-processor"),
-                       (["--multimodal-encode-worker"], "--multimodal-encode-worker"),
-                       (["--vllm-native-encoder-worker"], "--vllm-native-encoder-worker"),
-                       (["--role", "encode"], "--role encode"),
-                       (["--multimodal-worker"], "--multimodal-worker")):
+    for argv, flag in (
+        (["--multimodal-processor"], "--multimodal-processor"),
+        (["--multimodal-encode-worker"], "--multimodal-encode-worker"),
+        (["--vllm-native-encoder-worker"], "--vllm-native-encoder-worker"),
+        (["--role", "encode"], "--role encode"),
+        (["--multimodal-worker"], "--multimodal-worker"),
+    ):
         out = run_cli(*argv, "--model", "/nonexistent")
         assert out.returncode == 2, out.stderr
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
@@ -102,9 +104,11 @@ def test_multimodal_roles_need_enable_multimodal_in_one_line() -> None:
 
 def test_enable_multimodal_refuses_a_model_the_multimodal_roles_do_not_serve(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    for argv in (["--enable-multimodal"], ["--vllm-native-encoder-worker", "--enable-multimodal",
-                                           "--ec-storage-path", str(tmp_path)],
-                 ["--multimodal-encode-worker", "--enable-multimodal"]):
+    for argv in (
+        ["--enable-multimodal"],
+        ["--vllm-native-encoder-worker", "--enable-multimodal", "--ec-storage-path", str(tmp_path)],
+        ["--multimodal-encode-worker", "--enable-multimodal"],
+    ):
         out = run_cli(*argv, "--model", str(tmp_path), "--nats-url", "nats://127.0.0.1:1")
         # vLLM's own import warnings may come first; the error is one line, without a traceback.
         errors = [line for line in out.stderr.splitlines() if line.startswith("dynamo-worker: error:")]
@@ -195,8 +199,7 @@ def test_demo_model_refuses_a_file_at_path(tmp_path: Path) -> None:
     assert target.read_bytes() == b"not a model\n" and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_demo_model_writes_into_an_empty_directory_replaces_its_own_and_force_replaces_anything(
-        tmp_path: Path) -> None:
+def test_demo_model_writes_into_an_empty_directory_replaces_its_own_and_force_replaces_anything(tmp_path: Path) -> None:
     target = tmp_path / "model"
     target.mkdir()
     out = run_cli("demo-model", str(target), timeout=180)

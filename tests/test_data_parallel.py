@@ -11,7 +11,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.request_plane import RequestError
-
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
 from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_port, worker_env
@@ -21,10 +20,28 @@ PROMPT = [1, 40, 41, 42, 43, 44]
 
 async def test_rank_0_serves_both_ranks_and_rank_1_only_waits(nats_server: NatsServer, demo_model: str) -> None:
     namespace = f"dp{uuid.uuid4().hex[:8]}"
-    dp = ["--data-parallel-size", "2", "--data-parallel-address", "127.0.0.1",
-          "--data-parallel-rpc-port", str(free_port())]
-    common = ["--role", "decode", "--model", demo_model, "--served-model-name", "tiny", "--nats-url", nats_server.url,
-              "--namespace", namespace, *ENGINE_FLAGS, *dp]
+    dp = [
+        "--data-parallel-size",
+        "2",
+        "--data-parallel-address",
+        "127.0.0.1",
+        "--data-parallel-rpc-port",
+        str(free_port()),
+    ]
+    common = [
+        "--role",
+        "decode",
+        "--model",
+        demo_model,
+        "--served-model-name",
+        "tiny",
+        "--nats-url",
+        nats_server.url,
+        "--namespace",
+        namespace,
+        *ENGINE_FLAGS,
+        *dp,
+    ]
     # The ranks must agree on the KV-event ports (base + rank): pick them, not the default.
     env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port(2)))
     follower = WorkerProcess([*common, "--data-parallel-rank", "1"], env=env)
@@ -41,8 +58,12 @@ async def test_rank_0_serves_both_ranks_and_rank_1_only_waits(nats_server: NatsS
         assert len(client.instances()) == 1, "only the leader is discoverable"
         answers = []
         for rank in (0, 1):
-            request = {"token_ids": PROMPT, "sampling_options": {"temperature": 0.0},
-                       "stop_conditions": {"max_tokens": 6, "ignore_eos": True}, "routing": {"dp_rank": rank}}
+            request = {
+                "token_ids": PROMPT,
+                "sampling_options": {"temperature": 0.0},
+                "stop_conditions": {"max_tokens": 6, "ignore_eos": True},
+                "routing": {"dp_rank": rank},
+            }
             answers.append([t for chunk in [c async for c in client.generate(request)] for t in chunk["token_ids"]])
         # Same model on both ranks, greedy: the same answer from each rank's engine.
         assert answers[0] == answers[1] and len(answers[0]) == 6

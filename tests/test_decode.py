@@ -52,19 +52,39 @@ class Deployment:
 
     def metrics(self) -> dict[tuple[str, str], float]:
         body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
-        return {(s.name, s.labels.get("error_type", s.labels.get("dynamo_endpoint", ""))): s.value
-                for fam in text_string_to_metric_families(body) for s in fam.samples}
+        return {
+            (s.name, s.labels.get("error_type", s.labels.get("dynamo_endpoint", ""))): s.value
+            for fam in text_string_to_metric_families(body)
+            for s in fam.samples
+        }
 
 
 @pytest.fixture(scope="module")
-def deployment(reference: Any, demo_model: str, nats_server: NatsServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    reference: Any, demo_model: str, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     namespace = f"dec{uuid.uuid4().hex[:8]}"
     port = free_port()
     dump = tmp_path_factory.mktemp("dump") / "config.json"
-    worker = WorkerProcess(["--role", "decode", "--model", demo_model, "--served-model-name", "tiny",
-                            "--nats-url", nats_server.url, "--namespace", namespace, "--system-port", str(port),
-                            "--dump-config-to", str(dump), *ENGINE_FLAGS])
+    worker = WorkerProcess(
+        [
+            "--role",
+            "decode",
+            "--model",
+            demo_model,
+            "--served-model-name",
+            "tiny",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--system-port",
+            str(port),
+            "--dump-config-to",
+            str(dump),
+            *ENGINE_FLAGS,
+        ]
+    )
     try:
         worker.wait_for_log("serving", timeout=240)
         yield Deployment(worker, nats_server.url, namespace, port, dump)
@@ -79,8 +99,12 @@ async def generate(rt: Runtime, request: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def greedy(prompt: list[int], max_tokens: int = GREEDY_TOKENS, **extra: Any) -> dict[str, Any]:
-    return {"token_ids": prompt, "sampling_options": {"temperature": 0.0},
-            "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
+    return {
+        "token_ids": prompt,
+        "sampling_options": {"temperature": 0.0},
+        "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True},
+        **extra,
+    }
 
 
 def tokens(chunks: list[dict[str, Any]]) -> list[int]:
@@ -100,7 +124,8 @@ async def test_the_worker_publishes_its_model_in_discovery(deployment: Deploymen
 
 
 async def test_greedy_output_equals_the_offline_engine_and_depends_on_the_prompt(
-        deployment: Deployment, reference: list[list[int]]) -> None:
+    deployment: Deployment, reference: list[list[int]]
+) -> None:
     assert reference[0] != reference[1], "control: different prompts must give different output"
     rt = await deployment.runtime()
     try:
@@ -117,15 +142,16 @@ async def test_tokens_stream_as_deltas_with_a_finish_reason_and_usage_at_the_end
         assert len(tokens(chunks)) == 8 and len(chunks) > 1
         assert all("finish_reason" not in c and "completion_usage" not in c for c in chunks[:-1])
         last = chunks[-1]
-        assert last["finish_reason"] == "length"
+        assert last["finish_reason"] == "length" and "stop_reason" not in last
         usage = last["completion_usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (12, 8, 20)
     finally:
         await rt.close()
 
 
-async def test_stop_token_ids_min_tokens_and_seeded_sampling(deployment: Deployment,
-                                                           reference: list[list[int]]) -> None:
+async def test_stop_token_ids_min_tokens_and_seeded_sampling(
+    deployment: Deployment, reference: list[list[int]]
+) -> None:
     rt = await deployment.runtime()
     try:
         stop_id = reference[0][4]
@@ -133,13 +159,17 @@ async def test_stop_token_ids_min_tokens_and_seeded_sampling(deployment: Deploym
         req = greedy(PROMPT_A)
         req["stop_conditions"]["stop_token_ids"] = [stop_id]
         chunks = await generate(rt, req)
-        assert chunks[-1]["finish_reason"] == "stop"
+        assert (chunks[-1]["finish_reason"], chunks[-1]["stop_reason"]) == ("stop", stop_id)  # vLLM's
         assert tokens(chunks)[:first] == reference[0][:first] and len(tokens(chunks)) == first + 1
+        assert tokens(chunks)[-1] == stop_id  # sent: the frontend leaves its text out
         req["stop_conditions"]["min_tokens"] = first + 2  # the stop token is ignored until then
         assert len(tokens(await generate(rt, req))) > first + 1
 
-        sampled = {"token_ids": PROMPT_A, "sampling_options": {"temperature": 1.0, "seed": 7, "top_k": 50},
-                   "stop_conditions": {"max_tokens": 12, "ignore_eos": True}}
+        sampled = {
+            "token_ids": PROMPT_A,
+            "sampling_options": {"temperature": 1.0, "seed": 7, "top_k": 50},
+            "stop_conditions": {"max_tokens": 12, "ignore_eos": True},
+        }
         one, two = tokens(await generate(rt, sampled)), tokens(await generate(rt, sampled))
         sampled["sampling_options"]["seed"] = 8
         three = tokens(await generate(rt, sampled))
@@ -148,26 +178,31 @@ async def test_stop_token_ids_min_tokens_and_seeded_sampling(deployment: Deploym
         await rt.close()
 
 
-async def test_bad_words_token_ids_and_stop_strings_reach_the_engine(deployment: Deployment, demo_model: str,
-                                                                     reference: list[list[int]]) -> None:
+async def test_bad_words_token_ids_and_stop_strings_reach_the_engine(
+    deployment: Deployment, demo_model: str, reference: list[list[int]]
+) -> None:
     """Fields of Dynamo's message that our frontend never sends are honoured all the same."""
     from transformers import AutoTokenizer
 
     rt = await deployment.runtime()
     try:
         banned = reference[0][0]
-        out = tokens(await generate(rt, greedy(PROMPT_A, sampling_options={
-            "temperature": 0.0, "bad_words_token_ids": [[banned]]})))
+        out = tokens(
+            await generate(
+                rt, greedy(PROMPT_A, sampling_options={"temperature": 0.0, "bad_words_token_ids": [[banned]]})
+            )
+        )
         assert len(out) == GREEDY_TOKENS and banned not in out  # greedy's first choice is banned everywhere
 
         text = AutoTokenizer.from_pretrained(demo_model).decode(reference[0])
-        at = next(i for i in range(len(text) // 2, len(text) - 2) if text.find(text[i:i + 3]) == i)
+        at = next(i for i in range(len(text) // 2, len(text) - 2) if text.find(text[i : i + 3]) == i)
         req = greedy(PROMPT_A)
-        req["stop_conditions"]["stop"] = [text[at:at + 3]]
+        req["stop_conditions"]["stop"] = [text[at : at + 3]]
         chunks = await generate(rt, req)
         got = tokens(chunks)
         assert chunks[-1]["finish_reason"] == "stop" and len(got) < GREEDY_TOKENS
-        assert got == reference[0][:len(got)]  # cut where the stop string appears, not changed
+        assert chunks[-1]["stop_reason"] == text[at : at + 3]
+        assert got == reference[0][: len(got)]  # cut where the stop string appears, not changed
     finally:
         await rt.close()
 
@@ -199,7 +234,8 @@ async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
             best, runner_up = sorted((t["logprob"] for t in top), reverse=True)[:2]
             assert best - runner_up > CLEAR_MARGIN, (
                 f"step {step}: the two most likely tokens tie ({top}); greedy may take either, so the check "
-                f"below means nothing: pick a prompt without ties for this model")
+                f"below means nothing: pick a prompt without ties for this model"
+            )
             # Greedy: the sampled token is the most likely one (rank 1; the 2 asked for, and no more,
             # since the sampled token is among them), and its log-probability is the one reported.
             assert [t["rank"] for t in top] == [1, 2], top
@@ -209,33 +245,39 @@ async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
         await rt.close()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"token_ids": "hello"}, "Expected `array`"),
-    ({"token_ids": [1, 99999]}, "outside the vocabulary"),
-    ({"token_ids": list(range(1, 300))}, "this model's context is 256"),
-    ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": 0}}, "max_tokens must be at least 1"),
-    ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": "x"}}, "stop_conditions.max_tokens"),
-    ({"token_ids": [1, 2], "surprise": True}, "unknown field `surprise`"),
-    ({"token_ids": [1, 2], "sampling_options": {"temperature": -1}}, "temperature"),
-    ({"token_ids": []}, "must not be empty"),
-    # Dynamo's guided_decoding becomes vLLM's StructuredOutputsParams; what cannot compile is refused.
-    ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "[a-"}}}, "guided_decoding"),
-    ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "a", "choice": ["a"]}}},
-     "guided_decoding"),
-    ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"json": {"type": "nope"}}}}, "guided_decoding"),
-    ({"token_ids": [1, 2], "output_options": {"prompt_logprobs": 21}}, "prompt_logprobs"),
-    # Accepted by the message format but not honoured by this worker: refused, never dropped.
-    ({"token_ids": [1, 2], "sampling_options": {"n": 2}}, "sampling_options.n"),
-    ({"token_ids": [1, 2], "sampling_options": {"best_of": 2}}, "sampling_options.best_of"),
-    ({"token_ids": [1, 2], "sampling_options": {"use_beam_search": True}}, "sampling_options.use_beam_search"),
-    ({"token_ids": [1, 2], "sampling_options": {"length_penalty": 0.5}}, "sampling_options.length_penalty"),
-    ({"token_ids": [1, 2], "sampling_options": {"detokenize": True}}, "sampling_options.detokenize"),
-    ({"token_ids": [1, 2], "stop_conditions": {"max_thinking_tokens": 8}}, "stop_conditions.max_thinking_tokens"),
-    ({"token_ids": [1, 2], "sampling_options": {"bad_words_token_ids": [[99999]]}}, "bad_words_token_ids"),
-    ({"token_ids": [1, 2], "sampling_options": {"logit_bias": {"99999": 1.0}}}, "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"token_ids": "hello"}, "Expected `array`"),
+        ({"token_ids": [1, 99999]}, "outside the vocabulary"),
+        ({"token_ids": list(range(1, 300))}, "this model's context is 256"),
+        ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": 0}}, "max_tokens must be at least 1"),
+        ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": "x"}}, "stop_conditions.max_tokens"),
+        ({"token_ids": [1, 2], "surprise": True}, "unknown field `surprise`"),
+        ({"token_ids": [1, 2], "sampling_options": {"temperature": -1}}, "temperature"),
+        ({"token_ids": []}, "must not be empty"),
+        # Dynamo's guided_decoding becomes vLLM's StructuredOutputsParams; what cannot compile is refused.
+        ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "[a-"}}}, "guided_decoding"),
+        (
+            {"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"regex": "a", "choice": ["a"]}}},
+            "guided_decoding",
+        ),
+        ({"token_ids": [1, 2], "sampling_options": {"guided_decoding": {"json": {"type": "nope"}}}}, "guided_decoding"),
+        ({"token_ids": [1, 2], "output_options": {"prompt_logprobs": 21}}, "prompt_logprobs"),
+        # Accepted by the message format but not honoured by this worker: refused, never dropped.
+        ({"token_ids": [1, 2], "sampling_options": {"n": 2}}, "sampling_options.n"),
+        ({"token_ids": [1, 2], "sampling_options": {"best_of": 2}}, "sampling_options.best_of"),
+        ({"token_ids": [1, 2], "sampling_options": {"use_beam_search": True}}, "sampling_options.use_beam_search"),
+        ({"token_ids": [1, 2], "sampling_options": {"length_penalty": 0.5}}, "sampling_options.length_penalty"),
+        ({"token_ids": [1, 2], "sampling_options": {"detokenize": True}}, "sampling_options.detokenize"),
+        ({"token_ids": [1, 2], "stop_conditions": {"max_thinking_tokens": 8}}, "stop_conditions.max_thinking_tokens"),
+        ({"token_ids": [1, 2], "sampling_options": {"bad_words_token_ids": [[99999]]}}, "bad_words_token_ids"),
+        ({"token_ids": [1, 2], "sampling_options": {"logit_bias": {"99999": 1.0}}}, "logit_bias"),
+    ],
+)
 async def test_bad_requests_get_bad_request_and_the_worker_keeps_serving(
-        deployment: Deployment, bad: dict[str, Any], message: str) -> None:
+    deployment: Deployment, bad: dict[str, Any], message: str
+) -> None:
     rt = await deployment.runtime()
     try:
         with pytest.raises(RequestError) as err:
@@ -278,17 +320,27 @@ async def test_clear_kv_blocks_and_the_health_payload(deployment: Deployment) ->
         assert [x async for x in client.generate({})] == [{"status": "success", "message": "KV cache cleared"}]
         health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{deployment.port}/health"))
         assert health["status"] == "healthy" and health["endpoints"] == [
-            "clear_kv_blocks", "generate", "kv_blocks", "list_loras", "load_lora", "unload_lora"]
+            "clear_kv_blocks",
+            "generate",
+            "kv_blocks",
+            "list_loras",
+            "load_lora",
+            "unload_lora",
+        ]
         # The canary the role defines is a valid one-token request.
-        payload = {"token_ids": [1], "sampling_options": {"temperature": 0.0},
-                   "stop_conditions": {"max_tokens": 1, "ignore_eos": False}}
+        payload = {
+            "token_ids": [1],
+            "sampling_options": {"temperature": 0.0},
+            "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
+        }
         assert len(tokens(await generate(rt, payload))) == 1
     finally:
         await rt.close()
 
 
-def test_dump_config_has_the_engine_arguments_and_the_defaults_we_applied(deployment: Deployment,
-                                                                          demo_model: str) -> None:
+def test_dump_config_has_the_engine_arguments_and_the_defaults_we_applied(
+    deployment: Deployment, demo_model: str
+) -> None:
     config = json.loads(deployment.dump.read_text())
     engine = config["resolved"]["engine_args"]
     assert engine["model"] == demo_model and engine["max_model_len"] == MAX_MODEL_LEN
@@ -333,19 +385,27 @@ def test_engine_help_lists_vllm_engine_arguments() -> None:
     assert "--max-model-len" in out.stdout and "--enable-prefix-caching" in out.stdout
 
 
-@pytest.mark.parametrize(("backend", "sizes", "environ", "expected"), [
-    (None, (1, 1, 1), {}, "uni"),  # our default on CPU
-    ("uni", (1, 1, 1), {}, "uni"),  # honoured (vLLM alone would turn it into mp)
-    ("mp", (1, 1, 1), {}, None),  # the user's choice stays
-    (None, (2, 1, 1), {}, None),  # tensor parallel: several model processes, vLLM decides
-    (None, (1, 1, 2), {}, None),  # data parallel: left to vLLM
-    (None, (1, 1, 1), {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, None),  # set on purpose
-    (None, (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, None),  # CPU lists: only mp applies them
-    (None, (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, "uni"),
-    ("uni", (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "uni"),  # an explicit choice wins
-])
-def test_the_executor_choice_on_cpu(monkeypatch: pytest.MonkeyPatch, backend: str | None, sizes: tuple[int, int, int],
-                                    environ: dict[str, str], expected: str | None) -> None:
+@pytest.mark.parametrize(
+    ("backend", "sizes", "environ", "expected"),
+    [
+        (None, (1, 1, 1), {}, "uni"),  # our default on CPU
+        ("uni", (1, 1, 1), {}, "uni"),  # honoured (vLLM alone would turn it into mp)
+        ("mp", (1, 1, 1), {}, None),  # the user's choice stays
+        (None, (2, 1, 1), {}, None),  # tensor parallel: several model processes, vLLM decides
+        (None, (1, 1, 2), {}, None),  # data parallel: left to vLLM
+        (None, (1, 1, 1), {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, None),  # set on purpose
+        (None, (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, None),  # CPU lists: only mp applies them
+        (None, (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, "uni"),
+        ("uni", (1, 1, 1), {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "uni"),  # an explicit choice wins
+    ],
+)
+def test_the_executor_choice_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str | None,
+    sizes: tuple[int, int, int],
+    environ: dict[str, str],
+    expected: str | None,
+) -> None:
     from types import SimpleNamespace
 
     from dynamo_worker.engine import executor
@@ -355,8 +415,9 @@ def test_the_executor_choice_on_cpu(monkeypatch: pytest.MonkeyPatch, backend: st
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     tp, pp, dp = sizes
-    args = SimpleNamespace(distributed_executor_backend=backend, tensor_parallel_size=tp,
-                           pipeline_parallel_size=pp, data_parallel_size=dp)
+    args = SimpleNamespace(
+        distributed_executor_backend=backend, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp
+    )
     applied = executor.configure(args)
     if expected is None:
         assert applied is None and args.distributed_executor_backend == backend

@@ -42,8 +42,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class Deployment:
-    def __init__(self, worker: WorkerProcess, nats_url: str, namespace: str, port: int, tmp: Path,
-                 dump: Path) -> None:
+    def __init__(self, worker: WorkerProcess, nats_url: str, namespace: str, port: int, tmp: Path, dump: Path) -> None:
         self.worker, self.nats_url, self.namespace, self.port, self.tmp = worker, nats_url, namespace, port, tmp
         self.dump = dump
 
@@ -85,15 +84,45 @@ def deployment(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     tmp = tmp_path_factory.mktemp("worker-tmp")  # the worker's own TMPDIR: its files are visible here
     dump = tmp_path_factory.mktemp("dump") / "config.json"
     nats = ConfiguredNats("--auth", NATS_TOKEN)
-    env = worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()), TMPDIR=str(tmp), NATS_AUTH_TOKEN=NATS_TOKEN,
-                     DYN_SYSTEM_ADMIN_TOKEN=ADMIN_TOKEN, DYN_REQUEST_PLANE_TOKEN=REQUEST_PLANE_TOKEN)
+    env = worker_env(
+        DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()),
+        TMPDIR=str(tmp),
+        NATS_AUTH_TOKEN=NATS_TOKEN,
+        DYN_SYSTEM_ADMIN_TOKEN=ADMIN_TOKEN,
+        DYN_REQUEST_PLANE_TOKEN=REQUEST_PLANE_TOKEN,
+    )
     # --tokenizer and --max-num-batched-tokens (vLLM's CPU default) are given so the dump has
     # values there that a careless redaction would hide.
-    worker = WorkerProcess(["--role", "decode", "--model", demo_model, "--served-model-name", "tiny",
-                            "--nats-url", nats.url, "--namespace", namespace, "--system-port", str(port),
-                            "--system-host", "0.0.0.0", "--dump-config-to", str(dump), "--hf-token", HF_TOKEN,
-                            "--tokenizer", demo_model, "--max-num-batched-tokens", "2048",
-                            "--block-size", str(BLOCK), *ENGINE_FLAGS], env=env)
+    worker = WorkerProcess(
+        [
+            "--role",
+            "decode",
+            "--model",
+            demo_model,
+            "--served-model-name",
+            "tiny",
+            "--nats-url",
+            nats.url,
+            "--namespace",
+            namespace,
+            "--system-port",
+            str(port),
+            "--system-host",
+            "0.0.0.0",
+            "--dump-config-to",
+            str(dump),
+            "--hf-token",
+            HF_TOKEN,
+            "--tokenizer",
+            demo_model,
+            "--max-num-batched-tokens",
+            "2048",
+            "--block-size",
+            str(BLOCK),
+            *ENGINE_FLAGS,
+        ],
+        env=env,
+    )
     try:
         worker.wait_for_log("serving", timeout=240)
         yield Deployment(worker, nats.url, namespace, port, tmp, dump)
@@ -108,8 +137,12 @@ def deployment(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def greedy(prompt: list[int], max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-    return {"token_ids": prompt, "sampling_options": {"temperature": 0.0},
-            "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True}, **extra}
+    return {
+        "token_ids": prompt,
+        "sampling_options": {"temperature": 0.0},
+        "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True},
+        **extra,
+    }
 
 
 async def generate(rt: Runtime, request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,8 +181,10 @@ class Events:
             if found:
                 return found
             await asyncio.sleep(0.05)
-        raise AssertionError(f"no matching event in {len(self.items)} received: {self.items[-5:]}"
-                             + (f"; the worker says {diagnose()}" if diagnose else ""))
+        raise AssertionError(
+            f"no matching event in {len(self.items)} received: {self.items[-5:]}"
+            + (f"; the worker says {diagnose()}" if diagnose else "")
+        )
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -165,6 +200,7 @@ async def test_metrics_carry_vllm_metrics_and_the_workers_latency_histograms(dep
     text = deployment.metrics_text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {(s.name, s.labels.get("model", "")): s.value for f in families.values() for s in f.samples}
+
     def total(family: str, suffix: str) -> float:
         return sum(s.value for s in families[family].samples if s.name.endswith(suffix))
 
@@ -209,13 +245,20 @@ async def test_load_metrics_show_requests_running_then_an_idle_engine(deployment
     try:
         [record] = await rt.client("backend", "generate").wait_for_instances(10)
         load = await Events().subscribe(rt, "load_metrics")
-        results = await asyncio.gather(*(generate(rt, greedy(unique_prompt(20, 100 + i), max_tokens=200))
-                                         for i in range(4)))
+        results = await asyncio.gather(
+            *(generate(rt, greedy(unique_prompt(20, 100 + i), max_tokens=200)) for i in range(4))
+        )
         assert all(len(tokens(r)) == 200 for r in results)
+
         # The worker's own gauges, in a failure message: they tell a stat logger vLLM never called
         # from a publisher that did not publish.
-        gauges = lambda: [line for line in deployment.metrics_text().splitlines()  # noqa: E731
-                          if line.startswith("dynamo_component_engine_") or "kvstats" in line]
+        def gauges() -> list[str]:
+            return [
+                line
+                for line in deployment.metrics_text().splitlines()
+                if line.startswith("dynamo_component_engine_") or "kvstats" in line
+            ]
+
         busy = await load.wait_for(lambda e: e["worker_stats"]["request_active_slots"] > 0, diagnose=gauges)
         assert busy[0]["instance_id"] == record.instance_id and busy[0]["dp_rank"] == 0
         assert busy[0]["kv_stats"]["kv_active_blocks"] > 0
@@ -232,8 +275,7 @@ async def test_load_metrics_show_requests_running_then_an_idle_engine(deployment
         assert all(a != b for a, b in zip(load.items, load.items[1:]))
     finally:
         await rt.close()
-    samples = {s.name: s.value for f in text_string_to_metric_families(deployment.metrics_text())
-               for s in f.samples}
+    samples = {s.name: s.value for f in text_string_to_metric_families(deployment.metrics_text()) for s in f.samples}
     assert samples["dynamo_component_engine_requests_running"] == 0
     assert samples["dynamo_component_kvstats_total_blocks"] == last["kv_stats"]["kv_total_blocks"]
 
@@ -242,12 +284,12 @@ async def test_load_metrics_show_requests_running_then_an_idle_engine(deployment
 
 
 def stored(events: Events, instance_id: str) -> list[dict[str, Any]]:
-    return [ev for e in events.items if e["instance_id"] == instance_id
-            for ev in e["events"] if ev["type"] == "BlockStored"]
+    return [
+        ev for e in events.items if e["instance_id"] == instance_id for ev in e["events"] if ev["type"] == "BlockStored"
+    ]
 
 
-async def test_kv_events_report_stored_blocks_whose_hashes_repeat_for_a_repeated_prefix(
-        deployment: Deployment) -> None:
+async def test_kv_events_report_stored_blocks_whose_hashes_repeat_for_a_repeated_prefix(deployment: Deployment) -> None:
     rt = await deployment.runtime()
     try:
         [record] = await rt.client("backend", "generate").wait_for_instances(10)
@@ -257,7 +299,7 @@ async def test_kv_events_report_stored_blocks_whose_hashes_repeat_for_a_repeated
         await events.wait_for(lambda e: any(ev["type"] == "BlockStored" for ev in e["events"]))
         [first] = stored(events, record.instance_id)
         assert len(first["block_hashes"]) == 2 and first["parent_block_hash"] is None
-        assert first["token_ids"] == prompt[:2 * BLOCK] and first["block_size"] == BLOCK
+        assert first["token_ids"] == prompt[: 2 * BLOCK] and first["block_size"] == BLOCK
         hash1, hash2 = first["block_hashes"]
 
         # The same prompt again is served from the cache and stores nothing new.
@@ -299,8 +341,12 @@ class Consumer:
             if ev["type"] == "BlockStored":
                 size, parent, extra = ev["block_size"], ev["parent_block_hash"], ev.get("extra_keys")
                 for i, h in enumerate(ev["block_hashes"]):
-                    self.blocks[h] = (parent, ev["token_ids"][i * size:(i + 1) * size], ev["lora_name"],
-                                      None if extra is None else extra[i])
+                    self.blocks[h] = (
+                        parent,
+                        ev["token_ids"][i * size : (i + 1) * size],
+                        ev["lora_name"],
+                        None if extra is None else extra[i],
+                    )
                     parent = h
             elif ev["type"] == "BlockRemoved":
                 for h in ev["block_hashes"]:
@@ -314,8 +360,12 @@ def held(messages: list[dict[str, Any]]) -> dict[int, tuple[Any, ...]]:
     out = {}
     for b in (b for m in messages for b in m["blocks"]):
         [h] = b["block_hashes"]
-        out[h] = (b["parent_block_hash"], b["token_ids"], b["lora_name"],
-                  None if b["extra_keys"] is None else b["extra_keys"][0])
+        out[h] = (
+            b["parent_block_hash"],
+            b["token_ids"],
+            b["lora_name"],
+            None if b["extra_keys"] is None else b["extra_keys"][0],
+        )
     return out
 
 
@@ -332,8 +382,11 @@ async def clear_and_wait(rt: Runtime, events: Events, instance_id: str) -> int:
     assert cleared == [{"status": "success", "message": "KV cache cleared"}]
     await generate(rt, greedy([0, 5, 6], max_tokens=1))  # an engine step: it reports the reset
     for _ in range(200):
-        found = [e["seq"] for e in events.items[before:] if e["instance_id"] == instance_id
-                 and any(ev["type"] == "AllBlocksCleared" for ev in e["events"])]
+        found = [
+            e["seq"]
+            for e in events.items[before:]
+            if e["instance_id"] == instance_id and any(ev["type"] == "AllBlocksCleared" for ev in e["events"])
+        ]
         if found:
             return int(found[-1])
         await asyncio.sleep(0.05)
@@ -351,8 +404,7 @@ async def settled(rt: Runtime, predicate: Any, timeout: float = 10) -> list[dict
     raise AssertionError(f"kv_blocks never settled: {answer}")
 
 
-async def test_the_generate_record_tells_routers_the_kv_block_size_capacity_and_events(
-        deployment: Deployment) -> None:
+async def test_the_generate_record_tells_routers_the_kv_block_size_capacity_and_events(deployment: Deployment) -> None:
     rt = await deployment.runtime()
     try:
         [record] = await rt.client("backend", "generate").wait_for_instances(10)
@@ -360,8 +412,7 @@ async def test_the_generate_record_tells_routers_the_kv_block_size_capacity_and_
         await rt.close()
     data = record.data
     assert data["kv_block_size"] == BLOCK and data["kv_events"] is True and data["data_parallel_size"] == 1
-    samples = {s.name: s.value for f in text_string_to_metric_families(deployment.metrics_text())
-               for s in f.samples}
+    samples = {s.name: s.value for f in text_string_to_metric_families(deployment.metrics_text()) for s in f.samples}
     assert data["kv_capacity_blocks"] == samples["dynamo_component_kvstats_total_blocks"] > 0
     # One data-parallel rank: lost batches can be replayed from vLLM's buffer, through a socket in
     # a directory of the worker's own.
@@ -371,7 +422,8 @@ async def test_the_generate_record_tells_routers_the_kv_block_size_capacity_and_
 
 
 async def test_kv_blocks_hold_what_every_relayed_event_says_and_chain_back_to_the_prompts(
-        deployment: Deployment) -> None:
+    deployment: Deployment,
+) -> None:
     rt = await deployment.runtime()
     try:
         [record] = await rt.client("backend", "generate").wait_for_instances(10)
@@ -382,10 +434,12 @@ async def test_kv_blocks_hold_what_every_relayed_event_says_and_chain_back_to_th
         assert empty == [{"dp_rank": 0, "seq": start, "block_size": BLOCK, "stale": False, "last": True, "blocks": []}]
 
         base = unique_prompt(70, 21)  # 2 full blocks
-        prompts = [base,
-                   base[:BLOCK] + unique_prompt(40, 22),  # shares block 1, adds 1
-                   base[:2 * BLOCK] + unique_prompt(44, 23),  # shares blocks 1-2, adds 1
-                   unique_prompt(100, 24)]  # 3 of its own
+        prompts = [
+            base,
+            base[:BLOCK] + unique_prompt(40, 22),  # shares block 1, adds 1
+            base[: 2 * BLOCK] + unique_prompt(44, 23),  # shares blocks 1-2, adds 1
+            unique_prompt(100, 24),
+        ]  # 3 of its own
         for prompt in prompts:
             await generate(rt, greedy(prompt, max_tokens=2))
         answer = await settled(rt, lambda answer: sum(len(m["blocks"]) for m in answer) == 7)
@@ -393,8 +447,10 @@ async def test_kv_blocks_hold_what_every_relayed_event_says_and_chain_back_to_th
         assert (message["dp_rank"], message["block_size"], message["stale"], message["last"]) == (0, BLOCK, False, True)
         seq = message["seq"]
         await events.wait_for(lambda e: e["instance_id"] == record.instance_id and e["seq"] >= seq)
-        batches = sorted((e for e in events.items if e["instance_id"] == record.instance_id
-                          and start <= e["seq"] <= seq), key=lambda e: e["seq"])
+        batches = sorted(
+            (e for e in events.items if e["instance_id"] == record.instance_id and start <= e["seq"] <= seq),
+            key=lambda e: e["seq"],
+        )
         assert [e["seq"] for e in batches] == list(range(start, seq + 1))  # every batch reached the test
         consumer = Consumer()
         for batch in batches:
@@ -410,8 +466,11 @@ async def test_kv_blocks_hold_what_every_relayed_event_says_and_chain_back_to_th
         for prompt in prompts:  # each prompt's full blocks, chained from its first
             parent = None
             for i in range(len(prompt) // BLOCK):
-                [block] = [b for b in blocks if b["parent_block_hash"] == parent
-                           and b["token_ids"] == prompt[i * BLOCK:(i + 1) * BLOCK]]
+                [block] = [
+                    b
+                    for b in blocks
+                    if b["parent_block_hash"] == parent and b["token_ids"] == prompt[i * BLOCK : (i + 1) * BLOCK]
+                ]
                 parent = block["block_hashes"][0]
         assert await kv_blocks(rt, {"dp_rank": 0}) == answer
         with pytest.raises(RequestError) as err:
@@ -421,7 +480,8 @@ async def test_kv_blocks_hold_what_every_relayed_event_says_and_chain_back_to_th
         # A prefix-cache reset empties it.
         cleared = await clear_and_wait(rt, events, record.instance_id)
         assert await settled(rt, lambda answer: answer[0]["seq"] >= cleared) == [
-            {"dp_rank": 0, "seq": cleared, "block_size": BLOCK, "stale": False, "last": True, "blocks": []}]
+            {"dp_rank": 0, "seq": cleared, "block_size": BLOCK, "stale": False, "last": True, "blocks": []}
+        ]
     finally:
         await rt.close()
 
@@ -454,13 +514,23 @@ def test_kv_event_ports_are_reserved_before_the_engine_starts() -> None:
 
 
 def test_a_kv_event_port_in_use_is_a_one_line_error_before_the_engine_starts(
-        demo_model: str, nats_server: NatsServer) -> None:
+    demo_model: str, nats_server: NatsServer
+) -> None:
     with socket.socket() as taken:
         port = free_kv_event_port()
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        out = run_cli("--role", "decode", "--model", demo_model, "--nats-url", nats_server.url, *ENGINE_FLAGS,
-                      env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(port)), timeout=120)
+        out = run_cli(
+            "--role",
+            "decode",
+            "--model",
+            demo_model,
+            "--nats-url",
+            nats_server.url,
+            *ENGINE_FLAGS,
+            env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(port)),
+            timeout=120,
+        )
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and last.startswith(f"dynamo-worker: error: DYN_VLLM_KV_EVENT_PORT={port}")
     assert "is in use" in last and "Traceback" not in out.stderr
@@ -468,8 +538,15 @@ def test_a_kv_event_port_in_use_is_a_one_line_error_before_the_engine_starts(
 
 def test_a_bad_kv_event_port_is_a_one_line_error(demo_model: str) -> None:
     for value, message in (("abc", "is not a port number"), ("49152", "out of range")):
-        out = run_cli("--role", "decode", "--model", demo_model, "--nats-url", "nats://127.0.0.1:1",
-                      env=worker_env(DYN_VLLM_KV_EVENT_PORT=value))
+        out = run_cli(
+            "--role",
+            "decode",
+            "--model",
+            demo_model,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            env=worker_env(DYN_VLLM_KV_EVENT_PORT=value),
+        )
         last = out.stderr.strip().splitlines()[-1]
         assert out.returncode == 2 and last.startswith("dynamo-worker: error: DYN_VLLM_KV_EVENT_PORT")
         assert message in last and "1024" in last and "Traceback" not in out.stderr
@@ -513,7 +590,9 @@ async def test_sleep_withdraws_the_worker_and_wake_up_brings_it_back(deployment:
 
 def test_sleep_and_wake_reject_bad_bodies(deployment: Deployment) -> None:
     assert deployment.post("/engine/sleep", b'{"level": 7}') == (
-        400, {"status": "error", "message": "level must be 0, 1 or 2 (got 7)"})
+        400,
+        {"status": "error", "message": "level must be 0, 1 or 2 (got 7)"},
+    )
     status, body = deployment.post("/engine/sleep", b"not json")
     assert status == 400 and "not JSON" in body["message"]
     status, body = deployment.post("/engine/wake_up", b'{"tags": "weights"}')
@@ -526,13 +605,17 @@ def test_on_a_non_loopback_bind_sleep_and_wake_need_the_admin_token(deployment: 
     browser page of another origin is 403 even with it, and probes and scrapers need nothing.
     (Without a token such a bind answers 403: tests/test_health.py, on the same StatusServer.)"""
     json_only = {"Content-Type": "application/json"}
-    for headers in (json_only, {**json_only, "Authorization": "Bearer admin-wrong"},
-                    {**json_only, "Authorization": f"Basic {ADMIN_TOKEN}"}):
+    for headers in (
+        json_only,
+        {**json_only, "Authorization": "Bearer admin-wrong"},
+        {**json_only, "Authorization": f"Basic {ADMIN_TOKEN}"},
+    ):
         for path in ("/engine/sleep", "/engine/wake_up"):
             status, body = deployment.post(path, b'{"level": 1}', headers=headers)
             assert status == 401 and "DYN_SYSTEM_ADMIN_TOKEN" in body["message"], (path, headers, body)
-    status, body = deployment.post("/engine/sleep", b'{"level": 1}',
-                                   headers={**json_only, **ADMIN, "Origin": "http://evil.example"})
+    status, body = deployment.post(
+        "/engine/sleep", b'{"level": 1}', headers={**json_only, **ADMIN, "Origin": "http://evil.example"}
+    )
     assert status == 403 and "Origin" in body["message"]
     assert deployment.get("/engine/is_sleeping") == (200, {"is_sleeping": False, "level": None})
     assert deployment.get("/live")[0] == 200 and deployment.get("/health")[0] == 200

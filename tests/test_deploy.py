@@ -91,6 +91,7 @@ def test_the_rendering_checked_here_is_what_kubectl_kustomize_renders() -> None:
     assert kubectl, "kubectl is needed to cross-check the renderer (GitHub's runners have it)"
     out = subprocess.run([kubectl, "kustomize", str(BASE)], capture_output=True, text=True, timeout=60, check=True)
     theirs = [d for d in yaml.safe_load_all(out.stdout) if d]
+
     def key(d: dict[str, Any]) -> tuple[str, str]:
         return d["kind"], d["metadata"]["name"]
 
@@ -116,12 +117,14 @@ def test_nats_config_is_accepted_by_nats_server_and_clusters_three_servers_with_
     path = tmp_path / "nats.conf"
     path.write_text(config)
     env = {"POD_NAME": "nats-0", "NATS_AUTH_TOKEN": "s3cret", "PATH": "/usr/bin:/bin"}
-    ok = subprocess.run([str(NATS_SERVER), "-t", "-c", str(path)], capture_output=True, text=True, env=env, timeout=30,
-                        check=False)
+    ok = subprocess.run(
+        [str(NATS_SERVER), "-t", "-c", str(path)], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
     assert ok.returncode == 0, ok.stderr
     path.write_text(config.replace("jetstream {", "jetstream {\n  no_such_option: 1"))
-    bad = subprocess.run([str(NATS_SERVER), "-t", "-c", str(path)], capture_output=True, text=True, env=env, timeout=30,
-                         check=False)
+    bad = subprocess.run(
+        [str(NATS_SERVER), "-t", "-c", str(path)], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
     assert bad.returncode != 0  # the check above can fail
 
 
@@ -143,7 +146,8 @@ def _container_env(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_every_container_command_line_is_accepted_by_dynamo_workers_own_parser(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     # The volumes' paths exist in the pods, not here: point them at directories that do.
     paths = {"/models/model": tmp_path / "model", "/kv": tmp_path / "kv"}
     for path in paths.values():
@@ -201,10 +205,16 @@ def test_the_grace_period_outlasts_the_drain_and_the_cleanup() -> None:
     defaults = build_parser(HookRelay("decode", None)).parse_args([])
     for doc, container in OURS:
         args = container["args"]
-        drain = float(flag(args, "--graceful-shutdown-timeout")) if "--graceful-shutdown-timeout" in args \
+        drain = (
+            float(flag(args, "--graceful-shutdown-timeout"))
+            if "--graceful-shutdown-timeout" in args
             else defaults.graceful_shutdown_timeout
-        cleanup = float(flag(args, "--shutdown-cleanup-timeout")) if "--shutdown-cleanup-timeout" in args \
+        )
+        cleanup = (
+            float(flag(args, "--shutdown-cleanup-timeout"))
+            if "--shutdown-cleanup-timeout" in args
             else defaults.shutdown_cleanup_timeout
+        )
         grace = pod_spec(doc)["terminationGracePeriodSeconds"]
         assert grace > drain + cleanup, (doc["metadata"]["name"], grace, drain, cleanup)
 
@@ -224,10 +234,20 @@ def test_every_pod_requests_resources_and_ours_are_scraped_on_a_port_serving_met
 
 
 def test_credentials_come_from_the_secret_that_docs_deploying_md_creates() -> None:
-    keys = {v["valueFrom"]["secretKeyRef"]["key"] for d in WORKLOADS for c in pod_spec(d)["containers"]
-            for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
-    names = {v["valueFrom"]["secretKeyRef"]["name"] for d in WORKLOADS for c in pod_spec(d)["containers"]
-             for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+    keys = {
+        v["valueFrom"]["secretKeyRef"]["key"]
+        for d in WORKLOADS
+        for c in pod_spec(d)["containers"]
+        for v in c.get("env", [])
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
+    names = {
+        v["valueFrom"]["secretKeyRef"]["name"]
+        for d in WORKLOADS
+        for c in pod_spec(d)["containers"]
+        for v in c.get("env", [])
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
     assert names == {SECRET}
     assert keys == {"nats-token", "request-plane-token", "api-key", "system-admin-token"}
     for _, container in OURS:  # no secret on a command line (visible in ps and in the pod spec)

@@ -65,14 +65,41 @@ class Deployment:
         self.storage = tmp / "kv-shared"
         self.storage.mkdir()
         self.http_port, self.prefill_port, self.decode_port = free_port(), free_port(), free_port()
-        base = ["--model", model, "--nats-url", nats.url, "--namespace", self.namespace, *COMMON,
-                "--connector", "example", "--kv-shared-storage", str(self.storage)]
-        self.prefill = WorkerProcess(["--role", "prefill", *base, "--system-port", str(self.prefill_port)],
-                                     env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
-        self.decode = WorkerProcess(["--role", "decode", *base, "--system-port", str(self.decode_port)],
-                                    env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
-        self.frontend = WorkerProcess(["--role", "frontend", "--nats-url", nats.url, "--namespace", self.namespace,
-                                       "--http-port", str(self.http_port), "--lease-ttl", "2"])
+        base = [
+            "--model",
+            model,
+            "--nats-url",
+            nats.url,
+            "--namespace",
+            self.namespace,
+            *COMMON,
+            "--connector",
+            "example",
+            "--kv-shared-storage",
+            str(self.storage),
+        ]
+        self.prefill = WorkerProcess(
+            ["--role", "prefill", *base, "--system-port", str(self.prefill_port)],
+            env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())),
+        )
+        self.decode = WorkerProcess(
+            ["--role", "decode", *base, "--system-port", str(self.decode_port)],
+            env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())),
+        )
+        self.frontend = WorkerProcess(
+            [
+                "--role",
+                "frontend",
+                "--nats-url",
+                nats.url,
+                "--namespace",
+                self.namespace,
+                "--http-port",
+                str(self.http_port),
+                "--lease-ttl",
+                "2",
+            ]
+        )
         self.base = f"http://127.0.0.1:{self.http_port}"
 
     async def runtime(self) -> Runtime:
@@ -81,8 +108,12 @@ class Deployment:
     @staticmethod
     def metric(url: str, name: str, **labels: str) -> float:
         body = urllib.request.urlopen(f"{url}/metrics").read().decode()
-        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(body)
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     def external_hits(self) -> float:
         """vLLM's count of prompt tokens the decode engine took from the KV connector."""
@@ -92,8 +123,9 @@ class Deployment:
         return self.metric(self.base, name, **labels)
 
     def complete(self, prompt: list[int]) -> dict[str, Any]:
-        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                           "ignore_eos": True}).encode()
+        body = json.dumps(
+            {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        ).encode()
         req = urllib.request.Request(f"{self.base}/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             return json.load(resp)
@@ -104,8 +136,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(reference: Any, nats_server: NatsServer, demo_model: str,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    reference: Any, nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     d = Deployment(nats_server, demo_model, tmp_path_factory.mktemp("pd"))
     try:
         d.frontend.wait_for_log("serving")
@@ -131,8 +164,12 @@ def texts(demo_model: str, reference: list[list[int]]) -> list[str]:
 
 
 def greedy(prompt: list[int], **extra: Any) -> dict[str, Any]:
-    return {"token_ids": prompt, "sampling_options": {"temperature": 0.0},
-            "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True}, **extra}
+    return {
+        "token_ids": prompt,
+        "sampling_options": {"temperature": 0.0},
+        "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True},
+        **extra,
+    }
 
 
 async def test_the_prefill_worker_registers_its_own_component_endpoints_and_canary(deployment: Deployment) -> None:
@@ -151,8 +188,9 @@ async def test_the_prefill_worker_registers_its_own_component_endpoints_and_cana
         await rt.close()
 
 
-async def test_prefill_then_decode_by_hand_gives_the_aggregated_tokens(deployment: Deployment,
-                                                                       reference: list[list[int]]) -> None:
+async def test_prefill_then_decode_by_hand_gives_the_aggregated_tokens(
+    deployment: Deployment, reference: list[list[int]]
+) -> None:
     """The wire protocol itself: one prefill chunk, then decode with it as prefill_result."""
     prompt, expected = DISAGG[0], reference[0]
     rt = await deployment.runtime()
@@ -171,14 +209,18 @@ async def test_prefill_then_decode_by_hand_gives_the_aggregated_tokens(deploymen
         chunks = [c async for c in decode.generate(greedy(prompt, prefill_result=prefill_result))]
         assert [t for c in chunks for t in c["token_ids"]] == expected
         assert chunks[-1]["completion_usage"]["prompt_tokens_details"] == {"cached_tokens": TRANSFERRED}
-        wait_until(lambda: deployment.external_hits() == before + TRANSFERRED, 10,
-                   what="the decode engine to count the transferred tokens")
+        wait_until(
+            lambda: deployment.external_hits() == before + TRANSFERRED,
+            10,
+            what="the decode engine to count the transferred tokens",
+        )
     finally:
         await rt.close()
 
 
-async def test_the_decode_output_comes_from_the_transferred_kv(deployment: Deployment,
-                                                              reference: list[list[int]]) -> None:
+async def test_the_decode_output_comes_from_the_transferred_kv(
+    deployment: Deployment, reference: list[list[int]]
+) -> None:
     """Negative control: zero the KV files the prefill wrote, and the decode output changes."""
     import safetensors.torch
     import torch
@@ -204,8 +246,7 @@ async def test_the_decode_output_comes_from_the_transferred_kv(deployment: Deplo
         await rt.close()
 
 
-def test_the_frontend_serves_disaggregated_with_the_aggregated_output(deployment: Deployment,
-                                                                      texts: list[str]) -> None:
+def test_the_frontend_serves_disaggregated_with_the_aggregated_output(deployment: Deployment, texts: list[str]) -> None:
     d = deployment
     assert len(set(texts[:4])) == 4, "control: different prompts must give different output"
     hits, disagg = d.external_hits(), d.frontend_metric("dynamo_frontend_disaggregated_requests_total")
@@ -221,7 +262,8 @@ def test_the_frontend_serves_disaggregated_with_the_aggregated_output(deployment
 
 
 async def test_killing_the_prefill_worker_falls_back_to_aggregated_without_client_errors(
-        deployment: Deployment, texts: list[str]) -> None:
+    deployment: Deployment, texts: list[str]
+) -> None:
     d = deployment
     expected = dict(zip(map(tuple, PROMPTS), texts))
 
@@ -261,11 +303,22 @@ def test_connector_flag_mistakes_are_one_line_errors() -> None:
     cases = [
         (["--role", "prefill"], "the prefill role needs a KV connector"),
         (["--is-prefill-worker", "--connector", "none"], "the prefill role needs a KV connector"),
-        (["--role", "decode", "--connector", "example", "--kv-transfer-config",
-          '{"kv_connector":"ExampleConnector","kv_role":"kv_both"}'], "Cannot specify both"),
+        (
+            [
+                "--role",
+                "decode",
+                "--connector",
+                "example",
+                "--kv-transfer-config",
+                '{"kv_connector":"ExampleConnector","kv_role":"kv_both"}',
+            ],
+            "Cannot specify both",
+        ),
         (["--role", "decode", "--connector", "example"], "--connector example needs --kv-shared-storage"),
-        (["--role", "prefill", "--connector", "example", "--kv-shared-storage", "/no/such/dir"],
-         "--kv-shared-storage /no/such/dir: no such directory"),
+        (
+            ["--role", "prefill", "--connector", "example", "--kv-shared-storage", "/no/such/dir"],
+            "--kv-shared-storage /no/such/dir: no such directory",
+        ),
         (["--role", "decode", "--kv-shared-storage", "/tmp"], "--kv-shared-storage is only used with --connector"),
         (["--role", "decode", "--connector", "bogus"], "--connector: invalid choice: 'bogus'"),
     ]
@@ -292,7 +345,9 @@ def test_nixl_with_tensor_parallel_size_1_forces_the_mp_executor_unless_set() ->
         assert decided["from"] == "--kv-transfer-config" and decided["kv_role"] == "kv_both"
         assert os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"]
         for tp, backend in ((1, "ray"), (2, None)):  # the user's choice, or tensor parallelism: unchanged
-            args = SimpleNamespace(kv_transfer_config=nixl, tensor_parallel_size=tp, distributed_executor_backend=backend)
+            args = SimpleNamespace(
+                kv_transfer_config=nixl, tensor_parallel_size=tp, distributed_executor_backend=backend
+            )
             kv_transfer.configure(options, args, role="decode", required=False)
             assert args.distributed_executor_backend == backend
         none = SimpleNamespace(connector="none", kv_shared_storage=None)
@@ -310,8 +365,9 @@ class _FakeClient:
     def __init__(self, component: str, scripts: dict[str, Any]) -> None:
         from dynamo_worker.core.discovery import InstanceRecord
 
-        self.records = [InstanceRecord("ns", component, "generate", iid, component, 1, "h", {"model": "tiny"})
-                        for iid in scripts]
+        self.records = [
+            InstanceRecord("ns", component, "generate", iid, component, 1, "h", {"model": "tiny"}) for iid in scripts
+        ]
         self.scripts = scripts
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
@@ -341,8 +397,10 @@ async def test_a_migrated_stream_continues_aggregated_and_a_failed_prefill_falls
     gone = RequestError("unavailable", "instance left", retryable=True)
     transfer = {"kv_transfer_params": {"do_remote_prefill": True}}
     prefill = _FakeClient("prefill", {"p1": [{"token_ids": [7], "disaggregated_params": transfer}]})
-    decode = _FakeClient("backend", {"d1": [{"token_ids": [1]}, {"token_ids": [2]}, gone],
-                                     "d2": [{"token_ids": [3], "finish_reason": "length"}]})
+    decode = _FakeClient(
+        "backend",
+        {"d1": [{"token_ids": [1]}, {"token_ids": [2]}, gone], "d2": [{"token_ids": [3], "finish_reason": "length"}]},
+    )
     fallbacks: list[tuple[str, str]] = []
     prefills = PrefillRouter(prefill, on_fallback=lambda m, r: fallbacks.append((m, r)))  # type: ignore[arg-type]
     router = Router(decode, migration_limit=1, prefill=prefills)  # type: ignore[arg-type]

@@ -61,8 +61,12 @@ def code_blocks(path: Path) -> list[tuple[int, str, str, str]]:
 
 def python_blocks() -> list[tuple[str, int, str, str]]:
     """``(doc path, line, code, marker)`` of every Python block in docs/."""
-    return [(str(p.relative_to(ROOT)), line, code, marker)
-            for p in DOCS for line, lang, code, marker in code_blocks(p) if lang == "python"]
+    return [
+        (str(p.relative_to(ROOT)), line, code, marker)
+        for p in DOCS
+        for line, lang, code, marker in code_blocks(p)
+        if lang == "python"
+    ]
 
 
 def kind(marker: str) -> tuple[str, str]:
@@ -157,8 +161,9 @@ def binds(module: str, name: str) -> bool:
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
             return True
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name.split(".")[0]) == name
-                                                                  for a in node.names):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+            (a.asname or a.name.split(".")[0]) == name for a in node.names
+        ):
             return True
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and name in ast.unparse(node).split("=")[0]:
             return True
@@ -210,8 +215,9 @@ def test_module_blocks_import_and_their_roles_load() -> None:
     assert loaded >= 1
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if any(kind(m)[0] == "pytest" for _, _, _, m in code_blocks(d))],
-                         ids=lambda d: d.name)
+@pytest.mark.parametrize(
+    "doc", [d for d in DOCS if any(kind(m)[0] == "pytest" for _, _, _, m in code_blocks(d))], ids=lambda d: d.name
+)
 def test_the_docs_test_files_pass_against_the_docs_own_role(doc: Path, tmp_path: Path) -> None:
     """The tutorial's role installed as a distribution, its test file run by pytest: what a role
     author who copied the blocks would get."""
@@ -222,9 +228,24 @@ def test_the_docs_test_files_pass_against_the_docs_own_role(doc: Path, tmp_path:
     tests = [code for _, lang, code, m in code_blocks(doc) if lang == "python" and kind(m)[0] == "pytest"]
     for n, code in enumerate(tests):
         (tmp_path / f"test_docs_block_{n}.py").write_text(code)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-W",
-                          "ignore::DeprecationWarning", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env=worker_env(site))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-W",
+            "ignore::DeprecationWarning",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=worker_env(site),
+    )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
     assert re.search(r"\b\d+ passed\b", out.stdout) and "failed" not in out.stdout and "skipped" not in out.stdout
 

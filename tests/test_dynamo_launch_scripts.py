@@ -24,41 +24,101 @@ KV_EVENTS_20080 = '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:20
 
 # (script, worker command line, environment it sets, role, substrings of the warnings logged, in order)
 SCRIPTS: list[tuple[str, str, dict[str, str], str, list[str]]] = [
-    ("components/backends/vllm/launch/agg_router.sh",
-     f"--model {MODEL} --block-size 64 --enforce-eager --connector none", {}, "decode", []),
-    ("components/backends/vllm/launch/disagg_router.sh (decode)",
-     f"--model {MODEL} --block-size 64 --enforce-eager", {}, "decode", []),
-    ("components/backends/vllm/launch/disagg_lmcache.sh (prefill)",
-     f"--model {MODEL} --is-prefill-worker --connector lmcache nixl",
-     {"DYN_VLLM_KV_EVENT_PORT": "20081", "VLLM_NIXL_SIDE_CHANNEL_PORT": "20097"}, "prefill", []),
-    ("components/backends/vllm/launch/disagg_kvbm.sh (prefill)",
-     "--model qwen/qwen3-0.6b --is-prefill-worker --connector kvbm nixl --enforce-eager",
-     {"DYN_LOG": "debug", "DYN_KVBM_CPU_CACHE_GB": "4"}, "prefill", []),
-    ("components/backends/vllm/launch/dep.sh (rank 1 of 4)",
-     "--model Qwen/Qwen3-30B-A3B --data-parallel-rank 1 --data-parallel-size 4 --enable-expert-parallel",
-     {}, "decode", []),
-    ("examples/backends/vllm/launch/agg_router.sh",
-     f"--model {MODEL} --block-size 64 --enforce-eager --connector none --kv-events-config '{KV_EVENTS_20080}'",
-     {"DYN_SYSTEM_PORT": "8081", "NATS_SERVER": "nats://localhost:4222", "PYTHONHASHSEED": "0"}, "decode", []),
-    ("examples/backends/vllm/launch/disagg_router.sh (decode)",
-     f"--model {MODEL} --block-size 64 --enforce-eager --is-decode-worker", {}, "decode", []),
-    ("examples/backends/vllm/launch/agg_request_planes.sh --nats",
-     f"--model {MODEL} --enforce-eager",
-     {"DYN_REQUEST_PLANE": "nats", "DYN_SYSTEM_PORT": "8081", "DYN_HEALTH_CHECK_ENABLED": "true"}, "decode", []),
+    (
+        "components/backends/vllm/launch/agg_router.sh",
+        f"--model {MODEL} --block-size 64 --enforce-eager --connector none",
+        {},
+        "decode",
+        [],
+    ),
+    (
+        "components/backends/vllm/launch/disagg_router.sh (decode)",
+        f"--model {MODEL} --block-size 64 --enforce-eager",
+        {},
+        "decode",
+        [],
+    ),
+    (
+        "components/backends/vllm/launch/disagg_lmcache.sh (prefill)",
+        f"--model {MODEL} --is-prefill-worker --connector lmcache nixl",
+        {"DYN_VLLM_KV_EVENT_PORT": "20081", "VLLM_NIXL_SIDE_CHANNEL_PORT": "20097"},
+        "prefill",
+        [],
+    ),
+    (
+        "components/backends/vllm/launch/disagg_kvbm.sh (prefill)",
+        "--model qwen/qwen3-0.6b --is-prefill-worker --connector kvbm nixl --enforce-eager",
+        {"DYN_LOG": "debug", "DYN_KVBM_CPU_CACHE_GB": "4"},
+        "prefill",
+        [],
+    ),
+    (
+        "components/backends/vllm/launch/dep.sh (rank 1 of 4)",
+        "--model Qwen/Qwen3-30B-A3B --data-parallel-rank 1 --data-parallel-size 4 --enable-expert-parallel",
+        {},
+        "decode",
+        [],
+    ),
+    (
+        "examples/backends/vllm/launch/agg_router.sh",
+        f"--model {MODEL} --block-size 64 --enforce-eager --connector none --kv-events-config '{KV_EVENTS_20080}'",
+        {"DYN_SYSTEM_PORT": "8081", "NATS_SERVER": "nats://localhost:4222", "PYTHONHASHSEED": "0"},
+        "decode",
+        [],
+    ),
+    (
+        "examples/backends/vllm/launch/disagg_router.sh (decode)",
+        f"--model {MODEL} --block-size 64 --enforce-eager --is-decode-worker",
+        {},
+        "decode",
+        [],
+    ),
+    (
+        "examples/backends/vllm/launch/agg_request_planes.sh --nats",
+        f"--model {MODEL} --enforce-eager",
+        {"DYN_REQUEST_PLANE": "nats", "DYN_SYSTEM_PORT": "8081", "DYN_HEALTH_CHECK_ENABLED": "true"},
+        "decode",
+        [],
+    ),
     # Every worker flag of the inventory's Dynamo (components/src/dynamo/vllm/args.py) this design
     # has no counterpart for, as deployments pass them: one warning each, in the order logged.
-    ("Dynamo deployment flags (inventory section 2)",
-     (f"--model {MODEL} --store-kv etcd --event-plane zmq --durable-kv-events --migration-limit 3 "
-      "--sleep-mode-level 2 --use-vllm-tokenizer --endpoint-types chat"), {}, "decode",
-     ["--migration-limit 3 on a worker is ignored", "--sleep-mode-level 2 is ignored",
-      "--use-vllm-tokenizer is ignored", "--endpoint-types chat is ignored", "--store-kv etcd is ignored",
-      "--event-plane zmq is ignored", "--durable-kv-events is ignored"]),
-    ("the same through Dynamo's environment variables",
-     f"--model {MODEL}",
-     {"DYN_STORE_KV": "file", "DYN_EVENT_PLANE": "nats", "DYN_DURABLE_KV_EVENTS": "true", "DYN_MIGRATION_LIMIT": "2",
-      "DYN_VLLM_USE_TOKENIZER": "true", "DYN_ENDPOINT_TYPES": "chat,completions"}, "decode",
-     ["--migration-limit 2 on a worker is ignored", "--use-vllm-tokenizer is ignored",
-      "--store-kv file is ignored", "--durable-kv-events is ignored"]),
+    (
+        "Dynamo deployment flags (inventory section 2)",
+        (
+            f"--model {MODEL} --store-kv etcd --event-plane zmq --durable-kv-events --migration-limit 3 "
+            "--sleep-mode-level 2 --use-vllm-tokenizer --endpoint-types chat"
+        ),
+        {},
+        "decode",
+        [
+            "--migration-limit 3 on a worker is ignored",
+            "--sleep-mode-level 2 is ignored",
+            "--use-vllm-tokenizer is ignored",
+            "--endpoint-types chat is ignored",
+            "--store-kv etcd is ignored",
+            "--event-plane zmq is ignored",
+            "--durable-kv-events is ignored",
+        ],
+    ),
+    (
+        "the same through Dynamo's environment variables",
+        f"--model {MODEL}",
+        {
+            "DYN_STORE_KV": "file",
+            "DYN_EVENT_PLANE": "nats",
+            "DYN_DURABLE_KV_EVENTS": "true",
+            "DYN_MIGRATION_LIMIT": "2",
+            "DYN_VLLM_USE_TOKENIZER": "true",
+            "DYN_ENDPOINT_TYPES": "chat,completions",
+        },
+        "decode",
+        [
+            "--migration-limit 2 on a worker is ignored",
+            "--use-vllm-tokenizer is ignored",
+            "--store-kv file is ignored",
+            "--durable-kv-events is ignored",
+        ],
+    ),
 ]
 
 
@@ -72,8 +132,9 @@ def connector_packages(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return asked
 
 
-def run(line: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-        ) -> Configured:
+def run(
+    line: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Configured:
     with monkeypatch.context() as m:
         for name, value in env.items():
             m.setenv(name, value)
@@ -82,8 +143,14 @@ def run(line: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog:
 
 @pytest.mark.parametrize(("script", "line", "env", "role", "warnings"), SCRIPTS, ids=[s[0] for s in SCRIPTS])
 def test_dynamo_launch_script_worker_lines_are_accepted(
-        script: str, line: str, env: dict[str, str], role: str, warnings: list[str],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, connector_packages: list[list[str]]
+    script: str,
+    line: str,
+    env: dict[str, str],
+    role: str,
+    warnings: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    connector_packages: list[list[str]],
 ) -> None:
     done = run(line, env, monkeypatch, caplog)
     assert done.role == role
@@ -97,18 +164,23 @@ def _kv(done: Configured) -> dict[str, Any]:
 
 
 def test_a_connector_list_chains_the_connectors_as_dynamo_does(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, connector_packages: list[list[str]]
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, connector_packages: list[list[str]]
 ) -> None:
     done = run(f"--model {MODEL} --is-prefill-worker --connector lmcache nixl", {}, monkeypatch, caplog)
     kv = _kv(done)
     assert kv["kv_connector"] == "MultiConnector" and kv["from"] == "--connector lmcache nixl"
-    assert [c["kv_connector"] for c in kv["kv_connector_extra_config"]["connectors"]] == \
-        ["LMCacheConnectorV1", "NixlConnector"]
+    assert [c["kv_connector"] for c in kv["kv_connector_extra_config"]["connectors"]] == [
+        "LMCacheConnectorV1",
+        "NixlConnector",
+    ]
     assert kv["distributed_executor_backend_forced"]  # NIXL in the chain, tensor-parallel size 1: mp
     done = run(f"--model {MODEL} --is-prefill-worker --connector kvbm nixl", {}, monkeypatch, caplog)
     kvbm = _kv(done)["kv_connector_extra_config"]["connectors"][0]
-    assert kvbm == {"kv_connector": "DynamoConnector", "kv_role": "kv_both",
-                    "kv_connector_module_path": "kvbm.vllm_integration.connector"}
+    assert kvbm == {
+        "kv_connector": "DynamoConnector",
+        "kv_role": "kv_both",
+        "kv_connector_module_path": "kvbm.vllm_integration.connector",
+    }
     done = run(f"--model {MODEL} --connector nixl", {}, monkeypatch, caplog)
     assert _kv(done)["kv_connector"] == "NixlConnector"  # one connector: itself, not a chain
     assert connector_packages == [["lmcache", "nixl"], ["kvbm", "nixl"], ["nixl"]]
@@ -117,13 +189,15 @@ def test_a_connector_list_chains_the_connectors_as_dynamo_does(
 
 
 def test_a_connector_package_that_is_missing_is_a_one_line_error(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(UsageError, match=r"--connector lmcache needs the 'lmcache' package.*pip install lmcache"):
         run(f"--model {MODEL} --is-prefill-worker --connector lmcache nixl", {}, monkeypatch, caplog)
 
 
 def test_is_decode_worker_publishes_no_kv_events_as_dynamos_does(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     plain = run(f"--model {MODEL} --kv-events-config '{KV_EVENTS_20080}'", {}, monkeypatch, caplog)
     assert plain.ctx.resolved_config["kv_event_ports"] is not None
     assert plain.ctx.resolved_config["engine_args"]["kv_events_config"]["enable_kv_cache_events"]
@@ -142,15 +216,21 @@ REFUSED = [
     ("--connector none nixl", "none/null cannot be combined"),
     ("--connector nixl nixl", "--connector names nixl more than once"),
     ("--connector bogus", "argument --connector: invalid choice: 'bogus'"),
-    ("--connector example --kv-transfer-config '{\"kv_connector\":\"ExampleConnector\",\"kv_role\":\"kv_both\"}'",
-     "Cannot specify both --connector and --kv-transfer-config"),
+    (
+        '--connector example --kv-transfer-config \'{"kv_connector":"ExampleConnector","kv_role":"kv_both"}\'',
+        "Cannot specify both --connector and --kv-transfer-config",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("flags", "message"), REFUSED, ids=[r[0] for r in REFUSED])
 def test_values_dynamo_refuses_are_refused_in_one_line(
-        flags: str, message: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    flags: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # In process: argparse's refusals exit 2 with their line on stderr; ours raise the UsageError
     # that the command prints as its one line (the test below runs the command itself).
     try:
@@ -170,5 +250,7 @@ def test_a_bad_dynamo_environment_value_is_refused_in_one_line(tmp_path: Path) -
 
     out = run_cli("--model", str(tmp_path), env={**worker_env(), "DYN_STORE_KV": "consul"})
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == \
-        "dynamo-worker: error: --store-kv / DYN_STORE_KV 'consul' is invalid; use one of etcd, file, mem"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "dynamo-worker: error: --store-kv / DYN_STORE_KV 'consul' is invalid; use one of etcd, file, mem"
+    )

@@ -68,11 +68,16 @@ async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(run
                 [x async for x in client.generate(bad)]
             assert err.value.code == "bad_request"
         assert [x async for x in client.generate({"token_ids": [7, 8]})] == [
-            {"token_ids": [7]}, {"token_ids": [8], "finish_reason": "stop"}]
+            {"token_ids": [7]},
+            {"token_ids": [8], "finish_reason": "stop"},
+        ]
 
     body = urllib.request.urlopen(f"{worker.system_url}/metrics").read().decode()
-    samples = {(s.name, s.labels.get("error_type", "")): s.value
-               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    samples = {
+        (s.name, s.labels.get("error_type", "")): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
     assert samples[("dynamo_component_requests_total", "")] == 4
     assert samples[("dynamo_component_errors_total", "bad_request")] == 3
     assert samples[("echo_tokens_total", "")] == 2
@@ -101,7 +106,8 @@ async def test_metrics_aggregate_across_processes_with_prometheus_multiproc_dir(
     async with worker.client("generate") as client:
         assert len([x async for x in client.generate({"token_ids": [1, 2, 3]})]) == 3
     body = urllib.request.urlopen(f"{worker.system_url}/metrics").read().decode()
-    samples = {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-               if not s.labels.get("pid")}
+    samples = {
+        s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples if not s.labels.get("pid")
+    }
     assert samples["dynamo_component_requests_total"] == 1 and samples["echo_tokens_total"] == 3
     assert any(p.suffix == ".db" for p in tmp_path.iterdir())  # values live in the shared files

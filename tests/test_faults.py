@@ -28,8 +28,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.runtime import Runtime
 from tests.engine_helpers import ENGINE_FLAGS
-from tests.helpers import (FrontendRecoveries, NatsServer, WorkerProcess, child_pids, endpoint_inflight,
-                           free_kv_event_port, free_port, process_name, signal_while_busy, wait_until, worker_env)
+from tests.helpers import (
+    FrontendRecoveries,
+    NatsServer,
+    WorkerProcess,
+    child_pids,
+    endpoint_inflight,
+    free_kv_event_port,
+    free_port,
+    process_name,
+    signal_while_busy,
+    wait_until,
+    worker_env,
+)
 
 MAX_TOKENS = 16
 PROMPT = " ".join(["bird"] * 24)  # longer than MAX_TOKENS: every answer has exactly MAX_TOKENS tokens
@@ -47,8 +58,12 @@ def frontend_instances(base: str) -> int:
 
 def frontend_metric(base: str, name: str, **labels: str) -> float:
     body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 class Load:
@@ -108,8 +123,7 @@ class Load:
             got = (await resp.json())["usage"]["completion_tokens"]
             return "ok" if got == MAX_TOKENS else f"short {got}"
         text = (await resp.read()).decode()
-        events = [json.loads(line[6:]) for line in text.splitlines()
-                  if line.startswith("data: {")]
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
         if any("error" in e for e in events) or not text.endswith("data: [DONE]\n\n"):
             return f"stream error {text[-200:]!r}"
         usage = [e["usage"] for e in events if e.get("usage")]
@@ -128,6 +142,7 @@ async def wait_for_load(load: Load, count: int, timeout: float = 60) -> None:
 
 # ---- an echo stack, on a NATS server of its own (one test restarts it) -------------------------
 
+
 class EchoStack:
     def __init__(self, model: str) -> None:
         self.model = model
@@ -143,16 +158,39 @@ class EchoStack:
         return ["--nats-url", self.nats.url, "--namespace", self.namespace, "--lease-ttl", "2"]
 
     def start_worker(self) -> WorkerProcess:
-        w = WorkerProcess(["--role", "echo", *self.common(), "--echo-model", self.model, "--echo-delay", "0.01",
-                           "--graceful-shutdown-timeout", "30"])
+        w = WorkerProcess(
+            [
+                "--role",
+                "echo",
+                *self.common(),
+                "--echo-model",
+                self.model,
+                "--echo-delay",
+                "0.01",
+                "--graceful-shutdown-timeout",
+                "30",
+            ]
+        )
         self.workers.append(w)
         w.wait_for_log("serving")
         return w
 
     def start_frontend(self) -> WorkerProcess:
-        self.frontend = WorkerProcess(["--role", "frontend", *self.common(), "--http-port", str(self.http_port),
-                                       "--request-retries", "3", "--migration-limit", "3",
-                                       "--graceful-shutdown-timeout", "30"])
+        self.frontend = WorkerProcess(
+            [
+                "--role",
+                "frontend",
+                *self.common(),
+                "--http-port",
+                str(self.http_port),
+                "--request-retries",
+                "3",
+                "--migration-limit",
+                "3",
+                "--graceful-shutdown-timeout",
+                "30",
+            ]
+        )
         self.frontend.wait_for_log("frontend listening")
         return self.frontend
 
@@ -192,8 +230,9 @@ async def test_a_nats_restart_under_load_loses_no_accepted_request(echo_stack: E
         assert time.monotonic() < deadline, f"no request succeeded within 30 s of the restart: {load.summary()}"
         await asyncio.sleep(0.05)
     first_ok = min(end for start, end, o in load.outcomes if start >= up and o == "ok")
-    await asyncio.to_thread(wait_until, lambda: frontend_instances(s.base) == 2, 30, 0.1,
-                            "both workers back in the frontend's view")
+    await asyncio.to_thread(
+        wait_until, lambda: frontend_instances(s.base) == 2, 30, 0.1, "both workers back in the frontend's view"
+    )
     rediscovered = time.monotonic()
     await wait_for_load(load, sum(1 for *_, o in load.outcomes if o == "ok") + 50)
     await load.stop()
@@ -201,11 +240,13 @@ async def test_a_nats_restart_under_load_loses_no_accepted_request(echo_stack: E
     failures = {o: n for o, n in summary.items() if o != "ok"}
     at_kill = sum(1 for start, end, _ in load.outcomes if start < down < end)
     in_outage = sum(1 for start, _, _ in load.outcomes if down <= start < up)
-    print(f"\nFIGURE nats restart: {len(load.outcomes)} requests at concurrency 8 "
-          f"({accepted_before} before the kill, {at_kill} in flight at the kill, {in_outage} sent during the "
-          f"outage); outage {up - down:.2f} s; first new success {first_ok - up:.2f} s after restart; both "
-          f"workers rediscovered {rediscovered - up:.2f} s after; outcomes {dict(summary)}; "
-          f"errors {dict(load.messages)}")
+    print(
+        f"\nFIGURE nats restart: {len(load.outcomes)} requests at concurrency 8 "
+        f"({accepted_before} before the kill, {at_kill} in flight at the kill, {in_outage} sent during the "
+        f"outage); outage {up - down:.2f} s; first new success {first_ok - up:.2f} s after restart; both "
+        f"workers rediscovered {rediscovered - up:.2f} s after; outcomes {dict(summary)}; "
+        f"errors {dict(load.messages)}"
+    )
     # docs/reliability.md: 0 failed. Every request completed with all its tokens, the ones the
     # outage caught in flight included (the load is at least 50 successes before the kill and 50
     # after both workers are back: at least 100 requests).
@@ -238,8 +279,7 @@ async def test_sigterm_to_an_echo_worker_under_load_loses_nothing_and_exits_0(ec
     await asyncio.to_thread(wait_until, lambda: frontend_instances(s.base) == 2, 30, 0.1, "the replacement")
 
 
-async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_exits_0(
-        echo_stack: EchoStack) -> None:
+async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_exits_0(echo_stack: EchoStack) -> None:
     s = echo_stack
     assert s.frontend is not None
     recoveries = FrontendRecoveries(s.frontend, None)  # it will not be there to ask at the end: its log
@@ -247,8 +287,13 @@ async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_
     load.start()
     await wait_for_load(load, 30)
     long_tokens = 300  # 300 tokens at 10 ms each: these streams are still running at the signal
-    body = {"model": "echo", "prompt": " ".join(["bird"] * 320), "max_tokens": long_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "echo",
+        "prompt": " ".join(["bird"] * 320),
+        "max_tokens": long_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with aiohttp.ClientSession() as session:
         responses = [await session.post(f"{s.base}/v1/completions", json=body) for _ in range(4)]
         for resp in responses:
@@ -260,12 +305,17 @@ async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_
     assert await asyncio.to_thread(s.frontend.wait, 60) == 0
     await load.stop()
     summary = load.summary()
-    print(f"\nFIGURE sigterm frontend: {inflight:.0f} in flight at the signal (4 of them {long_tokens}-token "
-          f"streams); load outcomes {dict(summary)}")
+    print(
+        f"\nFIGURE sigterm frontend: {inflight:.0f} in flight at the signal (4 of them {long_tokens}-token "
+        f"streams); load outcomes {dict(summary)}"
+    )
     # Every stream that had started finished whole.
     for text in texts:
-        usage = [json.loads(line[6:])["usage"] for line in text.splitlines()
-                 if line.startswith("data: {") and '"usage"' in line]
+        usage = [
+            json.loads(line[6:])["usage"]
+            for line in text.splitlines()
+            if line.startswith("data: {") and '"usage"' in line
+        ]
         assert text.endswith("data: [DONE]\n\n") and usage[-1]["completion_tokens"] == long_tokens
     # The load's requests completed, or found the listener closed or their idle kept-alive
     # connection closed by the server (never sent, so never accepted): none whose answer had begun
@@ -280,6 +330,7 @@ async def test_sigterm_to_the_frontend_under_load_finishes_what_it_accepted_and_
 
 # ---- the real engine: prefill drain, engine-core death -----------------------------------------
 
+
 class EngineStack:
     """A prefill and a decode worker (real vLLM), an echo worker serving "tiny" too, a frontend."""
 
@@ -287,19 +338,46 @@ class EngineStack:
         self.nats = nats
         self.namespace = f"eng{uuid.uuid4().hex[:8]}"
         common = ["--nats-url", nats.url, "--namespace", self.namespace, "--lease-ttl", "2"]
-        engine = ["--model", model, "--served-model-name", "tiny", *common, *ENGINE_FLAGS,
-                  "--connector", "example", "--kv-shared-storage", str(storage), "--graceful-shutdown-timeout", "60"]
+        engine = [
+            "--model",
+            model,
+            "--served-model-name",
+            "tiny",
+            *common,
+            *ENGINE_FLAGS,
+            "--connector",
+            "example",
+            "--kv-shared-storage",
+            str(storage),
+            "--graceful-shutdown-timeout",
+            "60",
+        ]
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.prefill_port = free_port()
-        self.prefill = WorkerProcess(["--role", "prefill", *engine, "--system-port", str(self.prefill_port)],
-                                     env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
-        self.decode = WorkerProcess(["--role", "decode", *engine],
-                                    env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
-        self.echo = WorkerProcess(["--role", "echo", *common, "--echo-model", model,
-                                   "--echo-served-model-name", "tiny"])
-        self.frontend = WorkerProcess(["--role", "frontend", *common, "--http-port", str(self.http_port),
-                                       "--request-retries", "3", "--migration-limit", "3"])
+        self.prefill = WorkerProcess(
+            ["--role", "prefill", *engine, "--system-port", str(self.prefill_port)],
+            env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())),
+        )
+        self.decode = WorkerProcess(
+            ["--role", "decode", *engine], env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()))
+        )
+        self.echo = WorkerProcess(
+            ["--role", "echo", *common, "--echo-model", model, "--echo-served-model-name", "tiny"]
+        )
+        self.frontend = WorkerProcess(
+            [
+                "--role",
+                "frontend",
+                *common,
+                "--http-port",
+                str(self.http_port),
+                "--request-retries",
+                "3",
+                "--migration-limit",
+                "3",
+            ]
+        )
 
     def stop(self) -> None:
         for w in (self.prefill, self.decode, self.echo, self.frontend):
@@ -307,8 +385,9 @@ class EngineStack:
 
 
 @pytest.fixture(scope="module")
-def engine_stack(nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[EngineStack]:
+def engine_stack(
+    nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EngineStack]:
     s = EngineStack(nats_server, demo_model, tmp_path_factory.mktemp("kv-shared"))
     try:
         for w in (s.echo, s.frontend):
@@ -331,19 +410,25 @@ async def test_sigterm_to_a_prefill_worker_drains_its_requests_and_exits_0(engin
         [record] = await client.wait_for_instances(30)
 
         async def prefill(i: int) -> list[Any]:
-            payload = {"token_ids": [1, *(10 + (i + k) % 490 for k in range(230))], "stop_conditions": {"max_tokens": 1}}
+            payload = {
+                "token_ids": [1, *(10 + (i + k) % 490 for k in range(230))],
+                "stop_conditions": {"max_tokens": 1},
+            }
             return [x async for x in client.direct(payload, record.instance_id)]
 
         def start(wave: int) -> list[asyncio.Task[Any]]:  # each wave's prompts are new (no prefix-cache hits)
             return [asyncio.create_task(prefill(i)) for i in range(wave * 48, wave * 48 + 48)]
 
         # Signal while the worker has requests in flight (watched on the worker, not the client).
-        at_signal, results = await signal_while_busy(s.prefill, signal.SIGTERM, start,
-                                                     lambda: endpoint_inflight(s.prefill_port))
+        at_signal, results = await signal_while_busy(
+            s.prefill, signal.SIGTERM, start, lambda: endpoint_inflight(s.prefill_port)
+        )
         assert await asyncio.to_thread(s.prefill.wait, 120) == 0
         errors = [r for r in results if isinstance(r, BaseException)]
-        print(f"\nFIGURE sigterm prefill: 48 prefill requests, {at_signal:.0f} in flight on the worker at the "
-              f"signal, {len(errors)} failed")
+        print(
+            f"\nFIGURE sigterm prefill: 48 prefill requests, {at_signal:.0f} in flight on the worker at the "
+            f"signal, {len(errors)} failed"
+        )
         assert errors == [], errors
         assert all(r and "kv_transfer_params" in json.dumps(r) for r in results)
         log = s.prefill.log()
@@ -364,8 +449,9 @@ async def test_killing_the_engine_core_exits_the_worker_1_and_traffic_moves_on(e
         os.kill(pid, signal.SIGKILL)
     assert await asyncio.to_thread(s.decode.wait, 60) == 1
     exited = time.monotonic()
-    await asyncio.to_thread(wait_until, lambda: frontend_instances(s.base) == 1, 30, 0.1,
-                            "the dead worker out of the frontend's view")
+    await asyncio.to_thread(
+        wait_until, lambda: frontend_instances(s.base) == 1, 30, 0.1, "the dead worker out of the frontend's view"
+    )
     await wait_for_load(load, sum(1 for *_, o in load.outcomes if o == "ok") + 20, timeout=60)
     await load.stop()
     summary = load.summary()

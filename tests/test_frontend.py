@@ -34,9 +34,14 @@ from tests.frontend_helpers import FakeDecodeWorker, LoopThread
 from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until
 
 BOS, EOS = 0, 1
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "the weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 MAX_MODEL_LEN = 256
 PROMPT = "Alice reads a small book in the garden, and the old cat watches a bird."
 
@@ -73,16 +78,32 @@ class Deployment:
         self.frontends: list[WorkerProcess] = []
 
     def add_worker(self, model: str, model_path: str | None = None, **script: Any) -> FakeDecodeWorker:
-        worker = FakeDecodeWorker(self.nats.url, self.namespace, model, model_path or self.model_path,
-                                  **{"max_model_len": MAX_MODEL_LEN, **script})
+        worker = FakeDecodeWorker(
+            self.nats.url,
+            self.namespace,
+            model,
+            model_path or self.model_path,
+            **{"max_model_len": MAX_MODEL_LEN, **script},
+        )
         self.loop.run(worker.start())
         self.workers.setdefault(model, []).append(worker)
         return worker
 
     def start_frontend(self, *extra: str, namespace: str | None = None) -> tuple[WorkerProcess, str]:
         port = free_port()
-        proc = WorkerProcess(["--role", "frontend", "--nats-url", self.nats.url, "--http-port", str(port),
-                              "--namespace", namespace or self.namespace, *extra])
+        proc = WorkerProcess(
+            [
+                "--role",
+                "frontend",
+                "--nats-url",
+                self.nats.url,
+                "--http-port",
+                str(port),
+                "--namespace",
+                namespace or self.namespace,
+                *extra,
+            ]
+        )
         self.frontends.append(proc)
         proc.wait_for_log("frontend listening on", 30)
         return proc, f"http://127.0.0.1:{port}"
@@ -187,8 +208,9 @@ def test_text_cut_inside_a_character_ends_as_vllms_does(tokenizer: Any) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     cut = next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
     prompt = tokenizer.encode("say it", add_special_tokens=True)
-    request = SimpleNamespace(request_id="r", prompt_token_ids=prompt,
-                              sampling_params=SamplingParams(max_tokens=cut, detokenize=True))
+    request = SimpleNamespace(
+        request_id="r", prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=cut, detokenize=True)
+    )
     theirs = VllmDetokenizer.from_new_request(tokenizer, request)
     for t in ids[:cut]:
         theirs.update([t], stop_terminated=False)
@@ -213,8 +235,9 @@ def test_a_stop_string_split_across_deltas_is_found_and_cut() -> None:
         stops = StopStrings(given)
         matched, cut = check_stop_strings(text, len(text), given, False) or ("", 0)
         assert (stops.feed(text), stops.matched) == ((text[:cut], True), matched), given
-    assert {check_stop_strings(text, len(text), g, False)[0] for g in (["a bigger", "big"], ["big", "a bigger"])} \
-        == {"big"}, "the cases must tell the first to end from the first to start"
+    assert {check_stop_strings(text, len(text), g, False)[0] for g in (["a bigger", "big"], ["big", "a bigger"])} == {
+        "big"
+    }, "the cases must tell the first to end from the first to start"
 
 
 # ---- the OpenAI API ---------------------------------------------------------------------------------
@@ -224,8 +247,13 @@ def test_messages_that_arrived_together_merge_into_one() -> None:
     items = [
         {"token_ids": [5, 6], "log_probs": [-0.1, -0.2], "top_logprobs": [[], []], "prompt_logprobs": [None]},
         {"token_ids": [7]},  # no logprobs: padded so the later ones stay aligned
-        {"token_ids": [8], "log_probs": [-0.4], "top_logprobs": [[{"token_id": 8, "logprob": -0.4}]],
-         "finish_reason": "length", "completion_usage": {"completion_tokens": 4}},
+        {
+            "token_ids": [8],
+            "log_probs": [-0.4],
+            "top_logprobs": [[{"token_id": 8, "logprob": -0.4}]],
+            "finish_reason": "length",
+            "completion_usage": {"completion_tokens": 4},
+        },
     ]
     [merged] = merge_messages(items)
     assert merged["token_ids"] == [5, 6, 7, 8]
@@ -239,9 +267,18 @@ def test_messages_that_arrived_together_merge_into_one() -> None:
 
 
 def generation_params(**given: Any) -> GenerationParams:
-    fields: dict[str, Any] = {"max_tokens": None, "min_tokens": None, "stop": (), "stop_token_ids": (),
-                              "ignore_eos": False, "sampling": {}, "logprobs": None, "stream": False,
-                              "include_usage": False, "skip_special_tokens": True}
+    fields: dict[str, Any] = {
+        "max_tokens": None,
+        "min_tokens": None,
+        "stop": (),
+        "stop_token_ids": (),
+        "ignore_eos": False,
+        "sampling": {},
+        "logprobs": None,
+        "stream": False,
+        "include_usage": False,
+        "skip_special_tokens": True,
+    }
     return GenerationParams(**{**fields, **given})
 
 
@@ -261,11 +298,19 @@ def test_a_stop_tokens_text_is_left_out_as_vllms_detokenizer_leaves_it(tokenizer
     cases = [
         # (params, last message, text, stop_reason)
         (keep_eos, {"token_ids": [*ids, EOS], "finish_reason": "eos"}, whole, None),
-        (generation_params(skip_special_tokens=False, include_stop_str_in_output=True),
-         {"token_ids": [*ids, EOS], "finish_reason": "eos"}, whole + "<|eos|>", None),
+        (
+            generation_params(skip_special_tokens=False, include_stop_str_in_output=True),
+            {"token_ids": [*ids, EOS], "finish_reason": "eos"},
+            whole + "<|eos|>",
+            None,
+        ),
         (keep_eos, {"token_ids": ids, "finish_reason": "stop", "stop_reason": stop_id}, head, stop_id),
-        (generation_params(include_stop_str_in_output=True),
-         {"token_ids": ids, "finish_reason": "stop", "stop_reason": stop_id}, whole, stop_id),
+        (
+            generation_params(include_stop_str_in_output=True),
+            {"token_ids": ids, "finish_reason": "stop", "stop_reason": stop_id},
+            whole,
+            stop_id,
+        ),
         # No stop token: the echo plugin's "stop", a worker's "eos" on an ordinary token, length.
         (keep_eos, {"token_ids": ids, "finish_reason": "stop"}, whole, None),
         (keep_eos, {"token_ids": ids, "finish_reason": "eos"}, whole, None),
@@ -275,11 +320,18 @@ def test_a_stop_tokens_text_is_left_out_as_vllms_detokenizer_leaves_it(tokenizer
     ]
     for params, last, text, reason in cases:
         got, out = finished_text(tokenizer, params, last)
-        assert (got, out.stop_reason, out.finish_reason) == (text, reason, "stop" if last["finish_reason"] != "length"
-                                                              else "length"), last
+        assert (got, out.stop_reason, out.finish_reason) == (
+            text,
+            reason,
+            "stop" if last["finish_reason"] != "length" else "length",
+        ), last
     # The stop token alone in the last message (one token per message): nothing of it is shown.
-    got, out = finished_text(tokenizer, keep_eos, {"token_ids": ids[:-1]},
-                             {"token_ids": [stop_id], "finish_reason": "stop", "stop_reason": stop_id})
+    got, out = finished_text(
+        tokenizer,
+        keep_eos,
+        {"token_ids": ids[:-1]},
+        {"token_ids": [stop_id], "finish_reason": "stop", "stop_reason": stop_id},
+    )
     assert (got, out.stop_reason) == (head, stop_id)
     # A stop string the frontend matched: the string is the reason.
     got, out = finished_text(tokenizer, generation_params(stop=("red",)), {"token_ids": ids, "finish_reason": "eos"})
@@ -311,8 +363,9 @@ def test_models_lists_what_workers_serve(frontend: str) -> None:
     assert status == 200 and json.loads(body)["max_model_len"] == MAX_MODEL_LEN
 
 
-def test_completion_returns_the_detokenized_worker_output(client: openai.OpenAI, tokenizer: Any,
-                                                           deployment: Deployment) -> None:
+def test_completion_returns_the_detokenized_worker_output(
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment
+) -> None:
     ids = tokenizer.encode(PROMPT)
     resp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.5, seed=7)
     choice = resp.choices[0]
@@ -326,8 +379,9 @@ def test_completion_returns_the_detokenized_worker_output(client: openai.OpenAI,
     assert sent["sampling_options"] == {"temperature": 0.5, "seed": 7}
 
 
-def test_max_tokens_defaults_to_the_rest_of_the_context(client: openai.OpenAI, tokenizer: Any,
-                                                         deployment: Deployment) -> None:
+def test_max_tokens_defaults_to_the_rest_of_the_context(
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment
+) -> None:
     ids = tokenizer.encode(PROMPT)
     resp = client.completions.create(model="tiny", prompt=PROMPT)
     assert resp.choices[0].text == reversed_text(tokenizer, ids)
@@ -337,8 +391,11 @@ def test_max_tokens_defaults_to_the_rest_of_the_context(client: openai.OpenAI, t
 
 def test_completion_stream_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
     ids = tokenizer.encode(PROMPT)
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == reversed_text(tokenizer, ids[-12:])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -366,8 +423,15 @@ def test_chat_applies_the_template_once(client: openai.OpenAI, tokenizer: Any, d
 def test_chat_stream_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
     messages = [{"role": "user", "content": "Tell me about the red ship"}]
     ids = chat_ids(tokenizer, messages)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_completion_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reversed_text(tokenizer, ids[-10:])
@@ -377,15 +441,20 @@ def test_chat_stream_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
 
 def test_multibyte_text_streams_intact(client: openai.OpenAI, tokenizer: Any) -> None:
     text = "Grüße aus 東京 🎉!"
-    deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="forward", messages=[{"role": "user", "content": text}], stream=True)]
+    deltas = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="forward", messages=[{"role": "user", "content": text}], stream=True
+        )
+    ]
     assert all("\ufffd" not in d for d in deltas)
     assert text in "".join(deltas)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_string_truncates_and_cancels_the_worker(client: openai.OpenAI, tokenizer: Any,
-                                                      deployment: Deployment, stream: bool) -> None:
+def test_stop_string_truncates_and_cancels_the_worker(
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool
+) -> None:
     full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
     stop = full[10:14]
     slow = deployment.workers["slow"][0]
@@ -396,7 +465,7 @@ def test_stop_string_truncates_and_cancels_the_worker(client: openai.OpenAI, tok
         text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
     else:
         text, finish = resp.choices[0].text, resp.choices[0].finish_reason
-    assert text == full[:full.index(stop)] and finish == "stop"
+    assert text == full[: full.index(stop)] and finish == "stop"
     wait_until(lambda: len(slow.cancelled) > cancelled, 5, what="the worker to see the request cancelled")
 
 
@@ -408,22 +477,30 @@ def test_logprobs(client: openai.OpenAI, tokenizer: Any) -> None:
     assert lp.tokens == [tokenizer.decode([t]) for t in ids[::-1][:3]]
     assert len(lp.top_logprobs) == 3 and all(len(top) == 2 for top in lp.top_logprobs)
     assert lp.text_offset[0] == 0
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=2, logprobs=True, top_logprobs=1, stream=True)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        logprobs=True,
+        top_logprobs=1,
+        stream=True,
+    )
     entries = [e for c in chat if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [e.logprob for e in entries] == [-0.25, -0.5]
     assert all(len(e.top_logprobs) == 1 for e in entries)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_include_stop_str_in_output_keeps_the_stop_string(client: openai.OpenAI, tokenizer: Any,
-                                                          deployment: Deployment, stream: bool) -> None:
+def test_include_stop_str_in_output_keeps_the_stop_string(
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool
+) -> None:
     full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
     stop = full[10:14]
-    resp = client.completions.create(model="tiny", prompt=PROMPT, stop=[stop], stream=stream,
-                                     extra_body={"include_stop_str_in_output": True})
+    resp = client.completions.create(
+        model="tiny", prompt=PROMPT, stop=[stop], stream=stream, extra_body={"include_stop_str_in_output": True}
+    )
     text = "".join(c.choices[0].text for c in resp) if stream else resp.choices[0].text
-    assert text == full[:full.index(stop) + len(stop)]
+    assert text == full[: full.index(stop) + len(stop)]
     assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["include_stop_str_in_output"] is True
 
 
@@ -441,14 +518,17 @@ def last_choice(resp: Any, stream: bool) -> tuple[str, Any]:
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("chat", [False, True])
 def test_stop_token_ids_leave_the_tokens_text_out_and_name_it_in_stop_reason(
-        client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool, chat: bool) -> None:
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool, chat: bool
+) -> None:
     messages = [{"role": "user", "content": "Tell me about the red ship"}]
     prompt = chat_ids(tokenizer, messages) if chat else tokenizer.encode(PROMPT)
     out = prompt[::-1]  # what the fake worker answers
     at = next(k for k in range(3, len(out)) if out[k] not in out[:k] and tokenizer.decode([out[k]]).strip())
     stop_id = out[at]
-    for include, text in ((False, reversed_text(tokenizer, prompt[-at:])),
-                          (True, reversed_text(tokenizer, prompt[-at - 1:]))):
+    for include, text in (
+        (False, reversed_text(tokenizer, prompt[-at:])),
+        (True, reversed_text(tokenizer, prompt[-at - 1 :])),
+    ):
         extra = {"stop_token_ids": [stop_id], "include_stop_str_in_output": include}
         if chat:
             resp = client.chat.completions.create(model="tiny", messages=messages, stream=stream, extra_body=extra)
@@ -461,17 +541,25 @@ def test_stop_token_ids_leave_the_tokens_text_out_and_name_it_in_stop_reason(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_reason_is_the_matched_stop_string_and_null_otherwise(client: openai.OpenAI, tokenizer: Any,
-                                                                   stream: bool) -> None:
+def test_stop_reason_is_the_matched_stop_string_and_null_otherwise(
+    client: openai.OpenAI, tokenizer: Any, stream: bool
+) -> None:
     full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
     stop = full[10:14]
-    cases = [({"stop": ["never appears", stop]}, "stop", stop), ({"max_tokens": 3}, "length", None),
-             ({}, "stop", None)]  # the last: the worker's "eos"
+    cases = [
+        ({"stop": ["never appears", stop]}, "stop", stop),
+        ({"max_tokens": 3}, "length", None),
+        ({}, "stop", None),
+    ]  # the last: the worker's "eos"
     for given, finish, reason in cases:
         _, last = last_choice(client.completions.create(model="tiny", prompt=PROMPT, stream=stream, **given), stream)
         assert (last.finish_reason, last.model_extra["stop_reason"]) == (finish, reason), given
-        _, last = last_choice(client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": PROMPT}], stream=stream, **given), stream)
+        _, last = last_choice(
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": PROMPT}], stream=stream, **given
+            ),
+            stream,
+        )
         assert last.finish_reason == finish and last.model_extra["stop_reason"] == reason, given
     # Present, as null, on every non-streamed choice (vllm serve's body), not only when set.
     status, body = post(f"{client.base_url}completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "n": 2})
@@ -480,8 +568,15 @@ def test_stop_reason_is_the_matched_stop_string_and_null_otherwise(client: opena
 
 def test_continuous_usage_stats_puts_usage_on_every_chunk(client: openai.OpenAI, tokenizer: Any) -> None:
     ids = tokenizer.encode(PROMPT)
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, stream=True, stream_options={
-        "include_usage": True, "continuous_usage_stats": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
     with_text = [c for c in chunks if c.choices]
     assert with_text and all(c.usage is not None and c.usage.prompt_tokens == len(ids) for c in with_text)
     counts = [c.usage.completion_tokens for c in with_text]
@@ -490,14 +585,22 @@ def test_continuous_usage_stats_puts_usage_on_every_chunk(client: openai.OpenAI,
 
 
 def test_every_way_to_ask_for_structured_output_reaches_the_worker_as_guided_decoding(
-        client: openai.OpenAI, deployment: Deployment) -> None:
+    client: openai.OpenAI, deployment: Deployment
+) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     messages = [{"role": "user", "content": "x"}]
     worker = deployment.workers["tiny"][0]
     cases = [
         ({"response_format": {"type": "json_object"}}, {"json_object": True}),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema,
-                                                                      "strict": True}}}, {"json": schema}),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": schema, "strict": True},
+                }
+            },
+            {"json": schema},
+        ),
         ({"structured_outputs": {"regex": "[ab]+"}}, {"regex": "[ab]+"}),
         ({"guided_json": schema}, {"json": schema}),
         ({"guided_regex": "[ab]+"}, {"regex": "[ab]+"}),
@@ -505,13 +608,18 @@ def test_every_way_to_ask_for_structured_output_reaches_the_worker_as_guided_dec
         ({"guided_grammar": 'root ::= "yes"'}, {"grammar": 'root ::= "yes"'}),
     ]
     for extra, guided in cases:
-        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **(
-            {"response_format": extra["response_format"]} if "response_format" in extra else {"extra_body": extra}))
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=2,
+            **({"response_format": extra["response_format"]} if "response_format" in extra else {"extra_body": extra}),
+        )
         assert worker.requests[-1]["sampling_options"]["guided_decoding"] == guided, extra
     client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"guided_choice": ["a", "b"]})
     assert worker.requests[-1]["sampling_options"]["guided_decoding"] == {"choice": ["a", "b"]}
-    client.completions.create(model="tiny", prompt="x", max_tokens=2,
-                              extra_body={"response_format": {"type": "json_object"}})
+    client.completions.create(
+        model="tiny", prompt="x", max_tokens=2, extra_body={"response_format": {"type": "json_object"}}
+    )
     assert worker.requests[-1]["sampling_options"]["guided_decoding"] == {"json_object": True}
 
 
@@ -526,8 +634,9 @@ def test_echo_puts_the_prompt_before_the_completion(client: openai.OpenAI, token
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_n_choices_are_n_worker_requests_seeded_as_vllms_children(client: openai.OpenAI, tokenizer: Any,
-                                                                  deployment: Deployment, stream: bool) -> None:
+def test_n_choices_are_n_worker_requests_seeded_as_vllms_children(
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool
+) -> None:
     """n > 1: one worker request per choice, choice i seeded seed + i (as vLLM's own n); the
     choices come back indexed 0..n-1 (interleaved when streamed) and usage counts them all."""
     ids = tokenizer.encode(PROMPT)
@@ -538,8 +647,9 @@ def test_n_choices_are_n_worker_requests_seeded_as_vllms_children(client: openai
     expected = reversed_text(tokenizer, ids[-4:])
     if stream:
         chunks = list(resp)
-        texts = {i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
-                 for i in range(3)}
+        texts = {
+            i: "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)
+        }
         finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
         got_usage = chunks[-1].usage
     else:
@@ -550,8 +660,9 @@ def test_n_choices_are_n_worker_requests_seeded_as_vllms_children(client: openai
     assert got_usage.prompt_tokens == len(ids) and got_usage.completion_tokens == 12
     seeds = sorted(r["sampling_options"]["seed"] for r in worker.requests[before:])
     assert seeds == [11, 12, 13]
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                          n=2, stream=stream)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2, stream=stream
+    )
     if stream:
         roles = [c.choices[0].index for c in chat if c.choices and c.choices[0].delta.role]
         assert roles == [0, 1]  # the role chunk of every choice first, as vllm serve
@@ -567,8 +678,12 @@ def test_logit_bias_reaches_the_worker_clamped(client: openai.OpenAI, deployment
 def test_tokenize_detokenize_and_version_as_vllm_serve_has_them(frontend: str, tokenizer: Any) -> None:
     ids = tokenizer.encode(PROMPT)  # with BOS, as vllm serve's default add_special_tokens=true
     status, got = post(f"{frontend}/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
-    assert status == 200 and got == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
-                                     "token_strs": tokenizer.convert_ids_to_tokens(ids)}
+    assert status == 200 and got == {
+        "count": len(ids),
+        "max_model_len": MAX_MODEL_LEN,
+        "tokens": ids,
+        "token_strs": tokenizer.convert_ids_to_tokens(ids),
+    }
     messages = [{"role": "user", "content": "hi there"}]
     _, chat = post(f"{frontend}/tokenize", {"model": "tiny", "messages": messages})
     assert chat["tokens"] == chat_ids(tokenizer, messages) and chat["token_strs"] is None  # what chat sends
@@ -590,92 +705,237 @@ def test_tokenize_detokenize_and_version_as_vllm_serve_has_them(frontend: str, t
 BAD_REQUESTS = [
     pytest.param("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None, id="malformed-json"),
     pytest.param("/v1/completions", b"[1, 2]", 400, None, id="not-an-object"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens",
-                 id="negative-max-tokens"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens",
-                 id="zero-max-tokens"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens",
-                 id="wrong-type"),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": -1},
+        400,
+        "max_tokens",
+        id="negative-max-tokens",
+    ),
+    pytest.param(
+        "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", id="zero-max-tokens"
+    ),
+    pytest.param(
+        "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens", id="wrong-type"
+    ),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 129}, 400, "n", id="n-over-128"),
     # vLLM 0.32 refuses n > 1 with greedy sampling (SamplingParams._verify_greedy_sampling).
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}, 400, "n",
-                 id="n-2-greedy"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of",
-                 id="best-of"),
+    pytest.param(
+        "/v1/completions", {"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}, 400, "n", id="n-2-greedy"
+    ),
+    pytest.param(
+        "/v1/completions", {"model": "tiny", "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", id="best-of"
+    ),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", id="two-prompts"),
     pytest.param("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt", id="token-out-of-vocab"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature",
-                 id="negative-temperature"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "the cat " * 200}, 400, "prompt",
-                 id="prompt-over-max-model-len"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 250}, 400, "max_tokens",
-                 id="prompt-plus-max-tokens-over-max-model-len"),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "temperature": -1},
+        400,
+        "temperature",
+        id="negative-temperature",
+    ),
+    pytest.param(
+        "/v1/completions", {"model": "tiny", "prompt": "the cat " * 200}, 400, "prompt", id="prompt-over-max-model-len"
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": PROMPT, "max_tokens": 250},
+        400,
+        "max_tokens",
+        id="prompt-plus-max-tokens-over-max-model-len",
+    ),
     pytest.param("/v1/completions", {"prompt": "x"}, 400, "model", id="no-model"),
     pytest.param("/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "model", id="unknown-model"),
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", id="no-messages"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400,
-                 "messages[0].content", id="message-content-type"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "file", "file": {"file_id": "x"}}]}]}, 400, "messages[0].content[0]", id="unknown-part-type"),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": 3}]},
+        400,
+        "messages[0].content",
+        id="message-content-type",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "x"}}]}]},
+        400,
+        "messages[0].content[0]",
+        id="unknown-part-type",
+    ),
     # Media parts go to a multimodal processor; no processor serves "tiny" (docs/multimodal.md).
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 503, None, id="image-without-processor"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "stream": True,
-                                          "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n",
-                 id="chat-n-0"),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+        },
+        503,
+        None,
+        id="image-without-processor",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "x"}], "n": 0},
+        400,
+        "n",
+        id="chat-n-0",
+    ),
     pytest.param("/v1/completions", {"model": "refuses", "prompt": "x"}, 400, None, id="worker-says-bad-request"),
     # Refused as vllm serve refuses them (issue 19).
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
-                 400, "stream_options", id="stream-options-without-stream"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tool_choice": "required"}, 400, "tool_choice",
-                 id="tool-choice-without-tools"),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+        id="stream-options-without-stream",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+        400,
+        "tool_choice",
+        id="tool-choice-without-tools",
+    ),
     # This frontend runs without --enable-auto-tool-choice/--tool-call-parser: vllm serve's 400s.
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tools": [WEATHER_TOOL]}, 400, "tool_choice", id="auto-tools-without-flags"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tools": [WEATHER_TOOL], "tool_choice": "required"}, 400, "tool_choice",
-                 id="required-tool-without-parser"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tools": [], "tool_choice": "none"}, 400, "tools", id="empty-tools"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tools": [WEATHER_TOOL], "tool_choice": {
-                                              "type": "function", "function": {"name": "get_time"}}},
-                 400, "tool_choice", id="named-tool-not-in-tools"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, 400, "tool_choice",
-                 id="unknown-tool-choice"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "tools": [{"type": "function"}], "tool_choice": "none"}, 400, "tools[0]",
-                 id="tool-without-function"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "prompt_logprobs": 1, "stream": True}, 400,
-                 "prompt_logprobs", id="prompt-logprobs-streamed"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "prompt_logprobs": 21}, 400, "prompt_logprobs", id="prompt-logprobs-21"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "response_format": {"type": "json_schema"}}, 400, "response_format",
-                 id="json-schema-without-schema"),
-    pytest.param("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                          "response_format": {"type": "yaml"}}, 400, "response_format",
-                 id="unknown-response-format"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a",
-                                     "choice": ["a"]}}, 400, "structured_outputs", id="two-constraints"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "structured_outputs": {"regexp": "a"}},
-                 400, "structured_outputs", id="structured-outputs-unknown-field"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "guided_regex": "a",
-                                     "guided_choice": ["a"]}, 400, "guided_choice", id="two-guided-fields"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "guided_choice": []}, 400,
-                 "guided_choice", id="empty-choice"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"hello": 1}}, 400,
-                 "logit_bias", id="logit-bias-key-not-a-token-id"),
-    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}}, 400,
-                 "logit_bias", id="logit-bias-out-of-vocab"),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_TOOL]},
+        400,
+        "tool_choice",
+        id="auto-tools-without-flags",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "required",
+        },
+        400,
+        "tool_choice",
+        id="required-tool-without-parser",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [], "tool_choice": "none"},
+        400,
+        "tools",
+        id="empty-tools",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        },
+        400,
+        "tool_choice",
+        id="named-tool-not-in-tools",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "sometimes",
+        },
+        400,
+        "tool_choice",
+        id="unknown-tool-choice",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function"}],
+            "tool_choice": "none",
+        },
+        400,
+        "tools[0]",
+        id="tool-without-function",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "prompt_logprobs": 1, "stream": True},
+        400,
+        "prompt_logprobs",
+        id="prompt-logprobs-streamed",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21},
+        400,
+        "prompt_logprobs",
+        id="prompt-logprobs-21",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+        400,
+        "response_format",
+        id="json-schema-without-schema",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
+        400,
+        "response_format",
+        id="unknown-response-format",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}},
+        400,
+        "structured_outputs",
+        id="two-constraints",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "structured_outputs": {"regexp": "a"}},
+        400,
+        "structured_outputs",
+        id="structured-outputs-unknown-field",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "guided_regex": "a", "guided_choice": ["a"]},
+        400,
+        "guided_choice",
+        id="two-guided-fields",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "guided_choice": []},
+        400,
+        "guided_choice",
+        id="empty-choice",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "logit_bias": {"hello": 1}},
+        400,
+        "logit_bias",
+        id="logit-bias-key-not-a-token-id",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "logit_bias": {"99999": 1}},
+        400,
+        "logit_bias",
+        id="logit-bias-out-of-vocab",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
 def test_bad_requests_get_openai_errors_and_the_frontend_keeps_serving(
-        frontend: str, client: openai.OpenAI, path: str, body: Any, status: int, param: str | None) -> None:
+    frontend: str, client: openai.OpenAI, path: str, body: Any, status: int, param: str | None
+) -> None:
     got, answer = post(f"{frontend}{path}", body)
     assert got == status, answer
     error = answer["error"]
@@ -705,7 +965,8 @@ def test_a_tokenizer_the_frontend_cannot_load_is_a_503(frontend: str, client: op
 
 
 def test_retryable_failure_before_the_first_token_goes_to_another_instance(
-        client: openai.OpenAI, tokenizer: Any, deployment: Deployment) -> None:
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment
+) -> None:
     broken, healthy = deployment.workers["flaky"]
     for _ in range(4):
         resp = client.completions.create(model="flaky", prompt="the cat", max_tokens=3)
@@ -713,14 +974,18 @@ def test_retryable_failure_before_the_first_token_goes_to_another_instance(
     assert broken.requests and healthy.requests, "round-robin should have tried both instances"
 
 
-def test_an_instance_that_stopped_listening_is_skipped(client: openai.OpenAI, tokenizer: Any,
-                                                      deployment: Deployment, frontend: str) -> None:
+def test_an_instance_that_stopped_listening_is_skipped(
+    client: openai.OpenAI, tokenizer: Any, deployment: Deployment, frontend: str
+) -> None:
     """A killed worker stays in discovery until its lease expires; NATS says "no responders"."""
     gone = deployment.add_worker("crashy")
     alive = deployment.add_worker("crashy")
     deployment.loop.run(gone.runtime.servers["generate"].stop_accepting())  # as if the process died
-    wait_until(lambda: {"model": "crashy", "instances": 2} in json.loads(get(f"{frontend}/health")[1])["models"],
-               5, what="both instances to be discovered")
+    wait_until(
+        lambda: {"model": "crashy", "instances": 2} in json.loads(get(f"{frontend}/health")[1])["models"],
+        5,
+        what="both instances to be discovered",
+    )
     for _ in range(4):
         resp = client.completions.create(model="crashy", prompt="the cat", max_tokens=3)
         assert resp.choices[0].text == reversed_text(tokenizer, tokenizer.encode("the cat")[-3:])
@@ -744,8 +1009,10 @@ def test_client_disconnect_cancels_the_request_on_the_worker(frontend: str, depl
     host, port = frontend.removeprefix("http://").split(":")
     body = json.dumps({"model": "slow", "prompt": PROMPT, "stream": True}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         received = b""
         while b"data: " not in received:
             received += sock.recv(4096)
@@ -756,8 +1023,7 @@ def test_client_disconnect_cancels_the_request_on_the_worker(frontend: str, depl
 # ---- discovery, health, metrics ---------------------------------------------------------------------
 
 
-def test_models_come_and_go_with_their_workers(deployment: Deployment, frontend: str,
-                                               client: openai.OpenAI) -> None:
+def test_models_come_and_go_with_their_workers(deployment: Deployment, frontend: str, client: openai.OpenAI) -> None:
     worker = deployment.add_worker("ephemeral")
     wait_until(lambda: "ephemeral" in served_models(frontend), 5, what="the new model to be listed")
     assert client.completions.create(model="ephemeral", prompt="hi", max_tokens=1).choices[0].text is not None
@@ -790,8 +1056,11 @@ def test_metrics_count_requests_and_time_to_first_token(frontend: str, client: o
     post(f"{frontend}/v1/completions", {"model": "tiny", "prompt": "x", "n": 2})
     status, body = get(f"{frontend}/metrics")
     assert status == 200
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
 
     def value(name: str, **labels: str) -> float:
         return samples.get((name, tuple(sorted(labels.items()))), 0.0)
@@ -809,7 +1078,8 @@ def test_metrics_count_requests_and_time_to_first_token(frontend: str, client: o
 def test_shutdown_lets_a_running_stream_finish(deployment: Deployment, tokenizer: Any) -> None:
     proc, url = deployment.start_frontend()
     stream = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
-        model="slow", prompt=PROMPT, stream=True)
+        model="slow", prompt=PROMPT, stream=True
+    )
     first = next(iter(stream))
     proc.signal(signal.SIGTERM)
     rest = list(stream)
@@ -832,8 +1102,11 @@ def test_http_connections_use_tcp_nodelay(nats_server: NatsServer, loop: LoopThr
 
     async def nodelay_of_open_connections() -> list[int]:
         assert server.runner is not None and server.runner.server is not None
-        return [c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-                for c in server.runner.server.connections if c.transport is not None]
+        return [
+            c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for c in server.runner.server.connections
+            if c.transport is not None
+        ]
 
     rt, server, url = loop.run(start())
     try:
@@ -858,22 +1131,37 @@ def test_role_flags_are_documented_and_validated(nats_server: NatsServer) -> Non
     bad = run_cli("--role", "frontend", "--nats-url", nats_server.url, "--http-port", "70000")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--http-port 70000" in bad.stderr
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        busy = run_cli("--role", "frontend", "--nats-url", nats_server.url,
-                       "--http-port", str(taken.getsockname()[1]), "--log-level", "error")
+        busy = run_cli(
+            "--role",
+            "frontend",
+            "--nats-url",
+            nats_server.url,
+            "--http-port",
+            str(taken.getsockname()[1]),
+            "--log-level",
+            "error",
+        )
     assert busy.returncode == 2 and "cannot listen on" in busy.stderr and "Traceback" not in busy.stderr
 
 
 def test_the_role_imports_no_engine_or_tokenizer_library() -> None:
-    code = ("import sys, dynamo_worker.roles.frontend, dynamo_worker.frontend.app; "
-            "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    code = (
+        "import sys, dynamo_worker.roles.frontend, dynamo_worker.frontend.app; "
+        "print(sorted(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
     assert out.stdout.strip() == "[]", out.stderr
 
 
-async def test_the_model_table_follows_discovery_and_unreachable_instances(nats_server: NatsServer,
-                                                                           namespace: str,
-                                                                           tmp_path: Path) -> None:
+async def test_the_model_table_follows_discovery_and_unreachable_instances(
+    nats_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
     """``ModelTable.live`` is cached between changes: every change must still show at once."""
     from dynamo_worker.core.runtime import Runtime
     from dynamo_worker.frontend.models import ModelTable
@@ -917,8 +1205,9 @@ def parsing_frontend(deployment: Deployment, tokenizer: Any) -> Iterator[str]:
     # A longer context than the others': tools and tool turns make long prompts with this tokenizer.
     deployment.add_worker("thinker", reply=tokenizer.encode(THOUGHT, add_special_tokens=False), max_model_len=1024)
     deployment.add_worker("caller", reply=tokenizer.encode(CALL, add_special_tokens=False), max_model_len=1024)
-    proc, url = deployment.start_frontend("--enable-auto-tool-choice", "--dyn-tool-call-parser", "hermes",
-                                          "--dyn-reasoning-parser", "qwen3")
+    proc, url = deployment.start_frontend(
+        "--enable-auto-tool-choice", "--dyn-tool-call-parser", "hermes", "--dyn-reasoning-parser", "qwen3"
+    )
     yield url
     if proc.proc.poll() is not None:
         pytest.fail(f"the frontend died:\n{proc.log()}")
@@ -953,11 +1242,18 @@ def test_a_reasoning_parser_fills_reasoning_content(parsing_frontend: str) -> No
     message = client.chat.completions.create(model="thinker", messages=messages).choices[0].message
     extra = message.model_extra or {}
     assert (extra["reasoning_content"], extra["reasoning"], message.content) == (
-        "the cat sees a bird", "the cat sees a bird", "the dog runs")
-    texts, calls, finish = streamed_message(client.chat.completions.create(model="thinker", messages=messages,
-                                                                         stream=True))
-    assert texts == {"content": "the dog runs", "reasoning_content": "the cat sees a bird",
-                     "reasoning": "the cat sees a bird"}
+        "the cat sees a bird",
+        "the cat sees a bird",
+        "the dog runs",
+    )
+    texts, calls, finish = streamed_message(
+        client.chat.completions.create(model="thinker", messages=messages, stream=True)
+    )
+    assert texts == {
+        "content": "the dog runs",
+        "reasoning_content": "the cat sees a bird",
+        "reasoning": "the cat sees a bird",
+    }
     assert (calls, finish) == ({}, "stop")
 
 
@@ -968,15 +1264,20 @@ def test_auto_tool_choice_returns_the_parsed_call(parsing_frontend: str) -> None
     assert choice.message.tool_calls, choice
     (call,) = choice.message.tool_calls
     assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
-        "function", "get_weather", {"city": "Paris"})
+        "function",
+        "get_weather",
+        {"city": "Paris"},
+    )
     assert call.id and choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"] == "ok"
-    texts, calls, finish = streamed_message(client.chat.completions.create(
-        model="caller", messages=messages, tools=[WEATHER_TOOL], stream=True))
+    texts, calls, finish = streamed_message(
+        client.chat.completions.create(model="caller", messages=messages, tools=[WEATHER_TOOL], stream=True)
+    )
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
     assert calls[0]["id"] and finish == "tool_calls" and texts["reasoning_content"] == "ok"
     # tool_choice none: the same output is plain content, no call (vllm serve's rule)
-    plain = client.chat.completions.create(model="caller", messages=messages, tools=[WEATHER_TOOL],
-                                           tool_choice="none").choices[0]
+    plain = client.chat.completions.create(
+        model="caller", messages=messages, tools=[WEATHER_TOOL], tool_choice="none"
+    ).choices[0]
     assert not plain.message.tool_calls and "<tool_call>" in plain.message.content
     assert plain.finish_reason == "stop"
 
@@ -984,48 +1285,72 @@ def test_auto_tool_choice_returns_the_parsed_call(parsing_frontend: str) -> None
 def test_tool_turns_in_the_history_reach_the_template(parsing_frontend: str, deployment: Deployment) -> None:
     history = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
     ]
-    resp = parsing_client(parsing_frontend).chat.completions.create(model="caller", messages=history,
-                                                                    tools=[WEATHER_TOOL])
+    resp = parsing_client(parsing_frontend).chat.completions.create(
+        model="caller", messages=history, tools=[WEATHER_TOOL]
+    )
     assert resp.choices[0].finish_reason == "tool_calls"
     (worker,) = deployment.workers["caller"]
     from transformers import AutoTokenizer
+
     prompt = AutoTokenizer.from_pretrained(deployment.model_path).decode(worker.requests[-1]["token_ids"])
-    assert ('<|tools|>\n[{"type": "function", "function": {"name": "get_weather"' in prompt
-            and '<|assistant|>\n[{"id": "call_1", "type": "function", "function": {"name": "get_weather", '
-                '"arguments": {"city": "Paris"}}}]' in prompt
-            and "<|tool|>\nsunny, 21 C" in prompt), prompt
+    assert (
+        '<|tools|>\n[{"type": "function", "function": {"name": "get_weather"' in prompt
+        and '<|assistant|>\n[{"id": "call_1", "type": "function", "function": {"name": "get_weather", '
+        '"arguments": {"city": "Paris"}}}]'
+        in prompt
+        and "<|tool|>\nsunny, 21 C" in prompt
+    ), prompt
     # /tokenize renders tools the same way (vLLM's takes them too)
-    status, tokenized = post(f"{parsing_frontend}/tokenize", {"model": "caller", "messages": history,
-                                                              "tools": [WEATHER_TOOL]})
+    status, tokenized = post(
+        f"{parsing_frontend}/tokenize", {"model": "caller", "messages": history, "tools": [WEATHER_TOOL]}
+    )
     assert (status, tokenized["tokens"]) == (200, worker.requests[-1]["token_ids"])
 
 
-def test_a_named_call_is_forced_with_the_parsers_structural_tag(parsing_frontend: str,
-                                                                deployment: Deployment) -> None:
+def test_a_named_call_is_forced_with_the_parsers_structural_tag(parsing_frontend: str, deployment: Deployment) -> None:
     """hermes has an xgrammar structural tag: vLLM's adjust_request forces the call with it (not
     a bare JSON schema), and the worker gets it as guided_decoding; the call is parsed from the
     hermes-format text, finish_reason "stop" as for any named call."""
     named = {"type": "function", "function": {"name": "get_weather"}}
-    choice = parsing_client(parsing_frontend).chat.completions.create(
-        model="caller", messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL], tool_choice=named,
-        response_format={"type": "json_object"}).choices[0]
+    choice = (
+        parsing_client(parsing_frontend)
+        .chat.completions.create(
+            model="caller",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[WEATHER_TOOL],
+            tool_choice=named,
+            response_format={"type": "json_object"},
+        )
+        .choices[0]
+    )
     (worker,) = deployment.workers["caller"]
     guided = worker.requests[-1]["sampling_options"]["guided_decoding"]
     assert list(guided) == ["structural_tag"] and "get_weather" in guided["structural_tag"]  # replaces response_format
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
-        ("get_weather", {"city": "Paris"})]
+        ("get_weather", {"city": "Paris"})
+    ]
     assert choice.finish_reason == "stop"
 
 
 def test_vllms_request_checks_apply_to_tool_requests(parsing_frontend: str) -> None:
     base = {"model": "caller", "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_TOOL]}
     named = {"type": "function", "function": {"name": "get_weather"}}
-    status, answer = post(f"{parsing_frontend}/v1/chat/completions",
-                          {**base, "tool_choice": named, "structured_outputs": {"regex": "a+"}})
+    status, answer = post(
+        f"{parsing_frontend}/v1/chat/completions", {**base, "tool_choice": named, "structured_outputs": {"regex": "a+"}}
+    )
     assert status == 400 and "structured outputs or tools, not both" in answer["error"]["message"], answer
     status, answer = post(f"{parsing_frontend}/v1/chat/completions", {**base, "parallel_tool_calls": "maybe"})
     assert (status, answer["error"]["param"]) == (400, "parallel_tool_calls"), answer
@@ -1034,34 +1359,50 @@ def test_vllms_request_checks_apply_to_tool_requests(parsing_frontend: str) -> N
 def test_the_demo_template_renders_requests_without_tools_as_before(tokenizer: Any) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        "<|bos|><|system|>\nBe brief.<|eos|>\n<|user|>\nHi<|eos|>\n<|assistant|>\n")
+        "<|bos|><|system|>\nBe brief.<|eos|>\n<|user|>\nHi<|eos|>\n<|assistant|>\n"
+    )
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--tool-call-parser", "nope"], "--tool-call-parser 'nope' is not one of vLLM's tool parsers"),
-    (["--reasoning-parser", "nope"], "--reasoning-parser 'nope' is not one of vLLM's reasoning parsers"),
-    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice requires --tool-call-parser"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tool-call-parser", "nope"], "--tool-call-parser 'nope' is not one of vLLM's tool parsers"),
+        (["--reasoning-parser", "nope"], "--reasoning-parser 'nope' is not one of vLLM's reasoning parsers"),
+        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice requires --tool-call-parser"),
+    ],
+)
 def test_parser_flags_are_checked_at_start_up(nats_server: NatsServer, flags: list[str], message: str) -> None:
     bad = run_cli("--role", "frontend", "--nats-url", nats_server.url, "--http-port", "0", *flags)
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize(("body", "tool_parsing", "auto_enabled", "expected"), [
-    ({"tools": [WEATHER_TOOL]}, True, True, "auto"),  # tools without tool_choice: auto, as OpenAI's default
-    ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, False, False, "none"),
-    ({"tool_choice": "none"}, False, False, "none"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, True, True, "required"),
-    ({"tools": [WEATHER_TOOL]}, False, False, '"auto" tool choice requires --enable-auto-tool-choice'),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, False, False,
-     'tool_choice="required" requires --tool-call-parser'),
-    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, False,
-     False, 'tool_choice=function "get_weather" requires --tool-call-parser'),
-    ({"tool_choice": "auto"}, True, True, "When using `tool_choice`, `tools` must be set."),
-    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function"}}, True, True, "Invalid value for `function`"),
-])
-def test_tool_choice_rules_are_vllm_serves(body: dict[str, Any], tool_parsing: bool, auto_enabled: bool,
-                                           expected: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "tool_parsing", "auto_enabled", "expected"),
+    [
+        ({"tools": [WEATHER_TOOL]}, True, True, "auto"),  # tools without tool_choice: auto, as OpenAI's default
+        ({"tools": [WEATHER_TOOL], "tool_choice": "none"}, False, False, "none"),
+        ({"tool_choice": "none"}, False, False, "none"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, True, True, "required"),
+        ({"tools": [WEATHER_TOOL]}, False, False, '"auto" tool choice requires --enable-auto-tool-choice'),
+        (
+            {"tools": [WEATHER_TOOL], "tool_choice": "required"},
+            False,
+            False,
+            'tool_choice="required" requires --tool-call-parser',
+        ),
+        (
+            {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+            False,
+            False,
+            'tool_choice=function "get_weather" requires --tool-call-parser',
+        ),
+        ({"tool_choice": "auto"}, True, True, "When using `tool_choice`, `tools` must be set."),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function"}}, True, True, "Invalid value for `function`"),
+    ],
+)
+def test_tool_choice_rules_are_vllm_serves(
+    body: dict[str, Any], tool_parsing: bool, auto_enabled: bool, expected: str
+) -> None:
     from dynamo_worker.frontend.chat_parsers import check_tools
     from dynamo_worker.frontend.protocol import ApiError, parse_chat
 
@@ -1082,9 +1423,21 @@ def test_earlier_tool_calls_reach_templates_with_object_arguments() -> None:
     def call(arguments: Any) -> dict[str, Any]:
         return {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
 
-    req = parse_chat(json.dumps({"model": "m", "messages": [
-        {"role": "assistant", "content": None, "tool_calls": [call('{"a": 1}'), call("{oops"), call("[1]")]},
-        {"role": "tool", "tool_call_id": "c", "content": "done"}]}).encode())
+    req = parse_chat(
+        json.dumps(
+            {
+                "model": "m",
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [call('{"a": 1}'), call("{oops"), call("[1]")],
+                    },
+                    {"role": "tool", "tool_call_id": "c", "content": "done"},
+                ],
+            }
+        ).encode()
+    )
     assistant, tool = template_messages(req.messages)
     assert [c["function"]["arguments"] for c in assistant["tool_calls"]] == [{"a": 1}, {}, {}]
     assert assistant["content"] == "" and tool == {"role": "tool", "content": "done", "tool_call_id": "c"}

@@ -41,8 +41,12 @@ from tests.helpers import NatsServer, WorkerProcess, free_kv_event_port, free_po
 MAX_COMPLETION_TOKENS = 4
 # Built on the loaded Hypothesis profile (tests/conftest.py: in CI derandomized, with the failure's
 # reproduction blob): set neither derandomize nor print_blob here (tests/test_ci.py checks both hold).
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 BUS_FUZZ = settings(FUZZ, max_examples=60)
 TRIED: Counter[str] = Counter()  # inputs sent, by target, for the summary
 
@@ -53,17 +57,39 @@ class Stack(fuzz_helpers.FuzzTarget):
         self.namespace = f"fz{uuid.uuid4().hex[:8]}"
         self.http_port = free_port()
         common = ["--nats-url", nats.url, "--namespace", self.namespace]
-        engine = ["--model", model, "--served-model-name", "tiny", *common, *ENGINE_FLAGS,
-                  "--connector", "example", "--kv-shared-storage", storage]
+        engine = [
+            "--model",
+            model,
+            "--served-model-name",
+            "tiny",
+            *common,
+            *ENGINE_FLAGS,
+            "--connector",
+            "example",
+            "--kv-shared-storage",
+            storage,
+        ]
         self.processes = {
-            "decode": WorkerProcess(["--role", "decode", *engine],
-                                    env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()))),
-            "prefill": WorkerProcess(["--role", "prefill", *engine],
-                                     env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()))),
+            "decode": WorkerProcess(
+                ["--role", "decode", *engine], env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()))
+            ),
+            "prefill": WorkerProcess(
+                ["--role", "prefill", *engine], env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port()))
+            ),
             "echo": WorkerProcess(["--role", "echo", *common, "--echo-model", model]),
-            "frontend": WorkerProcess(["--role", "frontend", *common, "--http-port", str(self.http_port),
-                                       "--max-completion-tokens", str(MAX_COMPLETION_TOKENS),
-                                       "--max-request-bytes", "65536"]),
+            "frontend": WorkerProcess(
+                [
+                    "--role",
+                    "frontend",
+                    *common,
+                    "--http-port",
+                    str(self.http_port),
+                    "--max-completion-tokens",
+                    str(MAX_COMPLETION_TOKENS),
+                    "--max-request-bytes",
+                    "65536",
+                ]
+            ),
         }
         self.base = f"http://127.0.0.1:{self.http_port}"
         super().__init__()
@@ -89,8 +115,11 @@ class Stack(fuzz_helpers.FuzzTarget):
 
         wait_until(discovered, 30, what="every endpoint of decode, prefill and echo in discovery")
         client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0)
-        wait_until(lambda: {m.id for m in client.models.list().data} >= {"tiny", "echo"}, 30,
-                   what="both models in the frontend")
+        wait_until(
+            lambda: {m.id for m in client.models.list().data} >= {"tiny", "echo"},
+            30,
+            what="both models in the frontend",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -105,21 +134,68 @@ def stack(nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.Tem
 
 # ---- strategies --------------------------------------------------------------------------------
 
-scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-           | st.integers(min_value=-5, max_value=600) | st.floats(allow_nan=False)
-           | st.floats(min_value=-3, max_value=3) | st.text(max_size=30))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=6)
-                           | st.dictionaries(st.text(max_size=12), inner, max_size=6), max_leaves=25)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers(min_value=-5, max_value=600)
+    | st.floats(allow_nan=False)
+    | st.floats(min_value=-3, max_value=3)
+    | st.text(max_size=30)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
+    max_leaves=25,
+)
 
-OPENAI_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                 "top_k", "min_p", "n", "stream", "stream_options", "stop", "stop_token_ids", "seed", "logprobs",
-                 "top_logprobs", "echo", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                 "ignore_eos", "min_tokens", "response_format", "user", "logit_bias", "best_of", "suffix",
-                 "skip_special_tokens", "include_stop_str_in_output"]
+OPENAI_FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "stop_token_ids",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "response_format",
+    "user",
+    "logit_bias",
+    "best_of",
+    "suffix",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+]
 token_lists = st.lists(st.integers(min_value=-3, max_value=520) | st.integers(), max_size=12)
-openai_values = (json_values | token_lists | st.sampled_from(["tiny", "echo", "", "nope"])
-                 | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
-                                                   "content": st.text(max_size=40) | json_values}), max_size=3))
+openai_values = (
+    json_values
+    | token_lists
+    | st.sampled_from(["tiny", "echo", "", "nope"])
+    | st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "system", "assistant", "x"]),
+                "content": st.text(max_size=40) | json_values,
+            }
+        ),
+        max_size=3,
+    )
+)
 
 
 def valid_base(endpoint: str, model: str) -> dict[str, Any]:
@@ -131,28 +207,68 @@ def valid_base(endpoint: str, model: str) -> dict[str, Any]:
 def bodies(endpoint: str) -> st.SearchStrategy[bytes]:
     mutated = st.builds(
         lambda model, changes, dropped: json.dumps(
-            {k: v for k, v in {**valid_base(endpoint, model), **changes}.items() if k not in dropped}).encode(),
+            {k: v for k, v in {**valid_base(endpoint, model), **changes}.items() if k not in dropped}
+        ).encode(),
         st.sampled_from(["tiny", "echo"]),
         st.dictionaries(st.sampled_from(OPENAI_FIELDS) | st.text(max_size=8), openai_values, max_size=4),
-        st.sets(st.sampled_from(["model", "prompt", "messages", "max_tokens"]), max_size=2))
+        st.sets(st.sampled_from(["model", "prompt", "messages", "max_tokens"]), max_size=2),
+    )
     return mutated | json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=300)
 
 
-GENERATE_FIELDS = ["token_ids", "model", "stop_conditions", "sampling_options", "output_options", "eos_token_ids",
-                   "routing", "prefill_result", "extra_args", "prompt_embeds", "multi_modal_data", "delay",
-                   "lora_name", "source", "bootstrap_info", "annotations"]
+GENERATE_FIELDS = [
+    "token_ids",
+    "model",
+    "stop_conditions",
+    "sampling_options",
+    "output_options",
+    "eos_token_ids",
+    "routing",
+    "prefill_result",
+    "extra_args",
+    "prompt_embeds",
+    "multi_modal_data",
+    "delay",
+    "lora_name",
+    "source",
+    "bootstrap_info",
+    "annotations",
+]
 nested_options = st.dictionaries(
-    st.sampled_from(["max_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "temperature", "top_p", "top_k",
-                     "min_p", "seed", "logprobs", "n", "use_beam_search", "allowed_token_ids", "uri",
-                     "disaggregated_params", "kv_transfer_params", "dp_rank"]) | st.text(max_size=6),
-    json_values | token_lists | st.integers(min_value=-2, max_value=30), max_size=4)
-payloads = (json_values
-            | st.builds(lambda tokens, extra: {"token_ids": tokens, **extra}, token_lists,
-                        st.dictionaries(st.sampled_from(GENERATE_FIELDS), json_values | nested_options | token_lists,
-                                        max_size=4)))
+    st.sampled_from(
+        [
+            "max_tokens",
+            "min_tokens",
+            "stop_token_ids",
+            "ignore_eos",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "logprobs",
+            "n",
+            "use_beam_search",
+            "allowed_token_ids",
+            "uri",
+            "disaggregated_params",
+            "kv_transfer_params",
+            "dp_rank",
+        ]
+    )
+    | st.text(max_size=6),
+    json_values | token_lists | st.integers(min_value=-2, max_value=30),
+    max_size=4,
+)
+payloads = json_values | st.builds(
+    lambda tokens, extra: {"token_ids": tokens, **extra},
+    token_lists,
+    st.dictionaries(st.sampled_from(GENERATE_FIELDS), json_values | nested_options | token_lists, max_size=4),
+)
 
 
 # ---- found by this fuzzer ------------------------------------------------------------------------
+
 
 def test_a_one_token_prompt_never_reaches_the_example_connector(stack: Stack) -> None:
     """vLLM's ExampleConnector fails the engine on a one-token prompt (a prefill worker at once, a
@@ -168,13 +284,16 @@ def test_a_one_token_prompt_never_reaches_the_example_connector(stack: Stack) ->
 
 
 def test_an_integer_over_64_bits_is_a_bad_request_not_an_internal_error(stack: Stack) -> None:
-    for payload in ({"token_ids": [1, 5], "sampling_options": {"seed": 2**70}},
-                    {"token_ids": [1, 5], "stop_conditions": {"max_tokens": 2**64}}):
+    for payload in (
+        {"token_ids": [1, 5], "sampling_options": {"seed": 2**70}},
+        {"token_ids": [1, 5], "stop_conditions": {"max_tokens": 2**64}},
+    ):
         err = stack.loop.run(call(stack, "decode/generate", payload))
         assert err is not None and err.code == "bad_request"
 
 
 # ---- the frontend --------------------------------------------------------------------------------
+
 
 def post(url: str, body: bytes) -> tuple[int, bytes, str]:
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
@@ -211,7 +330,6 @@ def test_random_http_bodies_get_a_2xx_or_an_openai_4xx(stack: Stack, endpoint: s
 # ---- the request plane ---------------------------------------------------------------------------
 
 
-
 async def call(stack: Stack, key: str, payload: Any) -> RequestError | None:
     assert stack.runtime is not None
     component, endpoint, instance = stack.subjects[key]
@@ -224,8 +342,18 @@ async def send_raw(stack: Stack, key: str, data: bytes) -> None:
     await fuzz_helpers.send_raw(stack.runtime, component, endpoint, instance, data)
 
 
-ENDPOINTS = ["decode/generate", "decode/clear_kv_blocks", "decode/kv_blocks", "decode/load_lora", "decode/unload_lora",
-             "decode/list_loras", "prefill/generate", "prefill/clear_kv_blocks", "prefill/kv_blocks", "echo/generate"]
+ENDPOINTS = [
+    "decode/generate",
+    "decode/clear_kv_blocks",
+    "decode/kv_blocks",
+    "decode/load_lora",
+    "decode/unload_lora",
+    "decode/list_loras",
+    "prefill/generate",
+    "prefill/clear_kv_blocks",
+    "prefill/kv_blocks",
+    "echo/generate",
+]
 
 
 @pytest.mark.parametrize("key", ENDPOINTS)
@@ -237,8 +365,11 @@ def test_random_payloads_to_each_endpoint_get_data_or_a_clean_error(stack: Stack
         stack.loop.run(call(stack, key, payload), timeout=120)
 
     @settings(BUS_FUZZ, max_examples=30)
-    @given(data=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
-           | st.builds(lambda i, p: json.dumps({"id": i, "p": p}).encode(), json_values, json_values))
+    @given(
+        data=st.binary(max_size=200)
+        | json_values.map(lambda v: json.dumps(v).encode())
+        | st.builds(lambda i, p: json.dumps({"id": i, "p": p}).encode(), json_values, json_values)
+    )
     def raw(data: bytes) -> None:
         TRIED[f"bus {key} raw"] += 1
         stack.loop.run(send_raw(stack, key, data), timeout=120)

@@ -22,8 +22,20 @@ def health(port: int) -> tuple[int, dict]:
 
 def test_an_idle_worker_sends_its_canary_and_stays_healthy(nats_server: NatsServer, namespace: str) -> None:
     port = free_port()
-    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--system-port", str(port), "--health-check-idle", "0.2"])
+    worker = WorkerProcess(
+        [
+            "--role",
+            "echo",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--system-port",
+            str(port),
+            "--health-check-idle",
+            "0.2",
+        ]
+    )
     try:
         worker.wait_for_log("serving")
         wait_until(lambda: health(port)[1]["canary"]["ok"] is True, 10, what="a passing canary")
@@ -36,8 +48,21 @@ def test_a_failing_canary_makes_health_503_with_the_reason(nats_server: NatsServ
     port = free_port()
     # Override the payload with one the echo role refuses: the canary fails, the worker stays up.
     env = worker_env(DYN_HEALTH_CHECK_PAYLOAD=json.dumps({"token_ids": "not a list"}))
-    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--system-port", str(port), "--health-check-idle", "0.2"], env=env)
+    worker = WorkerProcess(
+        [
+            "--role",
+            "echo",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--system-port",
+            str(port),
+            "--health-check-idle",
+            "0.2",
+        ],
+        env=env,
+    )
     try:
         worker.wait_for_log("serving")
         wait_until(lambda: health(port)[0] == 503, 10, what="/health to turn 503")
@@ -53,9 +78,21 @@ def test_the_payload_override_can_come_from_a_file(nats_server: NatsServer, name
     port = free_port()
     payload = tmp_path / "canary.json"
     payload.write_text(json.dumps({"token_ids": [5, 6]}))
-    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--system-port", str(port), "--health-check-idle", "0.2"],
-                           env=worker_env(DYN_HEALTH_CHECK_PAYLOAD=f"@{payload}"))
+    worker = WorkerProcess(
+        [
+            "--role",
+            "echo",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--system-port",
+            str(port),
+            "--health-check-idle",
+            "0.2",
+        ],
+        env=worker_env(DYN_HEALTH_CHECK_PAYLOAD=f"@{payload}"),
+    )
     try:
         worker.wait_for_log("serving")
         wait_until(lambda: health(port)[1]["canary"]["ok"] is True, 10, what="a passing canary")
@@ -64,12 +101,14 @@ def test_the_payload_override_can_come_from_a_file(nats_server: NatsServer, name
 
 
 def test_bad_payload_json_is_a_one_line_error_before_any_work() -> None:
-    out = run_cli("--role", "echo", "--nats-url", "nats://127.0.0.1:1",
-                  env=worker_env(DYN_HEALTH_CHECK_PAYLOAD="{oops"))
+    out = run_cli(
+        "--role", "echo", "--nats-url", "nats://127.0.0.1:1", env=worker_env(DYN_HEALTH_CHECK_PAYLOAD="{oops")
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "DYN_HEALTH_CHECK_PAYLOAD is not valid JSON" in out.stderr
-    out = run_cli("--role", "echo", "--nats-url", "nats://127.0.0.1:1",
-                  env=worker_env(DYN_HEALTH_CHECK_PAYLOAD="[1, 2]"))
+    out = run_cli(
+        "--role", "echo", "--nats-url", "nats://127.0.0.1:1", env=worker_env(DYN_HEALTH_CHECK_PAYLOAD="[1, 2]")
+    )
     assert out.returncode == 2 and "must be a JSON object" in out.stderr
 
 
@@ -128,12 +167,16 @@ async def test_a_role_without_generate_gets_its_canary_on_the_endpoint_it_names(
         assert [m async for m in client.generate({"n": 7})] == [{"pong": 7, "canary": False}]
 
 
-@pytest.mark.parametrize("canary,reason", [
-    ("none", "the role returns no health payload (dynamo_worker_health_payload)"),
-    ("generate", "its health payload goes to endpoint 'generate', which it does not serve (it serves ping)"),
-])
-def test_a_role_whose_endpoints_get_no_canary_is_told_once_at_start_up(run_role, probe_site, canary: str,
-                                                                      reason: str) -> None:
+@pytest.mark.parametrize(
+    "canary,reason",
+    [
+        ("none", "the role returns no health payload (dynamo_worker_health_payload)"),
+        ("generate", "its health payload goes to endpoint 'generate', which it does not serve (it serves ping)"),
+    ],
+)
+def test_a_role_whose_endpoints_get_no_canary_is_told_once_at_start_up(
+    run_role, probe_site, canary: str, reason: str
+) -> None:
     role = run_role("probe", "--probe-canary", canary, "--health-check-idle", "0.2", env=probe_site)
     wait_until(lambda: "no health canary" in role.log(), 5, what="the warning")
     time.sleep(0.5)  # more than two idle periods: no canary, and no second warning
@@ -149,6 +192,7 @@ def test_a_role_whose_endpoints_get_no_canary_is_told_once_at_start_up(run_role,
 # StatusServer itself on a real port (no role has a POST route without an engine); the real decode
 # worker's /engine/sleep under a token: tests/test_decode_operations.py.
 
+
 class AdminServer:
     """A real StatusServer with decode's route shapes: POST /engine/sleep (counts its calls) and
     GET /engine/is_sleeping; requests go to 127.0.0.1 whatever it binds."""
@@ -161,8 +205,9 @@ class AdminServer:
 
         self.calls = 0
         self.server = StatusServer(HealthState(phase="serving"), CollectorRegistry(), admin_token=token)
-        self.server.add_routes([Route("POST", "/engine/sleep", self._sleep),
-                                Route("GET", "/engine/is_sleeping", self._is_sleeping)])
+        self.server.add_routes(
+            [Route("POST", "/engine/sleep", self._sleep), Route("GET", "/engine/is_sleeping", self._is_sleeping)]
+        )
         self.host = host
 
     async def _sleep(self, request):  # type: ignore[no-untyped-def]
@@ -202,7 +247,8 @@ class AdminServer:
 
 
 async def test_beyond_loopback_without_a_token_admin_routes_answer_403_and_probes_stay_open(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level("WARNING", logger="dynamo_worker.core.status_server"):
         async with AdminServer("0.0.0.0", token=None) as srv:
             for headers in ({}, {"Authorization": "Bearer anything"}):
@@ -221,9 +267,14 @@ async def test_beyond_loopback_without_a_token_admin_routes_answer_403_and_probe
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
 async def test_with_a_token_admin_routes_need_the_bearer_token_on_any_bind(host: str) -> None:
     async with AdminServer(host, token="adm-7f3a9c") as srv:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer adm-7f3a9c-and-more"},
-                        {"Authorization": "Basic adm-7f3a9c"}, {"Authorization": "adm-7f3a9c"},
-                        {"Authorization": "Bearer \u00e9t\u00e9"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Bearer adm-7f3a9c-and-more"},
+            {"Authorization": "Basic adm-7f3a9c"},
+            {"Authorization": "adm-7f3a9c"},
+            {"Authorization": "Bearer \u00e9t\u00e9"},
+        ):
             status, body = await srv.sleep(headers)
             assert status == 401 and "Authorization: Bearer" in body["message"], headers
         assert srv.calls == 0
@@ -251,8 +302,14 @@ async def test_admin_routes_refuse_cross_site_browser_requests() -> None:
             ({"Sec-Fetch-Site": "cross-site"}, 403),
             ({"Sec-Fetch-Site": "same-site"}, 403),
             # DNS rebinding: same-origin to the browser, but not a loopback Host.
-            ({"Host": f"evil.example:{srv.server.port}", "Origin": f"http://evil.example:{srv.server.port}",
-              "Sec-Fetch-Site": "same-origin"}, 403),
+            (
+                {
+                    "Host": f"evil.example:{srv.server.port}",
+                    "Origin": f"http://evil.example:{srv.server.port}",
+                    "Sec-Fetch-Site": "same-origin",
+                },
+                403,
+            ),
             ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
             ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
             ({"Content-Type": "text/plain;charset=UTF-8"}, 415),
@@ -261,9 +318,13 @@ async def test_admin_routes_refuse_cross_site_browser_requests() -> None:
             status, body = await srv.sleep(headers)
             assert status == expected and body["status"] == "error", (headers, status, body)
         assert srv.calls == 0
-        allowed = [{}, {"Origin": own}, {"Origin": f"http://localhost:{srv.server.port}",
-                                          "Host": f"localhost:{srv.server.port}"},
-                   {"Sec-Fetch-Site": "same-origin", "Origin": own}, {"Sec-Fetch-Site": "none"}]
+        allowed = [
+            {},
+            {"Origin": own},
+            {"Origin": f"http://localhost:{srv.server.port}", "Host": f"localhost:{srv.server.port}"},
+            {"Sec-Fetch-Site": "same-origin", "Origin": own},
+            {"Sec-Fetch-Site": "none"},
+        ]
         for headers in allowed:
             status, _ = await srv.sleep(headers)
             assert status == 200, headers
@@ -273,16 +334,20 @@ async def test_admin_routes_refuse_cross_site_browser_requests() -> None:
         status, body = await srv.sleep({"Authorization": "Bearer adm-7f3a9c", "Origin": "http://evil.example"})
         assert status == 403 and "Origin" in body["message"] and srv.calls == 0
         # The bearer token is proof enough of a non-browser client: any content type, any Host.
-        status, _ = await srv.sleep({"Authorization": "Bearer adm-7f3a9c", "Content-Type": "text/plain",
-                                     "Host": "myhost.internal"})
+        status, _ = await srv.sleep(
+            {"Authorization": "Bearer adm-7f3a9c", "Content-Type": "text/plain", "Host": "myhost.internal"}
+        )
         assert status == 200 and srv.calls == 1
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    (" ", "--system-admin-token is blank"),
-    ("abc\n", "--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces"),
-    ("t\u00f6ken", "--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (" ", "--system-admin-token is blank"),
+        ("abc\n", "--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces"),
+        ("t\u00f6ken", "--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces"),
+    ],
+)
 def test_an_unusable_admin_token_is_a_one_line_error(value: str, message: str) -> None:
     out = run_cli("--role", "echo", "--nats-url", "nats://127.0.0.1:1", env=worker_env(DYN_SYSTEM_ADMIN_TOKEN=value))
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr

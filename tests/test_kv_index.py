@@ -35,7 +35,7 @@ class FakeEngine:
         return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
     def key(self, tokens: Sequence[int], blocks: int, lora: str | None = None) -> tuple[Any, ...]:
-        return (lora, tuple(tokens[:blocks * self.block_size]))
+        return (lora, tuple(tokens[: blocks * self.block_size]))
 
     def store(self, tokens: Sequence[int], lora_name: str | None = None) -> dict[str, Any] | None:
         """The BlockStored vLLM sends after prefilling ``tokens``: its full blocks not yet cached."""
@@ -50,13 +50,21 @@ class FakeEngine:
         hashes = []
         h = parent
         for i in range(first, full):
-            h = self._engine_hash(h, tokens[i * bs:(i + 1) * bs], lora_name)
+            h = self._engine_hash(h, tokens[i * bs : (i + 1) * bs], lora_name)
             self.held[self.key(tokens, i + 1, lora_name)] = h
             hashes.append(h)
-        return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
-                "token_ids": list(tokens[first * bs:full * bs]), "block_size": bs, "lora_id": None,
-                "medium": "GPU", "lora_name": lora_name,
-                "extra_keys": [[lora_name]] * len(hashes) if lora_name else None, "group_idx": 0}
+        return {
+            "type": "BlockStored",
+            "block_hashes": hashes,
+            "parent_block_hash": parent,
+            "token_ids": list(tokens[first * bs : full * bs]),
+            "block_size": bs,
+            "lora_id": None,
+            "medium": "GPU",
+            "lora_name": lora_name,
+            "extra_keys": [[lora_name]] * len(hashes) if lora_name else None,
+            "group_idx": 0,
+        }
 
     def remove(self, tokens: Sequence[int], blocks: Sequence[int], lora_name: str | None = None) -> dict[str, Any]:
         """The BlockRemoved for the given block indexes of ``tokens`` (evicted)."""
@@ -69,9 +77,18 @@ class FakeEngine:
         out = []
         for (lora, prefix), h in self.held.items():
             parent = self.held.get((lora, prefix[:-bs])) if len(prefix) > bs else None
-            out.append({"type": "BlockStored", "block_hashes": [h], "parent_block_hash": parent,
-                        "token_ids": list(prefix[-bs:]), "block_size": bs, "lora_name": lora,
-                        "extra_keys": [[lora]] if lora else None, "medium": "GPU"})
+            out.append(
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [h],
+                    "parent_block_hash": parent,
+                    "token_ids": list(prefix[-bs:]),
+                    "block_size": bs,
+                    "lora_name": lora,
+                    "extra_keys": [[lora]] if lora else None,
+                    "medium": "GPU",
+                }
+            )
         return out
 
 
@@ -87,6 +104,7 @@ A, B, C = ("a" * 16, 0), ("b" * 16, 0), ("c" * 16, 0)
 
 
 # -- the router's hash -----------------------------------------------------------------
+
 
 def test_equal_prefixes_hash_equal_and_a_difference_changes_every_later_block() -> None:
     base = tokens(40)
@@ -139,9 +157,22 @@ def test_multimodal_and_salted_event_blocks_match_prompts_built_the_way_vllm_bui
     # vLLM's extra keys for an image at tokens 2..9 (block size 4): blocks 0, 1, 2 touch it,
     # each with the item's start relative to the block; the salt only on block 0.
     extra = [[["img-hash", 2], "salt"], [["img-hash", -2]], [["img-hash", -6]], None]
-    batch(index, A, 0, {"type": "BlockStored", "block_hashes": [11, 12, 13, 14], "parent_block_hash": None,
-                        "token_ids": prompt, "block_size": BS, "lora_name": None, "extra_keys": extra,
-                        "medium": "GPU", "group_idx": 0})
+    batch(
+        index,
+        A,
+        0,
+        {
+            "type": "BlockStored",
+            "block_hashes": [11, 12, 13, 14],
+            "parent_block_hash": None,
+            "token_ids": prompt,
+            "block_size": BS,
+            "lora_name": None,
+            "extra_keys": extra,
+            "medium": "GPU",
+            "group_idx": 0,
+        },
+    )
     image = [MmPlaceholder("img-hash", 2, 8)]
     assert index.overlaps(prompt_hashes(prompt, BS, mm=image, cache_salt="salt")) == {A: 4}
     assert index.overlaps(prompt_hashes(prompt, BS, mm=image)) == {}  # no salt: block 0 differs
@@ -149,6 +180,7 @@ def test_multimodal_and_salted_event_blocks_match_prompts_built_the_way_vllm_bui
 
 
 # -- events ----------------------------------------------------------------------------
+
 
 def test_stored_removed_and_cleared_blocks_change_overlaps_exactly() -> None:
     index, engine = KvIndex(), FakeEngine("e")
@@ -274,7 +306,7 @@ def _reference_overlap(held: dict[WorkerKey, set[tuple[int, ...]]], prompt: list
     out = {}
     for worker, prefixes in held.items():
         depth = 0
-        while (depth + 1) * BS <= len(prompt) and tuple(prompt[:(depth + 1) * BS]) in prefixes:
+        while (depth + 1) * BS <= len(prompt) and tuple(prompt[: (depth + 1) * BS]) in prefixes:
             depth += 1
         if depth:
             out[worker] = depth
@@ -312,6 +344,7 @@ def test_two_indexes_fed_the_same_events_answer_alike_and_as_a_plain_model_does(
 
 
 # -- cost and choice -------------------------------------------------------------------
+
 
 def test_the_cost_is_weighted_new_prefill_blocks_plus_decode_blocks() -> None:
     assert KvSelector().cost(prompt_blocks=10, overlap_blocks=4, decode_blocks=7) == 13
@@ -355,10 +388,14 @@ def test_published_load_counts_other_routers_requests_until_it_goes_stale() -> N
     now = [0.0]
     load = ActiveLoad(stale_after=2.0, clock=lambda: now[0])
     load.start("mine", A, 10)
-    load.apply_load_metrics({"instance_id": A[0], "dp_rank": 0,
-                             "worker_stats": {"num_requests_waiting": 3},
-                             "kv_stats": {"kv_active_blocks": 50, "kv_total_blocks": 100,
-                                          "gpu_cache_usage_perc": 0.95}})
+    load.apply_load_metrics(
+        {
+            "instance_id": A[0],
+            "dp_rank": 0,
+            "worker_stats": {"num_requests_waiting": 3},
+            "kv_stats": {"kv_active_blocks": 50, "kv_total_blocks": 100, "gpu_cache_usage_perc": 0.95},
+        }
+    )
     assert load.decode_blocks(A) == 50 and load.capacity(A) == 100 and load.waiting(A) == 3
     selector = KvSelector(busy_threshold=0.9)
     assert selector.is_busy(A, load)  # published usage 95%
@@ -370,9 +407,12 @@ def test_published_load_counts_other_routers_requests_until_it_goes_stale() -> N
 
 
 def _published(worker: WorkerKey, active: int, total: int = 100) -> dict[str, Any]:
-    return {"instance_id": worker[0], "dp_rank": worker[1], "worker_stats": {"num_requests_waiting": 0},
-            "kv_stats": {"kv_active_blocks": active, "kv_total_blocks": total,
-                         "gpu_cache_usage_perc": active / total}}
+    return {
+        "instance_id": worker[0],
+        "dp_rank": worker[1],
+        "worker_stats": {"num_requests_waiting": 0},
+        "kv_stats": {"kv_active_blocks": active, "kv_total_blocks": total, "gpu_cache_usage_perc": active / total},
+    }
 
 
 def test_a_publication_stops_counting_this_routers_requests_once_they_finish() -> None:
@@ -505,6 +545,7 @@ def test_a_hot_shared_prefix_spreads_over_the_workers_through_the_decode_load() 
 
 # -- approximate mode ------------------------------------------------------------------
 
+
 def test_the_approximate_index_remembers_routed_prompts_for_its_ttl() -> None:
     now = [0.0]
     approx = ApproxIndex(ttl=120.0, clock=lambda: now[0])
@@ -597,13 +638,17 @@ def test_bad_knobs_are_refused(bad: dict[str, Any]) -> None:
 
 # -- against vLLM's own code (no engine) -----------------------------------------------
 
-@pytest.mark.parametrize("case", [
-    {"lora": None, "salt": None, "mm": []},
-    {"lora": "sql", "salt": None, "mm": []},
-    {"lora": None, "salt": "tenant", "mm": []},
-    {"lora": "sql", "salt": "tenant", "mm": [("imgA", 20, 40), ("imgB", 60, 5), ("imgC", 100, 33)]},
-    {"lora": None, "salt": None, "mm": [("imgA", 16, 16), ("imgB", 32, 1)]},
-])
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"lora": None, "salt": None, "mm": []},
+        {"lora": "sql", "salt": None, "mm": []},
+        {"lora": None, "salt": "tenant", "mm": []},
+        {"lora": "sql", "salt": "tenant", "mm": [("imgA", 20, 40), ("imgB", 60, 5), ("imgC", 100, 33)]},
+        {"lora": None, "salt": None, "mm": [("imgA", 16, 16), ("imgB", 32, 1)]},
+    ],
+)
 def test_blocks_vllm_reports_match_the_prompts_that_made_them(case: dict[str, Any]) -> None:
     """vLLM's extra keys (``generate_block_hash_extra_keys``, ``to_event_extra_keys``) in its own
     ``BlockStored``, through the relay's msgpack decoding and the event plane's JSON, match
@@ -621,24 +666,37 @@ def test_blocks_vllm_reports_match_the_prompts_that_made_them(case: dict[str, An
     # The Request attributes vLLM's extra-key code reads.
     lora = case["lora"]
     request = SimpleNamespace(
-        mm_features=[SimpleNamespace(identifier=i, mm_position=SimpleNamespace(offset=o, length=n))
-                     for i, o, n in case["mm"]],
+        mm_features=[
+            SimpleNamespace(identifier=i, mm_position=SimpleNamespace(offset=o, length=n)) for i, o, n in case["mm"]
+        ],
         lora_request=SimpleNamespace(lora_name=lora, lora_path="/adapters/x", name=lora) if lora else None,
-        cache_salt=case["salt"], prompt_embeds=None)
+        cache_salt=case["salt"],
+        prompt_embeds=None,
+    )
     extra, mm_index = [], 0
     for b in range(blocks):
         keys, mm_index = kv_cache_utils.generate_block_hash_extra_keys(request, b * bs, (b + 1) * bs, mm_index)
         extra.append(keys)
-    event = BlockStored(block_hashes=list(range(1, blocks + 1)), parent_block_hash=None, token_ids=prompt[:blocks * bs],
-                        block_size=bs, lora_id=None, medium="GPU", lora_name=lora,
-                        extra_keys=kv_cache_utils.to_event_extra_keys(extra), group_idx=0)
+    event = BlockStored(
+        block_hashes=list(range(1, blocks + 1)),
+        parent_block_hash=None,
+        token_ids=prompt[: blocks * bs],
+        block_size=bs,
+        lora_id=None,
+        medium="GPU",
+        lora_name=lora,
+        extra_keys=kv_cache_utils.to_event_extra_keys(extra),
+        group_idx=0,
+    )
     payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[event], data_parallel_rank=0))
     relayed = msgspec.msgpack.Decoder(KVEventBatch).decode(payload)  # as KvEventRelay.run does
     events = msgspec.json.decode(msgspec.json.encode(msgspec.to_builtins(relayed.events)))
     index = KvIndex()
     assert index.apply("w", 0, 0, events).stored == blocks
     mm = [MmPlaceholder(i, o, n) for i, o, n in case["mm"]]
-    assert index.overlaps(prompt_hashes(prompt, bs, lora_name=lora, cache_salt=case["salt"], mm=mm)) == {("w", 0): blocks}
+    assert index.overlaps(prompt_hashes(prompt, bs, lora_name=lora, cache_salt=case["salt"], mm=mm)) == {
+        ("w", 0): blocks
+    }
     # A plain prompt matches only the blocks before the first one with extra keys.
     plain = 0 if lora or case["salt"] else min((o // bs for _, o, _ in case["mm"]), default=blocks)
     assert index.overlaps(prompt_hashes(prompt, bs)) == ({("w", 0): plain} if plain else {})

@@ -55,7 +55,7 @@ class ToyEngine:
         hashes: list[int] = []
         parent = None
         for i in range(full):
-            parent = engine_hash(parent, prompt[i * BS:(i + 1) * BS], lora)
+            parent = engine_hash(parent, prompt[i * BS : (i + 1) * BS], lora)
             hashes.append(parent)
         hit = 0
         while hit < full and hashes[hit] in self.cached:
@@ -71,13 +71,24 @@ class ToyEngine:
                 victim = next(v for v in self.cached if v not in hashes)  # not this request's own
                 del self.cached[victim]
                 events.append({"type": "BlockRemoved", "block_hashes": [victim], "medium": "GPU", "group_idx": 0})
-            self.cached[h] = tuple(prompt[:(i + 1) * BS])
+            self.cached[h] = tuple(prompt[: (i + 1) * BS])
         if new:
-            events.append({
-                "type": "BlockStored", "block_hashes": new, "parent_block_hash": hashes[hit - 1] if hit else None,
-                "token_ids": list(prompt[hit * BS:full * BS]), "block_size": BS, "lora_id": 1 if lora else None,
-                "medium": "GPU", "lora_name": lora, "extra_keys": [[lora]] * len(new) if lora else None,
-                "group_idx": 0, "kv_cache_spec_kind": "full_attention", "session_id": "user-7"})
+            events.append(
+                {
+                    "type": "BlockStored",
+                    "block_hashes": new,
+                    "parent_block_hash": hashes[hit - 1] if hit else None,
+                    "token_ids": list(prompt[hit * BS : full * BS]),
+                    "block_size": BS,
+                    "lora_id": 1 if lora else None,
+                    "medium": "GPU",
+                    "lora_name": lora,
+                    "extra_keys": [[lora]] * len(new) if lora else None,
+                    "group_idx": 0,
+                    "kv_cache_spec_kind": "full_attention",
+                    "session_id": "user-7",
+                }
+            )
         return events
 
     def reset(self) -> list[dict[str, Any]]:
@@ -141,26 +152,55 @@ def test_the_view_holds_exactly_the_engines_cache_through_evictions_and_resets()
 
 def test_a_multi_block_store_is_split_and_a_restore_replaces_its_entry() -> None:
     view = KvBlockView(0, capacity=10)
-    store = {"type": "BlockStored", "block_hashes": [11, 12, 13], "parent_block_hash": 10,
-             "token_ids": list(range(12)), "block_size": BS, "lora_id": None, "medium": "GPU", "lora_name": None,
-             "extra_keys": [None, ["salt"], None], "group_idx": 0}
+    store = {
+        "type": "BlockStored",
+        "block_hashes": [11, 12, 13],
+        "parent_block_hash": 10,
+        "token_ids": list(range(12)),
+        "block_size": BS,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "extra_keys": [None, ["salt"], None],
+        "group_idx": 0,
+    }
     view.apply(0, [store])
     assert [(k, b.parent, b.tokens.tolist(), b.extra) for k, b in view.blocks.items()] == [
-        (("GPU", 0, 11), 10, [0, 1, 2, 3], (None,)), (("GPU", 0, 12), 11, [4, 5, 6, 7], (["salt"],)),
-        (("GPU", 0, 13), 12, [8, 9, 10, 11], (None,))]
+        (("GPU", 0, 11), 10, [0, 1, 2, 3], (None,)),
+        (("GPU", 0, 12), 11, [4, 5, 6, 7], (["salt"],)),
+        (("GPU", 0, 13), 12, [8, 9, 10, 11], (None,)),
+    ]
     assert block_event(("GPU", 0, 12), view.blocks[("GPU", 0, 12)]) == {
-        "type": "BlockStored", "block_hashes": [12], "parent_block_hash": 11, "token_ids": [4, 5, 6, 7],
-        "block_size": BS, "lora_id": None, "medium": "GPU", "lora_name": None, "extra_keys": [["salt"]],
-        "group_idx": 0}
+        "type": "BlockStored",
+        "block_hashes": [12],
+        "parent_block_hash": 11,
+        "token_ids": [4, 5, 6, 7],
+        "block_size": BS,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "extra_keys": [["salt"]],
+        "group_idx": 0,
+    }
     # vLLM's "full" report mode stores cached blocks again: still one entry each.
     view.apply(1, [{**store, "block_hashes": [11], "token_ids": list(range(4)), "extra_keys": [None]}])
     assert len(view) == view.gpu_blocks == 3
     # The same hash in another KV group or an offload tier is another block; removals name theirs.
-    view.apply(2, [{**store, "block_hashes": [11], "token_ids": list(range(4)), "extra_keys": None, "group_idx": 1},
-                   {**store, "block_hashes": [11], "token_ids": list(range(4)), "extra_keys": None, "medium": "CPU"}])
+    view.apply(
+        2,
+        [
+            {**store, "block_hashes": [11], "token_ids": list(range(4)), "extra_keys": None, "group_idx": 1},
+            {**store, "block_hashes": [11], "token_ids": list(range(4)), "extra_keys": None, "medium": "CPU"},
+        ],
+    )
     assert len(view) == 5 and view.gpu_blocks == 4  # the CPU tier is not the engine's capacity
-    view.apply(3, [{"type": "BlockRemoved", "block_hashes": [11], "medium": "GPU", "group_idx": 1},
-                   {"type": "BlockRemoved", "block_hashes": [99], "medium": "GPU", "group_idx": 0}])
+    view.apply(
+        3,
+        [
+            {"type": "BlockRemoved", "block_hashes": [11], "medium": "GPU", "group_idx": 1},
+            {"type": "BlockRemoved", "block_hashes": [99], "medium": "GPU", "group_idx": 0},
+        ],
+    )
     assert ("GPU", 0, 11) in view.blocks and ("GPU", 1, 11) not in view.blocks
     assert view.unknown_removals == 1 and not view.stale  # counted and logged; the view is not wrong for it
     view.apply(4, [{"type": "AllBlocksCleared"}])
@@ -184,22 +224,41 @@ def test_more_blocks_than_the_engine_holds_marks_the_view_stale_and_keeps_it_bou
 def test_a_store_whose_tokens_do_not_split_into_its_blocks_marks_the_view_stale() -> None:
     view = KvBlockView(0, capacity=10)
     # A sliding-window group skips blocks in block_hashes but not in token_ids.
-    view.apply(0, [{"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": None,
-                    "token_ids": list(range(12)), "block_size": BS, "medium": "GPU", "group_idx": 1}])
+    view.apply(
+        0,
+        [
+            {
+                "type": "BlockStored",
+                "block_hashes": [1, 2],
+                "parent_block_hash": None,
+                "token_ids": list(range(12)),
+                "block_size": BS,
+                "medium": "GPU",
+                "group_idx": 1,
+            }
+        ],
+    )
     assert view.stale and len(view) == 0 and "cannot be told apart" in view.stale_reason
 
 
 def test_parent_first_puts_a_restored_parent_before_its_children_and_keeps_orphans() -> None:
     view = KvBlockView(0)
     stored = {"type": "BlockStored", "block_size": BS, "medium": "GPU", "group_idx": 0}
-    view.apply(0, [{**stored, "block_hashes": [1, 2, 3], "parent_block_hash": None, "token_ids": list(range(12))},
-                   {"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU", "group_idx": 0},
-                   {**stored, "block_hashes": [7], "parent_block_hash": 6, "token_ids": [9] * 4},
-                   {**stored, "block_hashes": [1], "parent_block_hash": None, "token_ids": [0, 1, 2, 3]}])
+    view.apply(
+        0,
+        [
+            {**stored, "block_hashes": [1, 2, 3], "parent_block_hash": None, "token_ids": list(range(12))},
+            {"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU", "group_idx": 0},
+            {**stored, "block_hashes": [7], "parent_block_hash": 6, "token_ids": [9] * 4},
+            {**stored, "block_hashes": [1], "parent_block_hash": None, "token_ids": [0, 1, 2, 3]},
+        ],
+    )
     assert [k[2] for k in view.blocks] == [2, 3, 7, 1]  # the parent came back after its children
     assert [k[2] for k in parent_first(view.blocks)] == [1, 2, 3, 7]  # 7's parent (6) is not held
-    cycle = {("GPU", 0, 1): view.blocks[("GPU", 0, 2)]._replace(parent=2),
-             ("GPU", 0, 2): view.blocks[("GPU", 0, 2)]._replace(parent=1)}
+    cycle = {
+        ("GPU", 0, 1): view.blocks[("GPU", 0, 2)]._replace(parent=2),
+        ("GPU", 0, 2): view.blocks[("GPU", 0, 2)]._replace(parent=1),
+    }
     assert sorted(k[2] for k in parent_first(cycle)) == [1, 2]  # a hash cycle ends, each block once
 
 
@@ -209,10 +268,19 @@ def chain_view(rank: int, blocks: int, seq: int = 5) -> KvBlockView:
     events = []
     for start in range(0, blocks, 3):
         hashes = [1000 * rank + start + i for i in range(min(3, blocks - start))]
-        events.append({"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None,
-                       "token_ids": list(range(start * BS, (start + len(hashes)) * BS)), "block_size": BS,
-                       "lora_name": "a-rather-long-adapter-name", "medium": "GPU", "group_idx": 0,
-                       "extra_keys": [["a-rather-long-adapter-name"]] * len(hashes)})
+        events.append(
+            {
+                "type": "BlockStored",
+                "block_hashes": hashes,
+                "parent_block_hash": None,
+                "token_ids": list(range(start * BS, (start + len(hashes)) * BS)),
+                "block_size": BS,
+                "lora_name": "a-rather-long-adapter-name",
+                "medium": "GPU",
+                "group_idx": 0,
+                "extra_keys": [["a-rather-long-adapter-name"]] * len(hashes),
+            }
+        )
     view.apply(seq, events)
     return view
 
@@ -245,7 +313,8 @@ def test_kv_blocks_messages_fit_the_limit_and_carry_every_block_once_parents_fir
     assert [len(m["blocks"]) for m in messages] == [1] * 50
     # An empty view is one message with no blocks.
     assert list(snapshot_messages(KvBlockView(3).snapshot(), [], BS, 1 << 20)) == [
-        {"dp_rank": 3, "seq": -1, "block_size": BS, "stale": False, "last": True, "blocks": []}]
+        {"dp_rank": 3, "seq": -1, "block_size": BS, "stale": False, "last": True, "blocks": []}
+    ]
 
 
 def relay_with(ranks: int) -> KvEventRelay:
@@ -295,8 +364,16 @@ def stored(first_hash: int, tokens: list[int], parent: int | None = None) -> Any
     from vllm.distributed.kv_events import BlockStored
 
     count = len(tokens) // BS
-    return BlockStored(block_hashes=list(range(first_hash, first_hash + count)), parent_block_hash=parent,
-                       token_ids=tokens, block_size=BS, lora_id=None, medium="GPU", lora_name=None, group_idx=0)
+    return BlockStored(
+        block_hashes=list(range(first_hash, first_hash + count)),
+        parent_block_hash=parent,
+        token_ids=tokens,
+        block_size=BS,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+        group_idx=0,
+    )
 
 
 def collecting(relay: KvEventRelay) -> list[dict[str, Any]]:
@@ -327,8 +404,11 @@ async def test_a_lost_batch_is_replayed_from_vllms_buffer_and_relayed_in_order()
     publisher = ZmqEventPublisher(0, endpoint=config.endpoint, replay_endpoint=config.replay_endpoint)
     try:
         sent = collecting(relay)
-        batches = [[stored(10, list(range(8)))], [stored(20, list(range(8, 12)), parent=11)],
-                   [stored(30, list(range(50, 54)))]]
+        batches = [
+            [stored(10, list(range(8)))],
+            [stored(20, list(range(8, 12)), parent=11)],
+            [stored(30, list(range(50, 54)))],
+        ]
         for events in batches:
             publisher.publish(KVEventBatch(1.0, events))
         # vLLM's publisher thread buffers each batch after sending it; wait until it has all three.
@@ -351,8 +431,7 @@ async def test_a_gap_vllm_cannot_replay_marks_the_rank_stale_until_the_cache_is_
     relay = relay_with(1)
     config = opened(relay)
     # A buffer of one batch: by the time the gap is seen, vLLM no longer holds the lost one.
-    publisher = ZmqEventPublisher(0, endpoint=config.endpoint, replay_endpoint=config.replay_endpoint,
-                                  buffer_steps=1)
+    publisher = ZmqEventPublisher(0, endpoint=config.endpoint, replay_endpoint=config.replay_endpoint, buffer_steps=1)
     try:
         sent = collecting(relay)
         batches = [[stored(10, list(range(8)))], [stored(20, list(range(8)))], [stored(30, list(range(4)))]]
@@ -376,7 +455,8 @@ async def test_a_gap_vllm_cannot_replay_marks_the_rank_stale_until_the_cache_is_
 
 
 async def test_without_a_replay_answer_the_gap_marks_the_rank_stale_after_the_timeout(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(kv_events, "REPLAY_TIMEOUT", 0.3)
     relay = relay_with(1)
     opened(relay)  # a replay endpoint no publisher binds

@@ -43,8 +43,11 @@ class FakeWorker:
     async def start(self, data: dict[str, Any] | None = None) -> None:
         async def generate(request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
             self.served.append(request)
-            answer = {"token_ids": [1], "finish_reason": "length",
-                      "completion_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            answer = {
+                "token_ids": [1],
+                "finish_reason": "length",
+                "completion_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
             if self.component == "prefill":  # what a prefill worker hands the decode worker
                 answer["disaggregated_params"] = {"kv_transfer_params": {"prefilled_by": self.name}}
             yield answer
@@ -57,9 +60,19 @@ class FakeWorker:
         await self.rt.serve_endpoint(self.component, "generate", generate)
         await self.rt.serve_endpoint(self.component, "kv_blocks", kv_blocks)
         await self.rt.publish(self.component, "kv_blocks", role, {})
-        await self.rt.publish(self.component, "generate", role, {
-            "model": "m", "model_path": "/m", "kv_block_size": BLOCK, "kv_capacity_blocks": 1000,
-            "kv_events": True, **(data or {})})
+        await self.rt.publish(
+            self.component,
+            "generate",
+            role,
+            {
+                "model": "m",
+                "model_path": "/m",
+                "kv_block_size": BLOCK,
+                "kv_capacity_blocks": 1000,
+                "kv_events": True,
+                **(data or {}),
+            },
+        )
 
     def store_event(self, tokens: list[int]) -> dict[str, Any]:
         """A BlockStored of ``tokens`` (whole blocks) chained onto the last block stored (the first
@@ -68,8 +81,15 @@ class FakeWorker:
         held = sum(len(e["block_hashes"]) for e in self.stored)
         hashes = [ENGINE_BASE[self.name] + held + i for i in range(blocks)]
         parent = self.stored[-1]["block_hashes"][-1] if self.stored else None
-        event = {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
-                 "token_ids": tokens[:blocks * BLOCK], "block_size": BLOCK, "lora_name": None, "medium": "GPU"}
+        event = {
+            "type": "BlockStored",
+            "block_hashes": hashes,
+            "parent_block_hash": parent,
+            "token_ids": tokens[: blocks * BLOCK],
+            "block_size": BLOCK,
+            "lora_name": None,
+            "medium": "GPU",
+        }
         self.stored.append(event)
         return event
 
@@ -108,8 +128,9 @@ async def cluster(nats_server: NatsServer, namespace: str) -> AsyncIterator[tupl
 
 
 def pick(kv: KvRouting, tokens: list[int], request_id: str) -> str:
-    record, rank = kv.choose(kv.client.instances(), {"model": "m", "token_ids": tokens,
-                                                      "stop_conditions": {"max_tokens": 4}}, request_id)
+    record, rank = kv.choose(
+        kv.client.instances(), {"model": "m", "token_ids": tokens, "stop_conditions": {"max_tokens": 4}}, request_id
+    )
     assert rank == 0
     return record.instance_id
 
@@ -159,8 +180,9 @@ async def test_a_lost_batch_makes_the_router_fetch_the_workers_block_set(cluster
     assert w["a"].snapshots_served == 1
 
 
-async def test_a_restarted_frontend_rebuilds_from_the_workers(cluster: Any, nats_server: NatsServer,
-                                                             namespace: str) -> None:
+async def test_a_restarted_frontend_rebuilds_from_the_workers(
+    cluster: Any, nats_server: NatsServer, namespace: str
+) -> None:
     kv, w = cluster
     await w["b"].publish([w["b"].store_event(PREFIX)])
     await eventually(lambda: kv.index.block_count == 8)
@@ -200,8 +222,9 @@ async def test_a_hot_prefix_spreads_over_the_workers_as_their_load_grows(cluster
     assert max(counts.values()) <= 1.5 * min(counts.values()) + 1, counts
 
 
-async def test_a_worker_without_events_is_routed_by_load_and_said_once(nats_server: NatsServer, namespace: str,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_worker_without_events_is_routed_by_load_and_said_once(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="dynamo_worker.frontend.kv_routing")
     worker = FakeWorker(await Runtime.connect(nats_server.url, namespace), "a")
     await worker.start({"kv_events": False})
@@ -248,13 +271,15 @@ async def test_prefill_workers_are_chosen_by_their_cached_prefix_too(nats_server
     from dynamo_worker.frontend.app import FrontendServer
 
     decode = [FakeWorker(await Runtime.connect(nats_server.url, namespace), name) for name in ENGINE_BASE]
-    prefill = {name: FakeWorker(await Runtime.connect(nats_server.url, namespace), name, "prefill")
-               for name in ENGINE_BASE}
+    prefill = {
+        name: FakeWorker(await Runtime.connect(nats_server.url, namespace), name, "prefill") for name in ENGINE_BASE
+    }
     for w in [*decode, *prefill.values()]:
         await w.start()
     frontend = await Runtime.connect(nats_server.url, namespace)
-    server = FrontendServer(frontend.client("backend", "generate"), router_mode="kv",
-                            prefill_client=frontend.client("prefill", "generate"))
+    server = FrontendServer(
+        frontend.client("backend", "generate"), router_mode="kv", prefill_client=frontend.client("prefill", "generate")
+    )
     try:
         await server.start()
         assert server.prefill_kv is not None
@@ -274,8 +299,9 @@ async def test_prefill_workers_are_chosen_by_their_cached_prefix_too(nats_server
         # The decode workers got the holder's transfer parameters.
         decoded = [r for w in decode for r in w.served]
         assert len(decoded) == 6
-        assert {r["prefill_result"]["disaggregated_params"]["kv_transfer_params"]["prefilled_by"]
-                for r in decoded} == {"b"}
+        assert {r["prefill_result"]["disaggregated_params"]["kv_transfer_params"]["prefilled_by"] for r in decoded} == {
+            "b"
+        }
         # A prompt nobody holds goes to the prefill worker with the lighter load.
         server.prefill_kv.load.start("elsewhere", (prefill["b"].instance_id, 0), 50)
         await send([5] * (4 * BLOCK))

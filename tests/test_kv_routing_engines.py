@@ -21,14 +21,29 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until
 
 BLOCK = 32
-WORKER_FLAGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "tiny",
-                "--block-size", str(BLOCK), "--health-check-idle", "3600"]
+WORKER_FLAGS = [
+    "--enforce-eager",
+    "--max-model-len",
+    "512",
+    "--max-num-seqs",
+    "8",
+    "--served-model-name",
+    "tiny",
+    "--block-size",
+    str(BLOCK),
+    "--health-check-idle",
+    "3600",
+]
 
 
 def metric(url: str, name: str, **labels: str) -> float:
     body = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 class Cluster:
@@ -40,8 +55,20 @@ class Cluster:
 
     def start_frontend(self) -> str:
         port = free_port()
-        proc = WorkerProcess(["--role", "frontend", "--nats-url", self.nats.url, "--namespace", self.namespace,
-                              "--http-port", str(port), "--router-mode", "kv"])
+        proc = WorkerProcess(
+            [
+                "--role",
+                "frontend",
+                "--nats-url",
+                self.nats.url,
+                "--namespace",
+                self.namespace,
+                "--http-port",
+                str(port),
+                "--router-mode",
+                "kv",
+            ]
+        )
         proc.wait_for_log("frontend listening")
         base = f"http://127.0.0.1:{port}"
         self.frontends.append((proc, base))
@@ -49,8 +76,21 @@ class Cluster:
 
     def start_worker(self, name: str) -> None:
         port = free_port()
-        proc = WorkerProcess(["--role", "decode", "--model", self.model, "--nats-url", self.nats.url,
-                              "--namespace", self.namespace, "--system-port", str(port), *WORKER_FLAGS])
+        proc = WorkerProcess(
+            [
+                "--role",
+                "decode",
+                "--model",
+                self.model,
+                "--nats-url",
+                self.nats.url,
+                "--namespace",
+                self.namespace,
+                "--system-port",
+                str(port),
+                *WORKER_FLAGS,
+            ]
+        )
         self.workers[name] = (proc, f"http://127.0.0.1:{port}")
 
     def hits(self) -> dict[str, float]:
@@ -65,8 +105,16 @@ class Cluster:
 
     def start_stream(self, base: str, prompt: list[int], max_tokens: int) -> Any:
         """A streamed completion, open once its first chunk came: it is running on its worker."""
-        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                           "ignore_eos": True, "stream": True}).encode()
+        body = json.dumps(
+            {
+                "model": "tiny",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        ).encode()
         req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
         resp = urllib.request.urlopen(req, timeout=60)
         assert resp.readline().startswith(b"data: ")
@@ -138,8 +186,11 @@ def test_a_frontend_started_later_rebuilds_its_index_from_the_workers_and_routes
     # A new block on the prefix's holder: its next event batch is the late frontend's first from
     # it, not seq 0, so the late frontend fetches the holder's block set (kv_blocks).
     cluster.complete(first, prefix + prompt_of(52, BLOCK)[1:] + [3])
-    wait_until(lambda: metric(late, "dynamo_frontend_kv_resyncs_total", outcome="ok") >= 1, 20,
-               what="the late frontend fetching a worker's block set")
+    wait_until(
+        lambda: metric(late, "dynamo_frontend_kv_resyncs_total", outcome="ok") >= 1,
+        20,
+        what="the late frontend fetching a worker's block set",
+    )
     wait_until(lambda: metric(late, "dynamo_frontend_kv_index_blocks") >= 5, 20, what="the late frontend's index")
     before = cluster.hits()
     usage = cluster.complete(late, prefix + [20, 21])["usage"]
@@ -154,7 +205,10 @@ def test_a_killed_worker_is_purged_from_the_index(cluster: Cluster) -> None:
     proc, _ = cluster.workers.pop("b")
     proc.signal(signal.SIGKILL)
     proc.wait(30)
-    wait_until(lambda: metric(base, "dynamo_frontend_kv_index_workers") == 1, 15,
-               what="the killed worker out of the index (its lease expired)")
+    wait_until(
+        lambda: metric(base, "dynamo_frontend_kv_index_workers") == 1,
+        15,
+        what="the killed worker out of the index (its lease expired)",
+    )
     usage = cluster.complete(base, prompt_of(2, 4 * BLOCK) + [30])["usage"]
     assert usage["completion_tokens"] == 2

@@ -67,17 +67,35 @@ class RecordingRole:
 '''
 
 
-def test_hooks_run_in_the_documented_order_from_start_to_shutdown(tmp_path: Path, nats_server: NatsServer,
-                                                                   namespace: str) -> None:
+def test_hooks_run_in_the_documented_order_from_start_to_shutdown(
+    tmp_path: Path, nats_server: NatsServer, namespace: str
+) -> None:
     site = tmp_path / "site"
-    write_distribution(site, "recording-role", "0.1.0", {"recording": "recording_role:RecordingRole"},
-                       {"recording_role": RECORDING_ROLE})
+    write_distribution(
+        site,
+        "recording-role",
+        "0.1.0",
+        {"recording": "recording_role:RecordingRole"},
+        {"recording_role": RECORDING_ROLE},
+    )
     record = tmp_path / "record.txt"
     dump = tmp_path / "config.json"
     port = free_port()
     worker = WorkerProcess(
-        ["--role", "recording", "--nats-url", nats_server.url, "--namespace", namespace,
-         "--system-port", str(port), "--dump-config-to", str(dump), "--engine-check-interval", "0.1"],
+        [
+            "--role",
+            "recording",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--system-port",
+            str(port),
+            "--dump-config-to",
+            str(dump),
+            "--engine-check-interval",
+            "0.1",
+        ],
         env=worker_env(site, RECORD_FILE=str(record)),
     )
     try:
@@ -126,12 +144,15 @@ def stop_the_engine_forever():
 '''
 
 
-def test_a_shutdown_step_that_hangs_ends_in_exit_1_with_the_stuck_stack(tmp_path: Path, nats_server: NatsServer,
-                                                                        namespace: str) -> None:
+def test_a_shutdown_step_that_hangs_ends_in_exit_1_with_the_stuck_stack(
+    tmp_path: Path, nats_server: NatsServer, namespace: str
+) -> None:
     site = tmp_path / "site"
     write_distribution(site, "stuck-role", "0.1.0", {"stuck": "stuck_role:StuckRole"}, {"stuck_role": STUCK_ROLE})
-    worker = WorkerProcess(["--role", "stuck", "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--shutdown-cleanup-timeout", "1"], env=worker_env(site))
+    worker = WorkerProcess(
+        ["--role", "stuck", "--nats-url", nats_server.url, "--namespace", namespace, "--shutdown-cleanup-timeout", "1"],
+        env=worker_env(site),
+    )
     try:
         worker.wait_for_log("serving")
         worker.signal(signal.SIGTERM)
@@ -151,14 +172,16 @@ def test_the_shutdown_cleanup_timeout_must_be_positive() -> None:
 
 
 @pytest.mark.parametrize("role", ["frontend", "echo"])
-def test_a_role_stopped_while_its_nats_server_is_down_exits_0_without_a_traceback(tmp_path: Path, role: str,
-                                                                                  namespace: str) -> None:
+def test_a_role_stopped_while_its_nats_server_is_down_exits_0_without_a_traceback(
+    tmp_path: Path, role: str, namespace: str
+) -> None:
     # A server of its own: this test kills it.
     server = NatsServer()
     server.start()
     extra = ["--http-port", str(free_port())] if role == "frontend" else []
-    worker = WorkerProcess(["--role", role, "--nats-url", server.url, "--namespace", namespace, *extra],
-                           log_dir=tmp_path)
+    worker = WorkerProcess(
+        ["--role", role, "--nats-url", server.url, "--namespace", namespace, *extra], log_dir=tmp_path
+    )
     try:
         worker.wait_for_log("serving")
         server.stop(signal.SIGKILL)

@@ -19,8 +19,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import NatsServer, WorkerProcess, free_port, run_cli, wait_until
 
-LIMITS = ["--max-concurrent-requests", "2", "--max-prompt-tokens", "40", "--max-completion-tokens", "8",
-          "--max-request-bytes", "2048"]
+LIMITS = [
+    "--max-concurrent-requests",
+    "2",
+    "--max-prompt-tokens",
+    "40",
+    "--max-completion-tokens",
+    "8",
+    "--max-request-bytes",
+    "2048",
+]
 
 
 class Limited:
@@ -43,8 +51,12 @@ class Limited:
 
     def metric(self, name: str, **labels: str) -> float:
         body = urllib.request.urlopen(f"{self.base}/metrics").read().decode()
-        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(body)
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +93,9 @@ def test_max_tokens_over_the_limit_is_400_and_no_max_tokens_gets_the_limit(limit
     assert status == 400 and body["error"]["param"] == "max_tokens"
     assert "--max-completion-tokens" in body["error"]["message"]
     # The same limit under the chat route's spelling.
-    status, body, _ = _chat(limited, {"model": "echo", "messages": [{"role": "user", "content": "hi"}],
-                                      "max_completion_tokens": 50})
+    status, body, _ = _chat(
+        limited, {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 50}
+    )
     assert status == 400 and body["error"]["param"] == "max_completion_tokens"
     # Without max_tokens a request gets at most the limit (the echo worker would send the whole prompt).
     out = limited.client.completions.create(model="echo", prompt="one two three four five six seven eight nine ten")
@@ -90,8 +103,9 @@ def test_max_tokens_over_the_limit_is_400_and_no_max_tokens_gets_the_limit(limit
 
 
 def _chat(limited: Limited, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-    req = urllib.request.Request(f"{limited.base}/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{limited.base}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.load(resp), dict(resp.headers)
@@ -103,8 +117,9 @@ def test_past_max_concurrent_requests_the_next_gets_429_with_retry_after(limited
     results: list[int] = []
 
     def slow() -> None:
-        out = limited.client.completions.create(model="echo", prompt="one two three four five six seven eight",
-                                                max_tokens=8)
+        out = limited.client.completions.create(
+            model="echo", prompt="one two three four five six seven eight", max_tokens=8
+        )
         results.append(out.usage.completion_tokens)
 
     before = limited.metric("dynamo_frontend_rejected_requests_total", reason="overloaded")
@@ -112,8 +127,12 @@ def test_past_max_concurrent_requests_the_next_gets_429_with_retry_after(limited
     for t in holders:
         t.start()
     # Wait on the frontend's own gauge, not on client timing: both slots are taken.
-    wait_until(lambda: limited.metric("dynamo_frontend_inflight_requests") == 2, 30, interval=0.02,
-               what="two requests in flight in the frontend")
+    wait_until(
+        lambda: limited.metric("dynamo_frontend_inflight_requests") == 2,
+        30,
+        interval=0.02,
+        what="two requests in flight in the frontend",
+    )
     status, body, headers = limited.post(completion(max_tokens=2))
     assert status == 429 and headers.get("Retry-After") == "1"
     assert body["error"]["code"] == "too_many_requests"
@@ -127,12 +146,15 @@ def test_past_max_concurrent_requests_the_next_gets_429_with_retry_after(limited
     assert limited.client.completions.create(model="echo", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--max-concurrent-requests", "0", "--max-concurrent-requests must be at least 1"),
-    ("--max-prompt-tokens", "-1", "--max-prompt-tokens must be 0 or more"),
-    ("--max-completion-tokens", "-5", "--max-completion-tokens must be 0 or more"),
-    ("--api-key", " ", "--api-key is blank"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-concurrent-requests", "0", "--max-concurrent-requests must be at least 1"),
+        ("--max-prompt-tokens", "-1", "--max-prompt-tokens must be 0 or more"),
+        ("--max-completion-tokens", "-5", "--max-completion-tokens must be 0 or more"),
+        ("--api-key", " ", "--api-key is blank"),
+    ],
+)
 def test_limit_flag_mistakes_are_one_line_errors(flag: str, value: str, message: str) -> None:
     out = run_cli("--role", "frontend", flag, value)
     assert out.returncode != 0 and message in out.stderr, out.stderr

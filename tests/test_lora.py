@@ -36,6 +36,7 @@ TOKENS = 12
 
 # ---- the path checks, no engine ------------------------------------------------------------------
 
+
 class EngineNeverCalled:
     """A LoraManager's engine for requests the path checks must refuse (reaching it would give
     another message: ``cannot load LoRA adapter``)."""
@@ -45,8 +46,14 @@ class EngineNeverCalled:
 
 
 def manager_for(allowed: Path) -> LoraManager:
-    return LoraManager(EngineNeverCalled(), enabled=True, allowed_dirs=[allowed.resolve()], capacity=2,
-                       base_names={"tiny"}, record=None)
+    return LoraManager(
+        EngineNeverCalled(),
+        enabled=True,
+        allowed_dirs=[allowed.resolve()],
+        capacity=2,
+        base_names={"tiny"},
+        record=None,
+    )
 
 
 def refusal_of(allowed: Path, uri: str) -> str:
@@ -94,7 +101,9 @@ def test_an_adapter_that_exists_outside_lora_dirs_is_refused(lora_tree: dict[str
     secret = lora_tree["secret"]
     assert (secret / "adapter_config.json").is_file()
     assert refusal_of(lora_tree["allowed"], str(secret)) == f"{secret} is outside the directories --lora-dirs allows"
-    assert refusal_of(lora_tree["allowed"], secret.as_uri()) == f"{secret} is outside the directories --lora-dirs allows"
+    assert (
+        refusal_of(lora_tree["allowed"], secret.as_uri()) == f"{secret} is outside the directories --lora-dirs allows"
+    )
 
 
 def test_dot_dot_out_of_lora_dirs_is_refused(lora_tree: dict[str, Path]) -> None:
@@ -105,13 +114,15 @@ def test_dot_dot_out_of_lora_dirs_is_refused(lora_tree: dict[str, Path]) -> None
 def test_a_symlink_in_lora_dirs_pointing_outside_is_refused(lora_tree: dict[str, Path]) -> None:
     link = lora_tree["allowed"] / "out-link"
     assert refusal_of(lora_tree["allowed"], str(link)) == (
-        f"{link}: a symbolic link leads outside the directories --lora-dirs allows")
+        f"{link}: a symbolic link leads outside the directories --lora-dirs allows"
+    )
 
 
 def test_an_adapter_file_linked_from_outside_lora_dirs_is_refused(lora_tree: dict[str, Path]) -> None:
     weights = lora_tree["allowed"] / "linked-file" / "adapter_model.safetensors"
     assert refusal_of(lora_tree["allowed"], str(weights.parent)) == (
-        f"{weights}: a symbolic link leads outside the directories --lora-dirs allows")
+        f"{weights}: a symbolic link leads outside the directories --lora-dirs allows"
+    )
 
 
 def test_a_fifo_in_lora_dirs_is_refused_without_blocking(lora_tree: dict[str, Path]) -> None:
@@ -131,9 +142,11 @@ def test_an_adapter_inside_lora_dirs_passes_the_checks(lora_tree: dict[str, Path
 
 # ---- a real worker --------------------------------------------------------------------------------
 
+
 class Deployment:
-    def __init__(self, nats_url: str, namespace: str, adapters: Path, outside: Path, frontend: str,
-                 fake: FakeDecodeWorker) -> None:
+    def __init__(
+        self, nats_url: str, namespace: str, adapters: Path, outside: Path, frontend: str, fake: FakeDecodeWorker
+    ) -> None:
         self.nats_url, self.namespace = nats_url, namespace
         self.adapters, self.outside, self.frontend, self.fake = adapters, outside, frontend, fake
 
@@ -149,8 +162,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(demo_model: str, nats_server: NatsServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    demo_model: str, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     namespace = f"lora{uuid.uuid4().hex[:8]}"
     adapters = tmp_path_factory.mktemp("adapters")
     for seed, name in enumerate(("a1", "a2", "a3", "a4"), start=1):
@@ -158,13 +172,30 @@ def deployment(demo_model: str, nats_server: NatsServer,
     (adapters / "broken").mkdir()
     (adapters / "broken" / "adapter_config.json").write_text("{not json")
     outside = write_demo_lora(tmp_path_factory.mktemp("not-allowed") / "a9", demo_model, seed=9)
-    worker = WorkerProcess(["--role", "decode", "--model", demo_model, "--served-model-name", "tiny",
-                            "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--enable-lora", "--max-lora-rank", "8", "--lora-dirs", str(adapters),
-                            *ENGINE_FLAGS])
+    worker = WorkerProcess(
+        [
+            "--role",
+            "decode",
+            "--model",
+            demo_model,
+            "--served-model-name",
+            "tiny",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--lora-dirs",
+            str(adapters),
+            *ENGINE_FLAGS,
+        ]
+    )
     http_port = free_port()
-    frontend = WorkerProcess(["--role", "frontend", "--nats-url", nats_server.url, "--namespace", namespace,
-                              "--http-port", str(http_port)])
+    frontend = WorkerProcess(
+        ["--role", "frontend", "--nats-url", nats_server.url, "--namespace", namespace, "--http-port", str(http_port)]
+    )
     loop = LoopThread()
     fake = FakeDecodeWorker(nats_server.url, namespace, "tiny", demo_model)
     try:
@@ -180,8 +211,11 @@ def deployment(demo_model: str, nats_server: NatsServer,
 
 
 def greedy(model: str | None = None, prompt: list[int] = PROMPT, max_tokens: int = TOKENS) -> dict[str, Any]:
-    request: dict[str, Any] = {"token_ids": prompt, "sampling_options": {"temperature": 0.0},
-                               "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True}}
+    request: dict[str, Any] = {
+        "token_ids": prompt,
+        "sampling_options": {"temperature": 0.0},
+        "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True},
+    }
     if model is not None:
         request["model"] = model
     return request
@@ -235,20 +269,26 @@ async def test_an_adapter_loads_is_listed_and_changes_the_output(deployment: Dep
         await rt.close()
 
 
-@pytest.mark.parametrize("request_, message", [
-    ({"lora_name": "x", "source": {"uri": "broken"}}, "cannot load LoRA adapter 'x'"),
-    ({"lora_name": "x", "source": {"uri": "OUTSIDE"}}, "outside the directories --lora-dirs allows"),
-    ({"lora_name": "x", "source": {"uri": "missing"}}, "is not a directory"),
-    ({"lora_name": "x", "source": {"uri": "s3://bucket/a1"}}, "only local directories"),
-    ({"lora_name": "tiny", "source": {"uri": "a1"}}, "is the base model's name"),
-    ({"lora_name": "x"}, "load_lora needs"),
-])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({"lora_name": "x", "source": {"uri": "broken"}}, "cannot load LoRA adapter 'x'"),
+        ({"lora_name": "x", "source": {"uri": "OUTSIDE"}}, "outside the directories --lora-dirs allows"),
+        ({"lora_name": "x", "source": {"uri": "missing"}}, "is not a directory"),
+        ({"lora_name": "x", "source": {"uri": "s3://bucket/a1"}}, "only local directories"),
+        ({"lora_name": "tiny", "source": {"uri": "a1"}}, "is the base model's name"),
+        ({"lora_name": "x"}, "load_lora needs"),
+    ],
+)
 async def test_an_adapter_that_cannot_load_is_an_error_and_the_worker_keeps_serving(
-        deployment: Deployment, request_: dict[str, Any], message: str) -> None:
+    deployment: Deployment, request_: dict[str, Any], message: str
+) -> None:
     if "source" in request_ and "://" not in request_["source"]["uri"]:
         uri = request_["source"]["uri"]
-        request_ = {**request_, "source": {"uri": str(deployment.outside if uri == "OUTSIDE"
-                                                      else deployment.adapters / uri)}}
+        request_ = {
+            **request_,
+            "source": {"uri": str(deployment.outside if uri == "OUTSIDE" else deployment.adapters / uri)},
+        }
     rt = await deployment.runtime()
     try:
         worker = await real_worker(rt)
@@ -283,7 +323,8 @@ async def test_base_and_adapter_requests_in_one_batch_get_their_unbatched_answer
 
 
 async def test_the_frontend_lists_adapters_and_sends_them_only_to_workers_that_hold_them(
-        deployment: Deployment) -> None:
+    deployment: Deployment,
+) -> None:
     rt = await deployment.runtime()
     try:
         worker = await real_worker(rt)

@@ -110,28 +110,59 @@ async def refusal(load: MediaLoader, url: str) -> str:
 
 # ---- remote URLs --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.255.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254",
-    "0.0.0.0", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255", "192.0.2.1", "198.18.0.1",
-    "::1", "::", "fe80::1", "fe80::1%eth0", "fec0::1", "fc00::1", "fd12:3456::1", "ff02::1",
-    "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1",
-    "64:ff9b::7f00:1", "2002:7f00:1::1", "2001:db8::1", "not-an-address", "",
-])
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.255.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.2.1",
+        "198.18.0.1",
+        "::1",
+        "::",
+        "fe80::1",
+        "fe80::1%eth0",
+        "fec0::1",
+        "fc00::1",
+        "fd12:3456::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "::ffff:169.254.169.254",
+        "::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "2002:7f00:1::1",
+        "2001:db8::1",
+        "not-an-address",
+        "",
+    ],
+)
 def test_non_public_addresses_are_refused(address: str) -> None:
     assert not media.public_address(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8",
-                                     "64:ff9b::808:808", "2002:808:808::1"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+)
 def test_public_addresses_are_allowed(address: str) -> None:
     assert media.public_address(address)
 
 
-async def test_a_loopback_url_is_refused_by_default_though_a_server_there_would_serve_it(
-        server: ImageServer) -> None:
+async def test_a_loopback_url_is_refused_by_default_though_a_server_there_would_serve_it(server: ImageServer) -> None:
     # The control: the server answers this very URL with a valid PNG when the host is allowed.
     assert await loader("127.0.0.1").load(server.url("/red.png"), WHERE) == media.normalize_image(
-        RED, MediaLimits(), WHERE)
+        RED, MediaLimits(), WHERE
+    )
     before = len(server.paths)
     # By IP literal, by a name resolving to it, IPv4-mapped IPv6, and 0.0.0.0 (reaches this host).
     for host in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "0.0.0.0"):
@@ -140,7 +171,8 @@ async def test_a_loopback_url_is_refused_by_default_though_a_server_there_would_
 
 
 async def test_a_refused_address_reads_like_a_closed_port_a_timeout_and_a_dns_failure(
-        server: ImageServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    server: ImageServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     closed = free_port()  # nothing listens there
     caplog.set_level(logging.WARNING, logger=media.__name__)
     messages = {
@@ -161,8 +193,14 @@ async def test_a_refused_address_reads_like_a_closed_port_a_timeout_and_a_dns_fa
     assert set(messages.values()) == {REFUSED}, messages
     # The worker's log keeps each reason apart.
     logged = caplog.text
-    for reason in ("127.0.0.1 is not a public address", "localhost resolves only to non-public addresses", "Connect call failed", "took over 0.5 s",
-                   "more than 5 redirects", "Name or service not known"):
+    for reason in (
+        "127.0.0.1 is not a public address",
+        "localhost resolves only to non-public addresses",
+        "Connect call failed",
+        "took over 0.5 s",
+        "more than 5 redirects",
+        "Name or service not known",
+    ):
         assert reason in logged, reason
 
 
@@ -170,8 +208,11 @@ async def test_a_redirect_from_an_allowed_host_to_another_address_is_refused(ser
     load = loader("127.0.0.1")
     # The control: a redirect between allowed hosts is followed.
     assert await load.load(server.url("/redirect?to=" + server.url("/red.png")), WHERE)
-    for target in (server.url("/red.png", "localhost"), server.url("/red.png", "[::ffff:127.0.0.1]"),
-                   server.url("/red.png", "[::1]")):
+    for target in (
+        server.url("/red.png", "localhost"),
+        server.url("/red.png", "[::ffff:127.0.0.1]"),
+        server.url("/red.png", "[::1]"),
+    ):
         before = len(server.paths)
         assert await refusal(load, server.url("/redirect?to=" + urllib.parse.quote(target))) == REFUSED, target
         assert [p.split("?")[0] for p in server.paths[before:]] == ["/redirect"], "the target was fetched"
@@ -198,16 +239,28 @@ class FakeDNS:
         self.answers = list(answers)
 
     async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[dict[str, Any]]:
-        return [{"hostname": host, "host": a, "port": port, "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
-                 "proto": 0, "flags": 0} for a in self.answers.pop(0)]
+        return [
+            {
+                "hostname": host,
+                "host": a,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+            for a in self.answers.pop(0)
+        ]
 
     async def close(self) -> None:
         pass
 
 
 async def test_the_resolver_filters_every_answer_so_a_rebinding_name_never_reaches_a_private_address() -> None:
-    dns = GuardedResolver(upstream=FakeDNS(["93.184.216.34"], ["127.0.0.1", "::1", "::ffff:10.0.0.1"],
-                                           ["169.254.169.254", "93.184.216.34"]))
+    dns = GuardedResolver(
+        upstream=FakeDNS(
+            ["93.184.216.34"], ["127.0.0.1", "::1", "::ffff:10.0.0.1"], ["169.254.169.254", "93.184.216.34"]
+        )
+    )
     assert [r["host"] for r in await dns.resolve("rebind.example", 80)] == ["93.184.216.34"]
     with pytest.raises(OSError, match="resolves only to non-public addresses"):
         await dns.resolve("rebind.example", 80)  # the second answer: private
@@ -216,13 +269,22 @@ async def test_the_resolver_filters_every_answer_so_a_rebinding_name_never_reach
     assert [r["host"] for r in await exempt.resolve("Images.Internal.", 80)] == ["10.0.0.5"]
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--allowed-media-domains", "https://images.example.com"],
-     ("--allowed-media-domains https://images.example.com: give a host name such as images.example.com "
-      "(no scheme, port or path)")),
-    (["--allowed-media-domains", "images.example.com", "--no-remote-media"],
-     "--allowed-media-domains allows remote images that --no-remote-media refuses; pass only one of them"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--allowed-media-domains", "https://images.example.com"],
+            (
+                "--allowed-media-domains https://images.example.com: give a host name such as images.example.com "
+                "(no scheme, port or path)"
+            ),
+        ),
+        (
+            ["--allowed-media-domains", "images.example.com", "--no-remote-media"],
+            "--allowed-media-domains allows remote images that --no-remote-media refuses; pass only one of them",
+        ),
+    ],
+)
 def test_a_bad_allowed_media_domains_is_one_line_naming_the_flag(argv: list[str], message: str) -> None:
     out = run_cli("--multimodal-processor", "--enable-multimodal", "--model", "/nonexistent", *argv)
     assert out.returncode == 2
@@ -230,6 +292,7 @@ def test_a_bad_allowed_media_domains_is_one_line_naming_the_flag(argv: list[str]
 
 
 # ---- file:// URLs -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
@@ -274,8 +337,9 @@ async def test_dot_dot_out_of_the_allowed_directory_is_refused(files: dict[str, 
 async def test_a_symlink_in_the_allowed_directory_pointing_outside_is_refused(files: dict[str, Path]) -> None:
     path = files["allowed"] / "out-link.png"
     message = await refusal(file_loader(files), path.as_uri())
-    assert message == (f"{WHERE}: {path}: a symbolic link leads outside the directories "
-                       "--allowed-local-media-path allows")
+    assert message == (
+        f"{WHERE}: {path}: a symbolic link leads outside the directories --allowed-local-media-path allows"
+    )
 
 
 def unblock(fifo: Path) -> None:

@@ -80,16 +80,24 @@ def prompt_ids(vlm: str) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(vlm, local_files_only=True)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 @pytest.fixture(scope="module")
-def reference(vlm: str, media: Path, prompt_ids: list[int],
-              tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+def reference(
+    vlm: str, media: Path, prompt_ids: list[int], tmp_path_factory: pytest.TempPathFactory
+) -> list[list[int]]:
     """vLLM offline greedy output for the prompt with red.png, then blue.png, given as pixels."""
-    return offline_greedy_images(vlm, prompt_ids, [str(media / "red.png"), str(media / "blue.png")],
-                                 MAX_TOKENS, tmp_path_factory.mktemp("offline"))
+    return offline_greedy_images(
+        vlm,
+        prompt_ids,
+        [str(media / "red.png"), str(media / "blue.png")],
+        MAX_TOKENS,
+        tmp_path_factory.mktemp("offline"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +121,18 @@ class Chain:
         self.model_flags = ["--enable-multimodal", "--model", model, "--served-model-name", MODEL]
         self.http_port = free_port()
         self.workers: list[WorkerProcess] = []
-        self.decode = self.start(["--role", "decode", *self.model_flags, *self.common, *ENGINE_FLAGS,
-                                  "--ec-storage-path", str(self.ec_storage)],
-                                 env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())))
+        self.decode = self.start(
+            [
+                "--role",
+                "decode",
+                *self.model_flags,
+                *self.common,
+                *ENGINE_FLAGS,
+                "--ec-storage-path",
+                str(self.ec_storage),
+            ],
+            env=worker_env(DYN_VLLM_KV_EVENT_PORT=str(free_kv_event_port())),
+        )
         self.encode = self.start(["--multimodal-encode-worker", *self.model_flags, *self.common])
         self.processor = self.start_processor("encode")
         self.frontend = self.start(["--role", "frontend", *self.common, "--http-port", str(self.http_port)])
@@ -129,13 +146,27 @@ class Chain:
         return worker
 
     def start_processor(self, encoder: str, *extra: str) -> WorkerProcess:
-        return self.start(["--multimodal-processor", *self.model_flags, *self.common, "--encoder", encoder,
-                           "--allowed-local-media-path", str(self.media), "--max-image-bytes", str(MAX_IMAGE_BYTES),
-                           "--media-fetch-timeout", "1", *extra])
+        return self.start(
+            [
+                "--multimodal-processor",
+                *self.model_flags,
+                *self.common,
+                "--encoder",
+                encoder,
+                "--allowed-local-media-path",
+                str(self.media),
+                "--max-image-bytes",
+                str(MAX_IMAGE_BYTES),
+                "--media-fetch-timeout",
+                "1",
+                *extra,
+            ]
+        )
 
     def chat(self, messages: list[dict[str, Any]], **kw: Any) -> Any:
-        return self.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
-                                                   temperature=0, extra_body={"ignore_eos": True}, **kw)
+        return self.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}, **kw
+        )
 
     def post(self, messages: list[dict[str, Any]], max_tokens: int = MAX_TOKENS) -> tuple[int, dict[str, Any]]:
         body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": max_tokens}).encode()
@@ -150,11 +181,16 @@ class Chain:
         """Until the frontend routes an image request through ``processor`` (discovery is async)."""
         processor.wait_for_log("serving", timeout=60)
         red = data_url((self.media / "red.png").read_bytes())
-        wait_until(lambda: self.post(image_message(red))[0] == 200, 30, interval=0.2,
-                   what="the frontend to route image requests to the processor")
+        wait_until(
+            lambda: self.post(image_message(red))[0] == 200,
+            30,
+            interval=0.2,
+            what="the frontend to route image requests to the processor",
+        )
 
     def call(self, component: str, payload: dict[str, Any]) -> list[Any]:
         """One request to ``component.generate`` over the real runtime, as a peer role sends it."""
+
         async def go() -> list[Any]:
             rt = await Runtime.connect(self.nats.url, self.namespace)
             try:
@@ -182,8 +218,9 @@ class Chain:
 
 
 @pytest.fixture(scope="module")
-def chain(reference: Any, nats_server: NatsServer, vlm: str, media: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+def chain(
+    reference: Any, nats_server: NatsServer, vlm: str, media: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Chain]:
     c = Chain(nats_server, vlm, media, tmp_path_factory.mktemp("chain"))
     try:
         c.frontend.wait_for_log("serving")
@@ -196,7 +233,8 @@ def chain(reference: Any, nats_server: NatsServer, vlm: str, media: Path,
 
 
 def test_an_image_answer_equals_vllm_offline_given_the_same_image_as_pixels(
-        chain: Chain, media: Path, expected: list[str]) -> None:
+    chain: Chain, media: Path, expected: list[str]
+) -> None:
     for name, want in zip(("red.png", "blue.png"), expected, strict=True):
         out = chain.chat(image_message(data_url((media / name).read_bytes())))
         assert out.choices[0].message.content == want
@@ -204,8 +242,10 @@ def test_an_image_answer_equals_vllm_offline_given_the_same_image_as_pixels(
 
 
 def test_two_different_images_give_different_answers(chain: Chain, media: Path, reference: list[list[int]]) -> None:
-    red, blue = (chain.chat(image_message(data_url((media / n).read_bytes()))).choices[0].message.content
-                 for n in ("red.png", "blue.png"))
+    red, blue = (
+        chain.chat(image_message(data_url((media / n).read_bytes()))).choices[0].message.content
+        for n in ("red.png", "blue.png")
+    )
     assert reference[0] != reference[1]
     assert red != blue
 
@@ -223,33 +263,54 @@ def test_file_urls_are_served_only_below_the_allowed_directory(chain: Chain, med
     outside.write_bytes((media / "red.png").read_bytes())
     status, body = chain.post(image_message(outside.as_uri()))
     assert status == 400 and body["error"]["message"].endswith(
-        f"messages[0].content[0]: {outside} is outside the directories --allowed-local-media-path allows")
+        f"messages[0].content[0]: {outside} is outside the directories --allowed-local-media-path allows"
+    )
     escape = f"{media}/../{media.name}/../{outside.name}"
     status, body = chain.post(image_message(f"file://{escape}"))
     assert status == 400 and body["error"]["message"].endswith(
-        f"messages[0].content[0]: {escape}: '..' leads outside the directories --allowed-local-media-path allows")
+        f"messages[0].content[0]: {escape}: '..' leads outside the directories --allowed-local-media-path allows"
+    )
 
 
 BAD_MEDIA = [
     pytest.param(image_message(data_url(png((40, 30), (255, 0, 0))[:60])), "the image is corrupt", id="truncated"),
     pytest.param(image_message(data_url(b"this is not an image at all")), "not a readable image", id="not-an-image"),
-    pytest.param(image_message(data_url(b"hello", "text/plain")), "media type 'text/plain' is not an image type",
-                 id="wrong-media-type"),
-    pytest.param(image_message(data_url(png((200, 200), seed=1))), f"over {MAX_IMAGE_BYTES} bytes (--max-image-bytes)",
-                 id="oversized"),
-    pytest.param(image_message("https://127.0.0.1:1/x.png".replace("https", "ftp")),
-                 "must be a data:, file:// or http(s):// URL", id="unknown-scheme"),
-    pytest.param(image_message(data_url(png((8, 8), (1, 2, 3))), "video_url"), "does not take video",
-                 id="video"),
-    pytest.param([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png((8, 8), (1, 2, 3)))}},
-                                               {"type": "image_url", "image_url": {"url": data_url(png((8, 8), (3, 2, 1)))}}]}],
-                 "takes at most 1", id="two-images"),
+    pytest.param(
+        image_message(data_url(b"hello", "text/plain")),
+        "media type 'text/plain' is not an image type",
+        id="wrong-media-type",
+    ),
+    pytest.param(
+        image_message(data_url(png((200, 200), seed=1))),
+        f"over {MAX_IMAGE_BYTES} bytes (--max-image-bytes)",
+        id="oversized",
+    ),
+    pytest.param(
+        image_message("https://127.0.0.1:1/x.png".replace("https", "ftp")),
+        "must be a data:, file:// or http(s):// URL",
+        id="unknown-scheme",
+    ),
+    pytest.param(image_message(data_url(png((8, 8), (1, 2, 3))), "video_url"), "does not take video", id="video"),
+    pytest.param(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png((8, 8), (1, 2, 3)))}},
+                    {"type": "image_url", "image_url": {"url": data_url(png((8, 8), (3, 2, 1)))}},
+                ],
+            }
+        ],
+        "takes at most 1",
+        id="two-images",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("messages", "fragment"), BAD_MEDIA)
-def test_bad_media_gets_a_400_and_the_chain_keeps_serving(chain: Chain, media: Path, expected: list[str],
-                                                           messages: list[dict[str, Any]], fragment: str) -> None:
+def test_bad_media_gets_a_400_and_the_chain_keeps_serving(
+    chain: Chain, media: Path, expected: list[str], messages: list[dict[str, Any]], fragment: str
+) -> None:
     status, body = chain.post(messages)
     assert status == 400 and fragment in body["error"]["message"], body
     out = chain.chat(image_message(data_url((media / "red.png").read_bytes())))
@@ -267,8 +328,11 @@ def image_server(media: Path) -> Iterator[tuple[str, list[str]]]:
     import http.server
     import threading
 
-    files = {"/red.png": (media / "red.png").read_bytes(), "/big.png": png((200, 200), seed=2),
-             "/slow.png": (media / "red.png").read_bytes()}
+    files = {
+        "/red.png": (media / "red.png").read_bytes(),
+        "/big.png": png((200, 200), seed=2),
+        "/slow.png": (media / "red.png").read_bytes(),
+    }
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -305,7 +369,8 @@ def image_server(media: Path) -> Iterator[tuple[str, list[str]]]:
 
 
 def test_a_private_address_is_not_fetched_and_reads_like_a_closed_port(
-        chain: Chain, image_server: tuple[str, list[str]]) -> None:
+    chain: Chain, image_server: tuple[str, list[str]]
+) -> None:
     url, asked = image_server
     # The server would answer a valid PNG; the processor (no --allowed-media-domains) never asks it.
     status, body = chain.post(image_message(f"{url}/red.png"))
@@ -317,7 +382,8 @@ def test_a_private_address_is_not_fetched_and_reads_like_a_closed_port(
 
 
 def test_a_remote_image_is_fetched_from_an_allowed_host_with_the_size_limit(
-        chain: Chain, media: Path, expected: list[str], image_server: tuple[str, list[str]]) -> None:
+    chain: Chain, media: Path, expected: list[str], image_server: tuple[str, list[str]]
+) -> None:
     chain.processor.stop()  # the same processor, with the test server's host allowed
     chain.processor = chain.start_processor("encode", "--allowed-media-domains", "127.0.0.1")
     chain.wait_for_processor(chain.processor)
@@ -336,8 +402,9 @@ def test_a_remote_image_is_fetched_from_an_allowed_host_with_the_size_limit(
     assert asked[-1].startswith("/redirect")
 
 
-def test_the_prompt_with_its_image_tokens_is_checked_against_the_context(chain: Chain, media: Path,
-                                                                         prompt_ids: list[int]) -> None:
+def test_the_prompt_with_its_image_tokens_is_checked_against_the_context(
+    chain: Chain, media: Path, prompt_ids: list[int]
+) -> None:
     room = 256 - len(prompt_ids) - 4  # --max-model-len 256; Blip2 adds 4 image tokens
     status, body = chain.post(image_message(data_url((media / "red.png").read_bytes())), max_tokens=room + 1)
     assert status == 400 and f"lower max_tokens to at most {room}" in body["error"]["message"]
@@ -346,8 +413,9 @@ def test_the_prompt_with_its_image_tokens_is_checked_against_the_context(chain: 
 
 
 def test_a_text_only_chat_keeps_the_direct_path(chain: Chain) -> None:
-    out = chain.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
-                                               max_tokens=4, temperature=0)
+    out = chain.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0
+    )
     assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens > 0
 
 
@@ -358,9 +426,14 @@ def _embeds(shape: list[int], dtype: str = "float32", nbytes: int | None = None)
 
 
 def test_wrong_embeddings_are_refused_before_the_engine_and_it_keeps_serving(
-        chain: Chain, media: Path, prompt_ids: list[int], reference: list[list[int]]) -> None:
-    request = {"model": MODEL, "token_ids": prompt_ids, "sampling_options": {"temperature": 0.0},
-               "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True}}
+    chain: Chain, media: Path, prompt_ids: list[int], reference: list[list[int]]
+) -> None:
+    request = {
+        "model": MODEL,
+        "token_ids": prompt_ids,
+        "sampling_options": {"temperature": 0.0},
+        "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True},
+    }
     wrong = [
         (_embeds([1, 3, 128]), "needs [images, 4, 128]"),  # kills vLLM's engine if it gets there
         (_embeds([1, 4, 64]), "needs [images, 4, 128]"),
@@ -380,7 +453,8 @@ def test_wrong_embeddings_are_refused_before_the_engine_and_it_keeps_serving(
 
 
 def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
-        chain: Chain, media: Path, expected: list[str], prompt_ids: list[int], reference: list[list[int]]) -> None:
+    chain: Chain, media: Path, expected: list[str], prompt_ids: list[int], reference: list[list[int]]
+) -> None:
     chain.processor.stop()  # the next processor sends images to an ec-encoder instead
     chain.processor = chain.start_processor("ec-encoder")
     chain.processor.wait_for_log("serving", timeout=60)
@@ -389,10 +463,19 @@ def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
     wait_until(lambda: chain.post(probe)[0] == 503, 30, interval=0.2, what="the frontend to find the new processor")
     message = chain.post(probe)[1]["error"]["message"]
     assert "no ec-encoder worker serves model 'vlm'; start one: dynamo-worker --vllm-native-encoder-worker" in message
-    chain.ec_encoder = chain.start(["--vllm-native-encoder-worker", *chain.model_flags, *chain.common,
-                                    *ENGINE_FLAGS, "--ec-storage-path", str(chain.ec_storage)])
+    chain.ec_encoder = chain.start(
+        [
+            "--vllm-native-encoder-worker",
+            *chain.model_flags,
+            *chain.common,
+            *ENGINE_FLAGS,
+            "--ec-storage-path",
+            str(chain.ec_storage),
+        ]
+    )
     chain.ec_encoder.wait_for_log("serving", timeout=300)
     wait_until(lambda: chain.post(probe)[0] == 200, 30, interval=0.2, what="the processor to find the ec-encoder")
+
     def stored() -> set[str]:
         return {p.name for p in chain.ec_storage.iterdir()}
 
@@ -411,9 +494,13 @@ def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
     (green_entry,) = stored() - before
     for file in (chain.ec_storage / entries[0]).iterdir():
         (chain.ec_storage / green_entry / file.name).write_bytes(file.read_bytes())
-    request = {"model": MODEL, "token_ids": prompt_ids, "sampling_options": {"temperature": 0.0},
-               "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True},
-               "multi_modal_data": {"images": [base64.b64encode(green).decode()]}}
+    request = {
+        "model": MODEL,
+        "token_ids": prompt_ids,
+        "sampling_options": {"temperature": 0.0},
+        "stop_conditions": {"max_tokens": MAX_TOKENS, "ignore_eos": True},
+        "multi_modal_data": {"images": [base64.b64encode(green).decode()]},
+    }
     out = chain.call("backend", request)
     assert [t for item in out for t in item["token_ids"]] == reference[0]
     # The control: the third image's own encoder output answers differently.
@@ -425,11 +512,16 @@ def test_the_ec_encoder_path_gives_the_same_answers_as_the_direct_path(
 def test_without_a_processor_an_image_request_is_a_clear_503(chain: Chain, media: Path) -> None:
     chain.processor.stop()
     red = data_url((media / "red.png").read_bytes())
-    wait_until(lambda: chain.post(image_message(red))[0] == 503, 15, interval=0.2,
-               what="the frontend to drop the stopped processor")
+    wait_until(
+        lambda: chain.post(image_message(red))[0] == 503,
+        15,
+        interval=0.2,
+        what="the frontend to drop the stopped processor",
+    )
     status, body = chain.post(image_message(red))
     assert body["error"]["code"] == "no_processor"
     assert "start one: dynamo-worker --multimodal-processor --enable-multimodal" in body["error"]["message"]
-    out = chain.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=2, temperature=0)
+    out = chain.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+    )
     assert out.usage.completion_tokens >= 1  # text-only requests never needed the processor

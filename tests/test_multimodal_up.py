@@ -15,8 +15,8 @@ import pytest
 
 from dynamo_worker.core import wire
 from tests.helpers import run_cli
-from tests.test_multimodal import data_url, image_message, png
 from tests.raw_tcp import handshake, message, raw, read_message, read_until_closed
+from tests.test_multimodal import data_url, image_message, png
 from tests.test_up import up_stack
 
 
@@ -43,15 +43,30 @@ def test_demo_model_multimodal_is_a_deterministic_blip2(vlm: str, tmp_path: Path
 
 @pytest.mark.parametrize("encoder", ["encode", "ec-encoder"])
 def test_up_multimodal_serves_image_requests_through_processor_and_encoder(
-        encoder: str, vlm: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    encoder: str, vlm: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     base = tmp_path_factory.mktemp("up-mm")
     model = vlm
-    with up_stack(base, "--multimodal", "--encoder", encoder, "--model", model, "--served-model-name", "vlm",
-                  "--max-num-seqs", "16") as stack:
+    with up_stack(
+        base,
+        "--multimodal",
+        "--encoder",
+        encoder,
+        "--model",
+        model,
+        "--served-model-name",
+        "vlm",
+        "--max-num-seqs",
+        "16",
+    ) as stack:
         assert {"nats", "frontend", "decode-0", f"{encoder}-0", "processor-0"} <= set(stack.manifest())
         out = stack.client.chat.completions.create(
-            model="vlm", messages=image_message(data_url(png((32, 32), (255, 0, 0)))), max_tokens=8,
-            temperature=0, extra_body={"ignore_eos": True})
+            model="vlm",
+            messages=image_message(data_url(png((32, 32), (255, 0, 0)))),
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert out.usage.completion_tokens == 8 and out.choices[0].message.content
         assert "image_url" in stack.out.read_text()  # the printed example is a multimodal request
         if encoder == "ec-encoder":  # the encoder output went through the shared EC directory

@@ -29,8 +29,11 @@ def python_sources() -> dict[str, str]:
     from tests.test_docs import kind, python_blocks
 
     sources = {f"{path}:{line}": code for path, line, code, marker in python_blocks() if kind(marker)[0] != "signature"}
-    for path in [*sorted((ROOT / "plugins").rglob("*.py")), *sorted((ROOT / "dynamo_worker" / "roles").glob("*.py")),
-                 ROOT / "dynamo_worker" / "engine" / "role.py"]:
+    for path in [
+        *sorted((ROOT / "plugins").rglob("*.py")),
+        *sorted((ROOT / "dynamo_worker" / "roles").glob("*.py")),
+        ROOT / "dynamo_worker" / "engine" / "role.py",
+    ]:
         if "egg-info" not in str(path):
             sources[str(path.relative_to(ROOT))] = path.read_text()
     return sources
@@ -49,7 +52,9 @@ def internal_imports_of_public_names(source: str) -> list[str]:
 
 def test_docs_plugins_and_built_in_roles_import_public_names_from_the_public_module() -> None:
     sources = python_sources()
-    assert any(name.startswith("docs/") for name in sources) and "plugins/echo/dynamo_worker_echo/__init__.py" in sources
+    assert (
+        any(name.startswith("docs/") for name in sources) and "plugins/echo/dynamo_worker_echo/__init__.py" in sources
+    )
     offenders = {where: names for where, src in sources.items() if (names := internal_imports_of_public_names(src))}
     assert not offenders, f"import these from dynamo_worker.plugin instead: {offenders}"
 
@@ -62,15 +67,31 @@ def test_the_import_check_catches_an_internal_import() -> None:
 def test_every_exported_name_exists_and_hookimpl_is_the_cores() -> None:
     assert all(hasattr(dynamo_worker.plugin, name) for name in EXPORTED)
     assert dynamo_worker.plugin.hookimpl is hookspecs.hookimpl
-    assert {"hookimpl", "WorkerContext", "Registrar", "RequestContext", "RequestError", "UsageError", "EngineDead",
-            "env_default", "Runtime", "Client", "HealthCheck"} <= EXPORTED
+    assert {
+        "hookimpl",
+        "WorkerContext",
+        "Registrar",
+        "RequestContext",
+        "RequestError",
+        "UsageError",
+        "EngineDead",
+        "env_default",
+        "Runtime",
+        "Client",
+        "HealthCheck",
+    } <= EXPORTED
 
 
 def test_the_public_module_and_the_roles_type_check_with_mypy(tmp_path: Path) -> None:
     # pyproject.toml's [tool.mypy] names the files: the public module, the testing helper,
     # the built-in roles and the example plugin. A few seconds.
-    out = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "dynamo_worker/roles" in (ROOT / "pyproject.toml").read_text()
 
@@ -113,8 +134,12 @@ def parsed_context(relay: HookRelay) -> WorkerContext:
     """A context with every option at its default, as the core's and the role's parsers give them."""
     parser = argparse.ArgumentParser()
     relay.add_arguments(parser)
-    return WorkerContext(role=None, options=parser.parse_args([]), runtime=None,  # type: ignore[arg-type]
-                         log=logging.getLogger("test"))
+    return WorkerContext(
+        role=None,
+        options=parser.parse_args([]),
+        runtime=None,  # type: ignore[arg-type]
+        log=logging.getLogger("test"),
+    )
 
 
 async def test_hooks_are_called_by_argument_name_so_an_implementation_takes_what_it_needs() -> None:
@@ -158,29 +183,45 @@ class WrappingRole:
 
 @pytest.mark.parametrize("kind", ["wrapper", "hookwrapper"])
 def test_a_hook_wrapper_is_refused_at_load_with_one_clear_line(tmp_path: Path, kind: str) -> None:
-    write_distribution(tmp_path, "wrapping-role", "0.1.0", {"wrapping": "wrapping_role:WrappingRole"},
-                       {"wrapping_role": WRAPPING_ROLE.replace("{kind}", kind)})
+    write_distribution(
+        tmp_path,
+        "wrapping-role",
+        "0.1.0",
+        {"wrapping": "wrapping_role:WrappingRole"},
+        {"wrapping_role": WRAPPING_ROLE.replace("{kind}", kind)},
+    )
     out = run_cli("--role", "wrapping", "--nats-url", "nats://127.0.0.1:1", env=worker_env(tmp_path))
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [(
-        "dynamo-worker: error: role 'wrapping' declares hook wrapper(s) dynamo_worker_configure: dynamo-worker "
-        "hooks may return awaitables that the core awaits after pluggy returns, so a wrapper would see "
-        "un-awaited coroutines; implement the hook itself (drop hookwrapper=/wrapper=) and use "
-        "tryfirst=/trylast= to order it")]
+    assert out.stderr.strip().splitlines() == [
+        (
+            "dynamo-worker: error: role 'wrapping' declares hook wrapper(s) dynamo_worker_configure: dynamo-worker "
+            "hooks may return awaitables that the core awaits after pluggy returns, so a wrapper would see "
+            "un-awaited coroutines; implement the hook itself (drop hookwrapper=/wrapper=) and use "
+            "tryfirst=/trylast= to order it"
+        )
+    ]
 
 
 def test_built_in_roles_choose_behaviour_by_class_attributes_not_by_name() -> None:
-    sources = {p.name: p.read_text() for p in [*(ROOT / "dynamo_worker" / "roles").glob("*.py"),
-                                               ROOT / "dynamo_worker" / "engine" / "role.py"]}
+    sources = {
+        p.name: p.read_text()
+        for p in [*(ROOT / "dynamo_worker" / "roles").glob("*.py"), ROOT / "dynamo_worker" / "engine" / "role.py"]
+    }
     for name, source in sources.items():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Compare):
                 sides = [node.left, *node.comparators]
-                assert not any(isinstance(s, ast.Attribute) and s.attr == "name" and isinstance(s.value, ast.Name)
-                               and s.value.id == "self" for s in sides), f"{name}:{node.lineno} compares self.name"
+                assert not any(
+                    isinstance(s, ast.Attribute)
+                    and s.attr == "name"
+                    and isinstance(s.value, ast.Name)
+                    and s.value.id == "self"
+                    for s in sides
+                ), f"{name}:{node.lineno} compares self.name"
 
 
 # ---- the testing helper (dynamo_worker.testing), as a role author's suite meets it -----------------
+
 
 async def test_the_testing_helper_says_when_an_endpoint_is_not_discoverable(run_role) -> None:
     role = run_role("echo")
@@ -192,8 +233,11 @@ async def test_the_testing_helper_says_when_an_endpoint_is_not_discoverable(run_
 
 
 def test_the_testing_helper_shows_the_log_of_a_role_that_exits_at_start_up(run_role) -> None:
-    with pytest.raises(AssertionError, match=r"echo exited 2 before logging 'serving'"
-                                             r"(.|\n)*--echo-delay must be 0 or more \(got -1\.0\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"echo exited 2 before logging 'serving'"
+        r"(.|\n)*--echo-delay must be 0 or more \(got -1\.0\)",
+    ):
         run_role("echo", "--echo-delay", "-1")
 
 

@@ -22,8 +22,16 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import (FrontendRecoveries, NatsServer, WorkerProcess, child_pids, endpoint_inflight, free_port,
-                           process_name, wait_until)
+from tests.helpers import (
+    FrontendRecoveries,
+    NatsServer,
+    WorkerProcess,
+    child_pids,
+    endpoint_inflight,
+    free_port,
+    process_name,
+    wait_until,
+)
 
 MAX_TOKENS = 450
 CONCURRENCY = 8
@@ -34,8 +42,19 @@ CONCURRENCY = 8
 # keep-alive held up on two busy cores could let a live worker's record lapse for a moment, and
 # the frontend route a whole load past it: the likeliest cause of the CI run where worker a got
 # none of the load (round-robin over two instances cannot do that otherwise).
-WORKER_FLAGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--served-model-name", "tiny",
-                "--graceful-shutdown-timeout", "60", "--health-check-idle", "3600"]
+WORKER_FLAGS = [
+    "--enforce-eager",
+    "--max-model-len",
+    "512",
+    "--max-num-seqs",
+    "16",
+    "--served-model-name",
+    "tiny",
+    "--graceful-shutdown-timeout",
+    "60",
+    "--health-check-idle",
+    "3600",
+]
 
 
 class Deployment:
@@ -45,15 +64,41 @@ class Deployment:
         self.workers: dict[str, WorkerProcess] = {}
         self.started: list[WorkerProcess] = []  # every worker, replaced ones too, for stop()
         self.system_ports: dict[str, int] = {}
-        self.frontend = WorkerProcess(["--role", "frontend", "--nats-url", nats.url, "--namespace", namespace,
-                                       "--http-port", str(self.http_port), "--migration-limit", "3",
-                                       "--request-retries", "3"])
+        self.frontend = WorkerProcess(
+            [
+                "--role",
+                "frontend",
+                "--nats-url",
+                nats.url,
+                "--namespace",
+                namespace,
+                "--http-port",
+                str(self.http_port),
+                "--migration-limit",
+                "3",
+                "--request-retries",
+                "3",
+            ]
+        )
         self.base = f"http://127.0.0.1:{self.http_port}"
 
     def start_worker(self, name: str) -> WorkerProcess:
         port = free_port()
-        worker = WorkerProcess(["--role", "decode", "--model", self.model, "--nats-url", self.nats.url,
-                                "--namespace", self.namespace, "--system-port", str(port), *WORKER_FLAGS])
+        worker = WorkerProcess(
+            [
+                "--role",
+                "decode",
+                "--model",
+                self.model,
+                "--nats-url",
+                self.nats.url,
+                "--namespace",
+                self.namespace,
+                "--system-port",
+                str(port),
+                *WORKER_FLAGS,
+            ]
+        )
         self.workers[name] = worker
         self.started.append(worker)
         self.system_ports[name] = port
@@ -83,9 +128,10 @@ class Deployment:
         so what the worker serves is the load's.)
         """
         for _ in range(1000):
-            if await asyncio.to_thread(self.worker_inflight, name) > 0:
-                await asyncio.sleep(0.1)  # let it produce some tokens first
-                return await asyncio.to_thread(self.worker_inflight, name)
+            if (inflight := await asyncio.to_thread(self.worker_inflight, name)) > 0:
+                # At once: on the tiny model a stream can end within 0.1 s, and a CI run that waited
+                # that long before the kill saw 4 in flight and then nothing to migrate or retry.
+                return inflight
             if load.done():
                 return 0
             await asyncio.sleep(0.01)
@@ -98,7 +144,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    nats_server: NatsServer, demo_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     d = Deployment(nats_server, f"res{uuid.uuid4().hex[:8]}", demo_model, tmp_path_factory.mktemp("res"))
     try:
         for name in ("a", "b"):
@@ -118,8 +166,14 @@ async def run_load(d: Deployment, n: int = CONCURRENCY, prompt: str = "once upon
 
     async def one() -> dict[str, Any]:
         stream = await client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            model="tiny",
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         text, usage, finish = "", None, None
         async for chunk in stream:
             if chunk.choices:
@@ -157,8 +211,10 @@ async def test_sigterm_to_one_worker_under_load_drains_it_and_loses_nothing(depl
     assert all(r["text"] == expected and r["finish"] == "length" for r in results)
     assert await asyncio.to_thread(d.workers["a"].wait, 60) == 0
     recovered = recoveries.assert_none_cut()
-    print(f"\nFIGURE sigterm decode: {CONCURRENCY} streams of {MAX_TOKENS} tokens, {at_signal:.0f} in flight on "
-          f"worker a at the signal, {len(results)} complete with the undisturbed text; frontend {recovered}")
+    print(
+        f"\nFIGURE sigterm decode: {CONCURRENCY} streams of {MAX_TOKENS} tokens, {at_signal:.0f} in flight on "
+        f"worker a at the signal, {len(results)} complete with the undisturbed text; frontend {recovered}"
+    )
     log = d.workers["a"].log()
     assert "draining" in log and "did not finish in time" not in log
     wait_until(lambda: d.instances() == 1, 10, what="worker a to leave routing")
@@ -172,10 +228,13 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
     await asyncio.to_thread(replacement.wait_for_log, "serving", 300)
     wait_until(lambda: d.instances() == 2, 30, what="the replacement worker in routing")
     expected = await reference_text(d)
+
     def recovered() -> float:
         # A stream b had started is migrated; one whose first token had not reached the frontend
         # when b died is retried. Either way the client must not notice.
-        return d.frontend_metric("dynamo_frontend_migrations_total") + d.frontend_metric("dynamo_frontend_retries_total")
+        return d.frontend_metric("dynamo_frontend_migrations_total") + d.frontend_metric(
+            "dynamo_frontend_retries_total"
+        )
 
     before = recovered()
     engine_processes = child_pids(d.workers["b"].pid)
@@ -195,13 +254,16 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
     assert [r["completion_tokens"] for r in results] == [MAX_TOKENS] * CONCURRENCY
     assert all(r["text"] == expected for r in results)
     assert recovered() > before, f"the kill interrupted no request (worker b had {at_kill:.0f} in flight just before)"
-    print(f"\nFIGURE sigkill decode: {CONCURRENCY} streams of {MAX_TOKENS} tokens, {recovered() - before:.0f} "
-          f"migrated or retried, {sum(r['completion_tokens'] == MAX_TOKENS for r in results)} complete, 0 lost")
+    print(
+        f"\nFIGURE sigkill decode: {CONCURRENCY} streams of {MAX_TOKENS} tokens, {recovered() - before:.0f} "
+        f"migrated or retried, {sum(r['completion_tokens'] == MAX_TOKENS for r in results)} complete, 0 lost"
+    )
     wait_until(lambda: d.instances() == 1, 10, what="the killed worker to leave routing")
     # Its vLLM engine processes (gigabytes) do not outlive it.
     assert engine_processes
-    wait_until(lambda: not any(_alive(p) for p in engine_processes), 10,
-               what="the killed worker's engine processes to exit")
+    wait_until(
+        lambda: not any(_alive(p) for p in engine_processes), 10, what="the killed worker's engine processes to exit"
+    )
 
 
 async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routing(deployment: Deployment) -> None:

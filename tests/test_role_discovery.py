@@ -31,8 +31,13 @@ class AcmeRole:
 
 def test_a_third_party_distribution_is_listed_without_being_imported(tmp_path: Path) -> None:
     # The module raises on import: listing must not import it.
-    write_distribution(tmp_path, "acme-roles", "0.2.0", {"acme": "acme_roles:AcmeRole"},
-                       {"acme_roles": GOOD_ROLE + "\nraise RuntimeError('imported!')\n"})
+    write_distribution(
+        tmp_path,
+        "acme-roles",
+        "0.2.0",
+        {"acme": "acme_roles:AcmeRole"},
+        {"acme_roles": GOOD_ROLE + "\nraise RuntimeError('imported!')\n"},
+    )
     out = run_cli("--list-roles", env=worker_env(tmp_path))
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("acme "))
@@ -59,8 +64,13 @@ def test_two_distributions_claiming_one_role_name_is_an_error_listing_both(tmp_p
 
 
 def test_a_role_that_fails_to_import_names_role_entry_point_distribution_and_cause(tmp_path: Path) -> None:
-    write_distribution(tmp_path, "broken-roles", "0.3.0", {"broken": "broken_roles:BrokenRole"},
-                       {"broken_roles": "import does_not_exist_anywhere\n"})
+    write_distribution(
+        tmp_path,
+        "broken-roles",
+        "0.3.0",
+        {"broken": "broken_roles:BrokenRole"},
+        {"broken_roles": "import does_not_exist_anywhere\n"},
+    )
     out = run_cli("--role", "broken", env=worker_env(tmp_path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     err = out.stderr
@@ -80,7 +90,8 @@ def test_a_role_missing_the_required_hook_is_an_error(tmp_path: Path) -> None:
 
 def test_a_misspelled_hook_fails_loudly(tmp_path: Path) -> None:
     source = GOOD_ROLE.replace("class AcmeRole:", "class AcmeRole:").replace(
-        "def dynamo_worker_add_arguments", "def dynamo_worker_add_argument")
+        "def dynamo_worker_add_arguments", "def dynamo_worker_add_argument"
+    )
     write_distribution(tmp_path, "typo-roles", "0.1.0", {"acme": "typo_roles:AcmeRole"}, {"typo_roles": source})
     out = run_cli("--role", "acme", env=worker_env(tmp_path))
     assert out.returncode == 2

@@ -21,7 +21,6 @@ from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.core.runtime import Runtime
 from tests.helpers import NatsServer, WorkerProcess, slow_counter
 
-
 PLANE = {"name": "tcp"}
 
 
@@ -62,8 +61,7 @@ async def test_a_request_streams_many_responses_then_ends(nats_server: NatsServe
         await worker.close()
 
 
-async def test_concurrent_streams_share_messages_and_keep_their_order(nats_server: NatsServer,
-                                                                     namespace: str) -> None:
+async def test_concurrent_streams_share_messages_and_keep_their_order(nats_server: NatsServer, namespace: str) -> None:
     """Frames that many streams produce in one loop turn travel as one batch, each in order."""
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
 
@@ -143,9 +141,10 @@ async def test_a_request_to_a_gone_instance_fails_fast_and_retryable(nats_server
         await caller.close()
 
 
-async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server: NatsServer, namespace: str,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """"No responders" takes an instance out of routing long before its lease expires; a
+async def test_an_instance_nobody_answers_for_leaves_routing_at_once(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "No responders" takes an instance out of routing long before its lease expires; a
     keep-alive from a live instance brings it back."""
     caplog.set_level(logging.INFO)
     # A lease long enough not to run out during the test on a loaded machine (its expiry would
@@ -184,8 +183,9 @@ async def test_an_instance_nobody_answers_for_leaves_routing_at_once(nats_server
         await dying.close()
 
 
-async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(nats_server: NatsServer,
-                                                                       namespace: str) -> None:
+async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(
+    nats_server: NatsServer, namespace: str
+) -> None:
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
     cancelled = asyncio.Event()
 
@@ -226,8 +226,9 @@ async def test_a_request_is_cancelled_on_the_worker_by_its_id(nats_server: NatsS
         await worker.close()
 
 
-async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, namespace: str,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_watchers_see_arrivals_and_withdrawals(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
     events: list[tuple[str, bool]] = []
@@ -247,12 +248,14 @@ async def test_watchers_see_arrivals_and_withdrawals(nats_server: NatsServer, na
         await worker.close()
 
 
-async def test_a_killed_process_leaves_discovery_within_its_lease(nats_server: NatsServer, namespace: str,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_killed_process_leaves_discovery_within_its_lease(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     caller = await connect(nats_server, namespace)
-    worker = WorkerProcess(["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                            "--lease-ttl", "2"])
+    worker = WorkerProcess(
+        ["--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace, "--lease-ttl", "2"]
+    )
     try:
         client = caller.client("echo", "generate")
         assert await client.wait_for_instances(20)
@@ -307,7 +310,8 @@ async def settles(predicate: Callable[[], bool], timeout: float = 5) -> bool:
 
 
 async def test_a_keep_alive_held_up_by_a_busy_event_loop_is_logged_and_the_lease_holds(
-        nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
     worker, caller = await connect(nats_server, namespace, lease_ttl=3), await connect(nats_server, namespace)
     try:
         await serve(worker)
@@ -396,8 +400,9 @@ def small_nats() -> Any:
     server.cleanup()
 
 
-async def test_a_request_over_the_limit_is_refused_as_too_large_before_it_is_sent(small_nats: NatsServer,
-                                                                                  namespace: str) -> None:
+async def test_a_request_over_the_limit_is_refused_as_too_large_before_it_is_sent(
+    small_nats: NatsServer, namespace: str
+) -> None:
     seen: list[int] = []
 
     async def sizing(request: Any, context: RequestContext) -> AsyncIterator[int]:
@@ -422,7 +427,8 @@ async def test_a_request_over_the_limit_is_refused_as_too_large_before_it_is_sen
 
 
 async def test_a_response_frame_over_the_limit_ends_its_stream_as_too_large_and_stops_the_handler(
-        small_nats: NatsServer, namespace: str) -> None:
+    small_nats: NatsServer, namespace: str
+) -> None:
     """Not a 60 s idle timeout (NATS would refuse to publish it) nor a dropped connection (TCP):
     the caller gets a too_large error in the frame's place and the handler is cancelled."""
     cancelled = asyncio.Event()
@@ -465,8 +471,9 @@ async def test_a_response_frame_over_the_limit_ends_its_stream_as_too_large_and_
         await worker.close()
 
 
-async def test_many_frames_of_one_turn_over_the_limit_together_arrive_in_order(small_nats: NatsServer,
-                                                                               namespace: str) -> None:
+async def test_many_frames_of_one_turn_over_the_limit_together_arrive_in_order(
+    small_nats: NatsServer, namespace: str
+) -> None:
     async def burst(request: Any, context: RequestContext) -> AsyncIterator[str]:
         for i in range(request["n"]):  # no await between yields: one batch, split to fit
             yield f"{i:06d}" + "y" * 10_000

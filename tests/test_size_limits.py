@@ -35,8 +35,9 @@ class SizedStack:
         self.ports: dict[str, int] = {}
         for plane in PLANES:
             self.ports[plane] = free_port()
-            self.frontends[plane] = WorkerProcess(["--role", "frontend", *common, "--request-plane", plane,
-                                                   "--http-port", str(self.ports[plane])])
+            self.frontends[plane] = WorkerProcess(
+                ["--role", "frontend", *common, "--request-plane", plane, "--http-port", str(self.ports[plane])]
+            )
 
     def wait_ready(self) -> None:
         self.worker.wait_for_log("serving")
@@ -49,8 +50,9 @@ class SizedStack:
             return [m["id"] for m in json.load(resp)["data"]]
 
     def chat(self, plane: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[plane]}/v1/chat/completions", body,
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports[plane]}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, json.load(resp)
@@ -97,7 +99,8 @@ def raised_bus(demo_model: str) -> Iterator[SizedStack]:
 
 
 def test_the_frontend_warns_at_start_up_that_its_body_limit_is_above_the_request_planes(
-        default_bus: SizedStack, raised_bus: SizedStack) -> None:
+    default_bus: SizedStack, raised_bus: SizedStack
+) -> None:
     for frontend in default_bus.frontends.values():
         assert "is above the request plane's 1048576-byte limit" in frontend.log()
     for frontend in raised_bus.frontends.values():
@@ -106,8 +109,9 @@ def test_the_frontend_warns_at_start_up_that_its_body_limit_is_above_the_request
 
 @pytest.mark.parametrize("plane", PLANES)
 @pytest.mark.parametrize("size", [int(1.5 * MIB), int(3.5 * MIB)], ids=["1.5MiB", "3.5MiB"])
-def test_a_body_over_the_request_planes_limit_is_413_and_the_worker_serves_on(default_bus: SizedStack,
-                                                                               plane: str, size: int) -> None:
+def test_a_body_over_the_request_planes_limit_is_413_and_the_worker_serves_on(
+    default_bus: SizedStack, plane: str, size: int
+) -> None:
     status, body = default_bus.chat(plane, chat_body(size))
     assert status == 413, body
     assert body["error"]["code"] == "request_too_large"
@@ -118,8 +122,7 @@ def test_a_body_over_the_request_planes_limit_is_413_and_the_worker_serves_on(de
 
 @pytest.mark.parametrize("plane", PLANES)
 @pytest.mark.parametrize("size", [int(1.5 * MIB), int(3.5 * MIB)], ids=["1.5MiB", "3.5MiB"])
-def test_the_same_bodies_are_served_when_the_bus_carries_them(raised_bus: SizedStack, plane: str,
-                                                              size: int) -> None:
+def test_the_same_bodies_are_served_when_the_bus_carries_them(raised_bus: SizedStack, plane: str, size: int) -> None:
     status, body = raised_bus.chat(plane, chat_body(size))
     assert status == 200, body
     assert body["usage"]["completion_tokens"] >= 1
@@ -131,8 +134,9 @@ def test_a_body_over_max_request_bytes_is_413_before_anything_is_sent(raised_bus
 
 
 @pytest.mark.parametrize("plane", PLANES)
-async def test_a_response_frame_over_the_limit_is_413_not_a_timeout(default_bus: SizedStack, demo_model: str,
-                                                                    plane: str) -> None:
+async def test_a_response_frame_over_the_limit_is_413_not_a_timeout(
+    default_bus: SizedStack, demo_model: str, plane: str
+) -> None:
     """A worker whose answer would not fit in a message: the client gets a 413 at once (the
     frame's place on the stream holds the error), and the frontend serves on."""
 
@@ -142,9 +146,12 @@ async def test_a_response_frame_over_the_limit_is_413_not_a_timeout(default_bus:
     worker = await Runtime.connect(default_bus.nats.url, "sizes", request_plane="tcp")
     try:
         await worker.serve_endpoint("backend", "generate", oversized)
-        await worker.publish("backend", "generate", "decode",
-                             {"model": "oversized", "model_path": demo_model, "max_model_len": 256,
-                              "eos_token_ids": []})
+        await worker.publish(
+            "backend",
+            "generate",
+            "decode",
+            {"model": "oversized", "model_path": demo_model, "max_model_len": 256, "eos_token_ids": []},
+        )
         await asyncio.to_thread(wait_until, lambda: "oversized" in default_bus.models(plane), 20)
         status, body = await asyncio.to_thread(default_bus.chat, plane, chat_body(1000, "oversized"))
         assert status == 413, body
@@ -162,8 +169,9 @@ def test_an_encode_worker_whose_embeddings_cannot_fit_refuses_to_start(vlm: str)
     small = NatsServer(max_payload=2048)
     small.start()
     try:
-        worker = WorkerProcess(["--role", "encode", "--enable-multimodal", "--nats-url", small.url, "--namespace", "sizes",
-                                "--model", vlm])
+        worker = WorkerProcess(
+            ["--role", "encode", "--enable-multimodal", "--nats-url", small.url, "--namespace", "sizes", "--model", vlm]
+        )
         assert worker.wait(60) == 2
         last = worker.log().strip().splitlines()[-1]
         assert "one image's embeddings take about 3756 bytes on the request plane, over its 2048-byte limit" in last

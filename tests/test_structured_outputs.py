@@ -55,13 +55,21 @@ def chat_prompt_ids(model: str) -> list[int]:
 def offline(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """vLLM's offline answers: seeded n=3 choices, and the prompt logprobs of both prompts."""
     chat_ids = chat_prompt_ids(demo_model)
-    seeded, plain, chat = offline_outputs(demo_model, [
-        {"prompt": PROMPT_IDS, "params": SEEDED},
-        {"prompt": PROMPT_IDS, "params": {"temperature": 0, "max_tokens": 1, "prompt_logprobs": 3}},
-        {"prompt": chat_ids, "params": {"temperature": 0, "max_tokens": 1, "prompt_logprobs": 3}},
-    ], tmp_path_factory.mktemp("offline"))
-    return {"seeded": seeded, "prompt_logprobs": plain["prompt_logprobs"], "chat_ids": chat_ids,
-            "chat_prompt_logprobs": chat["prompt_logprobs"]}
+    seeded, plain, chat = offline_outputs(
+        demo_model,
+        [
+            {"prompt": PROMPT_IDS, "params": SEEDED},
+            {"prompt": PROMPT_IDS, "params": {"temperature": 0, "max_tokens": 1, "prompt_logprobs": 3}},
+            {"prompt": chat_ids, "params": {"temperature": 0, "max_tokens": 1, "prompt_logprobs": 3}},
+        ],
+        tmp_path_factory.mktemp("offline"),
+    )
+    return {
+        "seeded": seeded,
+        "prompt_logprobs": plain["prompt_logprobs"],
+        "chat_ids": chat_ids,
+        "chat_prompt_logprobs": chat["prompt_logprobs"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +78,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model: str, offline: An
     # offline engine above answers for the very model served.
     # Tools as vllm serve takes them: pythonic is one of vLLM's parsers that force required/named
     # calls with the JSON schema built from the tools (tests at the end of this module).
-    with up_stack(tmp_path_factory.mktemp("so"), "--model", demo_model, "--served-model-name", "demo",
-                  "--max-num-seqs", "8", "--enable-auto-tool-choice", "--tool-call-parser", "pythonic") as s:
+    with up_stack(
+        tmp_path_factory.mktemp("so"),
+        "--model",
+        demo_model,
+        "--served-model-name",
+        "demo",
+        "--max-num-seqs",
+        "8",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "pythonic",
+    ) as s:
         yield s
 
 
 def chat_text(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple[str, str | None]:
-    resp = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=kwargs.pop("max_tokens", 120),
-                                          temperature=0.8, seed=3, stream=stream, **kwargs)
+    resp = client.chat.completions.create(
+        model="demo",
+        messages=MESSAGES,
+        max_tokens=kwargs.pop("max_tokens", 120),
+        temperature=0.8,
+        seed=3,
+        stream=stream,
+        **kwargs,
+    )
     if not stream:
         return resp.choices[0].message.content or "", resp.choices[0].finish_reason
     chunks = [c for c in resp if c.choices]
@@ -85,8 +110,15 @@ def chat_text(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple[str, 
 
 
 def completion_text(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple[str, str | None]:
-    resp = client.completions.create(model="demo", prompt="The code is", max_tokens=kwargs.pop("max_tokens", 40),
-                                     temperature=kwargs.pop("temperature", 0.8), seed=5, stream=stream, **kwargs)
+    resp = client.completions.create(
+        model="demo",
+        prompt="The code is",
+        max_tokens=kwargs.pop("max_tokens", 40),
+        temperature=kwargs.pop("temperature", 0.8),
+        seed=5,
+        stream=stream,
+        **kwargs,
+    )
     if not stream:
         return resp.choices[0].text, resp.choices[0].finish_reason
     chunks = [c for c in resp if c.choices]
@@ -96,8 +128,10 @@ def completion_text(client: openai.OpenAI, stream: bool, **kwargs: Any) -> tuple
 @pytest.mark.parametrize("stream", [False, True])
 def test_response_format_json_schema_output_validates(stack: Stack, stream: bool) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-    for text, finish in (chat_text(stack.client, stream, response_format=fmt),
-                         completion_text(stack.client, stream, max_tokens=120, extra_body={"response_format": fmt})):
+    for text, finish in (
+        chat_text(stack.client, stream, response_format=fmt),
+        completion_text(stack.client, stream, max_tokens=120, extra_body={"response_format": fmt}),
+    ):
         assert finish == "stop", text
         jsonschema.validate(json.loads(text), PERSON)
 
@@ -149,28 +183,39 @@ def test_response_format_json_object_output_is_a_json_object(stack: Stack, strea
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_json"])
 def test_a_json_schema_as_vllms_extra_fields_validates(stack: Stack, stream: bool, field: str) -> None:
     body = {"structured_outputs": {"json": PERSON}} if field == "structured_outputs" else {"guided_json": PERSON}
-    for text, finish in (chat_text(stack.client, stream, extra_body=body),
-                         completion_text(stack.client, stream, max_tokens=120, extra_body=body)):
+    for text, finish in (
+        chat_text(stack.client, stream, extra_body=body),
+        completion_text(stack.client, stream, max_tokens=120, extra_body=body),
+    ):
         assert finish == "stop", text
         jsonschema.validate(json.loads(text), PERSON)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("body", [{"structured_outputs": {"regex": CODE}}, {"guided_regex": CODE}],
-                         ids=["structured_outputs", "guided_regex"])
+@pytest.mark.parametrize(
+    "body",
+    [{"structured_outputs": {"regex": CODE}}, {"guided_regex": CODE}],
+    ids=["structured_outputs", "guided_regex"],
+)
 def test_regex_output_fully_matches(stack: Stack, stream: bool, body: dict[str, Any]) -> None:
-    for text, finish in (completion_text(stack.client, stream, extra_body=body),
-                         chat_text(stack.client, stream, extra_body=body)):
+    for text, finish in (
+        completion_text(stack.client, stream, extra_body=body),
+        chat_text(stack.client, stream, extra_body=body),
+    ):
         assert finish == "stop" and re.fullmatch(CODE, text), text
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("body", [{"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}},
-                                  {"guided_choice": ["alpha", "beta", "gamma"]}],
-                         ids=["structured_outputs", "guided_choice"])
+@pytest.mark.parametrize(
+    "body",
+    [{"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}}, {"guided_choice": ["alpha", "beta", "gamma"]}],
+    ids=["structured_outputs", "guided_choice"],
+)
 def test_choice_output_is_one_of_the_choices(stack: Stack, stream: bool, body: dict[str, Any]) -> None:
-    for text, _ in (completion_text(stack.client, stream, extra_body=body),
-                    chat_text(stack.client, stream, extra_body=body)):
+    for text, _ in (
+        completion_text(stack.client, stream, extra_body=body),
+        chat_text(stack.client, stream, extra_body=body),
+    ):
         assert text in ("alpha", "beta", "gamma")
 
 
@@ -178,29 +223,49 @@ def test_choice_output_is_one_of_the_choices(stack: Stack, stream: bool, body: d
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_grammar"])
 def test_grammar_output_is_in_the_language(stack: Stack, stream: bool, field: str) -> None:
     grammar = 'root ::= "light is " ("on" | "off") "."'
-    body = {"structured_outputs": {"grammar": grammar}} if field == "structured_outputs" else {"guided_grammar": grammar}
+    body = (
+        {"structured_outputs": {"grammar": grammar}} if field == "structured_outputs" else {"guided_grammar": grammar}
+    )
     text, finish = completion_text(stack.client, stream, extra_body=body)
     assert finish == "stop" and re.fullmatch(r"light is (on|off)\.", text), text
 
 
 BAD_CONSTRAINTS = [
     pytest.param("/v1/completions", {"guided_regex": "[a-"}, "guided_regex", id="invalid-regex"),
-    pytest.param("/v1/completions", {"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs",
-                 id="invalid-regex-structured-outputs"),
-    pytest.param("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "no-such-type"}}}}, "response_format", id="invalid-schema"),
+    pytest.param(
+        "/v1/completions",
+        {"structured_outputs": {"regex": "(unclosed"}},
+        "structured_outputs",
+        id="invalid-regex-structured-outputs",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+        "response_format",
+        id="invalid-schema",
+    ),
     pytest.param("/v1/completions", {"guided_json": "{not json"}, "guided_json", id="schema-not-json"),
-    pytest.param("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "string", "pattern": "[a-"}}}}, "response_format",
-                 id="schema-with-an-invalid-pattern"),
-    pytest.param("/v1/completions", {"guided_grammar": "root ::= ( unbalanced"}, "guided_grammar",
-                 id="invalid-grammar"),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[a-"}},
+            }
+        },
+        "response_format",
+        id="schema-with-an-invalid-pattern",
+    ),
+    pytest.param(
+        "/v1/completions", {"guided_grammar": "root ::= ( unbalanced"}, "guided_grammar", id="invalid-grammar"
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "extra", "param"), BAD_CONSTRAINTS)
-def test_a_constraint_vllm_cannot_compile_is_a_400_naming_the_field(stack: Stack, path: str,
-                                                                    extra: dict[str, Any], param: str) -> None:
+def test_a_constraint_vllm_cannot_compile_is_a_400_naming_the_field(
+    stack: Stack, path: str, extra: dict[str, Any], param: str
+) -> None:
     body = {"model": "demo", "max_tokens": 4, **extra}
     body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "x"})
     status, answer = stack.post(path, json.dumps(body).encode())
@@ -229,13 +294,13 @@ def test_a_cut_inside_a_multibyte_character_drops_the_partial_bytes(stack: Stack
 def test_logit_bias_reaches_the_sampler(stack: Stack) -> None:
     """A +100 bias on one token makes greedy decoding pick it every time (the routes that find
     its id and its text are /tokenize and /detokenize, as with vllm serve)."""
-    _, tokens = stack.post("/tokenize", json.dumps({"model": "demo", "prompt": " garden",
-                                                    "add_special_tokens": False}).encode())
+    _, tokens = stack.post(
+        "/tokenize", json.dumps({"model": "demo", "prompt": " garden", "add_special_tokens": False}).encode()
+    )
     token = tokens["tokens"][-1]
     _, expected = stack.post("/detokenize", json.dumps({"model": "demo", "tokens": [token] * 5}).encode())
     for stream in (False, True):
-        text, finish = completion_text(stack.client, stream, max_tokens=5, temperature=0,
-                                       logit_bias={str(token): 100})
+        text, finish = completion_text(stack.client, stream, max_tokens=5, temperature=0, logit_bias={str(token): 100})
         assert (text, finish) == (expected["prompt"], "length")
     plain, _ = completion_text(stack.client, False, max_tokens=5, temperature=0)
     assert plain != expected["prompt"]
@@ -249,12 +314,16 @@ def test_n_seeded_choices_are_the_ones_vllm_samples(stack: Stack, offline: dict[
     """Choice i is sampled with seed + i, as vLLM's own n: the same three texts as its offline engine."""
     expected = [c["text"] for c in offline["seeded"]["choices"]]
     assert len(set(expected)) == 3, "control: seeded choices must differ"
-    resp = stack.client.completions.create(model="demo", prompt=PROMPT_IDS, stream=stream, **SEEDED, **(
-        {"stream_options": {"include_usage": True}} if stream else {}))
+    resp = stack.client.completions.create(
+        model="demo",
+        prompt=PROMPT_IDS,
+        stream=stream,
+        **SEEDED,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )
     if stream:
         chunks = list(resp)
-        texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
-                 for i in range(3)]
+        texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
         usage = chunks[-1].usage
     else:
         texts = [c.text for c in sorted(resp.choices, key=lambda c: c.index)]
@@ -283,20 +352,24 @@ def assert_prompt_logprobs_equal(got: list[Any], expected: list[Any]) -> None:
 
 
 def test_prompt_logprobs_equal_vllms(stack: Stack, offline: dict[str, Any]) -> None:
-    completion = stack.client.completions.create(model="demo", prompt=PROMPT_IDS, max_tokens=2, temperature=0,
-                                                 extra_body={"prompt_logprobs": 3}).model_dump()
+    completion = stack.client.completions.create(
+        model="demo", prompt=PROMPT_IDS, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 3}
+    ).model_dump()
     assert_prompt_logprobs_equal(completion["choices"][0]["prompt_logprobs"], offline["prompt_logprobs"])
-    chat = stack.client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2, temperature=0,
-                                                extra_body={"prompt_logprobs": 3}).model_dump()
+    chat = stack.client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 3}
+    ).model_dump()
     assert chat["usage"]["prompt_tokens"] == len(offline["chat_ids"])
     assert_prompt_logprobs_equal(chat["prompt_logprobs"], offline["chat_prompt_logprobs"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_echo_with_logprobs_puts_the_prompts_logprobs_first(stack: Stack, offline: dict[str, Any],
-                                                            stream: bool) -> None:
-    resp = stack.client.completions.create(model="demo", prompt=PROMPT_IDS, max_tokens=3, temperature=0,
-                                           echo=True, logprobs=2, stream=stream)
+def test_echo_with_logprobs_puts_the_prompts_logprobs_first(
+    stack: Stack, offline: dict[str, Any], stream: bool
+) -> None:
+    resp = stack.client.completions.create(
+        model="demo", prompt=PROMPT_IDS, max_tokens=3, temperature=0, echo=True, logprobs=2, stream=stream
+    )
     parts = [c.choices[0] for c in resp if c.choices and c.choices[0].logprobs] if stream else [resp.choices[0]]
     token_logprobs = [v for c in parts for v in c.logprobs.token_logprobs]
     tops = [t for c in parts for t in c.logprobs.top_logprobs]
@@ -306,7 +379,7 @@ def test_echo_with_logprobs_puts_the_prompts_logprobs_first(stack: Stack, offlin
     for i, token in enumerate(PROMPT_IDS[1:], 1):
         assert token_logprobs[i] == pytest.approx(expected[i][str(token)][0], abs=1e-4), i
         assert 2 <= len(tops[i]) <= 3  # its own and the top 2
-    assert all(isinstance(v, float) for v in token_logprobs[len(PROMPT_IDS):])
+    assert all(isinstance(v, float) for v in token_logprobs[len(PROMPT_IDS) :])
     _, decoded = stack.post("/detokenize", json.dumps({"model": "demo", "tokens": PROMPT_IDS}).encode())
     assert "".join(c.text for c in parts).startswith(decoded["prompt"])
 
@@ -318,22 +391,38 @@ def test_echo_with_logprobs_puts_the_prompts_logprobs_first(stack: Stack, offlin
 # the prompt (about 170 tokens each here), and the model's context is 512 tokens.
 # A pattern, not just maxLength: xgrammar lets a raw control character into a JSON string, which
 # strict JSON (and json.loads) refuses.
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,6}$"}},
-           "required": ["city"], "additionalProperties": False}
-CLOCK = {"type": "object", "properties": {"h24": {"type": "boolean"}}, "required": ["h24"],
-         "additionalProperties": False}
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,6}$"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+CLOCK = {
+    "type": "object",
+    "properties": {"h24": {"type": "boolean"}},
+    "required": ["h24"],
+    "additionalProperties": False,
+}
 WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": WEATHER}}
 CLOCK_TOOL = {"type": "function", "function": {"name": "clock", "parameters": CLOCK}}
 NOW_TOOL = {"type": "function", "function": {"name": "now"}}  # no parameters: vLLM asks for an object
 SCHEMAS = {"weather": WEATHER, "clock": CLOCK, "now": {"type": "object"}}
 
 
-def tool_calls(client: openai.OpenAI, stream: bool, tools: list[dict[str, Any]],
-               **kwargs: Any) -> tuple[list[tuple[str, str]], str | None]:
+def tool_calls(
+    client: openai.OpenAI, stream: bool, tools: list[dict[str, Any]], **kwargs: Any
+) -> tuple[list[tuple[str, str]], str | None]:
     """(name, arguments) of each call, streamed deltas joined by index, and the finish reason."""
-    resp = client.chat.completions.create(model="demo", messages=kwargs.pop("messages", MESSAGES), tools=tools,
-                                          max_tokens=kwargs.pop("max_tokens", 120), temperature=0.8, seed=7,
-                                          stream=stream, **kwargs)
+    resp = client.chat.completions.create(
+        model="demo",
+        messages=kwargs.pop("messages", MESSAGES),
+        tools=tools,
+        max_tokens=kwargs.pop("max_tokens", 120),
+        temperature=0.8,
+        seed=7,
+        stream=stream,
+        **kwargs,
+    )
     if not stream:
         choice = resp.choices[0]
         return [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []], choice.finish_reason
@@ -352,8 +441,9 @@ def tool_calls(client: openai.OpenAI, stream: bool, tools: list[dict[str, Any]],
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_named_tool_choice_yields_a_call_that_validates(stack: Stack, stream: bool) -> None:
-    calls, finish = tool_calls(stack.client, stream, [CLOCK_TOOL],
-                               tool_choice={"type": "function", "function": {"name": "clock"}})
+    calls, finish = tool_calls(
+        stack.client, stream, [CLOCK_TOOL], tool_choice={"type": "function", "function": {"name": "clock"}}
+    )
     assert [name for name, _ in calls] == ["clock"] and finish == "stop"  # vllm serve: stop for a named call
     jsonschema.validate(json.loads(calls[0][1]), CLOCK)
 
@@ -361,33 +451,63 @@ def test_a_named_tool_choice_yields_a_call_that_validates(stack: Stack, stream: 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_choice_required_yields_calls_that_validate(stack: Stack, stream: bool) -> None:
     # Room to write: xgrammar lets the random model pad JSON with whitespace.
-    calls, finish = tool_calls(stack.client, stream, [WEATHER_TOOL, NOW_TOOL], tool_choice="required",
-                               parallel_tool_calls=False, max_tokens=230)
+    calls, finish = tool_calls(
+        stack.client,
+        stream,
+        [WEATHER_TOOL, NOW_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=230,
+    )
     assert len(calls) == 1 and finish == "tool_calls", calls
     for name, arguments in calls:
         jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
 
 def test_tool_turns_in_the_history_are_accepted_and_rendered(stack: Stack) -> None:
-    history = [*MESSAGES,
-               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-                   "name": "weather", "arguments": json.dumps({"city": "Oslo"})}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "-3 and snowing"}]
-    calls, _ = tool_calls(stack.client, False, [WEATHER_TOOL], messages=history, max_tokens=80,
-                          tool_choice={"type": "function", "function": {"name": "weather"}})
+    history = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": json.dumps({"city": "Oslo"})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 and snowing"},
+    ]
+    calls, _ = tool_calls(
+        stack.client,
+        False,
+        [WEATHER_TOOL],
+        messages=history,
+        max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+    )
     jsonschema.validate(json.loads(calls[0][1]), WEATHER)
     # The tools and the tool turns are in the prompt the engine saw (as vllm serve renders them).
-    sizes = [stack.client.chat.completions.create(model="demo", max_tokens=1, **body).usage.prompt_tokens
-             for body in ({"messages": MESSAGES},
-                          {"messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "none"},
-                          {"messages": history, "tools": [WEATHER_TOOL], "tool_choice": "none"})]
+    sizes = [
+        stack.client.chat.completions.create(model="demo", max_tokens=1, **body).usage.prompt_tokens
+        for body in (
+            {"messages": MESSAGES},
+            {"messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "none"},
+            {"messages": history, "tools": [WEATHER_TOOL], "tool_choice": "none"},
+        )
+    ]
     assert sizes[0] < sizes[1] < sizes[2], sizes
 
 
 def test_auto_tool_choice_parses_the_models_text(stack: Stack) -> None:
     """The random model writes no pythonic call: auto returns its text as content, no call."""
-    choice, plain = (stack.client.chat.completions.create(model="demo", messages=MESSAGES, tools=[WEATHER_TOOL],
-                                                          max_tokens=8, temperature=0, **extra).choices[0]
-                     for extra in ({}, {"tool_choice": "none"}))
+    choice, plain = (
+        stack.client.chat.completions.create(
+            model="demo", messages=MESSAGES, tools=[WEATHER_TOOL], max_tokens=8, temperature=0, **extra
+        ).choices[0]
+        for extra in ({}, {"tool_choice": "none"})
+    )
     assert not choice.message.tool_calls and choice.finish_reason == "length"
     assert choice.message.content == plain.message.content and plain.message.content

@@ -34,11 +34,13 @@ async def counting(request: Any, context: RequestContext) -> AsyncIterator[dict[
 SECRET = b"the deployment's secret"
 
 
-async def worker_and_caller(server: NatsServer, namespace: str, handler: Any = counting,
-                            caller_plane: str = "tcp", **worker_options: Any) -> tuple[Runtime, Runtime]:
+async def worker_and_caller(
+    server: NatsServer, namespace: str, handler: Any = counting, caller_plane: str = "tcp", **worker_options: Any
+) -> tuple[Runtime, Runtime]:
     """A TCP worker serving ``math.count`` and a caller, both holding :data:`SECRET`."""
-    worker = await Runtime.connect(server.url, namespace, request_plane="tcp", request_plane_secret=SECRET,
-                                   **worker_options)
+    worker = await Runtime.connect(
+        server.url, namespace, request_plane="tcp", request_plane_secret=SECRET, **worker_options
+    )
     await worker.serve_endpoint("math", "count", handler)
     await worker.publish("math", "count", "test", {})
     caller = await Runtime.connect(server.url, namespace, request_plane=caller_plane, request_plane_secret=SECRET)
@@ -46,8 +48,9 @@ async def worker_and_caller(server: NatsServer, namespace: str, handler: Any = c
     return worker, caller
 
 
-async def test_frames_travel_over_tcp_and_a_nats_caller_reaches_the_same_worker(nats_server: NatsServer,
-                                                                                 namespace: str) -> None:
+async def test_frames_travel_over_tcp_and_a_nats_caller_reaches_the_same_worker(
+    nats_server: NatsServer, namespace: str
+) -> None:
     worker, caller = await worker_and_caller(nats_server, namespace)
     nats_caller = await Runtime.connect(nats_server.url, namespace, request_plane="nats")
     try:
@@ -65,8 +68,9 @@ async def test_frames_travel_over_tcp_and_a_nats_caller_reaches_the_same_worker(
             await rt.close()
 
 
-async def test_a_worker_whose_connection_drops_fails_its_streams_at_once(nats_server: NatsServer,
-                                                                         namespace: str) -> None:
+async def test_a_worker_whose_connection_drops_fails_its_streams_at_once(
+    nats_server: NatsServer, namespace: str
+) -> None:
     """A dead worker process closes its sockets: its callers fail over in milliseconds, not after
     the discovery lease, and route around it until it is heard from again."""
     worker, caller = await worker_and_caller(nats_server, namespace)
@@ -89,8 +93,9 @@ async def test_a_worker_whose_connection_drops_fails_its_streams_at_once(nats_se
         await worker.close()
 
 
-async def test_a_caller_whose_connection_drops_has_its_requests_cancelled(nats_server: NatsServer,
-                                                                          namespace: str) -> None:
+async def test_a_caller_whose_connection_drops_has_its_requests_cancelled(
+    nats_server: NatsServer, namespace: str
+) -> None:
     cancelled = asyncio.Event()
 
     slow = slow_counter(cancelled)
@@ -121,7 +126,8 @@ def recording(calls: list[Any]) -> Any:
 
 
 async def test_a_caller_without_the_secret_is_refused_and_its_call_never_reaches_the_handler(
-        nats_server: NatsServer, namespace: str) -> None:
+    nats_server: NatsServer, namespace: str
+) -> None:
     calls: list[Any] = []
     worker, caller = await worker_and_caller(nats_server, namespace, recording(calls))
     try:
@@ -170,13 +176,13 @@ async def test_a_caller_without_the_secret_is_refused_and_its_call_never_reaches
         await worker.close()
 
 
-async def test_a_worker_that_cannot_prove_the_secret_gets_no_request(nats_server: NatsServer,
-                                                                     namespace: str) -> None:
+async def test_a_worker_that_cannot_prove_the_secret_gets_no_request(nats_server: NatsServer, namespace: str) -> None:
     """The caller checks the worker too: a stranger's listener published in discovery (or a
     worker given another secret) gets no request, and is routed around."""
     calls: list[Any] = []
-    stranger = await Runtime.connect(nats_server.url, namespace, request_plane="tcp",
-                                     request_plane_secret=b"another deployment")
+    stranger = await Runtime.connect(
+        nats_server.url, namespace, request_plane="tcp", request_plane_secret=b"another deployment"
+    )
     caller = await Runtime.connect(nats_server.url, namespace, request_plane="tcp", request_plane_secret=SECRET)
     try:
         await stranger.serve_endpoint("math", "count", recording(calls))
@@ -192,14 +198,19 @@ async def test_a_worker_that_cannot_prove_the_secret_gets_no_request(nats_server
         await stranger.close()
 
 
-@pytest.mark.parametrize("garbage", [
-    message(b"{not json"),
-    message(b'{"type":"r","s":"1","e":"count"}'),  # a call without its request
-    struct.pack(">I", 0xFFFFFFF0),  # a length over the limit
-], ids=["not-json", "incomplete-call", "huge-length"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        message(b"{not json"),
+        message(b'{"type":"r","s":"1","e":"count"}'),  # a call without its request
+        struct.pack(">I", 0xFFFFFFF0),  # a length over the limit
+    ],
+    ids=["not-json", "incomplete-call", "huge-length"],
+)
 @pytest.mark.parametrize("authenticated", [False, True], ids=["before-handshake", "after-handshake"])
 async def test_a_peer_that_breaks_the_protocol_is_dropped_and_others_are_served(
-        nats_server: NatsServer, namespace: str, garbage: bytes, authenticated: bool) -> None:
+    nats_server: NatsServer, namespace: str, garbage: bytes, authenticated: bool
+) -> None:
     worker, caller = await worker_and_caller(nats_server, namespace)
     try:
         assert worker.listener is not None
@@ -219,8 +230,7 @@ async def test_a_peer_that_breaks_the_protocol_is_dropped_and_others_are_served(
         await worker.close()
 
 
-async def test_an_oversized_message_is_cut_off_on_its_length_prefix(nats_server: NatsServer,
-                                                                    namespace: str) -> None:
+async def test_an_oversized_message_is_cut_off_on_its_length_prefix(nats_server: NatsServer, namespace: str) -> None:
     """The limit is checked on the 4-byte length prefix, before any of the body is read: the
     peer is dropped although it never sends the body."""
     worker, caller = await worker_and_caller(nats_server, namespace)
@@ -246,8 +256,9 @@ async def test_an_oversized_message_is_cut_off_on_its_length_prefix(nats_server:
         await worker.close()
 
 
-async def test_slow_loris_peers_are_cut_off_and_the_listener_keeps_serving(nats_server: NatsServer,
-                                                                          namespace: str) -> None:
+async def test_slow_loris_peers_are_cut_off_and_the_listener_keeps_serving(
+    nats_server: NatsServer, namespace: str
+) -> None:
     """A peer that never completes the handshake, or trickles a message, is closed after the read
     timeout; an idle one after the idle timeout; the worker serves others meanwhile."""
     limits = ListenerLimits(read_timeout=0.5, idle_timeout=1.5)
@@ -269,7 +280,7 @@ async def test_slow_loris_peers_are_cut_off_and_the_listener_keeps_serving(nats_
                 started = time.monotonic()
                 for i in range(len(message)):  # one byte every 0.2 s: never a whole message in time
                     try:
-                        sock.sendall(message[i:i + 1])
+                        sock.sendall(message[i : i + 1])
                     except (BrokenPipeError, ConnectionResetError):
                         break
                     time.sleep(0.2)
@@ -283,9 +294,14 @@ async def test_slow_loris_peers_are_cut_off_and_the_listener_keeps_serving(nats_
                 read_until_closed(sock)
                 return time.monotonic() - started
 
-        silent_for, trickled_for, idle_for = (await asyncio.gather(
-            asyncio.to_thread(silent), asyncio.to_thread(trickling), asyncio.to_thread(idle),
-            *(collect(caller, 3) for _ in range(5))))[:3]
+        silent_for, trickled_for, idle_for = (
+            await asyncio.gather(
+                asyncio.to_thread(silent),
+                asyncio.to_thread(trickling),
+                asyncio.to_thread(idle),
+                *(collect(caller, 3) for _ in range(5)),
+            )
+        )[:3]
         assert 0.5 <= silent_for < 2.5
         assert 0.5 <= trickled_for < 2.5  # the message is 80+ bytes: 16 s at this pace
         assert 1.5 <= idle_for < 3.5
@@ -303,8 +319,9 @@ async def collect(caller: Runtime, n: int) -> list[Any]:
     return [x async for x in caller.client("math", "count").generate({"n": n})]
 
 
-async def test_connections_beyond_the_cap_are_closed_and_the_held_ones_still_serve(nats_server: NatsServer,
-                                                                                   namespace: str) -> None:
+async def test_connections_beyond_the_cap_are_closed_and_the_held_ones_still_serve(
+    nats_server: NatsServer, namespace: str
+) -> None:
     worker, caller = await worker_and_caller(nats_server, namespace, tcp_limits=ListenerLimits(max_connections=3))
     try:
         assert await collect(caller, 1) == [{"i": 0}]  # the caller holds connection 1 of 3
@@ -313,8 +330,7 @@ async def test_connections_beyond_the_cap_are_closed_and_the_held_ones_still_ser
         held = [await asyncio.to_thread(raw, address) for _ in range(2)]
         try:
             for sock in held:  # each got its Hello: they count
-                assert isinstance(wire.decode_greeting(await asyncio.to_thread(read_message, sock) or b""),
-                                  wire.Hello)
+                assert isinstance(wire.decode_greeting(await asyncio.to_thread(read_message, sock) or b""), wire.Hello)
             with raw(address) as extra:
                 assert await asyncio.to_thread(read_until_closed, extra) == []  # closed, no Hello
             assert await collect(caller, 2) == [{"i": 0}, {"i": 1}]
@@ -326,8 +342,9 @@ async def test_connections_beyond_the_cap_are_closed_and_the_held_ones_still_ser
         await worker.close()
 
 
-async def test_a_cancel_reaches_only_requests_sent_on_its_own_connection(nats_server: NatsServer,
-                                                                         namespace: str) -> None:
+async def test_a_cancel_reaches_only_requests_sent_on_its_own_connection(
+    nats_server: NatsServer, namespace: str
+) -> None:
     cancelled = asyncio.Event()
     worker, caller = await worker_and_caller(nats_server, namespace, slow_counter(cancelled))
     try:
@@ -354,7 +371,8 @@ async def test_a_cancel_reaches_only_requests_sent_on_its_own_connection(nats_se
 
 
 async def test_a_draining_worker_answers_no_responders_and_callers_route_around_it(
-        nats_server: NatsServer, namespace: str) -> None:
+    nats_server: NatsServer, namespace: str
+) -> None:
     worker, caller = await worker_and_caller(nats_server, namespace)
     try:
         client = caller.client("math", "count")
@@ -375,8 +393,11 @@ def test_bad_request_plane_flags_are_one_line_errors() -> None:
     assert bad_plane.returncode != 0 and "--request-plane" in bad_plane.stderr and "tcp" in bad_plane.stderr
     bad_port = run_cli("--role", "echo", "--tcp-rpc-port", "70000")
     assert bad_port.returncode != 0
-    assert bad_port.stderr.strip().splitlines()[-1].endswith("--tcp-rpc-port 70000 is out of range; use a port "
-                                                             "between 0 and 65535")
+    assert (
+        bad_port.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--tcp-rpc-port 70000 is out of range; use a port between 0 and 65535")
+    )
 
 
 def test_a_port_in_use_is_a_one_line_error(nats_server: NatsServer, namespace: str) -> None:
@@ -384,25 +405,46 @@ def test_a_port_in_use_is_a_one_line_error(nats_server: NatsServer, namespace: s
         port = free_port()
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        out = run_cli("--role", "echo", "--nats-url", nats_server.url, "--namespace", namespace,
-                      "--request-plane", "tcp", "--tcp-rpc-port", str(port))
+        out = run_cli(
+            "--role",
+            "echo",
+            "--nats-url",
+            nats_server.url,
+            "--namespace",
+            namespace,
+            "--request-plane",
+            "tcp",
+            "--tcp-rpc-port",
+            str(port),
+        )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert f"--tcp-rpc-port {port}: cannot listen there" in last and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize(("args", "env", "message"), [
-    (["--tcp-rpc-host", "0.0.0.0"], {},
-     "--tcp-rpc-host 0.0.0.0: a TCP request plane reachable from other hosts needs a secret; set "
-     "DYN_REQUEST_PLANE_TOKEN"),
-    (["--nats-user", "u"], {"NATS_AUTH_PASSWORD": "p"},
-     "--request-plane tcp with NATS user credentials needs a shared secret for the TCP plane"),
-    (["--request-plane-token", " "], {}, "--request-plane-token is blank"),
-    (["--tcp-max-connections", "0"], {}, "--tcp-max-connections must be at least 1 (got 0)"),
-    (["--tcp-read-timeout", "0"], {}, "--tcp-read-timeout must be greater than 0"),
-], ids=["routable-without-secret", "nats-user-without-secret", "blank-token", "no-connections", "no-read-time"])
-def test_a_tcp_plane_without_the_secret_it_needs_is_a_one_line_error(args: list[str], env: dict[str, str],
-                                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--tcp-rpc-host", "0.0.0.0"],
+            {},
+            "--tcp-rpc-host 0.0.0.0: a TCP request plane reachable from other hosts needs a secret; set "
+            "DYN_REQUEST_PLANE_TOKEN",
+        ),
+        (
+            ["--nats-user", "u"],
+            {"NATS_AUTH_PASSWORD": "p"},
+            "--request-plane tcp with NATS user credentials needs a shared secret for the TCP plane",
+        ),
+        (["--request-plane-token", " "], {}, "--request-plane-token is blank"),
+        (["--tcp-max-connections", "0"], {}, "--tcp-max-connections must be at least 1 (got 0)"),
+        (["--tcp-read-timeout", "0"], {}, "--tcp-read-timeout must be greater than 0"),
+    ],
+    ids=["routable-without-secret", "nats-user-without-secret", "blank-token", "no-connections", "no-read-time"],
+)
+def test_a_tcp_plane_without_the_secret_it_needs_is_a_one_line_error(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
     out = run_cli("--role", "echo", "--request-plane", "tcp", *args, env=worker_env(**env))
     assert out.returncode == 2, out.stderr
     assert message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
@@ -412,6 +454,17 @@ def test_a_routable_listener_starts_with_a_secret_from_the_env_or_the_nats_token
     """Checked before connecting: with a secret the same flags pass validation (and fail later,
     on the unreachable NATS URL, not on the secret)."""
     for env in ({"DYN_REQUEST_PLANE_TOKEN": "s3cret"}, {"NATS_AUTH_TOKEN": "t0ken"}):
-        out = run_cli("--role", "echo", "--request-plane", "tcp", "--tcp-rpc-host", "0.0.0.0",
-                      "--nats-url", "nats://127.0.0.1:1", "--nats-connect-timeout", "0.5", env=worker_env(**env))
+        out = run_cli(
+            "--role",
+            "echo",
+            "--request-plane",
+            "tcp",
+            "--tcp-rpc-host",
+            "0.0.0.0",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nats-connect-timeout",
+            "0.5",
+            env=worker_env(**env),
+        )
         assert out.returncode != 0 and "cannot reach the NATS server" in out.stderr, out.stderr

@@ -84,8 +84,12 @@ class Stack:
     @staticmethod
     def _metric(url: str, name: str, **labels: str) -> float:
         body = urllib.request.urlopen(url).read().decode()
-        return sum(s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(body)
+            for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     def post(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(self.base + path, data=body, headers={"Content-Type": "application/json"})
@@ -110,10 +114,14 @@ def up_stack(base: Path, *args: str, temp_log_dir: bool = False) -> Iterator[Sta
         env["TMPDIR"] = str(base / "tmp")
         (base / "tmp").mkdir()
     with open(out, "w") as stdout:
-        proc = subprocess.Popen([DYNAMO_WORKER, "up", "--http-port", str(port), *log_flags,
-                                 "--namespace", f"up{port}", *args],
-                                stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [DYNAMO_WORKER, "up", "--http-port", str(port), *log_flags, "--namespace", f"up{port}", *args],
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
     s = Stack(proc, port, log_dir, cache, out)
 
     def ready() -> bool:
@@ -136,8 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # No --log-dir, as users run it: the last test checks that the temp directory goes on stop.
     # --router-mode kv: with one decode worker every mode routes alike, so the module's tests hold
     # in any; test_up_passes_its_router_mode_to_the_frontend checks kv is what the frontend runs.
-    with up_stack(tmp_path_factory.mktemp("up"), "--max-num-seqs", "16", "--router-mode", "kv",
-                  temp_log_dir=True) as s:
+    with up_stack(tmp_path_factory.mktemp("up"), "--max-num-seqs", "16", "--router-mode", "kv", temp_log_dir=True) as s:
         yield s
 
 
@@ -154,20 +161,34 @@ def test_chat_and_completions_stream_and_not_through_the_openai_client(stack: St
     messages = [{"role": "user", "content": "Tell me a story."}]
     chat = stack.client.chat.completions.create(model="demo", messages=messages, max_tokens=12, temperature=0)
     assert chat.choices[0].message.content and chat.usage.completion_tokens <= 12
-    streamed = stack.client.chat.completions.create(model="demo", messages=messages, max_tokens=12,
-                                                    temperature=0, stream=True,
-                                                    stream_options={"include_usage": True})
+    streamed = stack.client.chat.completions.create(
+        model="demo",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(streamed)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
-    completion = stack.client.completions.create(model="demo", prompt="the little bird", max_tokens=10,
-                                                 temperature=0, extra_body={"ignore_eos": True})
+    completion = stack.client.completions.create(
+        model="demo", prompt="the little bird", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert completion.usage.completion_tokens == 10 and completion.choices[0].finish_reason == "length"
-    pieces = [c.choices[0].text for c in stack.client.completions.create(
-        model="demo", prompt="the little bird", max_tokens=10, temperature=0, stream=True,
-        extra_body={"ignore_eos": True})]
+    pieces = [
+        c.choices[0].text
+        for c in stack.client.completions.create(
+            model="demo",
+            prompt="the little bird",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    ]
     assert "".join(pieces) == completion.choices[0].text
 
 
@@ -177,8 +198,11 @@ def test_up_passes_its_router_mode_to_the_frontend(stack: Stack) -> None:
     rng = random.Random(17)
     prompt = [0] + [rng.randrange(3, 500) for _ in range(299)]
     stack.client.completions.create(model="demo", prompt=prompt, max_tokens=2, temperature=0)
-    wait_until(lambda: stack.frontend_metric("dynamo_frontend_kv_index_blocks") > 0, 15,
-               what="the frontend's KV index holding the prompt's blocks")
+    wait_until(
+        lambda: stack.frontend_metric("dynamo_frontend_kv_index_blocks") > 0,
+        15,
+        what="the frontend's KV index holding the prompt's blocks",
+    )
     predicted = stack.frontend_metric("dynamo_frontend_kv_predicted_cached_tokens_total")
     again = stack.client.completions.create(model="demo", prompt=prompt + [5], max_tokens=2, temperature=0)
     cached = again.usage.prompt_tokens_details.cached_tokens
@@ -195,20 +219,25 @@ def test_greedy_output_equals_the_offline_engine_for_the_same_prompt_ids(stack: 
     reference = offline_greedy_outputs(model, prompts, 16, tmp_path)
     assert reference[0]["ids"] != reference[1]["ids"], "control: different prompts must give different output"
     for prompt, expected in zip(prompts, reference):
-        got = stack.client.completions.create(model="demo", prompt=prompt, max_tokens=16, temperature=0,
-                                              extra_body={"ignore_eos": True})
+        got = stack.client.completions.create(
+            model="demo", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
         # vLLM's own text: a character the output stops inside is dropped, not U+FFFD.
         assert got.choices[0].text == expected["text"]
 
 
-@pytest.mark.parametrize("body, status, fragment", [
-    (b"{not json", 400, "JSON"),
-    (json.dumps({"model": "demo", "prompt": "hi", "max_tokens": -3}).encode(), 400, "max_tokens"),
-    (json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "nope"),
-    (json.dumps({"model": "demo", "prompt": "word " * 600}).encode(), 400, "takes at most 512 tokens"),
-])
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        (b"{not json", 400, "JSON"),
+        (json.dumps({"model": "demo", "prompt": "hi", "max_tokens": -3}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "nope", "prompt": "hi"}).encode(), 404, "nope"),
+        (json.dumps({"model": "demo", "prompt": "word " * 600}).encode(), 400, "takes at most 512 tokens"),
+    ],
+)
 def test_bad_requests_get_the_right_status_and_the_stack_keeps_serving(
-        stack: Stack, body: bytes, status: int, fragment: str) -> None:
+    stack: Stack, body: bytes, status: int, fragment: str
+) -> None:
     code, error = stack.post("/v1/completions", body)
     assert code == status and fragment in error["error"]["message"], error
     ok = stack.client.completions.create(model="demo", prompt="hello", max_tokens=2, temperature=0)
@@ -223,16 +252,25 @@ def test_a_client_disconnect_mid_stream_aborts_the_request_on_the_worker(stack: 
     # One disconnect that lands while the worker still generates is the proof; on a loaded
     # machine a 400-token request may finish first, so try a few times.
     for _ in range(5):
-        stream = stack.client.completions.create(model="demo", prompt="once upon a time", max_tokens=400,
-                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        stream = stack.client.completions.create(
+            model="demo",
+            prompt="once upon a time",
+            max_tokens=400,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         next(iter(stream))
         stream.close()
         time.sleep(0.5)
         if cancelled() > before:
             break
     assert cancelled() == before + 1
-    wait_until(lambda: stack.worker_metric("dynamo_component_inflight_requests", dynamo_endpoint="generate") == 0,
-               15, what="no request left in flight on the worker")
+    wait_until(
+        lambda: stack.worker_metric("dynamo_component_inflight_requests", dynamo_endpoint="generate") == 0,
+        15,
+        what="no request left in flight on the worker",
+    )
 
 
 def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(stack: Stack) -> None:
@@ -248,8 +286,9 @@ def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(sta
     assert "max_payload: 8388608" in config.read_text()
     assert "is above the request plane's" not in (stack.log_dir / "frontend.log").read_text()
     # The TCP request plane has a secret of its own, the same in every child, in no command line.
-    secrets = {psutil.Process(manifest[name]["pid"]).environ()["DYN_REQUEST_PLANE_TOKEN"]
-               for name in ("frontend", "decode-0")}
+    secrets = {
+        psutil.Process(manifest[name]["pid"]).environ()["DYN_REQUEST_PLANE_TOKEN"] for name in ("frontend", "decode-0")
+    }
     assert len(secrets) == 1 and len(secrets.pop()) >= 32
     for name in ("frontend", "decode-0"):
         child = psutil.Process(manifest[name]["pid"])
@@ -264,8 +303,11 @@ def test_up_listens_on_localhost_only_and_its_nats_needs_the_generated_token(sta
     # Requests take the TCP request plane (up's default): the frontend holds a connection
     # straight to a port the decode worker listens on.
     worker_ports = {c.laddr.port for c in listening if c.pid == manifest["decode-0"]["pid"]}
-    frontend_peers = {c.raddr.port for c in psutil.Process(manifest["frontend"]["pid"]).net_connections("inet")
-                      if c.status == psutil.CONN_ESTABLISHED and c.raddr}
+    frontend_peers = {
+        c.raddr.port
+        for c in psutil.Process(manifest["frontend"]["pid"]).net_connections("inet")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr
+    }
     assert worker_ports & frontend_peers, (worker_ports, frontend_peers)
     with pytest.raises(RuntimeUnavailable):
         asyncio.run(Runtime.connect(f"nats://127.0.0.1:{nats_port}", "x", timeout=3))
@@ -312,9 +354,19 @@ def test_a_failed_start_keeps_the_temp_log_dir_and_removes_the_scratch_state(tmp
     # The workers fail fast on a directory that holds no model; no engine loads.
     (tmp_path / "empty").mkdir()
     (tmp_path / "tmp").mkdir()
-    out = run_cli("up", "--model", str(tmp_path / "empty"), "--prefill-workers", "1",
-                  "--http-port", str(free_port()), "--namespace", f"up{os.getpid()}",
-                  env=worker_env(TMPDIR=str(tmp_path / "tmp")), timeout=180)
+    out = run_cli(
+        "up",
+        "--model",
+        str(tmp_path / "empty"),
+        "--prefill-workers",
+        "1",
+        "--http-port",
+        str(free_port()),
+        "--namespace",
+        f"up{os.getpid()}",
+        env=worker_env(TMPDIR=str(tmp_path / "tmp")),
+        timeout=180,
+    )
     assert out.returncode == 1, out.stderr
     failed = re.search(r"exited with status 1 during start-up; last lines of (\S+):", out.stderr)
     kept = re.search(r"^logs kept in (\S+)", out.stderr, re.MULTILINE)

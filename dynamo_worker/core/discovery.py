@@ -97,8 +97,7 @@ class Discovery:
         storage = StorageType.MEMORY if self.replicas == 1 else StorageType.FILE
         try:
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=BUCKET, history=1, storage=storage, replicas=self.replicas,
-                               limit_marker_ttl=5)
+                KeyValueConfig(bucket=BUCKET, history=1, storage=storage, replicas=self.replicas, limit_marker_ttl=5)
             )
         except APIError as exc:
             # 10074: replicas > 1 on a server that is not clustered; 10005 ("no suitable peers for
@@ -107,7 +106,8 @@ class Discovery:
                 raise UsageError(
                     f"--discovery-replicas {self.replicas}: the NATS cluster cannot hold {self.replicas} replicas "
                     f"({exc.description}); give at most the number of JetStream servers in the cluster "
-                    "(1 for a single nats-server)") from exc
+                    "(1 for a single nats-server)"
+                ) from exc
             raise
 
     async def check_replicas(self) -> None:
@@ -118,8 +118,13 @@ class Discovery:
         status = await kv.status()
         have = status.stream_info.config.num_replicas or 1
         if have != self.replicas:
-            log.warning("the discovery bucket %s exists with %d replica(s), not the %d of --discovery-replicas; "
-                        "using it as it is", BUCKET, have, self.replicas)
+            log.warning(
+                "the discovery bucket %s exists with %d replica(s), not the %d of --discovery-replicas; "
+                "using it as it is",
+                BUCKET,
+                have,
+                self.replicas,
+            )
 
     async def _put(self, record: InstanceRecord) -> None:
         await self.bucket()
@@ -165,18 +170,26 @@ class Discovery:
             # Two thirds of the lease gone: the lease may lapse (during an outage, each failed round
             # waits out its publish timeout: that lateness is the outage's, already said).
             if started - due > interval and not self._failing:
-                log.warning("discovery keep-alive ran %.1f s late (the event loop or NATS was busy); the "
-                            "lease is %s s", started - due, self.lease_ttl)
+                log.warning(
+                    "discovery keep-alive ran %.1f s late (the event loop or NATS was busy); the lease is %s s",
+                    started - due,
+                    self.lease_ttl,
+                )
             try:
                 await self.refresh()
             except Exception as exc:  # an outage: keep trying, the lease may lapse meanwhile
                 if not self._failing:
                     # Once per outage: with no JetStream quorum (most servers down, or this one cut
                     # off) this fails every round. Requests to instances already known still flow.
-                    log.warning("discovery keep-alive failed (%s: %s): JetStream is unreachable or has no "
-                                "quorum; this instance's lease runs out in %s s and peers stop routing to it "
-                                "until it comes back; retrying every %.1f s", type(exc).__name__, exc or "",
-                                self.lease_ttl, interval)
+                    log.warning(
+                        "discovery keep-alive failed (%s: %s): JetStream is unreachable or has no "
+                        "quorum; this instance's lease runs out in %s s and peers stop routing to it "
+                        "until it comes back; retrying every %.1f s",
+                        type(exc).__name__,
+                        exc or "",
+                        self.lease_ttl,
+                        interval,
+                    )
                     self._failing = True
             else:
                 if self._failing:
@@ -287,9 +300,12 @@ class InstanceWatcher:
             log.debug("discovery watch %s (still)", what)
             return
         self._failing = True
-        log.warning("discovery watch %s: JetStream is unreachable or has no quorum; routing on the last view "
-                    "(%d records) until it answers again: instances that join or die meanwhile are not seen",
-                    what, len(self.records))
+        log.warning(
+            "discovery watch %s: JetStream is unreachable or has no quorum; routing on the last view "
+            "(%d records) until it answers again: instances that join or die meanwhile are not seen",
+            what,
+            len(self.records),
+        )
 
     async def _jetstream_answers(self, kv: KeyValue, timeout: float) -> bool:
         """Whether the bucket's stream has a quorum now. Its info alone does not tell: a leader that
@@ -309,8 +325,10 @@ class InstanceWatcher:
         replicas = cluster.replicas or []
         heard = sum(1 for r in replicas if r.current and not r.offline and (r.active or 0) < PEER_SILENCE_NS)
         if 1 + heard <= (1 + len(replicas)) // 2:
-            self._outage(f"stalled (the discovery bucket's leader {cluster.leader} has heard from {heard} of its "
-                         f"{len(replicas)} replicas in {PEER_SILENCE_NS / 1e9:g} s)")
+            self._outage(
+                f"stalled (the discovery bucket's leader {cluster.leader} has heard from {heard} of its "
+                f"{len(replicas)} replicas in {PEER_SILENCE_NS / 1e9:g} s)"
+            )
             return False
         return True
 
@@ -346,8 +364,12 @@ class InstanceWatcher:
                             # JetStream has quorum, yet instances we know sent nothing for a lease:
                             # this watch stalled (its consumer was lost with a server, no error):
                             # watch anew, so that expiries it missed are seen.
-                            log.info("discovery watch heard nothing for %.0f s with %d records known and "
-                                     "JetStream answering; re-reading the bucket", quiet, len(self.records))
+                            log.info(
+                                "discovery watch heard nothing for %.0f s with %d records known and "
+                                "JetStream answering; re-reading the bucket",
+                                quiet,
+                                len(self.records),
+                            )
                             break
                         continue
                     if isinstance(entry, StopIterSentinel):  # the watcher was stopped
@@ -359,8 +381,11 @@ class InstanceWatcher:
                     if entry is None:  # end of the initial snapshot
                         if initial:
                             if self._failing:
-                                log.warning("discovery watch works again: JetStream answers; the view is re-read "
-                                            "from the bucket (%d records)", len(seen))
+                                log.warning(
+                                    "discovery watch works again: JetStream answers; the view is re-read "
+                                    "from the bucket (%d records)",
+                                    len(seen),
+                                )
                                 self._failing = False
                             for gone in set(self.records) - seen:
                                 await self._apply(gone, None, expired=True)

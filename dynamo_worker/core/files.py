@@ -26,7 +26,7 @@ def write_private_file(path: Path, data: bytes | str) -> None:
             os.fchmod(fd, 0o600)
             view = memoryview(raw)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

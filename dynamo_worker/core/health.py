@@ -41,15 +41,25 @@ class HealthCheck:
             return value
         if isinstance(value, dict):
             return cls(value)
-        raise TypeError(f"dynamo_worker_health_payload returned {type(value).__name__}; "
-                        "return a dict, a HealthCheck or None")
+        raise TypeError(
+            f"dynamo_worker_health_payload returned {type(value).__name__}; return a dict, a HealthCheck or None"
+        )
 
 
 class HealthCanary:
     """Sends ``payload`` to this instance's ``component.endpoint`` after ``idle`` seconds of quiet."""
 
-    def __init__(self, runtime: Runtime, component: str, endpoint: str, payload: dict[str, Any],
-                 health: HealthState, *, idle: float, timeout: float) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        component: str,
+        endpoint: str,
+        payload: dict[str, Any],
+        health: HealthState,
+        *,
+        idle: float,
+        timeout: float,
+    ) -> None:
         self.runtime = runtime
         self.component = component
         self.endpoint = endpoint

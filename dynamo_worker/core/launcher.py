@@ -2,9 +2,10 @@
 
 Everything binds 127.0.0.1. NATS gets a generated token that only the children know (passed
 through the environment and a config file only this user can read, never on a command line).
-Every child runs in its own process group so stopping it also stops vLLM's engine-core processes. Ctrl-C/SIGTERM stops workers first (they
-drain), then the frontend, then NATS. Every child also gets SIGKILL from the kernel if ``up`` dies
-(PR_SET_PDEATHSIG), so even a SIGKILLed ``up`` leaves nothing running. On stop the scratch state
+Every child runs in its own process group so stopping it also stops vLLM's engine-core
+processes. Ctrl-C/SIGTERM stops workers first (they drain), then the frontend, then NATS. Every
+child also gets SIGKILL from the kernel if ``up`` dies (PR_SET_PDEATHSIG), so even a SIGKILLed
+``up`` leaves nothing running. On stop the scratch state
 (the KV/EC connector directories, the JetStream store, nats.conf) is removed, and so is the
 whole temp log directory when ``--log-dir`` was not given and nothing failed.
 """
@@ -46,57 +47,113 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynamo-worker up",
         description="Start a local stack: nats-server, one frontend, decode workers and optionally prefill workers. "
-                    "Unrecognised flags are passed to every worker (vLLM engine arguments).",
+        "Unrecognised flags are passed to every worker (vLLM engine arguments).",
     )
     p.add_argument("--model", help="local model directory (default: the demo model, generated once)")
-    p.add_argument("--served-model-name", help=f"model name clients use (default: {DEMO_SERVED_NAME!r} for the "
-                                               "demo model, else the --model value)")
+    p.add_argument(
+        "--served-model-name",
+        help=f"model name clients use (default: {DEMO_SERVED_NAME!r} for the demo model, else the --model value)",
+    )
     p.add_argument("--decode-workers", type=int, default=1, help="decode workers to start (default %(default)s)")
-    p.add_argument("--prefill-workers", type=int, default=0,
-                   help="prefill workers (default %(default)s); with 1 or more the stack serves disaggregated: "
-                        "every worker gets vLLM's file-based KV connector (--connector example) with a "
-                        "shared directory under the log dir")
-    p.add_argument("--multimodal", action="store_true",
-                   help="serve a vision-language model (--model from: dynamo-worker demo-model PATH --multimodal): "
-                        "decode workers get --enable-multimodal, and a processor and an encoder start too")
-    p.add_argument("--encoder", choices=("encode", "ec-encoder"), default="encode",
-                   help="with --multimodal: an encode worker (embeddings to the LLM worker) or an ec-encoder "
-                        "(vLLM's encoder-only instance; outputs go through a shared EC directory); default %(default)s")
+    p.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=0,
+        help="prefill workers (default %(default)s); with 1 or more the stack serves disaggregated: "
+        "every worker gets vLLM's file-based KV connector (--connector example) with a "
+        "shared directory under the log dir",
+    )
+    p.add_argument(
+        "--multimodal",
+        action="store_true",
+        help="serve a vision-language model (--model from: dynamo-worker demo-model PATH --multimodal): "
+        "decode workers get --enable-multimodal, and a processor and an encoder start too",
+    )
+    p.add_argument(
+        "--encoder",
+        choices=("encode", "ec-encoder"),
+        default="encode",
+        help="with --multimodal: an encode worker (embeddings to the LLM worker) or an ec-encoder "
+        "(vLLM's encoder-only instance; outputs go through a shared EC directory); default %(default)s",
+    )
     p.add_argument("--http-port", type=int, default=8000, help="frontend port (default %(default)s)")
     p.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
     # TCP here, unlike a standalone role's default: everything `up` starts is on this host, so the
     # unauthenticated listener stays on 127.0.0.1 and every caller reaches it.
-    p.add_argument("--request-plane", choices=("tcp", "nats"), default="tcp",
-                   help="requests travel straight to workers over TCP (on 127.0.0.1; faster) or through NATS "
-                        "(default %(default)s)")
-    p.add_argument("--router-mode", choices=ROUTER_MODES,
-                   help="frontend: how a request picks a worker; kv: by cached prefix and load (docs/routing.md); "
-                        "default: the frontend's (round-robin, or env DYN_ROUTER_MODE)")
-    p.add_argument("--no-kv-events", action="store_true",
-                   help="frontend, with --router-mode kv: approximate mode, predict each worker's cache from what "
-                        "was routed there instead of reading its KV events")
-    p.add_argument("--kv-overlap-score-weight", type=float, metavar="W",
-                   help="frontend, with --router-mode kv: weight of the prefill blocks a worker would compute "
-                        "against its decode load (default: the frontend's, 1.0)")
-    p.add_argument("--migration-limit", type=int, default=0, metavar="N",
-                   help="frontend: continue a stream on another worker when its worker fails, up to N "
-                        "times (default %(default)s)")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
-                   help="largest request body the frontend accepts (413 past it); nats-server's max_payload, "
-                        "the request plane's limit on both planes, is sized from it (default %(default)s)")
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="frontend: tool_choice auto (the default with tools); needs --tool-call-parser, as vllm serve")
-    p.add_argument("--tool-call-parser", "--dyn-tool-call-parser", metavar="NAME",
-                   help="frontend: vLLM's tool-call parser (hermes, pythonic, ...), as vllm serve's flag")
-    p.add_argument("--reasoning-parser", "--dyn-reasoning-parser", metavar="NAME",
-                   help="vLLM's reasoning parser (qwen3, deepseek_r1, ...): the frontend returns the reasoning "
-                        "apart, and the workers' engines get it too, as vllm serve's one flag does both")
-    p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="give up if the model is not served after this long (default %(default)s)")
-    p.add_argument("--log-dir", help="where child logs go (default: a new temp directory, removed on a clean stop "
-                                     "and kept, with its path printed, when something failed)")
-    p.add_argument("--once", action="store_true",
-                   help="exit (stopping everything) once the stack answers; for scripts and tests")
+    p.add_argument(
+        "--request-plane",
+        choices=("tcp", "nats"),
+        default="tcp",
+        help="requests travel straight to workers over TCP (on 127.0.0.1; faster) or through NATS "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--router-mode",
+        choices=ROUTER_MODES,
+        help="frontend: how a request picks a worker; kv: by cached prefix and load (docs/routing.md); "
+        "default: the frontend's (round-robin, or env DYN_ROUTER_MODE)",
+    )
+    p.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="frontend, with --router-mode kv: approximate mode, predict each worker's cache from what "
+        "was routed there instead of reading its KV events",
+    )
+    p.add_argument(
+        "--kv-overlap-score-weight",
+        type=float,
+        metavar="W",
+        help="frontend, with --router-mode kv: weight of the prefill blocks a worker would compute "
+        "against its decode load (default: the frontend's, 1.0)",
+    )
+    p.add_argument(
+        "--migration-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="frontend: continue a stream on another worker when its worker fails, up to N times (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="BYTES",
+        help="largest request body the frontend accepts (413 past it); nats-server's max_payload, "
+        "the request plane's limit on both planes, is sized from it (default %(default)s)",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="frontend: tool_choice auto (the default with tools); needs --tool-call-parser, as vllm serve",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        "--dyn-tool-call-parser",
+        metavar="NAME",
+        help="frontend: vLLM's tool-call parser (hermes, pythonic, ...), as vllm serve's flag",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        "--dyn-reasoning-parser",
+        metavar="NAME",
+        help="vLLM's reasoning parser (qwen3, deepseek_r1, ...): the frontend returns the reasoning "
+        "apart, and the workers' engines get it too, as vllm serve's one flag does both",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up if the model is not served after this long (default %(default)s)",
+    )
+    p.add_argument(
+        "--log-dir",
+        help="where child logs go (default: a new temp directory, removed on a clean stop "
+        "and kept, with its path printed, when something failed)",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="exit (stopping everything) once the stack answers; for scripts and tests"
+    )
     return p
 
 
@@ -126,16 +183,28 @@ class Stack:
         self.scratch: list[Path] = []
         self._preexec = _die_with_parent_preexec()
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], system_port: int | None = None,
-              stop_statuses: tuple[int, ...] = (0,)) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        system_port: int | None = None,
+        stop_statuses: tuple[int, ...] = (0,),
+    ) -> Child:
         log_path = self.log_dir / f"{name}.log"
         if system_port is not None:
             argv = [*argv, "--system-port", str(system_port)]
         with open(log_path, "wb") as log:
             # preexec_fn is safe here: up runs no other thread that could hold a lock across the fork.
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True,
-                                    preexec_fn=self._preexec)  # noqa: PLW1509
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=self._preexec,
+            )  # noqa: PLW1509
         child = Child(name, proc, log_path, system_port, stop_statuses)
         self.children.append(child)
         self._write_manifest()
@@ -149,8 +218,10 @@ class Stack:
         """
         path = self.log_dir / name
         if path.is_symlink() or (path.exists() and not path.is_dir()):
-            raise UsageError(f"--log-dir {self.log_dir}: {path} is in the way (not a directory of ours); "
-                             "remove it or pick another --log-dir")
+            raise UsageError(
+                f"--log-dir {self.log_dir}: {path} is in the way (not a directory of ours); "
+                "remove it or pick another --log-dir"
+            )
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(exist_ok=True)
         self.scratch.append(path)
@@ -165,8 +236,9 @@ class Stack:
 
     def _write_manifest(self) -> None:
         """``stack.json``: each child's pid, log and status port, for operators and tests."""
-        manifest = {c.name: {"pid": c.proc.pid, "log": str(c.log_path), "system_port": c.system_port}
-                    for c in self.children}
+        manifest = {
+            c.name: {"pid": c.proc.pid, "log": str(c.log_path), "system_port": c.system_port} for c in self.children
+        }
         write_private_file(self.log_dir / "stack.json", json.dumps(manifest, indent=2) + "\n")
 
     def exited(self) -> Child | None:
@@ -290,22 +362,30 @@ def validate(args: argparse.Namespace) -> None:
     check_at_least("--prefill-workers", args.prefill_workers, 0)
     check_at_least("--max-request-bytes", args.max_request_bytes, 1024)
     if nats_max_payload(args.max_request_bytes) > NATS_MAX_PAYLOAD_CEILING:
-        raise UsageError(f"--max-request-bytes {args.max_request_bytes} is too large: NATS carries at most "
-                         f"{NATS_MAX_PAYLOAD_CEILING} bytes per message and up needs twice the body; use at most "
-                         f"{NATS_MAX_PAYLOAD_CEILING // 2}")
+        raise UsageError(
+            f"--max-request-bytes {args.max_request_bytes} is too large: NATS carries at most "
+            f"{NATS_MAX_PAYLOAD_CEILING} bytes per message and up needs twice the body; use at most "
+            f"{NATS_MAX_PAYLOAD_CEILING // 2}"
+        )
     if args.model and not Path(args.model).is_dir():
-        raise UsageError(f"--model {args.model}: no such directory; give a local model directory "
-                         "(or omit --model to use the demo model)")
+        raise UsageError(
+            f"--model {args.model}: no such directory; give a local model directory "
+            "(or omit --model to use the demo model)"
+        )
     if args.multimodal and not args.model:
-        raise UsageError("--multimodal needs --model PATH: a vision-language model directory "
-                         "(write a tiny one with: dynamo-worker demo-model PATH --multimodal)")
+        raise UsageError(
+            "--multimodal needs --model PATH: a vision-language model directory "
+            "(write a tiny one with: dynamo-worker demo-model PATH --multimodal)"
+        )
     if args.multimodal and args.prefill_workers:
         raise UsageError("--multimodal with --prefill-workers is not supported; drop one of them")
     if args.encoder != "encode" and not args.multimodal:
         raise UsageError(f"--encoder {args.encoder} needs --multimodal")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
-        raise UsageError("--enable-auto-tool-choice requires --tool-call-parser NAME (vLLM's parser for the "
-                         "model's tool-call format, e.g. hermes)")
+        raise UsageError(
+            "--enable-auto-tool-choice requires --tool-call-parser NAME (vLLM's parser for the "
+            "model's tool-call format, e.g. hermes)"
+        )
     if not _port_is_free(args.http_port):
         raise UsageError(f"--http-port {args.http_port} is in use; pick another port")
 
@@ -404,8 +484,9 @@ def _child_env(nats_url: str, token: str) -> dict[str, str]:
     return env
 
 
-def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: str, stack: Stack,
-         stopping: list[int]) -> int:
+def _run(
+    args: argparse.Namespace, engine_argv: list[str], model: str, served: str, stack: Stack, stopping: list[int]
+) -> int:
     # Not `-m dynamo_worker`: under that name vLLM's engine processes would not die with their
     # worker (dynamo_worker/core/role_process.py says why).
     exe = [sys.executable, "-m", "dynamo_worker.core.role_process"]
@@ -417,21 +498,52 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     stack.start("nats", [nats_server_binary(), "-c", str(config)], dict(os.environ), stop_statuses=(0, 1))
     env = _child_env(f"nats://127.0.0.1:{nats_port}", token)
     # Every listener on 127.0.0.1, each on a free port (whatever DYN_TCP_RPC_* say).
-    common = ["--namespace", args.namespace, "--request-plane", args.request_plane,
-              "--tcp-rpc-host", "127.0.0.1", "--tcp-rpc-port", "0"]
-    stack.start("frontend", [*exe, "--role", "frontend", *common, "--http-port", str(args.http_port),
-                             *(["--router-mode", args.router_mode] if args.router_mode else []),
-                             *(["--no-kv-events"] if args.no_kv_events else []),
-                             *(["--kv-overlap-score-weight", str(args.kv_overlap_score_weight)]
-                               if args.kv_overlap_score_weight is not None else []),
-                             "--migration-limit", str(args.migration_limit),
-                             "--max-request-bytes", str(args.max_request_bytes),
-                             *(["--enable-auto-tool-choice"] if args.enable_auto_tool_choice else []),
-                             *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
-                             *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else [])], env,
-                system_port=_free_port())
-    worker = ["--model", model, "--served-model-name", served, *_cpu_defaults(engine_argv), *engine_argv,
-              *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else [])]
+    common = [
+        "--namespace",
+        args.namespace,
+        "--request-plane",
+        args.request_plane,
+        "--tcp-rpc-host",
+        "127.0.0.1",
+        "--tcp-rpc-port",
+        "0",
+    ]
+    stack.start(
+        "frontend",
+        [
+            *exe,
+            "--role",
+            "frontend",
+            *common,
+            "--http-port",
+            str(args.http_port),
+            *(["--router-mode", args.router_mode] if args.router_mode else []),
+            *(["--no-kv-events"] if args.no_kv_events else []),
+            *(
+                ["--kv-overlap-score-weight", str(args.kv_overlap_score_weight)]
+                if args.kv_overlap_score_weight is not None
+                else []
+            ),
+            "--migration-limit",
+            str(args.migration_limit),
+            "--max-request-bytes",
+            str(args.max_request_bytes),
+            *(["--enable-auto-tool-choice"] if args.enable_auto_tool_choice else []),
+            *(["--tool-call-parser", args.tool_call_parser] if args.tool_call_parser else []),
+            *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
+        ],
+        env,
+        system_port=_free_port(),
+    )
+    worker = [
+        "--model",
+        model,
+        "--served-model-name",
+        served,
+        *_cpu_defaults(engine_argv),
+        *engine_argv,
+        *(["--reasoning-parser", args.reasoning_parser] if args.reasoning_parser else []),
+    ]
     if args.prefill_workers:
         # One machine: vLLM's file-based connector, through a directory every worker shares.
         shared = stack.scratch_dir("kv-shared")
@@ -444,37 +556,48 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
         stack.start(f"decode-{i}", [*exe, "--role", "decode", *common, *worker], env, system_port=_free_port())
     prefill = f", {args.prefill_workers} prefill worker(s)" if args.prefill_workers else ""
     multimodal = f", a processor and an {args.encoder} worker" if args.multimodal else ""
-    print(f"starting nats-server, the frontend{prefill}{multimodal} and {args.decode_workers} decode worker(s); "
-          f"logs in {stack.log_dir}", flush=True)
+    print(
+        f"starting nats-server, the frontend{prefill}{multimodal} and {args.decode_workers} decode worker(s); "
+        f"logs in {stack.log_dir}",
+        flush=True,
+    )
 
     started = time.monotonic()
     last_note = started
     while served not in _served_models(args.http_port) or not all(
-            _healthy(stack, prefix) for prefix in ("prefill-", "processor-", "encode-", "ec-encoder-")):
+        _healthy(stack, prefix) for prefix in ("prefill-", "processor-", "encode-", "ec-encoder-")
+    ):
         if stopping:
             return 0
         dead = stack.exited()
         if dead is not None:
-            print(f"error: {dead.name} exited with status {dead.proc.returncode} during start-up; "
-                  f"last lines of {dead.log_path}:\n{dead.tail()}", file=sys.stderr)
+            print(
+                f"error: {dead.name} exited with status {dead.proc.returncode} during start-up; "
+                f"last lines of {dead.log_path}:\n{dead.tail()}",
+                file=sys.stderr,
+            )
             return 1
         elapsed = time.monotonic() - started
         if elapsed > args.startup_timeout:
-            print(f"error: the model was not served within --startup-timeout {args.startup_timeout:.0f}s; "
-                  f"see the logs in {stack.log_dir}", file=sys.stderr)
+            print(
+                f"error: the model was not served within --startup-timeout {args.startup_timeout:.0f}s; "
+                f"see the logs in {stack.log_dir}",
+                file=sys.stderr,
+            )
             return 1
         if time.monotonic() - last_note >= PROGRESS_EVERY:
             last_note = time.monotonic()
-            print(f"  ... waiting for the engine to load ({elapsed:.0f}s; vLLM on CPU takes about 20-40s)",
-                  flush=True)
+            print(f"  ... waiting for the engine to load ({elapsed:.0f}s; vLLM on CPU takes about 20-40s)", flush=True)
         time.sleep(0.25)
 
     url = f"http://127.0.0.1:{args.http_port}"
     print(f"\nready in {time.monotonic() - started:.0f}s: model {served!r} at {url}/v1\n")
     content: Any = "Hello!"
     if args.multimodal:
-        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
-                   {"type": "text", "text": "What is in the picture?"}]
+        content = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+            {"type": "text", "text": "What is in the picture?"},
+        ]
     body = json.dumps({"model": served, "messages": [{"role": "user", "content": content}], "max_tokens": 16})
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n")
     print("Ctrl-C stops everything.", flush=True)
@@ -483,15 +606,26 @@ def _run(args: argparse.Namespace, engine_argv: list[str], model: str, served: s
     while not stopping:
         dead = stack.exited()
         if dead is not None:
-            print(f"error: {dead.name} exited with status {dead.proc.returncode}; last lines of "
-                  f"{dead.log_path}:\n{dead.tail()}", file=sys.stderr)
+            print(
+                f"error: {dead.name} exited with status {dead.proc.returncode}; last lines of "
+                f"{dead.log_path}:\n{dead.tail()}",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(0.5)
     return 0
 
 
-def _start_multimodal(args: argparse.Namespace, exe: list[str], common: list[str], model: str, served: str,
-                      worker: list[str], env: dict[str, str], stack: Stack) -> list[str]:
+def _start_multimodal(
+    args: argparse.Namespace,
+    exe: list[str],
+    common: list[str],
+    model: str,
+    served: str,
+    worker: list[str],
+    env: dict[str, str],
+    stack: Stack,
+) -> list[str]:
     """Start the processor and the encoder of a multimodal stack; the decode workers' extra flags."""
     model_flags = ["--enable-multimodal", "--model", model, "--served-model-name", served]
     decode_extra: list[str] = []
@@ -499,12 +633,20 @@ def _start_multimodal(args: argparse.Namespace, exe: list[str], common: list[str
         # One machine: vLLM's file-based EC connector, through a directory both engines share.
         shared = stack.scratch_dir("ec-shared")
         decode_extra = ["--ec-storage-path", str(shared)]
-        stack.start("ec-encoder-0", [*exe, "--role", "ec-encoder", *common, *worker, "--enable-multimodal",
-                                     *decode_extra], env, system_port=_free_port())
+        stack.start(
+            "ec-encoder-0",
+            [*exe, "--role", "ec-encoder", *common, *worker, "--enable-multimodal", *decode_extra],
+            env,
+            system_port=_free_port(),
+        )
     else:
         stack.start("encode-0", [*exe, "--role", "encode", *common, *model_flags], env, system_port=_free_port())
-    stack.start("processor-0", [*exe, "--role", "processor", *common, *model_flags, "--encoder", args.encoder],
-                env, system_port=_free_port())
+    stack.start(
+        "processor-0",
+        [*exe, "--role", "processor", *common, *model_flags, "--encoder", args.encoder],
+        env,
+        system_port=_free_port(),
+    )
     return decode_extra
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from dynamo_worker.core.request_plane import RequestObserver
 
 LABELS = ("dynamo_namespace", "dynamo_component", "dynamo_endpoint")
 
 
-def observe_token_arrival(ttft: Histogram | None, itl: Histogram, count: int, started: float, last: float | None,
-                          now: float) -> None:
+def observe_token_arrival(
+    ttft: Histogram | None, itl: Histogram, count: int, started: float, last: float | None, now: float
+) -> None:
     """``count`` tokens of one request arrived together at ``now`` (``last``: the previous arrival;
     ``ttft`` is only used on the first, so a caller may skip looking it up after that).
 
@@ -59,18 +59,31 @@ class WorkerMetrics(RequestObserver):
         reg = registry
         self.namespace = namespace
         self.component = component
-        self.requests = Counter("dynamo_component_requests", "Requests received by an endpoint",
-                                LABELS, registry=reg)
-        self.errors = Counter("dynamo_component_errors", "Requests that ended in an error, by kind",
-                              (*LABELS, "error_type"), registry=reg)
-        self.inflight = Gauge("dynamo_component_inflight_requests", "Requests being served now",
-                              LABELS, registry=reg, multiprocess_mode="livesum")
-        self.duration = Histogram("dynamo_component_request_duration_seconds",
-                                  "Time from request to last response", LABELS, registry=reg,
-                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.uptime = Gauge("dynamo_component_uptime_seconds", "Seconds since the worker started",
-                            ("dynamo_namespace", "dynamo_component"), registry=reg,
-                            multiprocess_mode="max")
+        self.requests = Counter("dynamo_component_requests", "Requests received by an endpoint", LABELS, registry=reg)
+        self.errors = Counter(
+            "dynamo_component_errors", "Requests that ended in an error, by kind", (*LABELS, "error_type"), registry=reg
+        )
+        self.inflight = Gauge(
+            "dynamo_component_inflight_requests",
+            "Requests being served now",
+            LABELS,
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.duration = Histogram(
+            "dynamo_component_request_duration_seconds",
+            "Time from request to last response",
+            LABELS,
+            registry=reg,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.uptime = Gauge(
+            "dynamo_component_uptime_seconds",
+            "Seconds since the worker started",
+            ("dynamo_namespace", "dynamo_component"),
+            registry=reg,
+            multiprocess_mode="max",
+        )
         started = time.monotonic()
         self.uptime.labels(namespace, component).set_function(lambda: time.monotonic() - started)
 

@@ -23,24 +23,49 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     """Add the credential and TLS flags to the core's runtime group."""
     from dynamo_worker.core.options import env_default
 
-    group.add_argument("--nats-token", default=env_default("NATS_AUTH_TOKEN", None), metavar="TOKEN",
-                       help="authenticate to NATS with this token (env NATS_AUTH_TOKEN; prefer the "
-                       "variable: a flag is visible in ps)")
-    group.add_argument("--nats-user", default=env_default("NATS_AUTH_USERNAME", None), metavar="USER",
-                       help="authenticate to NATS as USER, with --nats-password (env NATS_AUTH_USERNAME)")
-    group.add_argument("--nats-password", default=env_default("NATS_AUTH_PASSWORD", None), metavar="PASSWORD",
-                       help="the password for --nats-user (env NATS_AUTH_PASSWORD)")
-    group.add_argument("--nats-creds", default=env_default("NATS_AUTH_CREDENTIALS_FILE", None), metavar="FILE",
-                       help="authenticate to NATS with a JWT user credentials file (.creds, from nsc) "
-                       "(env NATS_AUTH_CREDENTIALS_FILE)")
-    group.add_argument("--nats-tls-ca", default=env_default("DYN_NATS_TLS_CA", None), metavar="FILE",
-                       help="verify the NATS server's TLS certificate against this CA bundle; turns TLS "
-                       "on (env DYN_NATS_TLS_CA)")
-    group.add_argument("--nats-tls-cert", default=env_default("DYN_NATS_TLS_CERT", None), metavar="FILE",
-                       help="client certificate for TLS client authentication, with --nats-tls-key "
-                       "(env DYN_NATS_TLS_CERT)")
-    group.add_argument("--nats-tls-key", default=env_default("DYN_NATS_TLS_KEY", None), metavar="FILE",
-                       help="private key of --nats-tls-cert (env DYN_NATS_TLS_KEY)")
+    group.add_argument(
+        "--nats-token",
+        default=env_default("NATS_AUTH_TOKEN", None),
+        metavar="TOKEN",
+        help="authenticate to NATS with this token (env NATS_AUTH_TOKEN; prefer the variable: a flag is visible in ps)",
+    )
+    group.add_argument(
+        "--nats-user",
+        default=env_default("NATS_AUTH_USERNAME", None),
+        metavar="USER",
+        help="authenticate to NATS as USER, with --nats-password (env NATS_AUTH_USERNAME)",
+    )
+    group.add_argument(
+        "--nats-password",
+        default=env_default("NATS_AUTH_PASSWORD", None),
+        metavar="PASSWORD",
+        help="the password for --nats-user (env NATS_AUTH_PASSWORD)",
+    )
+    group.add_argument(
+        "--nats-creds",
+        default=env_default("NATS_AUTH_CREDENTIALS_FILE", None),
+        metavar="FILE",
+        help="authenticate to NATS with a JWT user credentials file (.creds, from nsc) "
+        "(env NATS_AUTH_CREDENTIALS_FILE)",
+    )
+    group.add_argument(
+        "--nats-tls-ca",
+        default=env_default("DYN_NATS_TLS_CA", None),
+        metavar="FILE",
+        help="verify the NATS server's TLS certificate against this CA bundle; turns TLS on (env DYN_NATS_TLS_CA)",
+    )
+    group.add_argument(
+        "--nats-tls-cert",
+        default=env_default("DYN_NATS_TLS_CERT", None),
+        metavar="FILE",
+        help="client certificate for TLS client authentication, with --nats-tls-key (env DYN_NATS_TLS_CERT)",
+    )
+    group.add_argument(
+        "--nats-tls-key",
+        default=env_default("DYN_NATS_TLS_KEY", None),
+        metavar="FILE",
+        help="private key of --nats-tls-cert (env DYN_NATS_TLS_KEY)",
+    )
 
 
 def check(options: Any) -> None:
@@ -50,24 +75,30 @@ def check(options: Any) -> None:
         raise UsageError("--nats-user needs --nats-password (or NATS_AUTH_PASSWORD)")
     if password and not user:
         raise UsageError("--nats-password needs --nats-user (or NATS_AUTH_USERNAME)")
-    chosen = [name for name, value in (("--nats-token", token), ("--nats-user", user), ("--nats-creds", creds))
-              if value]
+    chosen = [
+        name for name, value in (("--nats-token", token), ("--nats-user", user), ("--nats-creds", creds)) if value
+    ]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)} are exclusive; authenticate to NATS one way")
     if creds and importlib.util.find_spec("nkeys") is None:
         raise UsageError("--nats-creds needs the nkeys package to sign with the seed: pip install 'nats-py[nkeys]'")
     if bool(options.nats_tls_cert) != bool(options.nats_tls_key):
         raise UsageError("--nats-tls-cert and --nats-tls-key go together; give both or neither")
-    for flag, path in (("--nats-creds", creds), ("--nats-tls-ca", options.nats_tls_ca),
-                       ("--nats-tls-cert", options.nats_tls_cert), ("--nats-tls-key", options.nats_tls_key)):
+    for flag, path in (
+        ("--nats-creds", creds),
+        ("--nats-tls-ca", options.nats_tls_ca),
+        ("--nats-tls-cert", options.nats_tls_cert),
+        ("--nats-tls-key", options.nats_tls_key),
+    ):
         if path and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
     if options.nats_tls_ca or options.nats_tls_cert:
         try:
             tls_context(options)
         except (ssl.SSLError, OSError) as exc:
-            raise UsageError(f"the NATS TLS files do not load ({exc}); check --nats-tls-ca, --nats-tls-cert "
-                             "and --nats-tls-key") from exc
+            raise UsageError(
+                f"the NATS TLS files do not load ({exc}); check --nats-tls-ca, --nats-tls-cert and --nats-tls-key"
+            ) from exc
 
 
 def tls_context(options: Any) -> ssl.SSLContext | None:
@@ -100,8 +131,24 @@ def connect_options(options: Any) -> dict[str, Any]:
 SECRET_OPTIONS = ("nats_token", "nats_password", "api_key", "request_plane_token", "system_admin_token")
 #: A name with one of these as a whole part (``hf_token``, ``apiKey``, ``aws_secret_access_key``)
 #: holds a secret; ``max_num_batched_tokens``, ``tokenizer``, ``kv_cache_dtype`` do not.
-SECRET_WORDS = frozenset({"token", "key", "keys", "apikey", "secret", "secrets", "password", "passwords",
-                          "passwd", "passphrase", "credential", "credentials", "auth", "authorization"})
+SECRET_WORDS = frozenset(
+    {
+        "token",
+        "key",
+        "keys",
+        "apikey",
+        "secret",
+        "secrets",
+        "password",
+        "passwords",
+        "passwd",
+        "passphrase",
+        "credential",
+        "credentials",
+        "auth",
+        "authorization",
+    }
+)
 #: Found secrets this long are also searched for in every other string (a repr, a URL); shorter
 #: ones would blank innocent text.
 SCRUB_MIN_LENGTH = 8
@@ -149,8 +196,9 @@ def _redact_urls(text: str) -> str:
     if "://" not in text:
         return text
     text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
-    return _URL_QUERY.sub(lambda m: f"{m['sep']}{m['name']}=***" if is_secret_name(m["name"]) and m["value"]
-                          else m[0], text)
+    return _URL_QUERY.sub(
+        lambda m: f"{m['sep']}{m['name']}=***" if is_secret_name(m["name"]) and m["value"] else m[0], text
+    )
 
 
 def _scrub(value: Any, secrets: list[str]) -> Any:

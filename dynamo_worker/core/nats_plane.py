@@ -173,8 +173,7 @@ class NatsEndpoint:
         self.server.accept(envelope, lambda frame: outbox.put(reply, frame, batching))
 
 
-async def serve_cancels(nc: NATS, namespace: str, instance_id: str,
-                        servers: dict[str, EndpointServer]) -> Subscription:
+async def serve_cancels(nc: NATS, namespace: str, instance_id: str, servers: dict[str, EndpointServer]) -> Subscription:
     """Cancel the requests named by :class:`wire.Cancel` messages to this instance's control
     subject, whichever plane brought them; returns the subscription."""
 
@@ -226,8 +225,9 @@ class NatsCaller:
         except wire.DecodeError as exc:
             self.router.put(token, RequestError("internal", f"malformed response frame: {exc}"))
 
-    def stream(self, component: str, endpoint: str, instance_id: str, request_id: str,
-               payload: Any) -> AsyncGenerator[list[Any], None]:
+    def stream(
+        self, component: str, endpoint: str, instance_id: str, request_id: str, payload: Any
+    ) -> AsyncGenerator[list[Any], None]:
         """Stream one request over NATS (see :meth:`~.request_plane.StreamRouter.stream`)."""
         subject = endpoint_subject(self.namespace, component, endpoint, instance_id)
         request = wire.encode(wire.RequestEnvelope(request_id, payload, b=True))

@@ -56,11 +56,14 @@ def check_admin_token(token: str | None) -> None:
     if token is None:
         return
     if not token.strip():
-        raise UsageError("--system-admin-token is blank; give a secret (or set DYN_SYSTEM_ADMIN_TOKEN) "
-                         "or leave it unset")
+        raise UsageError(
+            "--system-admin-token is blank; give a secret (or set DYN_SYSTEM_ADMIN_TOKEN) or leave it unset"
+        )
     if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
-        raise UsageError("--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces "
-                         "or newlines (it is sent as Authorization: Bearer TOKEN)")
+        raise UsageError(
+            "--system-admin-token / DYN_SYSTEM_ADMIN_TOKEN must be printable ASCII without spaces "
+            "or newlines (it is sent as Authorization: Bearer TOKEN)"
+        )
 
 
 def _nats_hosts(nats_url: str) -> list[str]:
@@ -80,18 +83,22 @@ def check_advertise(o: Any) -> None:
 
     advertise = o.tcp_rpc_advertise_host
     if advertise is not None and (not advertise.strip() or advertise in WILDCARDS):
-        raise UsageError(f"--tcp-rpc-advertise-host {advertise!r} is no address callers can reach; give this "
-                         "host's address (or name) as other hosts see it")
+        raise UsageError(
+            f"--tcp-rpc-advertise-host {advertise!r} is no address callers can reach; give this "
+            "host's address (or name) as other hosts see it"
+        )
     if o.request_plane != "tcp":
         return
     remote_nats = not all(request_plane_auth.is_loopback(h) for h in _nats_hosts(o.nats_url))
     published = advertise or (None if o.tcp_rpc_host in WILDCARDS else o.tcp_rpc_host)
     if remote_nats and published is not None and request_plane_auth.is_loopback(published):
         flag = "--tcp-rpc-advertise-host" if advertise else "--tcp-rpc-host"
-        raise UsageError(f"{flag} {published}: the worker would publish a loopback address while NATS "
-                         f"({o.nats_url}) is reached over the network, so callers on other hosts could not reach "
-                         "it; bind --tcp-rpc-host 0.0.0.0 (this host's address on the NATS connection is published) "
-                         "or pass --tcp-rpc-advertise-host ADDRESS")
+        raise UsageError(
+            f"{flag} {published}: the worker would publish a loopback address while NATS "
+            f"({o.nats_url}) is reached over the network, so callers on other hosts could not reach "
+            "it; bind --tcp-rpc-host 0.0.0.0 (this host's address on the NATS connection is published) "
+            "or pass --tcp-rpc-advertise-host ADDRESS"
+        )
 
 
 class CoreOptions:
@@ -304,10 +311,7 @@ class CoreOptions:
         # out of extra_args in its own configure, which runs before this one.
         if getattr(o, "extra_args", None):
             raise UsageError(
-                f"unrecognized arguments: {' '.join(o.extra_args)}; "
-                f"see dynamo-worker --role {ctx.role.name} --help"
+                f"unrecognized arguments: {' '.join(o.extra_args)}; see dynamo-worker --role {ctx.role.name} --help"
             )
         if not o.namespace.replace("-", "").replace("_", "").isalnum():
-            raise UsageError(
-                f"--namespace {o.namespace!r} is invalid; use letters, digits, '-' and '_' only"
-            )
+            raise UsageError(f"--namespace {o.namespace!r} is invalid; use letters, digits, '-' and '_' only")

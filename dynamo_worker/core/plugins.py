@@ -67,8 +67,12 @@ class HookRelay:
         except pluggy.PluginValidationError as exc:
             raise RoleError(f"role {self.role_name!r} is invalid: {exc}") from exc
         callers = self.pm.get_hookcallers(role) or []
-        wrappers = sorted(caller.name for caller in callers for impl in caller.get_hookimpls()
-                          if impl.plugin is role and (impl.hookwrapper or impl.wrapper))
+        wrappers = sorted(
+            caller.name
+            for caller in callers
+            for impl in caller.get_hookimpls()
+            if impl.plugin is role and (impl.hookwrapper or impl.wrapper)
+        )
         if wrappers:
             self.pm.unregister(role)
             raise RoleError(
@@ -105,9 +109,7 @@ class HookRelay:
         await _resolve_all(self.pm.hook.dynamo_worker_register_metrics(registry=registry, ctx=ctx))
 
     async def register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
-        await _resolve_all(
-            self.pm.hook.dynamo_worker_register_endpoints(registrar=registrar, ctx=ctx)
-        )
+        await _resolve_all(self.pm.hook.dynamo_worker_register_endpoints(registrar=registrar, ctx=ctx))
 
     async def health_payload(self, ctx: WorkerContext) -> HealthCheck | None:
         # Imported here: the canary module needs the runtime, which --help does not.

@@ -58,9 +58,12 @@ class RequestError(Exception):
 def check_size(size: int, limit: int) -> None:
     """A ``too_large`` :class:`RequestError` (HTTP 413) for a request over the plane's limit."""
     if size > limit:
-        raise RequestError(wire.TOO_LARGE, f"the request is {size} bytes on the request plane, over its "
-                           f"{limit}-byte limit (the NATS server's max_payload); send a smaller request, or "
-                           "have the operator raise max_payload")
+        raise RequestError(
+            wire.TOO_LARGE,
+            f"the request is {size} bytes on the request plane, over its "
+            f"{limit}-byte limit (the NATS server's max_payload); send a smaller request, or "
+            "have the operator raise max_payload",
+        )
 
 
 @attrs.define
@@ -185,8 +188,9 @@ class EndpointServer:
         task.add_done_callback(lambda _t, rid=envelope.id: self.inflight.pop(rid, None))
 
     async def _serve(self, envelope: wire.RequestEnvelope, put: FrameSink) -> None:
-        ctx = RequestContext(envelope.id, self.endpoint, self.instance_id,
-                             is_health_check=envelope.id in self.health_check_ids)
+        ctx = RequestContext(
+            envelope.id, self.endpoint, self.instance_id, is_health_check=envelope.id in self.health_check_ids
+        )
         seq = 0
         outcome = "ok"
         err: wire.ErrorInfo | None = None
@@ -341,9 +345,14 @@ class StreamRouter:
         self._counter += 1
         return str(self._counter)
 
-    async def stream(self, instance_id: str, request_id: str, what: str,
-                     send: Callable[[str], Awaitable[object]],
-                     cancel: Callable[[], Awaitable[None]]) -> AsyncGenerator[list[Any], None]:
+    async def stream(
+        self,
+        instance_id: str,
+        request_id: str,
+        what: str,
+        send: Callable[[str], Awaitable[object]],
+        cancel: Callable[[], Awaitable[None]],
+    ) -> AsyncGenerator[list[Any], None]:
         """Send one request with ``send(token)`` (it returns the TCP connection it used, or None)
         and yield its response items, as lists of the
         items that arrived together, until the end frame. ``what`` names the endpoint in errors;
@@ -387,14 +396,18 @@ class StreamRouter:
                         self.on_no_responders(instance_id)  # out of routing until it is heard again
                         error = InstanceGone(instance_id)
                     elif item is _IDLE:
-                        error = RequestError("unavailable", f"no response from instance {instance_id} for "
-                                             f"{self.idle_timeout}s", retryable=True)
+                        error = RequestError(
+                            "unavailable",
+                            f"no response from instance {instance_id} for {self.idle_timeout}s",
+                            retryable=True,
+                        )
                     elif isinstance(item, RequestError):
                         error = item
                     elif item is not _SUSPECT:  # a frame (a late suspicion is moot: it answered)
                         if item.n != expected:
-                            error = RequestError("unavailable", f"response stream lost frames {expected}.."
-                                                 f"{item.n - 1}", retryable=True)
+                            error = RequestError(
+                                "unavailable", f"response stream lost frames {expected}..{item.n - 1}", retryable=True
+                            )
                         elif item.k == wire.DATA:
                             expected += 1
                             items.append(item.d)
@@ -429,8 +442,9 @@ class Caller(Protocol):
     plane (:class:`.nats_plane.NatsCaller` or :class:`.tcp_plane.TcpCaller`), so no call asks
     which plane it is on."""
 
-    def stream(self, component: str, endpoint: str, instance_id: str, request_id: str,
-               payload: Any) -> AsyncGenerator[list[Any], None]:
+    def stream(
+        self, component: str, endpoint: str, instance_id: str, request_id: str, payload: Any
+    ) -> AsyncGenerator[list[Any], None]:
         """Send one request to ``endpoint`` of instance ``instance_id`` and yield its response
         items, as lists of the items that arrived together (see :meth:`StreamRouter.stream`:
         the errors, and the cancel sent when the reader stops early)."""

@@ -44,10 +44,13 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     from dynamo_worker.core.options import env_default
 
     group.add_argument(
-        "--request-plane-token", default=env_default("DYN_REQUEST_PLANE_TOKEN", None), metavar="TOKEN",
+        "--request-plane-token",
+        default=env_default("DYN_REQUEST_PLANE_TOKEN", None),
+        metavar="TOKEN",
         help="the deployment's secret for the TCP request plane: every connection proves it before its "
         "first call (default: derived from --nats-token; env DYN_REQUEST_PLANE_TOKEN, preferred: a flag "
-        "is visible in ps)")
+        "is visible in ps)",
+    )
 
 
 def secret_from(options: Any) -> bytes | None:
@@ -72,18 +75,23 @@ def check(options: Any) -> None:
     """One-line :class:`UsageError` for a TCP plane that would serve (or call) without a secret
     where one is needed."""
     if options.request_plane_token is not None and not str(options.request_plane_token).strip():
-        raise UsageError("--request-plane-token is blank; give a secret (or set DYN_REQUEST_PLANE_TOKEN) "
-                         "or leave it unset")
+        raise UsageError(
+            "--request-plane-token is blank; give a secret (or set DYN_REQUEST_PLANE_TOKEN) or leave it unset"
+        )
     if options.request_plane != "tcp" or secret_from(options) is not None:
         return
     if options.nats_user or options.nats_creds:
-        raise UsageError("--request-plane tcp with NATS user credentials needs a shared secret for the TCP plane: "
-                         "set DYN_REQUEST_PLANE_TOKEN (or --request-plane-token) to the same value in every "
-                         "process of the deployment")
+        raise UsageError(
+            "--request-plane tcp with NATS user credentials needs a shared secret for the TCP plane: "
+            "set DYN_REQUEST_PLANE_TOKEN (or --request-plane-token) to the same value in every "
+            "process of the deployment"
+        )
     if not is_loopback(options.tcp_rpc_host):
-        raise UsageError(f"--tcp-rpc-host {options.tcp_rpc_host}: a TCP request plane reachable from other "
-                         "hosts needs a secret; set DYN_REQUEST_PLANE_TOKEN (or --request-plane-token, or "
-                         "--nats-token) to the same value in every process of the deployment")
+        raise UsageError(
+            f"--tcp-rpc-host {options.tcp_rpc_host}: a TCP request plane reachable from other "
+            "hosts needs a secret; set DYN_REQUEST_PLANE_TOKEN (or --request-plane-token, or "
+            "--nats-token) to the same value in every process of the deployment"
+        )
 
 
 def new_nonce() -> str:

@@ -79,10 +79,7 @@ def find_role(name: str) -> RoleInfo:
         raise RoleError(f"unknown role {name!r}; installed roles: {available}")
     if len(claims) > 1:
         owners = "; ".join(f"{c.distribution} {c.version} ({c.value})" for c in claims)
-        raise RoleError(
-            f"role {name!r} is declared by more than one distribution: {owners}; "
-            "uninstall all but one"
-        )
+        raise RoleError(f"role {name!r} is declared by more than one distribution: {owners}; uninstall all but one")
     return claims[0]
 
 

@@ -56,10 +56,20 @@ def new_instance_id() -> str:
 class Runtime:
     """One process's connection to the deployment. Create with :meth:`connect`."""
 
-    def __init__(self, nc: NATS, namespace: str, lease_ttl: int, idle_timeout: float,
-                 request_plane: str = "nats", tcp_host: str = "127.0.0.1", tcp_port: int = 0,
-                 request_plane_secret: bytes | None = None, tcp_limits: ListenerLimits = DEFAULT_LIMITS,
-                 discovery_replicas: int = 1, tcp_advertise_host: str | None = None) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        namespace: str,
+        lease_ttl: int,
+        idle_timeout: float,
+        request_plane: str = "nats",
+        tcp_host: str = "127.0.0.1",
+        tcp_port: int = 0,
+        request_plane_secret: bytes | None = None,
+        tcp_limits: ListenerLimits = DEFAULT_LIMITS,
+        discovery_replicas: int = 1,
+        tcp_advertise_host: str | None = None,
+    ) -> None:
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: choose one of {', '.join(REQUEST_PLANES)}")
         self.nc = nc
@@ -82,9 +92,17 @@ class Runtime:
         self._nats = NatsCaller(nc, self.streams, namespace, f"_DW.{self.instance_id}")
         # The plane every call of this process goes over, chosen once (a TCP caller reaches a
         # worker without a TCP address over NATS).
-        self.caller: Caller = self._nats if request_plane == "nats" else TcpCaller(
-            self.streams, self._nats, self._address_of, secret=request_plane_secret,
-            max_message_bytes=self.max_message_bytes)
+        self.caller: Caller = (
+            self._nats
+            if request_plane == "nats"
+            else TcpCaller(
+                self.streams,
+                self._nats,
+                self._address_of,
+                secret=request_plane_secret,
+                max_message_bytes=self.max_message_bytes,
+            )
+        )
         self.listener: TcpListener | None = None  # started with the first endpoint served over TCP
         self.on_engine_dead: Callable[[EngineDead], None] = lambda exc: None
         self._control_sub: Any = None
@@ -92,12 +110,25 @@ class Runtime:
         self._closing = False
 
     @classmethod
-    async def connect(cls, url: str, namespace: str, *, timeout: float = 5.0, lease_ttl: int = 3,
-                      idle_timeout: float = 60.0, name: str = "dynamo-worker", request_plane: str = "nats",
-                      tcp_host: str = "127.0.0.1", tcp_port: int = 0, request_plane_secret: bytes | None = None,
-                      tcp_limits: ListenerLimits = DEFAULT_LIMITS, discovery_replicas: int = 1,
-                      tcp_advertise_host: str | None = None, randomize_servers: bool = False,
-                      **nats_options: Any) -> Runtime:
+    async def connect(
+        cls,
+        url: str,
+        namespace: str,
+        *,
+        timeout: float = 5.0,
+        lease_ttl: int = 3,
+        idle_timeout: float = 60.0,
+        name: str = "dynamo-worker",
+        request_plane: str = "nats",
+        tcp_host: str = "127.0.0.1",
+        tcp_port: int = 0,
+        request_plane_secret: bytes | None = None,
+        tcp_limits: ListenerLimits = DEFAULT_LIMITS,
+        discovery_replicas: int = 1,
+        tcp_advertise_host: str | None = None,
+        randomize_servers: bool = False,
+        **nats_options: Any,
+    ) -> Runtime:
         """Connect to NATS; a :class:`RuntimeUnavailable` naming the URL if it cannot.
 
         ``url`` may list several servers of a cluster, comma-separated. The first one that answers
@@ -120,8 +151,11 @@ class Runtime:
         async def disconnected() -> None:
             rt = holder.get("rt")
             if rt is not None and not rt._closing:
-                log.warning("lost the NATS connection to %s; reconnecting (to any server of %s)",
-                            redact(rt.last_server or url), redact(url))
+                log.warning(
+                    "lost the NATS connection to %s; reconnecting (to any server of %s)",
+                    redact(rt.last_server or url),
+                    redact(url),
+                )
 
         async def error(exc: Exception) -> None:
             log.debug("NATS client error: %s", exc)
@@ -152,8 +186,19 @@ class Runtime:
                 f"({why}); start nats-server or pass --nats-url / NATS_SERVER "
                 "(and its credentials: --nats-token, --nats-user, --nats-creds)"
             ) from exc
-        rt = cls(nc, namespace, lease_ttl, idle_timeout, request_plane, tcp_host, tcp_port,
-                 request_plane_secret, tcp_limits, discovery_replicas, tcp_advertise_host)
+        rt = cls(
+            nc,
+            namespace,
+            lease_ttl,
+            idle_timeout,
+            request_plane,
+            tcp_host,
+            tcp_port,
+            request_plane_secret,
+            tcp_limits,
+            discovery_replicas,
+            tcp_advertise_host,
+        )
         holder["rt"] = rt
         rt.last_server = rt.connected_url()
         log.info("connected to NATS at %s", redact(rt.last_server))
@@ -165,8 +210,10 @@ class Runtime:
                 await nc.close()
                 raise
             except (asyncio.TimeoutError, nats.errors.Error) as exc:  # no quorum now: it is retried on use
-                log.warning("could not check the discovery bucket now (%s); JetStream may have no quorum yet",
-                            type(exc).__name__)
+                log.warning(
+                    "could not check the discovery bucket now (%s); JetStream may have no quorum yet",
+                    type(exc).__name__,
+                )
         rt.streams.start()
         await rt._nats.start()
         rt._control_sub = await serve_cancels(nc, namespace, rt.instance_id, rt.servers)
@@ -198,8 +245,10 @@ class Runtime:
             return self.tcp_host
         local = self.nats_local_host()
         if local is None:
-            raise UsageError(f"--tcp-rpc-host {self.tcp_host}: cannot tell which address other hosts reach "
-                             "this one at; pass --tcp-rpc-advertise-host ADDRESS")
+            raise UsageError(
+                f"--tcp-rpc-host {self.tcp_host}: cannot tell which address other hosts reach "
+                "this one at; pass --tcp-rpc-advertise-host ADDRESS"
+            )
         return local
 
     def max_message_bytes(self) -> int:
@@ -214,13 +263,18 @@ class Runtime:
 
     # ---- serving ------------------------------------------------------------------------------
 
-    async def serve_endpoint(self, component: str, endpoint: str, handler: Handler,
-                             observer: RequestObserver | None = None) -> EndpointServer:
+    async def serve_endpoint(
+        self, component: str, endpoint: str, handler: Handler, observer: RequestObserver | None = None
+    ) -> EndpointServer:
         """Start serving ``handler``; not discoverable until :meth:`publish` is called."""
         server = EndpointServer(endpoint, self.instance_id, handler, self.on_engine_dead, observer)
         if self.request_plane == "tcp" and self.listener is None:
-            listener = TcpListener(self.servers, secret=self.request_plane_secret,
-                                   max_message_bytes=self.max_message_bytes, limits=self.tcp_limits)
+            listener = TcpListener(
+                self.servers,
+                secret=self.request_plane_secret,
+                max_message_bytes=self.max_message_bytes,
+                limits=self.tcp_limits,
+            )
             await listener.start(self.tcp_host, self.tcp_port, self.advertise_host())
             self.listener = listener
         await NatsEndpoint(self.nc, self.subject(component, endpoint, self.instance_id), server).start()
@@ -229,9 +283,17 @@ class Runtime:
 
     async def publish(self, component: str, endpoint: str, role: str, data: dict[str, Any]) -> InstanceRecord:
         """Make an endpoint of this instance discoverable (kept alive until withdrawn)."""
-        record = InstanceRecord(self.namespace, component, endpoint, self.instance_id, role,
-                                os.getpid(), socket.gethostname(), data,
-                                address=self.listener.address if self.listener is not None else "")
+        record = InstanceRecord(
+            self.namespace,
+            component,
+            endpoint,
+            self.instance_id,
+            role,
+            os.getpid(),
+            socket.gethostname(),
+            data,
+            address=self.listener.address if self.listener is not None else "",
+        )
         await self.discovery.register(record)
         return record
 
@@ -267,8 +329,9 @@ class Runtime:
 
     def _mark_unreachable(self, instance_id: str) -> None:
         if instance_id not in self.unreachable:
-            log.warning("instance %s is out of routing until discovery hears from it again "
-                        "(nobody answered there)", instance_id)
+            log.warning(
+                "instance %s is out of routing until discovery hears from it again (nobody answered there)", instance_id
+            )
             self.unreachable.add(instance_id)
 
     def _on_discovery_change(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
@@ -382,23 +445,23 @@ class Client:
         await self.watcher.wait_for(lambda: len(self.instances()) >= count, timeout)
         return self.instances()
 
-    def pick(self, policy: str = "round_robin",
-             where: Callable[[InstanceRecord], bool] | None = None) -> InstanceRecord:
+    def pick(
+        self, policy: str = "round_robin", where: Callable[[InstanceRecord], bool] | None = None
+    ) -> InstanceRecord:
         candidates = self.instances(where)
         if not candidates:
-            raise RequestError("unavailable", f"no instance serves {self.component}.{self.endpoint}",
-                               retryable=True)
+            raise RequestError("unavailable", f"no instance serves {self.component}.{self.endpoint}", retryable=True)
         if policy == "random":
             return random.choice(candidates)
         return candidates[next(self._rr) % len(candidates)]
 
-    def direct_batches(self, payload: Any, instance_id: str,
-                       request_id: str | None = None) -> AsyncGenerator[list[Any], None]:
+    def direct_batches(
+        self, payload: Any, instance_id: str, request_id: str | None = None
+    ) -> AsyncGenerator[list[Any], None]:
         """Stream the responses of one request sent to ``instance_id``, as lists of the items
         that arrived together (a reader that merges them saves work per item)."""
         rt = self.runtime
-        return rt.caller.stream(self.component, self.endpoint, instance_id, request_id or rt.new_request_id(),
-                                payload)
+        return rt.caller.stream(self.component, self.endpoint, instance_id, request_id or rt.new_request_id(), payload)
 
     async def direct(self, payload: Any, instance_id: str, request_id: str | None = None) -> AsyncGenerator[Any, None]:
         """Stream the responses of one request sent to ``instance_id``, item by item."""
@@ -407,8 +470,9 @@ class Client:
                 for item in items:
                     yield item
 
-    async def generate(self, payload: Any, policy: str = "round_robin",
-                       where: Callable[[InstanceRecord], bool] | None = None) -> AsyncGenerator[Any, None]:
+    async def generate(
+        self, payload: Any, policy: str = "round_robin", where: Callable[[InstanceRecord], bool] | None = None
+    ) -> AsyncGenerator[Any, None]:
         """Pick an instance by ``policy`` and stream its responses."""
         record = self.pick(policy, where)
         async with aclosing(self.direct(payload, record.instance_id)) as stream:

@@ -109,15 +109,17 @@ class StatusServer:
         route = self._role_routes.get((request.method, request.path))
         if route is None:
             if any(path == request.path for _, path in self._role_routes):
-                raise web.HTTPMethodNotAllowed(request.method, sorted(
-                    m for m, path in self._role_routes if path == request.path))
+                raise web.HTTPMethodNotAllowed(
+                    request.method, sorted(m for m, path in self._role_routes if path == request.path)
+                )
             raise web.HTTPNotFound()
         if route.admin:
             refused = self._admin_refusal(request)
             if refused is not None:
                 status, message = refused
-                log.info("refused %s %s from %s (%d): %s", request.method, request.path, request.remote,
-                         status, message)
+                log.info(
+                    "refused %s %s from %s (%d): %s", request.method, request.path, request.remote, status, message
+                )
                 headers = {"WWW-Authenticate": 'Bearer realm="dynamo-worker admin"'} if status == 401 else None
                 return web.json_response({"status": "error", "message": message}, status=status, headers=headers)
         return await route.handler(request)
@@ -130,9 +132,11 @@ class StatusServer:
         """Why this request may not use an admin route, as (HTTP status, message), or None."""
         what = f"{request.method} {request.path}"
         if self.admin_token is None and not self._loopback:
-            return 403, (f"{what} changes this worker, and the status server binds {self.host} (beyond "
-                         f"loopback) with no admin token: set {TOKEN_ENV} (or --system-admin-token) on the "
-                         "worker and send Authorization: Bearer TOKEN")
+            return 403, (
+                f"{what} changes this worker, and the status server binds {self.host} (beyond "
+                f"loopback) with no admin token: set {TOKEN_ENV} (or --system-admin-token) on the "
+                "worker and send Authorization: Bearer TOKEN"
+            )
         if self.admin_token is not None and not _bearer_matches(request, self.admin_token):
             return 401, f"{what} needs Authorization: Bearer TOKEN, the worker's {TOKEN_ENV}"
         cross_site = _cross_site(request)
@@ -144,8 +148,10 @@ class StatusServer:
         content_type = request.headers.get("Content-Type")
         mime = (content_type or "").split(";", 1)[0].strip().lower()
         if mime in FORM_CONTENT_TYPES and "Authorization" not in request.headers:
-            return 415, (f"{what} refuses Content-Type {mime} (a web page can post that from anywhere): "
-                         "send Content-Type: application/json")
+            return 415, (
+                f"{what} refuses Content-Type {mime} (a web page can post that from anywhere): "
+                "send Content-Type: application/json"
+            )
         return None
 
     async def start(self, host: str, port: int) -> None:
@@ -158,8 +164,12 @@ class StatusServer:
         self.port = sockets[0].getsockname()[1] if sockets else port
         log.info("system status server on http://%s:%s (/live /health /metrics)", host, self.port)
         if self.admin_token is None and not self._loopback:
-            log.warning("the system status server binds %s with no admin token: routes that change the worker "
-                        "(POST /engine/sleep, ...) answer 403; set %s to use them", host, TOKEN_ENV)
+            log.warning(
+                "the system status server binds %s with no admin token: routes that change the worker "
+                "(POST /engine/sleep, ...) answer 403; set %s to use them",
+                host,
+                TOKEN_ENV,
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -96,7 +96,8 @@ class FramedConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a lone frame must not wait for an ACK (Nagle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = "%s:%s" % (transport.get_extra_info("peername") or ("?", "?"))[:2]
+        host, port = (transport.get_extra_info("peername") or ("?", "?"))[:2]
+        self.peer = f"{host}:{port}"
 
     def data_received(self, data: bytes) -> None:
         now = self.last_activity = time.monotonic()
@@ -111,7 +112,7 @@ class FramedConnection(asyncio.Protocol):
             end = pos + 4 + length
             if end > size:
                 break
-            self.on_message(bytes(buf[pos + 4:end]))
+            self.on_message(bytes(buf[pos + 4 : end]))
             if not self.open:  # the message closed the connection
                 return
             pos = end
@@ -170,8 +171,11 @@ class _WorkerConnection(FramedConnection):
         super().connection_made(transport)
         connections = self.listener.connections
         if len(connections) >= self.listener.max_connections:
-            log.warning("refusing a request-plane connection from %s: %d connections already open "
-                        "(--tcp-max-connections)", self.peer, len(connections))
+            log.warning(
+                "refusing a request-plane connection from %s: %d connections already open (--tcp-max-connections)",
+                self.peer,
+                len(connections),
+            )
             transport.abort()
             return
         connections.add(self)
@@ -259,9 +263,14 @@ class TcpListener:
     reconnect the NATS server, and its ``max_payload``, may be another).
     """
 
-    def __init__(self, servers: dict[str, EndpointServer], *, secret: bytes | None = None,
-                 max_message_bytes: Callable[[], int] = lambda: 1024 * 1024,
-                 limits: ListenerLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        servers: dict[str, EndpointServer],
+        *,
+        secret: bytes | None = None,
+        max_message_bytes: Callable[[], int] = lambda: 1024 * 1024,
+        limits: ListenerLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.servers = servers
         self.secret = secret
         self.max_message_bytes = max_message_bytes
@@ -280,16 +289,22 @@ class TcpListener:
         try:
             self._server = await loop.create_server(lambda: _WorkerConnection(self), host, port, reuse_address=True)
         except OSError as exc:
-            raise UsageError(f"--tcp-rpc-host {host} --tcp-rpc-port {port}: cannot listen there "
-                             f"({exc.strerror or exc}); pass another port (0 picks a free one) or host") from exc
+            raise UsageError(
+                f"--tcp-rpc-host {host} --tcp-rpc-port {port}: cannot listen there "
+                f"({exc.strerror or exc}); pass another port (0 picks a free one) or host"
+            ) from exc
         if self.secret is None:
-            log.warning("the TCP request plane on %s has no secret: any process on this host can call this "
-                        "worker; set DYN_REQUEST_PLANE_TOKEN (or --nats-token) to close it", host)
+            log.warning(
+                "the TCP request plane on %s has no secret: any process on this host can call this "
+                "worker; set DYN_REQUEST_PLANE_TOKEN (or --nats-token) to close it",
+                host,
+            )
         bound_port = self._server.sockets[0].getsockname()[1]
         advertised = advertise_host or host
         if advertised in WILDCARDS:
-            raise UsageError(f"--tcp-rpc-host {host}: a wildcard is no address to publish; pass "
-                             "--tcp-rpc-advertise-host ADDRESS")
+            raise UsageError(
+                f"--tcp-rpc-host {host}: a wildcard is no address to publish; pass --tcp-rpc-advertise-host ADDRESS"
+            )
         self.address = f"[{advertised}]:{bound_port}" if ":" in advertised else f"{advertised}:{bound_port}"
         self._sweeper = asyncio.create_task(self._sweep(), name="tcp-plane-timeouts")
         return self.address
@@ -307,8 +322,11 @@ class TcpListener:
                 elif conn.partial_since is not None and now - conn.partial_since > self.read_timeout:
                     conn.fail(f"a message took over {self.read_timeout:g}s to arrive (--tcp-read-timeout)")
                 elif conn.idle and now - conn.last_activity > self.idle_timeout:
-                    log.info("closing the request-plane connection with %s: idle for %.0fs (--tcp-idle-timeout)",
-                             conn.peer, now - conn.last_activity)
+                    log.info(
+                        "closing the request-plane connection with %s: idle for %.0fs (--tcp-idle-timeout)",
+                        conn.peer,
+                        now - conn.last_activity,
+                    )
                     conn.transport.close()
 
     async def close(self, grace: float = 2.0) -> None:
@@ -381,12 +399,13 @@ class _CallerConnection(FramedConnection):
             self._give_up("it does not speak the request-plane handshake")
             return
         if isinstance(msg, wire.Refused):
-            self._give_up(f"it refused this process ({msg.why}); give every process of the deployment "
-                          "the same DYN_REQUEST_PLANE_TOKEN (or --nats-token)")
+            self._give_up(
+                f"it refused this process ({msg.why}); give every process of the deployment "
+                "the same DYN_REQUEST_PLANE_TOKEN (or --nats-token)"
+            )
         elif isinstance(msg, wire.Hello) and not self._worker_nonce:
             self._worker_nonce = msg.n
-            self.send(wire.encode(wire.Auth(self._nonce, request_plane_auth.caller_proof(
-                secret, msg.n, self._nonce))))
+            self.send(wire.encode(wire.Auth(self._nonce, request_plane_auth.caller_proof(secret, msg.n, self._nonce))))
         elif isinstance(msg, wire.Welcome) and self._worker_nonce:
             expected = request_plane_auth.worker_proof(secret, self._worker_nonce, self._nonce)
             if not request_plane_auth.matches(expected, msg.m):
@@ -420,8 +439,15 @@ class TcpCaller:
     called through ``fallback``, since every worker answers on NATS.
     """
 
-    def __init__(self, router: StreamRouter, fallback: Caller, address_of: Callable[[str, str, str], str], *,
-                 secret: bytes | None = None, max_message_bytes: Callable[[], int] = lambda: 1024 * 1024) -> None:
+    def __init__(
+        self,
+        router: StreamRouter,
+        fallback: Caller,
+        address_of: Callable[[str, str, str], str],
+        *,
+        secret: bytes | None = None,
+        max_message_bytes: Callable[[], int] = lambda: 1024 * 1024,
+    ) -> None:
         self.router = router
         self.fallback = fallback
         self.address_of = address_of
@@ -434,12 +460,12 @@ class TcpCaller:
     async def _close_idle(self) -> None:
         """Close connections that carried nothing for half the worker's idle timeout."""
         while self._connections:
-            await asyncio.sleep(max(0.05, min([c.idle_close / 4 for c in self._connections.values()
-                                               if c.idle_close] or [5.0])))
+            await asyncio.sleep(
+                max(0.05, min([c.idle_close / 4 for c in self._connections.values() if c.idle_close] or [5.0]))
+            )
             now = time.monotonic()
             for address, conn in list(self._connections.items()):
-                if (conn.idle_close and now - conn.last_activity > conn.idle_close
-                        and not self.router.uses(conn)):
+                if conn.idle_close and now - conn.last_activity > conn.idle_close and not self.router.uses(conn):
                     del self._connections[address]
                     conn.transport.close()
 
@@ -480,8 +506,9 @@ class TcpCaller:
             if known is conn:
                 del self._connections[address]
 
-    def stream(self, component: str, endpoint: str, instance_id: str, request_id: str,
-               payload: Any) -> AsyncGenerator[list[Any], None]:
+    def stream(
+        self, component: str, endpoint: str, instance_id: str, request_id: str, payload: Any
+    ) -> AsyncGenerator[list[Any], None]:
         """Stream one request to the instance's listener (see :meth:`StreamRouter.stream`)."""
         address = self.address_of(component, endpoint, instance_id)
         if not address:
@@ -499,11 +526,13 @@ class TcpCaller:
                 self.router.on_no_responders(instance_id)
                 if isinstance(exc, HandshakeFailed):
                     log.warning("instance %s at %s: %s", instance_id, address, exc)
-                raise RequestError("unavailable", f"cannot connect to instance {instance_id} at {address} "
-                                   f"({type(exc).__name__}: {exc})", retryable=True) from None
+                raise RequestError(
+                    "unavailable",
+                    f"cannot connect to instance {instance_id} at {address} ({type(exc).__name__}: {exc})",
+                    retryable=True,
+                ) from None
             if not conn.open:
-                raise RequestError("unavailable", f"the connection to instance {instance_id} closed",
-                                   retryable=True)
+                raise RequestError("unavailable", f"the connection to instance {instance_id} closed", retryable=True)
             conn.send(call)
             return conn
 

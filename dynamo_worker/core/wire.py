@@ -167,10 +167,16 @@ def decode_greeting(data: bytes) -> Hello | Welcome | Refused:
 
 def too_large_frame(frame: Frame, size: int, limit: int) -> Frame:
     """The error frame that takes the place of ``frame`` (``size`` bytes encoded) over ``limit``."""
-    return Frame(ERROR, frame.n, err=ErrorInfo(
-        TOO_LARGE, f"a response message of {size} bytes is over the request plane's {limit}-byte limit "
-        "(the NATS server's max_payload); ask for less output per message (fewer logprobs, smaller "
-        "media), or have the operator raise max_payload"))
+    return Frame(
+        ERROR,
+        frame.n,
+        err=ErrorInfo(
+            TOO_LARGE,
+            f"a response message of {size} bytes is over the request plane's {limit}-byte limit "
+            "(the NATS server's max_payload); ask for less output per message (fewer logprobs, smaller "
+            "media), or have the operator raise max_payload",
+        ),
+    )
 
 
 def encode_batches(frames: Batch, limit: int) -> list[bytes]:

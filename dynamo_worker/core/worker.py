@@ -26,20 +26,20 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import REGISTRY
+
+from dynamo_worker.core import nats_auth, request_plane_auth
 from dynamo_worker.core.context import WorkerContext
 from dynamo_worker.core.errors import EngineDead, UsageError
 from dynamo_worker.core.files import write_private_file
 from dynamo_worker.core.health import HealthCanary, HealthCheck
-from prometheus_client import REGISTRY
-
 from dynamo_worker.core.metrics import WorkerMetrics, exposition_registry
 from dynamo_worker.core.plugins import HookRelay
 from dynamo_worker.core.registrar import Registrar
 from dynamo_worker.core.roles import RoleInfo
-from dynamo_worker.core import nats_auth, request_plane_auth
 from dynamo_worker.core.runtime import Runtime
-from dynamo_worker.core.tcp_plane import ListenerLimits
 from dynamo_worker.core.status_server import HealthState, StatusServer
+from dynamo_worker.core.tcp_plane import ListenerLimits
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -86,8 +86,9 @@ class Worker:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._fatal = loop.create_future()
-        ctx = self.ctx = WorkerContext(role=self.info, options=self.options, runtime=None, log=self.log,
-                                            health=self.health)  # type: ignore[arg-type]
+        ctx = self.ctx = WorkerContext(
+            role=self.info, options=self.options, runtime=None, log=self.log, health=self.health
+        )  # type: ignore[arg-type]
         await self.hooks.configure(ctx)
         override = health_payload_override()  # bad JSON fails before any work
         # Read after configure: a role may choose its component from its options there.
@@ -97,14 +98,21 @@ class Worker:
         observer = WorkerMetrics(self.options.namespace, component)
 
         ctx.runtime = await Runtime.connect(
-            self.options.nats_url, self.options.namespace, timeout=self.options.nats_connect_timeout,
-            lease_ttl=self.options.lease_ttl, name=f"dynamo-worker/{self.info.name}",
-            request_plane=self.options.request_plane, tcp_host=self.options.tcp_rpc_host,
-            tcp_port=self.options.tcp_rpc_port, tcp_advertise_host=self.options.tcp_rpc_advertise_host,
-            discovery_replicas=self.options.discovery_replicas, randomize_servers=self.options.nats_randomize,
+            self.options.nats_url,
+            self.options.namespace,
+            timeout=self.options.nats_connect_timeout,
+            lease_ttl=self.options.lease_ttl,
+            name=f"dynamo-worker/{self.info.name}",
+            request_plane=self.options.request_plane,
+            tcp_host=self.options.tcp_rpc_host,
+            tcp_port=self.options.tcp_rpc_port,
+            tcp_advertise_host=self.options.tcp_rpc_advertise_host,
+            discovery_replicas=self.options.discovery_replicas,
+            randomize_servers=self.options.nats_randomize,
             request_plane_secret=request_plane_auth.secret_from(self.options),
-            tcp_limits=ListenerLimits(self.options.tcp_max_connections, self.options.tcp_read_timeout,
-                                      self.options.tcp_idle_timeout),
+            tcp_limits=ListenerLimits(
+                self.options.tcp_max_connections, self.options.tcp_read_timeout, self.options.tcp_idle_timeout
+            ),
             **nats_auth.connect_options(self.options),
         )
         ctx.runtime.on_engine_dead = self._engine_dead
@@ -122,8 +130,14 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
-    async def _serve(self, ctx: WorkerContext, registry: Any, component: str, observer: WorkerMetrics,
-                     override: dict[str, Any] | None) -> int:
+    async def _serve(
+        self,
+        ctx: WorkerContext,
+        registry: Any,
+        component: str,
+        observer: WorkerMetrics,
+        override: dict[str, Any] | None,
+    ) -> int:
         assert self._fatal is not None
         try:
             ctx.engine = await self._until_fatal(self.hooks.create_engine(ctx))
@@ -148,16 +162,27 @@ class Worker:
                 self._tasks.append(asyncio.create_task(self._background(name, task), name=name))
             self._tasks.append(asyncio.create_task(self._engine_monitor(ctx), name="engine-monitor"))
             if self._canary_checks(check, registrar) and check is not None:
-                canary = HealthCanary(ctx.runtime, component, check.endpoint, check.payload, self.health,
-                                      idle=self.options.health_check_idle, timeout=self.options.health_check_timeout)
+                canary = HealthCanary(
+                    ctx.runtime,
+                    component,
+                    check.endpoint,
+                    check.payload,
+                    self.health,
+                    idle=self.options.health_check_idle,
+                    timeout=self.options.health_check_timeout,
+                )
                 self._tasks.append(asyncio.create_task(canary.run(), name="health-canary"))
             self.health.endpoints = sorted(registrar.endpoints)
             self.health.phase = "serving"
             listener = ctx.runtime.listener
-            self.log.info("role %s serving %s as instance %s in namespace %s%s", self.info.name,
-                          ", ".join(f"{component}.{e}" for e in registrar.endpoints) or "no endpoints",
-                          ctx.instance_id, self.options.namespace,
-                          f" (TCP request plane at {listener.address})" if listener is not None else "")
+            self.log.info(
+                "role %s serving %s as instance %s in namespace %s%s",
+                self.info.name,
+                ", ".join(f"{component}.{e}" for e in registrar.endpoints) or "no endpoints",
+                ctx.instance_id,
+                self.options.namespace,
+                f" (TCP request plane at {listener.address})" if listener is not None else "",
+            )
             await self._until_fatal(ctx.shutdown_requested.wait())
             return await self._shutdown(ctx, EXIT_OK, self.options.graceful_shutdown_timeout)
         except _Fatal as fatal:
@@ -172,13 +197,19 @@ class Worker:
         if check is None:
             reason = "the role returns no health payload (dynamo_worker_health_payload)"
         elif check.endpoint not in registrar.endpoints:
-            reason = (f"its health payload goes to endpoint {check.endpoint!r}, which it does not serve "
-                      f"(it serves {', '.join(sorted(registrar.endpoints))})")
+            reason = (
+                f"its health payload goes to endpoint {check.endpoint!r}, which it does not serve "
+                f"(it serves {', '.join(sorted(registrar.endpoints))})"
+            )
         else:
             return True
-        self.log.warning("no health canary for role %s: %s; /health reports only liveness. Return "
-                         "HealthCheck(payload, endpoint=...) from dynamo_worker_health_payload, or set "
-                         "DYN_HEALTH_CHECK_PAYLOAD", self.info.name, reason)
+        self.log.warning(
+            "no health canary for role %s: %s; /health reports only liveness. Return "
+            "HealthCheck(payload, endpoint=...) from dynamo_worker_health_payload, or set "
+            "DYN_HEALTH_CHECK_PAYLOAD",
+            self.info.name,
+            reason,
+        )
         return False
 
     async def _until_fatal(self, aw: Any) -> Any:
@@ -292,9 +323,9 @@ def _cleanup_watchdog(log: logging.Logger, seconds: float) -> threading.Timer:
 
     A thread, not an asyncio timeout: a step can block the event loop itself.
     """
+
     def fire() -> None:
-        log.error("shutdown did not finish within %gs of the drain; exiting 1 (every thread's stack follows)",
-                  seconds)
+        log.error("shutdown did not finish within %gs of the drain; exiting 1 (every thread's stack follows)", seconds)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(EXIT_FATAL)
 

@@ -55,11 +55,7 @@ def engine_parser() -> argparse.ArgumentParser:
 def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Which attributes the user set on the command line (so defaults never override them)."""
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return {
-        action.dest
-        for action in parser._actions
-        if any(opt in flags for opt in action.option_strings)
-    }
+    return {action.dest for action in parser._actions if any(opt in flags for opt in action.option_strings)}
 
 
 def parse_engine_args(argv: list[str]) -> tuple[Any, list[tuple[str, Any, str]]]:

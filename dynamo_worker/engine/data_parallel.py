@@ -75,8 +75,9 @@ class HeadlessEngines:
         """:class:`EngineDead` if an engine-core process has exited."""
         dead = [p for p in self.manager.processes if p.exitcode is not None]
         if dead:
-            raise EngineDead("data-parallel engine core(s) exited: "
-                             + ", ".join(f"pid {p.pid} status {p.exitcode}" for p in dead))
+            raise EngineDead(
+                "data-parallel engine core(s) exited: " + ", ".join(f"pid {p.pid} status {p.exitcode}" for p in dead)
+            )
 
     def shutdown(self) -> None:
         self.manager.shutdown()  # vLLM's default grace, then it kills the process tree

@@ -29,13 +29,22 @@ PRODUCER, CONSUMER = "ec_producer", "ec_consumer"
 
 
 def add_arguments(group: Any) -> None:
-    group.add_argument("--ec-connector-backend", default=EXAMPLE, metavar="CLASS",
-                       help="vLLM EC connector class (default %(default)s: files in --ec-storage-path)")
-    group.add_argument("--ec-storage-path", metavar="DIR", default=None,
-                       help="directory the ec-encoder stores encoder outputs in and the decode worker "
-                            "loads them from (the same on both)")
-    group.add_argument("--ec-extra-config", metavar="JSON", default=None,
-                       help="extra ec_connector_extra_config entries, as JSON")
+    group.add_argument(
+        "--ec-connector-backend",
+        default=EXAMPLE,
+        metavar="CLASS",
+        help="vLLM EC connector class (default %(default)s: files in --ec-storage-path)",
+    )
+    group.add_argument(
+        "--ec-storage-path",
+        metavar="DIR",
+        default=None,
+        help="directory the ec-encoder stores encoder outputs in and the decode worker "
+        "loads them from (the same on both)",
+    )
+    group.add_argument(
+        "--ec-extra-config", metavar="JSON", default=None, help="extra ec_connector_extra_config entries, as JSON"
+    )
 
 
 def configure(options: Any, engine_args: Any, *, role: str, producer: bool) -> dict[str, Any] | None:
@@ -48,16 +57,19 @@ def configure(options: Any, engine_args: Any, *, role: str, producer: bool) -> d
     raw = engine_args.ec_transfer_config
     if raw is not None:
         if storage is not None or extra_json is not None:
-            raise UsageError("Cannot specify both --ec-storage-path/--ec-extra-config and --ec-transfer-config; "
-                             "give one of them")
+            raise UsageError(
+                "Cannot specify both --ec-storage-path/--ec-extra-config and --ec-transfer-config; give one of them"
+            )
         want = PRODUCER if producer else CONSUMER
         if raw.ec_role not in (want, "ec_both"):
             raise UsageError(f"--ec-transfer-config has ec_role {raw.ec_role!r}; the {role} role needs {want!r}")
         return {"ec_connector": raw.ec_connector, "ec_role": raw.ec_role, "from": "--ec-transfer-config"}
     if storage is None and extra_json is None:
         if producer and backend == EXAMPLE:
-            raise UsageError("the ec-encoder role with --ec-connector-backend ECExampleConnector needs "
-                             "--ec-storage-path DIR (the same directory as the decode worker's)")
+            raise UsageError(
+                "the ec-encoder role with --ec-connector-backend ECExampleConnector needs "
+                "--ec-storage-path DIR (the same directory as the decode worker's)"
+            )
         if producer:
             return _set(engine_args, backend, PRODUCER, {})
         return None
@@ -79,6 +91,7 @@ def configure(options: Any, engine_args: Any, *, role: str, producer: bool) -> d
 def _set(engine_args: Any, backend: str, ec_role: str, extra: dict[str, Any]) -> dict[str, Any]:
     from vllm.config import ECTransferConfig
 
-    engine_args.ec_transfer_config = ECTransferConfig(ec_connector=backend, ec_role=ec_role,
-                                                      ec_connector_extra_config=extra)
+    engine_args.ec_transfer_config = ECTransferConfig(
+        ec_connector=backend, ec_role=ec_role, ec_connector_extra_config=extra
+    )
     return {"ec_connector": backend, "ec_role": ec_role, "ec_connector_extra_config": extra}

@@ -40,8 +40,11 @@ def _is_cpu() -> bool:
 
 
 def _single_process_engine(args: Any) -> bool:
-    return (args.tensor_parallel_size or 1) == 1 and (args.pipeline_parallel_size or 1) == 1 \
+    return (
+        (args.tensor_parallel_size or 1) == 1
+        and (args.pipeline_parallel_size or 1) == 1
         and (args.data_parallel_size or 1) == 1
+    )
 
 
 def configure(args: Any) -> tuple[str, Any, str] | None:
@@ -61,8 +64,10 @@ def configure(args: Any) -> tuple[str, Any, str] | None:
         why = "--distributed-executor-backend uni, honoured on CPU"
     elif backend is None and _single_process_engine(args) and not binds_cpus:
         args.distributed_executor_backend = "uni"
-        why = ("CPU, world size 1: the model runs in the engine-core process (one polling process "
-               "fewer; --distributed-executor-backend mp for vLLM's layout)")
+        why = (
+            "CPU, world size 1: the model runs in the engine-core process (one polling process "
+            "fewer; --distributed-executor-backend mp for vLLM's layout)"
+        )
     else:
         return None
     os.environ[MULTIPROCESSING_ENV] = "0"

@@ -51,14 +51,28 @@ class ModelFacts:
             "stop_conditions": {"max_tokens": 1, "ignore_eos": False},
         }
 
-    def discovery_data(self, kind: str, *, kv_block_size: int | None = None, kv_capacity_blocks: int | None = None,
-                       kv_events: bool = False) -> dict[str, Any]:
+    def discovery_data(
+        self,
+        kind: str,
+        *,
+        kv_block_size: int | None = None,
+        kv_capacity_blocks: int | None = None,
+        kv_events: bool = False,
+    ) -> dict[str, Any]:
         """The ``generate`` record. For KV-aware routers: the engine's block size (tokens), its KV
         capacity in blocks per data-parallel rank, and ``kv_events``: whether this worker relays
         KV events and serves its block set (``kv_blocks``); false, it is routed by load alone."""
-        return {"model": self.served_name, "model_path": self.path, "max_model_len": self.max_model_len,
-                "eos_token_ids": self.eos_token_ids, "kind": kind, "data_parallel_size": self.data_parallel_size,
-                "kv_block_size": kv_block_size, "kv_capacity_blocks": kv_capacity_blocks, "kv_events": kv_events}
+        return {
+            "model": self.served_name,
+            "model_path": self.path,
+            "max_model_len": self.max_model_len,
+            "eos_token_ids": self.eos_token_ids,
+            "kind": kind,
+            "data_parallel_size": self.data_parallel_size,
+            "kv_block_size": kv_block_size,
+            "kv_capacity_blocks": kv_capacity_blocks,
+            "kv_events": kv_events,
+        }
 
 
 def model_facts(engine: Any, served_name: str) -> ModelFacts:
@@ -115,18 +129,25 @@ class GenerateHandler:
         if self.adapters is not None:
             return self.adapters.use(model)
         if model is not None and model not in (self.facts.served_name, self.facts.path):
-            raise RequestError("not_found", f"model {model!r} is not served by this worker "
-                               f"(it serves {self.facts.served_name!r})")
+            raise RequestError(
+                "not_found", f"model {model!r} is not served by this worker (it serves {self.facts.served_name!r})"
+            )
         return contextlib.nullcontext()
 
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
-        req = protocol.parse_request(request, vocab_size=self.facts.vocab_size,
-                                     max_model_len=self.facts.max_model_len,
-                                     min_prompt_tokens=self.facts.min_prompt_tokens,
-                                     multimodal=self.images is not None)
+        req = protocol.parse_request(
+            request,
+            vocab_size=self.facts.vocab_size,
+            max_model_len=self.facts.max_model_len,
+            min_prompt_tokens=self.facts.min_prompt_tokens,
+            multimodal=self.images is not None,
+        )
         # Checked here, before the engine: bad multimodal input can kill vLLM's engine.
-        mm_data = (self.images.engine_data(req.multi_modal_data)
-                   if self.images is not None and req.multi_modal_data is not None else None)
+        mm_data = (
+            self.images.engine_data(req.multi_modal_data)
+            if self.images is not None and req.multi_modal_data is not None
+            else None
+        )
         transfer = None
         if self.prefill_only:  # one token: the KV cache is the product; decode samples for real
             req.stop_conditions.max_tokens = req.stop_conditions.min_tokens = 1
@@ -137,8 +158,9 @@ class GenerateHandler:
         params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len, transfer)
         protocol.check_structured_outputs(params, self.engine)
         if self.sleep is not None and self.sleep.asleep:
-            raise RequestError("unavailable", "the engine is asleep (POST /engine/wake_up on its system port)",
-                               retryable=True)
+            raise RequestError(
+                "unavailable", "the engine is asleep (POST /engine/wake_up on its system port)", retryable=True
+            )
         want_logprobs = req.output_options.logprobs is not None
         with self._adapter(req.model) as lora_request:  # not_found for a name this worker lacks
             # Labelled after validation: a request cannot mint a series with a name of its choosing.
@@ -147,22 +169,32 @@ class GenerateHandler:
             async for chunk in self._stream(req, params, context, lora_request, want_logprobs, timer, mm_data):
                 yield chunk
 
-    async def _stream(self, req: protocol.PreprocessedRequest, params: Any, context: RequestContext,
-                      lora_request: Any, want_logprobs: bool, timer: RequestTimer | None,
-                      mm_data: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(
+        self,
+        req: protocol.PreprocessedRequest,
+        params: Any,
+        context: RequestContext,
+        lora_request: Any,
+        want_logprobs: bool,
+        timer: RequestTimer | None,
+        mm_data: dict[str, Any] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
 
         completion_tokens = 0
         # Token ids plus images go through vLLM's input processor (it inserts the image tokens).
-        prompt: Any = (tokens_input(req.token_ids) if mm_data is None
-                       else {"prompt_token_ids": req.token_ids, "multi_modal_data": mm_data})
+        prompt: Any = (
+            tokens_input(req.token_ids)
+            if mm_data is None
+            else {"prompt_token_ids": req.token_ids, "multi_modal_data": mm_data}
+        )
         try:
             # Cancelling this task (the caller went away) makes vLLM abort the request.
-            async for out in self.engine.generate(prompt, params, context.request_id,
-                                                  lora_request=lora_request,
-                                                  data_parallel_rank=self._dp_rank(req)):
+            async for out in self.engine.generate(
+                prompt, params, context.request_id, lora_request=lora_request, data_parallel_rank=self._dp_rank(req)
+            ):
                 choice = out.outputs[0]
                 new_ids = list(choice.token_ids)
                 completion_tokens += len(new_ids)

@@ -105,12 +105,16 @@ def base_port(data_parallel_size: int = 1) -> int:
         try:
             port = int(raw)
         except ValueError:
-            raise UsageError(f"{PORT_ENV}={raw!r} is not a port number; use an integer between "
-                             f"{low} and {high}") from None
+            raise UsageError(
+                f"{PORT_ENV}={raw!r} is not a port number; use an integer between {low} and {high}"
+            ) from None
     if not low <= port <= high - (data_parallel_size - 1):
         top = high - (data_parallel_size - 1)
-        ranks = f" (one port per data-parallel rank: {port}..{port + data_parallel_size - 1})" \
-            if data_parallel_size > 1 else ""
+        ranks = (
+            f" (one port per data-parallel rank: {port}..{port + data_parallel_size - 1})"
+            if data_parallel_size > 1
+            else ""
+        )
         raise UsageError(f"{PORT_ENV}={port} is out of range{ranks}; use an integer between {low} and {top}")
     return port
 
@@ -146,9 +150,14 @@ def configure(engine_args: Any) -> KvEventsPlan | None:
         if port is None:
             return None
         replay = _bound_port_of(given.replay_endpoint, "KV-event replay") if given.replay_endpoint else None
-        return KvEventsPlan(port, dp_size, bind=False, explicit=True, may_move=False,
-                            replay=None if replay is None else
-                            [f"tcp://127.0.0.1:{replay + rank}" for rank in range(dp_size)])
+        return KvEventsPlan(
+            port,
+            dp_size,
+            bind=False,
+            explicit=True,
+            may_move=False,
+            replay=None if replay is None else [f"tcp://127.0.0.1:{replay + rank}" for rank in range(dp_size)],
+        )
     if not engine_args.enable_prefix_caching:
         return None
     from vllm.config import KVEventsConfig
@@ -157,9 +166,11 @@ def configure(engine_args: Any) -> KvEventsPlan | None:
     port = base_port(dp_size)
     local = engine_args.data_parallel_size_local
     engine_args.kv_events_config = KVEventsConfig(
-        enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://127.0.0.1:{port}")
-    return KvEventsPlan(port, dp_size, bind=True, explicit=explicit,
-                        may_move=not explicit and (local is None or local == dp_size))
+        enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://127.0.0.1:{port}"
+    )
+    return KvEventsPlan(
+        port, dp_size, bind=True, explicit=explicit, may_move=not explicit and (local is None or local == dp_size)
+    )
 
 
 def _bound_port_of(endpoint: str, what: str = "KV events") -> int | None:
@@ -235,8 +246,9 @@ class KvBlockView:
     def clear(self) -> None:
         """Empty the view: after a prefix-cache reset it is exactly the engine's (empty) cache."""
         if self.stale:
-            log.info("KV events of rank %d: the prefix cache was reset; the worker's block set is exact again",
-                     self.rank)
+            log.info(
+                "KV events of rank %d: the prefix cache was reset; the worker's block set is exact again", self.rank
+            )
         self.blocks = {}
         self.gpu_blocks = 0
         self.stale = False
@@ -245,8 +257,12 @@ class KvBlockView:
 
     def mark_stale(self, reason: str) -> None:
         if not self.stale:
-            log.warning("KV events of rank %d: %s; its block set (kv_blocks) is marked stale until the next "
-                        "prefix-cache reset (clear_kv_blocks)", self.rank, reason)
+            log.warning(
+                "KV events of rank %d: %s; its block set (kv_blocks) is marked stale until the next "
+                "prefix-cache reset (clear_kv_blocks)",
+                self.rank,
+                reason,
+            )
         self.stale = True
         self.stale_reason = reason
 
@@ -258,8 +274,10 @@ class KvBlockView:
             return
         if size <= 0 or len(tokens) != size * len(hashes):
             # Sparse groups (sliding window) skip blocks in block_hashes but not in token_ids.
-            self.mark_stale(f"a BlockStored of {len(hashes)} hash(es) carries {len(tokens)} token ids with "
-                            f"block_size {size}: its blocks cannot be told apart")
+            self.mark_stale(
+                f"a BlockStored of {len(hashes)} hash(es) carries {len(tokens)} token ids with "
+                f"block_size {size}: its blocks cannot be told apart"
+            )
             return
         extra_keys = event.get("extra_keys")
         if extra_keys is not None and len(extra_keys) != len(hashes):
@@ -275,11 +293,16 @@ class KvBlockView:
             if new and gpu and self.capacity is not None and self.gpu_blocks >= self.capacity:
                 # The engine holds at most `capacity` blocks: removals were lost. Bounded memory:
                 # the store is refused.
-                self.mark_stale(f"a store would hold more than the engine's {self.capacity} KV blocks "
-                                "(removals were lost)")
+                self.mark_stale(
+                    f"a store would hold more than the engine's {self.capacity} KV blocks (removals were lost)"
+                )
                 return
-            self.blocks[key] = _Block(parent, array("q", tokens[i * size:(i + 1) * size]),
-                                      None if extra_keys is None else (extra_keys[i],), meta)
+            self.blocks[key] = _Block(
+                parent,
+                array("q", tokens[i * size : (i + 1) * size]),
+                None if extra_keys is None else (extra_keys[i],),
+                meta,
+            )
             if new and gpu:
                 self.gpu_blocks += 1
             parent = block_hash
@@ -290,8 +313,11 @@ class KvBlockView:
         for block_hash in event.get("block_hashes") or []:
             if self.blocks.pop((medium, group, block_hash), None) is None:
                 if not self.unknown_removals:
-                    log.warning("KV events of rank %d: removal of block %s, which no event stored (first such)",
-                                self.rank, block_hash)
+                    log.warning(
+                        "KV events of rank %d: removal of block %s, which no event stored (first such)",
+                        self.rank,
+                        block_hash,
+                    )
                 self.unknown_removals += 1
             elif gpu:
                 self.gpu_blocks -= 1
@@ -334,19 +360,34 @@ def parent_first(blocks: Mapping[BlockKey, _Block]) -> list[BlockKey]:
 
 def block_event(key: BlockKey, block: _Block) -> dict[str, Any]:
     """A held block as the ``BlockStored`` event of that one block."""
-    return {"type": "BlockStored", "block_hashes": [key[2]], "parent_block_hash": block.parent,
-            "token_ids": block.tokens.tolist(), **block.meta,
-            "extra_keys": None if block.extra is None else list(block.extra)}
+    return {
+        "type": "BlockStored",
+        "block_hashes": [key[2]],
+        "parent_block_hash": block.parent,
+        "token_ids": block.tokens.tolist(),
+        **block.meta,
+        "extra_keys": None if block.extra is None else list(block.extra),
+    }
 
 
-def snapshot_messages(snapshot: RankSnapshot, order: Iterable[BlockKey], block_size: int,
-                      limit: int, max_blocks: int = SNAPSHOT_CHUNK_BLOCKS) -> Iterator[dict[str, Any]]:
+def snapshot_messages(
+    snapshot: RankSnapshot,
+    order: Iterable[BlockKey],
+    block_size: int,
+    limit: int,
+    max_blocks: int = SNAPSHOT_CHUNK_BLOCKS,
+) -> Iterator[dict[str, Any]]:
     """``kv_blocks`` answer messages of one rank: at most ``max_blocks`` blocks and
     ``limit - ENVELOPE_BYTES`` encoded bytes each (a single block larger than that goes alone),
     always at least one (an empty view is one message with no blocks); the last has ``last``."""
     budget = max(1, limit - ENVELOPE_BYTES)
-    head = {"dp_rank": snapshot.dp_rank, "seq": snapshot.seq, "block_size": block_size,
-            "stale": snapshot.stale, "last": False}
+    head = {
+        "dp_rank": snapshot.dp_rank,
+        "seq": snapshot.seq,
+        "block_size": block_size,
+        "stale": snapshot.stale,
+        "last": False,
+    }
     base = len(wire.encode({**head, "blocks": []}))  # "false" is longer than "true"
     chunk: list[dict[str, Any]] = []
     size = base
@@ -419,8 +460,10 @@ class KvEventRelay:
                 break
             if not plan.may_move:
                 source = f"{PORT_ENV}={first}" if plan.explicit else f"the default KV event port {first}"
-                raise UsageError(f"{source}: port {busy} is in use on 127.0.0.1 (another worker on this "
-                                 f"host?); give each worker its own {PORT_ENV}")
+                raise UsageError(
+                    f"{source}: port {busy} is in use on 127.0.0.1 (another worker on this "
+                    f"host?); give each worker its own {PORT_ENV}"
+                )
         else:
             raise UsageError(f"no free ports for KV events between {first} and {high}; set {PORT_ENV}")
         if base != first:
@@ -494,9 +537,12 @@ class KvEventRelay:
 
     async def run(self) -> None:
         """Relay until cancelled (a background task of the worker)."""
-        log.info("relaying vLLM KV events from 127.0.0.1 port(s) %s to topic %s%s",
-                 ", ".join(map(str, self.plan.ports)), TOPIC,
-                 " (lost batches replayed from vLLM)" if self._replay else "")
+        log.info(
+            "relaying vLLM KV events from 127.0.0.1 port(s) %s to topic %s%s",
+            ", ".join(map(str, self.plan.ports)),
+            TOPIC,
+            " (lost batches replayed from vLLM)" if self._replay else "",
+        )
         try:
             while True:
                 await self.handle(await self._sock.recv_multipart())
@@ -536,11 +582,15 @@ class KvEventRelay:
         if seq > expected:
             lost = await self._fetch_replay(rank, expected, seq)
             if lost is None:
-                view.mark_stale(f"{seq - expected} batch(es) lost (seq {seq}, expected {expected}) and not "
-                                "replayed")
+                view.mark_stale(f"{seq - expected} batch(es) lost (seq {seq}, expected {expected}) and not replayed")
             else:
-                log.info("KV events from rank %d: %d lost batch(es) (seq %d..%d) replayed by vLLM",
-                         rank, len(lost), expected, seq - 1)
+                log.info(
+                    "KV events from rank %d: %d lost batch(es) (seq %d..%d) replayed by vLLM",
+                    rank,
+                    len(lost),
+                    expected,
+                    seq - 1,
+                )
                 self.recovered += len(lost)
                 for lost_seq, ts, events in lost:
                     await self._forward(view, lost_seq, ts, events)
@@ -636,6 +686,9 @@ class KvEventRelay:
 async def no_kv_blocks(request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
     """``kv_blocks`` of a worker that relays no KV events: a clear error, not "no responders"
     (which would make a caller route around the worker)."""
-    raise RequestError("not_found", "this worker relays no KV events (prefix caching is off, or "
-                       "--kv-events-config sends them elsewhere): it keeps no block set")
+    raise RequestError(
+        "not_found",
+        "this worker relays no KV events (prefix caching is off, or "
+        "--kv-events-config sends them elsewhere): it keeps no block set",
+    )
     yield {}  # unreachable; makes this an async generator, as every endpoint is

@@ -38,8 +38,12 @@ from dynamo_worker.core.errors import UsageError
 
 NO_CONNECTOR = ("none", "null")  # Dynamo accepts both
 CONNECTORS = (*NO_CONNECTOR, "nixl", "lmcache", "kvbm", "example")
-CONNECTOR_CLASSES = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1", "kvbm": "DynamoConnector",
-                     "example": "ExampleConnector"}
+CONNECTOR_CLASSES = {
+    "nixl": "NixlConnector",
+    "lmcache": "LMCacheConnectorV1",
+    "kvbm": "DynamoConnector",
+    "example": "ExampleConnector",
+}
 # Connectors vLLM does not ship: the module vLLM loads the class from.
 CONNECTOR_MODULES = {"kvbm": "kvbm.vllm_integration.connector"}
 # The Python package each connector needs at run time (imported by vLLM inside the engine).
@@ -49,14 +53,24 @@ KV_ROLE = "kv_both"
 
 
 def add_arguments(group: Any) -> None:
-    group.add_argument("--connector", choices=CONNECTORS, nargs="+", default=None, metavar="CONNECTOR",
-                       help="KV connector(s) for disaggregated serving (default none): nixl (GPUs, across "
-                            "machines), lmcache, kvbm, or example (vLLM's file-based connector, one machine, "
-                            "needs --kv-shared-storage); several (--connector lmcache nixl) are chained in "
-                            "that order; or give vLLM's --kv-transfer-config JSON instead")
-    group.add_argument("--kv-shared-storage", metavar="DIR", default=None,
-                       help="with --connector example: the directory prefill writes KV files to and "
-                            "decode reads them from (the same on both)")
+    group.add_argument(
+        "--connector",
+        choices=CONNECTORS,
+        nargs="+",
+        default=None,
+        metavar="CONNECTOR",
+        help="KV connector(s) for disaggregated serving (default none): nixl (GPUs, across "
+        "machines), lmcache, kvbm, or example (vLLM's file-based connector, one machine, "
+        "needs --kv-shared-storage); several (--connector lmcache nixl) are chained in "
+        "that order; or give vLLM's --kv-transfer-config JSON instead",
+    )
+    group.add_argument(
+        "--kv-shared-storage",
+        metavar="DIR",
+        default=None,
+        help="with --connector example: the directory prefill writes KV files to and "
+        "decode reads them from (the same on both)",
+    )
 
 
 def configure(options: Any, engine_args: Any, *, role: str, required: bool) -> dict[str, Any] | None:
@@ -73,8 +87,10 @@ def configure(options: Any, engine_args: Any, *, role: str, required: bool) -> d
         raise UsageError("--kv-shared-storage is only used with --connector example")
     if raw is None and not names:
         if required:
-            raise UsageError(f"the {role} role needs a KV connector: --connector nixl|lmcache|example "
-                             "(the same as the decode workers') or --kv-transfer-config JSON")
+            raise UsageError(
+                f"the {role} role needs a KV connector: --connector nixl|lmcache|example "
+                "(the same as the decode workers') or --kv-transfer-config JSON"
+            )
         return None
     if raw is None:
         check_packages(names)
@@ -90,10 +106,13 @@ def configure(options: Any, engine_args: Any, *, role: str, required: bool) -> d
             forced = "mp (NIXL with tensor-parallel size 1: the in-process executor contends for the GIL)"
         if "VLLM_NIXL_SIDE_CHANNEL_HOST" not in os.environ:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = _host_address()
-    return {"kv_connector": cfg.kv_connector, "kv_role": cfg.kv_role,
-            "kv_connector_extra_config": dict(cfg.kv_connector_extra_config or {}),
-            "from": "--kv-transfer-config" if raw is not None else f"--connector {' '.join(names)}",
-            "distributed_executor_backend_forced": forced}
+    return {
+        "kv_connector": cfg.kv_connector,
+        "kv_role": cfg.kv_role,
+        "kv_connector_extra_config": dict(cfg.kv_connector_extra_config or {}),
+        "from": "--kv-transfer-config" if raw is not None else f"--connector {' '.join(names)}",
+        "distributed_executor_backend_forced": forced,
+    }
 
 
 def connector_names(given: str | list[str] | None) -> list[str]:
@@ -102,8 +121,10 @@ def connector_names(given: str | list[str] | None) -> list[str]:
     names = [given] if isinstance(given, str) else list(given or [])
     if any(n in NO_CONNECTOR for n in names):
         if len(names) > 1:
-            raise UsageError(f"--connector {' '.join(names)}: none/null cannot be combined with other connectors; "
-                             "give none alone, or only real connectors")
+            raise UsageError(
+                f"--connector {' '.join(names)}: none/null cannot be combined with other connectors; "
+                "give none alone, or only real connectors"
+            )
         return []
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -116,8 +137,9 @@ def check_packages(names: list[str]) -> None:
     for name in names:
         package = CONNECTOR_PACKAGES.get(name)
         if package is not None and importlib.util.find_spec(package) is None:
-            raise UsageError(f"--connector {name} needs the {package!r} package, which is not installed "
-                             f"(pip install {package})")
+            raise UsageError(
+                f"--connector {name} needs the {package!r} package, which is not installed (pip install {package})"
+            )
 
 
 def _one_config(name: str, storage: str | None) -> dict[str, Any]:
@@ -126,8 +148,10 @@ def _one_config(name: str, storage: str | None) -> dict[str, Any]:
         config["kv_connector_module_path"] = CONNECTOR_MODULES[name]
     if name == "example":
         if storage is None:
-            raise UsageError("--connector example needs --kv-shared-storage DIR (the same directory on the "
-                             "prefill and decode workers)")
+            raise UsageError(
+                "--connector example needs --kv-shared-storage DIR (the same directory on the "
+                "prefill and decode workers)"
+            )
         if not os.path.isdir(storage):
             raise UsageError(f"--kv-shared-storage {storage}: no such directory")
         config["kv_connector_extra_config"] = {"shared_storage_path": os.path.abspath(storage)}
@@ -141,8 +165,9 @@ def config_for(names: list[str], storage: str | None) -> Any:
     configs = [_one_config(name, storage) for name in names]
     if len(configs) == 1:
         return KVTransferConfig(**configs[0])
-    return KVTransferConfig(kv_connector=MULTI_CONNECTOR, kv_role=KV_ROLE,
-                            kv_connector_extra_config={"connectors": configs})
+    return KVTransferConfig(
+        kv_connector=MULTI_CONNECTOR, kv_role=KV_ROLE, kv_connector_extra_config={"connectors": configs}
+    )
 
 
 def _host_address() -> str:
@@ -154,8 +179,14 @@ def _host_address() -> str:
 
 def prefill_params() -> dict[str, Any]:
     """The ``kv_transfer_params`` a prefill request carries (Dynamo's): keep the KV for a remote decode."""
-    return {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-            "remote_block_ids": None, "remote_host": None, "remote_port": None}
+    return {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
 
 
 def decode_params(prefill_result: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -50,8 +50,9 @@ class LoadSnapshot:
 class LoadPublisher:
     """Collects per-engine snapshots from the stat logger and publishes them, throttled."""
 
-    def __init__(self, instance_id: str, publish: Callable[[str, Any], Awaitable[None]], *,
-                 min_interval: float = 0.1) -> None:
+    def __init__(
+        self, instance_id: str, publish: Callable[[str, Any], Awaitable[None]], *, min_interval: float = 0.1
+    ) -> None:
         self.instance_id = instance_id
         self.publish = publish
         self.total_slots = 0  # max_num_seqs, known once the engine exists
@@ -77,16 +78,23 @@ class LoadPublisher:
                 self.engine_index = engine_index
                 self.cache_config = vllm_config.cache_config
 
-            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-                       engine_idx: int = 0) -> None:
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+            ) -> None:
                 if scheduler_stats is None:
                     return
                 total = publisher.blocks_per_engine(self.cache_config.num_gpu_blocks)
                 usage = float(scheduler_stats.kv_cache_usage)
-                publisher.record(LoadSnapshot(
-                    dp_rank=engine_idx, running=scheduler_stats.num_running_reqs,
-                    waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
-                    active_blocks=round(total * usage), total_blocks=total, usage=usage))
+                publisher.record(
+                    LoadSnapshot(
+                        dp_rank=engine_idx,
+                        running=scheduler_stats.num_running_reqs,
+                        waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                        active_blocks=round(total * usage),
+                        total_blocks=total,
+                        usage=usage,
+                    )
+                )
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -101,9 +109,14 @@ class LoadPublisher:
         """Called on every engine step: must stay cheap."""
         self.latest[snapshot.dp_rank] = snapshot
         if self.metrics is not None:
-            self.metrics.set_load(snapshot.dp_rank, total_blocks=snapshot.total_blocks,
-                                  active_blocks=snapshot.active_blocks, usage=snapshot.usage,
-                                  running=snapshot.running, waiting=snapshot.waiting)
+            self.metrics.set_load(
+                snapshot.dp_rank,
+                total_blocks=snapshot.total_blocks,
+                active_blocks=snapshot.active_blocks,
+                usage=snapshot.usage,
+                running=snapshot.running,
+                waiting=snapshot.waiting,
+            )
         if self._published.get(snapshot.dp_rank) != snapshot:
             if threading.get_ident() == self._loop_thread:
                 self._changed.set()
@@ -125,10 +138,17 @@ class LoadPublisher:
         return {
             "instance_id": self.instance_id,
             "dp_rank": s.dp_rank,
-            "worker_stats": {"data_parallel_rank": s.dp_rank, "request_active_slots": s.running,
-                             "request_total_slots": self.total_slots, "num_requests_waiting": s.waiting},
-            "kv_stats": {"kv_active_blocks": s.active_blocks, "kv_total_blocks": s.total_blocks,
-                         "gpu_cache_usage_perc": s.usage},
+            "worker_stats": {
+                "data_parallel_rank": s.dp_rank,
+                "request_active_slots": s.running,
+                "request_total_slots": self.total_slots,
+                "num_requests_waiting": s.waiting,
+            },
+            "kv_stats": {
+                "kv_active_blocks": s.active_blocks,
+                "kv_total_blocks": s.total_blocks,
+                "gpu_cache_usage_perc": s.usage,
+            },
         }
 
     async def run(self) -> None:

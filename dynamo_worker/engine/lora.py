@@ -88,8 +88,9 @@ def _error(message: str) -> dict[str, Any]:
 class LoraManager:
     """The adapters this worker holds, and its three LoRA endpoints."""
 
-    def __init__(self, engine: Any, *, enabled: bool, allowed_dirs: list[Path], capacity: int,
-                 base_names: set[str], record: Any) -> None:
+    def __init__(
+        self, engine: Any, *, enabled: bool, allowed_dirs: list[Path], capacity: int, base_names: set[str], record: Any
+    ) -> None:
         self.engine = engine
         self.enabled = enabled
         self.allowed_dirs = allowed_dirs
@@ -126,8 +127,7 @@ class LoraManager:
         adapter = self.adapters.get(model)
         if adapter is None or adapter.unloading:
             known = ", ".join(sorted(self.base_names | set(self.names())))
-            raise RequestError("not_found", f"model {model!r} is not served by this worker "
-                               f"(it serves: {known})")
+            raise RequestError("not_found", f"model {model!r} is not served by this worker (it serves: {known})")
         from vllm.lora.request import LoRARequest
 
         adapter.in_use += 1
@@ -164,8 +164,10 @@ class LoraManager:
             raise ValueError(f"source.uri {uri!r}: only local directories (a path or file://) can be loaded")
         raw = unquote(parsed.path) if parsed.scheme == "file" else uri
         if not self.allowed_dirs:
-            raise ValueError("loading adapters is off on this worker: start it with --lora-dirs DIR[,DIR] "
-                             "naming the directories adapters may be loaded from")
+            raise ValueError(
+                "loading adapters is off on this worker: start it with --lora-dirs DIR[,DIR] "
+                "naming the directories adapters may be loaded from"
+            )
         path = confine(os.path.expanduser(raw), self.allowed_dirs, "--lora-dirs")  # "~nobody" stays as is
         try:
             if not stat.S_ISDIR(os.stat(path).st_mode):
@@ -181,8 +183,10 @@ class LoraManager:
             raise PathRefused(f"cannot read {path}: {os.strerror(exc.errno) if exc.errno else exc}") from None
         config = check_regular(path / "adapter_config.json")
         if config.st_size > MAX_ADAPTER_CONFIG_BYTES:
-            raise PathRefused(f"{path / 'adapter_config.json'} is {config.st_size} bytes; an adapter's "
-                              f"config is at most {MAX_ADAPTER_CONFIG_BYTES}")
+            raise PathRefused(
+                f"{path / 'adapter_config.json'} is {config.st_size} bytes; an adapter's "
+                f"config is at most {MAX_ADAPTER_CONFIG_BYTES}"
+            )
         return path
 
     async def load_lora(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
@@ -209,17 +213,21 @@ class LoraManager:
             existing = self.adapters.get(name)
             if existing is not None and not existing.unloading:
                 if existing.path == str(path):
-                    return {"status": "success", "message": f"LoRA adapter {name!r} is already loaded",
-                            "lora_name": name, "lora_id": existing.id}
-                return _error(f"a LoRA adapter named {name!r} is already loaded from {existing.path}; "
-                              "unload it first")
+                    return {
+                        "status": "success",
+                        "message": f"LoRA adapter {name!r} is already loaded",
+                        "lora_name": name,
+                        "lora_id": existing.id,
+                    }
+                return _error(f"a LoRA adapter named {name!r} is already loaded from {existing.path}; unload it first")
             if len(self.adapters) >= self.capacity:
                 return _error(self._full_message())
             new_id = lora_id(name)
             clash = next((a for a in self.adapters.values() if a.id == new_id), None)
             if clash is not None:
-                return _error(f"lora_name {name!r} has the same id as the loaded adapter {clash.name!r}; "
-                              "choose another name")
+                return _error(
+                    f"lora_name {name!r} has the same id as the loaded adapter {clash.name!r}; choose another name"
+                )
             from vllm.lora.request import LoRARequest
 
             try:
@@ -230,13 +238,14 @@ class LoraManager:
             self.adapters[name] = Adapter(name, new_id, str(path))
             await self.record.update(loras=self.names())
         log.info("loaded LoRA adapter %r (id %d) from %s", name, new_id, path)
-        return {"status": "success", "message": f"LoRA adapter {name!r} loaded", "lora_name": name,
-                "lora_id": new_id}
+        return {"status": "success", "message": f"LoRA adapter {name!r} loaded", "lora_name": name, "lora_id": new_id}
 
     def _full_message(self) -> str:
-        return (f"this worker already holds {len(self.adapters)} LoRA adapter(s), its limit; unload one, "
-                "or start the worker with a larger --max-loras (on CPU one adapter slot stays free, "
-                "see docs/operations.md) and --max-cpu-loras")
+        return (
+            f"this worker already holds {len(self.adapters)} LoRA adapter(s), its limit; unload one, "
+            "or start the worker with a larger --max-loras (on CPU one adapter slot stays free, "
+            "see docs/operations.md) and --max-cpu-loras"
+        )
 
     async def unload_lora(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """``{"lora_name"}``: stop routing to the adapter, let its requests finish, remove it."""
@@ -259,8 +268,10 @@ class LoraManager:
             if not idle:
                 adapter.unloading = False
                 await self.record.update(loras=self.names())
-                return _error(f"LoRA adapter {name!r} is still used by {adapter.in_use} request(s) after "
-                              f"{UNLOAD_WAIT:.0f}s; try again later")
+                return _error(
+                    f"LoRA adapter {name!r} is still used by {adapter.in_use} request(s) after "
+                    f"{UNLOAD_WAIT:.0f}s; try again later"
+                )
             try:
                 await self.engine.remove_lora(adapter.id)
             except Exception as exc:
@@ -269,8 +280,12 @@ class LoraManager:
                 return _error(f"cannot unload LoRA adapter {name!r}: {type(exc).__name__}: {exc}")
             del self.adapters[name]
         log.info("unloaded LoRA adapter %r", name)
-        return {"status": "success", "message": f"LoRA adapter {name!r} unloaded", "lora_name": name,
-                "lora_id": adapter.id}
+        return {
+            "status": "success",
+            "message": f"LoRA adapter {name!r} unloaded",
+            "lora_name": name,
+            "lora_id": adapter.id,
+        }
 
     async def list_loras(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """``{"status": "success", "loras": {name: id}, "count": n}``."""
@@ -298,5 +313,8 @@ def apply_cpu_default(engine_args: Any, explicit: set[str]) -> tuple[str, Any, s
     if not current_platform.is_cpu():
         return None
     engine_args.max_loras = CPU_DEFAULT_MAX_LORAS
-    return ("max_loras", CPU_DEFAULT_MAX_LORAS,
-            f"CPU: one adapter slot stays free (mixed-batch bug), so {CPU_DEFAULT_MAX_LORAS - 1} adapters fit")
+    return (
+        "max_loras",
+        CPU_DEFAULT_MAX_LORAS,
+        f"CPU: one adapter slot stays free (mixed-batch bug), so {CPU_DEFAULT_MAX_LORAS - 1} adapters fit",
+    )

@@ -51,35 +51,62 @@ class EngineMetrics:
         self.ttft = Histogram(
             "dynamo_component_time_to_first_token_seconds",
             "Time from a request's arrival on the worker to its first generated token",
-            REQUEST_LABELS, registry=registry, buckets=TTFT_BUCKETS)
+            REQUEST_LABELS,
+            registry=registry,
+            buckets=TTFT_BUCKETS,
+        )
         self.itl = Histogram(
             "dynamo_component_inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request",
-            REQUEST_LABELS, registry=registry, buckets=ITL_BUCKETS)
+            REQUEST_LABELS,
+            registry=registry,
+            buckets=ITL_BUCKETS,
+        )
         # One writer per engine (this process): in multiprocess mode, the live process's value.
         mode = "livemostrecent"
-        self.total_blocks = Gauge("dynamo_component_kvstats_total_blocks",
-                                  "KV-cache blocks of the engine", ENGINE_LABELS, registry=registry,
-                                  multiprocess_mode=mode)
-        self.active_blocks = Gauge("dynamo_component_kvstats_active_blocks",
-                                   "KV-cache blocks in use by requests", ENGINE_LABELS, registry=registry,
-                                   multiprocess_mode=mode)
-        self.usage_percent = Gauge("dynamo_component_kvstats_gpu_cache_usage_percent",
-                                   "KV-cache usage, 0-100 (the CPU cache on CPU; Dynamo's name)",
-                                   ENGINE_LABELS, registry=registry, multiprocess_mode=mode)
-        self.running = Gauge("dynamo_component_engine_requests_running",
-                             "Requests in the engine's running batch", ENGINE_LABELS, registry=registry,
-                             multiprocess_mode=mode)
-        self.waiting = Gauge("dynamo_component_engine_requests_waiting",
-                             "Requests queued in the engine, not yet running", ENGINE_LABELS,
-                             registry=registry, multiprocess_mode=mode)
+        self.total_blocks = Gauge(
+            "dynamo_component_kvstats_total_blocks",
+            "KV-cache blocks of the engine",
+            ENGINE_LABELS,
+            registry=registry,
+            multiprocess_mode=mode,
+        )
+        self.active_blocks = Gauge(
+            "dynamo_component_kvstats_active_blocks",
+            "KV-cache blocks in use by requests",
+            ENGINE_LABELS,
+            registry=registry,
+            multiprocess_mode=mode,
+        )
+        self.usage_percent = Gauge(
+            "dynamo_component_kvstats_gpu_cache_usage_percent",
+            "KV-cache usage, 0-100 (the CPU cache on CPU; Dynamo's name)",
+            ENGINE_LABELS,
+            registry=registry,
+            multiprocess_mode=mode,
+        )
+        self.running = Gauge(
+            "dynamo_component_engine_requests_running",
+            "Requests in the engine's running batch",
+            ENGINE_LABELS,
+            registry=registry,
+            multiprocess_mode=mode,
+        )
+        self.waiting = Gauge(
+            "dynamo_component_engine_requests_waiting",
+            "Requests queued in the engine, not yet running",
+            ENGINE_LABELS,
+            registry=registry,
+            multiprocess_mode=mode,
+        )
 
     def request(self, endpoint: str, model: str) -> RequestTimer:
         labels = (self.namespace, self.component, endpoint, model)
         return RequestTimer(self.ttft.labels(*labels), self.itl.labels(*labels))
 
-    def set_load(self, dp_rank: int, *, total_blocks: int, active_blocks: int, usage: float,
-                 running: int, waiting: int) -> None:
+    def set_load(
+        self, dp_rank: int, *, total_blocks: int, active_blocks: int, usage: float, running: int, waiting: int
+    ) -> None:
         labels = (self.namespace, self.component, str(dp_rank))
         self.total_blocks.labels(*labels).set(total_blocks)
         self.active_blocks.labels(*labels).set(active_blocks)

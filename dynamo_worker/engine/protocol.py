@@ -105,8 +105,9 @@ class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defau
     multi_modal_data: dict[str, Any] | None = None
 
 
-def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
-                  min_prompt_tokens: int = 1, multimodal: bool = False) -> PreprocessedRequest:
+def parse_request(
+    payload: Any, *, vocab_size: int, max_model_len: int, min_prompt_tokens: int = 1, multimodal: bool = False
+) -> PreprocessedRequest:
     """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise.
 
     ``multi_modal_data`` is only accepted with ``multimodal`` (a worker started with
@@ -123,8 +124,11 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
     if not req.token_ids:
         raise RequestError("bad_request", "token_ids must not be empty")
     if len(req.token_ids) < min_prompt_tokens:
-        raise RequestError("bad_request", f"this worker's KV connector (vLLM's ExampleConnector) needs a prompt of "
-                           f"at least {min_prompt_tokens} tokens; a shorter one would fail its engine")
+        raise RequestError(
+            "bad_request",
+            f"this worker's KV connector (vLLM's ExampleConnector) needs a prompt of "
+            f"at least {min_prompt_tokens} tokens; a shorter one would fail its engine",
+        )
     bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise RequestError("bad_request", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
@@ -148,16 +152,24 @@ def parse_request(payload: Any, *, vocab_size: int, max_model_len: int,
     _refuse_unsupported(req)
     for key in req.sampling_options.logit_bias or {}:
         if not re.fullmatch(r"[0-9]+", key) or int(key) >= vocab_size:
-            raise RequestError("bad_request", f"sampling_options.logit_bias key {key!r} is not a token id "
-                               f"of this model (0..{vocab_size - 1})")
+            raise RequestError(
+                "bad_request",
+                f"sampling_options.logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+            )
     for word in req.sampling_options.bad_words_token_ids or []:
         if not word or any(not 0 <= t < vocab_size for t in word):
-            raise RequestError("bad_request", "sampling_options.bad_words_token_ids: each entry must be a non-empty "
-                               f"list of token ids of this model (0..{vocab_size - 1})")
+            raise RequestError(
+                "bad_request",
+                "sampling_options.bad_words_token_ids: each entry must be a non-empty "
+                f"list of token ids of this model (0..{vocab_size - 1})",
+            )
     guided = req.sampling_options.guided_decoding
     if guided is not None and guided.backend is not None:
-        raise RequestError("bad_request", "sampling_options.guided_decoding.backend: the structured-output backend "
-                           "is chosen per worker (--structured-outputs-config.backend), not per request")
+        raise RequestError(
+            "bad_request",
+            "sampling_options.guided_decoding.backend: the structured-output backend "
+            "is chosen per worker (--structured-outputs-config.backend), not per request",
+        )
     return req
 
 
@@ -174,8 +186,11 @@ def _refuse_unsupported(req: PreprocessedRequest) -> None:
         ("sampling_options.use_beam_search", bool(so.use_beam_search), "beam search is not supported"),
         ("sampling_options.length_penalty", so.length_penalty is not None, "it applies to beam search only"),
         ("sampling_options.detokenize", bool(so.detokenize), "this worker returns token ids, not text"),
-        ("stop_conditions.max_thinking_tokens", sc.max_thinking_tokens is not None,
-         "this worker has no reasoning parser to count thinking tokens with"),
+        (
+            "stop_conditions.max_thinking_tokens",
+            sc.max_thinking_tokens is not None,
+            "this worker has no reasoning parser to count thinking tokens with",
+        ),
     ]
     for name, bad, why in refused:
         if bad:
@@ -206,14 +221,19 @@ def check_structured_outputs(params: Any, engine: Any) -> None:
     from vllm.exceptions import VLLMClientError
 
     try:
-        params._validate_structured_outputs(engine.model_config, engine.vllm_config.structured_outputs_config,
-                                            engine.tokenizer)
+        params._validate_structured_outputs(
+            engine.model_config, engine.vllm_config.structured_outputs_config, engine.tokenizer
+        )
     except (ValueError, TypeError, VLLMClientError) as exc:
         raise RequestError("bad_request", f"invalid sampling_options.guided_decoding: {exc}") from None
 
 
-def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_model_len: int,
-                    kv_transfer_params: dict[str, Any] | None = None) -> Any:
+def sampling_params(
+    req: PreprocessedRequest,
+    defaults: dict[str, Any],
+    max_model_len: int,
+    kv_transfer_params: dict[str, Any] | None = None,
+) -> Any:
     """vLLM ``SamplingParams`` for a validated request: token ids in, token-id deltas out.
 
     ``kv_transfer_params`` go to the KV connector (``extra_args``, where vLLM's connectors look):
@@ -225,8 +245,17 @@ def sampling_params(req: PreprocessedRequest, defaults: dict[str, Any], max_mode
 
     kwargs: dict[str, Any] = dict(defaults)
     so, sc = req.sampling_options, req.stop_conditions
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "allowed_token_ids"):
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "allowed_token_ids",
+    ):
         value = getattr(so, name, None)
         if value is not None:
             kwargs[name] = value
@@ -285,10 +314,13 @@ def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str
 def prompt_logprob_fields(prompt_logprobs: Any) -> list[list[dict[str, Any]] | None]:
     """vLLM's prompt logprobs (``None`` for the first token, then one dict per prompt token of
     that token and the top ones) as lists of ``{"token_id", "logprob", "rank"}``, in vLLM's order."""
-    return [None if position is None else
-            # -inf (a token the sampler ruled out) is not JSON: -9999.0, as vllm serve reports it
-            [{"token_id": tid, "logprob": max(lp.logprob, -9999.0), "rank": lp.rank} for tid, lp in position.items()]
-            for position in prompt_logprobs]
+    return [
+        None
+        if position is None
+        # -inf (a token the sampler ruled out) is not JSON: -9999.0, as vllm serve reports it
+        else [{"token_id": tid, "logprob": max(lp.logprob, -9999.0), "rank": lp.rank} for tid, lp in position.items()]
+        for position in prompt_logprobs
+    ]
 
 
 def logprob_fields(token_ids: list[int], logprobs: Any) -> dict[str, Any]:
@@ -297,8 +329,10 @@ def logprob_fields(token_ids: list[int], logprobs: Any) -> dict[str, Any]:
     tops: list[list[dict[str, Any]]] = []
     for token_id, alternatives in zip(token_ids, logprobs or [], strict=False):
         sampled.append(alternatives[token_id].logprob)
-        tops.append(sorted(
-            ({"rank": lp.rank, "token_id": tid, "logprob": lp.logprob} for tid, lp in alternatives.items()),
-            key=lambda d: d["rank"] or 0,
-        ))
+        tops.append(
+            sorted(
+                ({"rank": lp.rank, "token_id": tid, "logprob": lp.logprob} for tid, lp in alternatives.items()),
+                key=lambda d: d["rank"] or 0,
+            )
+        )
     return {"log_probs": sampled, "top_logprobs": tops}

@@ -53,8 +53,9 @@ class VllmRole:
             "Every vLLM engine argument is accepted as well (--model PATH, --max-model-len N, "
             "--enforce-eager, --served-model-name NAME, ...): see --engine-help.",
         )
-        g.add_argument("--engine-help", action="store_true",
-                       help="list vLLM's engine arguments (imports vLLM) and exit")
+        g.add_argument(
+            "--engine-help", action="store_true", help="list vLLM's engine arguments (imports vLLM) and exit"
+        )
         dynamo_flags.add_worker_arguments(g)  # Dynamo's worker flags, accepted for its launch scripts
         return g
 
@@ -73,8 +74,9 @@ class VllmRole:
         ctx.options.extra_args = []  # consumed: vLLM's parser accepted all of them
         self.dp_rank = data_parallel.assign_rank(self.engine_args)
         if self.uses_kv_cache:
-            self.kv_transfer = kv_transfer.configure(ctx.options, self.engine_args, role=self.name,
-                                                     required=self.needs_connector)
+            self.kv_transfer = kv_transfer.configure(
+                ctx.options, self.engine_args, role=self.name, required=self.needs_connector
+            )
         chosen = executor.configure(self.engine_args)  # after the connector, which may need mp
         if chosen is not None:
             applied.append(chosen)
@@ -87,8 +89,9 @@ class VllmRole:
             if self.takes_image_embeds:  # the LLM worker takes image embeddings from encode workers
                 self.engine_args.enable_mm_embeds = True
                 applied.append(("enable_mm_embeds", True, "--enable-multimodal: encode workers send image embeddings"))
-        self.ec_transfer = ec_transfer.configure(ctx.options, self.engine_args, role=self.name,
-                                                producer=self.produces_encoder_cache)
+        self.ec_transfer = ec_transfer.configure(
+            ctx.options, self.engine_args, role=self.name, producer=self.produces_encoder_cache
+        )
         self.lora_dirs = lora.parse_lora_dirs(getattr(ctx.options, "lora_dirs", None))
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
@@ -133,16 +136,23 @@ class VllmRole:
         # engine's processes are spawned meanwhile: they get their own metrics directory.
         with self.child_metrics.spawning():
             engine = await asyncio.to_thread(
-                AsyncLLM.from_engine_args, self.engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
-                stat_loggers=[self.load.stat_logger_factory()])
-        served = (self.engine_args.served_model_name or [self.engine_args.model])
+                AsyncLLM.from_engine_args,
+                self.engine_args,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                stat_loggers=[self.load.stat_logger_factory()],
+            )
+        served = self.engine_args.served_model_name or [self.engine_args.model]
         served_name = served[0] if isinstance(served, list) else served
         self.facts = model_facts(engine, served_name)
         self.handler = GenerateHandler(engine, self.facts, prefill_only=self.needs_connector)
         config = engine.vllm_config
-        ctx.log.info("engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)", served_name,
-                     self.facts.max_model_len, config.cache_config.num_gpu_blocks or 0,
-                     config.cache_config.block_size)
+        ctx.log.info(
+            "engine ready: %s (max_model_len %d, %d KV blocks of %d tokens)",
+            served_name,
+            self.facts.max_model_len,
+            config.cache_config.num_gpu_blocks or 0,
+            config.cache_config.block_size,
+        )
         if self.kv_relay is not None:
             self.kv_relay.set_engine(int(config.cache_config.block_size), self._kv_capacity_per_rank(engine))
         return engine
@@ -158,8 +168,11 @@ class VllmRole:
         """What a KV-aware router needs in the generate record: block size, capacity per rank,
         and whether this worker's KV events (and ``kv_blocks``) describe its cache."""
         cache = engine.vllm_config.cache_config
-        return {"kv_block_size": int(cache.block_size), "kv_capacity_blocks": self._kv_capacity_per_rank(engine),
-                "kv_events": self.kv_relay is not None and bool(cache.enable_prefix_caching)}
+        return {
+            "kv_block_size": int(cache.block_size),
+            "kv_capacity_blocks": self._kv_capacity_per_rank(engine),
+            "kv_events": self.kv_relay is not None and bool(cache.enable_prefix_caching),
+        }
 
     def _leads(self) -> bool:
         """Whether this process serves (data-parallel rank 0, or no data parallelism): the leader
@@ -182,8 +195,11 @@ class VllmRole:
     @hookimpl
     def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
         if not self._leads():
-            ctx.log.info("data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal "
-                         "(rank 0 serves this rank's engine)", self.dp_rank)
+            ctx.log.info(
+                "data-parallel rank %d is not the leader: serving no endpoints, waiting for a signal "
+                "(rank 0 serves this rank's engine)",
+                self.dp_rank,
+            )
             return
         data = self.facts.discovery_data(self.name, **self._kv_discovery(ctx.engine))
         self._register_controls(registrar, ctx, data)

@@ -52,8 +52,7 @@ from dynamo_worker.engine.publication import GenerateRecord
 log = logging.getLogger(__name__)
 
 MODES = ("abort", "wait", "keep")
-CPU_NOTE = ("vLLM on this platform has no sleep mode (--enable-sleep-mode): scheduling is paused "
-            "but no memory is freed")
+CPU_NOTE = "vLLM on this platform has no sleep mode (--enable-sleep-mode): scheduling is paused but no memory is freed"
 
 
 class SleepControl:
@@ -72,8 +71,7 @@ class SleepControl:
         return self.level is not None
 
     def _reply(self, message: str, **extra: Any) -> web.Response:
-        body: dict[str, Any] = {"status": "ok", "message": message, **extra,
-                                "memory_freed": self.frees_memory}
+        body: dict[str, Any] = {"status": "ok", "message": message, **extra, "memory_freed": self.frees_memory}
         if not self.frees_memory:
             body["note"] = CPU_NOTE
         return web.json_response(body)

@@ -30,6 +30,9 @@ from dynamo_worker.frontend import disaggregation, guided, multimodal, preproces
 from dynamo_worker.frontend.chat_parsers import ChatParsers, RequestParsing, template_tools
 from dynamo_worker.frontend.choices import ChoiceStreams, choice_payloads, merged_usage
 from dynamo_worker.frontend.detokenizer import TokenStrings
+from dynamo_worker.frontend.disaggregation import PrefillRouter
+from dynamo_worker.frontend.kv_routing import KvRouting, KvRoutingMetrics
+from dynamo_worker.frontend.limits import Limits
 from dynamo_worker.frontend.metrics import CLIENT_CLOSED, CONTENT_TYPE, FrontendMetrics, RequestTracker
 from dynamo_worker.frontend.models import ModelTable, ServedModel
 from dynamo_worker.frontend.output import OutputProcessor, echo_logprobs, prompt_logprobs_body
@@ -50,9 +53,6 @@ from dynamo_worker.frontend.protocol import (
     unavailable,
     usage_body,
 )
-from dynamo_worker.frontend.disaggregation import PrefillRouter
-from dynamo_worker.frontend.kv_routing import KvRouting, KvRoutingMetrics
-from dynamo_worker.frontend.limits import Limits
 from dynamo_worker.frontend.router import POLICIES, Router
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,9 @@ def error_response(exc: ApiError) -> web.Response:
 
 
 @web.middleware
-async def _openai_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
+async def _openai_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """aiohttp's own errors (unknown path, wrong method) in OpenAI's JSON error shape."""
     try:
         return await handler(request)
@@ -102,11 +103,21 @@ class _Prepared:
 class FrontendServer:
     """The OpenAI-compatible HTTP server over one ``backend.generate`` client."""
 
-    def __init__(self, client: Client, *, router_mode: str = "round-robin", retries: int = 2,
-                 migration_limit: int = 0, max_request_bytes: int = 4 * 1024 * 1024,
-                 metrics: FrontendMetrics | None = None, prefill_client: Client | None = None,
-                 processor_client: Client | None = None, limits: Limits | None = None,
-                 kv: dict[str, Any] | None = None, chat_parsers: ChatParsers | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        router_mode: str = "round-robin",
+        retries: int = 2,
+        migration_limit: int = 0,
+        max_request_bytes: int = 4 * 1024 * 1024,
+        metrics: FrontendMetrics | None = None,
+        prefill_client: Client | None = None,
+        processor_client: Client | None = None,
+        limits: Limits | None = None,
+        kv: dict[str, Any] | None = None,
+        chat_parsers: ChatParsers | None = None,
+    ) -> None:
         self.client = client
         self.chat_parsers = chat_parsers or ChatParsers()
         self.metrics = metrics or FrontendMetrics()
@@ -125,40 +136,65 @@ class FrontendServer:
         prefill = None
         if prefill_client is not None:
             prefill = PrefillRouter(
-                prefill_client, POLICIES.get(router_mode, "round_robin"), kv=self.prefill_kv,
+                prefill_client,
+                POLICIES.get(router_mode, "round_robin"),
+                kv=self.prefill_kv,
                 on_prefill=lambda model: self.metrics.disaggregated.labels(model).inc(),
-                on_fallback=lambda model, reason: self.metrics.prefill_fallbacks.labels(model, reason).inc())
-        self.router = Router(client, router_mode, retries, migration_limit=migration_limit,
-                             on_retry=lambda model: self.metrics.retries.labels(model).inc(),
-                             on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
-                             prefill=prefill, bus_connected=lambda: client.runtime.nc.is_connected, kv=self.kv)
+                on_fallback=lambda model, reason: self.metrics.prefill_fallbacks.labels(model, reason).inc(),
+            )
+        self.router = Router(
+            client,
+            router_mode,
+            retries,
+            migration_limit=migration_limit,
+            on_retry=lambda model: self.metrics.retries.labels(model).inc(),
+            on_migration=lambda model: self.metrics.migrations.labels(model).inc(),
+            prefill=prefill,
+            bus_connected=lambda: client.runtime.nc.is_connected,
+            kv=self.kv,
+        )
         self.media: multimodal.MediaRoute | None = None
         if processor_client is not None:
-            self.media = multimodal.MediaRoute(processor_client, Router(
-                processor_client, router_mode, retries,
-                on_retry=lambda model: self.metrics.retries.labels(model).inc(),
-                bus_connected=lambda: processor_client.runtime.nc.is_connected))
+            self.media = multimodal.MediaRoute(
+                processor_client,
+                Router(
+                    processor_client,
+                    router_mode,
+                    retries,
+                    on_retry=lambda model: self.metrics.retries.labels(model).inc(),
+                    bus_connected=lambda: processor_client.runtime.nc.is_connected,
+                ),
+            )
         self.max_request_bytes = max_request_bytes
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     @classmethod
     def for_runtime(cls, runtime: Runtime, options: Any) -> FrontendServer:
-        return cls(runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT), router_mode=options.router_mode,
-                   retries=options.request_retries, migration_limit=options.migration_limit,
-                   max_request_bytes=options.max_request_bytes,
-                   prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT),
-                   processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT),
-                   limits=Limits.from_options(options),
-                   kv={"overlap_weight": options.kv_overlap_score_weight, "temperature": options.router_temperature,
-                       "busy_threshold": options.busy_threshold, "use_events": options.kv_events},
-                   chat_parsers=ChatParsers.from_options(options))
+        return cls(
+            runtime.client(WORKER_COMPONENT, WORKER_ENDPOINT),
+            router_mode=options.router_mode,
+            retries=options.request_retries,
+            migration_limit=options.migration_limit,
+            max_request_bytes=options.max_request_bytes,
+            prefill_client=runtime.client(disaggregation.COMPONENT, disaggregation.ENDPOINT),
+            processor_client=runtime.client(multimodal.COMPONENT, multimodal.ENDPOINT),
+            limits=Limits.from_options(options),
+            kv={
+                "overlap_weight": options.kv_overlap_score_weight,
+                "temperature": options.router_temperature,
+                "busy_threshold": options.busy_threshold,
+                "use_events": options.kv_events,
+            },
+            chat_parsers=ChatParsers.from_options(options),
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_request_bytes,
-                              middlewares=[*self.limits.middlewares(), _openai_errors])
+        app = web.Application(
+            client_max_size=self.max_request_bytes, middlewares=[*self.limits.middlewares(), _openai_errors]
+        )
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
@@ -180,8 +216,15 @@ class FrontendServer:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family, backlog=1024)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None,
-                    shutdown_timeout: float = 30.0, discovery_timeout: float = 5.0) -> str:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        sock: socket.socket | None = None,
+        shutdown_timeout: float = 30.0,
+        discovery_timeout: float = 5.0,
+    ) -> str:
         """Follow discovery, then serve on ``sock`` (or a new socket on host:port); returns the base URL."""
         sock = sock or self.bind(host, port)
         self.table.start()
@@ -189,10 +232,13 @@ class FrontendServer:
             if kv is not None:
                 await kv.start()
         if not await self._wait_ready(discovery_timeout):
-            log.warning("no discovery snapshot after %.1fs; listening anyway (models appear as "
-                        "workers are found)", discovery_timeout)
-        self.runner = web.AppRunner(self.build_app(), handler_cancellation=True,
-                                    shutdown_timeout=shutdown_timeout, access_log=None)
+            log.warning(
+                "no discovery snapshot after %.1fs; listening anyway (models appear as workers are found)",
+                discovery_timeout,
+            )
+        self.runner = web.AppRunner(
+            self.build_app(), handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None
+        )
         await self.runner.setup()
         await web.SockSite(self.runner, sock).start()
         bound_host, bound_port = sock.getsockname()[:2]
@@ -221,15 +267,19 @@ class FrontendServer:
 
     def _model_card(self, model: ServedModel) -> dict[str, Any]:
         created = self.table.seen.get(model.parent or model.name, 0)  # an adapter: when its base appeared
-        card = {"id": model.name, "object": "model", "created": created,
-                "owned_by": "dynamo-worker", "max_model_len": model.max_model_len}
+        card = {
+            "id": model.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "dynamo-worker",
+            "max_model_len": model.max_model_len,
+        }
         if model.parent is not None:  # a LoRA adapter, as vLLM lists them
             card["parent"] = model.parent
         return card
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return json_response({"object": "list",
-                              "data": [self._model_card(m) for m in self.table.live().values()]})
+        return json_response({"object": "list", "data": [self._model_card(m) for m in self.table.live().values()]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         try:
@@ -302,8 +352,11 @@ class FrontendServer:
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise ApiError(413, f"the request body is larger than {self.max_request_bytes} bytes "
-                           "(see --max-request-bytes)", code="request_too_large") from None
+            raise ApiError(
+                413,
+                f"the request body is larger than {self.max_request_bytes} bytes (see --max-request-bytes)",
+                code="request_too_large",
+            ) from None
 
     async def _prepare(self, body: bytes, endpoint: str, tracker: RequestTracker) -> _Prepared:
         shape_cls: type[ResponseShape]
@@ -319,8 +372,7 @@ class FrontendServer:
             self.chat_parsers.check(req)
             if multimodal.has_media(req):
                 if req.tools:  # the processor renders the prompt and knows no tools: refuse, not drop
-                    raise bad_request("tools are not supported together with image or video content",
-                                      param="tools")
+                    raise bad_request("tools are not supported together with image or video content", param="tools")
                 return await self._prepare_media(body, req.model, params, tracker)
             messages = chat_messages(req)
             prompt_param, shape_cls = "messages", ChatShape
@@ -337,8 +389,9 @@ class FrontendServer:
             prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages, tools=template_tools(req))
         preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
         self.limits.check_prompt(len(prompt_ids), prompt_param)
-        max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params, prompt_param=prompt_param,
-                                                   max_param=params.max_tokens_param)
+        max_tokens = preprocess.resolve_max_tokens(
+            model, len(prompt_ids), params, prompt_param=prompt_param, max_param=params.max_tokens_param
+        )
         max_tokens = self.limits.check_max_tokens(params.max_tokens, max_tokens, params.max_tokens_param)
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))
@@ -348,8 +401,9 @@ class FrontendServer:
             echo = prompt if isinstance(prompt, str) else str(tokenizer.decode(prompt_ids))
         return _Prepared(model, tokenizer, prompt_ids, params, payload, shape, echo=echo, chat=chat)
 
-    async def _prepare_media(self, body: bytes, model_name: str, params: GenerationParams,
-                             tracker: RequestTracker) -> _Prepared:
+    async def _prepare_media(
+        self, body: bytes, model_name: str, params: GenerationParams, tracker: RequestTracker
+    ) -> _Prepared:
         """A chat request with image/video parts: a processor tokenizes and encodes it."""
         tracker.request_type = "stream" if params.stream else "unary"
         model = self.table.resolve(model_name)
@@ -360,14 +414,16 @@ class FrontendServer:
         tokenizer = await self.table.tokenizer(model)
         preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
         shape = ChatShape(model.name, TokenStrings(tokenizer), params.include_usage)
-        return _Prepared(model, tokenizer, [], params, self.media.payload(body, model, params), shape,
-                         router=self.media.router)
+        return _Prepared(
+            model, tokenizer, [], params, self.media.payload(body, model, params), shape, router=self.media.router
+        )
 
     def _choices(self, p: _Prepared) -> ChoiceStreams:
         """The request's n choices as n worker streams (dynamo_worker.frontend.choices)."""
         router = p.router or self.router
-        return ChoiceStreams(lambda payload: router.generate(p.model.name, payload),
-                             choice_payloads(p.payload, p.params.n))
+        return ChoiceStreams(
+            lambda payload: router.generate(p.model.name, payload), choice_payloads(p.payload, p.params.n)
+        )
 
     @staticmethod
     def _shapes(p: _Prepared) -> list[ResponseShape]:

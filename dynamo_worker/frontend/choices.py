@@ -34,8 +34,11 @@ class ChoiceStreams:
     """Runs the choices' worker streams; :meth:`items` yields ``(index, message)`` as they arrive,
     and ``(index, None)`` when a choice's stream ends. :meth:`stop` ends one choice early."""
 
-    def __init__(self, open_stream: Callable[[dict[str, Any]], AsyncGenerator[dict[str, Any], None]],
-                 payloads: Sequence[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        open_stream: Callable[[dict[str, Any]], AsyncGenerator[dict[str, Any], None]],
+        payloads: Sequence[dict[str, Any]],
+    ) -> None:
         self.open_stream = open_stream
         self.payloads = list(payloads)
         self.live = set(range(len(self.payloads)))

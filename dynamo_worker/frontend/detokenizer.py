@@ -32,8 +32,7 @@ class IncrementalDetokenizer:
     bytes of a character the output stops inside.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), *,
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -49,12 +48,12 @@ class IncrementalDetokenizer:
         if not new_ids:
             return ""
         self.ids.extend(new_ids)
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.ids[self.prefix_offset:])
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
         if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT_CHAR):
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return full_text[len(prefix_text):]
+            return full_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
@@ -66,11 +65,11 @@ class IncrementalDetokenizer:
         """
         if self.read_offset >= len(self.ids):
             return ""
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.ids[self.prefix_offset:])
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):].rstrip(REPLACEMENT_CHAR)
+        return full_text[len(prefix_text) :].rstrip(REPLACEMENT_CHAR)
 
 
 class StopStrings:

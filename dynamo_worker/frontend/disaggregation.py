@@ -44,9 +44,15 @@ ENDPOINT = "generate"
 class PrefillRouter:
     """Picks a prefill worker for a model and returns the decode request's ``prefill_result``."""
 
-    def __init__(self, client: Client, policy: str = "round_robin", *,
-                 on_prefill: Callable[[str], None] | None = None,
-                 on_fallback: Callable[[str, str], None] | None = None, kv: KvRouting | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        policy: str = "round_robin",
+        *,
+        on_prefill: Callable[[str], None] | None = None,
+        on_fallback: Callable[[str, str], None] | None = None,
+        kv: KvRouting | None = None,
+    ) -> None:
         self.client = client
         self.policy = policy
         self.kv = kv  # --router-mode kv: prefill where the prompt's prefix is cached
@@ -54,8 +60,9 @@ class PrefillRouter:
         self.on_fallback = on_fallback or (lambda model, reason: None)
         self.seen: set[str] = set()  # models that have had prefill workers
 
-    def _pick(self, serves: Callable[[InstanceRecord], bool], payload: dict[str, Any],
-              request_id: str | None) -> tuple[InstanceRecord, dict[str, Any]]:
+    def _pick(
+        self, serves: Callable[[InstanceRecord], bool], payload: dict[str, Any], request_id: str | None
+    ) -> tuple[InstanceRecord, dict[str, Any]]:
         """The prefill worker, and the request to send it (with ``routing.dp_rank`` when the KV
         router chose a data-parallel rank)."""
         if self.kv is None or request_id is None:
@@ -89,8 +96,12 @@ class PrefillRouter:
                 async for item in stream:
                     last = item
         except RequestError as exc:
-            log.warning("prefill on instance %s failed (%s: %s); serving the request aggregated",
-                        record.instance_id, exc.code, exc.message)
+            log.warning(
+                "prefill on instance %s failed (%s: %s); serving the request aggregated",
+                record.instance_id,
+                exc.code,
+                exc.message,
+            )
             self._fallback(model, "prefill_failed")
             return None
         finally:
@@ -98,12 +109,14 @@ class PrefillRouter:
                 reported = last.get("completion_usage") if isinstance(last, dict) else None
                 self.kv.finished(request_id, cached_tokens(reported))
         if not isinstance(last, dict) or not isinstance(last.get("disaggregated_params"), dict):
-            log.warning("prefill instance %s answered without disaggregated_params; serving aggregated",
-                        record.instance_id)
+            log.warning(
+                "prefill instance %s answered without disaggregated_params; serving aggregated", record.instance_id
+            )
             self._fallback(model, "prefill_failed")
             return None
         self.on_prefill(model)
         usage = last.get("completion_usage") if isinstance(last.get("completion_usage"), dict) else {}
-        return {"disaggregated_params": last["disaggregated_params"],
-                "prompt_tokens_details": usage.get("prompt_tokens_details")}
-
+        return {
+            "disaggregated_params": last["disaggregated_params"],
+            "prompt_tokens_details": usage.get("prompt_tokens_details"),
+        }

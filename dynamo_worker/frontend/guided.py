@@ -39,8 +39,10 @@ def guided_decoding(req: Any, response_format: ResponseFormat | None) -> tuple[d
             raise bad_request("structured_outputs must be an object", param="structured_outputs")
         unknown = sorted(set(so) - set(KINDS) - set(OPTIONS))
         if unknown:
-            raise bad_request(f"structured_outputs has unknown field(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(KINDS + OPTIONS)}", param="structured_outputs")
+            raise bad_request(
+                f"structured_outputs has unknown field(s) {', '.join(unknown)}; known: {', '.join(KINDS + OPTIONS)}",
+                param="structured_outputs",
+            )
         spec = {k: v for k, v in so.items() if v is not None}
         if spec:
             found.append(("structured_outputs", spec))
@@ -60,8 +62,9 @@ def guided_decoding(req: Any, response_format: ResponseFormat | None) -> tuple[d
     param, spec = found[0]
     kinds = [k for k in KINDS if spec.get(k) is not None]
     if len(kinds) != 1:
-        raise bad_request(f"{param} must set exactly one of {', '.join(KINDS)} (got "
-                          f"{', '.join(kinds) or 'none'})", param=param)
+        raise bad_request(
+            f"{param} must set exactly one of {', '.join(KINDS)} (got {', '.join(kinds) or 'none'})", param=param
+        )
     kind = kinds[0]
     _check(param, kind, spec[kind])
     return spec, param
@@ -72,11 +75,12 @@ def _from_response_format(rf: ResponseFormat) -> dict[str, Any]:
         return {"json_object": True}
     if rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.json_schema is None:
-            raise bad_request("response_format of type 'json_schema' needs json_schema.schema",
-                              param="response_format")
+            raise bad_request("response_format of type 'json_schema' needs json_schema.schema", param="response_format")
         return {"json": rf.json_schema.json_schema}
-    raise bad_request(f"response_format type {rf.type!r} is not supported; use 'text', 'json_object' "
-                      "or 'json_schema'", param="response_format")
+    raise bad_request(
+        f"response_format type {rf.type!r} is not supported; use 'text', 'json_object' or 'json_schema'",
+        param="response_format",
+    )
 
 
 def _check(param: str, kind: str, value: Any) -> None:
@@ -90,9 +94,14 @@ def _check(param: str, kind: str, value: Any) -> None:
         "structural_tag": isinstance(value, str) and bool(value.strip()),
     }[kind]
     if not ok:
-        want = {"json": "a JSON schema (object or string)", "regex": "a string",
-                "choice": "a non-empty list of strings", "grammar": "a non-empty grammar string",
-                "json_object": "true", "structural_tag": "a non-empty string"}[kind]
+        want = {
+            "json": "a JSON schema (object or string)",
+            "regex": "a string",
+            "choice": "a non-empty list of strings",
+            "grammar": "a non-empty grammar string",
+            "json_object": "true",
+            "structural_tag": "a non-empty string",
+        }[kind]
         raise bad_request(f"{param} {kind} must be {want}", param=param)
 
 

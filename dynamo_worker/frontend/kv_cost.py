@@ -56,8 +56,9 @@ from dynamo_worker.frontend.kv_index import WorkerKey
 OUTPUT_TOKENS_CAP = 256
 
 
-def expected_blocks(prompt_tokens: int, max_tokens: int | None, block_size: int,
-                    output_tokens_cap: int = OUTPUT_TOKENS_CAP) -> int:
+def expected_blocks(
+    prompt_tokens: int, max_tokens: int | None, block_size: int, output_tokens_cap: int = OUTPUT_TOKENS_CAP
+) -> int:
     """The blocks a request will occupy at its end: prompt plus expected output, rounded up."""
     output = output_tokens_cap if max_tokens is None else min(max(0, max_tokens), output_tokens_cap)
     return -(-(prompt_tokens + output) // block_size)
@@ -153,9 +154,12 @@ class ActiveLoad:
         kv = message.get("kv_stats") or {}
         stats = message.get("worker_stats") or {}
         self._published[worker] = PublishedLoad(
-            active_blocks=int(kv.get("kv_active_blocks") or 0), total_blocks=int(kv.get("kv_total_blocks") or 0),
-            usage=float(kv.get("gpu_cache_usage_perc") or 0.0), waiting=int(stats.get("num_requests_waiting") or 0),
-            received=self.clock())
+            active_blocks=int(kv.get("kv_active_blocks") or 0),
+            total_blocks=int(kv.get("kv_total_blocks") or 0),
+            usage=float(kv.get("gpu_cache_usage_perc") or 0.0),
+            waiting=int(stats.get("num_requests_waiting") or 0),
+            received=self.clock(),
+        )
         return worker
 
     def remove_instance(self, instance_id: str) -> None:
@@ -223,8 +227,14 @@ class Decision:
 class KvSelector:
     """Scores candidate workers by cost and picks one (Dynamo's knobs)."""
 
-    def __init__(self, *, overlap_weight: float = 1.0, temperature: float = 0.0,
-                 busy_threshold: float | None = 0.9, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        overlap_weight: float = 1.0,
+        temperature: float = 0.0,
+        busy_threshold: float | None = 0.9,
+        rng: random.Random | None = None,
+    ) -> None:
         if overlap_weight < 0 or temperature < 0:
             raise ValueError("overlap_weight and temperature must be >= 0")
         if busy_threshold is not None and busy_threshold <= 0:
@@ -251,8 +261,9 @@ class KvSelector:
             return bool(published.total_blocks) and published.current_blocks >= threshold * published.total_blocks
         return published.usage >= threshold
 
-    def choose(self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
-               load: ActiveLoad) -> Decision:
+    def choose(
+        self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int], load: ActiveLoad
+    ) -> Decision:
         """The worker for a request of ``prompt_blocks`` blocks among ``workers`` (not empty)."""
         if not workers:
             raise ValueError("no candidate workers")
@@ -268,14 +279,28 @@ class KvSelector:
         else:
             index = self._sample(costs)
         worker = candidates[index]
-        return Decision(worker=worker, cost=costs[index], overlap_blocks=overlaps.get(worker, 0),
-                        prompt_blocks=prompt_blocks, busy_skipped=skipped,
-                        away_from_holder=self._away_from_holder(worker, costs[index], min(costs), workers,
-                                                                candidates, prompt_blocks, overlaps, load))
+        return Decision(
+            worker=worker,
+            cost=costs[index],
+            overlap_blocks=overlaps.get(worker, 0),
+            prompt_blocks=prompt_blocks,
+            busy_skipped=skipped,
+            away_from_holder=self._away_from_holder(
+                worker, costs[index], min(costs), workers, candidates, prompt_blocks, overlaps, load
+            ),
+        )
 
-    def _away_from_holder(self, chosen: WorkerKey, chosen_cost: float, lowest: float, workers: Sequence[WorkerKey],
-                          candidates: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
-                          load: ActiveLoad) -> str | None:
+    def _away_from_holder(
+        self,
+        chosen: WorkerKey,
+        chosen_cost: float,
+        lowest: float,
+        workers: Sequence[WorkerKey],
+        candidates: Sequence[WorkerKey],
+        prompt_blocks: int,
+        overlaps: Mapping[WorkerKey, int],
+        load: ActiveLoad,
+    ) -> str | None:
         """Why the chosen worker holds less of the prompt than the best holder (see :class:`Decision`)."""
         best = max((overlaps.get(w, 0) for w in workers), default=0)
         if best == 0 or overlaps.get(chosen, 0) >= best:
@@ -288,13 +313,23 @@ class KvSelector:
         own = min(self.cost(prompt_blocks, best, load.tracked_blocks(w)) for w in holders)
         return "published_load" if own <= chosen_cost else "load"
 
-    def explain(self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int],
-                load: ActiveLoad) -> list[dict[str, Any]]:
+    def explain(
+        self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int], load: ActiveLoad
+    ) -> list[dict[str, Any]]:
         """Every candidate's terms, for a debug log of one decision."""
-        return [{"worker": w, "overlap": overlaps.get(w, 0), "tracked": load.tracked_blocks(w),
-                 "published": load.published_blocks(w), "in_flight": load.in_flight(w), "capacity": load.capacity(w),
-                 "busy": self.is_busy(w, load),
-                 "cost": self.cost(prompt_blocks, overlaps.get(w, 0), load.decode_blocks(w))} for w in workers]
+        return [
+            {
+                "worker": w,
+                "overlap": overlaps.get(w, 0),
+                "tracked": load.tracked_blocks(w),
+                "published": load.published_blocks(w),
+                "in_flight": load.in_flight(w),
+                "capacity": load.capacity(w),
+                "busy": self.is_busy(w, load),
+                "cost": self.cost(prompt_blocks, overlaps.get(w, 0), load.decode_blocks(w)),
+            }
+            for w in workers
+        ]
 
     def _lowest(self, candidates: list[WorkerKey], costs: list[float], decode: list[int], load: ActiveLoad) -> int:
         best = min(costs)

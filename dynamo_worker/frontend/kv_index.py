@@ -151,8 +151,9 @@ def _block_extra_ids(lora_name: str | None, extra_keys: Sequence[Any] | None, bl
     return ids
 
 
-def _prompt_extra_ids(blocks: int, block_size: int, lora_name: str | None, cache_salt: str | None,
-                      mm: Sequence[MmPlaceholder]) -> tuple[list[int] | None, int]:
+def _prompt_extra_ids(
+    blocks: int, block_size: int, lora_name: str | None, cache_salt: str | None, mm: Sequence[MmPlaceholder]
+) -> tuple[list[int] | None, int]:
     """Per-block extra ids of a prompt, as vLLM builds them, and how many blocks can match.
 
     Mirrors ``generate_block_hash_extra_keys``: LoRA, then ``(identifier, offset - block_start)``
@@ -179,8 +180,13 @@ def _prompt_extra_ids(blocks: int, block_size: int, lora_name: str | None, cache
     return ids, blocks
 
 
-def prompt_hashes(token_ids: Sequence[int], block_size: int, lora_name: str | None = None,
-                  mm: Sequence[MmPlaceholder] | None = None, cache_salt: str | None = None) -> list[int]:
+def prompt_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    lora_name: str | None = None,
+    mm: Sequence[MmPlaceholder] | None = None,
+    cache_salt: str | None = None,
+) -> list[int]:
     """The router hashes of a prompt's full blocks, chained exactly as for events.
 
     May be shorter than ``len(token_ids) // block_size`` when a multimodal item's identifier is
@@ -192,18 +198,19 @@ def prompt_hashes(token_ids: Sequence[int], block_size: int, lora_name: str | No
     return _chain(ROOT, tuple(token_ids), block_size, usable, extras)
 
 
-def _chain(parent: int, tokens: tuple[int, ...], block_size: int, blocks: int,
-           extras: Sequence[int] | None) -> list[int]:
+def _chain(
+    parent: int, tokens: tuple[int, ...], block_size: int, blocks: int, extras: Sequence[int] | None
+) -> list[int]:
     out = []
     h = parent
     if extras is None:
         for start in range(0, blocks * block_size, block_size):
-            h = hash((h, tokens[start:start + block_size], PLAIN))
+            h = hash((h, tokens[start : start + block_size], PLAIN))
             out.append(h)
     else:
         for index in range(blocks):
             start = index * block_size
-            h = hash((h, tokens[start:start + block_size], extras[index]))
+            h = hash((h, tokens[start : start + block_size], extras[index]))
             out.append(h)
     return out
 
@@ -384,11 +391,18 @@ class KvIndex:
                 self._drop_blocks(entry)
         if reasons:
             self.gaps += 1
-        return ApplyResult(gap=bool(reasons), reason="; ".join(reasons), stored=stored, removed=removed,
-                           cleared=cleared, skipped=skipped)
+        return ApplyResult(
+            gap=bool(reasons),
+            reason="; ".join(reasons),
+            stored=stored,
+            removed=removed,
+            cleared=cleared,
+            skipped=skipped,
+        )
 
-    def replace_worker(self, worker: WorkerKey, snapshot: Iterable[Mapping[str, Any]],
-                       seq: int | None = None) -> ApplyResult:
+    def replace_worker(
+        self, worker: WorkerKey, snapshot: Iterable[Mapping[str, Any]], seq: int | None = None
+    ) -> ApplyResult:
         """Rebuild a worker's entry from its full block set (``BlockStored``-shaped dicts).
 
         ``seq`` is the last batch the snapshot reflects: the next batch expected is ``seq + 1``.
@@ -423,8 +437,9 @@ class KvIndex:
             for engine_hash in event.get("block_hashes") or ():
                 ready.extend(waiting.pop(engine_hash, ()))
         # Left waiting: their parents are not in the snapshot.
-        orphans += sum(len(e.get("block_hashes") or ()) for children in waiting.values() for e in children
-                       if _indexed(e))
+        orphans += sum(
+            len(e.get("block_hashes") or ()) for children in waiting.values() for e in children if _indexed(e)
+        )
         reason = f"{orphans} block(s) in the snapshot chain onto blocks it lacks" if orphans else ""
         return ApplyResult(gap=bool(orphans), reason=reason, stored=stored, skipped=skipped + orphans)
 
@@ -536,8 +551,9 @@ class ApproxIndex:
 
     prompt_hashes = staticmethod(prompt_hashes)
 
-    def __init__(self, ttl: float = 120.0, max_entries: int = 1 << 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl: float = 120.0, max_entries: int = 1 << 20, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock

@@ -70,53 +70,92 @@ class KvRoutingMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.decision_seconds = Histogram(
-            "dynamo_frontend_kv_routing_decision_seconds", "Time to choose a worker by KV overlap and load",
-            registry=registry, buckets=_DECISION_BUCKETS)
+            "dynamo_frontend_kv_routing_decision_seconds",
+            "Time to choose a worker by KV overlap and load",
+            registry=registry,
+            buckets=_DECISION_BUCKETS,
+        )
         self.predicted_overlap = Histogram(
-            "dynamo_frontend_kv_predicted_overlap_blocks", "Prompt blocks predicted cached on the chosen worker",
-            registry=registry, buckets=_BLOCK_BUCKETS)
+            "dynamo_frontend_kv_predicted_overlap_blocks",
+            "Prompt blocks predicted cached on the chosen worker",
+            registry=registry,
+            buckets=_BLOCK_BUCKETS,
+        )
         self.routed = Counter(
-            "dynamo_frontend_kv_routed_requests", "Requests routed by KV overlap, per worker",
-            ("instance", "dp_rank"), registry=registry)
+            "dynamo_frontend_kv_routed_requests",
+            "Requests routed by KV overlap, per worker",
+            ("instance", "dp_rank"),
+            registry=registry,
+        )
         self.index_blocks = Gauge(
-            "dynamo_frontend_kv_index_blocks", "Cached blocks in the router's index (over every worker)",
-            ("component",), registry=registry)
+            "dynamo_frontend_kv_index_blocks",
+            "Cached blocks in the router's index (over every worker)",
+            ("component",),
+            registry=registry,
+        )
         self.index_workers = Gauge(
-            "dynamo_frontend_kv_index_workers", "Workers (instance, dp rank) in the router's index",
-            ("component",), registry=registry)
+            "dynamo_frontend_kv_index_workers",
+            "Workers (instance, dp rank) in the router's index",
+            ("component",),
+            registry=registry,
+        )
         self.away_from_holder = Counter(
-            "dynamo_frontend_kv_away_from_holder", "Requests routed to a worker holding less of their prompt "
-            "than another, by reason (busy, load, published_load, sampled)", ("reason",), registry=registry)
+            "dynamo_frontend_kv_away_from_holder",
+            "Requests routed to a worker holding less of their prompt "
+            "than another, by reason (busy, load, published_load, sampled)",
+            ("reason",),
+            registry=registry,
+        )
         self.event_gaps = Counter(
-            "dynamo_frontend_kv_event_gaps", "KV event gaps seen (lost batches, unknown parents, first contact)",
-            registry=registry)
+            "dynamo_frontend_kv_event_gaps",
+            "KV event gaps seen (lost batches, unknown parents, first contact)",
+            registry=registry,
+        )
         self.resyncs = Counter(
-            "dynamo_frontend_kv_resyncs", "Workers' block sets fetched to rebuild the index, by outcome",
-            ("outcome",), registry=registry)
+            "dynamo_frontend_kv_resyncs",
+            "Workers' block sets fetched to rebuild the index, by outcome",
+            ("outcome",),
+            registry=registry,
+        )
         self.predicted_tokens = Counter(
-            "dynamo_frontend_kv_predicted_cached_tokens", "Prompt tokens the router predicted cached", registry=registry)
+            "dynamo_frontend_kv_predicted_cached_tokens", "Prompt tokens the router predicted cached", registry=registry
+        )
         self.actual_tokens = Counter(
-            "dynamo_frontend_kv_actual_cached_tokens", "Prompt tokens the engines reported cached "
-            "(usage.prompt_tokens_details.cached_tokens) for requests routed by KV overlap", registry=registry)
+            "dynamo_frontend_kv_actual_cached_tokens",
+            "Prompt tokens the engines reported cached "
+            "(usage.prompt_tokens_details.cached_tokens) for requests routed by KV overlap",
+            registry=registry,
+        )
         self.prediction_misses = Counter(
-            "dynamo_frontend_kv_prediction_misses", "Requests whose cached tokens differed from the prediction",
-            registry=registry)
+            "dynamo_frontend_kv_prediction_misses",
+            "Requests whose cached tokens differed from the prediction",
+            registry=registry,
+        )
 
 
 class KvRouting:
     """The KV-aware choice among the instances of one endpoint (``backend.generate``)."""
 
-    def __init__(self, client: Client, *, overlap_weight: float = 1.0, temperature: float = 0.0,
-                 busy_threshold: float | None = 0.9, use_events: bool = True,
-                 registry: CollectorRegistry | None = None, metrics: KvRoutingMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        overlap_weight: float = 1.0,
+        temperature: float = 0.0,
+        busy_threshold: float | None = 0.9,
+        use_events: bool = True,
+        registry: CollectorRegistry | None = None,
+        metrics: KvRoutingMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client = client
         self.runtime = client.runtime
         self.use_events = use_events
         self.index: KvIndex | ApproxIndex = KvIndex() if use_events else ApproxIndex()
         self.load = ActiveLoad()
-        self.selector = KvSelector(overlap_weight=overlap_weight, temperature=temperature,
-                                   busy_threshold=busy_threshold)
+        self.selector = KvSelector(
+            overlap_weight=overlap_weight, temperature=temperature, busy_threshold=busy_threshold
+        )
         self.metrics = metrics or KvRoutingMetrics(registry or CollectorRegistry())
         self._index_blocks = self.metrics.index_blocks.labels(client.component)
         self._index_workers = self.metrics.index_workers.labels(client.component)
@@ -144,8 +183,9 @@ class KvRouting:
 
     # ---- choosing ---------------------------------------------------------------------------------
 
-    def choose(self, records: Sequence[InstanceRecord], payload: dict[str, Any],
-               request_id: str) -> tuple[InstanceRecord, int]:
+    def choose(
+        self, records: Sequence[InstanceRecord], payload: dict[str, Any], request_id: str
+    ) -> tuple[InstanceRecord, int]:
         """The instance and data-parallel rank for ``payload`` among ``records`` (not empty);
         counts the request's blocks on it until :meth:`finished`."""
         started = time.perf_counter()
@@ -172,14 +212,20 @@ class KvRouting:
         workers = sorted(by_worker)
         decision = self.selector.choose(workers, prompt_blocks, overlaps, self.load)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %d prompt blocks -> %s (away from holder: %s); candidates %s", self.client.component,
-                      prompt_blocks, decision.worker, decision.away_from_holder,
-                      self.selector.explain(workers, prompt_blocks, overlaps, self.load))
+            log.debug(
+                "%s: %d prompt blocks -> %s (away from holder: %s); candidates %s",
+                self.client.component,
+                prompt_blocks,
+                decision.worker,
+                decision.away_from_holder,
+                self.selector.explain(workers, prompt_blocks, overlaps, self.load),
+            )
         record = by_worker[decision.worker]
         size = _block_size(record)
         max_tokens = (payload.get("stop_conditions") or {}).get("max_tokens")
-        self.load.start(request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size),
-                        shared=hashes_by_size[size])
+        self.load.start(
+            request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size), shared=hashes_by_size[size]
+        )
         if isinstance(self.index, ApproxIndex):
             self.index.record(decision.worker, hashes_by_size[size], capacity=self.load.capacity(decision.worker))
         self._observe(decision, size, request_id, started)
@@ -214,8 +260,10 @@ class KvRouting:
             self.load.set_capacity((record.instance_id, rank), capacity if isinstance(capacity, int) else None)
         if self.use_events and not record.data.get("kv_events") and record.instance_id not in self._said_no_events:
             self._said_no_events.add(record.instance_id)
-            log.info("instance %s publishes no KV events (prefix caching off, or not a vLLM worker): routed by "
-                     "load alone", record.instance_id)
+            log.info(
+                "instance %s publishes no KV events (prefix caching off, or not a vLLM worker): routed by load alone",
+                record.instance_id,
+            )
 
     # ---- following the workers ---------------------------------------------------------------------
 
@@ -261,8 +309,9 @@ class KvRouting:
         if instance_id in self._resyncing:
             return
         wait = self._last_resync.get(instance_id, -RESYNC_INTERVAL) + RESYNC_INTERVAL - self.clock()
-        self._resyncing[instance_id] = asyncio.create_task(self._fetch_snapshot(instance_id, max(0.0, wait)),
-                                                           name=f"kv-resync-{instance_id}")
+        self._resyncing[instance_id] = asyncio.create_task(
+            self._fetch_snapshot(instance_id, max(0.0, wait)), name=f"kv-resync-{instance_id}"
+        )
 
     async def _fetch_snapshot(self, instance_id: str, wait: float) -> None:
         """Rebuild every rank of one instance from its ``kv_blocks`` endpoint."""
@@ -281,14 +330,16 @@ class KvRouting:
                         ranks[rank] = (part.get("seq", seq), blocks)
                         stale = stale or bool(part.get("stale"))
             if stale:  # the worker's own view lost a batch: it may under-report until its next reset
-                log.info("instance %s says its block set may be incomplete (a lost event batch); using it",
-                         instance_id)
+                log.info("instance %s says its block set may be incomplete (a lost event batch); using it", instance_id)
             assert isinstance(self.index, KvIndex)
             for rank, (seq, blocks) in ranks.items():
                 self.index.replace_worker((instance_id, rank), blocks, seq)
             self.metrics.resyncs.labels("ok").inc()
-            log.info("rebuilt the KV index entry of instance %s from its block set (%d block(s))", instance_id,
-                     sum(self.index.blocks((instance_id, rank)) for rank in ranks))
+            log.info(
+                "rebuilt the KV index entry of instance %s from its block set (%d block(s))",
+                instance_id,
+                sum(self.index.blocks((instance_id, rank)) for rank in ranks),
+            )
         except (RequestError, TimeoutError) as exc:
             # The instance keeps its (possibly stale) entry; the next gap tries again.
             self.metrics.resyncs.labels("failed").inc()

@@ -37,22 +37,37 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--api-key", default=env_default("VLLM_API_KEY", None), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every /v1 route; 401 otherwise "
-                   "(env VLLM_API_KEY, as vllm serve; prefer the variable: a flag is visible in ps)")
-    g.add_argument("--max-concurrent-requests", type=int,
-                   default=env_default("DYN_MAX_CONCURRENT_REQUESTS", DEFAULT_MAX_CONCURRENT_REQUESTS, int),
-                   metavar="N",
-                   help="generation requests served at once; more get 429 with Retry-After "
-                   "(env DYN_MAX_CONCURRENT_REQUESTS; default %(default)s)")
-    g.add_argument("--max-prompt-tokens", type=int, default=env_default("DYN_MAX_PROMPT_TOKENS", 0, int),
-                   metavar="N",
-                   help="longest accepted prompt in tokens, 400 past it; 0: the model's context "
-                   "(env DYN_MAX_PROMPT_TOKENS; default %(default)s)")
-    g.add_argument("--max-completion-tokens", type=int,
-                   default=env_default("DYN_MAX_COMPLETION_TOKENS", 0, int), metavar="N",
-                   help="largest accepted max_tokens, 400 past it, and the default when a request gives "
-                   "none; 0: the rest of the model's context (env DYN_MAX_COMPLETION_TOKENS; default %(default)s)")
+    g.add_argument(
+        "--api-key",
+        default=env_default("VLLM_API_KEY", None),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every /v1 route; 401 otherwise "
+        "(env VLLM_API_KEY, as vllm serve; prefer the variable: a flag is visible in ps)",
+    )
+    g.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=env_default("DYN_MAX_CONCURRENT_REQUESTS", DEFAULT_MAX_CONCURRENT_REQUESTS, int),
+        metavar="N",
+        help="generation requests served at once; more get 429 with Retry-After "
+        "(env DYN_MAX_CONCURRENT_REQUESTS; default %(default)s)",
+    )
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=env_default("DYN_MAX_PROMPT_TOKENS", 0, int),
+        metavar="N",
+        help="longest accepted prompt in tokens, 400 past it; 0: the model's context "
+        "(env DYN_MAX_PROMPT_TOKENS; default %(default)s)",
+    )
+    g.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        default=env_default("DYN_MAX_COMPLETION_TOKENS", 0, int),
+        metavar="N",
+        help="largest accepted max_tokens, 400 past it, and the default when a request gives "
+        "none; 0: the rest of the model's context (env DYN_MAX_COMPLETION_TOKENS; default %(default)s)",
+    )
 
 
 def configure(options: Any) -> None:
@@ -76,14 +91,20 @@ class Limits:
 
     @classmethod
     def from_options(cls, options: Any) -> Limits:
-        return cls(api_key=options.api_key, max_concurrent=options.max_concurrent_requests,
-                   max_prompt_tokens=options.max_prompt_tokens,
-                   max_completion_tokens=options.max_completion_tokens)
+        return cls(
+            api_key=options.api_key,
+            max_concurrent=options.max_concurrent_requests,
+            max_prompt_tokens=options.max_prompt_tokens,
+            max_completion_tokens=options.max_completion_tokens,
+        )
 
     def register_metrics(self, registry: Any) -> None:
         self.rejected = Counter(
-            "dynamo_frontend_rejected_requests", "Requests refused before any work, by reason "
-            "(unauthorized, overloaded)", ("reason",), registry=registry)
+            "dynamo_frontend_rejected_requests",
+            "Requests refused before any work, by reason (unauthorized, overloaded)",
+            ("reason",),
+            registry=registry,
+        )
 
     def _count(self, reason: str) -> None:
         if self.rejected is not None:
@@ -98,8 +119,12 @@ class Limits:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
                 self._count("unauthorized")
-                err = ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key", error_type="authentication_error")
+                err = ApiError(
+                    401,
+                    "a valid API key is required: send 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                    error_type="authentication_error",
+                )
                 return _error(err)
         return await handler(request)
 
@@ -109,9 +134,13 @@ class Limits:
             return await handler(request)
         if self.active >= self.max_concurrent:
             self._count("overloaded")
-            err = ApiError(429, f"the server is serving its limit of {self.max_concurrent} requests "
-                           f"(--max-concurrent-requests); retry after {RETRY_AFTER_SECONDS}s",
-                           code="too_many_requests", error_type="rate_limit_error")
+            err = ApiError(
+                429,
+                f"the server is serving its limit of {self.max_concurrent} requests "
+                f"(--max-concurrent-requests); retry after {RETRY_AFTER_SECONDS}s",
+                code="too_many_requests",
+                error_type="rate_limit_error",
+            )
             resp = _error(err)
             resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             return resp
@@ -127,9 +156,12 @@ class Limits:
 
     def check_prompt(self, prompt_len: int, param: str) -> None:
         if self.max_prompt_tokens and prompt_len > self.max_prompt_tokens:
-            raise bad_request(f"the prompt is {prompt_len} tokens, over this server's limit of "
-                              f"{self.max_prompt_tokens} (--max-prompt-tokens); shorten it", param=param,
-                              code="prompt_too_long")
+            raise bad_request(
+                f"the prompt is {prompt_len} tokens, over this server's limit of "
+                f"{self.max_prompt_tokens} (--max-prompt-tokens); shorten it",
+                param=param,
+                code="prompt_too_long",
+            )
 
     def check_max_tokens(self, requested: int | None, resolved: int | None, param: str) -> int | None:
         """The max_tokens to send: ``resolved`` (the model's checks passed), capped by the limit."""
@@ -137,8 +169,11 @@ class Limits:
         if not cap:
             return resolved
         if requested is not None and requested > cap:
-            raise bad_request(f"{param} is {requested}, over this server's limit of {cap} "
-                              f"(--max-completion-tokens); lower it", param=param, code="max_tokens_too_large")
+            raise bad_request(
+                f"{param} is {requested}, over this server's limit of {cap} (--max-completion-tokens); lower it",
+                param=param,
+                code="max_tokens_too_large",
+            )
         return cap if resolved is None else min(resolved, cap)
 
 

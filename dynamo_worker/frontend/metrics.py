@@ -34,40 +34,73 @@ class FrontendMetrics:
         self.registry = registry or CollectorRegistry()
         reg = self.registry
         self.requests = Counter(
-            "dynamo_frontend_requests", "HTTP requests by model, endpoint, stream or unary, and status "
+            "dynamo_frontend_requests",
+            "HTTP requests by model, endpoint, stream or unary, and status "
             "(the HTTP status code; 499 when the client went away)",
-            ("model", "endpoint", "request_type", "status"), registry=reg)
+            ("model", "endpoint", "request_type", "status"),
+            registry=reg,
+        )
         self.inflight = Gauge(
-            "dynamo_frontend_inflight_requests", "Requests being served now", ("model",),
-            registry=reg, multiprocess_mode="livesum")
+            "dynamo_frontend_inflight_requests",
+            "Requests being served now",
+            ("model",),
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.duration = Histogram(
-            "dynamo_frontend_request_duration_seconds", "Time from request to the last byte sent",
-            ("model", "endpoint"), registry=reg, buckets=_DURATION_BUCKETS)
+            "dynamo_frontend_request_duration_seconds",
+            "Time from request to the last byte sent",
+            ("model", "endpoint"),
+            registry=reg,
+            buckets=_DURATION_BUCKETS,
+        )
         self.ttft = Histogram(
-            "dynamo_frontend_time_to_first_token_seconds", "Time from request to the first token "
-            "from a worker", ("model",), registry=reg, buckets=_LATENCY_BUCKETS)
+            "dynamo_frontend_time_to_first_token_seconds",
+            "Time from request to the first token from a worker",
+            ("model",),
+            registry=reg,
+            buckets=_LATENCY_BUCKETS,
+        )
         self.itl = Histogram(
-            "dynamo_frontend_inter_token_latency_seconds", "Time between tokens from a worker "
+            "dynamo_frontend_inter_token_latency_seconds",
+            "Time between tokens from a worker "
             "(per token: a message carrying k tokens counts k gaps of 1/k of its wait)",
-            ("model",), registry=reg, buckets=_LATENCY_BUCKETS)
+            ("model",),
+            registry=reg,
+            buckets=_LATENCY_BUCKETS,
+        )
         self.input_tokens = Counter(
-            "dynamo_frontend_input_tokens", "Prompt tokens of served requests", ("model",), registry=reg)
+            "dynamo_frontend_input_tokens", "Prompt tokens of served requests", ("model",), registry=reg
+        )
         self.output_tokens = Counter(
-            "dynamo_frontend_output_tokens", "Generated tokens sent to clients", ("model",), registry=reg)
+            "dynamo_frontend_output_tokens", "Generated tokens sent to clients", ("model",), registry=reg
+        )
         self.retries = Counter(
-            "dynamo_frontend_retries", "Requests re-sent to another instance after a retryable error",
-            ("model",), registry=reg)
+            "dynamo_frontend_retries",
+            "Requests re-sent to another instance after a retryable error",
+            ("model",),
+            registry=reg,
+        )
         self.migrations = Counter(
-            "dynamo_frontend_migrations", "Streams continued on another instance after their worker failed",
-            ("model",), registry=reg)
+            "dynamo_frontend_migrations",
+            "Streams continued on another instance after their worker failed",
+            ("model",),
+            registry=reg,
+        )
 
         self.disaggregated = Counter(
-            "dynamo_frontend_disaggregated_requests", "Requests prefilled on a prefill worker, then "
-            "decoded on a decode worker", ("model",), registry=reg)
+            "dynamo_frontend_disaggregated_requests",
+            "Requests prefilled on a prefill worker, then decoded on a decode worker",
+            ("model",),
+            registry=reg,
+        )
         self.prefill_fallbacks = Counter(
-            "dynamo_frontend_prefill_fallbacks", "Requests of a model that has had prefill workers served "
-            "aggregated instead (reason: no_prefill_worker or prefill_failed)", ("model", "reason"),
-            registry=reg)
+            "dynamo_frontend_prefill_fallbacks",
+            "Requests of a model that has had prefill workers served "
+            "aggregated instead (reason: no_prefill_worker or prefill_failed)",
+            ("model", "reason"),
+            registry=reg,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -79,8 +79,7 @@ class TokenizerCache:
         engines, rather than when the first model appears: it takes seconds, and until it is
         done that model's first request waits (about 3 s of the time to the first answer)."""
         if self._warming is None:
-            self._warming = asyncio.create_task(asyncio.to_thread(_import_transformers),
-                                                name="import transformers")
+            self._warming = asyncio.create_task(asyncio.to_thread(_import_transformers), name="import transformers")
             self._warming.add_done_callback(_warmed)
 
     def prefetch(self, path: str) -> None:
@@ -111,8 +110,10 @@ class TokenizerCache:
         task = self._loading.get(path)
         if task is None:
             when, why = self._failed[path]
-            raise RuntimeError(f"{why} (failed {time.monotonic() - when:.0f}s ago; retried "
-                               f"{self.RETRY_FAILED_AFTER:.0f}s after a failure)")
+            raise RuntimeError(
+                f"{why} (failed {time.monotonic() - when:.0f}s ago; retried "
+                f"{self.RETRY_FAILED_AFTER:.0f}s after a failure)"
+            )
         # shield: a client going away must not cancel a load other requests wait for.
         return await asyncio.shield(task)
 
@@ -136,8 +137,11 @@ class ServedModel:
     @property
     def max_model_len(self) -> int | None:
         # Instances may differ; the smallest limit is the one every instance can honour.
-        lens = [r.data["max_model_len"] for r in self.instances
-                if isinstance(r.data.get("max_model_len"), int) and r.data["max_model_len"] > 0]
+        lens = [
+            r.data["max_model_len"]
+            for r in self.instances
+            if isinstance(r.data.get("max_model_len"), int) and r.data["max_model_len"] > 0
+        ]
         return min(lens) if lens else None
 
     @property
@@ -200,14 +204,17 @@ class ModelTable:
         if not _serves_model(record):
             if key not in self._ignored:
                 self._ignored.add(key)
-                log.warning("ignoring instance %s of %s.%s: its discovery record has no model/model_path",
-                            record.instance_id, record.component, record.endpoint)
+                log.warning(
+                    "ignoring instance %s of %s.%s: its discovery record has no model/model_path",
+                    record.instance_id,
+                    record.component,
+                    record.endpoint,
+                )
             return
         name = record.data["model"]
         if name not in self.seen:
             self.seen[name] = int(time.time())
-            log.info("model %r is now served (instance %s, %s)", name, record.instance_id,
-                     record.data["model_path"])
+            log.info("model %r is now served (instance %s, %s)", name, record.instance_id, record.data["model_path"])
         self.tokenizers.prefetch(record.data["model_path"])
 
     def instances(self) -> list[InstanceRecord]:
@@ -236,8 +243,7 @@ class ModelTable:
                 if adapter not in bases:  # a base model's name always means the base model
                     by_name.setdefault(adapter, []).append(record)
                     parents[adapter] = record.data["model"]
-        return {name: ServedModel(name, tuple(records), parents.get(name))
-                for name, records in sorted(by_name.items())}
+        return {name: ServedModel(name, tuple(records), parents.get(name)) for name, records in sorted(by_name.items())}
 
     def resolve(self, name: str) -> ServedModel:
         """The model a request names: 404 if never seen, 503 if seen but no instance serves it now."""
@@ -264,5 +270,8 @@ class ModelTable:
                 return await self.tokenizers.get(path)
             except Exception as exc:  # reported to the client below, with every path tried
                 errors.append(f"{path}: {exc}")
-        raise ApiError(503, f"cannot load the tokenizer of model {model.name!r} on the frontend host "
-                       f"({'; '.join(errors)})", code="tokenizer_unavailable")
+        raise ApiError(
+            503,
+            f"cannot load the tokenizer of model {model.name!r} on the frontend host ({'; '.join(errors)})",
+            code="tokenizer_unavailable",
+        )

@@ -27,8 +27,7 @@ MEDIA_PARTS = frozenset({"image_url", "video_url", "input_audio", "audio_url", "
 
 def has_media(req: ChatRequest) -> bool:
     """Whether any message has a media content part."""
-    return any(isinstance(m.content, list) and any(p.type in MEDIA_PARTS for p in m.content)
-               for m in req.messages)
+    return any(isinstance(m.content, list) and any(p.type in MEDIA_PARTS for p in m.content) for m in req.messages)
 
 
 class MediaRoute:
@@ -44,7 +43,8 @@ class MediaRoute:
             raise unavailable(
                 f"model {model!r} has no multimodal processor, which requests with image or video parts "
                 "need; start one: dynamo-worker --multimodal-processor --enable-multimodal --model PATH",
-                code="no_processor")
+                code="no_processor",
+            )
 
     @staticmethod
     def payload(body: bytes, model: models.ServedModel, params: GenerationParams) -> dict[str, Any]:

@@ -86,8 +86,7 @@ class OutputProcessor:
     """Detokenizes one request's output, applies stop strings, keeps the usage."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], params: GenerationParams) -> None:
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids,
-                                                  skip_special_tokens=params.skip_special_tokens)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
         self.stops = StopStrings(params.stop, include_stop=params.include_stop_str_in_output)
         self.want_logprobs = params.logprobs is not None
         self.prompt_tokens = len(prompt_ids)
@@ -156,8 +155,13 @@ class OutputProcessor:
             value = values[i] if i < len(values) and isinstance(values[i], (int, float)) else float("nan")
             top: list[tuple[int, float]] = []
             if i < len(tops) and isinstance(tops[i], list):
-                entries = [e for e in tops[i] if isinstance(e, dict)
-                           and type(e.get("token_id")) is int and isinstance(e.get("logprob"), (int, float))]
+                entries = [
+                    e
+                    for e in tops[i]
+                    if isinstance(e, dict)
+                    and type(e.get("token_id")) is int
+                    and isinstance(e.get("logprob"), (int, float))
+                ]
                 entries.sort(key=lambda e: e.get("rank", 0) if isinstance(e.get("rank"), int) else 0)
                 top = [(e["token_id"], float(e["logprob"])) for e in entries]
             out.append(TokenLogprob(token_id, float(value), tuple(top)))
@@ -181,9 +185,11 @@ def _prompt_entries(position: Any) -> list[tuple[int, float, int | None]]:
     """One prompt position's ``(token id, logprob, rank)`` in the worker's (vLLM's) order."""
     if not isinstance(position, list):
         return []
-    return [(e["token_id"], float(e["logprob"]), e.get("rank") if isinstance(e.get("rank"), int) else None)
-            for e in position if isinstance(e, dict) and type(e.get("token_id")) is int
-            and isinstance(e.get("logprob"), (int, float))]
+    return [
+        (e["token_id"], float(e["logprob"]), e.get("rank") if isinstance(e.get("rank"), int) else None)
+        for e in position
+        if isinstance(e, dict) and type(e.get("token_id")) is int and isinstance(e.get("logprob"), (int, float))
+    ]
 
 
 def prompt_logprobs_body(raw: list[Any] | None, token_text: Callable[[int], str]) -> list[Any] | None:
@@ -191,10 +197,15 @@ def prompt_logprobs_body(raw: list[Any] | None, token_text: Callable[[int], str]
     then per token ``{"<token id>": {"logprob", "rank", "decoded_token"}}``."""
     if raw is None:
         return None
-    return [None if position is None else
-            {str(tid): {"logprob": lp, "rank": rank, "decoded_token": token_text(tid)}
-             for tid, lp, rank in _prompt_entries(position)}
-            for position in raw]
+    return [
+        None
+        if position is None
+        else {
+            str(tid): {"logprob": lp, "rank": rank, "decoded_token": token_text(tid)}
+            for tid, lp, rank in _prompt_entries(position)
+        }
+        for position in raw
+    ]
 
 
 def echo_logprobs(raw: list[Any] | None, prompt_ids: Sequence[int], top_n: int) -> list[TokenLogprob]:
@@ -207,5 +218,5 @@ def echo_logprobs(raw: list[Any] | None, prompt_ids: Sequence[int], top_n: int) 
         if i == 0 or own is None:
             out.append(TokenLogprob(token_id, None))
         else:
-            out.append(TokenLogprob(token_id, own, tuple((tid, lp) for tid, lp, _ in entries[:top_n + 1])))
+            out.append(TokenLogprob(token_id, own, tuple((tid, lp) for tid, lp, _ in entries[: top_n + 1])))
     return out

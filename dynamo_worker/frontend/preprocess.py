@@ -25,22 +25,35 @@ def encode_completion_prompt(tokenizer: Any, prompt: str | list[int]) -> list[in
     return prompt
 
 
-def encode_chat_prompt(tokenizer: Any, model: str, messages: list[dict[str, Any]], *,
-                       add_generation_prompt: bool = True, continue_final_message: bool = False,
-                       add_special_tokens: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+def encode_chat_prompt(
+    tokenizer: Any,
+    model: str,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
     """Chat messages to token ids; the keywords are ``/tokenize``'s (vLLM's defaults).
 
     ``tools`` go to the template as vllm serve passes them (``tools=``; None without tools)."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request(f"model {model!r} has no chat template; use /v1/completions", param="messages")
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+        )
     except ApiError:
         raise
     except Exception as exc:  # a template's raise_exception(), or messages it cannot render
-        raise bad_request(f"the chat template of model {model!r} rejected the messages: {exc}",
-                          param="messages") from None
+        raise bad_request(
+            f"the chat template of model {model!r} rejected the messages: {exc}", param="messages"
+        ) from None
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
@@ -50,12 +63,12 @@ def check_stop_token_ids(tokenizer: Any, ids: Sequence[int], logit_bias: Sequenc
     for param, given in (("stop_token_ids", ids), ("logit_bias", logit_bias)):
         bad = next((t for t in given if t >= vocab), None)
         if bad is not None:
-            raise bad_request(f"token id {bad} in {param} is outside the vocabulary (0..{vocab - 1})",
-                              param=param)
+            raise bad_request(f"token id {bad} in {param} is outside the vocabulary (0..{vocab - 1})", param=param)
 
 
-def resolve_max_tokens(model: ServedModel, prompt_len: int, params: GenerationParams, *,
-                       prompt_param: str, max_param: str) -> int | None:
+def resolve_max_tokens(
+    model: ServedModel, prompt_len: int, params: GenerationParams, *, prompt_param: str, max_param: str
+) -> int | None:
     """Check the prompt against the model's context; the max_tokens to send (default: the rest)."""
     limit = model.max_model_len
     if limit is None:
@@ -65,7 +78,8 @@ def resolve_max_tokens(model: ServedModel, prompt_len: int, params: GenerationPa
             f"the prompt is {prompt_len} tokens but model {model.name!r} takes at most {limit} tokens "
             f"(prompt plus at least 1 generated token); shorten the prompt",
             param=prompt_param,
-            code="context_length_exceeded")
+            code="context_length_exceeded",
+        )
     if params.max_tokens is None:
         return limit - prompt_len
     if prompt_len + params.max_tokens > limit:
@@ -73,12 +87,15 @@ def resolve_max_tokens(model: ServedModel, prompt_len: int, params: GenerationPa
             f"the prompt ({prompt_len} tokens) plus {max_param} ({params.max_tokens}) is "
             f"{prompt_len + params.max_tokens} tokens, over the {limit}-token limit of model "
             f"{model.name!r}; lower {max_param} to at most {limit - prompt_len}",
-            param=max_param, code="context_length_exceeded")
+            param=max_param,
+            code="context_length_exceeded",
+        )
     return params.max_tokens
 
 
-def preprocessed_request(model: ServedModel, token_ids: list[int], params: GenerationParams,
-                         max_tokens: int | None) -> dict[str, Any]:
+def preprocessed_request(
+    model: ServedModel, token_ids: list[int], params: GenerationParams, max_tokens: int | None
+) -> dict[str, Any]:
     """Dynamo's ``PreprocessedRequest`` (JSON), the payload of ``backend.generate``."""
     return {
         "model": model.name,
@@ -90,9 +107,11 @@ def preprocessed_request(model: ServedModel, token_ids: list[int], params: Gener
             "ignore_eos": params.ignore_eos,
             "include_stop_str_in_output": params.include_stop_str_in_output or None,
         },
-        "sampling_options": dict(params.sampling, **({"guided_decoding": params.guided} if params.guided else {}),
-                                 **({"logit_bias": {str(k): v for k, v in params.logit_bias.items()}}
-                                    if params.logit_bias else {})),
+        "sampling_options": dict(
+            params.sampling,
+            **({"guided_decoding": params.guided} if params.guided else {}),
+            **({"logit_bias": {str(k): v for k, v in params.logit_bias.items()}} if params.logit_bias else {}),
+        ),
         "output_options": {"logprobs": params.logprobs, "prompt_logprobs": params.prompt_logprobs},
         "eos_token_ids": model.eos_token_ids,
     }

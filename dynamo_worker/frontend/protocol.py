@@ -37,8 +37,15 @@ _ERROR_TYPES = {
 class ApiError(Exception):
     """A request that cannot be served; ``status`` is the HTTP status it is answered with."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, error_type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -47,8 +54,7 @@ class ApiError(Exception):
         self.type = error_type or _ERROR_TYPES.get(status, "internal_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
@@ -60,8 +66,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def model_not_found(model: str, available: Sequence[str]) -> ApiError:
     known = ", ".join(sorted(available)) or "none"
-    return ApiError(404, f"the model {model!r} does not exist; available models: {known}",
-                    param="model", code="model_not_found")
+    return ApiError(
+        404, f"the model {model!r} does not exist; available models: {known}", param="model", code="model_not_found"
+    )
 
 
 def unavailable(message: str, code: str = "no_worker") -> ApiError:
@@ -203,8 +210,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         if param is None and "missing required field" in message:
             param = message.rpartition("`")[0].rpartition("`")[2] or None
         return_message = _PATH.sub("", message)
-        raise bad_request(f"{return_message}" + (f" (parameter {param})" if param else ""),
-                          param=param) from None
+        raise bad_request(f"{return_message}" + (f" (parameter {param})" if param else ""), param=param) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
@@ -233,8 +239,9 @@ def parse_chat(body: bytes) -> ChatRequest:
     return req
 
 
-def _check_range(name: str, value: float | None, low: float | None, high: float | None,
-                 *, low_open: bool = False) -> None:
+def _check_range(
+    name: str, value: float | None, low: float | None, high: float | None, *, low_open: bool = False
+) -> None:
     if value is None:
         return
     too_low = low is not None and (value <= low if low_open else value < low)
@@ -242,8 +249,7 @@ def _check_range(name: str, value: float | None, low: float | None, high: float 
     if too_low or too_high:
         lo = "" if low is None else (f"greater than {low:g}" if low_open else f"at least {low:g}")
         hi = "" if high is None else f"at most {high:g}"
-        raise bad_request(f"{name} must be {' and '.join(p for p in (lo, hi) if p)} (got {value:g})",
-                          param=name)
+        raise bad_request(f"{name} must be {' and '.join(p for p in (lo, hi) if p)} (got {value:g})", param=name)
 
 
 def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
@@ -262,8 +268,9 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         if req.min_tokens < 0:
             raise bad_request(f"min_tokens must be 0 or more (got {req.min_tokens})", param="min_tokens")
         if max_tokens is not None and req.min_tokens > max_tokens:
-            raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed {max_param} ({max_tokens})",
-                              param="min_tokens")
+            raise bad_request(
+                f"min_tokens ({req.min_tokens}) must not exceed {max_param} ({max_tokens})", param="min_tokens"
+            )
     _check_range("temperature", req.temperature, 0, None)
     _check_range("top_p", req.top_p, 0, 1, low_open=True)
     _check_range("top_k", req.top_k, -1, None)
@@ -290,8 +297,16 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         logit_bias[int(key)] = min(100.0, max(-100.0, bias))  # clamped as OpenAI and vLLM do
     sampling = {
         name: value
-        for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty")
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        )
         if (value := getattr(req, name)) is not None
     }
     if isinstance(req, ChatRequest):
@@ -313,18 +328,28 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         prompt_logprobs = req.logprobs  # echo with logprobs: the prompt's come first, as in vLLM
     # Imported here: guided builds on this module's errors and response_format type.
     from dynamo_worker.frontend.guided import guided_decoding
+
     guided, guided_param = guided_decoding(req, req.response_format)
     include_usage = stream and req.stream_options is not None and req.stream_options.include_usage
     return GenerationParams(
-        max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=stop_ids,
-        ignore_eos=req.ignore_eos, sampling=sampling, logprobs=logprobs, stream=stream,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=stop,
+        stop_token_ids=stop_ids,
+        ignore_eos=req.ignore_eos,
+        sampling=sampling,
+        logprobs=logprobs,
+        stream=stream,
         include_usage=include_usage,
-        skip_special_tokens=req.skip_special_tokens, max_tokens_param=max_param,
-        continuous_usage=include_usage and req.stream_options is not None
-        and req.stream_options.continuous_usage_stats,
+        skip_special_tokens=req.skip_special_tokens,
+        max_tokens_param=max_param,
+        continuous_usage=include_usage and req.stream_options is not None and req.stream_options.continuous_usage_stats,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        guided=guided, guided_param=guided_param, logit_bias=logit_bias or None,
-        n=n, prompt_logprobs=prompt_logprobs,
+        guided=guided,
+        guided_param=guided_param,
+        logit_bias=logit_bias or None,
+        n=n,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -338,15 +363,16 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     if all(type(t) is int for t in prompt):
         return list(prompt)
     if len(prompt) > 1:
-        raise bad_request(f"one prompt per request: got a list of {len(prompt)} prompts; "
-                          "send them as separate requests", param="prompt")
+        raise bad_request(
+            f"one prompt per request: got a list of {len(prompt)} prompts; send them as separate requests",
+            param="prompt",
+        )
     (only,) = prompt
     if isinstance(only, str):
         return only
     if isinstance(only, list) and only and all(type(t) is int for t in only):
         return list(only)
-    raise bad_request("prompt must be a string, a list of token ids, or a list holding one of those",
-                      param="prompt")
+    raise bad_request("prompt must be a string, a list of token ids, or a list holding one of those", param="prompt")
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
@@ -363,8 +389,9 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             for j, part in enumerate(msg.content):
                 if part.type != "text" or part.text is None:
                     raise bad_request(
-                        f"content part of type {part.type!r} is not supported: this frontend serves "
-                        "text only", param=f"messages[{i}].content[{j}]")
+                        f"content part of type {part.type!r} is not supported: this frontend serves text only",
+                        param=f"messages[{i}].content[{j}]",
+                    )
                 texts.append(part.text)
             content = "\n".join(texts)
         else:
@@ -375,8 +402,9 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if msg.tool_call_id is not None:
             entry["tool_call_id"] = msg.tool_call_id
         if msg.tool_calls:  # vLLM drops an empty list so templates take the plain assistant path
-            entry["tool_calls"] = [_template_tool_call(call, f"messages[{i}].tool_calls[{j}]")
-                                   for j, call in enumerate(msg.tool_calls)]
+            entry["tool_calls"] = [
+                _template_tool_call(call, f"messages[{i}].tool_calls[{j}]") for j, call in enumerate(msg.tool_calls)
+            ]
         out.append(entry)
     return out
 
@@ -388,10 +416,15 @@ def _template_tool_call(call: dict[str, Any], param: str) -> dict[str, Any]:
     are not a JSON object become ``{}`` so a conversation with one bad turn can still continue.
     """
     function = call.get("function")
-    if call.get("type", "function") != "function" or not isinstance(function, dict) \
-            or not isinstance(function.get("name"), str):
-        raise bad_request('an assistant tool call must be {"type": "function", "function": {"name": ..., '
-                          '"arguments": ...}}', param=param)
+    if (
+        call.get("type", "function") != "function"
+        or not isinstance(function, dict)
+        or not isinstance(function.get("name"), str)
+    ):
+        raise bad_request(
+            'an assistant tool call must be {"type": "function", "function": {"name": ..., "arguments": ...}}',
+            param=param,
+        )
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
@@ -441,8 +474,7 @@ class ResponseShape:
         self.include_usage = include_usage
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def for_choice(self) -> ResponseShape:
         """The shape of another choice of the same response (``n`` > 1): the same id and
@@ -452,12 +484,12 @@ class ResponseShape:
     def first_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, text: str, finish_reason: str | None,
-              logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def full(self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None,
-             usage: dict[str, Any]) -> dict[str, Any]:
+    def full(
+        self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None, usage: dict[str, Any]
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -500,21 +532,24 @@ class CompletionShape(ResponseShape):
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [None if lp.logprob is None else {self.token_text(t): v for t, v in lp.top}
-                             for lp in logprobs],
+            "top_logprobs": [
+                None if lp.logprob is None else {self.token_text(t): v for t, v in lp.top} for lp in logprobs
+            ],
             "text_offset": offsets,
         }
 
-    def chunk(self, text: str, finish_reason: str | None,
-              logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
-        return self._chunk_body({"index": 0, "text": text, "logprobs": self._logprobs(logprobs),
-                                 "finish_reason": finish_reason})
-
-    def full(self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None,
-             usage: dict[str, Any]) -> dict[str, Any]:
-        body = self._envelope(self.object_full, [
+    def chunk(self, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+        return self._chunk_body(
             {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
-        ])
+        )
+
+    def full(
+        self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None, usage: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = self._envelope(
+            self.object_full,
+            [{"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}],
+        )
         body["usage"] = usage
         return body
 
@@ -533,25 +568,43 @@ class ChatShape(ResponseShape):
     def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
         if logprobs is None:
             return None
-        return {"content": [
-            {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
-            for lp in logprobs
-        ]}
+        return {
+            "content": [
+                {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
+                for lp in logprobs
+            ]
+        }
 
     def first_chunks(self) -> list[dict[str, Any]]:
-        return [self._chunk_body({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None})]
+        return [
+            self._chunk_body(
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            )
+        ]
 
-    def chunk(self, text: str, finish_reason: str | None,
-              logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
-        return self._chunk_body({"index": 0, "delta": {"content": text} if text else {},
-                                 "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason})
+    def chunk(self, text: str, finish_reason: str | None, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+        return self._chunk_body(
+            {
+                "index": 0,
+                "delta": {"content": text} if text else {},
+                "logprobs": self._logprobs(logprobs),
+                "finish_reason": finish_reason,
+            }
+        )
 
-    def full(self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None,
-             usage: dict[str, Any]) -> dict[str, Any]:
-        body = self._envelope(self.object_full, [{
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason,
-        }])
+    def full(
+        self, text: str, finish_reason: str, logprobs: Sequence[TokenLogprob] | None, usage: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = self._envelope(
+            self.object_full,
+            [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self._logprobs(logprobs),
+                    "finish_reason": finish_reason,
+                }
+            ],
+        )
         body["usage"] = usage
         return body

@@ -64,11 +64,19 @@ def api_error(exc: RequestError) -> ApiError:
 class Router:
     """Picks instances of ``backend.generate`` for a model by ``--router-mode``."""
 
-    def __init__(self, client: Client, mode: str = "round-robin", retries: int = 2, *,
-                 migration_limit: int = 0, on_retry: Callable[[str], None] | None = None,
-                 on_migration: Callable[[str], None] | None = None,
-                 prefill: PrefillRouter | None = None, bus_connected: Callable[[], bool] | None = None,
-                 kv: KvRouting | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        mode: str = "round-robin",
+        retries: int = 2,
+        *,
+        migration_limit: int = 0,
+        on_retry: Callable[[str], None] | None = None,
+        on_migration: Callable[[str], None] | None = None,
+        prefill: PrefillRouter | None = None,
+        bus_connected: Callable[[], bool] | None = None,
+        kv: KvRouting | None = None,
+    ) -> None:
         self.client = client
         self.kv = kv  # --router-mode kv: the choice by cached prefix and load
         self.prefill = prefill  # disaggregated serving: prefill first when prefill workers exist
@@ -79,10 +87,12 @@ class Router:
         self.on_migration = on_migration or (lambda model: None)
         self.bus_connected = bus_connected or (lambda: True)
 
-    def _pick(self, model: str, tried: set[str], request: dict[str, Any],
-              request_id: str | None) -> tuple[InstanceRecord, dict[str, Any]]:
+    def _pick(
+        self, model: str, tried: set[str], request: dict[str, Any], request_id: str | None
+    ) -> tuple[InstanceRecord, dict[str, Any]]:
         """The instance for this try, and the request to send it (with ``routing.dp_rank`` when
         the KV router chose a data-parallel rank)."""
+
         def serves(r: InstanceRecord) -> bool:
             return models.serves(r, model)  # its base model, or a LoRA adapter it holds
 
@@ -131,8 +141,9 @@ class Router:
         finally:
             self.kv.finished(request_id, cached)
 
-    async def _generate(self, model: str, payload: dict[str, Any],
-                        request_id: str | None) -> AsyncGenerator[dict[str, Any], None]:
+    async def _generate(
+        self, model: str, payload: dict[str, Any], request_id: str | None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         tried: set[str] = set()
         attempt = migrations = 0
         produced: list[int] = []
@@ -141,8 +152,11 @@ class Router:
         # transferred KV cache for such a request (skip_reading_prefix_cache) nor could it score
         # the prompt from one, so a prefill worker's work would be thrown away.
         wants_prompt_logprobs = (payload.get("output_options") or {}).get("prompt_logprobs") is not None
-        prefill_result = (await self.prefill.prefill(model, payload)
-                          if self.prefill is not None and not wants_prompt_logprobs else None)
+        prefill_result = (
+            await self.prefill.prefill(model, payload)
+            if self.prefill is not None and not wants_prompt_logprobs
+            else None
+        )
         if prefill_result is not None:
             request = {**payload, "prefill_result": prefill_result}
         while True:
@@ -164,20 +178,35 @@ class Router:
                 if not produced and attempt < self.retries:
                     attempt += 1
                     self.on_retry(model)
-                    log.info("instance %s failed before the first token (%s: %s); retry %d of %d",
-                             record.instance_id, exc.code, exc.message, attempt, self.retries)
+                    log.info(
+                        "instance %s failed before the first token (%s: %s); retry %d of %d",
+                        record.instance_id,
+                        exc.code,
+                        exc.message,
+                        attempt,
+                        self.retries,
+                    )
                     continue
                 if produced and migrations < self.migration_limit:
                     migrations += 1
                     self.on_migration(model)
-                    log.warning("instance %s failed after %d tokens (%s: %s); migrating (%d of %d)",
-                                record.instance_id, len(produced), exc.code, exc.message, migrations,
-                                self.migration_limit)
+                    log.warning(
+                        "instance %s failed after %d tokens (%s: %s); migrating (%d of %d)",
+                        record.instance_id,
+                        len(produced),
+                        exc.code,
+                        exc.message,
+                        migrations,
+                        self.migration_limit,
+                    )
                     # From the original payload: the new worker computes the whole prefix itself.
                     request = continuation(payload, produced)
                     if request is None:  # every token was produced: only the finish was lost
-                        yield {"token_ids": [], "finish_reason": "length",
-                               "completion_usage": _usage(payload, produced, None)}
+                        yield {
+                            "token_ids": [],
+                            "finish_reason": "length",
+                            "completion_usage": _usage(payload, produced, None),
+                        }
                         return
                     continue
                 raise api_error(exc) from exc
@@ -196,8 +225,12 @@ def continuation(payload: dict[str, Any], produced: list[int]) -> dict[str, Any]
     # The prompt's logprobs came with the first message; scored again, the prompt would include
     # the tokens produced.
     output = {k: v for k, v in (payload.get("output_options") or {}).items() if k != "prompt_logprobs"}
-    return {**payload, "token_ids": [*payload["token_ids"], *produced], "stop_conditions": stop,
-            "output_options": output}
+    return {
+        **payload,
+        "token_ids": [*payload["token_ids"], *produced],
+        "stop_conditions": stop,
+        "output_options": output,
+    }
 
 
 def _usage(payload: dict[str, Any], produced: list[int], reported: dict[str, Any] | None) -> dict[str, Any]:

@@ -63,8 +63,9 @@ async def _model(table: ModelTable, name: str | None) -> ServedModel:
         return await table.resolve_soon(name)
     live = table.live()
     if len(live) != 1:
-        raise bad_request(f"name the model: this frontend serves {len(live)} ({', '.join(sorted(live)) or 'none'})",
-                          param="model")
+        raise bad_request(
+            f"name the model: this frontend serves {len(live)} ({', '.join(sorted(live)) or 'none'})", param="model"
+        )
     return next(iter(live.values()))
 
 
@@ -73,20 +74,30 @@ async def tokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("send either prompt or messages", param="prompt" if req.prompt is None else "messages")
     if req.continue_final_message and req.add_generation_prompt:
-        raise bad_request("cannot set both `continue_final_message` and `add_generation_prompt` to true",
-                          param="continue_final_message")
+        raise bad_request(
+            "cannot set both `continue_final_message` and `add_generation_prompt` to true",
+            param="continue_final_message",
+        )
     model = await _model(table, req.model)
     tokenizer = await table.tokenizer(model)
     if req.prompt is not None:
         ids = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False))
     else:
-        ids = preprocess.encode_chat_prompt(tokenizer, model.name, template_messages(req.messages or []),
-                                            add_generation_prompt=req.add_generation_prompt,
-                                            continue_final_message=req.continue_final_message,
-                                            add_special_tokens=bool(req.add_special_tokens),
-                                            tools=req.tools or None)
-    answer: dict[str, Any] = {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids,
-                              "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+        ids = preprocess.encode_chat_prompt(
+            tokenizer,
+            model.name,
+            template_messages(req.messages or []),
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            add_special_tokens=bool(req.add_special_tokens),
+            tools=req.tools or None,
+        )
+    answer: dict[str, Any] = {
+        "count": len(ids),
+        "max_model_len": model.max_model_len,
+        "tokens": ids,
+        "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None,
+    }
     return answer
 
 

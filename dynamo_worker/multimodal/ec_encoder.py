@@ -22,8 +22,9 @@ from dynamo_worker.multimodal.wire import EncodeRequest, convert
 class EcEncodeHandler:
     """Serves ``ec_encoder.generate``: ``{"images": [PNG]}`` -> ``{"stored": n}`` once all are stored."""
 
-    def __init__(self, engine: Any, model: VisionModel, served: str, paths: set[str], prompt_token: int,
-                 limits: MediaLimits) -> None:
+    def __init__(
+        self, engine: Any, model: VisionModel, served: str, paths: set[str], prompt_token: int, limits: MediaLimits
+    ) -> None:
         self.engine = engine
         self.model = model
         self.served = served
@@ -40,8 +41,10 @@ class EcEncodeHandler:
         if req.model is not None and req.model not in self.paths:
             raise RequestError("not_found", f"this ec-encoder serves {self.served!r}, not {req.model!r}")
         if not 1 <= len(req.images) <= self.model.max_images:
-            raise RequestError("bad_request", f"{len(req.images)} images; {self.model.model_type} takes "
-                                              f"1 to {self.model.max_images} per request")
+            raise RequestError(
+                "bad_request",
+                f"{len(req.images)} images; {self.model.model_type} takes 1 to {self.model.max_images} per request",
+            )
         images = [open_png(png, self.limits, f"images[{i}]") for i, png in enumerate(req.images)]
         prompt = {"prompt_token_ids": [self.prompt_token], "multi_modal_data": {"image": images}}
         try:

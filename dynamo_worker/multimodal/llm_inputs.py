@@ -19,7 +19,6 @@ from dynamo_worker.multimodal.media import MediaLimits, open_png
 from dynamo_worker.multimodal.models import VisionModel
 from dynamo_worker.multimodal.wire import MultiModalData, convert
 
-
 # Far above what a vision encoder's projection produces (Blip2's are within a few tens), far
 # below what overflows the language model's float arithmetic.
 MAX_EMBED_ABS = 1e4
@@ -37,8 +36,10 @@ def check_values(embeds: Any, field: str) -> None:
         raise RequestError("bad_request", f"{field} has non-finite values (NaN or infinity)")
     peak = float(values.abs().max()) if values.numel() else 0.0
     if peak > MAX_EMBED_ABS:
-        raise RequestError("bad_request", f"{field} has a value of magnitude {peak:.3g}; image embeddings "
-                                          f"are at most {MAX_EMBED_ABS:g} in magnitude")
+        raise RequestError(
+            "bad_request",
+            f"{field} has a value of magnitude {peak:.3g}; image embeddings are at most {MAX_EMBED_ABS:g} in magnitude",
+        )
 
 
 @attrs.define
@@ -59,14 +60,19 @@ class ImageInputs:
         """vLLM's ``multi_modal_data`` for a request's ``multi_modal_data``; ``bad_request`` if invalid."""
         data: MultiModalData = convert(payload, MultiModalData, "multi_modal_data")
         if data.extra:
-            raise RequestError("bad_request", f"multi_modal_data.extra ({', '.join(data.extra)}) is not taken "
-                                              f"by {self.model.model_type} models")
+            raise RequestError(
+                "bad_request",
+                f"multi_modal_data.extra ({', '.join(data.extra)}) is not taken by {self.model.model_type} models",
+            )
         if (data.image_embeds is None) == (data.images is None):
             raise RequestError("bad_request", "multi_modal_data needs exactly one of image_embeds and images")
         if data.images is not None:
             self._check_count(len(data.images))
-            return {"image": [open_png(png, self.limits, f"multi_modal_data.images[{i}]")
-                              for i, png in enumerate(data.images)]}
+            return {
+                "image": [
+                    open_png(png, self.limits, f"multi_modal_data.images[{i}]") for i, png in enumerate(data.images)
+                ]
+            }
         assert data.image_embeds is not None
         tensor = data.image_embeds
         tensor.check("multi_modal_data.image_embeds")
@@ -75,7 +81,8 @@ class ImageInputs:
             raise RequestError(
                 "bad_request",
                 f"multi_modal_data.image_embeds has shape {tensor.shape}; {self.model.model_type} "
-                f"needs [images, {want[0]}, {want[1]}] (feature tokens per image, hidden size)")
+                f"needs [images, {want[0]}, {want[1]}] (feature tokens per image, hidden size)",
+            )
         self._check_count(tensor.shape[0])
         embeds = tensor.to_tensor("multi_modal_data.image_embeds")
         check_values(embeds, "multi_modal_data.image_embeds")
@@ -83,5 +90,6 @@ class ImageInputs:
 
     def _check_count(self, n: int) -> None:
         if not 1 <= n <= self.max_images:
-            raise RequestError("bad_request", f"{n} images in one prompt; {self.model.model_type} takes "
-                                              f"1 to {self.max_images}")
+            raise RequestError(
+                "bad_request", f"{n} images in one prompt; {self.model.model_type} takes 1 to {self.max_images}"
+            )

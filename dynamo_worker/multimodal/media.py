@@ -65,11 +65,21 @@ CANNOT_FETCH = "cannot fetch this image URL (the processor's log has the reason)
 
 def add_limit_arguments(group: Any) -> None:
     """``--max-image-bytes`` and ``--max-image-pixels`` (processor and encode roles)."""
-    group.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
-                       help="refuse an image larger than this, as sent and as PNG (default %(default)s: "
-                            "an image travels in one NATS message)")
-    group.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                       help="refuse an image with more pixels than this (default %(default)s)")
+    group.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help="refuse an image larger than this, as sent and as PNG (default %(default)s: "
+        "an image travels in one NATS message)",
+    )
+    group.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse an image with more pixels than this (default %(default)s)",
+    )
 
 
 def limits_from(options: Any) -> MediaLimits:
@@ -103,8 +113,11 @@ def normalize_image(raw: bytes, limits: MediaLimits, where: str) -> bytes:
         with Image.open(io.BytesIO(raw), formats=FORMATS) as im:
             width, height = im.size
             if width * height > limits.max_pixels:
-                raise bad(where, f"the image is {width}x{height} pixels; the limit is {limits.max_pixels} "
-                                 "pixels (--max-image-pixels)")
+                raise bad(
+                    where,
+                    f"the image is {width}x{height} pixels; the limit is {limits.max_pixels} "
+                    "pixels (--max-image-pixels)",
+                )
             im.load()  # decodes everything now: a truncated or corrupt file fails here
             out = io.BytesIO()
             im.convert("RGB").save(out, format="PNG")
@@ -154,8 +167,9 @@ def public_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address)
             return public_address(ip.sixtofour)
         if ip.is_site_local:
             return False
-    return ip.is_global and not (ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_private
-                                 or ip.is_reserved or ip.is_unspecified)
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_private or ip.is_reserved or ip.is_unspecified
+    )
 
 
 def _host_key(host: str | None) -> str:
@@ -174,8 +188,9 @@ def parse_media_domains(values: Iterable[str]) -> frozenset[str]:
             continue
         except ValueError:
             pass
-        wrong = ValueError(f"--allowed-media-domains {value}: give a host name such as images.example.com "
-                           "(no scheme, port or path)")
+        wrong = ValueError(
+            f"--allowed-media-domains {value}: give a host name such as images.example.com (no scheme, port or path)"
+        )
         if not host or any(c in host for c in "/:@[]?#% "):
             raise wrong
         try:
@@ -201,8 +216,7 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         # The system resolver (getaddrinfo: /etc/hosts, nsswitch), as every other client on the host.
         self.upstream = upstream if upstream is not None else aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
         found = await self.upstream.resolve(host, port, family)
         if _host_key(host) in self.exempt:
             return found
@@ -210,8 +224,10 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         if not kept:
             # An OSError, as a failed lookup is: aiohttp reports it as a connection error (with
             # an errno, so its message keeps this one for the log).
-            raise OSError(errno.EACCES, f"{host} resolves only to non-public addresses "
-                                        f"({', '.join(sorted({r['host'] for r in found}))})")
+            raise OSError(
+                errno.EACCES,
+                f"{host} resolves only to non-public addresses ({', '.join(sorted({r['host'] for r in found}))})",
+            )
         return kept
 
     async def close(self) -> None:
@@ -223,6 +239,7 @@ class _Unfetchable(Exception):
 
 
 # ---- local files: the real path, regular files only --------------------------------------------
+
 
 class PathRefused(ValueError):
     """A path a request named may not be read; the message says which rule refused it."""
@@ -257,9 +274,14 @@ def confine(raw: str, allowed: Sequence[pathlib.Path], flag: str) -> pathlib.Pat
 
 def file_kind(mode: int) -> str:
     """What a non-regular file is, for a refusal message."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISLNK, "a symbolic link")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -334,8 +356,11 @@ class MediaLoader:
             raise bad(where, "a data: URL needs a comma before its payload")
         media_type, *params = header.split(";")
         if media_type.lower() not in MEDIA_TYPES:
-            raise bad(where, f"media type {media_type or '(none)'!r} is not an image type this model takes "
-                             f"({', '.join(MEDIA_TYPES)})")
+            raise bad(
+                where,
+                f"media type {media_type or '(none)'!r} is not an image type this model takes "
+                f"({', '.join(MEDIA_TYPES)})",
+            )
         if "base64" not in params:
             raise bad(where, "image data: URLs must be base64-encoded (data:image/png;base64,...)")
         if len(payload) > self.limits.max_bytes * 4 // 3 + 4:
@@ -350,8 +375,7 @@ class MediaLoader:
         if parsed.netloc not in ("", "localhost"):
             raise bad(where, "file:// URLs must name a local path (file:///dir/image.png)")
         if not self.allowed_dirs:
-            raise bad(where, "file:// URLs are refused: the processor was started without "
-                             "--allowed-local-media-path")
+            raise bad(where, "file:// URLs are refused: the processor was started without --allowed-local-media-path")
         raw = urllib.parse.unquote(parsed.path)
 
         def read() -> bytes:
@@ -395,8 +419,11 @@ class MediaLoader:
         except (_Unfetchable, OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError) as exc:
             # OSError covers refused connections and DNS failures, ClientError aiohttp's own,
             # ValueError a malformed Location header. The caller sees one message for all.
-            reason = f"took over {self.fetch_timeout:g} s (--media-fetch-timeout)" if isinstance(
-                exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+            reason = (
+                f"took over {self.fetch_timeout:g} s (--media-fetch-timeout)"
+                if isinstance(exc, asyncio.TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             log.warning("%s: cannot fetch %s: %s", where, url, reason)
             raise bad(where, CANNOT_FETCH) from None
 

@@ -36,8 +36,9 @@ class VisionModel:
 def _blip2(config: dict[str, Any]) -> VisionModel:
     # vLLM inserts num_query_tokens image tokens at the start of the prompt and takes one
     # image per prompt (Blip2ProcessingInfo.get_supported_mm_limits).
-    return VisionModel("blip-2", int(config["num_query_tokens"]), int(config["text_config"]["hidden_size"]),
-                       max_images=1)
+    return VisionModel(
+        "blip-2", int(config["num_query_tokens"]), int(config["text_config"]["hidden_size"]), max_images=1
+    )
 
 
 # model_type -> how to read its rules from config.json.
@@ -49,9 +50,11 @@ def vision_model(config: dict[str, Any], model: str) -> VisionModel:
     model_type = str(config.get("model_type"))
     reader = SUPPORTED.get(model_type)
     if reader is None:
-        raise UsageError(f"model {model} ({model_type}) is not one the multimodal roles serve "
-                         f"(supported: {', '.join(SUPPORTED)}; see docs/multimodal.md); "
-                         "try: dynamo-worker demo-model PATH --multimodal")
+        raise UsageError(
+            f"model {model} ({model_type}) is not one the multimodal roles serve "
+            f"(supported: {', '.join(SUPPORTED)}; see docs/multimodal.md); "
+            "try: dynamo-worker demo-model PATH --multimodal"
+        )
     try:
         return reader(config)
     except (KeyError, TypeError, ValueError) as exc:
@@ -60,17 +63,24 @@ def vision_model(config: dict[str, Any], model: str) -> VisionModel:
 
 def add_model_arguments(group: Any) -> None:
     """``--model`` and ``--served-model-name`` of the roles that are not vLLM engines."""
-    group.add_argument("--model", default=None, metavar="PATH",
-                       help="the local model directory (the same as the decode worker's)")
-    group.add_argument("--served-model-name", default=None, metavar="NAME",
-                       help="the model name requests use (default: the --model value, as the decode worker's)")
+    group.add_argument(
+        "--model", default=None, metavar="PATH", help="the local model directory (the same as the decode worker's)"
+    )
+    group.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model name requests use (default: the --model value, as the decode worker's)",
+    )
 
 
 def configured_model(options: Any) -> tuple[str, str, VisionModel]:
     """``(path, served name, rules)`` from ``--model``/``--served-model-name``; one-line errors."""
     if not options.model:
-        raise UsageError("--model is required: the local model directory the decode worker serves "
-                         "(try: dynamo-worker demo-model PATH --multimodal)")
+        raise UsageError(
+            "--model is required: the local model directory the decode worker serves "
+            "(try: dynamo-worker demo-model PATH --multimodal)"
+        )
     config = read_config(options.model)
     return options.model, options.served_model_name or options.model, vision_model(config, options.model)
 
@@ -81,5 +91,7 @@ def read_config(path: str) -> dict[str, Any]:
     try:
         return dict(json.loads(file.read_text()))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model {path}: cannot read {file} ({exc}); give a local model directory "
-                         "(try: dynamo-worker demo-model PATH --multimodal)") from None
+        raise UsageError(
+            f"--model {path}: cannot read {file} ({exc}); give a local model directory "
+            "(try: dynamo-worker demo-model PATH --multimodal)"
+        ) from None

@@ -39,9 +39,10 @@ from dynamo_worker.multimodal.wire import EncodeRequest, EncodeResponse, convert
 BACKEND = "backend"
 ENCODER_COMPONENTS = {"encode": "encoder", "ec-encoder": "ec_encoder"}  # --encoder value -> component
 VIDEO_PARTS = ("video_url", "video")
-START_HINT = {"encode": "dynamo-worker --multimodal-encode-worker --enable-multimodal --model PATH",
-              "ec-encoder": "dynamo-worker --vllm-native-encoder-worker --enable-multimodal --model PATH "
-                            "--ec-storage-path DIR"}
+START_HINT = {
+    "encode": "dynamo-worker --multimodal-encode-worker --enable-multimodal --model PATH",
+    "ec-encoder": "dynamo-worker --vllm-native-encoder-worker --enable-multimodal --model PATH --ec-storage-path DIR",
+}
 
 
 class ProcessorRequest(msgspec.Struct):
@@ -58,8 +59,9 @@ class ProcessorRequest(msgspec.Struct):
 OWN_FIELDS = ("messages", "model", "token_ids", "multi_modal_data", "prompt_embeds")
 
 
-def split_parts(messages: list[dict[str, Any]], model: VisionModel, name: str
-                ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+def split_parts(
+    messages: list[dict[str, Any]], model: VisionModel, name: str
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Messages for the chat template, and ``(where, url)`` of every image in order."""
     rendered: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
@@ -82,23 +84,38 @@ def split_parts(messages: list[dict[str, Any]], model: VisionModel, name: str
                 images.append((where, url))
                 parts.append({"type": "image"})
             elif kind in VIDEO_PARTS and not model.video:
-                raise RequestError("bad_request", f"{where}: model {name!r} ({model.model_type}) does not take "
-                                                  "video; send images")
+                raise RequestError(
+                    "bad_request", f"{where}: model {name!r} ({model.model_type}) does not take video; send images"
+                )
             else:
-                raise RequestError("bad_request", f"{where}: content part type {kind!r} is not supported "
-                                                  "(text and image_url are)")
+                raise RequestError(
+                    "bad_request", f"{where}: content part type {kind!r} is not supported (text and image_url are)"
+                )
         rendered.append({**message, "content": parts})
     if len(images) > model.max_images:
-        raise RequestError("bad_request", f"{len(images)} images in one request; model {name!r} "
-                                          f"({model.model_type}) takes at most {model.max_images}")
+        raise RequestError(
+            "bad_request",
+            f"{len(images)} images in one request; model {name!r} "
+            f"({model.model_type}) takes at most {model.max_images}",
+        )
     return rendered, images
 
 
 class Processor:
     """Serves ``processor.generate`` for one model (see the module doc)."""
 
-    def __init__(self, *, tokenizer: Any, model: VisionModel, served: str, loader: MediaLoader,
-                 backend: Any, encoder: Any, encoder_kind: str, policy: str = "round_robin") -> None:
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        model: VisionModel,
+        served: str,
+        loader: MediaLoader,
+        backend: Any,
+        encoder: Any,
+        encoder_kind: str,
+        policy: str = "round_robin",
+    ) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.served = served
@@ -126,16 +143,22 @@ class Processor:
         prompt = text_tokens + images * self.model.tokens_per_image
         room = max_model_len - prompt
         if room < 1:
-            raise RequestError("bad_request", f"the prompt is {prompt} tokens ({text_tokens} text, {images} image(s) "
-                                              f"of {self.model.tokens_per_image}) but model {self.served!r} takes at "
-                                              f"most {max_model_len} with at least 1 generated token; shorten it")
+            raise RequestError(
+                "bad_request",
+                f"the prompt is {prompt} tokens ({text_tokens} text, {images} image(s) "
+                f"of {self.model.tokens_per_image}) but model {self.served!r} takes at "
+                f"most {max_model_len} with at least 1 generated token; shorten it",
+            )
         max_tokens = stop.get("max_tokens")
         if max_tokens is None:
             stop["max_tokens"] = room
         elif isinstance(max_tokens, int) and max_tokens > room:
-            raise RequestError("bad_request", f"the prompt ({prompt} tokens with its images) plus max_tokens "
-                                              f"({max_tokens}) is over the {max_model_len}-token limit of model "
-                                              f"{self.served!r}; lower max_tokens to at most {room}")
+            raise RequestError(
+                "bad_request",
+                f"the prompt ({prompt} tokens with its images) plus max_tokens "
+                f"({max_tokens}) is over the {max_model_len}-token limit of model "
+                f"{self.served!r}; lower max_tokens to at most {room}",
+            )
         return stop
 
     def tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -166,12 +189,17 @@ class Processor:
             raise RequestError("not_found", f"this processor serves {self.served!r}, not {req.model!r}")
         messages, images = split_parts(req.messages, self.model, self.served)
         token_ids = self.tokenize(messages)
-        record = self._pick(self.backend, "LLM worker (decode with --enable-multimodal)",
-                            "dynamo-worker --enable-multimodal --model PATH", multimodal=True)
+        record = self._pick(
+            self.backend,
+            "LLM worker (decode with --enable-multimodal)",
+            "dynamo-worker --enable-multimodal --model PATH",
+            multimodal=True,
+        )
         payload = {k: v for k, v in request.items() if k not in OWN_FIELDS}
         payload.update(model=self.served, token_ids=token_ids)
-        payload["stop_conditions"] = self._length(payload.get("stop_conditions"), len(token_ids), len(images),
-                                                  record.data.get("max_model_len"))
+        payload["stop_conditions"] = self._length(
+            payload.get("stop_conditions"), len(token_ids), len(images), record.data.get("max_model_len")
+        )
         if images:
             pngs = await asyncio.gather(*(self.loader.load(url, where) for where, url in images))
             mm = await self.encode(list(pngs))

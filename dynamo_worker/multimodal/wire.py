@@ -50,8 +50,9 @@ class TensorData(msgspec.Struct, forbid_unknown_fields=True):
             raise RequestError("bad_request", f"{field}.shape {self.shape} must be 1 to {MAX_DIMS} positive sizes")
         expected = math.prod(self.shape) * ITEM_SIZE[self.dtype]
         if len(self.data) != expected:
-            raise RequestError("bad_request", f"{field} has {len(self.data)} bytes; {self.dtype} {self.shape} "
-                                              f"needs {expected}")
+            raise RequestError(
+                "bad_request", f"{field} has {len(self.data)} bytes; {self.dtype} {self.shape} needs {expected}"
+            )
 
     def to_tensor(self, field: str) -> Any:
         """The tensor (checked first; see :meth:`check`)."""

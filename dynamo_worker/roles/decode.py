@@ -35,12 +35,19 @@ class DecodeRole(VllmRole):
         from dynamo_worker.engine import ec_transfer, kv_transfer
 
         g = self._engine_arguments(parser)
-        g.add_argument("--is-decode-worker", action="store_true",
-                       help="Dynamo's decode worker: publishes no KV events (a decode worker's cache holds "
-                            "what prefill workers computed, so routers choose by the prefill workers' events)")
-        g.add_argument("--lora-dirs", metavar="DIR[,DIR]", default=None,
-                       help="directories load_lora may load adapters from (with --enable-lora); "
-                            "none by default, so load_lora refuses every path until this is given")
+        g.add_argument(
+            "--is-decode-worker",
+            action="store_true",
+            help="Dynamo's decode worker: publishes no KV events (a decode worker's cache holds "
+            "what prefill workers computed, so routers choose by the prefill workers' events)",
+        )
+        g.add_argument(
+            "--lora-dirs",
+            metavar="DIR[,DIR]",
+            default=None,
+            help="directories load_lora may load adapters from (with --enable-lora); "
+            "none by default, so load_lora refuses every path until this is given",
+        )
         kv_transfer.add_arguments(g)
         ec_transfer.add_arguments(g)
 
@@ -73,16 +80,29 @@ class DecodeRole(VllmRole):
             data["loras"] = []
         record = GenerateRecord(ctx, self.component, "generate", dict(data))
         served = self.engine_args.served_model_name or []
-        base_names = {self.facts.served_name, self.facts.path, str(self.engine_args.model),
-                      *([served] if isinstance(served, str) else served)}
-        adapters = LoraManager(engine, enabled=bool(self.engine_args.enable_lora), allowed_dirs=self.lora_dirs,
-                               capacity=LoraManager.capacity_for(self.engine_args), base_names=base_names,
-                               record=record)
+        base_names = {
+            self.facts.served_name,
+            self.facts.path,
+            str(self.engine_args.model),
+            *([served] if isinstance(served, str) else served),
+        }
+        adapters = LoraManager(
+            engine,
+            enabled=bool(self.engine_args.enable_lora),
+            allowed_dirs=self.lora_dirs,
+            capacity=LoraManager.capacity_for(self.engine_args),
+            base_names=base_names,
+            record=record,
+        )
         if adapters.enabled and adapters.capacity == 0:
-            ctx.log.warning("--enable-lora with --max-loras %d leaves no adapter slot on CPU (one stays free): "
-                            "load_lora will refuse every adapter; use --max-loras 2 or more",
-                            self.engine_args.max_loras)
-        sleep = SleepControl(engine, record, ctx.health, frees_memory=bool(engine.vllm_config.model_config.enable_sleep_mode))
+            ctx.log.warning(
+                "--enable-lora with --max-loras %d leaves no adapter slot on CPU (one stays free): "
+                "load_lora will refuse every adapter; use --max-loras 2 or more",
+                self.engine_args.max_loras,
+            )
+        sleep = SleepControl(
+            engine, record, ctx.health, frees_memory=bool(engine.vllm_config.model_config.enable_sleep_mode)
+        )
         self.handler.adapters = adapters
         self.handler.sleep = sleep
         for name in ("load_lora", "unload_lora", "list_loras"):

@@ -51,10 +51,16 @@ class EcEncoderRole(VllmRole):
         model = vision_model(engine.model_config.hf_config.to_dict(), self.facts.path)
         paths = {self.facts.served_name, self.facts.path, str(self.engine_args.model)}
         bos = self.facts.bos_token_id
-        self.ec_handler = EcEncodeHandler(engine, model, self.facts.served_name, paths,
-                                          bos if bos is not None else 0, media.limits_from(ctx.options))
-        registrar.endpoint("generate", self.ec_handler.generate, model=self.facts.served_name,
-                           model_path=self.facts.path, kind="ec-encoder")
+        self.ec_handler = EcEncodeHandler(
+            engine, model, self.facts.served_name, paths, bos if bos is not None else 0, media.limits_from(ctx.options)
+        )
+        registrar.endpoint(
+            "generate",
+            self.ec_handler.generate,
+            model=self.facts.served_name,
+            model_path=self.facts.path,
+            kind="ec-encoder",
+        )
 
     @hookimpl
     def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:

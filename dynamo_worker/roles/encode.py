@@ -67,17 +67,25 @@ class EncodeRole:
         limit = ctx.runtime.max_message_bytes()
         one = embeds_message_bytes(*self.model.embeds_shape)
         if one > limit:
-            raise UsageError(f"--model {self.path}: one image's embeddings take about {one} bytes on the request "
-                             f"plane, over its {limit}-byte limit (the NATS server's max_payload); raise max_payload "
-                             "in nats-server's configuration ('up' sizes it from --max-request-bytes)")
+            raise UsageError(
+                f"--model {self.path}: one image's embeddings take about {one} bytes on the request "
+                f"plane, over its {limit}-byte limit (the NATS server's max_payload); raise max_payload "
+                "in nats-server's configuration ('up' sizes it from --max-request-bytes)"
+            )
         ctx.log.info("loading the %s encoder of %s", self.model.model_type, self.path)
         self.encoder = await asyncio.to_thread(load_encoder, self.path, self.model)
         return self.encoder
 
     @hookimpl
     def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
-        registrar.endpoint("generate", self.generate, model=self.served, model_path=self.path,
-                           kind="encode", embeds_shape=list(self.model.embeds_shape))
+        registrar.endpoint(
+            "generate",
+            self.generate,
+            model=self.served,
+            model_path=self.path,
+            kind="encode",
+            embeds_shape=list(self.model.embeds_shape),
+        )
 
     @hookimpl
     def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
@@ -94,8 +102,10 @@ class EncodeRole:
         if req.model is not None and req.model not in (self.served, self.path):
             raise RequestError("not_found", f"this encode worker serves {self.served!r}, not {req.model!r}")
         if not 1 <= len(req.images) <= self.model.max_images:
-            raise RequestError("bad_request", f"{len(req.images)} images; {self.model.model_type} takes "
-                                              f"1 to {self.model.max_images} per request")
+            raise RequestError(
+                "bad_request",
+                f"{len(req.images)} images; {self.model.model_type} takes 1 to {self.model.max_images} per request",
+            )
         images = [open_png(png, self.limits, f"images[{i}]") for i, png in enumerate(req.images)]
         response = await asyncio.to_thread(self.encoder.encode, images)
         yield to_builtins(response)

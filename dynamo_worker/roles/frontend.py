@@ -48,15 +48,20 @@ class FrontendRole:
             self.sock = FrontendServer.bind(o.http_host, o.http_port)
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
-            raise UsageError(f"cannot listen on --http-host {o.http_host} --http-port {o.http_port} "
-                             f"({reason}); choose a free port or another address") from exc
+            raise UsageError(
+                f"cannot listen on --http-host {o.http_host} --http-port {o.http_port} "
+                f"({reason}); choose a free port or another address"
+            ) from exc
         plane_limit = ctx.runtime.max_message_bytes()
         if o.max_request_bytes > plane_limit:
             # Checked at send time too (413): say at start-up which bodies cannot be served.
-            ctx.log.warning("--max-request-bytes %d is above the request plane's %d-byte limit (the NATS "
-                            "server's max_payload): a request whose message to a worker is larger gets 413; "
-                            "raise max_payload in nats-server's configuration or lower --max-request-bytes",
-                            o.max_request_bytes, plane_limit)
+            ctx.log.warning(
+                "--max-request-bytes %d is above the request plane's %d-byte limit (the NATS "
+                "server's max_payload): a request whose message to a worker is larger gets 413; "
+                "raise max_payload in nats-server's configuration or lower --max-request-bytes",
+                o.max_request_bytes,
+                plane_limit,
+            )
         self.ctx = ctx
         self.server = FrontendServer.for_runtime(ctx.runtime, o)
         registrar.background("http", self.serve_http)
@@ -65,8 +70,9 @@ class FrontendRole:
         """Listen on --http-host/--http-port and serve until shutdown (which stops the server)."""
         assert self.ctx is not None and self.server is not None
         o = self.ctx.options
-        url = await self.server.start(sock=self.sock, shutdown_timeout=o.graceful_shutdown_timeout,
-                                      discovery_timeout=o.model_wait_timeout)
+        url = await self.server.start(
+            sock=self.sock, shutdown_timeout=o.graceful_shutdown_timeout, discovery_timeout=o.model_wait_timeout
+        )
         self.ctx.log.info("frontend listening on %s (OpenAI API at %s/v1)", url, url)
         # Wait forever; cancelling this task does not stop the listener: dynamo_worker_shutdown
         # does, gracefully, after the core has cancelled background tasks.

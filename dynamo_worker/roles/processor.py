@@ -38,21 +38,43 @@ class ProcessorRole:
 
         g = parser.add_argument_group("processor role")
         models.add_model_arguments(g)
-        g.add_argument("--encoder", choices=("encode", "ec-encoder"), default="encode",
-                       help="where images are encoded: encode workers (embeddings sent to the LLM worker) "
-                            "or ec-encoder workers (outputs stored through the EC connector); default %(default)s")
-        g.add_argument("--allowed-local-media-path", metavar="DIR", action="append", default=[],
-                       help="file:// image URLs may name files below DIR (repeatable); without it every "
-                            "file:// URL is refused")
-        g.add_argument("--no-remote-media", dest="remote_media", action="store_false",
-                       help="refuse http(s):// image URLs (they are fetched by default, from public "
-                            "addresses only)")
-        g.add_argument("--allowed-media-domains", metavar="HOST", nargs="+", action="extend", default=[],
-                       help="fetch http(s):// images only from these host names (vLLM's flag); they may "
-                            "resolve to private addresses, e.g. an internal image store. Without it any "
-                            "host is fetched from, but only from public addresses")
-        g.add_argument("--media-fetch-timeout", type=float, default=media.DEFAULT_FETCH_TIMEOUT, metavar="SECONDS",
-                       help="give up fetching a remote image after this long (default %(default)s)")
+        g.add_argument(
+            "--encoder",
+            choices=("encode", "ec-encoder"),
+            default="encode",
+            help="where images are encoded: encode workers (embeddings sent to the LLM worker) "
+            "or ec-encoder workers (outputs stored through the EC connector); default %(default)s",
+        )
+        g.add_argument(
+            "--allowed-local-media-path",
+            metavar="DIR",
+            action="append",
+            default=[],
+            help="file:// image URLs may name files below DIR (repeatable); without it every file:// URL is refused",
+        )
+        g.add_argument(
+            "--no-remote-media",
+            dest="remote_media",
+            action="store_false",
+            help="refuse http(s):// image URLs (they are fetched by default, from public addresses only)",
+        )
+        g.add_argument(
+            "--allowed-media-domains",
+            metavar="HOST",
+            nargs="+",
+            action="extend",
+            default=[],
+            help="fetch http(s):// images only from these host names (vLLM's flag); they may "
+            "resolve to private addresses, e.g. an internal image store. Without it any "
+            "host is fetched from, but only from public addresses",
+        )
+        g.add_argument(
+            "--media-fetch-timeout",
+            type=float,
+            default=media.DEFAULT_FETCH_TIMEOUT,
+            metavar="SECONDS",
+            help="give up fetching a remote image after this long (default %(default)s)",
+        )
         media.add_limit_arguments(g)
 
     @hookimpl
@@ -66,8 +88,9 @@ class ProcessorRole:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if domains and not o.remote_media:
-            raise UsageError("--allowed-media-domains allows remote images that --no-remote-media refuses; "
-                             "pass only one of them")
+            raise UsageError(
+                "--allowed-media-domains allows remote images that --no-remote-media refuses; pass only one of them"
+            )
         self.path, self.served, self.model = models.configured_model(o)
         check_positive("--media-fetch-timeout", o.media_fetch_timeout)
         dirs = []
@@ -76,8 +99,9 @@ class ProcessorRole:
             if not path.is_dir():
                 raise UsageError(f"--allowed-local-media-path {d}: no such directory")
             dirs.append(path)
-        self.loader = media.MediaLoader(media.limits_from(o), tuple(dirs), o.remote_media, o.media_fetch_timeout,
-                                        domains)
+        self.loader = media.MediaLoader(
+            media.limits_from(o), tuple(dirs), o.remote_media, o.media_fetch_timeout, domains
+        )
 
     @hookimpl
     async def dynamo_worker_create_engine(self, ctx: WorkerContext) -> Any:
@@ -92,18 +116,32 @@ class ProcessorRole:
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.path)
         o = ctx.options
         self.processor = Processor(
-            tokenizer=tokenizer, model=self.model, served=self.served, loader=self.loader,
+            tokenizer=tokenizer,
+            model=self.model,
+            served=self.served,
+            loader=self.loader,
             backend=ctx.runtime.client(BACKEND, "generate"),
-            encoder=ctx.runtime.client(ENCODER_COMPONENTS[o.encoder], "generate"), encoder_kind=o.encoder)
+            encoder=ctx.runtime.client(ENCODER_COMPONENTS[o.encoder], "generate"),
+            encoder_kind=o.encoder,
+        )
         return self.processor
 
     @hookimpl
     def dynamo_worker_register_endpoints(self, registrar: Registrar, ctx: WorkerContext) -> None:
-        registrar.endpoint("generate", self.processor.generate, model=self.served, model_path=self.path,
-                           kind="processor", encoder=ctx.options.encoder)
+        registrar.endpoint(
+            "generate",
+            self.processor.generate,
+            model=self.served,
+            model_path=self.path,
+            kind="processor",
+            encoder=ctx.options.encoder,
+        )
 
     @hookimpl
     def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
         # A text-only request through the chain (processor -> LLM worker), one token.
-        return {"messages": [{"role": "user", "content": "Hi"}], "sampling_options": {"temperature": 0.0},
-                "stop_conditions": {"max_tokens": 1}}
+        return {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "sampling_options": {"temperature": 0.0},
+            "stop_conditions": {"max_tokens": 1},
+        }

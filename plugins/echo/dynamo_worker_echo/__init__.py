@@ -31,10 +31,23 @@ from dynamo_worker.plugin import (
 MAX_TOKENS = 4096
 # The fields a request may carry: its own, plus Dynamo's PreprocessedRequest ones that the
 # frontend sends (ignored here). Anything else is a bad request, as on a decode worker.
-KNOWN_FIELDS = frozenset({
-    "token_ids", "delay", "model", "stop_conditions", "sampling_options", "output_options",
-    "eos_token_ids", "mdc_sum", "annotations", "routing", "extra_args", "prefill_result", "bootstrap_info",
-})
+KNOWN_FIELDS = frozenset(
+    {
+        "token_ids",
+        "delay",
+        "model",
+        "stop_conditions",
+        "sampling_options",
+        "output_options",
+        "eos_token_ids",
+        "mdc_sum",
+        "annotations",
+        "routing",
+        "extra_args",
+        "prefill_result",
+        "bootstrap_info",
+    }
+)
 
 
 class EchoRole:
@@ -52,13 +65,26 @@ class EchoRole:
     @hookimpl
     def dynamo_worker_add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("echo role")
-        group.add_argument("--echo-delay", type=float, default=0.0, metavar="SECONDS",
-                           help="pause between streamed tokens (default %(default)s)")
-        group.add_argument("--echo-model", metavar="DIR", default=None,
-                           help="serve as a backend worker of the model in DIR (its tokenizer), so the "
-                           "frontend routes requests here: a stack with no engine, for load tests")
-        group.add_argument("--echo-served-model-name", default="echo", metavar="NAME",
-                           help="the model name clients use with --echo-model (default %(default)s)")
+        group.add_argument(
+            "--echo-delay",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="pause between streamed tokens (default %(default)s)",
+        )
+        group.add_argument(
+            "--echo-model",
+            metavar="DIR",
+            default=None,
+            help="serve as a backend worker of the model in DIR (its tokenizer), so the "
+            "frontend routes requests here: a stack with no engine, for load tests",
+        )
+        group.add_argument(
+            "--echo-served-model-name",
+            default="echo",
+            metavar="NAME",
+            help="the model name clients use with --echo-model (default %(default)s)",
+        )
 
     @hookimpl
     def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
@@ -67,8 +93,10 @@ class EchoRole:
         self.delay = ctx.options.echo_delay
         if ctx.options.echo_model is not None:
             if not Path(ctx.options.echo_model, "tokenizer_config.json").is_file():
-                raise UsageError(f"--echo-model {ctx.options.echo_model}: no tokenizer_config.json there; "
-                                 "give a model directory (dynamo-worker demo-model PATH writes one)")
+                raise UsageError(
+                    f"--echo-model {ctx.options.echo_model}: no tokenizer_config.json there; "
+                    "give a model directory (dynamo-worker demo-model PATH writes one)"
+                )
             self.model_dir = str(Path(ctx.options.echo_model).resolve())
             self.component = "backend"  # where the frontend looks for workers
 
@@ -81,9 +109,15 @@ class EchoRole:
         if self.model_dir is None:
             registrar.endpoint("generate", self.generate, model="echo")
         else:
-            registrar.endpoint("generate", self.generate, model=ctx.options.echo_served_model_name,
-                               model_path=self.model_dir, max_model_len=MAX_TOKENS * 2, eos_token_ids=[],
-                               kind="decode")
+            registrar.endpoint(
+                "generate",
+                self.generate,
+                model=ctx.options.echo_served_model_name,
+                model_path=self.model_dir,
+                max_model_len=MAX_TOKENS * 2,
+                eos_token_ids=[],
+                kind="decode",
+            )
 
     @hookimpl
     def dynamo_worker_health_payload(self, ctx: WorkerContext) -> dict[str, Any]:
@@ -120,9 +154,15 @@ class EchoRole:
                 self.echoed.inc()
             last = i == len(tokens) - 1
             if last and self.model_dir is not None:  # a backend worker reports usage, as decode does
-                yield {"token_ids": [token], "finish_reason": finish, "completion_usage": {
-                    "prompt_tokens": prompt_len, "completion_tokens": len(tokens),
-                    "total_tokens": prompt_len + len(tokens)}}
+                yield {
+                    "token_ids": [token],
+                    "finish_reason": finish,
+                    "completion_usage": {
+                        "prompt_tokens": prompt_len,
+                        "completion_tokens": len(tokens),
+                        "total_tokens": prompt_len + len(tokens),
+                    },
+                }
             else:
                 yield {"token_ids": [token], **({"finish_reason": "stop"} if last else {})}
 
