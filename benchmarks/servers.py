@@ -191,6 +191,7 @@ class VllmServe(Server):
     """``vllm serve`` through the version shim; access log off (our frontend keeps none either)."""
 
     side = "vllm-serve"
+    engine_flags: list[str] = ENGINE_FLAGS  # a subclass may serve with others
 
     def argv(self) -> list[str]:
         return [
@@ -206,7 +207,7 @@ class VllmServe(Server):
             "--served-model-name",
             SERVED_NAME,
             "--disable-uvicorn-access-log",
-            *ENGINE_FLAGS,
+            *self.engine_flags,
         ]
 
     def roots(self) -> dict[str, int]:

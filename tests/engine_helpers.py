@@ -6,10 +6,22 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 # Small and fast on a 2-core CPU machine; every engine in the tests uses the same settings.
 ENGINE_FLAGS = ["--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "16"]
 MAX_MODEL_LEN = 256
+
+
+def _run_offline(script_text: str, name: str, args: list[str], tmp: Path) -> Any:
+    """Run one of this module's offline-engine scripts in a subprocess; what it printed after ``@@``."""
+    script = tmp / name
+    script.write_text(script_text)
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(line[2:])
+
 
 OFFLINE_SCRIPT = r"""
 import json, sys
@@ -29,17 +41,7 @@ def offline_greedy_outputs(model: str, prompts: list[list[int]], max_tokens: int
     """vLLM's offline engine (``vllm.LLM``) greedy output for token-id prompts, in a subprocess:
     per prompt ``{"ids": [...], "text": "..."}``, the text as vLLM's own detokenizer made it
     (which drops a character the output stops inside, where ``tokenizer.decode`` gives U+FFFD)."""
-    script = tmp / "offline.py"
-    script.write_text(OFFLINE_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), model, json.dumps(prompts), str(max_tokens)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
-    assert line, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(line[2:])
+    return _run_offline(OFFLINE_SCRIPT, "offline.py", [model, json.dumps(prompts), str(max_tokens)], tmp)
 
 
 OFFLINE_SAMPLING_SCRIPT = r"""
@@ -64,14 +66,7 @@ def offline_outputs(model: str, requests: list[dict], tmp: Path) -> list[dict]:
     """vLLM's offline engine's answer to ``[{"prompt": token ids, "params": SamplingParams kwargs}]``,
     in a subprocess: per request ``{"choices": [{"ids", "text"}], "prompt_logprobs": [None |
     {"<token id>": [logprob, rank]}] | None}``."""
-    script = tmp / "offline_sampling.py"
-    script.write_text(OFFLINE_SAMPLING_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), model, json.dumps(requests)], capture_output=True, text=True, timeout=300
-    )
-    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
-    assert line, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(line[2:])
+    return _run_offline(OFFLINE_SAMPLING_SCRIPT, "offline_sampling.py", [model, json.dumps(requests)], tmp)
 
 
 def offline_greedy(model: str, prompts: list[list[int]], max_tokens: int, tmp: Path) -> list[list[int]]:
@@ -98,14 +93,5 @@ def offline_greedy_images(
     model: str, prompt: list[int], images: list[str], max_tokens: int, tmp: Path
 ) -> list[list[int]]:
     """vLLM's offline greedy output for one token-id prompt with each image given as pixels."""
-    script = tmp / "offline_images.py"
-    script.write_text(OFFLINE_IMAGES_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), model, json.dumps(prompt), json.dumps(images), str(max_tokens)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    line = next((line for line in out.stdout.splitlines() if line.startswith("@@")), None)
-    assert line, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(line[2:])
+    args = [model, json.dumps(prompt), json.dumps(images), str(max_tokens)]
+    return _run_offline(OFFLINE_IMAGES_SCRIPT, "offline_images.py", args, tmp)

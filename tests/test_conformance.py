@@ -39,29 +39,19 @@ import jsonschema
 import openai
 import pytest
 
-from benchmarks.config import python
+from benchmarks.config import SERVED_NAME
 from benchmarks.servers import VllmServe
 from tests.helpers import NatsServer, WorkerProcess, free_port, wait_until, worker_env
+from tests.test_structured_outputs import CODE, PERSON  # the same schema and regex as there
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVED = "demo"
+SERVED = SERVED_NAME  # "demo", the name benchmarks/servers.py gives vllm serve
 TOOL_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
 # Room for tool definitions: the demo tokenizer (512 tokens) spends about one token per character
 # of the tools' JSON in the prompt.
 MAX_MODEL_LEN = 512  # the demo model's max_position_embeddings
 ENGINE_FLAGS = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8"]
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pet": {"enum": ["cat", "dog"]},
-    },
-    "required": ["name", "age", "pet"],
-    "additionalProperties": False,
-}
-CODE = r"[A-Z]{3}-[0-9]{2,4}"
 YES_NO = 'root ::= "yes" | "no"'
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
 PROMPT = "The quick brown fox"
@@ -457,23 +447,7 @@ def token_prompt(demo_model: str) -> list[int]:
 class ConformanceVllmServe(VllmServe):
     """``vllm serve`` with this module's engine and tool flags (benchmarks/servers.py starts and stops it)."""
 
-    def argv(self) -> list[str]:
-        return [
-            python(),
-            "-m",
-            "benchmarks.vllm_cli",
-            "serve",
-            self.model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--served-model-name",
-            SERVED,
-            "--disable-uvicorn-access-log",
-            *ENGINE_FLAGS,
-            *TOOL_FLAGS,
-        ]
+    engine_flags = [*ENGINE_FLAGS, *TOOL_FLAGS]
 
 
 def client_for(base: str) -> openai.OpenAI:

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_worker.core.runtime import Runtime
-from tests.engine_helpers import ENGINE_FLAGS, offline_greedy_outputs
+from tests.engine_helpers import ENGINE_FLAGS, offline_greedy
 from tests.helpers import (
     NatsServer,
     WorkerProcess,
@@ -50,13 +50,8 @@ COMMON = ["--served-model-name", "tiny", "--lease-ttl", "2", *ENGINE_FLAGS]
 
 
 @pytest.fixture(scope="module")
-def offline(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return offline_greedy_outputs(demo_model, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("offline"))
-
-
-@pytest.fixture(scope="module")
-def reference(offline: list[dict[str, Any]]) -> list[list[int]]:
-    return [out["ids"] for out in offline]
+def reference(demo_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+    return offline_greedy(demo_model, PROMPTS, MAX_TOKENS, tmp_path_factory.mktemp("offline"))
 
 
 class Deployment:
