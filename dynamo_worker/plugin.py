@@ -8,6 +8,9 @@ A caller of an endpoint::
 
     from dynamo_worker.plugin import Runtime, RequestError
 
+The messages of a ``generate`` endpoint that the frontend routes to (``token_ids`` in, token
+chunks and usage out): :class:`GenerateRequest`, :class:`GenerateChunk`, :class:`Usage`.
+
 What is exported here is the public interface: it only grows, as the hooks do. Modules under
 ``dynamo_worker.core`` are internals and may change between releases; a test fails if a
 built-in role, the example plugin or the docs import from there something this module exports.
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dynamo_worker.core.context import WorkerContext
 from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.errors import EngineDead, UsageError
+from dynamo_worker.core.generate import GenerateChunk, GenerateRequest, Usage
 from dynamo_worker.core.health import HealthCheck
 from dynamo_worker.core.hookspecs import hookimpl
 from dynamo_worker.core.options import env_default
@@ -39,6 +43,8 @@ __all__ = [
     "EndpointHandler",
     "EngineDead",
     "EngineDeadError",
+    "GenerateChunk",
+    "GenerateRequest",
     "HealthCheck",
     "InstanceRecord",
     "Registrar",
@@ -46,6 +52,7 @@ __all__ = [
     "RequestError",
     "RouteHandler",
     "Runtime",
+    "Usage",
     "UsageError",
     "WorkerContext",
     "env_default",

@@ -341,7 +341,6 @@ STOP_STRING = (
 )
 NO_TEXT = {"text": None, "usage": None}
 GUIDED = "`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`"
-TOO_LONG = "prompt over `max_model_len`"
 KNOWN_DIFFERENCES: dict[str, tuple[Known, ...]] = {
     "guided_json": (Known("text", "unconstrained", matches_schema(PERSON), GUIDED),),
     "guided_regex": (Known("text", "unconstrained", matches_regex(CODE), GUIDED),),
@@ -383,9 +382,6 @@ KNOWN_DIFFERENCES: dict[str, tuple[Known, ...]] = {
             "values", "tools rendered", lambda v: {**v, "count": None, "tokens": None}, "`tools` in `POST /tokenize`"
         ),
     ),
-    "max_tokens over the context": (Known("status", 200, 400, "prompt + `max_tokens` over `max_model_len`"),),
-    "prompt too long": (Known("param", "input_tokens", "prompt", TOO_LONG),),
-    "chat prompt too long": (Known("param", "input_tokens", "messages", TOO_LONG),),
     "top_logprobs over 20": (Known("param", "logprobs", "top_logprobs", "`top_logprobs` over 20"),),
     "version": (
         Known("shape", set(), {"dynamo_worker:string"}, "`POST /tokenize`, `POST /detokenize`, `GET /version`"),

@@ -250,7 +250,7 @@ async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
     [
         ({"token_ids": "hello"}, "Expected `array`"),
         ({"token_ids": [1, 99999]}, "outside the vocabulary"),
-        ({"token_ids": list(range(1, 300))}, "this model's context is 256"),
+        ({"token_ids": list(range(1, 300))}, "maximum context length is 256 tokens"),
         ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": 0}}, "max_tokens must be at least 1"),
         ({"token_ids": [1, 2], "stop_conditions": {"max_tokens": "x"}}, "stop_conditions.max_tokens"),
         ({"token_ids": [1, 2], "surprise": True}, "unknown field `surprise`"),

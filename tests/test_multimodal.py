@@ -75,11 +75,19 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def prompt_ids(vlm: str) -> list[int]:
     """The prompt the processor builds for ``image_message``: chat template, no special tokens added."""
+    return chat_ids(vlm_tokenizer(vlm), QUESTION)
+
+
+def vlm_tokenizer(vlm: str) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(vlm, local_files_only=True)
+    return AutoTokenizer.from_pretrained(vlm, local_files_only=True)
+
+
+def chat_ids(tokenizer: Any, question: str) -> list[int]:
+    """The prompt the processor builds for an image and ``question``, without the image's tokens."""
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True,
         tokenize=False,
     )
@@ -403,13 +411,31 @@ def test_a_remote_image_is_fetched_from_an_allowed_host_with_the_size_limit(
 
 
 def test_the_prompt_with_its_image_tokens_is_checked_against_the_context(
-    chain: Chain, media: Path, prompt_ids: list[int]
+    chain: Chain, media: Path, prompt_ids: list[int], vlm: str
 ) -> None:
+    red = data_url((media / "red.png").read_bytes())
     room = 256 - len(prompt_ids) - 4  # --max-model-len 256; Blip2 adds 4 image tokens
-    status, body = chain.post(image_message(data_url((media / "red.png").read_bytes())), max_tokens=room + 1)
-    assert status == 400 and f"lower max_tokens to at most {room}" in body["error"]["message"]
-    status, body = chain.post(image_message(data_url((media / "red.png").read_bytes())), max_tokens=room)
-    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    # A max_tokens past the context is lowered to what fits, as vllm serve does.
+    status, body = chain.post(image_message(red), max_tokens=room + 50)
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= room
+    # A question whose prompt fits the context alone but not with the image's tokens: the
+    # processor counts them and refuses it, naming both parts.
+    tokenizer = vlm_tokenizer(vlm)
+    words = 1
+    while len(chat_ids(tokenizer, "cat " * (words + 1))) < 256:
+        words += 1
+    text_tokens = len(chat_ids(tokenizer, "cat " * words))
+    assert text_tokens < 256 <= text_tokens + 4
+    message = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": red}}, {"type": "text", "text": "cat " * words}],
+        }
+    ]
+    status, body = chain.post(message, max_tokens=1)
+    assert status == 400, body
+    assert f"({text_tokens} text tokens and 1 image(s) of 4)" in body["error"]["message"]
+    assert "maximum context length is 256 tokens" in body["error"]["message"]
 
 
 def test_a_text_only_chat_keeps_the_direct_path(chain: Chain) -> None:

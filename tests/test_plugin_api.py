@@ -244,3 +244,62 @@ def test_the_testing_helper_shows_the_log_of_a_role_that_exits_at_start_up(run_r
 def test_a_health_payload_of_another_type_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="returned list; return a dict, a HealthCheck or None"):
         HealthCheck.of([1])  # type: ignore[arg-type]
+
+
+# ---- the generate messages (dynamo_worker.core.generate), one schema for every side ---------------
+
+
+def test_fit_context_is_vllm_serves_max_tokens() -> None:
+    from dynamo_worker.core.generate import ContextLengthExceeded, fit_context
+
+    assert fit_context(10, None, 256) == 246  # the rest of the context
+    assert fit_context(10, 8, 256) == 8
+    assert fit_context(10, 400, 256) == 246  # lowered to what fits, not refused
+    assert fit_context(255, None, 256) == 1
+    for prompt in (256, 300):
+        with pytest.raises(ContextLengthExceeded, match=f"maximum context length is 256 tokens.*{prompt} input tokens"):
+            fit_context(prompt, None, 256)
+    assert ContextLengthExceeded.parameter == "input_tokens"  # vllm serve's param
+
+
+def test_a_chunk_carries_only_what_was_set_and_reads_back_the_same() -> None:
+    import msgspec
+
+    from dynamo_worker.core.generate import TopLogprob
+    from dynamo_worker.plugin import GenerateChunk, Usage
+
+    assert msgspec.json.encode(GenerateChunk([7])) == b'{"token_ids":[7]}'
+    last = GenerateChunk(
+        [8],
+        finish_reason="length",
+        log_probs=[float("-inf")],
+        top_logprobs=[[TopLogprob(8, float("-inf"), 1)]],
+        completion_usage=Usage.of(3, 2, cached_tokens=0),
+    )
+    wire = msgspec.json.decode(msgspec.json.encode(last))
+    assert wire["completion_usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    back = msgspec.convert(wire, GenerateChunk)  # -inf has no JSON form: it reads back as None
+    assert back.log_probs == [None] and back.top_logprobs == [[TopLogprob(8, None, 1)]]
+    assert back.completion_usage == last.completion_usage
+    assert "prompt_tokens_details" not in msgspec.to_builtins(Usage.of(3, 2))
+
+
+def test_the_request_refuses_unknown_fields_and_a_role_can_extend_it() -> None:
+    import msgspec
+
+    from dynamo_worker.plugin import GenerateRequest
+
+    with pytest.raises(msgspec.ValidationError, match="unknown field `surprise`"):
+        msgspec.convert({"token_ids": [1], "surprise": 1}, GenerateRequest)
+    with pytest.raises(msgspec.ValidationError, match=r"at `\$.stop_conditions.max_tokens`"):
+        msgspec.convert({"token_ids": [1], "stop_conditions": {"max_tokens": 2**64}}, GenerateRequest)
+
+    class WithDelay(GenerateRequest, kw_only=True):
+        delay: float = 0.0
+
+    assert msgspec.convert({"token_ids": [1], "delay": 0.5}, WithDelay).delay == 0.5

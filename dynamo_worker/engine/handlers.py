@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from dynamo_worker.core.errors import EngineDead
+from dynamo_worker.core.generate import GenerateChunk, GenerateRequest, Usage
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.engine import kv_transfer, protocol
 
@@ -114,7 +115,7 @@ class GenerateHandler:
         self.sleep: SleepControl | None = None
         self.images: ImageInputs | None = None  # set with --enable-multimodal: takes multi_modal_data
 
-    def _dp_rank(self, req: protocol.PreprocessedRequest) -> int | None:
+    def _dp_rank(self, req: GenerateRequest) -> int | None:
         """The data-parallel rank a request is pinned to (``routing.dp_rank``), checked."""
         rank = (req.routing or {}).get("dp_rank")
         if rank is None:
@@ -134,7 +135,7 @@ class GenerateHandler:
             )
         return contextlib.nullcontext()
 
-    async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[GenerateChunk]:
         req = protocol.parse_request(
             request,
             vocab_size=self.facts.vocab_size,
@@ -171,14 +172,14 @@ class GenerateHandler:
 
     async def _stream(
         self,
-        req: protocol.PreprocessedRequest,
+        req: GenerateRequest,
         params: Any,
         context: RequestContext,
         lora_request: Any,
         want_logprobs: bool,
         timer: RequestTimer | None,
         mm_data: dict[str, Any] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[GenerateChunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -200,26 +201,17 @@ class GenerateHandler:
                 completion_tokens += len(new_ids)
                 if timer is not None:
                     timer.tokens(len(new_ids), context.started, time.monotonic())
-                chunk: dict[str, Any] = {"token_ids": new_ids}
+                chunk = GenerateChunk(new_ids)
                 if want_logprobs:
-                    chunk.update(protocol.logprob_fields(new_ids, choice.logprobs))
+                    chunk.log_probs, chunk.top_logprobs = protocol.logprob_fields(new_ids, choice.logprobs)
                 if out.prompt_logprobs:  # all at once, with the first output (DELTA mode)
-                    chunk["prompt_logprobs"] = protocol.prompt_logprob_fields(out.prompt_logprobs)
-                reason = protocol.finish_reason(choice.finish_reason, choice.stop_reason)
-                if reason is not None:
-                    chunk["finish_reason"] = reason
-                    if choice.stop_reason is not None:  # the frontend leaves a stop token's text out
-                        chunk["stop_reason"] = choice.stop_reason
-                    prompt_tokens = len(req.token_ids)
-                    cached = out.num_cached_tokens
-                    chunk["completion_usage"] = {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                        "prompt_tokens_details": {"cached_tokens": cached} if cached is not None else None,
-                    }
+                    chunk.prompt_logprobs = protocol.prompt_logprob_fields(out.prompt_logprobs)
+                chunk.finish_reason = protocol.finish_reason(choice.finish_reason, choice.stop_reason)
+                if chunk.finish_reason is not None:
+                    chunk.stop_reason = choice.stop_reason  # the frontend leaves a stop token's text out
+                    chunk.completion_usage = Usage.of(len(req.token_ids), completion_tokens, out.num_cached_tokens)
                     if self.prefill_only:
-                        chunk["disaggregated_params"] = {"kv_transfer_params": out.kv_transfer_params}
+                        chunk.disaggregated_params = {"kv_transfer_params": out.kv_transfer_params}
                 yield chunk
         except EngineDeadError as exc:
             raise EngineDead(f"vLLM engine died: {exc}") from exc

@@ -1,14 +1,12 @@
-"""The token-level ``generate`` wire format, with Dynamo's field names.
+"""The engine side of ``generate``: a request checked against this worker's model, then vLLM's
+``SamplingParams``; vLLM's outputs in the response chunk's fields.
 
-Request: Dynamo's ``PreprocessedRequest`` (``token_ids``, ``stop_conditions``,
-``sampling_options``, ``output_options``, ...). Response chunks: ``token_ids`` (the new ones),
-``finish_reason`` (``eos``, ``stop``, ``length``, ``cancelled``, ``error: ...``), with
-``stop``: ``stop_reason``, vLLM's (the stop token id, an int, or the stop string vLLM matched);
-with ``eos`` and ``stop`` on a stop token that token is the chunk's last id, and vllm serve leaves
-its text out of the output unless ``include_stop_str_in_output``. Optional
-``log_probs``/``top_logprobs``, ``prompt_logprobs`` on the first chunk when asked for (``None``
-for the first prompt token, then per token a list of ``{"token_id", "logprob", "rank"}``: the
-prompt token, then the top ones), and ``completion_usage`` on the last chunk only.
+The messages themselves (:class:`~dynamo_worker.core.generate.GenerateRequest`, the response
+chunk, the usage block) are defined once in :mod:`dynamo_worker.core.generate`. With ``eos`` and
+``stop`` on a stop token that token is the chunk's last id, and vllm serve leaves its text out of
+the output unless ``include_stop_str_in_output``. ``prompt_logprobs`` (first chunk): ``None`` for
+the first prompt token, then per token a list of ``{"token_id", "logprob", "rank"}``: the prompt
+token, then the top ones.
 
 Requests are validated here, before they reach vLLM: malformed input gets a ``bad_request``
 error and never touches the engine.
@@ -17,104 +15,33 @@ error and never touches the engine.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
+from dynamo_worker.core.generate import (
+    MAX_LOGPROBS,
+    PLAIN_SAMPLING_FIELDS,
+    ContextLengthExceeded,
+    GenerateRequest,
+    GuidedDecoding,
+    TopLogprob,
+    fit_context,
+)
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.engine import kv_transfer
-
-MAX_LOGPROBS = 20
-# vLLM hands requests to its engine core as msgpack, which has no integer wider than 64 bits: a
-# larger one fails there as an internal error. Every integer field is bounded here instead.
-Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
-
-class StopConditions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    max_tokens: Int | None = None
-    min_tokens: Int | None = None
-    stop: list[str] | None = None  # our frontend applies them itself; given here, vLLM applies them
-    stop_token_ids: list[Int] | None = None
-    stop_token_ids_hidden: list[Int] | None = None
-    ignore_eos: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    max_thinking_tokens: Int | None = None
-
-
-class GuidedDecoding(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Dynamo's ``GuidedDecodingOptions``: vLLM's ``StructuredOutputsParams`` fields, one constraint."""
-
-    json: Any = None  # a JSON schema, as an object or a string
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    structural_tag: str | None = None
-    whitespace_pattern: str | None = None
-    disable_any_whitespace: bool | None = None
-    disable_additional_properties: bool | None = None
-    backend: str | None = None  # Dynamo's per-request backend; vLLM fixes it per engine
-
-
-class SamplingOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    n: Int | None = None
-    best_of: Int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: Int | None = None
-    min_p: float | None = None
-    use_beam_search: bool | None = None
-    length_penalty: float | None = None
-    seed: Int | None = None
-    include_stop_str_in_output: bool | None = None
-    guided_decoding: GuidedDecoding | None = None
-    detokenize: bool | None = None
-    allowed_token_ids: list[Int] | None = None
-    bad_words_token_ids: list[list[Int]] | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as JSON object keys are strings) -> bias
-
-
-class OutputOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    logprobs: Int | None = None
-    prompt_logprobs: Int | None = None
-    skip_special_tokens: bool | None = None
-    formatted_prompt: bool | None = None
-    return_tokens_as_token_ids: bool | None = None
-
-
-class PreprocessedRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Dynamo's ``PreprocessedRequest``; fields we accept but do not use are kept for compatibility."""
-
-    token_ids: list[Int]
-    model: str | None = None
-    stop_conditions: StopConditions = msgspec.field(default_factory=StopConditions)
-    sampling_options: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
-    output_options: OutputOptions = msgspec.field(default_factory=OutputOptions)
-    eos_token_ids: list[Int] | None = None
-    mdc_sum: str | None = None
-    annotations: list[str] | None = None
-    routing: dict[str, Any] | None = None
-    router_config_override: dict[str, Any] | None = None
-    prefill_result: dict[str, Any] | None = None
-    bootstrap_info: dict[str, Any] | None = None
-    extra_args: dict[str, Any] | None = None
-    prompt_embeds: str | None = None
-    multi_modal_data: dict[str, Any] | None = None
 
 
 def parse_request(
     payload: Any, *, vocab_size: int, max_model_len: int, min_prompt_tokens: int = 1, multimodal: bool = False
-) -> PreprocessedRequest:
+) -> GenerateRequest:
     """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise.
 
     ``multi_modal_data`` is only accepted with ``multimodal`` (a worker started with
     ``--enable-multimodal``), which validates it itself (:mod:`dynamo_worker.multimodal.llm_inputs`).
     """
     try:
-        req = msgspec.convert(payload, PreprocessedRequest)
+        req = msgspec.convert(payload, GenerateRequest)
     except msgspec.ValidationError as exc:
         raise RequestError("bad_request", f"invalid generate request: {exc}") from None
     if req.prompt_embeds is not None:
@@ -132,15 +59,13 @@ def parse_request(
     bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise RequestError("bad_request", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
-    if len(req.token_ids) >= max_model_len:
-        raise RequestError(
-            "bad_request",
-            f"prompt has {len(req.token_ids)} tokens; this model's context is {max_model_len} "
-            "(it must leave room for at least one generated token)",
-        )
     sc = req.stop_conditions
     if sc.max_tokens is not None and sc.max_tokens < 1:
         raise RequestError("bad_request", f"stop_conditions.max_tokens must be at least 1 (got {sc.max_tokens})")
+    try:
+        sc.max_tokens = fit_context(len(req.token_ids), sc.max_tokens, max_model_len)
+    except ContextLengthExceeded as exc:
+        raise RequestError("bad_request", str(exc)) from None
     if sc.min_tokens is not None and sc.min_tokens < 0:
         raise RequestError("bad_request", f"stop_conditions.min_tokens must be 0 or more (got {sc.min_tokens})")
     lp = req.output_options.logprobs
@@ -173,7 +98,7 @@ def parse_request(
     return req
 
 
-def _refuse_unsupported(req: PreprocessedRequest) -> None:
+def _refuse_unsupported(req: GenerateRequest) -> None:
     """Fields of Dynamo's message this worker cannot honour: a ``bad_request`` naming each, never dropped.
 
     ``n`` > 1 is for the caller to fan out (our frontend sends n requests, seeds ``seed + i`` as
@@ -229,7 +154,7 @@ def check_structured_outputs(params: Any, engine: Any) -> None:
 
 
 def sampling_params(
-    req: PreprocessedRequest,
+    req: GenerateRequest,
     defaults: dict[str, Any],
     max_model_len: int,
     kv_transfer_params: dict[str, Any] | None = None,
@@ -245,17 +170,7 @@ def sampling_params(
 
     kwargs: dict[str, Any] = dict(defaults)
     so, sc = req.sampling_options, req.stop_conditions
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "allowed_token_ids",
-    ):
+    for name in (*PLAIN_SAMPLING_FIELDS, "allowed_token_ids"):
         value = getattr(so, name, None)
         if value is not None:
             kwargs[name] = value
@@ -284,7 +199,7 @@ def sampling_params(
     # applies its own and never sends any).
     if sc.stop:
         kwargs["stop"] = sc.stop
-    kwargs["max_tokens"] = sc.max_tokens or max(1, max_model_len - len(req.token_ids))
+    kwargs["max_tokens"] = sc.max_tokens or fit_context(len(req.token_ids), None, max_model_len)
     if kv_transfer_params is None:
         kv_transfer_params = kv_transfer.decode_params(req.prefill_result)
     if kv_transfer_params is not None:
@@ -311,28 +226,28 @@ def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str
     return vllm_reason  # "length", or "error" variants
 
 
-def prompt_logprob_fields(prompt_logprobs: Any) -> list[list[dict[str, Any]] | None]:
+def prompt_logprob_fields(prompt_logprobs: Any) -> list[list[TopLogprob] | None]:
     """vLLM's prompt logprobs (``None`` for the first token, then one dict per prompt token of
-    that token and the top ones) as lists of ``{"token_id", "logprob", "rank"}``, in vLLM's order."""
+    that token and the top ones), in vLLM's order."""
     return [
         None
         if position is None
         # -inf (a token the sampler ruled out) is not JSON: -9999.0, as vllm serve reports it
-        else [{"token_id": tid, "logprob": max(lp.logprob, -9999.0), "rank": lp.rank} for tid, lp in position.items()]
+        else [TopLogprob(tid, max(lp.logprob, -9999.0), lp.rank) for tid, lp in position.items()]
         for position in prompt_logprobs
     ]
 
 
-def logprob_fields(token_ids: list[int], logprobs: Any) -> dict[str, Any]:
+def logprob_fields(token_ids: list[int], logprobs: Any) -> tuple[list[float | None], list[list[TopLogprob]]]:
     """``log_probs`` (of each sampled token) and ``top_logprobs`` from vLLM's per-token dicts."""
-    sampled: list[float] = []
-    tops: list[list[dict[str, Any]]] = []
+    sampled: list[float | None] = []
+    tops: list[list[TopLogprob]] = []
     for token_id, alternatives in zip(token_ids, logprobs or [], strict=False):
         sampled.append(alternatives[token_id].logprob)
         tops.append(
             sorted(
-                ({"rank": lp.rank, "token_id": tid, "logprob": lp.logprob} for tid, lp in alternatives.items()),
-                key=lambda d: d["rank"] or 0,
+                (TopLogprob(tid, lp.logprob, lp.rank) for tid, lp in alternatives.items()),
+                key=lambda t: t.rank or 0,
             )
         )
-    return {"log_probs": sampled, "top_logprobs": tops}
+    return sampled, tops

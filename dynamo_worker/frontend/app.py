@@ -389,9 +389,7 @@ class FrontendServer:
             prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages, tools=template_tools(req))
         preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
         self.limits.check_prompt(len(prompt_ids), prompt_param)
-        max_tokens = preprocess.resolve_max_tokens(
-            model, len(prompt_ids), params, prompt_param=prompt_param, max_param=params.max_tokens_param
-        )
+        max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params)
         max_tokens = self.limits.check_max_tokens(params.max_tokens, max_tokens, params.max_tokens_param)
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))

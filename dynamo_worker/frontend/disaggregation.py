@@ -31,9 +31,10 @@ from contextlib import aclosing
 from typing import Any
 
 from dynamo_worker.core.discovery import InstanceRecord
+from dynamo_worker.core.generate import cached_tokens
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
-from dynamo_worker.frontend.kv_routing import KvRouting, cached_tokens
+from dynamo_worker.frontend.kv_routing import KvRouting
 
 log = logging.getLogger(__name__)
 

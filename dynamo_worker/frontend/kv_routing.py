@@ -364,10 +364,3 @@ def _lora_name(payload: dict[str, Any], record: InstanceRecord) -> str | None:
     """The LoRA adapter a request runs with: its ``model`` when that is not the base model."""
     model = payload.get("model")
     return model if isinstance(model, str) and model != record.data.get("model") else None
-
-
-def cached_tokens(usage: Any) -> int | None:
-    """The prompt tokens an engine reported cached in a ``completion_usage``, if it did."""
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) else None

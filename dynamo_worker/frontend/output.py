@@ -1,8 +1,8 @@
 """A worker's response messages to OpenAI text deltas, finish reasons, logprobs and usage.
 
-Each ``backend.generate`` message is ``{"token_ids": [new ids], "log_probs"?, "top_logprobs"?,
-"finish_reason": null|"eos"|"length"|"stop"|"cancelled"|"error: msg", "stop_reason"?,
-"completion_usage"?}``, and the first one ``"prompt_logprobs"`` when they were asked for.
+Each ``backend.generate`` message is a :class:`~dynamo_worker.core.generate.GenerateChunk`
+(``token_ids``, ``finish_reason``, ``stop_reason``, logprobs, ``completion_usage``), checked
+against that schema here: a malformed one is a 500 naming the field, never a half-read answer.
 ``stop_reason`` (with ``stop``) is vLLM's: the stop token id or the stop string it matched. After
 ``eos`` or a stop token id the last token's text is left out unless ``include_stop_str_in_output``
 (vLLM's detokenizer does the same); the choice's ``stop_reason`` is that id, or the stop string
@@ -23,7 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import msgspec
 
+from dynamo_worker.core.generate import GenerateChunk, TopLogprob, Usage
 from dynamo_worker.frontend.detokenizer import IncrementalDetokenizer, StopStrings
 from dynamo_worker.frontend.protocol import GenerationParams, TokenLogprob, internal, usage_body
 
@@ -94,8 +96,8 @@ class OutputProcessor:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)  # vLLM's EOS is the tokenizer's
-        self._worker_usage: dict[str, Any] | None = None
-        self.prompt_logprobs: list[Any] | None = None  # the worker's, as it sent them
+        self._worker_usage: Usage | None = None
+        self.prompt_logprobs: list[list[TopLogprob] | None] | None = None  # the worker's, as it sent them
 
     @property
     def finished(self) -> bool:
@@ -103,18 +105,19 @@ class OutputProcessor:
 
     def process(self, item: Any) -> Delta:
         """One worker message -> the delta to send; an ApiError if the worker reports a failure."""
-        if not isinstance(item, dict) or not _is_token_list(item.get("token_ids", [])):
-            raise internal(f"the worker sent a malformed response message: {str(item)[:200]}")
-        ids: list[int] = item.get("token_ids") or []
-        reason = item.get("finish_reason")
-        if isinstance(reason, str) and reason.startswith("error"):
+        try:
+            chunk = msgspec.convert(item, GenerateChunk)
+        except msgspec.ValidationError as exc:
+            raise internal(f"the worker sent a malformed response message ({exc}): {str(item)[:200]}") from None
+        ids = chunk.token_ids
+        reason = chunk.finish_reason
+        if reason is not None and reason.startswith("error"):
             raise internal(f"the worker failed: {reason.partition(':')[2].strip() or reason}")
         self.completion_tokens += len(ids)
-        if isinstance(item.get("prompt_logprobs"), list):
-            self.prompt_logprobs = item["prompt_logprobs"]
-        logprobs = self._logprobs(item, ids) if self.want_logprobs else None
-        worker_stop = item.get("stop_reason")
-        worker_stop = worker_stop if type(worker_stop) in (int, str) else None
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
+        logprobs = self._logprobs(chunk) if self.want_logprobs else None
+        worker_stop = chunk.stop_reason
         # Ended on a stop token (EOS, or one of stop_token_ids): vLLM leaves that token's text out.
         # Checked against the last id, so a worker that says "eos" on an ordinary token keeps it.
         stop_token = self.eos_token_id if reason == "eos" else worker_stop if reason == "stop" else None
@@ -130,13 +133,12 @@ class OutputProcessor:
         elif reason is not None:
             out += self.stops.flush()
             self.stop_reason = worker_stop if reason == "stop" else None
-            self.finish_reason = FINISH_REASONS.get(str(reason))
+            self.finish_reason = FINISH_REASONS.get(reason)
             if self.finish_reason is None:
                 log.warning("unknown finish reason %r from a worker; reporting 'stop'", reason)
                 self.finish_reason = "stop"
-            usage = item.get("completion_usage")
-            if isinstance(usage, dict):
-                self._worker_usage = usage
+            if chunk.completion_usage is not None:
+                self._worker_usage = chunk.completion_usage
         return Delta(out, logprobs, self.finish_reason, len(ids), tuple(ids))
 
     def end_of_stream(self) -> Delta:
@@ -147,52 +149,39 @@ class OutputProcessor:
         self.finish_reason = "stop"
         return Delta(out, None, self.finish_reason, 0)
 
-    def _logprobs(self, item: dict[str, Any], ids: list[int]) -> list[TokenLogprob]:
-        values = item.get("log_probs") or []
-        tops = item.get("top_logprobs") or []
+    def _logprobs(self, chunk: GenerateChunk) -> list[TokenLogprob]:
+        values = chunk.log_probs or []
+        tops = chunk.top_logprobs or []
         out = []
-        for i, token_id in enumerate(ids):
-            value = values[i] if i < len(values) and isinstance(values[i], (int, float)) else float("nan")
-            top: list[tuple[int, float]] = []
-            if i < len(tops) and isinstance(tops[i], list):
-                entries = [
-                    e
-                    for e in tops[i]
-                    if isinstance(e, dict)
-                    and type(e.get("token_id")) is int
-                    and isinstance(e.get("logprob"), (int, float))
-                ]
-                entries.sort(key=lambda e: e.get("rank", 0) if isinstance(e.get("rank"), int) else 0)
-                top = [(e["token_id"], float(e["logprob"])) for e in entries]
-            out.append(TokenLogprob(token_id, float(value), tuple(top)))
+        for i, token_id in enumerate(chunk.token_ids):
+            value = values[i] if i < len(values) else None
+            top = sorted(tops[i], key=lambda t: t.rank or 0) if i < len(tops) else []
+            out.append(
+                TokenLogprob(
+                    token_id,
+                    float("nan") if value is None else value,
+                    tuple((t.token_id, t.logprob) for t in top if t.logprob is not None),
+                )
+            )
         return out
 
     def usage(self) -> dict[str, Any]:
         """Usage as OpenAI reports it: the worker's numbers when it finished the request itself."""
         u = self._worker_usage
-        cached = None
-        if u is not None:
-            details = u.get("prompt_tokens_details")
-            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-                cached = details["cached_tokens"]
-            prompt, completion = u.get("prompt_tokens"), u.get("completion_tokens")
-            if isinstance(prompt, int) and isinstance(completion, int):
-                return usage_body(prompt, completion, cached)
-        return usage_body(self.prompt_tokens, self.completion_tokens, cached)
+        if u is None:
+            return usage_body(self.prompt_tokens, self.completion_tokens, None)
+        cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details is not None else None
+        return usage_body(u.prompt_tokens, u.completion_tokens, cached)
 
 
-def _prompt_entries(position: Any) -> list[tuple[int, float, int | None]]:
+def _prompt_entries(position: list[TopLogprob] | None) -> list[tuple[int, float, int | None]]:
     """One prompt position's ``(token id, logprob, rank)`` in the worker's (vLLM's) order."""
-    if not isinstance(position, list):
-        return []
-    return [
-        (e["token_id"], float(e["logprob"]), e.get("rank") if isinstance(e.get("rank"), int) else None)
-        for e in position
-        if isinstance(e, dict) and type(e.get("token_id")) is int and isinstance(e.get("logprob"), (int, float))
-    ]
+    return [(e.token_id, e.logprob, e.rank) for e in position or () if e.logprob is not None]
 
 
-def prompt_logprobs_body(raw: list[Any] | None, token_text: Callable[[int], str]) -> list[Any] | None:
+def prompt_logprobs_body(
+    raw: list[list[TopLogprob] | None] | None, token_text: Callable[[int], str]
+) -> list[Any] | None:
     """The response's ``prompt_logprobs`` as vllm serve shapes them: ``None`` for the first token,
     then per token ``{"<token id>": {"logprob", "rank", "decoded_token"}}``."""
     if raw is None:
@@ -208,7 +197,9 @@ def prompt_logprobs_body(raw: list[Any] | None, token_text: Callable[[int], str]
     ]
 
 
-def echo_logprobs(raw: list[Any] | None, prompt_ids: Sequence[int], top_n: int) -> list[TokenLogprob]:
+def echo_logprobs(
+    raw: list[list[TopLogprob] | None] | None, prompt_ids: Sequence[int], top_n: int
+) -> list[TokenLogprob]:
     """The prompt tokens' logprobs that ``echo`` puts before the output's (vLLM's completions):
     none for the first token; each other's own and its first ``top_n + 1`` entries."""
     out = []

@@ -11,6 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
+from dynamo_worker.core.generate import (
+    ContextLengthExceeded,
+    GenerateRequest,
+    OutputOptions,
+    SamplingOptions,
+    StopConditions,
+    fit_context,
+)
 from dynamo_worker.frontend.models import ServedModel
 from dynamo_worker.frontend.protocol import ApiError, GenerationParams, bad_request
 
@@ -66,52 +76,38 @@ def check_stop_token_ids(tokenizer: Any, ids: Sequence[int], logit_bias: Sequenc
             raise bad_request(f"token id {bad} in {param} is outside the vocabulary (0..{vocab - 1})", param=param)
 
 
-def resolve_max_tokens(
-    model: ServedModel, prompt_len: int, params: GenerationParams, *, prompt_param: str, max_param: str
-) -> int | None:
-    """Check the prompt against the model's context; the max_tokens to send (default: the rest)."""
-    limit = model.max_model_len
-    if limit is None:
+def resolve_max_tokens(model: ServedModel, prompt_len: int, params: GenerationParams) -> int | None:
+    """The max_tokens to send: vllm serve's (:func:`fit_context`, lowered to the room the context
+    leaves, the rest of it when not given); a 400 for a prompt that leaves no room."""
+    if model.max_model_len is None:
         return params.max_tokens
-    if prompt_len >= limit:
-        raise bad_request(
-            f"the prompt is {prompt_len} tokens but model {model.name!r} takes at most {limit} tokens "
-            f"(prompt plus at least 1 generated token); shorten the prompt",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if params.max_tokens is None:
-        return limit - prompt_len
-    if prompt_len + params.max_tokens > limit:
-        raise bad_request(
-            f"the prompt ({prompt_len} tokens) plus {max_param} ({params.max_tokens}) is "
-            f"{prompt_len + params.max_tokens} tokens, over the {limit}-token limit of model "
-            f"{model.name!r}; lower {max_param} to at most {limit - prompt_len}",
-            param=max_param,
-            code="context_length_exceeded",
-        )
-    return params.max_tokens
+    try:
+        return fit_context(prompt_len, params.max_tokens, model.max_model_len)
+    except ContextLengthExceeded as exc:
+        raise bad_request(str(exc), param=exc.parameter, code="context_length_exceeded") from None
 
 
 def preprocessed_request(
     model: ServedModel, token_ids: list[int], params: GenerationParams, max_tokens: int | None
 ) -> dict[str, Any]:
-    """Dynamo's ``PreprocessedRequest`` (JSON), the payload of ``backend.generate``."""
-    return {
-        "model": model.name,
-        "token_ids": token_ids,
-        "stop_conditions": {
-            "max_tokens": max_tokens,
-            "min_tokens": params.min_tokens,
-            "stop_token_ids": list(params.stop_token_ids) or None,
-            "ignore_eos": params.ignore_eos,
-            "include_stop_str_in_output": params.include_stop_str_in_output or None,
-        },
-        "sampling_options": dict(
-            params.sampling,
-            **({"guided_decoding": params.guided} if params.guided else {}),
-            **({"logit_bias": {str(k): v for k, v in params.logit_bias.items()}} if params.logit_bias else {}),
+    """Dynamo's ``PreprocessedRequest`` (:class:`GenerateRequest`, as JSON), the payload of ``backend.generate``."""
+    sampling: dict[str, Any] = dict(params.sampling)
+    if params.guided:
+        sampling["guided_decoding"] = params.guided
+    if params.logit_bias:
+        sampling["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    request = GenerateRequest(
+        model=model.name,
+        token_ids=token_ids,
+        stop_conditions=StopConditions(
+            max_tokens=max_tokens,
+            min_tokens=params.min_tokens,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            ignore_eos=params.ignore_eos,
+            include_stop_str_in_output=params.include_stop_str_in_output or None,
         ),
-        "output_options": {"logprobs": params.logprobs, "prompt_logprobs": params.prompt_logprobs},
-        "eos_token_ids": model.eos_token_ids,
-    }
+        sampling_options=msgspec.convert(sampling, SamplingOptions),
+        output_options=OutputOptions(logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs),
+        eos_token_ids=model.eos_token_ids,
+    )
+    return msgspec.to_builtins(request)

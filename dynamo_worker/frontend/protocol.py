@@ -20,7 +20,8 @@ from typing import Any
 import attrs
 import msgspec
 
-MAX_LOGPROBS = 20
+from dynamo_worker.core.generate import MAX_LOGPROBS, PLAIN_SAMPLING_FIELDS
+
 # n choices are n worker requests (see app.py); OpenAI's own limit, where vLLM takes up to 16384.
 MAX_N = 128
 MAX_STOP_STRINGS = 32
@@ -295,20 +296,7 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         if not re.fullmatch(r"[0-9]+", key):
             raise bad_request(f"logit_bias keys must be token ids (got {key!r})", param="logit_bias")
         logit_bias[int(key)] = min(100.0, max(-100.0, bias))  # clamped as OpenAI and vLLM do
-    sampling = {
-        name: value
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-        )
-        if (value := getattr(req, name)) is not None
-    }
+    sampling = {name: value for name in PLAIN_SAMPLING_FIELDS if (value := getattr(req, name)) is not None}
     if isinstance(req, ChatRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:

@@ -26,13 +26,16 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import msgspec
+
 from dynamo_worker.core import wire
 from dynamo_worker.core.discovery import InstanceRecord
+from dynamo_worker.core.generate import Usage, cached_tokens
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend import models
 from dynamo_worker.frontend.disaggregation import PrefillRouter
-from dynamo_worker.frontend.kv_routing import KvRouting, cached_tokens
+from dynamo_worker.frontend.kv_routing import KvRouting
 from dynamo_worker.frontend.output import merge_messages
 from dynamo_worker.frontend.protocol import ApiError
 
@@ -234,8 +237,7 @@ def continuation(payload: dict[str, Any], produced: list[int]) -> dict[str, Any]
 
 
 def _usage(payload: dict[str, Any], produced: list[int], reported: dict[str, Any] | None) -> dict[str, Any]:
-    """Usage as the client's request saw it: its own prompt, every token it was sent."""
-    prompt = len(payload["token_ids"])
-    usage = dict(reported or {})
-    usage.update(prompt_tokens=prompt, completion_tokens=len(produced), total_tokens=prompt + len(produced))
-    return usage
+    """Usage as the client's request saw it, after a migration: its own prompt, every token it was
+    sent, and the prompt tokens the last worker found cached (it computed the rest)."""
+    usage = Usage.of(len(payload["token_ids"]), len(produced), cached_tokens(reported))
+    return msgspec.to_builtins(usage)

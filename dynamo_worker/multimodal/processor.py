@@ -1,8 +1,8 @@
 """The processor's request flow: chat messages with images -> encoder -> LLM worker -> stream back.
 
 The frontend sends ``processor.generate`` a :class:`ProcessorRequest`: the OpenAI ``messages``
-as the client wrote them plus the sampling fields it already validated (Dynamo's
-``PreprocessedRequest`` without ``token_ids``). The processor
+as the client wrote them plus the sampling fields it already validated (a
+:class:`~dynamo_worker.core.generate.GenerateRequest` without ``token_ids``). The processor
 
 1. checks the content parts: ``text`` and ``image_url`` are taken; ``video_url`` is refused
    for a model that takes no video, and every other part type too (400 naming the part);
@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from dynamo_worker.core.generate import ContextLengthExceeded, GenerateRequest, Int, fit_context
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.multimodal.media import MediaLoader
 from dynamo_worker.multimodal.models import VisionModel
@@ -45,18 +46,14 @@ START_HINT = {
 }
 
 
-class ProcessorRequest(msgspec.Struct):
+class ProcessorRequest(GenerateRequest, kw_only=True):
     """What the frontend sends ``processor.generate``: ``messages`` and ``model``, plus the
-    ``PreprocessedRequest`` fields (``stop_conditions``, ``sampling_options``, ...), which are
-    forwarded to the LLM worker as they are: it validates them, so a field the frontend adds
-    later needs no change here."""
+    :class:`GenerateRequest` fields (``stop_conditions``, ``sampling_options``, ...), checked
+    against that schema here and forwarded to the LLM worker, which checks them against its model.
+    ``token_ids`` and ``multi_modal_data`` are the processor's to make: a caller's are refused."""
 
     messages: list[dict[str, Any]]
-    model: str | None = None
-
-
-# Fields the processor sets itself; the caller's are not forwarded.
-OWN_FIELDS = ("messages", "model", "token_ids", "multi_modal_data", "prompt_embeds")
+    token_ids: list[Int] = msgspec.field(default_factory=list)
 
 
 def split_parts(
@@ -134,32 +131,19 @@ class Processor:
             raise RequestError("unavailable", f"no {what} serves model {self.served!r}; start one: {hint}")
         return client.pick(self.policy, where)
 
-    def _length(self, stop: Any, text_tokens: int, images: int, max_model_len: Any) -> dict[str, Any]:
-        """``stop_conditions`` with the prompt checked against the context: the text tokens plus
-        each image's feature tokens (which vLLM inserts); ``max_tokens`` defaults to the rest."""
-        stop = dict(stop) if isinstance(stop, dict) else {}
+    def _max_tokens(self, max_tokens: int | None, text_tokens: int, images: int, max_model_len: Any) -> int | None:
+        """``max_tokens`` fitted to the context (:func:`fit_context`): the prompt is the text tokens
+        plus each image's feature tokens, which vLLM inserts (the LLM worker sees only the text's)."""
         if not isinstance(max_model_len, int):
-            return stop
+            return max_tokens
         prompt = text_tokens + images * self.model.tokens_per_image
-        room = max_model_len - prompt
-        if room < 1:
+        try:
+            return fit_context(prompt, max_tokens, max_model_len)
+        except ContextLengthExceeded as exc:
             raise RequestError(
                 "bad_request",
-                f"the prompt is {prompt} tokens ({text_tokens} text, {images} image(s) "
-                f"of {self.model.tokens_per_image}) but model {self.served!r} takes at "
-                f"most {max_model_len} with at least 1 generated token; shorten it",
-            )
-        max_tokens = stop.get("max_tokens")
-        if max_tokens is None:
-            stop["max_tokens"] = room
-        elif isinstance(max_tokens, int) and max_tokens > room:
-            raise RequestError(
-                "bad_request",
-                f"the prompt ({prompt} tokens with its images) plus max_tokens "
-                f"({max_tokens}) is over the {max_model_len}-token limit of model "
-                f"{self.served!r}; lower max_tokens to at most {room}",
-            )
-        return stop
+                f"{exc} ({text_tokens} text tokens and {images} image(s) of {self.model.tokens_per_image})",
+            ) from None
 
     def tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
         from dynamo_worker.frontend.preprocess import encode_chat_prompt
@@ -185,6 +169,9 @@ class Processor:
 
     async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[Any]:
         req: ProcessorRequest = convert(request, ProcessorRequest, "processor request")
+        for name in ("token_ids", "multi_modal_data", "prompt_embeds"):
+            if getattr(req, name):
+                raise RequestError("bad_request", f"{name}: the processor makes it from messages; leave it out")
         if req.model is not None and req.model != self.served:
             raise RequestError("not_found", f"this processor serves {self.served!r}, not {req.model!r}")
         messages, images = split_parts(req.messages, self.model, self.served)
@@ -195,11 +182,13 @@ class Processor:
             "dynamo-worker --enable-multimodal --model PATH",
             multimodal=True,
         )
-        payload = {k: v for k, v in request.items() if k not in OWN_FIELDS}
-        payload.update(model=self.served, token_ids=token_ids)
-        payload["stop_conditions"] = self._length(
-            payload.get("stop_conditions"), len(token_ids), len(images), record.data.get("max_model_len")
+        stop = req.stop_conditions
+        stop.max_tokens = self._max_tokens(
+            stop.max_tokens, len(token_ids), len(images), record.data.get("max_model_len")
         )
+        payload = to_builtins(req)
+        del payload["messages"]
+        payload.update(model=self.served, token_ids=token_ids)
         if images:
             pngs = await asyncio.gather(*(self.loader.load(url, where) for where, url in images))
             mm = await self.encode(list(pngs))

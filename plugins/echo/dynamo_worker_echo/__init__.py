@@ -17,37 +17,30 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
 from dynamo_worker.plugin import (
+    GenerateChunk,
+    GenerateRequest,
     Registrar,
     RequestContext,
     RequestError,
+    Usage,
     UsageError,
     WorkerContext,
     hookimpl,
 )
 
 MAX_TOKENS = 4096
-# The fields a request may carry: its own, plus Dynamo's PreprocessedRequest ones that the
-# frontend sends (ignored here). Anything else is a bad request, as on a decode worker.
-KNOWN_FIELDS = frozenset(
-    {
-        "token_ids",
-        "delay",
-        "model",
-        "stop_conditions",
-        "sampling_options",
-        "output_options",
-        "eos_token_ids",
-        "mdc_sum",
-        "annotations",
-        "routing",
-        "extra_args",
-        "prefill_result",
-        "bootstrap_info",
-    }
-)
+
+
+class EchoRequest(GenerateRequest, kw_only=True):
+    """The ``generate`` request every worker takes (the frontend sends it), plus this role's own
+    ``delay``; ``stop_conditions.max_tokens`` is honoured, the other fields are accepted and
+    ignored (there is no engine to sample with). Unknown fields are refused, as on a decode worker."""
+
+    delay: float | None = None
 
 
 class EchoRole:
@@ -128,54 +121,32 @@ class EchoRole:
         self.stopped = True
         ctx.log.info("echo role stopped")
 
-    async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[dict[str, Any]]:
-        """``{"token_ids": [int, ...], "delay": float?}`` -> one ``{"token_ids": [t]}`` per token."""
-        if not isinstance(request, dict):
-            raise RequestError("bad_request", "request must be a JSON object")
-        unknown = sorted(set(request) - KNOWN_FIELDS)
-        if unknown:
-            raise RequestError("bad_request", f"unknown fields: {', '.join(map(str, unknown))}")
-        tokens = request.get("token_ids")
-        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
-            raise RequestError("bad_request", "token_ids must be a list of integers")
+    async def generate(self, request: Any, context: RequestContext) -> AsyncIterator[GenerateChunk]:
+        """``{"token_ids": [int, ...], "delay": float?}`` -> one chunk of one token per token."""
+        try:
+            req = msgspec.convert(request, EchoRequest)
+        except msgspec.ValidationError as exc:
+            raise RequestError("bad_request", f"invalid request: {exc}") from None
+        tokens = req.token_ids
         if len(tokens) > MAX_TOKENS:
             raise RequestError("bad_request", f"at most {MAX_TOKENS} token_ids")
-        delay = request.get("delay", self.delay)
-        if not isinstance(delay, (int, float)) or not 0 <= delay <= 10:
+        delay = self.delay if req.delay is None else req.delay
+        if not 0 <= delay <= 10:
             raise RequestError("bad_request", "delay must be a number of seconds between 0 and 10")
+        limit = req.stop_conditions.max_tokens
+        if limit is not None and limit < 1:
+            raise RequestError("bad_request", "stop_conditions.max_tokens must be an integer of at least 1")
         prompt_len = len(tokens)
         finish = "stop"
-        limit = _max_tokens(request.get("stop_conditions"))
         if limit is not None and limit < len(tokens):
             tokens, finish = tokens[:limit], "length"
         for i, token in enumerate(tokens):
             await asyncio.sleep(delay)  # 0 still yields: each token leaves in its own loop turn
             if self.echoed is not None and not context.is_health_check:  # count users' tokens only
                 self.echoed.inc()
-            last = i == len(tokens) - 1
-            if last and self.model_dir is not None:  # a backend worker reports usage, as decode does
-                yield {
-                    "token_ids": [token],
-                    "finish_reason": finish,
-                    "completion_usage": {
-                        "prompt_tokens": prompt_len,
-                        "completion_tokens": len(tokens),
-                        "total_tokens": prompt_len + len(tokens),
-                    },
-                }
-            else:
-                yield {"token_ids": [token], **({"finish_reason": "stop"} if last else {})}
-
-
-def _max_tokens(stop_conditions: Any) -> int | None:
-    """``stop_conditions.max_tokens`` if given; a bad_request if it is not a positive integer."""
-    if stop_conditions is None:
-        return None
-    if not isinstance(stop_conditions, dict):
-        raise RequestError("bad_request", "stop_conditions must be a JSON object")
-    limit = stop_conditions.get("max_tokens")
-    if limit is None:
-        return None
-    if type(limit) is not int or limit < 1:
-        raise RequestError("bad_request", "stop_conditions.max_tokens must be an integer of at least 1")
-    return limit
+            chunk = GenerateChunk([token])
+            if i == len(tokens) - 1:
+                chunk.finish_reason = finish if self.model_dir is not None else "stop"
+                if self.model_dir is not None:  # a backend worker reports usage, as decode does
+                    chunk.completion_usage = Usage.of(prompt_len, len(tokens))
+            yield chunk
