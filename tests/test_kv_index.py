@@ -353,7 +353,8 @@ def test_the_cost_is_weighted_new_prefill_blocks_plus_decode_blocks() -> None:
 
 
 def test_the_worker_with_the_cached_prefix_wins_until_its_load_outweighs_the_prefill() -> None:
-    load, selector = ActiveLoad(), KvSelector(rng=random.Random(0))
+    # Dynamo's choice (no balance slack): the load counts from the first block.
+    load, selector = ActiveLoad(), KvSelector(balance_abs=None, rng=random.Random(0))
     overlaps = {A: 60}
     assert selector.choose([A, B, C], 64, overlaps, load).worker == A
     load.start("r1", A, 59)  # 4 + 59 = 63 < 64: still A
@@ -364,12 +365,53 @@ def test_the_worker_with_the_cached_prefix_wins_until_its_load_outweighs_the_pre
 
 
 def test_ties_go_to_the_least_loaded_then_at_random() -> None:
-    load, selector = ActiveLoad(), KvSelector(rng=random.Random(3))
+    load, selector = ActiveLoad(), KvSelector(balance_abs=None, rng=random.Random(3))
     load.start("r", B, 8)
     # A: 10 new blocks, no load; B: 2 new blocks, 8 of load: equal cost, A has the lower load.
     assert selector.choose([A, B], 10, {B: 8}, load).worker == A
     picks = Counter(selector.choose([A, B, C], 10, {}, ActiveLoad()).worker for _ in range(300))
     assert set(picks) == {A, B, C} and min(picks.values()) > 60
+
+
+def test_within_the_balance_slack_a_tenant_stays_on_the_worker_holding_its_prompt() -> None:
+    """The benchmark's case (3 workers, 32-block system prompts, 8 requests in flight): the
+    holder runs 3 requests of other tenants, the others 2 and 3. Dynamo's cost sends the tenant's
+    next request to the worker with 2 (one request more, 40 blocks, outweighs the 32-block hit);
+    within the slack of ``balance_abs`` requests the cache decides."""
+    load = ActiveLoad()
+    for worker, count in ((A, 3), (B, 2), (C, 3)):
+        for i in range(count):
+            load.start(f"{worker[0]}-{i}", worker, 40)
+    overlaps = {A: 32}  # A holds the tenant's system prompt; the request has 36 prompt blocks
+    dynamo = KvSelector(balance_abs=None, rng=random.Random(0)).choose([A, B, C], 36, overlaps, load)
+    assert (dynamo.worker, dynamo.away_from_holder) == (B, "load")
+    slack = KvSelector(balance_abs=3, rng=random.Random(0))
+    kept = slack.choose([A, B, C], 36, overlaps, load)
+    assert (kept.worker, kept.cost, kept.away_from_holder) == (A, 4, None)
+    # Beyond the slack (3 requests of 36 blocks above B) the load counts in full again.
+    load.start("big", A, 3 * 36 + 40)
+    assert slack.choose([A, B, C], 36, overlaps, load).away_from_holder == "load"
+
+
+def test_a_worker_running_too_many_requests_more_than_the_least_loaded_is_skipped() -> None:
+    """Counted in requests: a hot tenant's requests share its prompt blocks, so in blocks four of
+    them on its holder weigh about as much as two requests elsewhere."""
+    load, selector = ActiveLoad(), KvSelector(balance_abs=3, balance_rel=1.5, rng=random.Random(0))
+    system = list(range(100, 132))
+    for i in range(4):
+        load.start(f"hot{i}", A, 40, shared=[*system, 1000 + i])  # 32 shared + 8 own blocks each
+    load.start("b", B, 40)
+    assert load.tracked_blocks(A) == 32 + 4 * 8  # 64 blocks: under the slack of 3 x 36 above B
+    decision = selector.choose([A, B], 36, {A: 32}, load)  # A runs 4, B 1: 3 more, within the slack
+    assert (decision.worker, decision.balance_skipped, decision.away_from_holder) == (A, 0, None)
+    load.start("hot4", A, 40, shared=[*system, 1004])  # 5 against 1: 4 more, and over 1.5x
+    decision = selector.choose([A, B], 36, {A: 32}, load)
+    assert (decision.worker, decision.balance_skipped, decision.away_from_holder) == (B, 1, "balance")
+    # Both thresholds must be passed: 4 more and 3x (6 against 2) is skipped; 4 more but only
+    # 1.5x (12 against 8) is not, nor 3 more at any ratio (5 against 2).
+    assert selector.is_overloaded(6, 2)
+    assert not selector.is_overloaded(12, 8) and not selector.is_overloaded(5, 2)
+    assert not KvSelector(balance_abs=None).is_overloaded(100, 0)
 
 
 def test_a_busy_worker_is_skipped_while_another_has_room() -> None:
@@ -448,7 +490,8 @@ def test_a_publication_stops_counting_this_routers_requests_once_they_finish() -
 
 def test_each_request_sent_away_from_a_holder_says_why() -> None:
     now = [0.0]
-    load, selector = ActiveLoad(clock=lambda: now[0]), KvSelector(busy_threshold=0.9, rng=random.Random(0))
+    load = ActiveLoad(clock=lambda: now[0])
+    selector = KvSelector(busy_threshold=0.9, balance_abs=None, rng=random.Random(0))
     for worker in (A, B):
         load.set_capacity(worker, 100)
     assert selector.choose([A, B], 10, {A: 8}, load).away_from_holder is None
@@ -504,7 +547,7 @@ def test_temperature_samples_by_softmax_of_normalised_costs() -> None:
     load = ActiveLoad()
     load.start("r", B, 10)  # costs: A 10, B 20 -> normalised 0 and 1
     for temperature in (0.5, 1.0, 3.0):
-        selector = KvSelector(temperature=temperature, rng=random.Random(42))
+        selector = KvSelector(temperature=temperature, balance_abs=None, rng=random.Random(42))
         picks = Counter(selector.choose([A, B], 10, {}, load).worker for _ in range(20_000))
         expected = 1 / (1 + math.exp(-1 / temperature))
         assert abs(picks[A] / 20_000 - expected) < 0.015, (temperature, picks)
@@ -630,7 +673,16 @@ def test_approximate_mode_sends_a_repeated_prefix_back_to_the_same_worker() -> N
     assert again.worker == first and again.overlap_blocks == 16
 
 
-@pytest.mark.parametrize("bad", [{"overlap_weight": -1.0}, {"temperature": -0.1}, {"busy_threshold": 0.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"overlap_weight": -1.0},
+        {"temperature": -0.1},
+        {"busy_threshold": 0.0},
+        {"balance_abs": -1},
+        {"balance_rel": 0.5},
+    ],
+)
 def test_bad_knobs_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         KvSelector(**bad)

@@ -33,6 +33,26 @@ reaches ``busy_threshold``, is skipped while some candidate is not busy. When al
 are all candidates again (the frontend's own limits queue or refuse the excess); a worker of
 unknown capacity is never busy by blocks.
 
+**Balance slack** (``balance_abs`` requests, default 3; ``balance_rel``, default 1.5; SGLang's
+cache-aware router has the same two thresholds). With Dynamo's cost as it is, one request more in
+flight on a prefix's holder (its 35-47 blocks) outweighs the hit (32-44 blocks of prefill saved
+on a 1,024-token system prompt), and in a closed loop some worker always runs one request more:
+a third of the benchmark's requests went to a worker holding none of their prompt
+(docs/performance.md). Two changes, both only where the load is within a few requests:
+
+- the decode term counts only the blocks above the least-loaded candidate's plus ``balance_abs``
+  requests of this one's size: ``max(0, decode_blocks - least_decode_blocks - balance_abs *
+  prompt_blocks)``. Within that slack the cache decides; beyond it every further block counts
+  in full, as in Dynamo (among candidates all beyond it the choice is Dynamo's: taking the same
+  amount off every candidate changes no comparison);
+- a worker running more than ``balance_abs`` requests above the least-loaded candidate and more
+  than ``balance_rel`` x its count (this router's requests in flight) is skipped like a busy one.
+  Counted in requests, because a hot tenant's requests share its prompt blocks: four of them on
+  one worker weigh about as many blocks as two other requests, and without this a hot prefix
+  piled onto its holder (busiest worker up to 2.6x the quietest in a model of the benchmark).
+
+``balance_abs=None`` is Dynamo's choice unchanged (``cost`` below for every candidate).
+
 **Choice**: with ``temperature`` 0, the lowest cost; ties go to the least decode load, then the
 fewest published waiting requests, then at random (never by worker order: every frontend
 would send its first requests to the same worker). With ``temperature`` > 0, Dynamo's softmax:
@@ -54,6 +74,13 @@ from dynamo_worker.frontend.kv_index import WorkerKey
 # Output tokens a request is expected to add to its worker's blocks: its max_tokens, capped
 # (a max_tokens far above what requests really produce would make every worker look full).
 OUTPUT_TOKENS_CAP = 256
+# The balance slack (see the module docstring): load differences within 3 requests are left to
+# the cache, a worker more than 3 requests and 1.5x above the least loaded is skipped. Measured
+# (docs/performance.md, "The balance slack"): 2 spread a hot tenant better but sent 27 of 256
+# requests away from their holder and gave back most of the hit rate; without the skip in
+# requests a hot tenant piled onto its holder.
+BALANCE_ABS = 3
+BALANCE_REL = 1.5
 
 
 def expected_blocks(
@@ -218,10 +245,12 @@ class Decision:
     prompt_blocks: int
     busy_skipped: int  # busy workers passed over
     # Why a worker holding more of the prompt was passed over (None: it was not): "busy" (the
-    # holder was skipped as busy), "published_load" (the holder would have won on this router's
+    # holder was skipped as busy), "balance" (skipped for running too many requests more than
+    # the least-loaded worker), "published_load" (the holder would have won on this router's
     # own count of its load: its published load decided), "load" (this router's own count of
     # the holder's requests in flight outweighed the hit), "sampled" (temperature).
     away_from_holder: str | None = None
+    balance_skipped: int = 0  # workers passed over for balance
 
 
 class KvSelector:
@@ -233,19 +262,40 @@ class KvSelector:
         overlap_weight: float = 1.0,
         temperature: float = 0.0,
         busy_threshold: float | None = 0.9,
+        balance_abs: float | None = BALANCE_ABS,
+        balance_rel: float = BALANCE_REL,
         rng: random.Random | None = None,
     ) -> None:
         if overlap_weight < 0 or temperature < 0:
             raise ValueError("overlap_weight and temperature must be >= 0")
         if busy_threshold is not None and busy_threshold <= 0:
             raise ValueError("busy_threshold must be > 0 (or None: never busy)")
+        if (balance_abs is not None and balance_abs < 0) or balance_rel < 1:
+            raise ValueError("balance_abs must be >= 0 (or None: Dynamo's choice) and balance_rel >= 1")
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self.busy_threshold = busy_threshold
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
         self.rng = rng or random.Random()
 
     def cost(self, prompt_blocks: int, overlap_blocks: int, decode_blocks: float) -> float:
+        """Dynamo's cost (the decode term as given: :meth:`choose` passes it less the slack)."""
         return self.overlap_weight * max(0, prompt_blocks - overlap_blocks) + decode_blocks
+
+    def decode_terms(self, decode: Sequence[float], prompt_blocks: int) -> list[float]:
+        """Each candidate's decode term: its blocks beyond the least-loaded candidate's plus the
+        slack of ``balance_abs`` requests of ``prompt_blocks`` (as given with ``balance_abs=None``)."""
+        if self.balance_abs is None or not decode:
+            return list(decode)
+        floor = min(decode) + self.balance_abs * prompt_blocks
+        return [max(0.0, d - floor) for d in decode]
+
+    def is_overloaded(self, count: int, least: int) -> bool:
+        """A worker running ``count`` requests is too far above the least-loaded one (``least``)."""
+        if self.balance_abs is None:
+            return False
+        return count - least > self.balance_abs and count > self.balance_rel * least
 
     def is_busy(self, worker: WorkerKey, load: ActiveLoad) -> bool:
         threshold = self.busy_threshold
@@ -271,9 +321,13 @@ class KvSelector:
         skipped = len(workers) - len(candidates)
         if not candidates:
             candidates, skipped = list(workers), 0
-        weight = self.overlap_weight
+        not_busy = candidates
+        if self.balance_abs is not None:
+            least = min(load.in_flight(w) for w in candidates)
+            candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least)]
         decode = [load.decode_blocks(w) for w in candidates]
-        costs = [weight * max(0, prompt_blocks - overlaps.get(w, 0)) + d for w, d in zip(candidates, decode)]
+        terms = self.decode_terms(decode, prompt_blocks)
+        costs = [self.cost(prompt_blocks, overlaps.get(w, 0), t) for w, t in zip(candidates, terms)]
         if self.temperature == 0 or len(candidates) == 1:
             index = self._lowest(candidates, costs, decode, load)
         else:
@@ -286,8 +340,9 @@ class KvSelector:
             prompt_blocks=prompt_blocks,
             busy_skipped=skipped,
             away_from_holder=self._away_from_holder(
-                worker, costs[index], min(costs), workers, candidates, prompt_blocks, overlaps, load
+                worker, costs[index], min(costs), workers, not_busy, candidates, prompt_blocks, overlaps, load
             ),
+            balance_skipped=len(not_busy) - len(candidates),
         )
 
     def _away_from_holder(
@@ -296,6 +351,7 @@ class KvSelector:
         chosen_cost: float,
         lowest: float,
         workers: Sequence[WorkerKey],
+        not_busy: Sequence[WorkerKey],
         candidates: Sequence[WorkerKey],
         prompt_blocks: int,
         overlaps: Mapping[WorkerKey, int],
@@ -305,18 +361,27 @@ class KvSelector:
         best = max((overlaps.get(w, 0) for w in workers), default=0)
         if best == 0 or overlaps.get(chosen, 0) >= best:
             return None
+        if not any(overlaps.get(w, 0) == best for w in not_busy):
+            return "busy"
         holders = [w for w in candidates if overlaps.get(w, 0) == best]
         if not holders:
-            return "busy"
+            return "balance"
         if chosen_cost > lowest:
             return "sampled"
-        own = min(self.cost(prompt_blocks, best, load.tracked_blocks(w)) for w in holders)
-        return "published_load" if own <= chosen_cost else "load"
+        # The same choice on this router's own count of every candidate's load.
+        own = self.decode_terms([load.tracked_blocks(w) for w in candidates], prompt_blocks)
+        own_cost = dict(zip(candidates, own))
+        held = min(self.cost(prompt_blocks, best, own_cost[w]) for w in holders)
+        away = self.cost(prompt_blocks, overlaps.get(chosen, 0), own_cost[chosen])
+        return "published_load" if held <= away else "load"
 
     def explain(
         self, workers: Sequence[WorkerKey], prompt_blocks: int, overlaps: Mapping[WorkerKey, int], load: ActiveLoad
     ) -> list[dict[str, Any]]:
-        """Every candidate's terms, for a debug log of one decision."""
+        """Every candidate's terms, for a debug log of one decision (the slack taken over all of
+        them, busy or not)."""
+        terms = self.decode_terms([load.decode_blocks(w) for w in workers], prompt_blocks)
+        least = min((load.in_flight(w) for w in workers), default=0)
         return [
             {
                 "worker": w,
@@ -326,9 +391,10 @@ class KvSelector:
                 "in_flight": load.in_flight(w),
                 "capacity": load.capacity(w),
                 "busy": self.is_busy(w, load),
-                "cost": self.cost(prompt_blocks, overlaps.get(w, 0), load.decode_blocks(w)),
+                "overloaded": self.is_overloaded(load.in_flight(w), least),
+                "cost": self.cost(prompt_blocks, overlaps.get(w, 0), term),
             }
-            for w in workers
+            for w, term in zip(workers, terms)
         ]
 
     def _lowest(self, candidates: list[WorkerKey], costs: list[float], decode: list[int], load: ActiveLoad) -> int:

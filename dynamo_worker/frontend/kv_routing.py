@@ -102,7 +102,7 @@ class KvRoutingMetrics:
         self.away_from_holder = Counter(
             "dynamo_frontend_kv_away_from_holder",
             "Requests routed to a worker holding less of their prompt "
-            "than another, by reason (busy, load, published_load, sampled)",
+            "than another, by reason (busy, balance, load, published_load, sampled)",
             ("reason",),
             registry=registry,
         )
