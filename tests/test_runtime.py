@@ -7,6 +7,7 @@ owed on both. What only one plane has is tested in tests/test_tcp_plane.py.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import signal
 import time
@@ -14,8 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import msgspec
 import pytest
 
+from dynamo_worker.core import discovery, wire
+from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.errors import RuntimeUnavailable
 from dynamo_worker.core.request_plane import RequestContext, RequestError
 from dynamo_worker.core.runtime import Runtime
@@ -276,6 +280,52 @@ async def test_a_killed_process_leaves_discovery_within_its_lease(
     finally:
         worker.stop()
         await caller.close()
+
+
+def test_a_record_is_judged_lapsed_only_past_its_lease_and_the_clock_skew_allowance() -> None:
+    now = datetime.datetime(2026, 12, 5, 12, 0, 0, tzinfo=datetime.timezone.utc)
+    record = InstanceRecord("ns", "c", "e", "i", "test", 1, "h", lease_ttl=2)
+    allowed = 2 + discovery.CLOCK_SKEW_ALLOWANCE
+
+    def ago(seconds: float) -> datetime.datetime:
+        return now - datetime.timedelta(seconds=seconds)
+
+    assert discovery.lease_lapsed(record, ago(0.7), now) == 0  # a live instance's newest copy
+    assert discovery.lease_lapsed(record, ago(-3), now) == 0  # the server's clock ahead of ours
+    assert discovery.lease_lapsed(record, ago(allowed), now) == 0  # skew forgiven
+    assert discovery.lease_lapsed(record, ago(allowed + 1), now) == pytest.approx(discovery.CLOCK_SKEW_ALLOWANCE + 1)
+    assert discovery.lease_lapsed(record, ago(60), now) == pytest.approx(58)
+    # A record from a writer that did not say its lease, or without a timestamp: not judged.
+    assert discovery.lease_lapsed(msgspec.structs.replace(record, lease_ttl=0), ago(60), now) == 0
+    assert discovery.lease_lapsed(record, None, now) == 0
+
+
+async def test_a_watcher_does_not_admit_a_record_past_its_lease_whatever_the_store_holds(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy the store should have expired (issue 18: a restarted replica's file store brought one
+    back) is not routed to: here one written without a TTL, so that it stays, and judged with no
+    allowance for clock skew (one host: one clock)."""
+    monkeypatch.setattr(discovery, "CLOCK_SKEW_ALLOWANCE", 0.0)
+    caplog.set_level(logging.INFO)
+    worker, caller = await connect(nats_server, namespace, lease_ttl=1), await connect(nats_server, namespace)
+    try:
+        await serve(worker)
+        assert worker.discovery._records  # stamped with its lease
+        assert {r.lease_ttl for r in worker.discovery._records.values()} == {1}
+        dead = InstanceRecord(namespace, "math", "count", "dead", "test", 1, "h", lease_ttl=1)
+        await caller.discovery.bucket()
+        await caller.discovery.js.publish(f"$KV.{discovery.BUCKET}.{dead.key}", wire.encode(dead))
+        await asyncio.sleep(1.5)  # past the dead one's lease; the live one renews every 1/3 s
+        client = caller.client("math", "count")
+        assert await client.wait_for_instances(5)
+        await asyncio.sleep(0.5)  # a few renewals of the live one: the dead copy had its chance too
+        assert [r.instance_id for r in client.instances()] == [worker.instance_id]
+        assert f"not admitting {dead.key}: its record (revision" in caplog.text
+        assert caplog.text.count(f"not admitting {dead.key}") == 1  # said once, not per watch
+    finally:
+        await caller.close()
+        await worker.close()
 
 
 async def test_a_restarted_watcher_leaves_no_consumer_behind(nats_server: NatsServer, namespace: str) -> None:

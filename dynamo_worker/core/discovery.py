@@ -4,7 +4,8 @@ Each instance writes one record per endpoint under ``{ns}.{component}.{endpoint}
 with a per-message TTL (``--lease-ttl`` seconds) and rewrites it every third of that. A process
 that dies stops rewriting, and the server expires its keys: the bucket is created with
 ``limit_marker_ttl`` so watchers see the expiry as a PURGE about a millisecond after it runs out.
-A clean shutdown deletes its keys at once. Watchers are recreated after a reconnect, because an
+A clean shutdown deletes its keys at once. A watcher does not admit a record written longer ago than
+its lease (see :func:`lease_lapsed`), whatever the store holds. Watchers are recreated after a reconnect, because an
 existing JetStream watcher stalls for many seconds after a server restart. A watcher that hears
 nothing for a lease asks the bucket's stream whether it has a quorum: if not, it says so once (and
 once when it works again); if it has, but known instances went quiet, its own consumer was lost,
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import nats.errors
@@ -44,6 +46,9 @@ BUCKET = "dynamo_worker_instances"
 #: quorum (a healthy cluster's replicas, idle or not, are heard from every few ms). No longer than the
 #: shortest lease (1 s), so that a watch quiet for a lease because quorum is lost is told from one that stalled.
 PEER_SILENCE_NS = 1_000_000_000
+#: Seconds a record may be older than its lease (by the watcher's clock against the JetStream
+#: leader's timestamp) and still be admitted: the clock skew between hosts plus delivery delay.
+CLOCK_SKEW_ALLOWANCE = 5.0
 
 
 class InstanceRecord(msgspec.Struct, omit_defaults=True):
@@ -58,6 +63,7 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True):
     host: str
     data: dict[str, Any] = {}
     address: str = ""  # host:port of its TCP request-plane listener ("": NATS only)
+    lease_ttl: int = 0  # the writer's --lease-ttl (0: an older writer that did not say; not judged)
 
     @property
     def key(self) -> str:
@@ -69,6 +75,23 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True):
 
 
 _record_decoder = msgspec.json.Decoder(InstanceRecord)
+
+
+def lease_lapsed(record: InstanceRecord, written: datetime.datetime | None, now: datetime.datetime) -> float:
+    """Seconds by which ``record``, stored at ``written`` (the stream's timestamp, the JetStream
+    leader's clock), is past its lease at ``now`` (this host's clock); 0 while it is within it.
+
+    A live instance rewrites its record every third of its lease, so the newest copy is never older
+    than that. An older one is a copy the store should have expired: a restarted replica's file
+    store can bring such a copy back (issue 18). Up to :data:`CLOCK_SKEW_ALLOWANCE` seconds past the
+    lease are forgiven, for clocks that disagree and slow delivery: a host whose clock runs ahead
+    of the NATS servers' by more than that would judge every record lapsed (and says so, one line
+    per record); one whose clock runs behind admits a lapsed copy that much longer.
+    """
+    if not record.lease_ttl or written is None:
+        return 0.0
+    past = (now - written).total_seconds() - record.lease_ttl
+    return past if past > CLOCK_SKEW_ALLOWANCE else 0.0
 
 
 class Discovery:
@@ -131,11 +154,14 @@ class Discovery:
         # kv.put() takes no TTL; a JetStream publish on the key's subject does.
         await self.js.publish(f"$KV.{BUCKET}.{record.key}", wire.encode(record), msg_ttl=self.lease_ttl)
 
-    async def register(self, record: InstanceRecord) -> None:
+    async def register(self, record: InstanceRecord) -> InstanceRecord:
+        """Publish ``record`` (stamped with this lease, for watchers to judge its age) and keep it alive."""
+        record = msgspec.structs.replace(record, lease_ttl=self.lease_ttl)
         self._records[record.key] = record
         await self._put(record)
         if self._keepalive is None:
             self._keepalive = asyncio.create_task(self._keep_alive(), name="discovery-keepalive")
+        return record
 
     async def withdraw(self, key: str | None = None) -> None:
         """Delete one record (or all of this process's) so routers stop sending work at once."""
@@ -240,6 +266,7 @@ class InstanceWatcher:
         # The watch fails or stalls (no JetStream quorum): said once per outage, and once when it
         # works again. Kept across restarts (a restart during an outage is the same outage).
         self._failing = False
+        self._refused: set[tuple[str, int | None]] = set()  # lapsed copies said once each
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(key, record, False)`` on arrival or update; ``listener(key, None, expired)``
@@ -294,6 +321,27 @@ class InstanceWatcher:
                     log.info("discovery: %s joined", key)
             self.records[key] = record
             await self._notify(key, record, False)
+
+    def _lapsed(self, entry: KeyValue.Entry, record: InstanceRecord) -> bool:
+        """Whether a record that arrives is past its lease (not admitted). Judged on arrival only: a
+        known instance's copy re-read after an outage (when nobody could renew) keeps it, as the
+        last view is kept during the outage, until the server expires it or it is renewed."""
+        # nats-py annotates ``created`` as int; it holds the stream's timestamp, a datetime.
+        written = cast("datetime.datetime | None", entry.created)
+        past = lease_lapsed(record, written, datetime.datetime.now(datetime.timezone.utc))
+        if past and (entry.key, entry.revision) not in self._refused:
+            self._refused.add((entry.key, entry.revision))
+            log.warning(
+                "discovery: not admitting %s: its record (revision %s) is %.1f s past its %d s lease "
+                "(%.0f s allowed for clock skew): a copy the store should have expired (a restarted "
+                "replica's), or this host's clock runs ahead of the NATS servers'",
+                entry.key,
+                entry.revision,
+                past,
+                record.lease_ttl,
+                CLOCK_SKEW_ALLOWANCE,
+            )
+        return bool(past)
 
     def _outage(self, what: str) -> None:
         if self._failing:
@@ -399,9 +447,13 @@ class InstanceWatcher:
                         await self._apply(entry.key, None, expired=entry.operation == KV_PURGE)
                     else:
                         try:
-                            await self._apply(entry.key, _record_decoder.decode(entry.value))
+                            record = _record_decoder.decode(entry.value)
                         except msgspec.DecodeError:
                             log.warning("ignoring a malformed discovery record at %s", entry.key)
+                            continue
+                        if entry.key not in self.records and self._lapsed(entry, record):
+                            continue
+                        await self._apply(entry.key, record)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # outage or lost bucket: keep the last view, try again

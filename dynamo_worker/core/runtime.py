@@ -294,8 +294,7 @@ class Runtime:
             data,
             address=self.listener.address if self.listener is not None else "",
         )
-        await self.discovery.register(record)
-        return record
+        return await self.discovery.register(record)
 
     async def withdraw(self) -> None:
         """Leave discovery: peers stop routing new work here."""
