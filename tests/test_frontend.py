@@ -743,6 +743,20 @@ BAD_REQUESTS = [
         id="prompt-over-max-model-len",
     ),
     pytest.param("/v1/completions", {"prompt": "x"}, 400, "model", id="no-model"),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 5},
+        400,
+        "truncate_prompt_tokens",
+        id="a-vllm-field-not-implemented",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "priority": 0, "echo": True},
+        400,
+        "echo",
+        id="a-vllm-chat-field-off-its-default",
+    ),
     pytest.param("/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "model", id="unknown-model"),
     pytest.param("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", id="no-messages"),
     pytest.param(
@@ -881,7 +895,7 @@ BAD_REQUESTS = [
         "/v1/chat/completions",
         {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
         400,
-        "response_format",
+        "response_format.type",
         id="unknown-response-format",
     ),
     pytest.param(
@@ -938,6 +952,9 @@ def test_bad_requests_get_openai_errors_and_the_frontend_keeps_serving(
     error = answer["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+    # vllm serve's shape: the exception's name as the type, the status as the code
+    expected_type = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}[status]
+    assert (error["type"], error["code"]) == (expected_type, status)
     assert_still_serving(client)
 
 
@@ -968,7 +985,7 @@ def test_openai_client_sees_404_for_an_unknown_model(client: openai.OpenAI) -> N
 def test_a_tokenizer_the_frontend_cannot_load_is_a_503(frontend: str, client: openai.OpenAI) -> None:
     for _ in range(2):  # the second answer comes from the remembered failure
         status, body = post(f"{frontend}/v1/completions", {"model": "elsewhere", "prompt": "x"})
-        assert status == 503 and body["error"]["code"] == "tokenizer_unavailable"
+        assert (status, body["error"]["type"]) == (503, "ServiceUnavailableError"), body
         assert "/nonexistent/model/dir" in body["error"]["message"]
     assert_still_serving(client)
 
@@ -1049,7 +1066,7 @@ def test_health_is_503_without_workers_and_big_bodies_get_413(deployment: Deploy
     proc, empty = deployment.start_frontend("--max-request-bytes", "2048", namespace=f"empty{uuid.uuid4().hex[:8]}")
     try:
         status, body = post(f"{empty}/v1/completions", {"model": "tiny", "prompt": "x" * 4096})
-        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert (status, body["error"]["type"], body["error"]["code"]) == (413, "RequestEntityTooLargeError", 413)
         status, body = get(f"{empty}/health")
         assert status == 503 and json.loads(body)["instances"] == 0
         assert served_models(empty) == []

@@ -545,7 +545,7 @@ def test_without_a_processor_an_image_request_is_a_clear_503(chain: Chain, media
         what="the frontend to drop the stopped processor",
     )
     status, body = chain.post(image_message(red))
-    assert body["error"]["code"] == "no_processor"
+    assert body["error"]["type"] == "ServiceUnavailableError" and body["error"]["code"] == 503
     assert "start one: dynamo-worker --multimodal-processor --enable-multimodal" in body["error"]["message"]
     out = chain.client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0

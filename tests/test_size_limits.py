@@ -114,7 +114,7 @@ def test_a_body_over_the_request_planes_limit_is_413_and_the_worker_serves_on(
 ) -> None:
     status, body = default_bus.chat(plane, chat_body(size))
     assert status == 413, body
-    assert body["error"]["code"] == "request_too_large"
+    assert (body["error"]["type"], body["error"]["code"]) == ("RequestEntityTooLargeError", 413)
     assert "over its 1048576-byte limit" in body["error"]["message"]
     status, body = default_bus.chat(plane, chat_body(1000))
     assert status == 200 and body["choices"][0]["message"]["content"]

@@ -270,7 +270,7 @@ def test_a_constraint_vllm_cannot_compile_is_a_400_naming_the_field(
     body.update({"messages": MESSAGES} if "chat" in path else {"prompt": "x"})
     status, answer = stack.post(path, json.dumps(body).encode())
     assert status == 400, answer
-    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "BadRequestError"
     # The worker is still there and its engine alive.
     text, _ = completion_text(stack.client, False, extra_body={"guided_regex": CODE})
     assert re.fullmatch(CODE, text), text

@@ -54,6 +54,7 @@ from dynamo_worker.frontend.protocol import (
     usage_body,
 )
 from dynamo_worker.frontend.router import POLICIES, Router
+from dynamo_worker.frontend.unimplemented import refuse_unimplemented
 
 log = logging.getLogger(__name__)
 
@@ -363,11 +364,13 @@ class FrontendServer:
         chat: RequestParsing | None = None
         if endpoint == "completions":
             req: Any = parse_completion(body)
+            refuse_unimplemented(body, endpoint)
             params = generation_params(req)
             prompt = completion_prompt(req)
             prompt_param, shape_cls = "prompt", CompletionShape
         else:
             req = parse_chat(body)
+            refuse_unimplemented(body, endpoint)
             params = generation_params(req)
             self.chat_parsers.check(req)
             if multimodal.has_media(req):
@@ -549,7 +552,7 @@ class FrontendServer:
         except ApiError as exc:
             if resp is None:
                 raise  # nothing sent yet: a plain HTTP error
-            log.warning("stream of model %s failed after output began: %s", p.model.name, exc.message)
+            log.warning("stream of model %s failed after output began: %r", p.model.name, exc)
             try:
                 event(exc.body())
                 await resp.write_eof(b"".join(events))

@@ -79,7 +79,7 @@ def _from_response_format(rf: ResponseFormat) -> dict[str, Any]:
         return {"json": rf.json_schema.json_schema}
     raise bad_request(
         f"response_format type {rf.type!r} is not supported; use 'text', 'json_object' or 'json_schema'",
-        param="response_format",
+        param="response_format.type",  # vllm serve's param, without the "body." of its request validation
     )
 
 

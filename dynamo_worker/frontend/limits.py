@@ -123,7 +123,6 @@ class Limits:
                     401,
                     "a valid API key is required: send 'Authorization: Bearer KEY'",
                     code="invalid_api_key",
-                    error_type="authentication_error",
                 )
                 return _error(err)
         return await handler(request)
@@ -139,7 +138,6 @@ class Limits:
                 f"the server is serving its limit of {self.max_concurrent} requests "
                 f"(--max-concurrent-requests); retry after {RETRY_AFTER_SECONDS}s",
                 code="too_many_requests",
-                error_type="rate_limit_error",
             )
             resp = _error(err)
             resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)

@@ -4,7 +4,8 @@ Requests are decoded with msgspec Structs (types checked, unknown fields ignored
 server does for forward compatibility), then checked for ranges and for features this frontend
 does not implement: those get a 400 naming the parameter rather than being silently ignored.
 Every failure is an :class:`ApiError`, which the HTTP layer turns into OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}`` shaped as ``vllm serve`` 0.32 fills it: ``type``
+the exception's name (``BadRequestError``, ``NotFoundError``, ...), ``code`` the HTTP status.
 """
 
 from __future__ import annotations
@@ -26,39 +27,44 @@ from dynamo_worker.core.generate import MAX_LOGPROBS, PLAIN_SAMPLING_FIELDS
 MAX_N = 128
 MAX_STOP_STRINGS = 32
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    404: "invalid_request_error",  # OpenAI's own type for an unknown model, with code model_not_found
-    413: "invalid_request_error",
-    500: "internal_error",
-    503: "service_unavailable_error",
+# vllm serve's error `type` per status (vllm/entrypoints/serve/exception_handling): the status
+# phrase as a class name, "Error" once at the end (BadRequestError, NotFoundError,
+# UnprocessableEntityError, InternalServerError, ServiceUnavailableError, NotImplementedError). The
+# statuses vLLM never answers with such a body (401, 405, 413, 429) follow the same rule. Written
+# out rather than derived from http.HTTPStatus, whose phrase for 413 changed in Python 3.13.
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "UnauthorizedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    429: "TooManyRequestsError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
 }
 
 
 class ApiError(Exception):
-    """A request that cannot be served; ``status`` is the HTTP status it is answered with."""
+    """A request that cannot be served; ``status`` is the HTTP status it is answered with.
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        error_type: str | None = None,
-    ) -> None:
+    ``code`` is our short reason (``no_worker``, ``context_length_exceeded``, ...) for the log and
+    ``repr``; the body's ``code`` is the status, as vllm serve's, so a client tells errors apart by
+    status, ``type`` and ``param`` (docs/frontend.md "Errors").
+    """
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
-        self.type = error_type or _ERROR_TYPES.get(status, "internal_error")
+        self.reason = code
+        self.type = ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
     def __repr__(self) -> str:
-        return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+        return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, reason={self.reason!r})"
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
