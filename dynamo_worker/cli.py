@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,12 @@ ROLE_ALIASES = {
     "--vllm-native-encoder-worker": "ec-encoder",
     "--multimodal-worker": "decode",  # the LLM worker of the multimodal chain
 }
+
+# Dynamo's newest worker selects its role with --disaggregation-mode (env DYN_VLLM_DISAGGREGATION_MODE):
+# agg and decode both start its decode worker (decode = the decode half of disaggregated serving,
+# which publishes no KV events, as --is-decode-worker), encode its multimodal encode worker.
+DISAGGREGATION_MODES = {"agg": "decode", "prefill": "prefill", "decode": "decode", "encode": "encode"}
+DISAGGREGATION_MODE_ENV = "DYN_VLLM_DISAGGREGATION_MODE"
 
 # Dynamo's rules: the multimodal roles need --enable-multimodal, which the language-model
 # (decode) worker takes too, to accept images and image embeddings.
@@ -61,6 +68,14 @@ def _selector_parser(add_help: bool) -> argparse.ArgumentParser:
     for flag, role in ROLE_ALIASES.items():
         g.add_argument(flag, action="store_true", help=f"Dynamo alias for --role {role}")
     g.add_argument(
+        "--disaggregation-mode",
+        choices=tuple(DISAGGREGATION_MODES),
+        default=None,
+        help="Dynamo's role selection: agg and decode run the decode role (decode publishes no KV "
+        "events, as --is-decode-worker), prefill the prefill role, encode the encode role "
+        f"(env {DISAGGREGATION_MODE_ENV})",
+    )
+    g.add_argument(
         "--enable-multimodal",
         action="store_true",
         help="accept images: needed by the multimodal roles (processor, encode, ec-encoder) "
@@ -84,6 +99,12 @@ def select_role(ns: argparse.Namespace, *, check: bool = True) -> str:
     for flag, role in ROLE_ALIASES.items():
         if getattr(ns, flag.lstrip("-").replace("-", "_")):
             chosen.append((flag, role))
+    # Dynamo's environment variable is for its vLLM worker: a role it cannot select ignores it.
+    if ns.disaggregation_mode is not None or not ns.role or ns.role in DISAGGREGATION_MODES.values():
+        mode, label = disaggregation_mode(ns)
+        if mode is not None:
+            _check_dynamo_mode_rules(ns, mode, label)
+            chosen.append((label, DISAGGREGATION_MODES[mode]))
     roles = {role for _, role in chosen}
     if len(roles) > 1:
         flags = " and ".join(flag for flag, _ in chosen)
@@ -93,6 +114,41 @@ def select_role(ns: argparse.Namespace, *, check: bool = True) -> str:
         multimodal_flag = next((f for f, _ in chosen if f in MULTIMODAL_FLAGS), None)
         check_multimodal(ns, role, multimodal_flag or (chosen[0][0] if chosen else f"--role {role}"))
     return role
+
+
+def disaggregation_mode(ns: argparse.Namespace) -> tuple[str | None, str]:
+    """Dynamo's ``--disaggregation-mode``, else its environment variable, and how it was given (for errors)."""
+    mode = getattr(ns, "disaggregation_mode", None)
+    if mode is not None:
+        return mode, f"--disaggregation-mode {mode}"
+    raw = os.environ.get(DISAGGREGATION_MODE_ENV, "").strip()
+    if not raw:
+        return None, ""
+    if raw not in DISAGGREGATION_MODES:
+        raise UsageError(
+            f"--disaggregation-mode / {DISAGGREGATION_MODE_ENV} {raw!r} is invalid; "
+            f"use one of {', '.join(DISAGGREGATION_MODES)}"
+        )
+    return raw, f"{DISAGGREGATION_MODE_ENV}={raw}"
+
+
+def _check_dynamo_mode_rules(ns: argparse.Namespace, mode: str, label: str) -> None:
+    """Combinations Dynamo's worker refuses with ``--disaggregation-mode`` (its legacy role flags)."""
+    if ns.is_prefill_worker:
+        raise UsageError(
+            f"--is-prefill-worker and {label} cannot be combined (Dynamo refuses it too); "
+            "use only --disaggregation-mode"
+        )
+    if ns.multimodal_worker and mode == "prefill":
+        raise UsageError(
+            f"--multimodal-worker with {label} (Dynamo's multimodal prefill worker) is not implemented here: "
+            "the prefill role takes no images; use --multimodal-worker alone (an agg worker) for the chain's LLM"
+        )
+    if ns.multimodal_worker and mode == "decode":
+        raise UsageError(
+            f"--multimodal-worker and {label} cannot be combined: Dynamo's multimodal worker is agg (or prefill); "
+            "for a multimodal decode worker use --disaggregation-mode decode --enable-multimodal"
+        )
 
 
 def check_multimodal(ns: argparse.Namespace, role: str, flag: str) -> None:
@@ -154,7 +210,9 @@ def run_role(argv: Sequence[str]) -> int:
     wants_help = any(a in ("-h", "--help") for a in argv)
     # --help describes a role; the --enable-multimodal rule is for running one.
     role_name = select_role(pre, check=not wants_help)
-    aliased = any(getattr(pre, flag.lstrip("-").replace("-", "_")) for flag in ROLE_ALIASES)
+    aliased = pre.disaggregation_mode is not None or any(
+        getattr(pre, flag.lstrip("-").replace("-", "_")) for flag in ROLE_ALIASES
+    )
     if wants_help and not pre.role and not aliased:
         # Plain --help: describe the command without importing any role.
         build_parser(HookRelay(role_name, None)).print_help()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, worker_env
 
 BUILT_IN = {"decode", "prefill", "processor", "encode", "ec-encoder", "frontend"}
 
@@ -49,6 +49,7 @@ def _modules_loaded_by(*argv: str) -> set[str]:
 def test_help_and_list_roles_import_no_role_and_no_vllm_or_torch() -> None:
     assert _modules_loaded_by("--help") == set()
     assert _modules_loaded_by("--list-roles") == set()
+    assert _modules_loaded_by("--disaggregation-mode", "prefill", "--help") <= {"dynamo_worker.roles.prefill"}
 
 
 def test_role_help_imports_only_that_role_and_no_vllm_or_torch() -> None:
@@ -86,6 +87,65 @@ def test_dynamo_alias_flags_select_the_role() -> None:
     assert out.returncode == 0 and "--allowed-local-media-path" in out.stdout
     out = run_cli("--multimodal-worker", "--enable-multimodal", "--help")  # Dynamo's LLM worker of the chain
     assert out.returncode == 0 and "decode role" in out.stdout and "--ec-storage-path" in out.stdout
+
+
+def test_disaggregation_mode_selects_the_role_as_dynamos_newest_worker() -> None:
+    for mode, role in (("agg", "decode"), ("decode", "decode"), ("prefill", "prefill")):
+        out = run_cli("--disaggregation-mode", mode, "--help")
+        assert out.returncode == 0 and f"\n{role} role:" in out.stdout, (mode, out.stderr)
+    out = run_cli("--disaggregation-mode", "encode", "--enable-multimodal", "--help")  # Dynamo's encode worker
+    assert out.returncode == 0 and "\nencode role:" in out.stdout
+    out = run_cli("--disaggregation-mode", "encode", "--model", "/nonexistent")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "--disaggregation-mode encode needs --enable-multimodal" in out.stderr
+    out = run_cli("--disaggregation-mode", "split")
+    assert out.returncode == 2 and "argument --disaggregation-mode: invalid choice: 'split'" in out.stderr
+
+
+def test_disaggregation_mode_environment_variable_selects_the_role_or_names_itself() -> None:
+    out = run_cli("--help", env=worker_env(DYN_VLLM_DISAGGREGATION_MODE="prefill"))
+    assert out.returncode == 0
+    out = run_cli("--engine-help", env=worker_env(DYN_VLLM_DISAGGREGATION_MODE="encode"))
+    assert out.returncode == 2 and "DYN_VLLM_DISAGGREGATION_MODE=encode needs --enable-multimodal" in out.stderr
+    out = run_cli("--role", "decode", env=worker_env(DYN_VLLM_DISAGGREGATION_MODE="prefill"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "--role decode and DYN_VLLM_DISAGGREGATION_MODE=prefill select different roles" in out.stderr
+    out = run_cli("--model", "/nonexistent", env=worker_env(DYN_VLLM_DISAGGREGATION_MODE="pd"))
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "dynamo-worker: error: --disaggregation-mode / DYN_VLLM_DISAGGREGATION_MODE 'pd' is invalid; "
+        "use one of agg, prefill, decode, encode"
+    )
+    # Dynamo's frontend does not read its vLLM worker's variable, and neither does ours.
+    out = run_cli("--role", "frontend", "--help", env=worker_env(DYN_VLLM_DISAGGREGATION_MODE="pd"))
+    assert out.returncode == 0 and "\nfrontend role:" in out.stdout, out.stderr
+
+
+def test_disaggregation_mode_conflicts_name_both_flags_in_one_line() -> None:
+    for argv, message in (
+        (["--role", "decode", "--disaggregation-mode", "prefill"], "--role decode and --disaggregation-mode prefill"),
+        (
+            ["--vllm-native-encoder-worker", "--enable-multimodal", "--disaggregation-mode", "encode"],
+            "--vllm-native-encoder-worker and --disaggregation-mode encode select different roles",
+        ),
+        # Dynamo refuses its legacy role flags with --disaggregation-mode, even when they agree.
+        (
+            ["--is-prefill-worker", "--disaggregation-mode", "prefill"],
+            "--is-prefill-worker and --disaggregation-mode prefill cannot be combined",
+        ),
+        (
+            ["--multimodal-worker", "--enable-multimodal", "--disaggregation-mode", "decode"],
+            "--multimodal-worker and --disaggregation-mode decode cannot be combined",
+        ),
+        (
+            ["--multimodal-worker", "--enable-multimodal", "--disaggregation-mode", "prefill"],
+            "--multimodal-worker with --disaggregation-mode prefill (Dynamo's multimodal prefill worker) is not",
+        ),
+    ):
+        out = run_cli(*argv, "--model", "/nonexistent")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+        assert message in out.stderr, (argv, out.stderr)
+    out = run_cli("--role", "encode", "--multimodal-encode-worker", "--disaggregation-mode", "encode", "--help")
+    assert out.returncode == 0 and "\nencode role:" in out.stdout  # all three agree
 
 
 def test_multimodal_roles_need_enable_multimodal_in_one_line() -> None:

@@ -21,6 +21,7 @@ from tests.configure_helpers import Configured, configure
 
 MODEL = "Qwen/Qwen3-0.6B"  # a hub name: only parsed here, never loaded
 KV_EVENTS_20080 = '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:20080","enable_kv_cache_events":true}'
+KV_EVENTS_20082 = '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:20082","enable_kv_cache_events":true}'
 
 # (script, worker command line, environment it sets, role, substrings of the warnings logged, in order)
 SCRIPTS: list[tuple[str, str, dict[str, str], str, list[str]]] = [
@@ -77,6 +78,30 @@ SCRIPTS: list[tuple[str, str, dict[str, str], str, list[str]]] = [
         "examples/backends/vllm/launch/agg_request_planes.sh --nats",
         f"--model {MODEL} --enforce-eager",
         {"DYN_REQUEST_PLANE": "nats", "DYN_SYSTEM_PORT": "8081", "DYN_HEALTH_CHECK_ENABLED": "true"},
+        "decode",
+        [],
+    ),
+    # Dynamo's newest worker (inventory revision C) selects the role with --disaggregation-mode.
+    (
+        "examples/backends/vllm/launch/disagg.sh (decode, --disaggregation-mode)",
+        f"--model {MODEL} --enforce-eager --disaggregation-mode decode",
+        {"DYN_SYSTEM_PORT": "8081"},
+        "decode",
+        [],
+    ),
+    (
+        # Dynamo's default connector is nixl, ours none: the one line added (docs/roles.md).
+        "examples/backends/vllm/launch/disagg_router.sh (prefill, --disaggregation-mode; --connector nixl added)",
+        f"--model {MODEL} --block-size 64 --enforce-eager --disaggregation-mode prefill "
+        f"--kv-events-config '{KV_EVENTS_20082}' --connector nixl",
+        {"VLLM_NIXL_SIDE_CHANNEL_PORT": "20098", "PYTHONHASHSEED": "0"},
+        "prefill",
+        [],
+    ),
+    (
+        "examples/backends/vllm/launch/agg.sh, with DYN_VLLM_DISAGGREGATION_MODE=agg set",
+        f"--model {MODEL} --enforce-eager --connector none",
+        {"DYN_SYSTEM_PORT": "8081", "DYN_VLLM_DISAGGREGATION_MODE": "agg"},
         "decode",
         [],
     ),
@@ -204,6 +229,28 @@ def test_is_decode_worker_publishes_no_kv_events_as_dynamos_does(
     decode = run(f"--model {MODEL} --is-decode-worker --kv-events-config '{KV_EVENTS_20080}'", {}, monkeypatch, caplog)
     assert decode.ctx.resolved_config["kv_event_ports"] is None
     assert decode.ctx.resolved_config["engine_args"]["kv_events_config"] is None
+
+
+def test_disaggregation_mode_decode_is_agg_without_kv_events_as_dynamos_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Dynamo's decode mode sets its is_decode_worker (no KV events); agg keeps them. Flag or environment.
+    events = f"--kv-events-config '{KV_EVENTS_20080}'"
+    agg = run(f"--model {MODEL} --disaggregation-mode agg {events}", {}, monkeypatch, caplog)
+    assert agg.role == "decode" and agg.ctx.resolved_config["kv_event_ports"] == [20080]
+    for line, env in (
+        (f"--model {MODEL} --disaggregation-mode decode {events}", {}),
+        (f"--model {MODEL} {events}", {"DYN_VLLM_DISAGGREGATION_MODE": "decode"}),
+    ):
+        decode = run(line, env, monkeypatch, caplog)
+        assert decode.role == "decode" and decode.ctx.resolved_config["kv_event_ports"] is None
+        assert decode.ctx.resolved_config["engine_args"]["kv_events_config"] is None
+    # Dynamo refuses its legacy --is-decode-worker with --disaggregation-mode, even when they agree.
+    for mode in ("decode", "agg"):
+        with pytest.raises(
+            UsageError, match=f"^--is-decode-worker and --disaggregation-mode {mode} cannot be combined"
+        ):
+            run(f"--model {MODEL} --is-decode-worker --disaggregation-mode {mode}", {}, monkeypatch, caplog)
 
 
 REFUSED = [

@@ -16,6 +16,7 @@ from contextlib import aclosing
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from dynamo_worker.core import discovery, wire
@@ -326,6 +327,69 @@ async def test_a_watcher_does_not_admit_a_record_past_its_lease_whatever_the_sto
     finally:
         await caller.close()
         await worker.close()
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+async def test_a_watcher_purges_a_record_it_refused_unless_it_was_rewritten_meanwhile(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead worker's stale copy (issue 18) is purged from the bucket a lease after a watcher refused
+    it, guarded by the revision read: a worker that registered again under the key meanwhile stays."""
+    monkeypatch.setattr(discovery, "CLOCK_SKEW_ALLOWANCE", 0.0)
+    caplog.set_level(logging.INFO)
+    writer, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    try:
+        kv = await writer.discovery.bucket()  # made (if new) before the marker TTL is shortened below
+        monkeypatch.setattr(discovery, "MARKER_TTL", 2)
+        # Written without a TTL, so that the store keeps them, and 2.2 s old when read: past their 2 s lease.
+        stale = InstanceRecord(namespace, "math", "count", "stale", "test", 1, "h", lease_ttl=2)
+        back = InstanceRecord(namespace, "math", "count", "back", "test", 1, "h", lease_ttl=2)
+        for record in (stale, back):
+            await writer.discovery.js.publish(f"$KV.{discovery.BUCKET}.{record.key}", wire.encode(record))
+        read = {r.key: (await kv.get(r.key)).revision for r in (stale, back)}
+        await asyncio.sleep(2.2)
+        client = caller.client("math", "count")
+        refused = f"not admitting {back.key}: its record (revision {read[back.key]})"
+        assert await _until(lambda: refused in caplog.text, 5), caplog.text
+        # "back"'s worker registers again under its key before the purge (due a lease, 2 s, after the refusal).
+        again = msgspec.structs.replace(back, lease_ttl=30)
+        await writer.discovery.js.publish(f"$KV.{discovery.BUCKET}.{again.key}", wire.encode(again), msg_ttl=30)
+        assert await client.wait_for_instances(5)
+        assert [r.instance_id for r in client.instances()] == ["back"]  # the fresh copy is admitted
+
+        purged = f"purged {stale.key} (revision {read[stale.key]})"
+        kept = f"{back.key} was rewritten since revision {read[back.key]} (its instance is back); not purged"
+        assert await _until(lambda: purged in caplog.text and kept in caplog.text, 5), caplog.text
+        stream, subject = f"KV_{discovery.BUCKET}", f"$KV.{discovery.BUCKET}.{stale.key}"
+        marker = await writer.discovery.js.get_last_msg(stream, subject)  # a PURGE, as a lease expiry is
+        assert marker.headers and marker.headers["KV-Operation"] == "PURGE" and marker.headers["Nats-TTL"] == "2"
+        with pytest.raises(nats.js.errors.KeyNotFoundError):  # kv.get reads a PURGE marker as not found
+            await kv.get(stale.key)
+        entry = await kv.get(back.key)
+        assert entry.revision > read[back.key] and msgspec.json.decode(entry.value, type=InstanceRecord) == again
+        await asyncio.sleep(0.3)
+        assert [r.instance_id for r in client.instances()] == ["back"]  # the purge of "stale" changed nothing
+        # The purge's marker expires too (after MARKER_TTL), as the server's lease-expiry markers do:
+        # the bucket keeps nothing of the dead record.
+        for _ in range(50):
+            try:
+                await writer.discovery.js.get_last_msg(stream, subject)
+            except nats.js.errors.NotFoundError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail(f"the purge marker of {stale.key} is still in the bucket 5 s after its 2 s TTL")
+    finally:
+        await caller.close()
+        await writer.close()
 
 
 async def test_a_restarted_watcher_leaves_no_consumer_behind(nats_server: NatsServer, namespace: str) -> None:

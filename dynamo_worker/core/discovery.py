@@ -5,8 +5,10 @@ with a per-message TTL (``--lease-ttl`` seconds) and rewrites it every third of 
 that dies stops rewriting, and the server expires its keys: the bucket is created with
 ``limit_marker_ttl`` so watchers see the expiry as a PURGE about a millisecond after it runs out.
 A clean shutdown deletes its keys at once. A watcher does not admit a record written longer ago than
-its lease (see :func:`lease_lapsed`), whatever the store holds. Watchers are recreated after a reconnect, because an
-existing JetStream watcher stalls for many seconds after a server restart. A watcher that hears
+its lease (see :func:`lease_lapsed`), whatever the store holds, and purges it a lease later unless it
+was rewritten meanwhile (:meth:`Discovery.purge_lapsed`), so dead records do not pile up. Watchers
+are recreated after a reconnect, because an existing JetStream watcher stalls for many seconds after
+a server restart. A watcher that hears
 nothing for a lease asks the bucket's stream whether it has a quorum: if not, it says so once (and
 once when it works again); if it has, but known instances went quiet, its own consumer was lost,
 and it watches anew.
@@ -28,9 +30,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import nats.errors
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
-from nats.js.kv import KV_DEL, KV_PURGE, StopIterSentinel
+from nats.js.api import Header, KeyValueConfig, StorageType
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, StopIterSentinel
 
 from dynamo_worker.core import wire
 from dynamo_worker.core.errors import UsageError
@@ -49,6 +51,11 @@ PEER_SILENCE_NS = 1_000_000_000
 #: Seconds a record may be older than its lease (by the watcher's clock against the JetStream
 #: leader's timestamp) and still be admitted: the clock skew between hosts plus delivery delay.
 CLOCK_SKEW_ALLOWANCE = 5.0
+#: Seconds a PURGE marker stays in the bucket: the server's lease-expiry markers (the bucket's
+#: ``limit_marker_ttl``) and the purges of lapsed records alike, so markers do not pile up either.
+MARKER_TTL = 5
+#: JetStream's "wrong last sequence": a revision-guarded write found a newer revision of the key.
+WRONG_LAST_SEQUENCE = 10071
 
 
 class InstanceRecord(msgspec.Struct, omit_defaults=True):
@@ -120,7 +127,9 @@ class Discovery:
         storage = StorageType.MEMORY if self.replicas == 1 else StorageType.FILE
         try:
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=BUCKET, history=1, storage=storage, replicas=self.replicas, limit_marker_ttl=5)
+                KeyValueConfig(
+                    bucket=BUCKET, history=1, storage=storage, replicas=self.replicas, limit_marker_ttl=MARKER_TTL
+                )
             )
         except APIError as exc:
             # 10074: replicas > 1 on a server that is not clustered; 10005 ("no suitable peers for
@@ -170,6 +179,28 @@ class Discovery:
         for k in keys:
             self._records.pop(k, None)
             await kv.delete(k)
+
+    async def purge_lapsed(self, key: str, revision: int) -> bool:
+        """Remove a record a watcher refused as past its lease, unless the key was rewritten since.
+
+        A PURGE, as the server's own lease expiry (watchers see a death, not a withdrawal), guarded
+        by the revision the watcher read (``Nats-Expected-Last-Subject-Sequence``), so an instance
+        that registered again under the key meanwhile is never removed; its marker expires after
+        :data:`MARKER_TTL` seconds. True if purged, False if the key holds a newer revision.
+        """
+        await self.bucket()
+        headers = {
+            KV_OP: KV_PURGE,
+            Header.ROLLUP: MSG_ROLLUP_SUBJECT,
+            Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision),
+        }
+        try:
+            await self.js.publish(f"$KV.{BUCKET}.{key}", b"", headers=headers, msg_ttl=MARKER_TTL)
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        return True
 
     async def refresh(self) -> None:
         """Rewrite every record now (also after a reconnect: the bucket may be new).
@@ -267,6 +298,7 @@ class InstanceWatcher:
         # works again. Kept across restarts (a restart during an outage is the same outage).
         self._failing = False
         self._refused: set[tuple[str, int | None]] = set()  # lapsed copies said once each
+        self._purges: dict[tuple[str, int], asyncio.Task[None]] = {}  # lapsed copies waiting to be purged
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(key, record, False)`` on arrival or update; ``listener(key, None, expired)``
@@ -285,6 +317,9 @@ class InstanceWatcher:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        for task in list(self._purges.values()):
+            await cancel_and_wait(task)
+        self._purges.clear()
 
     def matching(self, component: str, endpoint: str) -> list[InstanceRecord]:
         return [r for r in self.records.values() if r.component == component and r.endpoint == endpoint]
@@ -334,14 +369,46 @@ class InstanceWatcher:
             log.warning(
                 "discovery: not admitting %s: its record (revision %s) is %.1f s past its %d s lease "
                 "(%.0f s allowed for clock skew): a copy the store should have expired (a restarted "
-                "replica's), or this host's clock runs ahead of the NATS servers'",
+                "replica's), or this host's clock runs ahead of the NATS servers'; purging it in %d s "
+                "unless its instance rewrites it meanwhile",
                 entry.key,
                 entry.revision,
                 past,
                 record.lease_ttl,
                 CLOCK_SKEW_ALLOWANCE,
+                record.lease_ttl,
+            )
+        if past and entry.revision and (entry.key, entry.revision) not in self._purges:
+            self._purges[(entry.key, entry.revision)] = asyncio.create_task(
+                self._purge_later(entry.key, entry.revision, record.lease_ttl), name=f"purge-{entry.key}"
             )
         return bool(past)
+
+    async def _purge_later(self, key: str, revision: int, wait: float) -> None:
+        """Purge a lapsed copy once its instance has had a whole lease to rewrite it.
+
+        Right after a JetStream outage a live instance's record is as old as a dead one's: a live
+        instance rewrites it within a third of its lease once JetStream answers, which moves the
+        revision on, and the purge (guarded by the revision read) then leaves it alone.
+        """
+        try:
+            await asyncio.sleep(wait)
+            if await self.discovery.purge_lapsed(key, revision):
+                log.info("discovery: purged %s (revision %s), past its lease and not rewritten", key, revision)
+                return
+            try:
+                await (await self.discovery.bucket()).get(key)
+            except KeyNotFoundError:  # a deletion marker (or none): another watcher purged it, or the server expired it
+                log.debug("discovery: %s (revision %s) is gone already", key, revision)
+            else:
+                log.info(
+                    "discovery: %s was rewritten since revision %s (its instance is back); not purged", key, revision
+                )
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            # No quorum again, or no connection: the copy stays; the next read of it tries again.
+            log.info("discovery: could not purge %s (revision %s) yet: %s", key, revision, type(exc).__name__)
+        finally:
+            self._purges.pop((key, revision), None)
 
     def _outage(self, what: str) -> None:
         if self._failing:

@@ -20,7 +20,7 @@ import argparse
 from typing import Any
 
 from dynamo_worker.engine.role import COMPONENT, VllmRole
-from dynamo_worker.plugin import Registrar, WorkerContext, hookimpl
+from dynamo_worker.plugin import Registrar, UsageError, WorkerContext, hookimpl
 
 
 class DecodeRole(VllmRole):
@@ -53,14 +53,23 @@ class DecodeRole(VllmRole):
 
     @hookimpl
     def dynamo_worker_configure(self, ctx: WorkerContext) -> None:
+        from dynamo_worker.cli import disaggregation_mode
+
+        mode, label = disaggregation_mode(ctx.options)
+        if ctx.options.is_decode_worker and mode is not None:
+            raise UsageError(
+                f"--is-decode-worker and {label} cannot be combined (Dynamo refuses it too); "
+                "use only --disaggregation-mode"
+            )
         super().dynamo_worker_configure(ctx)
-        if ctx.options.is_decode_worker:
-            # Dynamo's --is-decode-worker does only this: no KV-event publisher (kv_blocks answers none).
+        if ctx.options.is_decode_worker or mode == "decode":
+            # Dynamo's decode worker differs from agg only here: no KV-event publisher (kv_blocks answers none).
             self.kv_events = None
             self.engine_args.kv_events_config = None
             ctx.resolved_config["kv_event_ports"] = None
             ctx.resolved_config["engine_args"]["kv_events_config"] = None
-            ctx.log.info("--is-decode-worker: no KV events are published (as Dynamo's decode workers)")
+            flag = "--is-decode-worker" if ctx.options.is_decode_worker else label
+            ctx.log.info("%s: no KV events are published (as Dynamo's decode workers)", flag)
 
     def _register_controls(self, registrar: Registrar, ctx: WorkerContext, data: dict[str, Any]) -> None:
         """LoRA endpoints and sleep/wake routes (``data``: the generate record, changed by them)."""
