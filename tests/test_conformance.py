@@ -96,6 +96,12 @@ TOOL_HISTORY = [
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
 ]
 LONG_PROMPT = "word " * (MAX_MODEL_LEN + 20)
+CONVERSATION = [*MESSAGES, {"role": "assistant", "content": "Once upon a time"}]
+# A 1x1 PNG as a data URL: an image part that needs no network.
+PNG = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 GREEDY = {"temperature": 0}
 STOP_TOKEN, STOP_TOKEN_TEXT = 453, " for"  # the second token greedy decoding answers MESSAGES with
 # The demo model's weights are random: greedy constrained JSON is all whitespace, never closed;
@@ -272,6 +278,20 @@ CASES: list[Case] = [
     chat("tool_choice auto, streamed", tools=[WEATHER], stream=True),
     chat("a tool without a description", tools=[TIME]),
     chat("tool messages in the history", messages=TOOL_HISTORY, tools=[WEATHER]),
+    # how the chat template renders the prompt, token restrictions, no model (issue 19)
+    chat("add_generation_prompt false", extra_body={"add_generation_prompt": False}),
+    chat(
+        "continue_final_message",
+        messages=CONVERSATION,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True},
+    ),
+    chat("chat_template_kwargs", extra_body={"chat_template_kwargs": {"bos_token": "<|x|>"}}),
+    chat("add_special_tokens on chat", extra_body={"add_special_tokens": True}),
+    completion("add_special_tokens false", extra_body={"add_special_tokens": False}),
+    completion("allowed_token_ids", extra_body={"allowed_token_ids": [300, 301, 302, 453]}),
+    chat("allowed_token_ids on chat", extra_body={"allowed_token_ids": [300, 301, 302]}),
+    Case("chat without model", "post", {"messages": MESSAGES, "max_tokens": 8, **GREEDY}, path="/v1/chat/completions"),
+    Case("completion without model", "post", {"prompt": PROMPT, "max_tokens": 8, **GREEDY}, path="/v1/completions"),
     # errors (item 5)
     chat("unknown model", model="no-such-model"),
     completion("unknown model on completions", model="no-such-model"),
@@ -297,6 +317,19 @@ CASES: list[Case] = [
     chat("n=2 greedy", n=2),
     completion("prompt_logprobs with stream", stream=True, extra_body={"prompt_logprobs": 1}),
     chat("top_logprobs over 20", logprobs=True, top_logprobs=21),
+    chat("continue_final_message with add_generation_prompt", extra_body={"continue_final_message": True}),
+    chat("chat_template_kwargs setting tokenize", extra_body={"chat_template_kwargs": {"tokenize": True}}),
+    completion("allowed_token_ids empty", extra_body={"allowed_token_ids": []}),
+    completion("allowed_token_ids out of the vocabulary", extra_body={"allowed_token_ids": [5, 100000]}),
+    chat(
+        "an image for a text-only model",
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": PNG}}],
+            }
+        ],
+    ),
     # tokenizer routes
     Case("tokenize a prompt", "post", {"model": SERVED, "prompt": PROMPT}, path="/tokenize"),
     Case("tokenize messages", "post", {"model": SERVED, "messages": MESSAGES}, path="/tokenize"),
@@ -762,6 +795,7 @@ COMMON_PROBES: dict[str, Probe] = {
     "guided_regex": Probe({"guided_regex": "[0-9]{3}"}),
     "guided_choice": Probe({"guided_choice": ["cat", "dog"]}),
     "guided_grammar": Probe({"guided_grammar": YES_NO}),
+    "allowed_token_ids": Probe({"allowed_token_ids": [300]}),
 }
 TEXT_PART = {"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}
 FRONTEND_PROBES: dict[str, Probe] = {
@@ -772,6 +806,11 @@ FRONTEND_PROBES: dict[str, Probe] = {
     "completions.echo": Probe({"echo": True}),
     "completions.suffix": Probe({"suffix": "the end"}, refused=(400, "suffix")),
     "completions.best_of": Probe({"best_of": 2}, refused=(400, "best_of")),
+    "completions.add_special_tokens": Probe({"add_special_tokens": False}),  # no BOS: one prompt token fewer
+    "chat.add_generation_prompt": Probe({"add_generation_prompt": False}),
+    "chat.continue_final_message": Probe({"continue_final_message": True}, {"add_generation_prompt": False}),
+    "chat.add_special_tokens": Probe({"add_special_tokens": True}),  # a second BOS
+    "chat.chat_template_kwargs": Probe({"chat_template_kwargs": {"bos_token": "<|x|>"}}),
     "chat.messages": Probe({"messages": [{"role": "user", "content": "What is the time?"}]}),
     "chat.max_completion_tokens": Probe({"max_completion_tokens": 3}),
     "chat.logprobs": Probe({"logprobs": True}),
@@ -853,6 +892,9 @@ WORKER_BASE: dict[str, Any] = {
 W_SAMPLED = {"sampling_options": {"temperature": 1.0, "seed": 1}}
 W_EOS = {"sampling_options": {"temperature": 0.0, "logit_bias": {"1": 100.0}}}
 W_ONE = {"sampling_options": {"temperature": 0.0, "logit_bias": {"300": 100.0}}}
+# The same, asking the worker for text too (what text-shaping options act on).
+W_EOS_TEXT = {"sampling_options": {**W_EOS["sampling_options"], "detokenize": True}}
+W_ONE_TEXT = {"sampling_options": {**W_ONE["sampling_options"], "detokenize": True}}
 BAD = "bad_request"
 
 
@@ -866,6 +908,21 @@ WORKER_PROBES: dict[str, Probe] = {
     "GenerateRequest.stop_conditions": Probe({"stop_conditions": {"max_tokens": 3}}),
     "GenerateRequest.sampling_options": Probe({"sampling_options": {"temperature": 1.0, "seed": 1}}),
     "GenerateRequest.output_options": Probe({"output_options": {"logprobs": 1}}),
+    "GenerateRequest.eos_token_ids": Probe({"eos_token_ids": [300]}, W_ONE),
+    "GenerateRequest.mdc_sum": Probe({"mdc_sum": "abc"}, refused=(BAD, "mdc_sum")),
+    "GenerateRequest.annotations": Probe({"annotations": ["formatted_prompt"]}, refused=(BAD, "annotations")),
+    "GenerateRequest.router_config_override": Probe(
+        {"router_config_override": {"overlap_score_weight": 2.0}}, refused=(BAD, "router_config_override")
+    ),
+    "GenerateRequest.bootstrap_info": Probe(
+        {"bootstrap_info": {"bootstrap_host": "127.0.0.1"}}, refused=(BAD, "bootstrap_info")
+    ),
+    "GenerateRequest.extra_args": Probe({"extra_args": {"x": 1}}, refused=(BAD, "extra_args")),
+    # This worker has no KV connector (the disaggregated tests give a prefill_result its effect).
+    "GenerateRequest.prefill_result": Probe(
+        {"prefill_result": {"disaggregated_params": {"kv_transfer_params": {"x": 1}}}},
+        refused=(BAD, "prefill_result"),
+    ),
     "GenerateRequest.routing": Probe({"routing": {"dp_rank": 1}}, refused=(BAD, "routing.dp_rank")),
     "GenerateRequest.prompt_embeds": Probe({"prompt_embeds": "AAAA"}, refused=(BAD, "prompt_embeds")),
     "GenerateRequest.multi_modal_data": Probe({"multi_modal_data": {"image": []}}, refused=(BAD, "multi_modal_data")),
@@ -875,6 +932,10 @@ WORKER_PROBES: dict[str, Probe] = {
     "StopConditions.stop_token_ids": Probe({"stop_conditions": {"max_tokens": 8, "stop_token_ids": [300]}}, W_ONE),
     "StopConditions.stop_token_ids_hidden": Probe(
         {"stop_conditions": {"max_tokens": 8, "stop_token_ids_hidden": [300]}}, W_ONE
+    ),
+    "StopConditions.include_stop_str_in_output": Probe(
+        {"stop_conditions": {"include_stop_str_in_output": True}},
+        {**W_ONE_TEXT, "stop_conditions": {"max_tokens": 8, "stop_token_ids": [300]}},
     ),
     "StopConditions.ignore_eos": Probe({"stop_conditions": {"max_tokens": 8, "ignore_eos": True}}, W_EOS),
     "StopConditions.max_thinking_tokens": Probe(
@@ -903,7 +964,11 @@ WORKER_PROBES: dict[str, Probe] = {
     ),
     "SamplingOptions.seed": Probe({"sampling_options": {"temperature": 1.0, "seed": 2}}, W_SAMPLED),
     "SamplingOptions.guided_decoding": Probe(guided(choice=["cat", "dog"])),
-    "SamplingOptions.detokenize": Probe({"sampling_options": {"detokenize": True}}, refused=(BAD, "detokenize")),
+    "SamplingOptions.detokenize": Probe({"sampling_options": {"detokenize": True}}),
+    "SamplingOptions.include_stop_str_in_output": Probe(
+        {"sampling_options": {"include_stop_str_in_output": True}},
+        {**W_ONE_TEXT, "stop_conditions": {"max_tokens": 8, "stop_token_ids": [300]}},
+    ),
     "SamplingOptions.allowed_token_ids": Probe({"sampling_options": {"temperature": 0.0, "allowed_token_ids": [300]}}),
     "SamplingOptions.bad_words_token_ids": Probe(
         lambda plain: {"sampling_options": {"temperature": 0.0, "bad_words_token_ids": [[plain["tokens"][0]]]}}
@@ -926,59 +991,32 @@ WORKER_PROBES: dict[str, Probe] = {
         )
     ),
     "GuidedDecoding.backend": Probe(guided(choice=["a"], backend="xgrammar"), refused=(BAD, "backend")),
+    "GuidedDecoding.whitespace_pattern": Probe(
+        guided(json=PERSON, whitespace_pattern=r"[ ]?"), refused=(BAD, "whitespace_pattern")
+    ),
+    # vLLM reads these two from the engine's --structured-outputs-config only (false here).
+    "GuidedDecoding.disable_any_whitespace": Probe(
+        guided(json=PERSON, disable_any_whitespace=True), refused=(BAD, "disable_any_whitespace")
+    ),
+    "GuidedDecoding.disable_additional_properties": Probe(
+        guided(json={"type": "object"}, disable_additional_properties=True),
+        refused=(BAD, "disable_additional_properties"),
+    ),
     "OutputOptions.logprobs": Probe({"output_options": {"logprobs": 1}}),
+    "OutputOptions.skip_special_tokens": Probe(
+        {"output_options": {"skip_special_tokens": False}},
+        {**W_EOS_TEXT, "stop_conditions": {"max_tokens": 3, "ignore_eos": True}},
+    ),
+    "OutputOptions.formatted_prompt": Probe(
+        {"output_options": {"formatted_prompt": True}}, refused=(BAD, "formatted_prompt")
+    ),
+    "OutputOptions.return_tokens_as_token_ids": Probe(
+        {"output_options": {"return_tokens_as_token_ids": True}}, refused=(BAD, "return_tokens_as_token_ids")
+    ),
     "OutputOptions.prompt_logprobs": Probe({"output_options": {"prompt_logprobs": 1}}),
 }
 WORKER_UNSEEN = {
     "GuidedDecoding.structural_tag": "constrains only after a trigger string, which the random model never writes",
-}
-# Accepted by the worker and without an effect on its answer: dropped (issue 19 item 1 says no
-# field may be). Asserted exactly, so fixing one fails this until it moves to WORKER_PROBES.
-WORKER_DROPPED = {
-    "GenerateRequest.eos_token_ids": "vLLM stops on the model's own EOS ids",
-    "GenerateRequest.mdc_sum": "Dynamo's model-card checksum: nothing reads it",
-    "GenerateRequest.annotations": "nothing reads it",
-    "GenerateRequest.router_config_override": "a router's field: nothing on the worker reads it",
-    "GenerateRequest.bootstrap_info": "Dynamo's disaggregation bootstrap: nothing reads it",
-    "GenerateRequest.extra_args": "nothing reads it",
-    "GenerateRequest.prefill_result": "an aggregated worker has no KV connector to give it to",
-    "StopConditions.include_stop_str_in_output": "it shapes text, and the worker returns token ids",
-    "SamplingOptions.include_stop_str_in_output": "it shapes text, and the worker returns token ids",
-    "OutputOptions.skip_special_tokens": "it shapes text, and the worker returns token ids",
-    "OutputOptions.formatted_prompt": "nothing reads it",
-    "OutputOptions.return_tokens_as_token_ids": "the worker returns token ids anyway",
-    # vLLM 0.32's backends read these from --structured-outputs-config only, never per request
-    # (vllm/v1/structured_output/backend_*.py): vllm serve drops them too.
-    "GuidedDecoding.whitespace_pattern": "vLLM reads it from the engine's config only",
-    "GuidedDecoding.disable_any_whitespace": "vLLM reads it from the engine's config only",
-    "GuidedDecoding.disable_additional_properties": "vLLM reads it from the engine's config only",
-}
-WORKER_DROPPED_BODIES: dict[str, dict[str, Any]] = {
-    "GenerateRequest.eos_token_ids": {**W_ONE, "eos_token_ids": [300]},
-    "GenerateRequest.mdc_sum": {"mdc_sum": "abc"},
-    "GenerateRequest.annotations": {"annotations": ["formatted_prompt"]},
-    "GenerateRequest.router_config_override": {"router_config_override": {"overlap_score_weight": 2.0}},
-    "GenerateRequest.bootstrap_info": {"bootstrap_info": {"bootstrap_host": "127.0.0.1"}},
-    "GenerateRequest.extra_args": {"extra_args": {"x": 1}},
-    "GenerateRequest.prefill_result": {"prefill_result": {"disaggregated_params": {"kv_transfer_params": {"x": 1}}}},
-    "StopConditions.include_stop_str_in_output": {
-        **W_ONE,
-        "stop_conditions": {"max_tokens": 8, "stop_token_ids": [300], "include_stop_str_in_output": True},
-    },
-    "SamplingOptions.include_stop_str_in_output": {
-        "sampling_options": {"temperature": 0.0, "logit_bias": {"300": 100.0}, "include_stop_str_in_output": True},
-        "stop_conditions": {"max_tokens": 8, "stop_token_ids": [300]},
-    },
-    "OutputOptions.skip_special_tokens": {
-        **W_EOS,
-        "stop_conditions": {"max_tokens": 3, "ignore_eos": True},
-        "output_options": {"skip_special_tokens": False},
-    },
-    "OutputOptions.formatted_prompt": {"output_options": {"formatted_prompt": True}},
-    "OutputOptions.return_tokens_as_token_ids": {"output_options": {"return_tokens_as_token_ids": True}},
-    "GuidedDecoding.whitespace_pattern": guided(json=PERSON, whitespace_pattern=r"[ ]?"),
-    "GuidedDecoding.disable_any_whitespace": guided(json=PERSON, disable_any_whitespace=True),
-    "GuidedDecoding.disable_additional_properties": guided(json={"type": "object"}, disable_additional_properties=True),
 }
 
 
@@ -1021,8 +1059,7 @@ def test_every_field_is_in_a_table() -> None:
     from dynamo_worker.core.generate import PreprocessedRequest
 
     assert frontend_fields() == set(FRONTEND_PROBES)
-    assert struct_fields(PreprocessedRequest) == set(WORKER_PROBES) | set(WORKER_DROPPED)
-    assert set(WORKER_DROPPED) == set(WORKER_DROPPED_BODIES) and not set(WORKER_PROBES) & set(WORKER_DROPPED)
+    assert struct_fields(PreprocessedRequest) == set(WORKER_PROBES)
     assert set(NO_OP) | set(UNSEEN) <= set(FRONTEND_PROBES) and set(WORKER_UNSEEN) <= set(WORKER_PROBES)
     # The documented no-ops are in the docs' parameter list as such.
     params = (ROOT / "docs" / "frontend.md").read_text().split("### Parameters")[1].split("\n### ")[0]
@@ -1103,6 +1140,7 @@ async def worker_answer(stack: OurStack, body: dict[str, Any]) -> tuple[str, Any
     # Per token, not per message: how the worker batches tokens into messages is timing.
     return "ok", {
         "tokens": [t for c in chunks for t in c["token_ids"]],
+        "text": "".join(c.get("text") or "" for c in chunks),
         "finish": [(c.get("finish_reason"), c.get("stop_reason")) for c in chunks if c.get("finish_reason")],
         "logprobs": rounded([v for c in chunks for v in c.get("log_probs") or []]),
         "top_logprobs": rounded([v for c in chunks for v in c.get("top_logprobs") or []]),
@@ -1130,17 +1168,47 @@ def test_a_worker_field_changes_the_answer_or_is_refused(our_stack: OurStack, na
         assert with_field != without
 
 
-@pytest.mark.parametrize("name", sorted(WORKER_DROPPED))
-def test_the_worker_fields_still_dropped_are_exactly_these(our_stack: OurStack, name: str) -> None:
-    import asyncio
+def test_the_worker_refuses_what_it_cannot_honour_in_this_request() -> None:
+    """The refusals the probes above cannot reach on a worker without a KV connector and with
+    vLLM's default --structured-outputs-config: each depends on the request or the worker."""
+    from types import SimpleNamespace
 
-    body = WORKER_DROPPED_BODIES[name]
-    outcome, without = asyncio.run(worker_answer(our_stack, merged(WORKER_BASE, strip(body, name.split(".")[1]))))
-    assert outcome == "ok", without
-    outcome, with_field = asyncio.run(worker_answer(our_stack, merged(WORKER_BASE, body)))
-    assert (outcome, with_field) == ("ok", without), WORKER_DROPPED[name]
+    from dynamo_worker.core.generate import GuidedDecoding
+    from dynamo_worker.core.request_plane import RequestError
+    from dynamo_worker.engine.protocol import check_engine_wide_options, finish_reason, parse_request
 
+    def refusal(body: dict[str, Any], **worker: Any) -> str | None:
+        try:
+            parse_request({"token_ids": [1, 2, 3], **body}, vocab_size=512, max_model_len=64, **worker)
+        except RequestError as err:
+            assert err.code == BAD
+            return err.message
+        return None
 
-def strip(body: dict[str, Any], field: str) -> dict[str, Any]:
-    """``body`` without ``field`` at any depth."""
-    return {k: strip(v, field) if isinstance(v, dict) else v for k, v in body.items() if k != field}
+    # Text-shaping options without text to shape; with detokenize they shape vLLM's text (probes).
+    for body in (
+        {"stop_conditions": {"include_stop_str_in_output": True}},
+        {"sampling_options": {"include_stop_str_in_output": True}},
+        {"output_options": {"skip_special_tokens": False}},
+    ):
+        name = next(iter(body)) + "." + next(iter(next(iter(body.values()))))
+        assert name in (refusal(body) or ""), body
+        detokenized = merged(body, {"sampling_options": {"detokenize": True}})
+        assert refusal(detokenized) is None
+    assert refusal({"output_options": {"skip_special_tokens": True}}) is None  # vLLM's default
+    # prefill_result: only with a connector, and only in the shape a prefill worker answers with.
+    transfer = {"disaggregated_params": {"kv_transfer_params": {"x": 1}}}
+    assert "no KV connector" in (refusal({"prefill_result": transfer}) or "")
+    assert refusal({"prefill_result": transfer}, kv_connector=True) is None
+    assert "kv_transfer_params" in (refusal({"prefill_result": {"x": 1}}, kv_connector=True) or "")
+    null_params = {"disaggregated_params": {"kv_transfer_params": None}}  # vLLM's ExampleConnector's answer
+    assert refusal({"prefill_result": null_params}, kv_connector=True) is None
+    assert "eos_token_ids: 600" in (refusal({"eos_token_ids": [600]}) or "")
+    # Engine-wide structured-output options: the worker's own value is accepted, the other refused.
+    config = SimpleNamespace(disable_any_whitespace=True, disable_additional_properties=False)
+    check_engine_wide_options(GuidedDecoding(json={}, disable_any_whitespace=True), config)
+    check_engine_wide_options(GuidedDecoding(json={}, disable_additional_properties=False), config)
+    with pytest.raises(RequestError, match="disable_additional_properties is false for every request"):
+        check_engine_wide_options(GuidedDecoding(json={}, disable_additional_properties=True), config)
+    # A stop on one of the request's EOS ids is an eos, as on the model's own.
+    assert finish_reason("stop", 300, [300]) == "eos" and finish_reason("stop", 300, [2]) == "stop"

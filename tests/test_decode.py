@@ -269,7 +269,10 @@ async def test_logprobs_are_returned_per_token(deployment: Deployment) -> None:
         ({"token_ids": [1, 2], "sampling_options": {"best_of": 2}}, "sampling_options.best_of"),
         ({"token_ids": [1, 2], "sampling_options": {"use_beam_search": True}}, "sampling_options.use_beam_search"),
         ({"token_ids": [1, 2], "sampling_options": {"length_penalty": 0.5}}, "sampling_options.length_penalty"),
-        ({"token_ids": [1, 2], "sampling_options": {"detokenize": True}}, "sampling_options.detokenize"),
+        (
+            {"token_ids": [1, 2], "stop_conditions": {"include_stop_str_in_output": True}},
+            "stop_conditions.include_stop_str_in_output",
+        ),
         ({"token_ids": [1, 2], "stop_conditions": {"max_thinking_tokens": 8}}, "stop_conditions.max_thinking_tokens"),
         ({"token_ids": [1, 2], "sampling_options": {"bad_words_token_ids": [[99999]]}}, "bad_words_token_ids"),
         ({"token_ids": [1, 2], "sampling_options": {"logit_bias": {"99999": 1.0}}}, "logit_bias"),

@@ -501,7 +501,8 @@ def test_include_stop_str_in_output_keeps_the_stop_string(
     )
     text = "".join(c.choices[0].text for c in resp) if stream else resp.choices[0].text
     assert text == full[: full.index(stop) + len(stop)]
-    assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["include_stop_str_in_output"] is True
+    # Applied here, to the frontend's own text: the worker, asked for token ids only, would refuse it.
+    assert "include_stop_str_in_output" not in deployment.workers["tiny"][0].requests[-1]["stop_conditions"]
 
 
 def last_choice(resp: Any, stream: bool) -> tuple[str, Any]:
@@ -675,6 +676,136 @@ def test_logit_bias_reaches_the_worker_clamped(client: openai.OpenAI, deployment
     assert deployment.workers["tiny"][0].requests[-1]["sampling_options"]["logit_bias"] == {"5": 100.0, "7": -3.5}
 
 
+CONVERSATION = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "Once upon a"}]
+# vLLM's chat rendering fields, each with the apply_chat_template keywords and special tokens it means.
+TEMPLATE_FIELDS = [
+    pytest.param({"add_generation_prompt": False}, {"add_generation_prompt": False}, False, id="no-generation-prompt"),
+    pytest.param(
+        {"add_generation_prompt": False, "continue_final_message": True},
+        {"add_generation_prompt": False, "continue_final_message": True},
+        False,
+        id="continue-final-message",
+    ),
+    pytest.param({"add_special_tokens": True}, {}, True, id="add-special-tokens"),
+    pytest.param({"chat_template_kwargs": {"bos_token": "<|x|>"}}, {"bos_token": "<|x|>"}, False, id="kwargs-variable"),
+    pytest.param(
+        {"chat_template_kwargs": {"tools": [WEATHER_TOOL]}}, {"tools": [WEATHER_TOOL]}, False, id="kwargs-tools"
+    ),
+    # The request's own add_generation_prompt wins over the same key in chat_template_kwargs, as in vLLM.
+    pytest.param({"chat_template_kwargs": {"add_generation_prompt": False}}, None, False, id="kwargs-do-not-override"),
+]
+
+
+@pytest.mark.parametrize(("fields", "template_kwargs", "special"), TEMPLATE_FIELDS)
+def test_chat_rendering_fields_change_the_prompt_as_the_template_renders_it(
+    frontend: str, tokenizer: Any, deployment: Deployment, fields: dict[str, Any], template_kwargs: Any, special: bool
+) -> None:
+    plain = chat_ids(tokenizer, CONVERSATION)
+    if template_kwargs is None:
+        expected = plain
+    else:
+        kwargs = {"add_generation_prompt": True, **template_kwargs}
+        text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, **kwargs)
+        expected = tokenizer.encode(text, add_special_tokens=special)
+        assert expected != plain  # each field changes the prompt
+    body = {"model": "tiny", "messages": CONVERSATION, "max_tokens": 1, **fields}
+    status, answer = post(f"{frontend}/v1/chat/completions", body)
+    assert status == 200, answer
+    assert deployment.workers["tiny"][0].requests[-1]["token_ids"] == expected
+    assert answer["usage"]["prompt_tokens"] == len(expected)
+    # /tokenize renders messages with the same fields the same way (one function for both)
+    status, tokens = post(f"{frontend}/tokenize", {k: v for k, v in body.items() if k != "max_tokens"})
+    assert status == 200 and tokens["tokens"] == expected
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_a_generation_prompt_the_answer_continues_the_last_messages_role(
+    client: openai.OpenAI, stream: bool
+) -> None:
+    messages: Any = [{"role": "user", "content": "Finish my sentence: the cat"}]
+    extra = {"add_generation_prompt": False}
+    resp = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=2, stream=stream, extra_body=extra
+    )
+    role = next(c.choices[0].delta.role for c in resp) if stream else resp.choices[0].message.role
+    assert role == "user"  # vllm serve: messages[-1]["role"] without a generation prompt
+
+
+def test_completion_add_special_tokens_false_sends_no_bos(
+    client: openai.OpenAI, deployment: Deployment, tokenizer: Any
+) -> None:
+    worker = deployment.workers["tiny"][0]
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1)
+    assert worker.requests[-1]["token_ids"] == tokenizer.encode(PROMPT) and tokenizer.encode(PROMPT)[0] == BOS
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, extra_body={"add_special_tokens": False})
+    assert worker.requests[-1]["token_ids"] == tokenizer.encode(PROMPT, add_special_tokens=False)
+
+
+def test_allowed_token_ids_reach_the_worker(client: openai.OpenAI, deployment: Deployment) -> None:
+    worker = deployment.workers["tiny"][0]
+    client.completions.create(model="tiny", prompt="x", max_tokens=1, extra_body={"allowed_token_ids": [5, 7]})
+    assert worker.requests[-1]["sampling_options"]["allowed_token_ids"] == [5, 7]
+    client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1, extra_body={"allowed_token_ids": [9]}
+    )
+    assert worker.requests[-1]["sampling_options"]["allowed_token_ids"] == [9]
+    client.completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert "allowed_token_ids" not in worker.requests[-1]["sampling_options"]
+
+
+def test_model_may_be_left_out_when_one_model_is_served(
+    nats_server: NatsServer, loop: LoopThread, demo_model: str, tokenizer: Any
+) -> None:
+    solo = Deployment(nats_server, loop, demo_model)
+    try:
+        solo.add_worker("solo")
+        _, url = solo.start_frontend()
+        wait_until(lambda: served_models(url) == ["solo"], 10, what="the frontend to list its one model")
+        status, answer = post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and answer["model"] == "solo", answer
+        status, answer = post(f"{url}/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+        assert status == 200 and answer["model"] == "solo" and answer["usage"]["completion_tokens"] == 3
+        assert post(f"{url}/tokenize", {"prompt": PROMPT})[1]["tokens"] == tokenizer.encode(PROMPT)
+        solo.add_worker("duo")  # two models: which one is meant must be said
+        wait_until(lambda: len(served_models(url)) == 2, 10, what="the second model to be listed")
+        status, answer = post(f"{url}/v1/completions", {"prompt": PROMPT})
+        assert (status, answer["error"]["param"]) == (400, "model") and "duo, solo" in answer["error"]["message"]
+    finally:
+        solo.close()
+
+
+def test_every_vllm_serve_field_is_honoured_or_refused_by_name() -> None:
+    """vLLM 0.32's ``ChatCompletionRequest``/``CompletionRequest`` fields against ours (issue 19): each
+    is a field of the frontend's request struct (honoured) or in ``unimplemented``'s table (refused
+    unless at vLLM's default), so a field a new vLLM adds cannot be silently dropped here."""
+    import msgspec
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
+
+    from dynamo_worker.frontend import unimplemented
+    from dynamo_worker.frontend.protocol import ChatRequest, CompletionRequest
+
+    # Read by vLLM's own request class in chat_parsers (parallel_tool_calls: false keeps the first
+    # call); without --tool-call-parser no call is parsed, as in vllm serve.
+    read_elsewhere = {"parallel_tool_calls"}
+    for vllm_cls, ours, table in (
+        (VllmChat, ChatRequest, unimplemented.CHAT),
+        (VllmCompletion, CompletionRequest, unimplemented.COMPLETIONS),
+    ):
+        theirs = set(vllm_cls.model_fields)
+        own = {f.encode_name for f in msgspec.structs.fields(ours)}
+        exceptions = read_elsewhere & theirs if ours is ChatRequest else set()
+        assert theirs - own - set(table) - exceptions == set(), (
+            f"vLLM's {vllm_cls.__name__} fields neither ours nor refused"
+        )
+        assert set(table) <= theirs and not set(table) & own, "the table lists only vLLM fields we lack"
+        assert not exceptions & own
+        for name in table:  # vLLM's default is accepted (request_id: a random id per request)
+            default = vllm_cls.model_fields[name].get_default(call_default_factory=True)
+            if name != "request_id":
+                assert any(unimplemented._same(default, unused) for unused in table[name]), (name, default)
+
+
 def test_tokenize_detokenize_and_version_as_vllm_serve_has_them(frontend: str, tokenizer: Any) -> None:
     ids = tokenizer.encode(PROMPT)  # with BOS, as vllm serve's default add_special_tokens=true
     status, got = post(f"{frontend}/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
@@ -773,16 +904,80 @@ BAD_REQUESTS = [
         "messages[0].content[0]",
         id="unknown-part-type",
     ),
-    # Media parts go to a multimodal processor; no processor serves "tiny" (docs/multimodal.md).
+    # Media parts go to a multimodal processor; "tiny" is a text-only Llama: vllm serve's 400.
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": "look"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "http://x"}}],
+                },
+            ],
+        },
+        400,
+        "messages[1].content[1]",
+        id="image-to-a-text-only-model",
+    ),
+    # The processor renders a media request's prompt: the fields it would not apply are refused.
     pytest.param(
         "/v1/chat/completions",
         {
             "model": "tiny",
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+            "chat_template_kwargs": {"bos_token": ""},
         },
-        503,
-        None,
-        id="image-without-processor",
+        400,
+        "chat_template_kwargs",
+        id="chat-template-kwargs-with-an-image",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
+        400,
+        "continue_final_message",
+        id="continue-final-message-with-the-generation-prompt",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "chat_template_kwargs": {"chat_template": "x"},
+        },
+        400,
+        "chat_template_kwargs",
+        id="chat-template-kwargs-chat-template",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": ["x"]},
+        400,
+        "chat_template_kwargs",
+        id="chat-template-kwargs-not-an-object",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "allowed_token_ids": []},
+        400,
+        "allowed_token_ids",
+        id="allowed-token-ids-empty",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "allowed_token_ids": [5, 99999]},
+        400,
+        "allowed_token_ids",
+        id="allowed-token-ids-out-of-vocab",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "allowed_token_ids": [-1]},
+        400,
+        "allowed_token_ids",
+        id="allowed-token-ids-negative",
     ),
     pytest.param(
         "/v1/chat/completions",

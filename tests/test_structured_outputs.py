@@ -306,6 +306,76 @@ def test_logit_bias_reaches_the_sampler(stack: Stack) -> None:
     assert plain != expected["prompt"]
 
 
+def token_texts(stack: Stack, ids: list[int]) -> set[str]:
+    """Each token's text as logprobs name it (the frontend decodes single tokens as /detokenize does)."""
+    return {stack.post("/detokenize", json.dumps({"model": "demo", "tokens": [t]}).encode())[1]["prompt"] for t in ids}
+
+
+def test_allowed_token_ids_restrict_every_sampled_token(stack: Stack) -> None:
+    """vLLM's allowed_token_ids on both endpoints: every token sampled (at temperature 1, so the
+    sampler has the whole vocabulary to choose from) is one of the allowed; EOS is not, so the
+    answer runs to max_tokens."""
+    allowed = [300, 301, 302, 453]
+    texts = token_texts(stack, allowed)
+    assert len(texts) == len(allowed)  # distinct texts: a token's text names its id
+    sampled = {"max_tokens": 12, "temperature": 1.0, "seed": 7}
+    got = stack.client.completions.create(
+        model="demo", prompt="The code is", logprobs=0, extra_body={"allowed_token_ids": allowed}, **sampled
+    )
+    tokens = got.choices[0].logprobs.tokens
+    assert len(tokens) == 12 and set(tokens) <= texts and got.choices[0].finish_reason == "length", tokens
+    chat = stack.client.chat.completions.create(
+        model="demo", messages=MESSAGES, logprobs=True, extra_body={"allowed_token_ids": allowed}, **sampled
+    )
+    chat_tokens = [entry.token for entry in chat.choices[0].logprobs.content]
+    assert len(chat_tokens) == 12 and set(chat_tokens) <= texts, chat_tokens
+    # control: the same seed without the restriction samples other tokens
+    plain = stack.client.completions.create(model="demo", prompt="The code is", logprobs=0, **sampled)
+    assert not set(plain.choices[0].logprobs.tokens) <= texts
+
+
+CONVERSATION = [*MESSAGES, {"role": "assistant", "content": "Once upon a time"}]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"add_generation_prompt": False},
+        {"add_generation_prompt": False, "continue_final_message": True},
+        {"add_special_tokens": True},
+        {"chat_template_kwargs": {"bos_token": "<|x|>"}},
+    ],
+    ids=["no-generation-prompt", "continue-final-message", "add-special-tokens", "chat-template-kwargs"],
+)
+def test_chat_rendering_fields_reach_the_engine_as_tokenize_renders_them(stack: Stack, fields: dict[str, Any]) -> None:
+    """The prompt the engine ran (usage.prompt_tokens) is the one /tokenize renders with the same
+    fields, and another than without them; the answer is the engine's greedy continuation of it."""
+    body = {"model": "demo", "messages": CONVERSATION}
+    _, plain = stack.post("/tokenize", json.dumps(body).encode())
+    _, rendered = stack.post("/tokenize", json.dumps({**body, **fields}).encode())
+    assert rendered["tokens"] != plain["tokens"]
+    chat = stack.client.chat.completions.create(
+        model="demo", messages=CONVERSATION, max_tokens=4, temperature=0, extra_body=fields
+    )
+    assert chat.usage.prompt_tokens == rendered["count"]
+    same = stack.client.completions.create(model="demo", prompt=rendered["tokens"], max_tokens=4, temperature=0)
+    assert chat.choices[0].message.content == same.choices[0].text
+
+
+def test_model_may_be_left_out_and_images_to_this_text_only_model_are_refused(stack: Stack) -> None:
+    status, answer = stack.post(
+        "/v1/chat/completions", json.dumps({"messages": MESSAGES, "max_tokens": 3, "temperature": 0}).encode()
+    )
+    assert status == 200 and answer["model"] == "demo" and answer["usage"]["completion_tokens"] == 3, answer
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    status, answer = stack.post(
+        "/v1/chat/completions",
+        json.dumps({"model": "demo", "messages": [{"role": "user", "content": [image]}]}).encode(),
+    )
+    assert status == 400 and answer["error"]["param"] == "messages[0].content[0]", answer
+    assert "not a multimodal model" in answer["error"]["message"]
+
+
 # ---- n, prompt_logprobs, echo with logprobs: as vLLM's offline engine answers ---------------------
 
 

@@ -12,9 +12,12 @@ accepted. A role with fields of its own subclasses :class:`GenerateRequest` (the
 
 Response chunks (:class:`GenerateChunk`): ``token_ids`` (the new ones), ``finish_reason``
 (``eos``, ``stop``, ``length``, ``cancelled``, ``error: ...``) on the last, with ``stop``:
-``stop_reason``, vLLM's (the stop token id, an int, or the stop string vLLM matched); optional
-``log_probs``/``top_logprobs``, ``prompt_logprobs`` on the first chunk when asked for, and
-``completion_usage`` on the last chunk only.
+``stop_reason``, vLLM's (the stop token id, an int, or the stop string vLLM matched); ``text``
+(vLLM's detokenization, shaped by ``skip_special_tokens`` and ``include_stop_str_in_output``)
+when the request set ``sampling_options.detokenize``; optional ``log_probs``/``top_logprobs``,
+``prompt_logprobs`` on the first chunk when asked for, and ``completion_usage`` on the last chunk
+only. A stop on one of the request's ``eos_token_ids`` is ``eos`` (no ``stop_reason``), as on the
+model's own EOS.
 
 The context check (:func:`fit_context`) is vllm serve's, in one place for the frontend, the
 multimodal processor and the workers.
@@ -161,6 +164,7 @@ class GenerateChunk(msgspec.Struct, omit_defaults=True):
     """
 
     token_ids: list[int]
+    text: str | None = None  # the new tokens' text, vLLM's, when the request asked for it (detokenize)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     log_probs: list[float | None] | None = None

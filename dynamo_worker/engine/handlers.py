@@ -38,6 +38,7 @@ class ModelFacts:
     # vLLM's ExampleConnector fails the engine (IndexError in the model runner) on a one-token
     # prompt: a prefill worker at once, a decode worker once any prefill wrote the empty prefix.
     min_prompt_tokens: int = 1
+    kv_connector: bool = False  # the engine has a KV connector: a request's prefill_result can be loaded
 
     def health_payload(self) -> dict[str, Any]:
         """A one-token greedy ``generate`` request of the BOS token (Dynamo's canary).
@@ -91,6 +92,7 @@ def model_facts(engine: Any, served_name: str) -> ModelFacts:
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
         data_parallel_size=int(engine.vllm_config.parallel_config.data_parallel_size),
         min_prompt_tokens=2 if example_connector else 1,
+        kv_connector=kv_transfer is not None and kv_transfer.kv_connector is not None,
     )
 
 
@@ -142,6 +144,7 @@ class GenerateHandler:
             max_model_len=self.facts.max_model_len,
             min_prompt_tokens=self.facts.min_prompt_tokens,
             multimodal=self.images is not None,
+            kv_connector=self.facts.kv_connector,
         )
         # Checked here, before the engine: bad multimodal input can kill vLLM's engine.
         mm_data = (
@@ -156,7 +159,10 @@ class GenerateHandler:
             req.sampling_options.guided_decoding = None  # the decode worker samples under the constraint
             req.prefill_result = None
             transfer = kv_transfer.prefill_params()
-        params = protocol.sampling_params(req, self.default_sampling, self.facts.max_model_len, transfer)
+        params = protocol.sampling_params(req, self.default_sampling, transfer)
+        protocol.check_engine_wide_options(
+            req.sampling_options.guided_decoding, self.engine.vllm_config.structured_outputs_config
+        )
         protocol.check_structured_outputs(params, self.engine)
         if self.sleep is not None and self.sleep.asleep:
             raise RequestError(
@@ -185,6 +191,8 @@ class GenerateHandler:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         completion_tokens = 0
+        text = bool(req.sampling_options.detokenize)
+        eos_ids = () if req.stop_conditions.ignore_eos else tuple(req.eos_token_ids or ())
         # Token ids plus images go through vLLM's input processor (it inserts the image tokens).
         prompt: Any = (
             tokens_input(req.token_ids)
@@ -206,9 +214,12 @@ class GenerateHandler:
                     chunk.log_probs, chunk.top_logprobs = protocol.logprob_fields(new_ids, choice.logprobs)
                 if out.prompt_logprobs:  # all at once, with the first output (DELTA mode)
                     chunk.prompt_logprobs = protocol.prompt_logprob_fields(out.prompt_logprobs)
-                chunk.finish_reason = protocol.finish_reason(choice.finish_reason, choice.stop_reason)
+                if text:
+                    chunk.text = choice.text
+                chunk.finish_reason = protocol.finish_reason(choice.finish_reason, choice.stop_reason, eos_ids)
                 if chunk.finish_reason is not None:
-                    chunk.stop_reason = choice.stop_reason  # the frontend leaves a stop token's text out
+                    if chunk.finish_reason == "stop":  # the frontend leaves a stop token's text out
+                        chunk.stop_reason = choice.stop_reason
                     chunk.completion_usage = Usage.of(len(req.token_ids), completion_tokens, out.num_cached_tokens)
                     if self.prefill_only:
                         chunk.disaggregated_params = {"kv_transfer_params": out.kv_transfer_params}

@@ -33,12 +33,19 @@ from dynamo_worker.engine import kv_transfer
 
 
 def parse_request(
-    payload: Any, *, vocab_size: int, max_model_len: int, min_prompt_tokens: int = 1, multimodal: bool = False
+    payload: Any,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    min_prompt_tokens: int = 1,
+    multimodal: bool = False,
+    kv_connector: bool = False,
 ) -> GenerateRequest:
     """Validate a ``generate`` payload; a ``bad_request`` :class:`RequestError` naming the field otherwise.
 
     ``multi_modal_data`` is only accepted with ``multimodal`` (a worker started with
-    ``--enable-multimodal``), which validates it itself (:mod:`dynamo_worker.multimodal.llm_inputs`).
+    ``--enable-multimodal``), which validates it itself (:mod:`dynamo_worker.multimodal.llm_inputs`);
+    ``prefill_result`` only with ``kv_connector`` (an engine with a KV connector to hand it to).
     """
     try:
         req = msgspec.convert(payload, GenerateRequest)
@@ -59,6 +66,10 @@ def parse_request(
     bad = next((t for t in req.token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise RequestError("bad_request", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    bad = next((t for t in req.eos_token_ids or [] if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError("bad_request", f"eos_token_ids: {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    _check_prefill_result(req, kv_connector)
     sc = req.stop_conditions
     if sc.max_tokens is not None and sc.max_tokens < 1:
         raise RequestError("bad_request", f"stop_conditions.max_tokens must be at least 1 (got {sc.max_tokens})")
@@ -104,22 +115,102 @@ def _refuse_unsupported(req: GenerateRequest) -> None:
     ``n`` > 1 is for the caller to fan out (our frontend sends n requests, seeds ``seed + i`` as
     vLLM's children have); vLLM 0.32 has no ``best_of``, and ``length_penalty`` only in beam search.
     """
-    so, sc = req.sampling_options, req.stop_conditions
+    so, sc, oo = req.sampling_options, req.stop_conditions, req.output_options
+    # Text-shaping options shape the text a worker returns only when asked for text (``detokenize``).
+    no_text = "it shapes text, and this request asks for token ids only (set sampling_options.detokenize)"
     refused = [
         ("sampling_options.n", so.n not in (None, 1), "one sequence per request: send n requests"),
         ("sampling_options.best_of", so.best_of not in (None, 1), "vLLM 0.32 has no best_of"),
         ("sampling_options.use_beam_search", bool(so.use_beam_search), "beam search is not supported"),
         ("sampling_options.length_penalty", so.length_penalty is not None, "it applies to beam search only"),
-        ("sampling_options.detokenize", bool(so.detokenize), "this worker returns token ids, not text"),
         (
             "stop_conditions.max_thinking_tokens",
             sc.max_thinking_tokens is not None,
             "this worker has no reasoning parser to count thinking tokens with",
         ),
+        (
+            "stop_conditions.include_stop_str_in_output",
+            bool(sc.include_stop_str_in_output) and not so.detokenize,
+            no_text,
+        ),
+        (
+            "sampling_options.include_stop_str_in_output",
+            bool(so.include_stop_str_in_output) and not so.detokenize,
+            no_text,
+        ),
+        ("output_options.skip_special_tokens", oo.skip_special_tokens is False and not so.detokenize, no_text),
+        (
+            "output_options.formatted_prompt",
+            bool(oo.formatted_prompt),
+            "a worker gets token ids, not the formatted prompt: the caller that rendered it has it",
+        ),
+        (
+            "output_options.return_tokens_as_token_ids",
+            oo.return_tokens_as_token_ids is not None,
+            "a worker reports every token (and logprob token) by id; rendering them is the caller's choice",
+        ),
+        ("mdc_sum", req.mdc_sum is not None, "this worker has no Dynamo model card to check a checksum against"),
+        ("annotations", bool(req.annotations), "annotations are answered by the frontend's preprocessor"),
+        (
+            "router_config_override",
+            req.router_config_override is not None,
+            "it is a router's setting: send it to the frontend",
+        ),
+        (
+            "bootstrap_info",
+            req.bootstrap_info is not None,
+            "bootstrap-server disaggregation is not supported: a decode request carries its prefill_result",
+        ),
+        ("extra_args", bool(req.extra_args), "this worker runs no custom sampler or logits processor to read them"),
     ]
+    guided = so.guided_decoding
+    if guided is not None:
+        refused.append(
+            (
+                "sampling_options.guided_decoding.whitespace_pattern",
+                guided.whitespace_pattern is not None,
+                "vLLM 0.32's structured-output backends do not read it",
+            )
+        )
     for name, bad, why in refused:
         if bad:
             raise RequestError("bad_request", f"{name} is not supported: {why}")
+
+
+def _check_prefill_result(req: GenerateRequest, kv_connector: bool) -> None:
+    """``prefill_result``: a prefill worker's answer, whose KV blocks this worker's connector loads."""
+    if req.prefill_result is None:
+        return
+    if not kv_connector:
+        raise RequestError(
+            "bad_request",
+            "prefill_result is not supported: this worker has no KV connector to load the prefilled "
+            "blocks with (start it with --connector or --kv-transfer-config, as its prefill workers)",
+        )
+    disaggregated = req.prefill_result.get("disaggregated_params")
+    # A connector that finds blocks by prompt (vLLM's ExampleConnector) answers null parameters.
+    if not isinstance(disaggregated, dict) or not isinstance(disaggregated.get("kv_transfer_params", {}), dict | None):
+        raise RequestError(
+            "bad_request",
+            "prefill_result must be a prefill worker's answer: "
+            "{disaggregated_params: {kv_transfer_params: object|null}}",
+        )
+
+
+def check_engine_wide_options(guided: GuidedDecoding | None, config: Any) -> None:
+    """vLLM 0.32 reads ``disable_any_whitespace`` and ``disable_additional_properties`` from the
+    engine's ``--structured-outputs-config`` only: a request may repeat the engine's value, not change it."""
+    if guided is None:
+        return
+    for name in ("disable_any_whitespace", "disable_additional_properties"):
+        asked, engine_wide = getattr(guided, name), getattr(config, name)
+        if asked is not None and asked != engine_wide:
+            raise RequestError(
+                "bad_request",
+                f"sampling_options.guided_decoding.{name} is {str(engine_wide).lower()} for every request "
+                f'on this worker: vLLM sets it per engine (--structured-outputs-config \'{{"{name}": '
+                f"{str(asked).lower()}}}')",
+            )
 
 
 def structured_outputs(guided: GuidedDecoding) -> Any:
@@ -156,7 +247,6 @@ def check_structured_outputs(params: Any, engine: Any) -> None:
 def sampling_params(
     req: GenerateRequest,
     defaults: dict[str, Any],
-    max_model_len: int,
     kv_transfer_params: dict[str, Any] | None = None,
 ) -> Any:
     """vLLM ``SamplingParams`` for a validated request: token ids in, token-id deltas out.
@@ -175,14 +265,17 @@ def sampling_params(
         if value is not None:
             kwargs[name] = value
     stop_ids = (sc.stop_token_ids or []) + (sc.stop_token_ids_hidden or [])
+    if not sc.ignore_eos:
+        # The caller's EOS ids (Dynamo's frontend sends the model's): vLLM stops on its own EOS
+        # only, so the others stop as stop tokens, and finish_reason reports them as eos.
+        stop_ids += [t for t in req.eos_token_ids or [] if t not in stop_ids]
     if stop_ids:
         kwargs["stop_token_ids"] = stop_ids
     if sc.min_tokens is not None:
         kwargs["min_tokens"] = sc.min_tokens
     if sc.ignore_eos is not None:
         kwargs["ignore_eos"] = sc.ignore_eos
-    # Stop strings are the frontend's; vLLM applies this to stop token ids' text, which a
-    # detokenize=False engine does not produce, so passing it on only keeps it from being lost.
+    # Both shape the text of a detokenizing request (checked in parse_request).
     if sc.include_stop_str_in_output or so.include_stop_str_in_output:
         kwargs["include_stop_str_in_output"] = True
     if so.guided_decoding is not None:
@@ -195,17 +288,19 @@ def sampling_params(
         kwargs["prompt_logprobs"] = req.output_options.prompt_logprobs
     if req.output_options.skip_special_tokens is not None:
         kwargs["skip_special_tokens"] = req.output_options.skip_special_tokens
-    # Stop strings need text: vLLM detokenizes only requests that have them (our frontend
-    # applies its own and never sends any).
+    # Stop strings need text: vLLM detokenizes requests that have them (our frontend applies its
+    # own and never sends any) and those that ask for text.
     if sc.stop:
         kwargs["stop"] = sc.stop
-    kwargs["max_tokens"] = sc.max_tokens or fit_context(len(req.token_ids), None, max_model_len)
+    kwargs["max_tokens"] = sc.max_tokens
     if kv_transfer_params is None:
         kv_transfer_params = kv_transfer.decode_params(req.prefill_result)
     if kv_transfer_params is not None:
         kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     try:
-        params = SamplingParams(**kwargs, n=1, detokenize=bool(sc.stop), output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(
+            **kwargs, n=1, detokenize=bool(sc.stop or so.detokenize), output_kind=RequestOutputKind.DELTA
+        )
     except (ValueError, TypeError, VLLMClientError) as exc:
         raise RequestError("bad_request", f"invalid sampling options: {exc}") from None
     if so.bad_words_token_ids:
@@ -215,12 +310,14 @@ def sampling_params(
     return params
 
 
-def finish_reason(vllm_reason: str | None, stop_reason: int | str | None) -> str | None:
-    """vLLM's finish reason in Dynamo's words."""
+def finish_reason(
+    vllm_reason: str | None, stop_reason: int | str | None, eos_token_ids: tuple[int, ...] | list[int] = ()
+) -> str | None:
+    """vLLM's finish reason in Dynamo's words; a stop on one of the request's ``eos_token_ids`` is ``eos``."""
     if vllm_reason is None:
         return None
     if vllm_reason == "stop":
-        return "eos" if stop_reason is None else "stop"
+        return "eos" if stop_reason is None or stop_reason in eos_token_ids else "stop"
     if vllm_reason == "abort":
         return "cancelled"
     return vllm_reason  # "length", or "error" variants

@@ -38,12 +38,12 @@ from dynamo_worker.frontend.models import ModelTable, ServedModel
 from dynamo_worker.frontend.output import OutputProcessor, echo_logprobs, prompt_logprobs_body
 from dynamo_worker.frontend.protocol import (
     ApiError,
+    ChatRequest,
     ChatShape,
     CompletionShape,
     GenerationParams,
     ResponseShape,
     TokenLogprob,
-    bad_request,
     chat_messages,
     completion_prompt,
     generation_params,
@@ -374,46 +374,57 @@ class FrontendServer:
             params = generation_params(req)
             self.chat_parsers.check(req)
             if multimodal.has_media(req):
-                if req.tools:  # the processor renders the prompt and knows no tools: refuse, not drop
-                    raise bad_request("tools are not supported together with image or video content", param="tools")
-                return await self._prepare_media(body, req.model, params, tracker)
+                multimodal.refuse_text_only_fields(req)  # the processor renders the prompt: refuse, not drop
+                return await self._prepare_media(body, req, params, tracker)
             messages = chat_messages(req)
             prompt_param, shape_cls = "messages", ChatShape
         tracker.request_type = "stream" if params.stream else "unary"
-        model = await self.table.resolve_soon(req.model)
+        model = await self.table.resolve_request(req.model)
         tracker.set_model(model.name)
         tokenizer = await self.table.tokenizer(model)
         if endpoint == "completions":
-            prompt_ids = preprocess.encode_completion_prompt(tokenizer, prompt)
+            prompt_ids = preprocess.encode_completion_prompt(tokenizer, prompt, req.add_special_tokens)
         else:
             chat = self.chat_parsers.for_request(req, body, tokenizer)
             if chat is not None:
                 params = chat.adjust(params)  # tool_choice required/named: vLLM's schema constraint
-            prompt_ids = preprocess.encode_chat_prompt(tokenizer, model.name, messages, tools=template_tools(req))
-        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
+            prompt_ids = preprocess.encode_chat_prompt(
+                tokenizer,
+                model.name,
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                add_special_tokens=req.add_special_tokens,
+                tools=template_tools(req),
+                chat_template_kwargs=req.chat_template_kwargs,
+            )
+        _check_token_ids(tokenizer, params)
         self.limits.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params)
         max_tokens = self.limits.check_max_tokens(params.max_tokens, max_tokens, params.max_tokens_param)
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))
         shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)
+        if endpoint != "completions" and not req.add_generation_prompt:
+            shape.role = req.messages[-1].role  # the answer continues the last message (vllm serve's role)
         echo = ""
         if endpoint == "completions" and req.echo:  # the prompt as given, or its token ids decoded
             echo = prompt if isinstance(prompt, str) else str(tokenizer.decode(prompt_ids))
         return _Prepared(model, tokenizer, prompt_ids, params, payload, shape, echo=echo, chat=chat)
 
     async def _prepare_media(
-        self, body: bytes, model_name: str, params: GenerationParams, tracker: RequestTracker
+        self, body: bytes, req: ChatRequest, params: GenerationParams, tracker: RequestTracker
     ) -> _Prepared:
         """A chat request with image/video parts: a processor tokenizes and encodes it."""
         tracker.request_type = "stream" if params.stream else "unary"
-        model = self.table.resolve(model_name)
+        model = await self.table.resolve_request(req.model)
         tracker.set_model(model.name)
+        multimodal.refuse_text_only_model(req, model)  # vllm serve: a 400, whatever else is running
         if self.media is None:
             raise unavailable("this frontend routes no multimodal requests", code="no_processor")
         self.media.check(model.name)
         tokenizer = await self.table.tokenizer(model)
-        preprocess.check_stop_token_ids(tokenizer, params.stop_token_ids, list(params.logit_bias or ()))
+        _check_token_ids(tokenizer, params)
         shape = ChatShape(model.name, TokenStrings(tokenizer), params.include_usage)
         return _Prepared(
             model, tokenizer, [], params, self.media.payload(body, model, params), shape, router=self.media.router
@@ -468,6 +479,8 @@ class FrontendServer:
             body["choices"][0]["stop_reason"] = out.stop_reason  # vllm serve: on every choice, often null
             if p.chat is not None:  # reasoning and tool calls, by a parser of its own per choice (as vLLM)
                 p.chat.choice().rewrite_choice(body["choices"][0], "".join(texts[i]), token_ids[i])
+                if isinstance(shape, ChatShape):  # the parser writes "assistant"; continuing a message keeps its role
+                    body["choices"][0]["message"]["role"] = shape.role
             if p.params.prompt_logprobs is not None:  # vllm serve: per choice on completions, once on chat
                 where = body["choices"][0] if isinstance(shape, CompletionShape) else body
                 where["prompt_logprobs"] = prompt_logprobs_body(out.prompt_logprobs, shape.token_text)
@@ -566,6 +579,13 @@ class FrontendServer:
             return resp
         tracker.finish(200, completion_tokens())
         return resp
+
+
+def _check_token_ids(tokenizer: Any, params: GenerationParams) -> None:
+    """The token ids a request names are in the model's vocabulary (a 400 naming the field)."""
+    preprocess.check_stop_token_ids(
+        tokenizer, params.stop_token_ids, list(params.logit_bias or ()), params.allowed_token_ids or ()
+    )
 
 
 def _indexed(body: dict[str, Any], index: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import attrs
 
 from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.runtime import Client
-from dynamo_worker.frontend.protocol import ApiError, model_not_found, unavailable
+from dynamo_worker.frontend.protocol import ApiError, bad_request, model_not_found, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,26 @@ class ModelTable:
         if name in self.seen and name not in self.live():
             await self.client.watcher.wait_for(lambda: name in self.live(), timeout)
         return self.resolve(name)
+
+    async def resolve_request(self, name: str | None, timeout: float = REAPPEAR_WAIT) -> ServedModel:
+        """The model a request names (:meth:`resolve_soon`), or, with ``model`` left out (or ""), the one
+        model served, as vllm serve answers with its model then (LoRA adapters do not count: vllm
+        serve uses its base model). Several models: a 400 naming ``model``; none: a 503."""
+        if name:  # "" too, as vllm serve
+            return await self.resolve_soon(name, timeout)
+
+        def bases() -> list[ServedModel]:
+            return [m for m in self.live().values() if m.parent is None]
+
+        if not bases() and self.seen:  # served before: give its workers a moment to come back
+            await self.client.watcher.wait_for(lambda: bool(bases()), timeout)
+        found = bases()
+        if not found:
+            raise unavailable("no worker serves any model right now, so `model` cannot be left out; retry later")
+        if len(found) > 1:
+            names = ", ".join(m.name for m in found)
+            raise bad_request(f"`model` is required: this frontend serves {len(found)} models ({names})", param="model")
+        return found[0]
 
     async def tokenizer(self, model: ServedModel) -> Any:
         """The model's tokenizer, from the first of its instances' directories that loads here."""

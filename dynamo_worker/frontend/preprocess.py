@@ -24,10 +24,19 @@ from dynamo_worker.core.generate import (
 from dynamo_worker.frontend.models import ServedModel
 from dynamo_worker.frontend.protocol import ApiError, GenerationParams, bad_request
 
+#: ``tokenizer.apply_chat_template``'s arguments for tokenizing, which the frontend does itself:
+#: refused in ``chat_template_kwargs`` rather than passed to a call that only renders text.
+TOKENIZER_ARGUMENTS = frozenset(
+    {"conversation", "padding", "truncation", "max_length", "return_tensors", "return_dict"}
+    | {"return_assistant_tokens_mask", "tokenizer_kwargs"}
+)
 
-def encode_completion_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+
+def encode_completion_prompt(tokenizer: Any, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+    """A text prompt encoded (with special tokens unless ``add_special_tokens`` is false, as vLLM);
+    token ids checked against the vocabulary and sent as they are."""
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt, add_special_tokens=True))
+        return list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
     vocab = len(tokenizer)
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
@@ -44,19 +53,38 @@ def encode_chat_prompt(
     continue_final_message: bool = False,
     add_special_tokens: bool = False,
     tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Chat messages to token ids; the keywords are ``/tokenize``'s (vLLM's defaults).
+    """Chat messages to token ids; the keywords are ``/tokenize``'s and the chat request's (vLLM's defaults).
 
-    ``tools`` go to the template as vllm serve passes them (``tools=``; None without tools)."""
+    ``tools`` go to the template as vllm serve passes them (``tools=``; None without tools).
+    ``chat_template_kwargs`` are more variables for the template, merged as vLLM merges them: the
+    request's own ``add_generation_prompt``/``continue_final_message``/``tools`` win over the same
+    keys there; ``chat_template`` is refused (vllm serve refuses it without
+    --trust-request-chat-template), and so are the tokenizer's arguments
+    (:data:`TOKENIZER_ARGUMENTS`), which are not template variables. ``tokenize`` is accepted and
+    changes nothing, as with vllm serve, which decides itself how the prompt is tokenized."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request(f"model {model!r} has no chat template; use /v1/completions", param="messages")
+    extra = dict(chat_template_kwargs or {})
+    refused = sorted(extra.keys() & {"chat_template", *TOKENIZER_ARGUMENTS})
+    if refused:
+        raise bad_request(
+            f"chat_template_kwargs must not set {', '.join(refused)}: only variables of the chat template",
+            param="chat_template_kwargs",
+        )
+    extra.pop("tokenize", None)
+    extra.pop("add_generation_prompt", None)
+    extra.pop("continue_final_message", None)
+    given_tools = extra.pop("tools", None)
     try:
         text = tokenizer.apply_chat_template(
             messages,
-            tools=tools,
+            tools=tools if tools is not None else given_tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
+            **extra,
         )
     except ApiError:
         raise
@@ -67,10 +95,13 @@ def encode_chat_prompt(
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def check_stop_token_ids(tokenizer: Any, ids: Sequence[int], logit_bias: Sequence[int] = ()) -> None:
-    """Token ids a request names (``stop_token_ids``, ``logit_bias`` keys) are in the vocabulary."""
+def check_stop_token_ids(
+    tokenizer: Any, ids: Sequence[int], logit_bias: Sequence[int] = (), allowed: Sequence[int] = ()
+) -> None:
+    """Token ids a request names (``stop_token_ids``, ``logit_bias`` keys, ``allowed_token_ids``)
+    are in the vocabulary."""
     vocab = len(tokenizer)
-    for param, given in (("stop_token_ids", ids), ("logit_bias", logit_bias)):
+    for param, given in (("stop_token_ids", ids), ("logit_bias", logit_bias), ("allowed_token_ids", allowed)):
         bad = next((t for t in given if t >= vocab), None)
         if bad is not None:
             raise bad_request(f"token id {bad} in {param} is outside the vocabulary (0..{vocab - 1})", param=param)
@@ -96,6 +127,8 @@ def preprocessed_request(
         sampling["guided_decoding"] = params.guided
     if params.logit_bias:
         sampling["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    if params.allowed_token_ids is not None:
+        sampling["allowed_token_ids"] = list(params.allowed_token_ids)
     request = GenerateRequest(
         model=model.name,
         token_ids=token_ids,
@@ -104,8 +137,7 @@ def preprocessed_request(
             min_tokens=params.min_tokens,
             stop_token_ids=list(params.stop_token_ids) or None,
             ignore_eos=params.ignore_eos,
-            include_stop_str_in_output=params.include_stop_str_in_output or None,
-        ),
+        ),  # include_stop_str_in_output: applied here, to the text the frontend makes
         sampling_options=msgspec.convert(sampling, SamplingOptions),
         output_options=OutputOptions(logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs),
         eos_token_ids=model.eos_token_ids,

@@ -121,9 +121,9 @@ class ResponseFormat(msgspec.Struct):
 
 class _Common(msgspec.Struct, kw_only=True):
     """Fields both endpoints take. Extensions (as in vLLM): top_k, min_p, min_tokens,
-    stop_token_ids, ignore_eos, repetition_penalty, skip_special_tokens."""
+    stop_token_ids, ignore_eos, repetition_penalty, skip_special_tokens, allowed_token_ids."""
 
-    model: str
+    model: str | None = None  # left out: the one model served, as vllm serve (ModelTable.resolve_request)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -132,6 +132,7 @@ class _Common(msgspec.Struct, kw_only=True):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None  # sampling_options.allowed_token_ids, checked against the vocabulary
     ignore_eos: bool = False
     min_tokens: int | None = None
     presence_penalty: float | None = None
@@ -160,6 +161,7 @@ class CompletionRequest(_Common, kw_only=True):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # a text prompt is encoded with the tokenizer's special tokens (BOS)
 
 
 class ChatRequest(_Common, kw_only=True):
@@ -169,6 +171,11 @@ class ChatRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    # How the chat template renders the prompt (preprocess.encode_chat_prompt), vLLM's defaults.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last message left open, for the model to continue
+    add_special_tokens: bool = False  # special tokens on top of the template's own (a second BOS)
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -193,6 +200,7 @@ class GenerationParams:
     logit_bias: dict[int, float] | None = None
     n: int = 1  # choices: the frontend sends n requests (app.py)
     prompt_logprobs: int | None = None  # top-N per prompt token (echo with logprobs asks for them too)
+    allowed_token_ids: tuple[int, ...] | None = None  # the only tokens the sampler may pick
 
 
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -237,6 +245,11 @@ def parse_chat(body: bytes) -> ChatRequest:
     req: ChatRequest = _decode(_chat_decoder, body)
     if not req.messages:
         raise bad_request("messages must not be empty", param="messages")
+    if req.continue_final_message and req.add_generation_prompt:  # vLLM's words (check_generation_prompt)
+        raise bad_request(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
     # tools/tool_choice depend on the server's parser flags: checked by chat_parsers.check_tools
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
@@ -297,6 +310,13 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
     stop_ids = tuple(req.stop_token_ids or ())
     if any(t < 0 for t in stop_ids):
         raise bad_request("stop_token_ids must be non-negative token ids", param="stop_token_ids")
+    allowed = None if req.allowed_token_ids is None else tuple(req.allowed_token_ids)
+    if allowed is not None and not allowed:  # vLLM: "allowed_token_ids is not None and empty!"
+        raise bad_request(
+            "allowed_token_ids must not be empty; leave it out to allow every token", param="allowed_token_ids"
+        )
+    if allowed is not None and any(t < 0 for t in allowed):
+        raise bad_request("allowed_token_ids must be non-negative token ids", param="allowed_token_ids")
     logit_bias: dict[int, float] = {}
     for key, bias in (req.logit_bias or {}).items():
         if not re.fullmatch(r"[0-9]+", key):
@@ -344,6 +364,7 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         logit_bias=logit_bias or None,
         n=n,
         prompt_logprobs=prompt_logprobs,
+        allowed_token_ids=allowed,
     )
 
 
@@ -554,6 +575,9 @@ class ChatShape(ResponseShape):
     object_full = "chat.completion"
     object_chunk = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
+    # The answer's role: vllm serve's "assistant", or without a generation prompt
+    # (``add_generation_prompt: false``) the last message's, which the answer continues.
+    role = "assistant"
 
     def _entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
         text = self.token_text(token_id)
@@ -572,7 +596,7 @@ class ChatShape(ResponseShape):
     def first_chunks(self) -> list[dict[str, Any]]:
         return [
             self._chunk_body(
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                {"index": 0, "delta": {"role": self.role, "content": ""}, "logprobs": None, "finish_reason": None}
             )
         ]
 
@@ -594,7 +618,7 @@ class ChatShape(ResponseShape):
             [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": {"role": self.role, "content": text},
                     "logprobs": self._logprobs(logprobs),
                     "finish_reason": finish_reason,
                 }

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from dynamo_worker.frontend import preprocess
-from dynamo_worker.frontend.models import ModelTable, ServedModel
+from dynamo_worker.frontend.models import ModelTable
 from dynamo_worker.frontend.protocol import (
     ChatMessage,
     bad_request,
@@ -35,6 +35,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     continue_final_message: bool = False
     return_token_strs: bool = False
     tools: list[dict[str, Any]] | None = None  # rendered by the chat template, as for a chat request
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables, as for a chat request
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
@@ -58,27 +59,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-async def _model(table: ModelTable, name: str | None) -> ServedModel:
-    if name is not None:
-        return await table.resolve_soon(name)
-    live = table.live()
-    if len(live) != 1:
-        raise bad_request(
-            f"name the model: this frontend serves {len(live)} ({', '.join(sorted(live)) or 'none'})", param="model"
-        )
-    return next(iter(live.values()))
-
-
 async def tokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
     req: TokenizeRequest = decode_body(_tokenize, body)
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("send either prompt or messages", param="prompt" if req.prompt is None else "messages")
-    if req.continue_final_message and req.add_generation_prompt:
+    if req.continue_final_message and req.add_generation_prompt:  # vLLM's words, as for a chat request
         raise bad_request(
-            "cannot set both `continue_final_message` and `add_generation_prompt` to true",
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
             param="continue_final_message",
         )
-    model = await _model(table, req.model)
+    model = await table.resolve_request(req.model)
     tokenizer = await table.tokenizer(model)
     if req.prompt is not None:
         ids = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False))
@@ -91,6 +81,7 @@ async def tokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
             continue_final_message=req.continue_final_message,
             add_special_tokens=bool(req.add_special_tokens),
             tools=req.tools or None,
+            chat_template_kwargs=req.chat_template_kwargs,
         )
     answer: dict[str, Any] = {
         "count": len(ids),
@@ -103,7 +94,7 @@ async def tokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
 
 async def detokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
     req: DetokenizeRequest = decode_body(_detokenize, body)
-    model = await _model(table, req.model)
+    model = await table.resolve_request(req.model)
     tokenizer = await table.tokenizer(model)
     bad = next((t for t in req.tokens if not 0 <= t < len(tokenizer)), None)
     if bad is not None:

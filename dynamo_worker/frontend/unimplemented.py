@@ -5,7 +5,10 @@ harm; but a field ``vllm serve`` would honour (``truncate_prompt_tokens``, ``ret
 ``priority``, ...) silently ignored here would change the answer without telling anyone. Each is
 accepted only at vLLM's default (what the request gets here anyway) and otherwise refused with a
 400 naming it. The lists are vLLM 0.32's ``ChatCompletionRequest`` / ``CompletionRequest`` fields
-that the frontend's own request structs lack (tests/test_frontend.py compares them).
+that the frontend's own request structs lack: tests/test_frontend.py's
+``test_every_vllm_serve_field_is_honoured_or_refused_by_name`` checks that every vLLM field is
+either a field of ``protocol.ChatRequest``/``CompletionRequest`` or listed here, and that vLLM's
+default is among the values accepted here.
 """
 
 from __future__ import annotations
