@@ -44,6 +44,7 @@ WEATHER_TOOL = {
 }
 MAX_MODEL_LEN = 256
 PROMPT = "Alice reads a small book in the garden, and the old cat watches a bird."
+WHOLE = 64  # max_tokens room for the whole reversed PROMPT (27 tokens): completions default to 16
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -287,6 +288,44 @@ def finished_text(tokenizer: Any, params: GenerationParams, *items: dict[str, An
     return "".join(out.process(item).text for item in items), out
 
 
+def test_usage_after_a_stop_string_counts_the_tokens_up_to_the_match_as_vllm(tokenizer: Any) -> None:
+    """A worker message holding the tokens that complete a stop string and more after them: the
+    usage, logprobs and token ids end at the token that completed it, as vLLM's detokenizer
+    trims them (compared with vLLM's own, fed the same message)."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer as VllmDetokenizer
+
+    ids = tokenizer.encode(" the red ship sails on and on", add_special_tokens=False)
+    prompt = [BOS]
+    for stop, include in (("red", False), ("ship s", False), ("red", True), ("on and", False)):
+        request = SimpleNamespace(
+            request_id="r",
+            prompt_token_ids=prompt,
+            sampling_params=SamplingParams(
+                max_tokens=64, stop=[stop], include_stop_str_in_output=include, detokenize=True
+            ),
+        )
+        theirs = VllmDetokenizer.from_new_request(tokenizer, request)
+        assert theirs.update(list(ids), stop_terminated=False) == stop
+        kept = len(theirs.output_token_ids)
+        assert kept < len(ids), "the message must go on past the match"
+        params = generation_params(stop=(stop,), include_stop_str_in_output=include, logprobs=0)
+        out = OutputProcessor(tokenizer, prompt, params)
+        item = {"token_ids": ids, "log_probs": [-0.5] * len(ids), "top_logprobs": [[]] * len(ids)}
+        delta = out.process(item)
+        assert delta.text == theirs.get_next_output_text(finished=True, delta=False), stop
+        assert (out.completion_tokens, out.usage()["completion_tokens"]) == (kept, kept), stop
+        assert delta.token_ids == tuple(ids[:kept]) and len(delta.logprobs or []) == kept
+        # Split over two messages, the first without the match: the same count.
+        out = OutputProcessor(tokenizer, prompt, params)
+        first = out.process({"token_ids": ids[:1]})
+        assert not first.finish_reason
+        out.process({"token_ids": ids[1:]})
+        assert out.completion_tokens == kept, stop
+
+
 def test_a_stop_tokens_text_is_left_out_as_vllms_detokenizer_leaves_it(tokenizer: Any) -> None:
     """vLLM does not detokenize the token a request stopped on (EOS, or one of stop_token_ids)
     unless include_stop_str_in_output; stop_reason is the id (null for EOS), as vllm serve says."""
@@ -379,14 +418,20 @@ def test_completion_returns_the_detokenized_worker_output(
     assert sent["sampling_options"] == {"temperature": 0.5, "seed": 7}
 
 
-def test_max_tokens_defaults_to_the_rest_of_the_context(
-    client: openai.OpenAI, tokenizer: Any, deployment: Deployment
-) -> None:
+def test_max_tokens_defaults_as_vllm_serves(client: openai.OpenAI, tokenizer: Any, deployment: Deployment) -> None:
+    """Completions: 16 when left out or null (vLLM's CompletionRequest); chat: the rest of the context."""
     ids = tokenizer.encode(PROMPT)
-    resp = client.completions.create(model="tiny", prompt=PROMPT)
-    assert resp.choices[0].text == reversed_text(tokenizer, ids)
-    assert resp.choices[0].finish_reason == "stop"  # the worker's "eos"
-    assert deployment.workers["tiny"][0].requests[-1]["stop_conditions"]["max_tokens"] == MAX_MODEL_LEN - len(ids)
+    assert len(ids) > 16, "the answer must be cut by the default"
+    sent = deployment.workers["tiny"][0].requests
+    for extra in ({}, {"max_tokens": None}):
+        resp = client.completions.create(model="tiny", prompt=PROMPT, extra_body=extra)
+        assert resp.choices[0].text == reversed_text(tokenizer, ids[-16:]), extra
+        assert (resp.choices[0].finish_reason, resp.usage.completion_tokens) == ("length", 16)
+        assert sent[-1]["stop_conditions"]["max_tokens"] == 16
+    messages = [{"role": "user", "content": PROMPT}]
+    resp = client.chat.completions.create(model="tiny", messages=messages)
+    assert resp.choices[0].finish_reason == "stop"  # the worker's "eos": the whole reversed prompt
+    assert sent[-1]["stop_conditions"]["max_tokens"] == MAX_MODEL_LEN - len(chat_ids(tokenizer, messages))
 
 
 def test_completion_stream_with_usage(client: openai.OpenAI, tokenizer: Any) -> None:
@@ -459,7 +504,9 @@ def test_stop_string_truncates_and_cancels_the_worker(
     stop = full[10:14]
     slow = deployment.workers["slow"][0]
     cancelled = len(slow.cancelled)
-    resp = client.completions.create(model="slow", prompt=PROMPT, stop=[stop, "never appears"], stream=stream)
+    resp = client.completions.create(
+        model="slow", prompt=PROMPT, stop=[stop, "never appears"], stream=stream, max_tokens=WHOLE
+    )
     if stream:
         chunks = list(resp)
         text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
@@ -490,6 +537,78 @@ def test_logprobs(client: openai.OpenAI, tokenizer: Any) -> None:
     assert all(len(e.top_logprobs) == 1 for e in entries)
 
 
+def test_a_logprob_token_holding_part_of_a_character_reads_as_vllms(tokenizer: Any) -> None:
+    """TokenStrings gives a token's logprob text as vLLM's LogprobsProcessor corrects it: the
+    character it completes with the tokens before it, or "" while it is still incomplete."""
+    from types import SimpleNamespace
+
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from dynamo_worker.frontend.detokenizer import TokenStrings
+
+    ids = tokenizer.encode("ok 日本語 🎉 naïve", add_special_tokens=False)
+    partial = [t for t in ids if tokenizer.decode([t]).endswith("\ufffd")]
+    assert len(partial) > 3, "the demo tokenizer should split these characters"
+    theirs = SimpleNamespace(tokenizer=tokenizer)
+    ours = TokenStrings(tokenizer)
+    seen = set()
+    for k, token in enumerate(ids):
+        for context in (ids[max(0, k - 4) : k], ids[max(0, k - 2) : k], []):
+            expected = tokenizer.decode([token])
+            if expected.endswith("\ufffd"):
+                expected = LogprobsProcessor._correct_decoded_token(theirs, token, context)  # type: ignore[arg-type]
+            assert ours(token, context) == expected, (k, context)
+            seen.add(expected)
+        assert ours(token) == tokenizer.decode([token])  # no context: the token's own decoding
+    assert "" in seen and any(len(t) == 1 and ord(t) > 127 for t in seen), seen
+
+
+def test_logprob_tokens_keep_the_leading_space_of_a_sentencepiece_piece_as_vllm() -> None:
+    """decode() strips a SentencePiece piece's leading space ("▁the" reads "the"); vLLM's logprob
+    token texts (convert_ids_list_to_tokens) give it back, and so do ours. A tokenizer without a
+    Metaspace pre-tokenizer (the demo's byte-level one) is left as decode() reads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from vllm.tokenizers.detokenizer_utils import convert_ids_list_to_tokens
+
+    from dynamo_worker.frontend.detokenizer import TokenStrings
+
+    pieces = [("<unk>", 0.0), ("\u2581the", -1.0), ("\u2581cat", -1.0), ("\u2581", -2.0), ("s", -3.0), ("at", -2.5)]
+    pieces += [(c, -3.0) for c in "thec"]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sentencepiece = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = sentencepiece.encode("the cats at the cat", add_special_tokens=False)
+    ours = TokenStrings(sentencepiece)
+    expected = convert_ids_list_to_tokens(sentencepiece, ids)
+    assert [ours(t, ()) for t in ids] == expected and " the" in expected
+    assert [ours(t) for t in ids] == [sentencepiece.decode([t]) for t in ids]  # no logprob: decode()'s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_tokens_of_partial_characters_are_empty_and_take_no_offset(
+    client: openai.OpenAI, tokenizer: Any, stream: bool
+) -> None:
+    text = "a日本b🎉"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    resp = client.completions.create(model="forward", prompt=text, max_tokens=WHOLE, logprobs=0, stream=stream)
+    choices = [c.choices[0] for c in resp] if stream else [resp.choices[0]]
+    tokens = [t for c in choices if c.logprobs for t in c.logprobs.tokens]
+    offsets = [o for c in choices if c.logprobs for o in c.logprobs.text_offset]
+    assert len(tokens) == len(ids) and "".join(tokens) == text
+    assert "" in tokens and "\ufffd" not in "".join(tokens)
+    assert offsets == [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+    chat = client.chat.completions.create(
+        model="forward", messages=[{"role": "user", "content": text}], logprobs=True, top_logprobs=1, stream=stream
+    )
+    parts = [c.choices[0] for c in chat if c.choices] if stream else [chat.choices[0]]
+    entries = [e for c in parts if c.logprobs for e in c.logprobs.content]
+    assert any(e.token == "" and e.bytes == [] for e in entries)
+    assert all(e.bytes == list(e.token.encode()) for e in entries)
+    assert all(top.token != "\ufffd" for e in entries for top in e.top_logprobs)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_include_stop_str_in_output_keeps_the_stop_string(
     client: openai.OpenAI, tokenizer: Any, deployment: Deployment, stream: bool
@@ -497,7 +616,12 @@ def test_include_stop_str_in_output_keeps_the_stop_string(
     full = reversed_text(tokenizer, tokenizer.encode(PROMPT))
     stop = full[10:14]
     resp = client.completions.create(
-        model="tiny", prompt=PROMPT, stop=[stop], stream=stream, extra_body={"include_stop_str_in_output": True}
+        model="tiny",
+        prompt=PROMPT,
+        stop=[stop],
+        stream=stream,
+        max_tokens=WHOLE,
+        extra_body={"include_stop_str_in_output": True},
     )
     text = "".join(c.choices[0].text for c in resp) if stream else resp.choices[0].text
     assert text == full[: full.index(stop) + len(stop)]
@@ -534,7 +658,9 @@ def test_stop_token_ids_leave_the_tokens_text_out_and_name_it_in_stop_reason(
         if chat:
             resp = client.chat.completions.create(model="tiny", messages=messages, stream=stream, extra_body=extra)
         else:
-            resp = client.completions.create(model="tiny", prompt=PROMPT, stream=stream, extra_body=extra)
+            resp = client.completions.create(
+                model="tiny", prompt=PROMPT, stream=stream, max_tokens=WHOLE, extra_body=extra
+            )
         got, last = last_choice(resp, stream)
         assert got == text, include
         assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop_id)
@@ -553,7 +679,10 @@ def test_stop_reason_is_the_matched_stop_string_and_null_otherwise(
         ({}, "stop", None),
     ]  # the last: the worker's "eos"
     for given, finish, reason in cases:
-        _, last = last_choice(client.completions.create(model="tiny", prompt=PROMPT, stream=stream, **given), stream)
+        given_all = {"max_tokens": WHOLE, **given}  # completions default to 16 tokens
+        _, last = last_choice(
+            client.completions.create(model="tiny", prompt=PROMPT, stream=stream, **given_all), stream
+        )
         assert (last.finish_reason, last.model_extra["stop_reason"]) == (finish, reason), given
         _, last = last_choice(
             client.chat.completions.create(
@@ -582,6 +711,22 @@ def test_continuous_usage_stats_puts_usage_on_every_chunk(client: openai.OpenAI,
     assert with_text and all(c.usage is not None and c.usage.prompt_tokens == len(ids) for c in with_text)
     counts = [c.usage.completion_tokens for c in with_text]
     assert counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    # Chat: the role chunk carries usage too (no completion tokens yet), as vllm serve's does.
+    messages = [{"role": "user", "content": PROMPT}]
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.usage is not None for c in chunks)
+    prompt_tokens = len(chat_ids(tokenizer, messages))
+    assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (prompt_tokens, 0)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
@@ -1228,7 +1373,7 @@ def test_client_disconnect_cancels_the_request_on_the_worker(frontend: str, depl
     slow = deployment.workers["slow"][0]
     before = len(slow.cancelled)
     host, port = frontend.removeprefix("http://").split(":")
-    body = json.dumps({"model": "slow", "prompt": PROMPT, "stream": True}).encode()
+    body = json.dumps({"model": "slow", "prompt": PROMPT, "stream": True, "max_tokens": WHOLE}).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -1299,7 +1444,7 @@ def test_metrics_count_requests_and_time_to_first_token(frontend: str, client: o
 def test_shutdown_lets_a_running_stream_finish(deployment: Deployment, tokenizer: Any) -> None:
     proc, url = deployment.start_frontend()
     stream = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
-        model="slow", prompt=PROMPT, stream=True
+        model="slow", prompt=PROMPT, stream=True, max_tokens=WHOLE
     )
     first = next(iter(stream))
     proc.signal(signal.SIGTERM)
@@ -1529,8 +1674,8 @@ def test_tool_turns_in_the_history_reach_the_template(parsing_frontend: str, dep
     prompt = AutoTokenizer.from_pretrained(deployment.model_path).decode(worker.requests[-1]["token_ids"])
     assert (
         '<|tools|>\n[{"type": "function", "function": {"name": "get_weather"' in prompt
-        and '<|assistant|>\n[{"id": "call_1", "type": "function", "function": {"name": "get_weather", '
-        '"arguments": {"city": "Paris"}}}]'
+        and '<|assistant|>\n[{"id": "call_1", "function": {"arguments": {"city": "Paris"}, "name": "get_weather"}, '
+        '"type": "function"}]'  # vLLM's key order (its message type's)
         in prompt
         and "<|tool|>\nsunny, 21 C" in prompt
     ), prompt
@@ -1539,6 +1684,13 @@ def test_tool_turns_in_the_history_reach_the_template(parsing_frontend: str, dep
         f"{parsing_frontend}/tokenize", {"model": "caller", "messages": history, "tools": [WEATHER_TOOL]}
     )
     assert (status, tokenized["tokens"]) == (200, worker.requests[-1]["token_ids"])
+    # A tool without a description: rendered through vLLM's tool type, with "description": null.
+    bare = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}, "x": 1}
+    status, tokenized = post(f"{parsing_frontend}/tokenize", {"model": "caller", "messages": history, "tools": [bare]})
+    rendered = AutoTokenizer.from_pretrained(deployment.model_path).decode(tokenized["tokens"])
+    assert status == 200, tokenized
+    assert '[{"type": "function", "function": {"name": "get_time", "description": null, ' in rendered, rendered
+    assert '"x"' not in rendered
 
 
 def test_a_named_call_is_forced_with_the_parsers_structural_tag(parsing_frontend: str, deployment: Deployment) -> None:
@@ -1662,3 +1814,40 @@ def test_earlier_tool_calls_reach_templates_with_object_arguments() -> None:
     assistant, tool = template_messages(req.messages)
     assert [c["function"]["arguments"] for c in assistant["tool_calls"]] == [{"a": 1}, {}, {}]
     assert assistant["content"] == "" and tool == {"role": "tool", "content": "done", "tool_call_id": "c"}
+
+
+def test_tool_turns_and_tools_reach_templates_as_vllm_renders_them() -> None:
+    """Messages and tools in the form (and key order) vLLM hands the chat template: through its
+    pydantic message and tool types (compared as JSON text, so the order counts too)."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.renderers.chat_utils import parse_chat_messages
+
+    from dynamo_worker.frontend.chat_parsers import template_tools
+    from dynamo_worker.frontend.protocol import parse_chat, template_messages
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}, "id": "c1"}
+    odd = {"function": {"zz": 1, "arguments": "[1]", "name": "f"}, "id": "c2", "type": "function", "extra": 2}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call, odd]},
+        {"role": "tool", "name": "get_weather", "content": "sunny", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is sunny.", "tool_calls": []},
+        {"role": "user", "content": "Thanks", "name": "ann"},
+    ]
+    tools = [
+        WEATHER_TOOL,
+        {"type": "function", "function": {"name": "get_time", "parameters": {"b": {}, "a": {}}, "x": 1}, "y": 2},
+        {"type": "function", "function": {"strict": True, "description": "d", "name": "s"}, "defer_loading": True},
+    ]
+    body = {"model": "m", "messages": messages, "tools": tools}
+    vllm_request = ChatCompletionRequest.model_validate(body)
+    model_config = SimpleNamespace(multimodal_config=None, enable_prompt_embeds=False)
+    conversation, _, _ = parse_chat_messages(vllm_request.messages, model_config, "string")  # type: ignore[arg-type]
+    expected_tools = [tool.model_dump() for tool in vllm_request.tools or []]
+    req = parse_chat(json.dumps(body).encode())
+    assert json.dumps(template_messages(req.messages)) == json.dumps(conversation)
+    assert json.dumps(template_tools(req)) == json.dumps(expected_tools)
+    assert expected_tools[1]["function"]["description"] is None  # left out: null, as vLLM's type has it

@@ -401,7 +401,8 @@ class FrontendServer:
         _check_token_ids(tokenizer, params)
         self.limits.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = preprocess.resolve_max_tokens(model, len(prompt_ids), params)
-        max_tokens = self.limits.check_max_tokens(params.max_tokens, max_tokens, params.max_tokens_param)
+        requested = params.max_tokens if params.max_tokens_given else None  # a default is capped, not refused
+        max_tokens = self.limits.check_max_tokens(requested, max_tokens, params.max_tokens_param)
         payload = preprocess.preprocessed_request(model, prompt_ids, params, max_tokens)
         tracker.prompt(len(prompt_ids))
         shape = shape_cls(model.name, TokenStrings(tokenizer), params.include_usage)
@@ -515,6 +516,8 @@ class FrontendServer:
             await r.prepare(request)
             for i, shape in enumerate(shapes):  # e.g. chat's role chunk, for every choice (vLLM's)
                 for chunk in shape.first_chunks():
+                    if p.params.continuous_usage:  # vllm serve: the role chunk has usage too, no tokens yet
+                        chunk["usage"] = usage_body(outs[i].prompt_tokens, 0, None)
                     event(_indexed(chunk, i))
             return r
 

@@ -32,7 +32,7 @@ import attrs
 import msgspec
 
 from dynamo_worker.core.errors import UsageError
-from dynamo_worker.frontend.protocol import ChatRequest, GenerationParams, bad_request, internal
+from dynamo_worker.frontend.protocol import ChatRequest, GenerationParams, bad_request, internal, template_tool_list
 
 TOOL_CHOICES = ("none", "auto", "required")
 # The client field a tool-call constraint comes from (named in a worker's 400 about it).
@@ -135,8 +135,9 @@ def check_tools(req: ChatRequest, *, tool_parsing: bool, auto_enabled: bool) -> 
 
 
 def template_tools(req: ChatRequest) -> list[dict[str, Any]] | None:
-    """The ``tools=`` for the chat template: every tool, also with ``tool_choice`` ``none``, as vLLM."""
-    return list(req.tools) if req.tools else None
+    """The ``tools=`` for the chat template: every tool, also with ``tool_choice`` ``none``, as vLLM
+    renders them (through its tool type: :func:`~dynamo_worker.frontend.protocol.template_tool`)."""
+    return template_tool_list(req.tools) if req.tools else None
 
 
 class ChatParsers:

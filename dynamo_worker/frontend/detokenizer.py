@@ -14,6 +14,7 @@ Workers stream token ids; text is made here. Two things make this more than ``de
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,15 +124,90 @@ class StopStrings:
         return "" if self.stopped else out
 
 
+# The preceding tokens a logprob token's text is completed with (vLLM's LogprobsProcessor: 4,
+# enough for any UTF-8 character).
+LOGPROB_CONTEXT_TOKENS = 4
+
+
+def _leading_space_marker(tokenizer: Any) -> str | None:
+    """The SentencePiece space marker of a Metaspace pre-tokenizer (vLLM's
+    ``get_leading_space_marker``), whose leading instance ``decode`` strips; None for others."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        config = json.loads(backend.to_str())
+    except (ValueError, TypeError, AttributeError):  # not a tokenizers-library backend
+        return None
+    pre = config.get("pre_tokenizer") or {}
+    subs = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    for sub in subs:
+        if sub.get("type") == "Metaspace":
+            return str(sub.get("replacement", "\u2581"))
+    return None
+
+
 class TokenStrings:
-    """The text of single tokens (for logprobs), cached: the vocabulary bounds the cache."""
+    """The text of single tokens (for logprobs), cached: the vocabulary bounds the cache.
+
+    Given ``context`` (the up to :data:`LOGPROB_CONTEXT_TOKENS` tokens before it in the sequence,
+    oldest first), a token's text is vLLM's for a logprob (its ``LogprobsProcessor``):
+    ``convert_ids_list_to_tokens``'s, which gives back the leading spaces ``decode`` strips from a
+    SentencePiece piece (``▁the`` is ``" the"``), and for a token that decodes to an incomplete
+    character (ends in U+FFFD) ``_correct_decoded_token``'s: the character it completes with the
+    context's byte tokens, or ``""`` while the character is still incomplete. Without ``context``
+    (None): ``decode([id])``, as vLLM decodes a token that has no logprob (echo's first).
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._spaced: dict[int, str] = {}
+        self._marker: str | None = _leading_space_marker(tokenizer)
 
-    def __call__(self, token_id: int) -> str:
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids)) or "")
+
+    def __call__(self, token_id: int, context: Sequence[int] | None = None) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = self._cache[token_id] = str(self.tokenizer.decode([token_id]))
-        return text
+            text = self._cache[token_id] = self._decode([token_id])
+        if context is None:
+            return text
+        if self._marker is not None:
+            text = self._with_leading_spaces(token_id, text, self._marker)
+        if not text.endswith(REPLACEMENT_CHAR):
+            return text
+        return self._completed(token_id, list(context)[-LOGPROB_CONTEXT_TOKENS:])
+
+    def _with_leading_spaces(self, token_id: int, text: str, marker: str) -> str:
+        """vLLM's ``_restore_leading_spaces``: as many spaces as the piece has leading markers."""
+        spaced = self._spaced.get(token_id)
+        if spaced is None:
+            piece = self.tokenizer.convert_ids_to_tokens([token_id])[0] or ""
+            markers = len(piece) - len(piece.lstrip(marker))
+            missing = markers - (len(text) - len(text.lstrip(" ")))
+            spaced = self._spaced[token_id] = " " * missing + text if markers and missing > 0 else text
+        return spaced
+
+    def _completed(self, token_id: int, context: list[int]) -> str:
+        for n in range(1, len(context) + 1):
+            window = context[-n:]
+            full = self._decode([*window, token_id])
+            if full.endswith(REPLACEMENT_CHAR):
+                continue
+            # The context tokens that were themselves part of the character (their own text "")
+            # belong to this token's text; the ones before them are the prefix to take off.
+            clean_end = len(window)
+            while clean_end > 0 and self(window[clean_end - 1]).endswith(REPLACEMENT_CHAR):
+                clean_end -= 1
+            prefix = self._decode(window[:clean_end]) if clean_end else ""
+            if full.startswith(prefix):
+                return full[len(prefix) :]
+            common = 0  # a tokenizer that normalises the text: the longest common prefix
+            for a, b in zip(prefix, full):
+                if a != b:
+                    break
+                common += 1
+            return full[common:]
+        return ""

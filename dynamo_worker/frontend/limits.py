@@ -7,8 +7,9 @@
   ``Retry-After`` at once instead of queueing without bound (memory, and latency for everyone).
   A 503 (no worker for the model right now) carries ``Retry-After`` too.
 * ``--max-prompt-tokens`` / ``--max-completion-tokens``: 400 past either, below the model's own
-  context limit (which the frontend checks anyway). A request without ``max_tokens`` gets
-  ``--max-completion-tokens`` when it is set, the rest of the context otherwise.
+  context limit (which the frontend checks anyway). A chat request without ``max_tokens`` gets
+  ``--max-completion-tokens`` when it is set, the rest of the context otherwise; a completions
+  request vllm serve's default of 16, capped by ``--max-completion-tokens``.
 * The request body is bounded by ``--max-request-bytes`` (413), enforced by aiohttp's
   ``client_max_size`` in :mod:`dynamo_worker.frontend.app`.
 """

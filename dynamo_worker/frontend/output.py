@@ -26,7 +26,7 @@ import attrs
 import msgspec
 
 from dynamo_worker.core.generate import GenerateChunk, TopLogprob, Usage
-from dynamo_worker.frontend.detokenizer import IncrementalDetokenizer, StopStrings
+from dynamo_worker.frontend.detokenizer import LOGPROB_CONTEXT_TOKENS, IncrementalDetokenizer, StopStrings
 from dynamo_worker.frontend.protocol import GenerationParams, TokenLogprob, internal, usage_body
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class OutputProcessor:
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)  # vLLM's EOS is the tokenizer's
         self._worker_usage: Usage | None = None
         self.prompt_logprobs: list[list[TopLogprob] | None] | None = None  # the worker's, as it sent them
+        self._recent: list[int] = []  # the last output tokens: a logprob token's text context
 
     @property
     def finished(self) -> bool:
@@ -123,11 +124,25 @@ class OutputProcessor:
         stop_token = self.eos_token_id if reason == "eos" else worker_stop if reason == "stop" else None
         on_stop_token = type(stop_token) is int and bool(ids) and ids[-1] == stop_token
         shown = ids[:-1] if on_stop_token and not self.stops.include_stop else ids
-        text = self.detokenizer.add(shown)
-        if reason is not None:
-            text += self.detokenizer.flush()
-        out, stopped = self.stops.feed(text)
+        # With stop strings, token by token: a match ends the output at the token that completed
+        # it, and the tokens after it in the same message are not counted (vLLM's detokenizer
+        # drops them: usage, logprobs and token ids stop at the match).
+        pieces = [[t] for t in shown] if self.stops.stops and len(shown) > 1 else [list(shown)]
+        out, stopped, used = "", False, len(ids)
+        for n, piece in enumerate(pieces, 1):
+            text = self.detokenizer.add(piece)
+            if reason is not None and n == len(pieces):
+                text += self.detokenizer.flush()
+            got, stopped = self.stops.feed(text)
+            out += got
+            if stopped:
+                used = sum(len(p) for p in pieces[:n])
+                break
         if stopped:
+            self.completion_tokens -= len(ids) - used
+            ids = ids[:used]
+            if logprobs is not None:
+                logprobs = logprobs[:used]
             self.finish_reason = "stop"
             self.stop_reason = self.stops.matched
         elif reason is not None:
@@ -139,7 +154,7 @@ class OutputProcessor:
                 self.finish_reason = "stop"
             if chunk.completion_usage is not None:
                 self._worker_usage = chunk.completion_usage
-        return Delta(out, logprobs, self.finish_reason, len(ids), tuple(ids))
+        return Delta(out, logprobs, self.finish_reason, len(chunk.token_ids), tuple(ids))
 
     def end_of_stream(self) -> Delta:
         """The worker ended the stream without a finish reason: release what is held, finish."""
@@ -161,8 +176,10 @@ class OutputProcessor:
                     token_id,
                     float("nan") if value is None else value,
                     tuple((t.token_id, t.logprob) for t in top if t.logprob is not None),
+                    tuple(self._recent),
                 )
             )
+            self._recent = [*self._recent, token_id][-LOGPROB_CONTEXT_TOKENS:]
         return out
 
     def usage(self) -> dict[str, Any]:
@@ -179,9 +196,18 @@ def _prompt_entries(position: list[TopLogprob] | None) -> list[tuple[int, float,
     return [(e.token_id, e.logprob, e.rank) for e in position or () if e.logprob is not None]
 
 
-def prompt_logprobs_body(
-    raw: list[list[TopLogprob] | None] | None, token_text: Callable[[int], str]
-) -> list[Any] | None:
+def _prompt_contexts(raw: list[list[TopLogprob] | None]) -> list[tuple[int, ...]]:
+    """Per prompt position, the prompt tokens before it that vLLM completes a partial character
+    with: the first entry (the prompt token) of each earlier position that has logprobs."""
+    contexts, recent = [], []
+    for position in raw:
+        contexts.append(tuple(recent))
+        if position:
+            recent = [*recent, position[0].token_id][-LOGPROB_CONTEXT_TOKENS:]
+    return contexts
+
+
+def prompt_logprobs_body(raw: list[list[TopLogprob] | None] | None, token_text: Callable[..., str]) -> list[Any] | None:
     """The response's ``prompt_logprobs`` as vllm serve shapes them: ``None`` for the first token,
     then per token ``{"<token id>": {"logprob", "rank", "decoded_token"}}``."""
     if raw is None:
@@ -190,10 +216,10 @@ def prompt_logprobs_body(
         None
         if position is None
         else {
-            str(tid): {"logprob": lp, "rank": rank, "decoded_token": token_text(tid)}
+            str(tid): {"logprob": lp, "rank": rank, "decoded_token": token_text(tid, context)}
             for tid, lp, rank in _prompt_entries(position)
         }
-        for position in raw
+        for position, context in zip(raw, _prompt_contexts(raw), strict=True)
     ]
 
 
@@ -203,11 +229,13 @@ def echo_logprobs(
     """The prompt tokens' logprobs that ``echo`` puts before the output's (vLLM's completions):
     none for the first token; each other's own and its first ``top_n + 1`` entries."""
     out = []
+    contexts = _prompt_contexts(raw) if raw is not None else []
     for i, token_id in enumerate(prompt_ids):
         entries = _prompt_entries(raw[i]) if raw is not None and i < len(raw) else []
         own = next((lp for tid, lp, _ in entries if tid == token_id), None)
         if i == 0 or own is None:
             out.append(TokenLogprob(token_id, None))
         else:
-            out.append(TokenLogprob(token_id, own, tuple((tid, lp) for tid, lp, _ in entries[: top_n + 1])))
+            top = tuple((tid, lp) for tid, lp, _ in entries[: top_n + 1])
+            out.append(TokenLogprob(token_id, own, top, contexts[i] if i < len(contexts) else ()))
     return out

@@ -155,6 +155,10 @@ class _Common(msgspec.Struct, kw_only=True):
     guided_grammar: str | None = None
 
 
+# vLLM's CompletionRequest: max_tokens 16 when left out or null (its normalize_null_max_tokens).
+COMPLETION_MAX_TOKENS = 16
+
+
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[Any]
     logprobs: int | None = None
@@ -193,6 +197,7 @@ class GenerationParams:
     include_usage: bool
     skip_special_tokens: bool
     max_tokens_param: str = "max_tokens"  # the name the client used, for error messages
+    max_tokens_given: bool = True  # False: completions' default (16), which --max-completion-tokens caps
     continuous_usage: bool = False  # usage on every streamed chunk
     include_stop_str_in_output: bool = False
     guided: dict[str, Any] | None = None  # sampling_options.guided_decoding (vLLM's StructuredOutputsParams)
@@ -282,6 +287,9 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
     max_tokens, max_param = req.max_tokens, "max_tokens"
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+    max_tokens_given = max_tokens is not None
+    if isinstance(req, CompletionRequest) and max_tokens is None:
+        max_tokens = COMPLETION_MAX_TOKENS  # vllm serve's completions default, also for an explicit null
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"{max_param} must be at least 1 (got {max_tokens})", param=max_param)
     if req.min_tokens is not None:
@@ -357,6 +365,7 @@ def generation_params(req: CompletionRequest | ChatRequest) -> GenerationParams:
         include_usage=include_usage,
         skip_special_tokens=req.skip_special_tokens,
         max_tokens_param=max_param,
+        max_tokens_given=max_tokens_given,
         continuous_usage=include_usage and req.stream_options is not None and req.stream_options.continuous_usage_stats,
         include_stop_str_in_output=req.include_stop_str_in_output,
         guided=guided,
@@ -411,24 +420,28 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             content = "\n".join(texts)
         else:
             content = msg.content or ""
+        # vLLM's ConversationMessage (renderers/chat_utils._parse_chat_message_content), keys in
+        # its order: tool_calls only on an assistant turn, tool_call_id only on a tool turn.
         entry: dict[str, Any] = {"role": msg.role, "content": content}
-        if msg.name is not None:
-            entry["name"] = msg.name
-        if msg.tool_call_id is not None:
-            entry["tool_call_id"] = msg.tool_call_id
-        if msg.tool_calls:  # vLLM drops an empty list so templates take the plain assistant path
+        if msg.role == "assistant" and msg.tool_calls:  # vLLM drops an empty list: the plain assistant path
             entry["tool_calls"] = [
                 _template_tool_call(call, f"messages[{i}].tool_calls[{j}]") for j, call in enumerate(msg.tool_calls)
             ]
+        if msg.role == "tool" and msg.tool_call_id is not None:
+            entry["tool_call_id"] = msg.tool_call_id
+        if msg.name is not None:
+            entry["name"] = msg.name
         out.append(entry)
     return out
 
 
 def _template_tool_call(call: dict[str, Any], param: str) -> dict[str, Any]:
-    """An earlier tool call as chat templates take it: ``arguments`` as an object, not JSON text.
-
-    As vLLM does (``_postprocess_messages``), following Transformers' convention; arguments that
-    are not a JSON object become ``{}`` so a conversation with one bad turn can still continue.
+    """An earlier tool call as vLLM hands it to chat templates: through its pydantic message type
+    (OpenAI's ``ChatCompletionMessageToolCallParam``), so its keys come in that type's order,
+    ``{"id", "function": {"arguments", "name"}, "type"}``, then any others as sent; and
+    ``arguments`` as an object, not JSON text (``_postprocess_messages``, Transformers'
+    convention): arguments that are not a JSON object become ``{}`` so a conversation with one
+    bad turn can still continue.
     """
     function = call.get("function")
     if (
@@ -448,7 +461,56 @@ def _template_tool_call(call: dict[str, Any], param: str) -> dict[str, Any]:
             arguments = {}
     if not isinstance(arguments, dict):
         arguments = {}
-    return {**call, "type": "function", "function": {**function, "arguments": arguments}}
+    fn = {"arguments": arguments, "name": function["name"]}
+    fn.update((k, v) for k, v in function.items() if k not in fn)
+    out: dict[str, Any] = {"id": call["id"]} if "id" in call else {}
+    out.update(function=fn, type="function")
+    out.update((k, v) for k, v in call.items() if k not in out)
+    return out
+
+
+def template_tool(tool: Any, i: int) -> dict[str, Any]:
+    """A ``tools`` entry as vLLM hands it to chat templates: ``ChatCompletionToolsParam.model_dump()``.
+
+    ``{"type", "function": {"name", "description", "parameters"}}`` with ``description`` and
+    ``parameters`` null when not given, ``strict``/``defer_loading`` only when set (a tool's
+    ``defer_loading`` also on its function unless that has one), other keys dropped. A 400
+    naming the entry when it is not a function tool of those types.
+    """
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+        raise bad_request('each tool must be {"type": "function", "function": {"name": ...}}', param=f"tools[{i}]")
+    types: dict[str, type] = {
+        "name": str,
+        "description": str,
+        "parameters": dict,
+        "strict": bool,
+        "defer_loading": bool,
+    }
+    for key, kind in types.items():
+        value = function.get(key)
+        if (value is None and key == "name") or (value is not None and not isinstance(value, kind)):
+            raise bad_request(
+                f"a tool's function {key} must be {'a string' if key == 'name' else 'a ' + kind.__name__}",
+                param=f"tools[{i}].function.{key}",
+            )
+    defer = tool.get("defer_loading")
+    if defer is not None and not isinstance(defer, bool):
+        raise bad_request("a tool's defer_loading must be a boolean", param=f"tools[{i}].defer_loading")
+    fn: dict[str, Any] = {k: function.get(k) for k in ("name", "description", "parameters")}
+    for key in ("strict", "defer_loading"):
+        value = function.get(key, defer if key == "defer_loading" else None)
+        if value is not None:
+            fn[key] = value
+    out: dict[str, Any] = {"type": "function", "function": fn}
+    if defer is not None:
+        out["defer_loading"] = defer
+    return out
+
+
+def template_tool_list(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
+    """:func:`template_tool` of each entry (None: no ``tools`` given)."""
+    return None if tools is None else [template_tool(tool, i) for i, tool in enumerate(tools)]
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -461,6 +523,9 @@ class TokenLogprob:
     token_id: int
     logprob: float | None  # None: the first prompt token (echo with logprobs), which has none
     top: tuple[tuple[int, float], ...] = ()
+    # The tokens before it in its sequence (up to 4), which complete a token holding part of a
+    # UTF-8 character as vLLM does (detokenizer.TokenStrings); None: the token's own decoding.
+    context: tuple[int, ...] | None = None
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict[str, Any]:
@@ -481,7 +546,7 @@ class ResponseShape:
     object_chunk = ""
     id_prefix = ""
 
-    def __init__(self, model: str, token_text: Callable[[int], str], include_usage: bool = False) -> None:
+    def __init__(self, model: str, token_text: Callable[..., str], include_usage: bool = False) -> None:
         self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
@@ -540,7 +605,7 @@ class CompletionShape(ResponseShape):
             return None
         tokens, offsets = [], []
         for lp in logprobs:
-            text = self.token_text(lp.token_id)
+            text = self.token_text(lp.token_id, lp.context)
             tokens.append(text)
             offsets.append(self._offset)
             self._offset += len(text)
@@ -548,7 +613,8 @@ class CompletionShape(ResponseShape):
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in logprobs],
             "top_logprobs": [
-                None if lp.logprob is None else {self.token_text(t): v for t, v in lp.top} for lp in logprobs
+                None if lp.logprob is None else {self.token_text(t, lp.context): v for t, v in lp.top}
+                for lp in logprobs
             ],
             "text_offset": offsets,
         }
@@ -579,8 +645,8 @@ class ChatShape(ResponseShape):
     # (``add_generation_prompt: false``) the last message's, which the answer continues.
     role = "assistant"
 
-    def _entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
-        text = self.token_text(token_id)
+    def _entry(self, token_id: int, logprob: float | None, context: tuple[int, ...] | None) -> dict[str, Any]:
+        text = self.token_text(token_id, context)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -588,7 +654,10 @@ class ChatShape(ResponseShape):
             return None
         return {
             "content": [
-                {**self._entry(lp.token_id, lp.logprob), "top_logprobs": [self._entry(t, v) for t, v in lp.top]}
+                {
+                    **self._entry(lp.token_id, lp.logprob, lp.context),
+                    "top_logprobs": [self._entry(t, v, lp.context) for t, v in lp.top],
+                }
                 for lp in logprobs
             ]
         }

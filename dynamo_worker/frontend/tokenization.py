@@ -21,6 +21,7 @@ from dynamo_worker.frontend.protocol import (
     bad_request,
     decode_body,
     template_messages,
+    template_tool_list,
 )
 
 
@@ -34,7 +35,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
-    tools: list[dict[str, Any]] | None = None  # rendered by the chat template, as for a chat request
+    tools: list[Any] | None = None  # rendered by the chat template, as for a chat request (protocol.template_tool)
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables, as for a chat request
 
 
@@ -80,7 +81,7 @@ async def tokenize(table: ModelTable, body: bytes) -> dict[str, Any]:
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             add_special_tokens=bool(req.add_special_tokens),
-            tools=req.tools or None,
+            tools=template_tool_list(req.tools),  # as vLLM renders them (its tool type), also []
             chat_template_kwargs=req.chat_template_kwargs,
         )
     answer: dict[str, Any] = {
