@@ -71,6 +71,11 @@ async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(run
             {"token_ids": [7]},
             {"token_ids": [8], "finish_reason": "stop"},
         ]
+        cut = {"token_ids": [7, 8, 9], "stop_conditions": {"max_tokens": 2}}
+        assert [x async for x in client.generate(cut)] == [
+            {"token_ids": [7]},
+            {"token_ids": [8], "finish_reason": "length"},
+        ]
 
     body = urllib.request.urlopen(f"{worker.system_url}/metrics").read().decode()
     samples = {
@@ -78,9 +83,9 @@ async def test_bad_requests_get_structured_errors_and_the_role_keeps_serving(run
         for fam in text_string_to_metric_families(body)
         for s in fam.samples
     }
-    assert samples[("dynamo_component_requests_total", "")] == 4
+    assert samples[("dynamo_component_requests_total", "")] == 5
     assert samples[("dynamo_component_errors_total", "bad_request")] == 3
-    assert samples[("echo_tokens_total", "")] == 2
+    assert samples[("echo_tokens_total", "")] == 4
     assert samples[("dynamo_component_inflight_requests", "")] == 0
     assert urllib.request.urlopen(f"{worker.system_url}/live").status == 200
 

@@ -146,7 +146,7 @@ class EchoRole:
                 self.echoed.inc()
             chunk = GenerateChunk([token])
             if i == len(tokens) - 1:
-                chunk.finish_reason = finish if self.model_dir is not None else "stop"
+                chunk.finish_reason = finish  # "length" when max_tokens cut the echo short
                 if self.model_dir is not None:  # a backend worker reports usage, as decode does
                     chunk.completion_usage = Usage.of(prompt_len, len(tokens))
             yield chunk
