@@ -40,8 +40,10 @@ from the load client (:mod:`benchmarks.load`); requests per worker (each worker'
 ``dynamo_component_requests_total`` for ``generate``); for the kv arms the prediction accuracy
 (``dynamo_frontend_kv_prediction_misses`` against routed requests), the routing decision
 p99 (from the frontend histogram's buckets: an upper bound), the share of requests routed to
-a worker predicted to hold nothing and predicted against engine-reported cached tokens; vLLM's
-preemptions. Before the first trace the round-robin arm measures what a
+a worker predicted to hold nothing and predicted against engine-reported cached tokens, and, from the
+frontend's ``DYN_KV_PREDICTION_LOG`` (set here), every request's prediction against the engine's
+answer with the cause of each miss (``predictions``, ``prediction_causes``: :func:`classify_prediction`);
+vLLM's preemptions. Before the first trace the round-robin arm measures what a
 prefix costs: one prompt of the trace's turn-0 length sent cold to every worker, then again
 (cached), one at a time.
 
@@ -82,6 +84,7 @@ from benchmarks.config import BENCH_ENV, RESULTS_DIR, SERVED_NAME, measured_sour
 from benchmarks.load import LevelRun, run_level
 from benchmarks.servers import DynamoUp, ServerFailed
 from benchmarks.workload import FIRST_ID, LAST_ID, make_prompts
+from dynamo_worker.frontend.kv_routing import PREDICTION_LOG_ENV
 
 #: Each arm's flags to ``dynamo-worker up`` (passed to its frontend).
 ARMS: dict[str, tuple[str, ...]] = {
@@ -308,6 +311,77 @@ def self_check() -> None:
     ceiling = trace_ceiling(trace, shape, 16)
     assert ceiling.hits >= (len(trace) - shape.tenants) * 32 and ceiling.rate < 1, ceiling
     assert ceiling.system_hits == (len(trace) - shape.tenants) * 32, ceiling
+    # The causes of prediction misses (block size 32, a 1,088-token prompt: 33 usable blocks).
+    line = {"block_size": 32, "prompt_tokens": 1088, "indexed_blocks": 32, "in_flight_blocks": 0}
+    line |= {"indexed_blocks_at_finish": 32, "predicted_tokens": 1024, "cached_tokens": 1024}
+    assert classify_prediction(line) == ("exact", "exact")
+    assert classify_prediction({**line, "cached_tokens": 512, "indexed_blocks_at_finish": 16})[0] == (
+        "evicted_after_decision"
+    )
+    assert classify_prediction({**line, "cached_tokens": 512})[0] == "lower_unexplained"
+    evicted = {**line, "cached_tokens": 512, "min_indexed_blocks": 16}
+    assert classify_prediction(evicted)[0] == "evicted_after_decision"
+    assert classify_prediction({**line, "indexed_blocks": 0, "in_flight_blocks": 32}) == ("exact", "in_flight_prefix")
+    assert classify_prediction({**line, "indexed_blocks": 0, "predicted_tokens": 0})[0] == "stored_after_decision"
+    whole = {**line, "indexed_blocks": 34, "indexed_blocks_at_finish": 34, "predicted_tokens": 1056}
+    assert classify_prediction({**whole, "cached_tokens": 1056}) == ("exact", "last_token")
+    assert classify_prediction({**line, "cached_tokens": None}) == ("no_report", "no_report")
+    assert prediction_summary([line, {**whole, "cached_tokens": 1056}])["index_only"] == {"exact": 1, "last_token": 1}
+
+
+# ---- the router's predictions, request by request (pure) -----------------------------------------
+
+
+def classify_prediction(p: dict[str, Any]) -> tuple[str, str]:
+    """Why one request's predicted cached tokens differ from the engine's: (the router's
+    prediction, the index alone's), from one line of the frontend's ``DYN_KV_PREDICTION_LOG``.
+
+    ``exact``; ``last_token`` (the whole prompt held, but the engine never counts the prompt's
+    last token, so a prompt of whole blocks hits one block less); ``in_flight_prefix`` (more
+    cached than the index knew, and a request in flight on that worker had that prefix: it stored
+    it first); ``stored_after_decision`` (more cached, and the blocks reached the index after the
+    decision from elsewhere: events still on their way); ``evicted_after_decision`` (less cached,
+    and the index lost the blocks between the decision and the request's finish,
+    ``min_indexed_blocks``: the engine evicted them under cache pressure, after the decision or
+    just before it with the event on its way; the request stores them again when it runs, so the
+    index at its finish may hold them); ``lower_unexplained`` / ``higher_unexplained``;
+    ``no_report`` (the engine reported no count).
+    """
+    actual = p.get("cached_tokens")
+    if actual is None:
+        return "no_report", "no_report"
+    bs = p["block_size"]
+    usable = max(0, p["prompt_tokens"] - 1) // bs
+
+    def why(predicted: int) -> str:
+        if actual == predicted:
+            return "exact"
+        if actual < predicted:
+            if p["indexed_blocks"] > usable and actual == usable * bs:
+                return "last_token"
+            low = min(p.get("min_indexed_blocks", p["indexed_blocks"]), p["indexed_blocks_at_finish"])
+            if min(low, usable) * bs < predicted:
+                return "evicted_after_decision"
+            return "lower_unexplained"
+        if min(p["in_flight_blocks"], usable) * bs >= actual:
+            return "in_flight_prefix"
+        if min(p["indexed_blocks_at_finish"], usable) * bs >= actual:
+            return "stored_after_decision"
+        return "higher_unexplained"
+
+    return why(p["predicted_tokens"]), why(p["indexed_blocks"] * bs)
+
+
+def prediction_summary(lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts of :func:`classify_prediction`'s causes over one trace, for the router and for the
+    index alone (the router before it counted requests in flight and the last-token rule)."""
+    router: dict[str, int] = {}
+    index_only: dict[str, int] = {}
+    for p in lines:
+        mine, theirs = classify_prediction(p)
+        router[mine] = router.get(mine, 0) + 1
+        index_only[theirs] = index_only.get(theirs, 0) + 1
+    return {"requests": len(lines), "router": router, "index_only": index_only}
 
 
 # ---- scraping Prometheus text ------------------------------------------------------------------
@@ -383,6 +457,19 @@ class KvStack(DynamoUp):
         self.workers = workers
         self.engine_flags = tuple(engine_flags)
         super().__init__(model, work_root, log, source=source)
+        # The frontend appends each routed request's prediction and the engine's answer here.
+        self.predictions = self.log_dir / "predictions.jsonl"
+        self.extra_env = {**self.extra_env, PREDICTION_LOG_ENV: str(self.predictions)}
+
+    def prediction_offset(self) -> int:
+        return self.predictions.stat().st_size if self.predictions.exists() else 0
+
+    def predictions_since(self, offset: int) -> list[dict[str, Any]]:
+        if not self.predictions.exists():
+            return []
+        with open(self.predictions, "rb") as f:
+            f.seek(offset)
+            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
 
     def argv(self) -> list[str]:
         return [
@@ -536,6 +623,7 @@ def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: 
     """Send the trace once; its figures from the client and from counter differences."""
     labels = server.labelled_pids()
     before = server.snapshot()
+    predictions_from = server.prediction_offset()
     foreign = machine.foreign_engines(labels)
     meter = machine.CpuMeter(labels)
     meter.start()
@@ -551,6 +639,7 @@ def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: 
         )
     cpu = meter.stop(run.client_cpu)
     after = server.snapshot()
+    predictions = server.predictions_since(predictions_from)
     s = report.summarize_run(run)
 
     def delta(name: str, side: str = "workers", **match: str) -> float:
@@ -632,6 +721,8 @@ def measure(server: KvStack, trace: list[TraceRequest], ceiling: Ceiling, plan: 
         resyncs_after = by_label(after["frontend"], "dynamo_frontend_kv_resyncs_total", "outcome")
         figures["resyncs"] = {k: v - resyncs_before.get(k, 0.0) for k, v in resyncs_after.items()}
         figures["index_blocks"] = total(after["frontend"], "dynamo_frontend_kv_index_blocks")
+        figures["prediction_causes"] = prediction_summary(predictions)
+        figures["predictions"] = predictions
     figures["raw"] = report.raw_requests(run)
     return figures
 
@@ -722,7 +813,7 @@ def aggregate(sessions: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
                     merged[key] = statistics.median(values) if values else None
-                elif key not in ("raw",):
+                elif key not in ("raw", "predictions"):
                     merged[key] = value if len(runs) == 1 else [r.get(key) for r in runs]
             out.setdefault(variant, {})[arm] = merged
     return out
@@ -843,7 +934,8 @@ def render(result: dict[str, Any]) -> str:
                     f"{_pct(f.get('predicted_overlap_zero_share'))}; cached tokens predicted "
                     f"{_num(f.get('predicted_cached_tokens'))}, reported by the engines "
                     f"{_num(f.get('actual_cached_tokens'))}; event gaps {_num(f.get('event_gaps'))}; "
-                    f"sent away from a worker holding more, by reason: {f.get('away_from_holder') or {}}"
+                    f"sent away from a worker holding more, by reason: {f.get('away_from_holder') or {}}; "
+                    f"prediction misses by cause: {f.get('prediction_causes') or {}}"
                     if f.get("routed")
                     else ""
                 )

@@ -426,6 +426,27 @@ def test_a_busy_worker_is_skipped_while_another_has_room() -> None:
     assert KvSelector(busy_threshold=None).choose([A, B], 200, {A: 200}, load).busy_skipped == 0
 
 
+def test_a_busy_worker_running_the_requests_prefix_stays_a_candidate_if_the_rest_fits() -> None:
+    """Over the threshold, a worker whose running requests hold the request's prefix still takes it
+    when its own blocks fit (it adds only those): sent elsewhere it would compute the prefix again
+    and evict another (20-24 requests of the 3-worker benchmark left a busy holder)."""
+    load, selector = ActiveLoad(), KvSelector(busy_threshold=0.9, rng=random.Random(0))
+    for worker in (A, B):
+        load.set_capacity(worker, 100)
+    system = prompt_hashes(tokens(160), BS)  # 40 blocks
+    load.start("r1", A, 92, shared=system)  # 92% of its capacity, the 40 system blocks among them
+    prompt = prompt_hashes(tokens(160) + tokens(20, 900), BS)  # the system prompt and 5 blocks of its own
+    running = {A: load.in_flight_prefix(A, prompt), B: 0}
+    assert running[A] == 40
+    decision = selector.choose([A, B], 45, {A: 40}, load, running_shared=running, request_blocks=48)
+    assert (decision.worker, decision.busy_skipped) == (A, 0)  # 92 + 8 blocks fit in 100
+    assert selector.is_busy(A, load) and not selector.is_busy(A, load, 40, 48)
+    assert selector.is_busy(A, load, 40, 49)  # 92 + 9 does not fit: busy as before
+    assert selector.is_busy(A, load, 0, 48)  # nothing of it running there: busy as before
+    decision = selector.choose([A, B], 45, {A: 40}, load, running_shared=running, request_blocks=49)
+    assert (decision.worker, decision.busy_skipped) == (B, 1)
+
+
 def test_published_load_counts_other_routers_requests_until_it_goes_stale() -> None:
     now = [0.0]
     load = ActiveLoad(stale_after=2.0, clock=lambda: now[0])
@@ -535,6 +556,22 @@ def test_prompt_blocks_shared_by_requests_in_flight_count_once_per_worker() -> N
     assert load.tracked_blocks(A) == 0 and load.in_flight(A) == 0
     load.start("again", A, 12, shared=[*system, 3000])  # the bookkeeping starts clean
     assert load.tracked_blocks(A) == 12
+
+
+def test_in_flight_prefix_is_the_leading_blocks_a_request_in_flight_there_shares() -> None:
+    load = ActiveLoad()
+    system = prompt_hashes(tokens(32), BS)  # 8 blocks
+    turn = prompt_hashes(tokens(32) + tokens(8, 500), BS)  # the same 8, then 2 of its own
+    assert turn[:8] == system
+    assert load.in_flight_prefix(A, turn) == 0
+    load.start("r1", A, 12, shared=turn)
+    assert load.in_flight_prefix(A, system) == 8 and load.in_flight_prefix(A, turn) == 10
+    assert load.in_flight_prefix(B, system) == 0  # another worker's request stores nothing here
+    other = prompt_hashes(tokens(16) + tokens(16, 900), BS)  # diverges after 4 blocks
+    assert load.in_flight_prefix(A, other) == 4
+    assert load.in_flight_prefix(A, prompt_hashes(tokens(32, 1), BS)) == 0  # first block differs
+    load.finish("r1")
+    assert load.in_flight_prefix(A, turn) == 0
 
 
 def test_expected_blocks_count_the_prompt_and_the_capped_output() -> None:

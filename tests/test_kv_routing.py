@@ -10,6 +10,7 @@ So each behaviour can be driven exactly: which blocks a worker holds, a lost bat
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from dynamo_worker.core.runtime import Runtime
-from dynamo_worker.frontend.kv_routing import KV_EVENTS_TOPIC, KvRouting
+from dynamo_worker.frontend.kv_routing import KV_EVENTS_TOPIC, KvRouting, predicted_cached_tokens
 from tests.helpers import NatsServer
 
 BLOCK = 4
@@ -151,6 +152,69 @@ async def test_a_request_goes_to_the_worker_holding_its_prefix(cluster: Any) -> 
     assert pick(kv, other, "r2") == w["a"].instance_id
     kv.finished("r2", cached_tokens=0)
     assert kv.metrics.prediction_misses._value.get() == 0
+
+
+async def test_a_request_behind_one_in_flight_with_its_prefix_is_sent_there_and_predicted_to_hit_it(
+    cluster: Any,
+) -> None:
+    """A tenant's second request, routed while its first is in flight and before that one's
+    BlockStored arrived: the engine (in arrival order) will have stored the prefix first, so the
+    router sends it there and predicts the hit (before: predicted nothing and, the first worker
+    being the busier, sent it to the other one; the benchmark's misses with actual > predicted)."""
+    kv, w = cluster
+    first = pick(kv, PREFIX + [1, 2, 3, 4], "r1")  # no events yet: nothing indexed anywhere
+    assert kv.index.block_count == 0
+    assert pick(kv, PREFIX + [5, 6, 7, 8], "r2") == first
+    kv.finished("r2", cached_tokens=32)  # the engine hit the 8 blocks r1 stored
+    kv.finished("r1", cached_tokens=0)
+    assert kv.metrics.predicted_tokens._value.get() == 32
+    assert kv.metrics.prediction_misses._value.get() == 0
+    # Finished, r1 no longer vouches for its prefix: only the index (no events here) would.
+    other = next(x for x in w.values() if x.instance_id != first)
+    kv.load.start("busy", (first, 0), 50)
+    assert pick(kv, PREFIX + [9, 9, 9, 9], "r3") == other.instance_id
+
+
+async def test_a_prompt_held_whole_is_predicted_without_its_last_block(cluster: Any) -> None:
+    """vLLM never counts a prompt's last token as cached (it computes it to sample): a prompt of
+    whole blocks held whole hits one block less, and the prediction says so."""
+    kv, w = cluster
+    await w["b"].publish([w["b"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    assert pick(kv, PREFIX, "whole") == w["b"].instance_id
+    kv.finished("whole", cached_tokens=len(PREFIX) - BLOCK)
+    assert pick(kv, PREFIX + [1], "longer") == w["b"].instance_id  # one token more: all 8 blocks count
+    kv.finished("longer", cached_tokens=len(PREFIX))
+    assert kv.metrics.predicted_tokens._value.get() == 2 * len(PREFIX) - BLOCK
+    assert kv.metrics.prediction_misses._value.get() == 0
+
+
+def test_the_predicted_cached_tokens_follow_the_engines_rule() -> None:
+    assert predicted_cached_tokens(8, 32, 4) == 28  # held whole: the last block holds the last token
+    assert predicted_cached_tokens(8, 33, 4) == 32
+    assert predicted_cached_tokens(3, 32, 4) == 12
+    assert predicted_cached_tokens(0, 1, 4) == predicted_cached_tokens(1, 0, 4) == 0
+
+
+async def test_the_prediction_log_has_a_line_per_request_with_the_engines_answer(cluster: Any, tmp_path: Any) -> None:
+    kv, w = cluster
+    await w["b"].publish([w["b"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    kv._prediction_log = str(tmp_path / "predictions.jsonl")  # as DYN_KV_PREDICTION_LOG at start
+    pick(kv, PREFIX + [1, 2, 3, 4], "r1")
+    # Evicted while the request waits (its last 4 blocks), then stored again when it runs.
+    stored = w["b"].stored[0]
+    await w["b"].publish([{"type": "BlockRemoved", "block_hashes": stored["block_hashes"][4:], "medium": "GPU"}])
+    await eventually(lambda: kv.index.block_count == 4)
+    w["b"].stored.clear()
+    await w["b"].publish([w["b"].store_event(PREFIX)])
+    await eventually(lambda: kv.index.block_count == 8)
+    kv.finished("r1", cached_tokens=16)
+    (line,) = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert line["worker"] == [w["b"].instance_id, 0] and line["request"] == "r1"
+    assert (line["predicted_tokens"], line["cached_tokens"], line["indexed_blocks"]) == (32, 16, 8)
+    assert (line["in_flight_blocks"], line["in_flight_requests"], line["indexed_blocks_at_finish"]) == (0, 0, 8)
+    assert line["min_indexed_blocks"] == 4 and line["min_indexed_after_s"] >= 0
 
 
 async def test_removed_and_cleared_blocks_stop_attracting_requests(cluster: Any) -> None:

@@ -35,7 +35,9 @@ more of its prompt is counted by reason (``dynamo_frontend_kv_away_from_holder_t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
@@ -60,6 +62,9 @@ DEFAULT_BLOCK_SIZE = 16
 #: must not be asked for its whole cache on every batch).
 RESYNC_INTERVAL = 1.0
 RESYNC_TIMEOUT = 10.0
+#: Diagnostics: a file to append one JSON line per routed request to (the prediction against the
+#: engine's cached tokens, see :meth:`KvRouting.finished`); unset, nothing is written.
+PREDICTION_LOG_ENV = "DYN_KV_PREDICTION_LOG"
 
 _DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 _BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -162,6 +167,8 @@ class KvRouting:
         self.snapshots = self.runtime.client(client.component, SNAPSHOT_ENDPOINT)
         self.clock = clock
         self._predicted: dict[str, int] = {}  # request id -> predicted cached tokens
+        self._prediction_log = os.environ.get(PREDICTION_LOG_ENV) or None
+        self._diagnostics: dict[str, dict[str, Any]] = {}  # request id -> its decision (with the log only)
         self._resyncing: dict[str, asyncio.Task[None]] = {}
         self._last_resync: dict[str, float] = {}
         self._said_no_events: set[str] = set()
@@ -207,10 +214,29 @@ class KvRouting:
                 record = by_worker.get(worker)
                 if record is not None and _block_size(record) == size:
                     overlaps[worker] = blocks
+        indexed = dict(overlaps)
+        # A prefix that a request in flight on a worker has in its prompt is cached there by the time
+        # this one is scheduled, even if its BlockStored has not arrived yet (the engine schedules in
+        # arrival order and keeps a running request's blocks).
+        pending: dict[WorkerKey, int] = {}
+        for worker, record in by_worker.items():
+            pending[worker] = self.load.in_flight_prefix(worker, hashes_by_size[_block_size(record)])
+            if pending[worker] > overlaps.get(worker, 0):
+                overlaps[worker] = pending[worker]
         block_size = min(block_sizes)
         prompt_blocks = len(token_ids) // block_size
         workers = sorted(by_worker)
-        decision = self.selector.choose(workers, prompt_blocks, overlaps, self.load)
+        # For the prediction log: before start() counts this request in flight.
+        in_flight = {w: self.load.in_flight(w) for w in workers} if self._prediction_log is not None else {}
+        max_tokens = (payload.get("stop_conditions") or {}).get("max_tokens")
+        decision = self.selector.choose(
+            workers,
+            prompt_blocks,
+            overlaps,
+            self.load,
+            running_shared=pending,
+            request_blocks=expected_blocks(len(token_ids), max_tokens, block_size),
+        )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s: %d prompt blocks -> %s (away from holder: %s); candidates %s",
@@ -222,23 +248,44 @@ class KvRouting:
             )
         record = by_worker[decision.worker]
         size = _block_size(record)
-        max_tokens = (payload.get("stop_conditions") or {}).get("max_tokens")
         self.load.start(
             request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size), shared=hashes_by_size[size]
         )
         if isinstance(self.index, ApproxIndex):
             self.index.record(decision.worker, hashes_by_size[size], capacity=self.load.capacity(decision.worker))
-        self._observe(decision, size, request_id, started)
+        predicted = predicted_cached_tokens(decision.overlap_blocks, len(token_ids), size)
+        self._observe(decision, predicted, request_id, started)
+        if self._prediction_log is not None:
+            worker = decision.worker
+            self._diagnostics[request_id] = {
+                "request": request_id,
+                "decided": self.clock(),
+                "worker": list(worker),
+                "prompt_tokens": len(token_ids),
+                "block_size": size,
+                "predicted_tokens": predicted,
+                "indexed_blocks": indexed.get(worker, 0),
+                "in_flight_blocks": pending[worker],
+                "in_flight_requests": in_flight[worker],
+                "best_elsewhere_blocks": max((b for w, b in overlaps.items() if w != worker), default=0),
+                "away_from_holder": decision.away_from_holder,
+                # The fewest of the prompt's blocks the index held there between decision and finish
+                # (the request stores its prefix again when it runs: the index at its finish
+                # cannot show an eviction in between), and when that low was first seen.
+                "min_indexed_blocks": indexed.get(worker, 0),
+                "min_indexed_after_s": None,
+                "_hashes": hashes_by_size[size],
+            }
         return record, decision.worker[1]
 
-    def _observe(self, decision: Decision, block_size: int, request_id: str, started: float) -> None:
+    def _observe(self, decision: Decision, predicted: int, request_id: str, started: float) -> None:
         m = self.metrics
         m.decision_seconds.observe(time.perf_counter() - started)
         m.predicted_overlap.observe(decision.overlap_blocks)
         m.routed.labels(decision.worker[0], str(decision.worker[1])).inc()
         if decision.away_from_holder is not None:
             m.away_from_holder.labels(decision.away_from_holder).inc()
-        self._predicted[request_id] = decision.overlap_blocks * block_size
+        self._predicted[request_id] = predicted
         self._index_blocks.set(self.index.block_count)
         self._index_workers.set(self.index.worker_count)
 
@@ -247,12 +294,44 @@ class KvRouting:
         what the engine reported cached, to measure the prediction."""
         self.load.finish(request_id)
         predicted = self._predicted.pop(request_id, None)
+        diagnostics = self._diagnostics.pop(request_id, None)
+        if diagnostics is not None:
+            self._log_prediction(diagnostics, cached_tokens)
         if predicted is None or cached_tokens is None:
             return
         self.metrics.predicted_tokens.inc(predicted)
         self.metrics.actual_tokens.inc(cached_tokens)
         if cached_tokens != predicted:
             self.metrics.prediction_misses.inc()
+
+    def _note_removals(self, worker: WorkerKey) -> None:
+        """For the prediction log: blocks of a pending request's prompt the worker no longer holds."""
+        now = self.clock()
+        for entry in self._diagnostics.values():
+            if (entry["worker"][0], entry["worker"][1]) != worker:
+                continue
+            held = self.index.overlaps(entry["_hashes"]).get(worker, 0)
+            if held < entry["min_indexed_blocks"]:
+                entry["min_indexed_blocks"] = held
+                entry["min_indexed_after_s"] = round(now - entry["decided"], 4)
+
+    def _log_prediction(self, entry: dict[str, Any], cached_tokens: int | None) -> None:
+        """Append one request's prediction, the engine's answer and what the index says now."""
+        assert self._prediction_log is not None
+        hashes = entry.pop("_hashes")
+        worker = (entry["worker"][0], entry["worker"][1])
+        entry["cached_tokens"] = cached_tokens
+        entry["finished"] = self.clock()
+        # Blocks of the prompt the index holds on that worker now: below the prediction, removals
+        # arrived after the decision; at or above the engine's answer, stores did.
+        entry["indexed_blocks_at_finish"] = self.index.overlaps(hashes).get(worker, 0)
+        try:
+            with open(self._prediction_log, "a") as out:
+                out.write(json.dumps(entry) + "\n")
+        except OSError as exc:
+            log.warning("%s=%s: cannot write (%s); prediction log off", PREDICTION_LOG_ENV, self._prediction_log, exc)
+            self._prediction_log = None
+            self._diagnostics.clear()
 
     def _note_capacity(self, record: InstanceRecord) -> None:
         capacity = record.data.get("kv_capacity_blocks")
@@ -282,6 +361,8 @@ class KvRouting:
             return  # a departed instance, or one being rebuilt from its snapshot
         assert isinstance(self.index, KvIndex)
         result = self.index.apply(instance_id, int(rank or 0), seq, events)
+        if result.removed and self._diagnostics:
+            self._note_removals((instance_id, int(rank or 0)))
         if result.gap:
             self.metrics.event_gaps.inc()
             log.info("KV events of instance %s rank %s: %s; fetching its block set", instance_id, rank, result.reason)
@@ -348,6 +429,13 @@ class KvRouting:
             self._resyncing.pop(instance_id, None)
         self._index_blocks.set(self.index.block_count)
         self._index_workers.set(self.index.worker_count)
+
+
+def predicted_cached_tokens(overlap_blocks: int, prompt_tokens: int, block_size: int) -> int:
+    """The prompt tokens an engine holding ``overlap_blocks`` leading blocks reports cached:
+    whole blocks, never the prompt's last token (vLLM computes it to sample the first output token,
+    so a prompt held whole, of a multiple of the block size, hits one block less)."""
+    return min(overlap_blocks, max(0, prompt_tokens - 1) // block_size) * block_size
 
 
 def _dp_size(record: InstanceRecord) -> int:
