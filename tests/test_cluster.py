@@ -4,9 +4,11 @@ Hosts h1-h3 each run a nats-server of one cluster with JetStream (the discovery 
 replicas). h1 runs the frontend (``--migration-limit 3``), h2 and h3 an echo worker each (the demo
 model's tokenizer, no engine: the faults are in the network and NATS). Every process lists its own
 host's server first. h4 is a stranger's host. The load runs in h1's namespace. The tests run in file
-order on one deployment, each leaving it whole, except the first, which builds a test bed of its own
-with 10 ms of delay on every connection between hosts (tests/delay_proxy.py); the printed
-``FIGURE`` lines (``-s``) are the numbers docs/reliability.md quotes.
+order on one deployment, each leaving it whole, except the first two, which build test beds of their
+own with 10 ms of delay on every connection between hosts (tests/delay_proxy.py): the first with
+echo workers, the second with real vLLM decode workers (the demo model) on h2 and h3, started once
+for its three parts (greedy text alike on both hosts, the delay measured, a host cut off mid-stream).
+The printed ``FIGURE`` lines (``-s``) are the numbers docs/reliability.md quotes.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import signal
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from benchmarks.load import run_level
 from benchmarks.report import summarize_run
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Runtime
-from tests.helpers import NatsServer, WorkerProcess, run_cli, wait_until, worker_env
+from tests.helpers import NatsServer, WorkerProcess, metric_sum, run_cli, wait_until, worker_env
 from tests.netns import DelayProxy, NatsCluster, Testbed, cluster_testbed
 from tests.test_faults import Load, frontend_instances, wait_for_load
 
@@ -76,10 +79,10 @@ class Cluster:
             "3",
         ]
 
-    def start(self, host: str, args: list[str], token: str = TOKEN) -> WorkerProcess:
+    def start(self, host: str, args: list[str], token: str = TOKEN, **env: str) -> WorkerProcess:
         w = WorkerProcess(
             [*args, *self.common(host)],
-            env=worker_env(DYN_REQUEST_PLANE_TOKEN=token),
+            env=worker_env(DYN_REQUEST_PLANE_TOKEN=token, **env),
             log_dir=self.log_dir,
             wrapper=self.bed.hosts[host].wrapper,
         )
@@ -204,23 +207,117 @@ WORKER_TCP_PORT = 7400
 BIRD = 464  # the demo tokenizer's " bird": each streamed token is a chunk with text
 
 
-async def latency_arm(base: str, delay: bool) -> dict[str, Any]:
-    """Five requests one at a time (single-request TTFT), then 96 at concurrency 8, 16 tokens each."""
+async def latency_arm(base: str, delay: bool, model: str = "echo", tokens: int = 16) -> dict[str, Any]:
+    """Five requests one at a time (single-request TTFT), then 96 at concurrency 8, ``tokens`` each."""
     prompts = [[BIRD] * 24]
     singles = await run_level(
-        base, "echo", prompts, concurrency=1, requests=5, max_tokens=16, max_seconds=30, request_timeout=30
+        base, model, prompts, concurrency=1, requests=5, max_tokens=tokens, max_seconds=30, request_timeout=30
     )
     load = await run_level(
-        base, "echo", prompts, concurrency=8, requests=96, max_tokens=16, max_seconds=60, request_timeout=30
+        base, model, prompts, concurrency=8, requests=96, max_tokens=tokens, max_seconds=60, request_timeout=30
     )
     single_ttfts = sorted(r.ttft * 1000 for r in singles.requests if r.ok and r.ttft is not None)
     return {
         "delay": delay,
+        "tokens": tokens,
         "single_ttft_ms": single_ttfts,
         "load": summarize_run(load),
         "load_ttft_min_ms": min((r.ttft * 1000 for r in load.requests if r.ttft is not None), default=None),
         "errors": summarize_run(singles)["errors"] + summarize_run(load)["errors"],
     }
+
+
+def start_tcp_frontend(c: Cluster) -> tuple[WorkerProcess, str]:
+    """A second frontend on h1 (port HTTP_PORT + 1), calling the workers over the TCP request plane."""
+    address = c.bed.hosts["h1"].address
+    frontend = c.start(
+        "h1",
+        [
+            "--role",
+            "frontend",
+            "--http-host",
+            address,
+            "--http-port",
+            str(HTTP_PORT + 1),
+            "--request-plane",
+            "tcp",
+            "--request-retries",
+            "3",
+            "--migration-limit",
+            "3",
+        ],
+    )
+    return frontend, f"http://{address}:{HTTP_PORT + 1}"
+
+
+def delayed_tcp_listener(c: Cluster, host: str, log_dir: Path) -> DelayProxy:
+    """A proxy on ``host``'s address in front of a worker's TCP listener on its loopback (both
+    WORKER_TCP_PORT): the flags a worker behind it takes are :func:`behind_proxy`."""
+    address = c.bed.hosts[host].address
+    return DelayProxy(
+        c.bed,
+        host,
+        [(f"{address}:{WORKER_TCP_PORT}", f"127.0.0.1:{WORKER_TCP_PORT}")],
+        DELAY_MS,
+        log_dir / f"{host}-tcp-proxy.log",
+    )
+
+
+def behind_proxy(c: Cluster, host: str) -> list[str]:
+    """A TCP worker's flags: it binds loopback and publishes its host's address, where the proxy listens."""
+    return [
+        "--request-plane",
+        "tcp",
+        "--tcp-rpc-host",
+        "127.0.0.1",
+        "--tcp-rpc-port",
+        str(WORKER_TCP_PORT),
+        "--tcp-rpc-advertise-host",
+        c.bed.hosts[host].address,
+    ]
+
+
+def measure_latency(
+    c: Cluster, proxies: list[DelayProxy], bases: dict[str, str], model: str, tokens: int
+) -> dict[str, dict[bool, dict[str, Any]]]:
+    """:func:`latency_arm` through each frontend (``bases``: request plane -> URL), the proxies' delay
+    at 0 and then on; a warm-up arm before the first (connections, the frontend's first requests)."""
+    for base in bases.values():
+        wait_until(
+            lambda base=base: c.bed.call_in("h1", lambda: frontend_instances(base)) == 2,
+            30,
+            0.05,
+            f"2 instances in the frontend at {base}",
+        )
+    arms: dict[str, dict[bool, dict[str, Any]]] = {plane: {} for plane in bases}
+    for delay in (False, True):
+        for proxy in proxies:
+            proxy.set_delay(delay)
+        for plane, base in bases.items():
+            if not delay:
+                c.bed.run_in("h1", lambda base=base: latency_arm(base, False, model, tokens))
+            arms[plane][delay] = c.bed.run_in(
+                "h1", lambda base=base, delay=delay: latency_arm(base, delay, model, tokens)
+            )
+    return arms
+
+
+def report_latency(arms: dict[str, dict[bool, dict[str, Any]]], workers: str) -> None:
+    """Asserts 0 failed on every arm; prints the ``FIGURE`` lines docs/reliability.md quotes."""
+    for plane, by_delay in arms.items():
+        assert by_delay[False]["errors"] == by_delay[True]["errors"] == 0, (plane, by_delay)
+        off, on = by_delay[False]["load"], by_delay[True]["load"]
+        tok, p50, p99 = (
+            f"{on[k]:.{d}f} vs {off[k]:.{d}f}{u} (x{on[k] / off[k]:.2f})"
+            for k, d, u in (("tok_per_s", 0, ""), ("ttft_p50_ms", 1, " ms"), ("ttft_p99_ms", 1, " ms"))
+        )
+        single_on, single_off = (statistics.median(by_delay[d]["single_ttft_ms"]) for d in (True, False))
+        print(
+            f"\nFIGURE cluster latency {workers} {plane}: {2 * DELAY_MS} ms per round trip between hosts vs none, "
+            f"same deployment; concurrency 8, 96 requests x {by_delay[True]['tokens']} tokens: tok/s {tok}, "
+            f"TTFT p50 {p50}, p99 {p99}; one request at a time: TTFT {single_on:.1f} vs {single_off:.1f} ms "
+            "(median of 5); 0 failed"
+        )
 
 
 def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: Path) -> None:
@@ -232,36 +329,10 @@ def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: 
     with cluster_testbed(hosts=3, nats_hosts=3, route_delay_ms=DELAY_MS) as (bed, nats):
         c = Cluster(bed, nats, demo_model, tmp_path)  # its frontend calls workers over NATS
         try:
-            tcp_base = f"http://{bed.hosts['h1'].address}:{HTTP_PORT + 1}"
-            tcp_frontend = c.start(
-                "h1",
-                [
-                    "--role",
-                    "frontend",
-                    "--http-host",
-                    bed.hosts["h1"].address,
-                    "--http-port",
-                    str(HTTP_PORT + 1),
-                    "--request-plane",
-                    "tcp",
-                    "--request-retries",
-                    "3",
-                    "--migration-limit",
-                    "3",
-                ],
-            )
+            tcp_frontend, tcp_base = start_tcp_frontend(c)
             proxies = list(nats.proxies.values())
             for name, host in (("a", "h2"), ("b", "h3")):
-                address = bed.hosts[host].address
-                proxies.append(
-                    DelayProxy(
-                        bed,
-                        host,
-                        [(f"{address}:{WORKER_TCP_PORT}", f"127.0.0.1:{WORKER_TCP_PORT}")],
-                        DELAY_MS,
-                        tmp_path / f"{host}-tcp-proxy.log",
-                    )
-                )
+                proxies.append(delayed_tcp_listener(c, host, tmp_path))
                 c.workers[name] = c.start(
                     host,
                     [
@@ -271,14 +342,7 @@ def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: 
                         demo_model,
                         "--echo-delay",
                         str(ECHO_DELAY),
-                        "--request-plane",
-                        "tcp",
-                        "--tcp-rpc-host",
-                        "127.0.0.1",
-                        "--tcp-rpc-port",
-                        str(WORKER_TCP_PORT),
-                        "--tcp-rpc-advertise-host",
-                        address,
+                        *behind_proxy(c, host),
                         "--health-check-idle",
                         "3600",
                     ],
@@ -286,36 +350,10 @@ def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: 
             for w in c.workers.values():
                 w.wait_for_log("serving")
             tcp_frontend.wait_for_log("frontend listening")
-            for base in (c.base, tcp_base):
-                wait_until(
-                    lambda base=base: bed.call_in("h1", lambda: frontend_instances(base)) == 2,
-                    30,
-                    0.05,
-                    f"2 instances in the frontend at {base}",
-                )
-            arms: dict[str, dict[bool, dict[str, Any]]] = {"nats": {}, "tcp": {}}
-            for delay in (False, True):
-                for proxy in proxies:
-                    proxy.set_delay(delay)
-                for plane, base in (("nats", c.base), ("tcp", tcp_base)):
-                    if not delay:  # warm-up: connections, the frontend's first requests
-                        bed.run_in("h1", lambda base=base: latency_arm(base, False))
-                    arms[plane][delay] = bed.run_in("h1", lambda base=base, delay=delay: latency_arm(base, delay))
+            arms = measure_latency(c, proxies, {"nats": c.base, "tcp": tcp_base}, "echo", 16)
         finally:
             c.stop()
-    for plane, by_delay in arms.items():
-        assert by_delay[False]["errors"] == by_delay[True]["errors"] == 0, (plane, by_delay)
-        off, on = by_delay[False]["load"], by_delay[True]["load"]
-        tok, p50, p99 = (
-            f"{on[k]:.{d}f} vs {off[k]:.{d}f}{u} (x{on[k] / off[k]:.2f})"
-            for k, d, u in (("tok_per_s", 0, ""), ("ttft_p50_ms", 1, " ms"), ("ttft_p99_ms", 1, " ms"))
-        )
-        single_on, single_off = (statistics.median(by_delay[d]["single_ttft_ms"]) for d in (True, False))
-        print(
-            f"\nFIGURE cluster latency {plane}: {2 * DELAY_MS} ms per round trip between hosts vs none, same "
-            f"deployment; concurrency 8, 96 requests x 16 tokens: tok/s {tok}, TTFT p50 {p50}, p99 {p99}; one "
-            f"request at a time: TTFT {single_on:.1f} vs {single_off:.1f} ms (median of 5); 0 failed"
-        )
+    report_latency(arms, "echo")
     for plane, by_delay in arms.items():
         off, on = by_delay[False], by_delay[True]
         # The delay is on the path of every request: none answered its first token sooner than
@@ -323,6 +361,220 @@ def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: 
         floor = ECHO_DELAY * 1000 + 2 * DELAY_MS
         assert min(on["single_ttft_ms"][0], on["load_ttft_min_ms"]) >= floor, (plane, on)
         assert off["single_ttft_ms"][0] < floor, (plane, off)
+
+
+# ---- real vLLM workers on two hosts: a test bed of its own, before the shared one starts ----------
+
+ENGINE_WORKER_FLAGS = [
+    "--enforce-eager",
+    "--max-model-len",
+    "512",
+    "--max-num-seqs",
+    "16",
+    "--served-model-name",
+    "tiny",
+    "--health-check-idle",
+    "3600",
+]
+SYSTEM_PORT = 9400  # each worker's /metrics, on its own host's loopback
+CUT_TOKENS = 450  # per stream of the cut (with the prompt, within --max-model-len 512)
+CUT_ATTEMPTS = 3
+CUT_PROMPT = "once upon a time"
+LATENCY_TOKENS = 64  # per request of the latency arms: an engine's answer is longer than the echo's
+
+
+def served(c: Cluster, host: str, what: str = "dynamo_component_requests_total") -> float:
+    """Requests the worker on ``host`` received on backend.generate (or its ``what``), from its /metrics."""
+    url = f"http://127.0.0.1:{SYSTEM_PORT}/metrics"
+    return c.bed.call_in(host, lambda: metric_sum(url, what, dynamo_endpoint="generate"))
+
+
+def greedy_answers(c: Cluster) -> dict[str, list[tuple[str, str]]]:
+    """Four chat and four completion requests, one at a time, through the openai client on h1:
+    per kind, (the host whose worker served it, the text) for each, in order."""
+    hosts = ("h2", "h3")
+    client = openai.OpenAI(base_url=f"{c.base}/v1", api_key="unused", max_retries=0, timeout=60)
+    asks: dict[str, Callable[[], str]] = {
+        "chat": lambda: (
+            client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "Tell me about birds."}],
+                max_tokens=24,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .message.content
+            or ""
+        ),
+        "completion": lambda: (
+            client.completions.create(
+                model="tiny", prompt=CUT_PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .text
+        ),
+    }
+    answers: dict[str, list[tuple[str, str]]] = {kind: [] for kind in asks}
+    try:
+        for kind, ask in asks.items():
+            for _ in range(4):  # round-robin over two workers: two each (kinds alternated would not be)
+                before = {h: served(c, h) for h in hosts}
+                text = c.bed.call_in("h1", ask)
+                by = [h for h in hosts if served(c, h) > before[h]]
+                assert len(by) == 1, (kind, by, before)
+                answers[kind].append((by[0], text))
+    finally:
+        client.close()
+    return answers
+
+
+async def cut_mid_stream(c: Cluster) -> dict[str, Any]:
+    """An unmigrated stream of CUT_TOKENS first, then eight at once; once each of the eight has
+    streamed text and h2's worker is generating, h2's link goes down until they end. Again (at most
+    CUT_ATTEMPTS times) if the frontend recovered nothing: h2's streams had ended first."""
+    client = openai.AsyncOpenAI(base_url=f"{c.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    chunks: list[int] = []
+
+    async def one(i: int | None) -> dict[str, Any]:
+        stream = await client.completions.create(
+            model="tiny",
+            prompt=CUT_PROMPT,
+            max_tokens=CUT_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                text += chunk.choices[0].text
+                if i is not None:
+                    chunks[i] += 1
+            usage = chunk.usage or usage
+        return {"text": text, "tokens": usage.completion_tokens if usage else None}
+
+    def recovered() -> tuple[float, float]:
+        url = f"{c.base}/metrics"
+        return (
+            c.bed.call_in("h1", lambda: metric_sum(url, "dynamo_frontend_migrations_total")),
+            c.bed.call_in("h1", lambda: metric_sum(url, "dynamo_frontend_retries_total")),
+        )
+
+    try:
+        reference = await one(None)
+        for attempt in range(1, CUT_ATTEMPTS + 1):
+            before = await asyncio.to_thread(recovered)
+            served_before = await asyncio.to_thread(served, c, "h3")
+            chunks[:] = [0] * 8
+            load = asyncio.gather(*(one(i) for i in range(8)))
+            deadline = time.monotonic() + 60
+            while min(chunks) < 1 or await asyncio.to_thread(served, c, "h2", "dynamo_component_inflight_requests") < 1:
+                assert not load.done() and time.monotonic() < deadline, f"never mid-stream on h2: chunks {chunks}"
+                await asyncio.sleep(0.01)
+            at_cut = list(chunks)
+            await asyncio.to_thread(c.bed.link_down, "h2")
+            cut = time.monotonic()
+            try:
+                results = await asyncio.wait_for(load, 120)
+                ended = time.monotonic() - cut
+            finally:
+                await asyncio.to_thread(c.bed.link_up, "h2")
+            after = await asyncio.to_thread(recovered)
+            served_after = await asyncio.to_thread(served, c, "h3")
+            if after != before or attempt == CUT_ATTEMPTS:
+                break
+            # h2's worker had sent its streams' last tokens before its link went down (the tiny
+            # model is fast): they must be whole all the same; then again, h2 back in routing.
+            assert all(r["text"] == reference["text"] for r in results), results
+            await asyncio.to_thread(c.wait_instances, 2, 30)
+    finally:
+        await client.close()
+    return {
+        "reference": reference,
+        "results": results,
+        "attempt": attempt,
+        "at_cut": at_cut,
+        "ended_s": ended,
+        "migrations": after[0] - before[0],
+        "retries": after[1] - before[1],
+        "h3_received": served_after - served_before,
+    }
+
+
+def test_real_vllm_workers_on_two_hosts_serve_alike_survive_a_cut_and_pay_20_ms(
+    demo_model: str, tmp_path: Path
+) -> None:
+    """Real vLLM decode workers (the demo model) on h2 and h3, the frontend on h1, the latency test's
+    proxies between hosts, one deployment for the three parts: (1) chat and completion requests
+    through the official openai client are served by both workers with the same greedy text; (2)
+    the 20 ms between hosts measured as in the echo test, through a frontend on each request plane;
+    (3) h2 cut off mid-stream (the delay at 0): the streams finish on h3 with the unmigrated text."""
+    with cluster_testbed(hosts=3, nats_hosts=3, route_delay_ms=DELAY_MS) as (bed, nats):
+        c = Cluster(bed, nats, demo_model, tmp_path)  # its frontend calls workers over NATS
+        try:
+            tcp_frontend, tcp_base = start_tcp_frontend(c)
+            proxies = list(nats.proxies.values())
+            for name, host in (("a", "h2"), ("b", "h3")):
+                proxies.append(delayed_tcp_listener(c, host, tmp_path))
+                c.workers[name] = c.start(
+                    host,
+                    [
+                        "--role",
+                        "decode",
+                        "--model",
+                        demo_model,
+                        *ENGINE_WORKER_FLAGS,
+                        *behind_proxy(c, host),
+                        "--system-port",
+                        str(SYSTEM_PORT),
+                    ],
+                    VLLM_HOST_IP=bed.hosts[host].address,  # vLLM's own address: one this host has
+                )
+            for w in c.workers.values():
+                w.wait_for_log("serving", timeout=300)
+            tcp_frontend.wait_for_log("frontend listening")
+            c.wait_instances(2)
+            for proxy in proxies:
+                proxy.set_delay(False)
+            answers = greedy_answers(c)
+            arms = measure_latency(c, proxies, {"nats": c.base, "tcp": tcp_base}, "tiny", LATENCY_TOKENS)
+            for proxy in proxies:
+                proxy.set_delay(False)
+            cut = c.bed.run_in("h1", lambda: cut_mid_stream(c))
+            rejoined = c.wait_instances(2, 30)
+            assert c.workers["a"].proc.poll() is None  # it rejoined without a restart
+        finally:
+            c.stop()
+    # (1) Each kind of request was served on both hosts, with one greedy text whichever served it.
+    said = {kind: ([h for h, _ in got], len({t for _, t in got})) for kind, got in answers.items()}
+    print(f"\nFIGURE cluster vllm greedy: per kind, the hosts that served each request and how many texts: {said}")
+    for kind, got in answers.items():
+        assert sorted({host for host, _ in got}) == ["h2", "h3"], (kind, got)
+        assert len({text for _, text in got}) == 1 and got[0][1], (kind, got)
+    # (2) 0 failed; the delay is on the path of every request: with it, no first token came sooner
+    # than a round trip between hosts (less a quarter, the engine's own noise) after the fastest
+    # one without it (the engine's floor: the single requests run on idle workers).
+    report_latency(arms, "vllm")
+    for plane, by_delay in arms.items():
+        off, on = (min(d["single_ttft_ms"][0], d["load_ttft_min_ms"]) for d in (by_delay[False], by_delay[True]))
+        print(f"FIGURE cluster latency vllm {plane}: fastest TTFT {on:.1f} ms with the delay, {off:.1f} ms without")
+        assert on >= off + 2 * DELAY_MS * 0.75, (plane, by_delay)
+    # (3) Every stream complete, with the unmigrated stream's text; h2's were moved to h3.
+    results, reference = cut["results"], cut["reference"]
+    same = sum(r["text"] == reference["text"] for r in results)
+    print(
+        f"\nFIGURE cluster vllm link cut (attempt {cut['attempt']}): 8 streams of {CUT_TOKENS} tokens, text chunks "
+        "each had at the cut "
+        f"{cut['at_cut']}; frontend: {cut['migrations']:.0f} migrated, {cut['retries']:.0f} retried; h3's worker "
+        f"received {cut['h3_received']:.0f} requests meanwhile; all ended {cut['ended_s']:.2f} s after the cut, "
+        f"{same} of 8 with the unmigrated stream's text; h2's worker back in routing {rejoined:.2f} s after link-up"
+    )
+    assert reference["tokens"] == CUT_TOKENS, reference
+    assert [r["tokens"] for r in results] == [CUT_TOKENS] * 8, results
+    assert all(r["text"] == reference["text"] for r in results), results
+    assert cut["migrations"] >= 1, cut
 
 
 def test_the_workers_publish_addresses_other_hosts_reach(cluster: Cluster) -> None:
