@@ -220,6 +220,24 @@ def test_bad_flag_values_are_one_line_errors_naming_the_flag() -> None:
     assert all("Traceback" not in o for o in (out.stderr,))
 
 
+def test_bad_kv_router_knobs_are_one_line_errors_naming_the_flag() -> None:
+    cases = [
+        (("--kv-balance-requests", "-1"), {}, "--kv-balance-requests must be 0 or more (got -1.0)"),
+        (
+            ("--kv-balance-requests", "many"),
+            {},
+            "--kv-balance-requests: 'many' is neither a number of requests nor off",
+        ),
+        (("--kv-balance-ratio", "0.5"), {}, "--kv-balance-ratio must be at least 1 (got 0.5)"),
+        ((), {"DYN_KV_PREFILL_QUEUE": "maybe"}, "environment variable DYN_KV_PREFILL_QUEUE='maybe' is invalid"),
+        ((), {"DYN_BUSY_THRESHOLD": "2"}, "--busy-threshold must be above 0 and at most 1 (got 2.0)"),
+    ]
+    for flags, env, message in cases:
+        out = run_cli("--role", "frontend", "--router-mode", "kv", *flags, env={**worker_env(), **env})
+        assert out.returncode == 2, (flags, env, out.stderr)
+        assert message in out.stderr.strip().splitlines()[-1], (flags, env, out.stderr)  # after argparse's usage
+
+
 def test_unreachable_nats_is_one_line_naming_the_url() -> None:
     out = run_cli("--role", "echo", "--nats-url", "nats://127.0.0.1:1", "--nats-connect-timeout", "1")
     assert out.returncode == 1

@@ -540,6 +540,38 @@ def test_active_load_tracks_requests_until_they_finish() -> None:
     assert load.tracked_blocks(B) == 0 and not load.finish("r3")
 
 
+def test_queued_prefill_counts_until_the_first_token_or_the_end() -> None:
+    load = ActiveLoad()
+    load.start("r1", A, 40, prefill_blocks=30)
+    load.start("r2", A, 40, prefill_blocks=4)
+    load.start("r3", B, 40)  # all cached: nothing to prefill
+    assert (load.queued_prefill(A), load.queued_prefill(B)) == (34, 0)
+    load.prefill_done("r1")
+    load.prefill_done("r1")  # every message says so: counted off once
+    assert load.queued_prefill(A) == 4 and load.tracked_blocks(A) == 80  # still running
+    load.start("r2", B, 40, prefill_blocks=6)  # migrated: prefilled again on its new worker
+    assert (load.queued_prefill(A), load.queued_prefill(B)) == (0, 6)
+    load.finish("r2")
+    assert load.queued_prefill(B) == 0
+
+
+def test_with_the_prefill_queue_a_holder_prefilling_a_long_prompt_is_weighed_by_it() -> None:
+    """Dynamo's newer cost: a worker's prefill term is this request's new blocks plus the prefill
+    still queued there (requests without a first token): the time before this one's first token."""
+    overlaps = {A: 32}  # A holds 32 of the request's 36 blocks
+    load = ActiveLoad()
+    load.start("cold", A, 40, prefill_blocks=40)  # A is prefilling another tenant's long prompt
+    load.start("b", B, 40)  # B is decoding one request
+    plain = KvSelector(balance_abs=None, rng=random.Random(0))
+    queue = KvSelector(balance_abs=None, prefill_queue=True, rng=random.Random(0))
+    assert plain.choose([A, B], 36, overlaps, load).worker == A  # 4 + 40 against 36 + 40
+    decision = queue.choose([A, B], 36, overlaps, load)  # 4 + 40 + 40 against 36 + 40
+    assert (decision.worker, decision.cost, decision.away_from_holder) == (B, 76, "load")
+    assert [c["queued_prefill"] for c in queue.explain([A, B], 36, overlaps, load)] == [40, 0]
+    load.prefill_done("cold")  # its first token: A is only decoding it now
+    assert queue.choose([A, B], 36, overlaps, load).worker == A
+
+
 def test_prompt_blocks_shared_by_requests_in_flight_count_once_per_worker() -> None:
     """Four turns of one tenant on one worker hold its 8-block system prompt once in the cache,
     not four times: the load must say so, or the holder looks busier than it is (the benchmark

@@ -36,6 +36,7 @@ class FakeWorker:
         self.seq = 0
         self.stored: list[dict[str, Any]] = []  # what kv_blocks answers
         self.snapshots_served = 0
+        self.gate: asyncio.Event | None = None  # set: its first message waits for it (a long prefill)
 
     @property
     def instance_id(self) -> str:
@@ -44,6 +45,8 @@ class FakeWorker:
     async def start(self, data: dict[str, Any] | None = None) -> None:
         async def generate(request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
             self.served.append(request)
+            if self.gate is not None:
+                await self.gate.wait()
             answer = {
                 "token_ids": [1],
                 "finish_reason": "length",
@@ -376,4 +379,42 @@ async def test_prefill_workers_are_chosen_by_their_cached_prefix_too(nats_server
         await server.stop()
         await frontend.close()
         for w in [*decode, *prefill.values()]:
+            await w.rt.close()
+
+
+async def test_a_requests_prefill_queues_on_its_worker_until_its_first_message(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    """The frontend counts a request's uncached prompt blocks as prefill queued on its worker
+    (``--kv-prefill-queue``) from the routing decision to the worker's first message."""
+    from dynamo_worker.frontend.app import FrontendServer
+
+    workers = [FakeWorker(await Runtime.connect(nats_server.url, namespace), name) for name in ENGINE_BASE]
+    gate = asyncio.Event()
+    for w in workers:
+        w.gate = gate
+        await w.start()
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    server = FrontendServer(frontend.client("backend", "generate"), router_mode="kv", kv={"prefill_queue": True})
+    try:
+        await server.start()
+        kv = server.kv
+        assert kv is not None and kv.selector.prefill_queue
+        await kv.client.wait_for_instances(5, count=2)
+        payload = {"model": "m", "token_ids": PREFIX + [1, 2], "stop_conditions": {"max_tokens": 1}}
+        stream = server.router.generate("m", payload)
+        first = asyncio.ensure_future(anext(stream))
+        await eventually(lambda: sum(len(w.served) for w in workers) == 1)
+        (chosen,) = [w for w in workers if w.served]
+        key = (chosen.instance_id, 0)
+        assert kv.load.queued_prefill(key) == 8  # nothing cached: its 8 full blocks to compute
+        gate.set()
+        await first
+        assert kv.load.queued_prefill(key) == 0 and kv.load.in_flight(key) == 1  # prefilled, still running
+        await stream.aclose()
+        assert kv.load.in_flight(key) == 0
+    finally:
+        await server.stop()
+        await frontend.close()
+        for w in workers:
             await w.rt.close()

@@ -58,6 +58,11 @@ a third of the benchmark's requests went to a worker holding none of their promp
 
 ``balance_abs=None`` is Dynamo's choice unchanged (``cost`` below for every candidate).
 
+**Prefill queue** (``prefill_queue``, ``--kv-prefill-queue``; Dynamo's newer router): the prefill
+term also counts the blocks that this router's requests on the worker still have to prefill
+(routed, no first token yet: :meth:`ActiveLoad.prefill_done`), the work the engine does before
+this request's first token. Outside the balance slack: it is a time-to-first-token term, not load.
+
 **Choice**: with ``temperature`` 0, the lowest cost; ties go to the least decode load, then the
 fewest published waiting requests, then at random (never by worker order: every frontend
 would send its first requests to the same worker). With ``temperature`` > 0, Dynamo's softmax:
@@ -130,12 +135,19 @@ class ActiveLoad:
         self._counts: dict[WorkerKey, int] = {}
         self._published: dict[WorkerKey, PublishedLoad] = {}
         self._capacity: dict[WorkerKey, int] = {}
+        # Prefill still ahead of requests in flight (routed, no first token yet), in blocks.
+        self._prefill: dict[str, tuple[WorkerKey, int]] = {}
+        self._queued: dict[WorkerKey, int] = {}
 
-    def start(self, request_id: str, worker: WorkerKey, blocks: int, shared: Sequence[int] = ()) -> None:
+    def start(
+        self, request_id: str, worker: WorkerKey, blocks: int, shared: Sequence[int] = (), prefill_blocks: int = 0
+    ) -> None:
         """A request was routed to ``worker``; it occupies ``blocks`` until :meth:`finish`.
 
         ``shared``: the router hashes of its prompt's full blocks (part of ``blocks``): each counts
         once per worker however many requests in flight there use it, as in the engine's cache.
+        ``prefill_blocks``: the blocks the worker must compute for it (not cached there), queued
+        prefill work until :meth:`prefill_done`.
         """
         if request_id in self._requests:
             self.finish(request_id)  # routed again (a retry or a migration): moved, not doubled
@@ -147,12 +159,32 @@ class ActiveLoad:
         for h in hashes:
             refs[h] = refs.get(h, 0) + 1
         self._counts[worker] = self._counts.get(worker, 0) + 1
+        if prefill_blocks > 0:
+            self._prefill[request_id] = (worker, prefill_blocks)
+            self._queued[worker] = self._queued.get(worker, 0) + prefill_blocks
+
+    def prefill_done(self, request_id: str) -> None:
+        """The request's first token arrived: its prefill no longer queues on its worker."""
+        found = self._prefill.pop(request_id, None)
+        if found is None:
+            return
+        worker, blocks = found
+        left = self._queued[worker] - blocks
+        if left:
+            self._queued[worker] = left
+        else:
+            del self._queued[worker]
+
+    def queued_prefill(self, worker: WorkerKey) -> int:
+        """Blocks of prefill that this router's requests in flight on ``worker`` still wait for."""
+        return self._queued.get(worker, 0)
 
     def finish(self, request_id: str) -> bool:
         """The request ended (any way); False if it was not in flight."""
         found = self._requests.pop(request_id, None)
         if found is None:
             return False
+        self.prefill_done(request_id)
         worker, own, hashes, blocks, started = found
         published = self._published.get(worker)
         if published is not None and started <= published.received:
@@ -289,6 +321,7 @@ class KvSelector:
         busy_threshold: float | None = 0.9,
         balance_abs: float | None = BALANCE_ABS,
         balance_rel: float = BALANCE_REL,
+        prefill_queue: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         if overlap_weight < 0 or temperature < 0:
@@ -302,11 +335,17 @@ class KvSelector:
         self.busy_threshold = busy_threshold
         self.balance_abs = balance_abs
         self.balance_rel = balance_rel
+        self.prefill_queue = prefill_queue
         self.rng = rng or random.Random()
 
-    def cost(self, prompt_blocks: int, overlap_blocks: int, decode_blocks: float) -> float:
-        """Dynamo's cost (the decode term as given: :meth:`choose` passes it less the slack)."""
-        return self.overlap_weight * max(0, prompt_blocks - overlap_blocks) + decode_blocks
+    def cost(self, prompt_blocks: int, overlap_blocks: int, decode_blocks: float, queued_prefill: int = 0) -> float:
+        """Dynamo's cost (the decode term as given: :meth:`choose` passes it less the slack);
+        ``queued_prefill``: the worker's prefill still ahead of this request, with ``prefill_queue``."""
+        return self.overlap_weight * (max(0, prompt_blocks - overlap_blocks) + queued_prefill) + decode_blocks
+
+    def queued(self, workers: Sequence[WorkerKey], load: ActiveLoad) -> list[int]:
+        """Each worker's queued prefill blocks as the cost counts them (0 without ``prefill_queue``)."""
+        return [load.queued_prefill(w) if self.prefill_queue else 0 for w in workers]
 
     def decode_terms(self, decode: Sequence[float], prompt_blocks: int) -> list[float]:
         """Each candidate's decode term: its blocks beyond the least-loaded candidate's plus the
@@ -380,7 +419,10 @@ class KvSelector:
             candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least)]
         decode = [load.decode_blocks(w) for w in candidates]
         terms = self.decode_terms(decode, prompt_blocks)
-        costs = [self.cost(prompt_blocks, overlaps.get(w, 0), t) for w, t in zip(candidates, terms)]
+        costs = [
+            self.cost(prompt_blocks, overlaps.get(w, 0), t, q)
+            for w, t, q in zip(candidates, terms, self.queued(candidates, load))
+        ]
         if self.temperature == 0 or len(candidates) == 1:
             index = self._lowest(candidates, costs, decode, load)
         else:
@@ -424,8 +466,9 @@ class KvSelector:
         # The same choice on this router's own count of every candidate's load.
         own = self.decode_terms([load.tracked_blocks(w) for w in candidates], prompt_blocks)
         own_cost = dict(zip(candidates, own))
-        held = min(self.cost(prompt_blocks, best, own_cost[w]) for w in holders)
-        away = self.cost(prompt_blocks, overlaps.get(chosen, 0), own_cost[chosen])
+        queued = dict(zip(candidates, self.queued(candidates, load)))
+        held = min(self.cost(prompt_blocks, best, own_cost[w], queued[w]) for w in holders)
+        away = self.cost(prompt_blocks, overlaps.get(chosen, 0), own_cost[chosen], queued[chosen])
         return "published_load" if held <= away else "load"
 
     def explain(
@@ -435,6 +478,7 @@ class KvSelector:
         them, busy or not)."""
         terms = self.decode_terms([load.decode_blocks(w) for w in workers], prompt_blocks)
         least = min((load.in_flight(w) for w in workers), default=0)
+        queued = self.queued(workers, load)
         return [
             {
                 "worker": w,
@@ -445,9 +489,10 @@ class KvSelector:
                 "capacity": load.capacity(w),
                 "busy": self.is_busy(w, load),
                 "overloaded": self.is_overloaded(load.in_flight(w), least),
-                "cost": self.cost(prompt_blocks, overlaps.get(w, 0), term),
+                "queued_prefill": q,
+                "cost": self.cost(prompt_blocks, overlaps.get(w, 0), term, q),
             }
-            for w, term in zip(workers, terms)
+            for w, term, q in zip(workers, terms, queued)
         ]
 
     def _lowest(self, candidates: list[WorkerKey], costs: list[float], decode: list[int], load: ActiveLoad) -> int:

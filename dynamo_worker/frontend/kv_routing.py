@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
-from dynamo_worker.frontend.kv_cost import ActiveLoad, Decision, KvSelector, expected_blocks
+from dynamo_worker.frontend.kv_cost import BALANCE_ABS, BALANCE_REL, ActiveLoad, Decision, KvSelector, expected_blocks
 from dynamo_worker.frontend.kv_index import ApproxIndex, KvIndex, WorkerKey, prompt_hashes
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,9 @@ class KvRouting:
         overlap_weight: float = 1.0,
         temperature: float = 0.0,
         busy_threshold: float | None = 0.9,
+        balance_requests: float | None = BALANCE_ABS,
+        balance_ratio: float = BALANCE_REL,
+        prefill_queue: bool = False,
         use_events: bool = True,
         registry: CollectorRegistry | None = None,
         metrics: KvRoutingMetrics | None = None,
@@ -159,7 +162,12 @@ class KvRouting:
         self.index: KvIndex | ApproxIndex = KvIndex() if use_events else ApproxIndex()
         self.load = ActiveLoad()
         self.selector = KvSelector(
-            overlap_weight=overlap_weight, temperature=temperature, busy_threshold=busy_threshold
+            overlap_weight=overlap_weight,
+            temperature=temperature,
+            busy_threshold=busy_threshold,
+            balance_abs=balance_requests,
+            balance_rel=balance_ratio,
+            prefill_queue=prefill_queue,
         )
         self.metrics = metrics or KvRoutingMetrics(registry or CollectorRegistry())
         self._index_blocks = self.metrics.index_blocks.labels(client.component)
@@ -249,7 +257,11 @@ class KvRouting:
         record = by_worker[decision.worker]
         size = _block_size(record)
         self.load.start(
-            request_id, decision.worker, expected_blocks(len(token_ids), max_tokens, size), shared=hashes_by_size[size]
+            request_id,
+            decision.worker,
+            expected_blocks(len(token_ids), max_tokens, size),
+            shared=hashes_by_size[size],
+            prefill_blocks=max(0, prompt_blocks - decision.overlap_blocks),
         )
         if isinstance(self.index, ApproxIndex):
             self.index.record(decision.worker, hashes_by_size[size], capacity=self.load.capacity(decision.worker))
@@ -288,6 +300,10 @@ class KvRouting:
         self._predicted[request_id] = predicted
         self._index_blocks.set(self.index.block_count)
         self._index_workers.set(self.index.worker_count)
+
+    def first_token(self, request_id: str) -> None:
+        """The request's first token arrived: its worker's prefill queue is shorter by it."""
+        self.load.prefill_done(request_id)
 
     def finished(self, request_id: str, cached_tokens: int | None = None) -> None:
         """The request ended (however): its blocks no longer load its worker. ``cached_tokens``:

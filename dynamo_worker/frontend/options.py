@@ -58,10 +58,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--busy-threshold",
         type=float,
-        default=0.9,
+        default=env_default("DYN_BUSY_THRESHOLD", 0.9, float),
         metavar="FRACTION",
         help="with --router-mode kv: skip a worker whose KV cache is this full (its active "
-        "blocks, or its published usage) while another has room (default %(default)s)",
+        "blocks, or its published usage) while another has room (env DYN_BUSY_THRESHOLD; default %(default)s)",
+    )
+    g.add_argument(
+        "--kv-balance-requests",
+        type=_balance_requests,
+        default=env_default("DYN_KV_BALANCE_REQUESTS", 3.0, _balance_requests),
+        metavar="N|off",
+        help="with --router-mode kv: load differences within N requests are left to the cache, and a "
+        "worker more than N requests (and --kv-balance-ratio times) above the least loaded is skipped; "
+        "off: Dynamo's cost unchanged (env DYN_KV_BALANCE_REQUESTS; default 3)",
+    )
+    g.add_argument(
+        "--kv-balance-ratio",
+        type=float,
+        default=env_default("DYN_KV_BALANCE_RATIO", 1.5, float),
+        metavar="R",
+        help="with --router-mode kv: see --kv-balance-requests (env DYN_KV_BALANCE_RATIO; default %(default)s)",
+    )
+    g.add_argument(
+        "--kv-prefill-queue",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("DYN_KV_PREFILL_QUEUE", False, _boolean),
+        help="with --router-mode kv: count the prefill still queued on each worker (its requests "
+        "without a first token) in the cost, as Dynamo's newer router does (env DYN_KV_PREFILL_QUEUE; "
+        "default %(default)s)",
     )
     g.add_argument(
         "--request-retries",
@@ -121,6 +145,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _balance_requests(raw: str) -> float | None:
+    """``--kv-balance-requests``: a number of requests, or ``off``."""
+    if raw.strip().lower() == "off":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is neither a number of requests nor off") from None
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError("use true or false")
+    return value in ("1", "true", "yes", "on")
+
+
 def configure(options: Any) -> None:
     """Validate the frontend flags: a one-line :class:`UsageError` naming the flag and the fix."""
     check_port("--http-port", options.http_port)
@@ -136,6 +177,9 @@ def configure(options: Any) -> None:
     check_at_least("--router-temperature", options.router_temperature, 0)
     if not 0 < options.busy_threshold <= 1:
         raise UsageError(f"--busy-threshold must be above 0 and at most 1 (got {options.busy_threshold})")
+    if options.kv_balance_requests is not None:
+        check_at_least("--kv-balance-requests", options.kv_balance_requests, 0)
+    check_at_least("--kv-balance-ratio", options.kv_balance_ratio, 1)
     limits.configure(options)
     if options.enable_auto_tool_choice and not options.tool_call_parser:
         raise UsageError(

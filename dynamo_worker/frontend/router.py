@@ -138,6 +138,9 @@ class Router:
         try:
             async with aclosing(self._generate(model, payload, request_id)) as stream:
                 async for item in stream:
+                    # A message: its worker has finished its prefill (on every message, not the
+                    # first only: a migrated request is prefilled again on its new worker).
+                    self.kv.first_token(request_id)
                     if "completion_usage" in item:
                         cached = cached_tokens(item["completion_usage"])
                     yield item
