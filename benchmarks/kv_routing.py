@@ -93,6 +93,17 @@ ARMS: dict[str, tuple[str, ...]] = {
     "kv-approx": ("--router-mode", "kv", "--no-kv-events"),
     # Not run by default: the cost with the prefill term weighed 4x (docs/performance.md).
     "kv-w4": ("--router-mode", "kv", "--kv-overlap-score-weight", "4"),
+    # Not run by default, for experiments with the frontend's other kv knobs (set through their
+    # environment variables, which `up` passes to the frontend): ARM_ENV.
+    "kv-queue": ("--router-mode", "kv"),
+    "kv-busy1": ("--router-mode", "kv"),
+    "kv-dynamo": ("--router-mode", "kv"),
+}
+#: Environment of an arm's stack, on top of the benchmark's.
+ARM_ENV: dict[str, dict[str, str]] = {
+    "kv-queue": {"DYN_KV_PREFILL_QUEUE": "true"},  # --kv-prefill-queue
+    "kv-busy1": {"DYN_BUSY_THRESHOLD": "1.0"},  # busy only when full
+    "kv-dynamo": {"DYN_KV_BALANCE_REQUESTS": "off", "DYN_KV_PREFILL_QUEUE": "true"},  # Dynamo's cost
 }
 DEFAULT_ARMS = ("round-robin", "kv", "kv-approx")
 BASELINE_ARM = "round-robin"
@@ -459,7 +470,7 @@ class KvStack(DynamoUp):
         super().__init__(model, work_root, log, source=source)
         # The frontend appends each routed request's prediction and the engine's answer here.
         self.predictions = self.log_dir / "predictions.jsonl"
-        self.extra_env = {**self.extra_env, PREDICTION_LOG_ENV: str(self.predictions)}
+        self.extra_env = {**self.extra_env, **ARM_ENV.get(arm, {}), PREDICTION_LOG_ENV: str(self.predictions)}
 
     def prediction_offset(self) -> int:
         return self.predictions.stat().st_size if self.predictions.exists() else 0
@@ -1185,7 +1196,8 @@ def run_benchmark(argv: list[str]) -> Path | None:
             waited = machine.wait_for_quiet(plan.foreign_wait, 15.0, log)
             if not waited["quiet"]:
                 log(f"  note: starting {arm} beside other work after waiting {waited['waited_s']}s")
-            log(f"round {round_no + 1}: {arm} ({' '.join(ARMS[arm])})")
+            env = " ".join(f"{k}={v}" for k, v in ARM_ENV.get(arm, {}).items())
+            log(f"round {round_no + 1}: {arm} ({' '.join(ARMS[arm])}{' with ' + env if env else ''})")
             session = arm_session(arm, round_no, model, traces, ceilings, plan, engine_flags, work_root, log, source)
             session["foreign_before"] = waited
             result["sessions"].append(session)
