@@ -9,6 +9,7 @@ text exact, and let a test make a worker slow, fail, or watch for cancellation.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -1851,3 +1852,59 @@ def test_tool_turns_and_tools_reach_templates_as_vllm_renders_them() -> None:
     assert json.dumps(template_messages(req.messages)) == json.dumps(conversation)
     assert json.dumps(template_tools(req)) == json.dumps(expected_tools)
     assert expected_tools[1]["function"]["description"] is None  # left out: null, as vLLM's type has it
+
+
+async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(nats_server: NatsServer) -> None:
+    """A stream cut mid-way when no other worker is in discovery (the live one's lease expired while
+    JetStream elected a leader, seen in the cluster test): the migration waits for one to register,
+    longer than a fresh request's 3 s, and the client's stream ends whole."""
+    from dynamo_worker.core.request_plane import RequestError
+    from dynamo_worker.core.runtime import Runtime
+    from dynamo_worker.frontend.app import FrontendServer
+    from dynamo_worker.frontend.router import MIGRATION_WAIT, RECOVERY_WAIT
+
+    namespace = f"migwait{uuid.uuid4().hex[:8]}"
+    record = {"model": "m", "model_path": "/m"}
+
+    async def failing(request: Any, context: Any) -> Any:
+        yield {"token_ids": [7, 8]}
+        await first.withdraw()  # out of discovery, then the stream breaks: nowhere to go at once
+        raise RequestError("unavailable", "worker lost", retryable=True)
+
+    async def finishing(request: Any, context: Any) -> Any:
+        continued.append(request)
+        yield {"token_ids": [9], "finish_reason": "length"}
+
+    continued: list[Any] = []
+    first = await Runtime.connect(nats_server.url, namespace)
+    await first.serve_endpoint("backend", "generate", failing)
+    await first.publish("backend", "generate", "decode", record)
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    server = FrontendServer(frontend.client("backend", "generate"), migration_limit=1)
+    second: Runtime | None = None
+    late = RECOVERY_WAIT + 1.5
+    assert late < MIGRATION_WAIT
+
+    async def register_late() -> None:
+        nonlocal second
+        await asyncio.sleep(late)
+        second = await Runtime.connect(nats_server.url, namespace)
+        await second.serve_endpoint("backend", "generate", finishing)
+        await second.publish("backend", "generate", "decode", record)
+
+    try:
+        await server.start("127.0.0.1", 0, discovery_timeout=5)
+        payload = {"model": "m", "token_ids": [1, 2, 3], "stop_conditions": {"max_tokens": 3}}
+        joining = asyncio.create_task(register_late())
+        started = asyncio.get_running_loop().time()
+        items = [item async for item in server.router.generate("m", payload)]
+        waited = asyncio.get_running_loop().time() - started
+        await joining
+        assert [t for i in items for t in i.get("token_ids") or []] == [7, 8, 9]
+        assert continued[0]["token_ids"] == [1, 2, 3, 7, 8] and continued[0]["stop_conditions"]["max_tokens"] == 1
+        assert late <= waited < MIGRATION_WAIT
+    finally:
+        await server.stop()
+        for rt in (first, second, frontend):
+            if rt is not None:
+                await rt.close()

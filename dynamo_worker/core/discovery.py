@@ -54,6 +54,8 @@ CLOCK_SKEW_ALLOWANCE = 5.0
 #: Seconds a PURGE marker stays in the bucket: the server's lease-expiry markers (the bucket's
 #: ``limit_marker_ttl``) and the purges of lapsed records alike, so markers do not pile up either.
 MARKER_TTL = 5
+#: Seconds at least that a record's write waits for its ack (a third of the lease otherwise).
+PUT_TIMEOUT_FLOOR = 1.0
 #: JetStream's "wrong last sequence": a revision-guarded write found a newer revision of the key.
 WRONG_LAST_SEQUENCE = 10071
 
@@ -160,8 +162,16 @@ class Discovery:
 
     async def _put(self, record: InstanceRecord) -> None:
         await self.bucket()
-        # kv.put() takes no TTL; a JetStream publish on the key's subject does.
-        await self.js.publish(f"$KV.{BUCKET}.{record.key}", wire.encode(record), msg_ttl=self.lease_ttl)
+        # kv.put() takes no TTL; a JetStream publish on the key's subject does. Its ack is awaited
+        # for about a keep-alive interval, not nats-py's 5 s: while JetStream elects a leader the
+        # publish hangs, and a round stuck for 5 s rewrote the record only seconds after JetStream
+        # answered again, when the servers had expired it meanwhile (the instance out of routing).
+        await self.js.publish(
+            f"$KV.{BUCKET}.{record.key}",
+            wire.encode(record),
+            msg_ttl=self.lease_ttl,
+            timeout=max(self.lease_ttl / 3, PUT_TIMEOUT_FLOOR),
+        )
 
     async def register(self, record: InstanceRecord) -> InstanceRecord:
         """Publish ``record`` (stamped with this lease, for watchers to judge its age) and keep it alive."""

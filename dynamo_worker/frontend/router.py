@@ -11,9 +11,10 @@ and the remaining token budget, and its tokens continue the same stream, so the 
 unbroken answer. Seeded sampling restarts its random stream on the new worker.
 
 Before each try (the first, a retry, a migration) the router waits, up to :data:`RECOVERY_WAIT`
-seconds, until the NATS connection is up and some instance serves the model (at once when they
-are): during a NATS restart every try would otherwise fail at once, and the request with it,
-and just after one the workers take a moment to register again.
+seconds (:data:`MIGRATION_WAIT` for a migration), until the NATS connection is up and some
+instance serves the model (at once when they are): during a NATS restart every try would otherwise
+fail at once, and the request with it, and just after one the workers take a moment to register
+again.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ STATUS_BY_CODE = {
 
 POLICIES = {"round-robin": "round_robin", "random": "random"}
 RECOVERY_WAIT = 3.0  # seconds a try waits for NATS and an instance of its model to be back
+# A migration waits longer: its client holds a stream already begun, and the instance it needs may be
+# a live one whose lease the servers expired while JetStream elected a leader (a host cut off with
+# the discovery bucket's leader): it registers again once JetStream answers, seconds later (seen:
+# 4.6 s after the expiry, on a loaded 2-core machine; the 3 s wait failed 4 of 8 streams).
+MIGRATION_WAIT = 15.0
 
 
 def api_error(exc: RequestError) -> ApiError:
@@ -115,9 +121,9 @@ class Router:
             return record, request
         raise ApiError(503, f"no worker serves the model {model!r} right now; retry later", code="no_worker")
 
-    async def _recovered(self, model: str) -> None:
-        """Wait (bounded) until NATS is connected and an instance serves ``model``; at once if so."""
-        deadline = time.monotonic() + RECOVERY_WAIT
+    async def _recovered(self, model: str, wait: float = RECOVERY_WAIT) -> None:
+        """Wait (up to ``wait`` s) until NATS is connected and an instance serves ``model``; at once if so."""
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.bus_connected() and self.client.instances(lambda r: models.serves(r, model)):
                 return
@@ -166,7 +172,7 @@ class Router:
         if prefill_result is not None:
             request = {**payload, "prefill_result": prefill_result}
         while True:
-            await self._recovered(model)
+            await self._recovered(model, MIGRATION_WAIT if migrations else RECOVERY_WAIT)
             record, sent = self._pick(model, tried, request, request_id)
             tried.add(record.instance_id)
             try:
