@@ -217,6 +217,10 @@ def test_bad_flag_values_are_one_line_errors_naming_the_flag() -> None:
     assert out.returncode == 2 and "--echo-delay must be 0 or more" in out.stderr
     out = run_cli("--role", "echo", "--no-such-flag")
     assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
+    # An on/off variable with a typo is refused rather than read as off.
+    out = run_cli("--role", "echo", env=worker_env(DYN_NATS_RANDOMIZE="ture"))
+    assert out.returncode == 2, out.stderr
+    assert "environment variable DYN_NATS_RANDOMIZE='ture' is invalid: use true or false" in out.stderr
     assert all("Traceback" not in o for o in (out.stderr,))
 
 

@@ -277,6 +277,20 @@ def behind_proxy(c: Cluster, host: str) -> list[str]:
     ]
 
 
+def deploy_behind_proxies(c: Cluster, worker_args: list[str]) -> tuple[WorkerProcess, str, list[DelayProxy]]:
+    """The latency tests' deployment: a TCP frontend on h1 beside the NATS one, and workers "a" (h2)
+    and "b" (h3) started with ``worker_args``, each behind a delayed proxy in front of its TCP
+    listener. Returns that frontend, its URL and every proxy (the NATS routes' first)."""
+    tcp_frontend, tcp_base = start_tcp_frontend(c)
+    proxies = list(c.nats.proxies.values())
+    for name, host in (("a", "h2"), ("b", "h3")):
+        proxies.append(delayed_tcp_listener(c, host, c.log_dir))
+        address = c.bed.hosts[host].address
+        # VLLM_HOST_IP: an engine's own address must be one this host has (an echo worker ignores it).
+        c.workers[name] = c.start(host, [*worker_args, *behind_proxy(c, host)], VLLM_HOST_IP=address)
+    return tcp_frontend, tcp_base, proxies
+
+
 def measure_latency(
     c: Cluster, proxies: list[DelayProxy], bases: dict[str, str], model: str, tokens: int
 ) -> dict[str, dict[bool, dict[str, Any]]]:
@@ -329,24 +343,8 @@ def test_20_ms_between_hosts_on_either_request_plane(demo_model: str, tmp_path: 
     with cluster_testbed(hosts=3, nats_hosts=3, route_delay_ms=DELAY_MS) as (bed, nats):
         c = Cluster(bed, nats, demo_model, tmp_path)  # its frontend calls workers over NATS
         try:
-            tcp_frontend, tcp_base = start_tcp_frontend(c)
-            proxies = list(nats.proxies.values())
-            for name, host in (("a", "h2"), ("b", "h3")):
-                proxies.append(delayed_tcp_listener(c, host, tmp_path))
-                c.workers[name] = c.start(
-                    host,
-                    [
-                        "--role",
-                        "echo",
-                        "--echo-model",
-                        demo_model,
-                        "--echo-delay",
-                        str(ECHO_DELAY),
-                        *behind_proxy(c, host),
-                        "--health-check-idle",
-                        "3600",
-                    ],
-                )
+            echo = ["--role", "echo", "--echo-model", demo_model, "--echo-delay", str(ECHO_DELAY)]
+            tcp_frontend, tcp_base, proxies = deploy_behind_proxies(c, [*echo, "--health-check-idle", "3600"])
             for w in c.workers.values():
                 w.wait_for_log("serving")
             tcp_frontend.wait_for_log("frontend listening")
@@ -514,24 +512,8 @@ def test_real_vllm_workers_on_two_hosts_serve_alike_survive_a_cut_and_pay_20_ms(
     with cluster_testbed(hosts=3, nats_hosts=3, route_delay_ms=DELAY_MS) as (bed, nats):
         c = Cluster(bed, nats, demo_model, tmp_path)  # its frontend calls workers over NATS
         try:
-            tcp_frontend, tcp_base = start_tcp_frontend(c)
-            proxies = list(nats.proxies.values())
-            for name, host in (("a", "h2"), ("b", "h3")):
-                proxies.append(delayed_tcp_listener(c, host, tmp_path))
-                c.workers[name] = c.start(
-                    host,
-                    [
-                        "--role",
-                        "decode",
-                        "--model",
-                        demo_model,
-                        *ENGINE_WORKER_FLAGS,
-                        *behind_proxy(c, host),
-                        "--system-port",
-                        str(SYSTEM_PORT),
-                    ],
-                    VLLM_HOST_IP=bed.hosts[host].address,  # vLLM's own address: one this host has
-                )
+            decode = ["--role", "decode", "--model", demo_model, *ENGINE_WORKER_FLAGS]
+            tcp_frontend, tcp_base, proxies = deploy_behind_proxies(c, [*decode, "--system-port", str(SYSTEM_PORT)])
             for w in c.workers.values():
                 w.wait_for_log("serving", timeout=300)
             tcp_frontend.wait_for_log("frontend listening")

@@ -29,6 +29,19 @@ def env_default(var: str, default: T, convert: Callable[[str], T] = str) -> T:  
         raise UsageError(f"environment variable {var}={raw!r} is invalid: {exc}") from exc
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def boolean(raw: str) -> bool:
+    """An environment variable's on/off value; anything else is refused (with env_default, a
+    one-line error), so a typo does not silently mean false."""
+    value = raw.strip().lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise ValueError("use true or false")
+    return value in TRUE_WORDS
+
+
 def check_port(flag: str, port: int | None, *, allow_zero: bool = True) -> None:
     """A one-line error for a port outside 0-65535 (0 = pick a free one)."""
     if port is None:
@@ -122,7 +135,7 @@ class CoreOptions:
         g.add_argument(
             "--nats-randomize",
             action="store_true",
-            default=env_default("DYN_NATS_RANDOMIZE", False, lambda v: v.lower() in ("1", "true", "yes")),
+            default=env_default("DYN_NATS_RANDOMIZE", False, boolean),
             help="try the --nats-url servers in random order, to spread clients that all pass the same list "
             "(env DYN_NATS_RANDOMIZE=true)",
         )

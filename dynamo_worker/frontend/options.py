@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from dynamo_worker.core.errors import UsageError
-from dynamo_worker.core.options import check_at_least, check_port, env_default
+from dynamo_worker.core.options import boolean, check_at_least, check_port, env_default
 from dynamo_worker.frontend import limits
 
 ROUTER_MODES = ("round-robin", "random", "kv")
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-prefill-queue",
         action=argparse.BooleanOptionalAction,
-        default=env_default("DYN_KV_PREFILL_QUEUE", False, _boolean),
+        default=env_default("DYN_KV_PREFILL_QUEUE", False, boolean),
         help="with --router-mode kv: count the prefill still queued on each worker (its requests "
         "without a first token) in the cost, as Dynamo's newer router does (env DYN_KV_PREFILL_QUEUE; "
         "default %(default)s)",
@@ -153,13 +153,6 @@ def _balance_requests(raw: str) -> float | None:
         return float(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{raw!r} is neither a number of requests nor off") from None
-
-
-def _boolean(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError("use true or false")
-    return value in ("1", "true", "yes", "on")
 
 
 def configure(options: Any) -> None:
