@@ -56,13 +56,6 @@ a third of the benchmark's requests went to a worker holding none of their promp
   one worker weigh about as many blocks as two other requests, and without this a hot prefix
   piled onto its holder (busiest worker up to 2.6x the quietest in a model of the benchmark).
 
-The slack scales down with the load (:meth:`KvSelector.slack`): it is ``balance_abs`` requests,
-but never more than the mean requests per worker with this one (rounded up, at least 1). At
-three requests over three workers, a slack of 3 never applied: a hot tenant's holder ran all
-its requests while two workers idled (126/46/52 requests per worker on the hot trace at
-concurrency 3, docs/performance.md); at concurrency 8 over three workers the mean rounds up to
-3 and nothing changes.
-
 ``balance_abs=None`` is Dynamo's choice unchanged (``cost`` below for every candidate).
 
 **Prefill queue** (``prefill_queue``, ``--kv-prefill-queue``; Dynamo's newer router): the prefill
@@ -354,29 +347,19 @@ class KvSelector:
         """Each worker's queued prefill blocks as the cost counts them (0 without ``prefill_queue``)."""
         return [load.queued_prefill(w) if self.prefill_queue else 0 for w in workers]
 
-    def slack(self, counts: Sequence[int]) -> float | None:
-        """The balance slack in requests for a decision among workers running ``counts`` requests:
-        ``balance_abs``, at most the mean per worker with the request being routed, rounded up (at
-        least 1); None with ``balance_abs=None``."""
-        if self.balance_abs is None:
-            return None
-        mean = math.ceil((sum(counts) + 1) / max(1, len(counts)))
-        return min(self.balance_abs, max(1, mean))
-
-    def decode_terms(self, decode: Sequence[float], prompt_blocks: int, slack: float | None) -> list[float]:
+    def decode_terms(self, decode: Sequence[float], prompt_blocks: int) -> list[float]:
         """Each candidate's decode term: its blocks beyond the least-loaded candidate's plus the
-        ``slack`` (:meth:`slack`) in requests of ``prompt_blocks`` (as given with None)."""
-        if slack is None or not decode:
+        slack of ``balance_abs`` requests of ``prompt_blocks`` (as given with ``balance_abs=None``)."""
+        if self.balance_abs is None or not decode:
             return list(decode)
-        floor = min(decode) + slack * prompt_blocks
+        floor = min(decode) + self.balance_abs * prompt_blocks
         return [max(0.0, d - floor) for d in decode]
 
-    def is_overloaded(self, count: int, least: int, slack: float | None) -> bool:
-        """A worker running ``count`` requests is too far above the least-loaded one (``least``):
-        more than ``slack`` requests (:meth:`slack`) and ``balance_rel`` x more."""
-        if slack is None:
+    def is_overloaded(self, count: int, least: int) -> bool:
+        """A worker running ``count`` requests is too far above the least-loaded one (``least``)."""
+        if self.balance_abs is None:
             return False
-        return count - least > slack and count > self.balance_rel * least
+        return count - least > self.balance_abs and count > self.balance_rel * least
 
     def is_busy(self, worker: WorkerKey, load: ActiveLoad, running_shared: int = 0, request_blocks: int = 0) -> bool:
         """Over the busy threshold, unless the request's first ``running_shared`` prompt blocks are
@@ -431,12 +414,11 @@ class KvSelector:
         if not candidates:
             candidates, skipped = list(workers), 0
         not_busy = candidates
-        slack = self.slack([load.in_flight(w) for w in workers])
-        if slack is not None:
+        if self.balance_abs is not None:
             least = min(load.in_flight(w) for w in candidates)
-            candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least, slack)]
+            candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least)]
         decode = [load.decode_blocks(w) for w in candidates]
-        terms = self.decode_terms(decode, prompt_blocks, slack)
+        terms = self.decode_terms(decode, prompt_blocks)
         costs = [
             self.cost(prompt_blocks, overlaps.get(w, 0), t, q)
             for w, t, q in zip(candidates, terms, self.queued(candidates, load))
@@ -453,7 +435,7 @@ class KvSelector:
             prompt_blocks=prompt_blocks,
             busy_skipped=skipped,
             away_from_holder=self._away_from_holder(
-                worker, costs[index], min(costs), workers, not_busy, candidates, prompt_blocks, overlaps, load, slack
+                worker, costs[index], min(costs), workers, not_busy, candidates, prompt_blocks, overlaps, load
             ),
             balance_skipped=len(not_busy) - len(candidates),
         )
@@ -469,7 +451,6 @@ class KvSelector:
         prompt_blocks: int,
         overlaps: Mapping[WorkerKey, int],
         load: ActiveLoad,
-        slack: float | None,
     ) -> str | None:
         """Why the chosen worker holds less of the prompt than the best holder (see :class:`Decision`)."""
         best = max((overlaps.get(w, 0) for w in workers), default=0)
@@ -483,7 +464,7 @@ class KvSelector:
         if chosen_cost > lowest:
             return "sampled"
         # The same choice on this router's own count of every candidate's load.
-        own = self.decode_terms([load.tracked_blocks(w) for w in candidates], prompt_blocks, slack)
+        own = self.decode_terms([load.tracked_blocks(w) for w in candidates], prompt_blocks)
         own_cost = dict(zip(candidates, own))
         queued = dict(zip(candidates, self.queued(candidates, load)))
         held = min(self.cost(prompt_blocks, best, own_cost[w], queued[w]) for w in holders)
@@ -495,10 +476,8 @@ class KvSelector:
     ) -> list[dict[str, Any]]:
         """Every candidate's terms, for a debug log of one decision (the slack taken over all of
         them, busy or not)."""
-        counts = [load.in_flight(w) for w in workers]
-        slack = self.slack(counts)
-        terms = self.decode_terms([load.decode_blocks(w) for w in workers], prompt_blocks, slack)
-        least = min(counts, default=0)
+        terms = self.decode_terms([load.decode_blocks(w) for w in workers], prompt_blocks)
+        least = min((load.in_flight(w) for w in workers), default=0)
         queued = self.queued(workers, load)
         return [
             {
@@ -509,7 +488,7 @@ class KvSelector:
                 "in_flight": load.in_flight(w),
                 "capacity": load.capacity(w),
                 "busy": self.is_busy(w, load),
-                "overloaded": self.is_overloaded(load.in_flight(w), least, slack),
+                "overloaded": self.is_overloaded(load.in_flight(w), least),
                 "queued_prefill": q,
                 "cost": self.cost(prompt_blocks, overlaps.get(w, 0), term, q),
             }
