@@ -426,6 +426,33 @@ def test_a_busy_worker_is_skipped_while_another_has_room() -> None:
     assert KvSelector(busy_threshold=None).choose([A, B], 200, {A: 200}, load).busy_skipped == 0
 
 
+def test_a_hot_prefix_gets_a_second_holder_below_saturation() -> None:
+    """Three requests over three workers never reach the slack of 3: a tenant sending half the
+    traffic kept one holder (126/46/52 requests per worker on the benchmark's hot trace at
+    concurrency 3). A worker running two requests of the prefix while another idles is skipped."""
+    load, selector = ActiveLoad(), KvSelector(rng=random.Random(0))
+    system = list(range(100, 132))
+    hot = [*system, 2000]
+    load.start("hot0", A, 40, shared=[*system, 1000])
+    load.start("hot1", A, 40, shared=[*system, 1001])
+    depth = {A: load.in_flight_prefix(A, hot), B: 0, C: 0}
+    sharing = {w: load.sharing(w, hot, d) for w, d in depth.items()}
+    assert (depth[A], sharing) == (32, {A: 2, B: 0, C: 0})
+    decision = selector.choose([A, B, C], 33, {A: 32}, load, running_shared=depth, running_sharing=sharing)
+    assert decision.worker in (B, C) and (decision.balance_skipped, decision.away_from_holder) == (1, "balance")
+    # Without the two requests of the prefix in flight there, A keeps it (the slack decides).
+    other = KvSelector(rng=random.Random(0)).choose([A, B, C], 33, {A: 32}, load, running_shared=depth)
+    assert (other.worker, other.balance_skipped) == (A, 0)
+    # A busier cluster: two of the prefix are below a fair share of nine requests over three workers.
+    for i in range(3):
+        load.start(f"b{i}", B, 40)
+    for i in range(2):
+        load.start(f"c{i}", C, 40)
+    load.start("a2", A, 40)
+    decision = selector.choose([A, B, C], 33, {A: 32}, load, running_shared=depth, running_sharing=sharing)
+    assert (decision.worker, decision.balance_skipped, decision.away_from_holder) == (A, 0, None)
+
+
 def test_a_busy_worker_running_the_requests_prefix_stays_a_candidate_if_the_rest_fits() -> None:
     """Over the threshold, a worker whose running requests hold the request's prefix still takes it
     when its own blocks fit (it adds only those): sent elsewhere it would compute the prefix again

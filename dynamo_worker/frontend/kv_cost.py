@@ -56,6 +56,16 @@ a third of the benchmark's requests went to a worker holding none of their promp
   one worker weigh about as many blocks as two other requests, and without this a hot prefix
   piled onto its holder (busiest worker up to 2.6x the quietest in a model of the benchmark).
 
+**A hot prefix gets a second holder** (with the balance slack on): a worker running at least
+``HOT_PREFIX_REQUESTS`` (2) requests that share this request's prefix, and at least a fair share
+of all requests in flight (the mean per worker with this one, rounded up), is skipped like an
+overloaded one when some candidate runs two requests fewer. Below saturation the slack of 3
+requests never applies (three requests over three workers), and a tenant sending half the
+traffic kept one holder: 126/46/52 requests per worker on the benchmark's hot trace at
+concurrency 3. A slack that shrank with the load for every request spread it (1.81x) but sent 25
+requests of the uniform trace away from their holder and cost a tenth of its hit rate
+(docs/performance.md); this rule fires only for a prefix that by itself fills a worker's share.
+
 ``balance_abs=None`` is Dynamo's choice unchanged (``cost`` below for every candidate).
 
 **Prefill queue** (``prefill_queue``, ``--kv-prefill-queue``; Dynamo's newer router): the prefill
@@ -91,6 +101,8 @@ OUTPUT_TOKENS_CAP = 256
 # requests a hot tenant piled onto its holder.
 BALANCE_ABS = 3
 BALANCE_REL = 1.5
+# Requests of one prefix in flight on a worker before it counts as hot there (module docstring).
+HOT_PREFIX_REQUESTS = 2
 
 
 def expected_blocks(
@@ -243,6 +255,13 @@ class ActiveLoad:
         """This router's requests in flight on ``worker``."""
         return self._counts.get(worker, 0)
 
+    def sharing(self, worker: WorkerKey, hashes: Sequence[int], depth: int) -> int:
+        """Requests of this router in flight on ``worker`` whose prompts hold the first ``depth``
+        of ``hashes`` (``depth`` from :meth:`in_flight_prefix`; chained, so the deepest block counts)."""
+        if depth <= 0:
+            return 0
+        return self._shared.get(worker, {}).get(hashes[depth - 1], 0)
+
     def in_flight_prefix(self, worker: WorkerKey, hashes: Sequence[int]) -> int:
         """Leading ``hashes`` (a prompt's router hashes) that a request of this router in flight
         on ``worker`` has in its prompt: blocks the engine computes for that request and keeps
@@ -361,6 +380,22 @@ class KvSelector:
             return False
         return count - least > self.balance_abs and count > self.balance_rel * least
 
+    def crowded(
+        self,
+        workers: Sequence[WorkerKey],
+        candidates: Sequence[WorkerKey],
+        sharing: Mapping[WorkerKey, int],
+        load: ActiveLoad,
+    ) -> set[WorkerKey]:
+        """Candidates that run a hot prefix's requests (``sharing``: per worker, those sharing this
+        request's prefix) beyond a fair share of all ``workers``' requests while some candidate runs
+        two fewer requests (module docstring)."""
+        if not sharing or not candidates:
+            return set()
+        fair = max(HOT_PREFIX_REQUESTS, math.ceil((sum(load.in_flight(w) for w in workers) + 1) / len(workers)))
+        least = min(load.in_flight(w) for w in candidates)
+        return {w for w in candidates if sharing.get(w, 0) >= fair and load.in_flight(w) - least > 1}
+
     def is_busy(self, worker: WorkerKey, load: ActiveLoad, running_shared: int = 0, request_blocks: int = 0) -> bool:
         """Over the busy threshold, unless the request's first ``running_shared`` prompt blocks are
         in use by requests running there and the rest of its ``request_blocks`` fit in the worker's
@@ -395,13 +430,16 @@ class KvSelector:
         load: ActiveLoad,
         running_shared: Mapping[WorkerKey, int] | None = None,
         request_blocks: int = 0,
+        running_sharing: Mapping[WorkerKey, int] | None = None,
     ) -> Decision:
         """The worker for a request of ``prompt_blocks`` blocks among ``workers`` (not empty).
 
         ``running_shared``: per worker, the leading prompt blocks that requests running there have
         in their prompts (:meth:`ActiveLoad.in_flight_prefix`); ``request_blocks``: the blocks this
         request will occupy (:func:`expected_blocks`). With both, a worker over the busy threshold
-        stays a candidate if the request's own blocks fit (:meth:`is_busy`)."""
+        stays a candidate if the request's own blocks fit (:meth:`is_busy`). ``running_sharing``:
+        per worker, its requests in flight that share that prefix (:meth:`ActiveLoad.sharing`), for
+        the hot-prefix rule (:meth:`crowded`)."""
         if not workers:
             raise ValueError("no candidate workers")
         shared = running_shared or {}
@@ -417,6 +455,9 @@ class KvSelector:
         if self.balance_abs is not None:
             least = min(load.in_flight(w) for w in candidates)
             candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least)]
+            crowded = self.crowded(workers, candidates, running_sharing or {}, load)
+            if crowded and len(crowded) < len(candidates):
+                candidates = [w for w in candidates if w not in crowded]
         decode = [load.decode_blocks(w) for w in candidates]
         terms = self.decode_terms(decode, prompt_blocks)
         costs = [

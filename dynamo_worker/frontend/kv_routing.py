@@ -244,6 +244,9 @@ class KvRouting:
             self.load,
             running_shared=pending,
             request_blocks=expected_blocks(len(token_ids), max_tokens, block_size),
+            running_sharing={
+                w: self.load.sharing(w, hashes_by_size[_block_size(r)], pending[w]) for w, r in by_worker.items()
+            },
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
