@@ -453,6 +453,24 @@ def test_a_hot_prefix_gets_a_second_holder_below_saturation() -> None:
     assert (decision.worker, decision.balance_skipped, decision.away_from_holder) == (A, 0, None)
 
 
+def test_a_prefix_no_worker_holds_goes_to_the_worker_with_the_least_recent_traffic() -> None:
+    """Below saturation workers are often all idle: a random tie placed new tenants by chance."""
+    now = [0.0]
+    load = ActiveLoad(clock=lambda: now[0])
+    for i in range(3):
+        load.start(f"a{i}", A, 40)
+        load.finish(f"a{i}")
+    load.start("b0", B, 40)
+    load.finish("b0")
+    now[0] = 30.0  # decayed by e: A 3/e, B 1/e, C 0
+    assert load.recent(A) == pytest.approx(3 / math.e) and load.recent(C) == 0
+    for seed in range(20):
+        assert KvSelector(rng=random.Random(seed)).choose([A, B, C], 36, {}, load).worker == C
+    load.start("c0", C, 40)
+    load.finish("c0")
+    assert all(KvSelector(rng=random.Random(seed)).choose([A, B, C], 36, {}, load).worker == B for seed in range(20))
+
+
 def test_a_busy_worker_running_the_requests_prefix_stays_a_candidate_if_the_rest_fits() -> None:
     """Over the threshold, a worker whose running requests hold the request's prefix still takes it
     when its own blocks fit (it adds only those): sent elsewhere it would compute the prefix again

@@ -74,8 +74,12 @@ term also counts the blocks that this router's requests on the worker still have
 this request's first token. Outside the balance slack: it is a time-to-first-token term, not load.
 
 **Choice**: with ``temperature`` 0, the lowest cost; ties go to the least decode load, then the
-fewest published waiting requests, then at random (never by worker order: every frontend
-would send its first requests to the same worker). With ``temperature`` > 0, Dynamo's softmax:
+fewest published waiting requests, then the worker this router sent the fewest requests lately
+(decayed over ``RECENT_SECONDS``), then at random (never by worker order: every frontend would
+send its first requests to the same worker). The recent count places a prefix no worker holds
+(a new tenant) on the worker with the least traffic rather than on any idle one: below
+saturation every worker is often idle, and a random tie left the busiest worker of the hot
+trace with the tenants placed there by chance. With ``temperature`` > 0, Dynamo's softmax:
 costs normalised to [0, 1] over the candidates, ``p ~ exp(-normalised / temperature)``.
 """
 
@@ -103,6 +107,8 @@ BALANCE_ABS = 3
 BALANCE_REL = 1.5
 # Requests of one prefix in flight on a worker before it counts as hot there (module docstring).
 HOT_PREFIX_REQUESTS = 2
+# Time constant of the recent-requests count that breaks ties (module docstring).
+RECENT_SECONDS = 30.0
 
 
 def expected_blocks(
@@ -150,6 +156,8 @@ class ActiveLoad:
         # Prefill still ahead of requests in flight (routed, no first token yet), in blocks.
         self._prefill: dict[str, tuple[WorkerKey, int]] = {}
         self._queued: dict[WorkerKey, int] = {}
+        # Requests routed to each worker, decayed over RECENT_SECONDS: (count, clock when counted).
+        self._recent: dict[WorkerKey, tuple[float, float]] = {}
 
     def start(
         self, request_id: str, worker: WorkerKey, blocks: int, shared: Sequence[int] = (), prefill_blocks: int = 0
@@ -171,9 +179,18 @@ class ActiveLoad:
         for h in hashes:
             refs[h] = refs.get(h, 0) + 1
         self._counts[worker] = self._counts.get(worker, 0) + 1
+        self._recent[worker] = (self.recent(worker) + 1.0, self.clock())
         if prefill_blocks > 0:
             self._prefill[request_id] = (worker, prefill_blocks)
             self._queued[worker] = self._queued.get(worker, 0) + prefill_blocks
+
+    def recent(self, worker: WorkerKey) -> float:
+        """Requests routed to ``worker`` lately: each counts 1, decaying by e every RECENT_SECONDS."""
+        found = self._recent.get(worker)
+        if found is None:
+            return 0.0
+        count, at = found
+        return count * math.exp(-(self.clock() - at) / RECENT_SECONDS)
 
     def prefill_done(self, request_id: str) -> None:
         """The request's first token arrived: its prefill no longer queues on its worker."""
@@ -243,7 +260,7 @@ class ActiveLoad:
         for request_id, (worker, *_) in list(self._requests.items()):
             if worker[0] == instance_id:
                 self.finish(request_id)
-        for table in (self._published, self._capacity):
+        for table in (self._published, self._capacity, self._recent):
             for worker in [w for w in table if w[0] == instance_id]:
                 del table[worker]
 
@@ -546,6 +563,10 @@ class KvSelector:
             waits = {i: load.waiting(candidates[i]) for i in tied}
             fewest = min(waits.values())
             tied = [i for i in tied if waits[i] == fewest]
+        if len(tied) > 1:
+            recent = {i: load.recent(candidates[i]) for i in tied}
+            quietest = min(recent.values())
+            tied = [i for i in tied if recent[i] == quietest]
         return tied[0] if len(tied) == 1 else self.rng.choice(tied)
 
     def _sample(self, costs: list[float]) -> int:
