@@ -1025,7 +1025,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"tokens generated per request (default {d.output_tokens}, quick {QUICK_SHAPE.output_tokens})",
     )
     p.add_argument("--seed", type=int, default=0, help="trace seed (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default %(default)s)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        help="requests in flight (default: one per worker, below saturation; 8 kept 3 workers' engines saturated "
+        "on 2 cores, where a hit's TTFT is the wait for the engine, not its prefill)",
+    )
     # 32: vLLM's CPU attention takes multiples of 32 only. The router reads it from discovery
     # (kv_block_size); a worker that publishes none is assumed to use 16 and would never match.
     p.add_argument(
@@ -1094,12 +1099,13 @@ def plan_from(args: argparse.Namespace) -> Plan:
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if set(arms) - set(ARMS) or set(variants) - set(VARIANTS) or not arms or not variants:
         raise SystemExit(f"error: --arms from {','.join(ARMS)}, --variants from {','.join(VARIANTS)}")
-    if shape.tenants < 2 or shape.turns < 1 or shape.users_per_tenant < 1 or args.concurrency < 1:
+    concurrency = args.workers if args.concurrency is None else args.concurrency
+    if shape.tenants < 2 or shape.turns < 1 or shape.users_per_tenant < 1 or concurrency < 1:
         raise SystemExit("error: at least 2 tenants, 1 user, 1 turn and concurrency 1")
     return Plan(
         shape=shape,
         workers=args.workers,
-        concurrency=args.concurrency,
+        concurrency=concurrency,
         block_size=args.block_size,
         cluster_ratio=args.cluster_ratio,
         variants=variants,
