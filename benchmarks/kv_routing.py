@@ -839,14 +839,15 @@ def table(per_arm: dict[str, dict[str, Any]]) -> str:
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, f in per_arm.items():
         per_worker = f["per_worker_requests"]
-        per_worker = per_worker if isinstance(per_worker, dict) else per_worker[0]
+        rounds = per_worker if isinstance(per_worker, list) else [per_worker]  # each round's, then the median ratio
+        median = " median" if len(rounds) > 1 else ""
         exact = f.get("prediction_exact")
         predicted = "-" if exact is None else f"{_pct(exact)} of {f['routed']:.0f}"
         decision = "-" if f.get("decision_p99_le_ms") is None else f"<= {f['decision_p99_le_ms']:g} ms"
         lines.append(
             f"| {arm} | {_pct(f['hit_rate'])} ({_num(_ratio(f['hit_rate'], f['ceiling']), 2)}x) "
             f"| {_num(f['ttft_p50_ms'], 1)} | {_num(f['ttft_p99_ms'], 1)} | {_num(f['tenant0_ttft_p99_ms'], 1)} "
-            f"| {_num(f['tok_per_s'])} | {_counts(per_worker)} ({_num(f['balance'], 2)}x) "
+            f"| {_num(f['tok_per_s'])} | {', '.join(_counts(r) for r in rounds)} ({_num(f['balance'], 2)}x{median}) "
             f"| {predicted} | {decision} | {_num(f.get('preemptions'))} | {f['errors']} |"
         )
     return "\n".join(lines)
