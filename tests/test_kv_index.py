@@ -443,7 +443,7 @@ def test_a_hot_prefix_gets_a_second_holder_below_saturation() -> None:
     # Without the two requests of the prefix in flight there, A keeps it (the slack decides).
     other = KvSelector(rng=random.Random(0)).choose([A, B, C], 33, {A: 32}, load, running_shared=depth)
     assert (other.worker, other.balance_skipped) == (A, 0)
-    # A busier cluster: two of the prefix are below a fair share of nine requests over three workers.
+    # A busier cluster (nine requests over three workers, a mean of 3): the balance slack acts there, not this rule.
     for i in range(3):
         load.start(f"b{i}", B, 40)
     for i in range(2):
@@ -451,6 +451,9 @@ def test_a_hot_prefix_gets_a_second_holder_below_saturation() -> None:
     load.start("a2", A, 40)
     decision = selector.choose([A, B, C], 33, {A: 32}, load, running_shared=depth, running_sharing=sharing)
     assert (decision.worker, decision.balance_skipped, decision.away_from_holder) == (A, 0, None)
+    for i in range(3, 5):  # A runs 5 (all of the prefix), C 2: the rule would skip A, were the load lighter
+        load.start(f"hot{i}", A, 40, shared=[*system, 1000 + i])
+    assert selector.crowded([A, B, C], [A, B, C], {A: 5}, load) == set()
 
 
 def test_a_prefix_no_worker_holds_goes_to_the_worker_with_the_least_recent_traffic() -> None:
