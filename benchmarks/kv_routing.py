@@ -17,6 +17,10 @@ are ordered so that a user's next turn comes about as many requests later as the
 model's output, so the blocks the engine caches of its own output are never reused: only prompt
 prefixes can hit. The *hot-tenant* variant gives one tenant half of the requests.
 
+**The load**: a closed loop of ``--concurrency`` requests, by default one per worker, below
+saturation, where a hit shows as a shorter TTFT. At 8 over 3 workers on 2 cores the engines were
+saturated and a hit's TTFT was mostly the wait for its engine (docs/performance.md).
+
 **The ceiling** (:func:`prefix_ceiling`, pure): the prefix-cache hit rate an infinite cache
 would give in trace order, counted as vLLM counts it: per request ``queries += prompt tokens``,
 ``hits += the longest cached run of full blocks``, at most ``prompt - 1`` tokens (vLLM always
