@@ -415,7 +415,7 @@ class KvSelector:
             return set()
         mean = math.ceil((sum(load.in_flight(w) for w in workers) + 1) / len(workers))
         if self.balance_abs is not None and mean >= self.balance_abs:
-            return set()  # loaded enough for the slack to act: on at concurrency 8, this cost hit rate
+            return set()  # loaded enough for the balance slack to act (module docstring)
         fair = max(HOT_PREFIX_REQUESTS, mean)
         least = min(load.in_flight(w) for w in candidates)
         return {w for w in candidates if sharing.get(w, 0) >= fair and load.in_flight(w) - least > 1}
