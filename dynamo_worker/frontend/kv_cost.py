@@ -561,19 +561,21 @@ class KvSelector:
         ]
 
     def _lowest(self, candidates: list[WorkerKey], costs: list[float], decode: list[int], load: ActiveLoad) -> int:
-        best = min(costs)
-        tied = [i for i, c in enumerate(costs) if c == best]
-        if len(tied) > 1:
-            least = min(decode[i] for i in tied)
-            tied = [i for i in tied if decode[i] == least]
-        if len(tied) > 1:
-            waits = {i: load.waiting(candidates[i]) for i in tied}
-            fewest = min(waits.values())
-            tied = [i for i in tied if waits[i] == fewest]
-        if len(tied) > 1:
-            recent = {i: load.recent(candidates[i]) for i in tied}
-            quietest = min(recent.values())
-            tied = [i for i in tied if recent[i] == quietest]
+        """The lowest cost; a tie to the least decode load, then the fewest waiting requests, then
+        the least recent traffic, then at random."""
+        keys: tuple[Callable[[int], float], ...] = (
+            lambda i: costs[i],
+            lambda i: decode[i],
+            lambda i: load.waiting(candidates[i]),
+            lambda i: load.recent(candidates[i]),
+        )
+        tied = list(range(len(candidates)))
+        for key in keys:
+            if len(tied) == 1:
+                break
+            values = {i: key(i) for i in tied}
+            best = min(values.values())
+            tied = [i for i in tied if values[i] == best]
         return tied[0] if len(tied) == 1 else self.rng.choice(tied)
 
     def _sample(self, costs: list[float]) -> int:
