@@ -677,27 +677,29 @@ def test_every_process_of_a_worker_host_sigkilled_loses_nothing(cluster: Cluster
         return load, left, slowest
 
     load, left, slowest = c.bed.run_in("h1", body)
-    dead = instance_id(victim)
-    c.dead.add(dead)
-    start = time.monotonic()
-    # Its record leaves the bucket too when its lease runs out (the frontend's count above leaves
-    # out instances it found unreachable: the record itself must go, or it would linger forever).
-    wait_until(lambda: dead not in discovered(c), LEASE + 10, 0.2, "the dead worker's record to expire")
-    expired = time.monotonic() - start
-    print(
-        f"\nFIGURE cluster host kill: {len(load.outcomes)} requests at concurrency 8, worker and nats-server of "
-        f"h3 SIGKILLed; out of routing {left:.2f} s after; its record gone from the bucket within "
-        f"{expired:.2f} s of the load's end; the slowest request in flight at the kill finished {slowest:.2f} s "
-        f"after it; outcomes {dict(load.summary())}"
-    )
-    assert failures(load) == {}, (failures(load), dict(load.messages))
-    # Its streams move on when its lease runs out (not after the 60 s idle timeout of a stream).
-    assert slowest < LEASE + 8, slowest
-    victim.wait(10)
-    c.nats.start("h3")
-    c.nats.wait_for_meta_leader()
-    c.start_worker("b", "h3")
-    c.wait_instances(2)
+    try:
+        dead = instance_id(victim)
+        c.dead.add(dead)
+        start = time.monotonic()
+        # Its record leaves the bucket too when its lease runs out (the frontend's count above leaves
+        # out instances it found unreachable: the record itself must go, or it would linger forever).
+        wait_until(lambda: dead not in discovered(c), LEASE + 10, 0.2, "the dead worker's record to expire")
+        expired = time.monotonic() - start
+        print(
+            f"\nFIGURE cluster host kill: {len(load.outcomes)} requests at concurrency 8, worker and nats-server of "
+            f"h3 SIGKILLed; out of routing {left:.2f} s after; its record gone from the bucket within "
+            f"{expired:.2f} s of the load's end; the slowest request in flight at the kill finished {slowest:.2f} s "
+            f"after it; outcomes {dict(load.summary())}"
+        )
+        assert failures(load) == {}, (failures(load), dict(load.messages))
+        # Its streams move on when its lease runs out (not after the 60 s idle timeout of a stream).
+        assert slowest < LEASE + 8, slowest
+    finally:  # h3 back whatever the outcome: the module's later tests share this cluster
+        victim.wait(10)
+        c.nats.start("h3")
+        c.nats.wait_for_meta_leader()
+        c.start_worker("b", "h3")
+        c.wait_instances(2)
 
 
 def test_two_of_three_nats_servers_down_requests_still_flow_and_discovery_recovers(cluster: Cluster) -> None:
