@@ -1854,21 +1854,34 @@ def test_tool_turns_and_tools_reach_templates_as_vllm_renders_them() -> None:
     assert expected_tools[1]["function"]["description"] is None  # left out: null, as vLLM's type has it
 
 
-async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("leaves", ["before the error", "after the error"])
+async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(nats_server: NatsServer, leaves: str) -> None:
     """A stream cut mid-way when no other worker is in discovery (the live one's lease expired while
     JetStream elected a leader, seen in the cluster test): the migration waits for one to register,
-    longer than a fresh request's 3 s, and the client's stream ends whole."""
+    longer than a fresh request's 3 s, and the client's stream ends whole. The failed instance may
+    leave discovery only after its error arrives (seen in CI: the migration went straight back to
+    it and failed the request): the migration does not go back to it while it waits."""
     from dynamo_worker.core.request_plane import RequestError
     from dynamo_worker.core.runtime import Runtime
     from dynamo_worker.frontend.app import FrontendServer
-    from dynamo_worker.frontend.router import MIGRATION_WAIT, RECOVERY_WAIT
+    from dynamo_worker.frontend.router import MIGRATION_WAIT, RECOVERY_WAIT, TRIED_GRACE
 
     namespace = f"migwait{uuid.uuid4().hex[:8]}"
     record = {"model": "m", "model_path": "/m"}
+    calls_to_first = 0
+
+    async def withdraw_later() -> None:
+        await asyncio.sleep(TRIED_GRACE / 3)
+        await first.withdraw()
 
     async def failing(request: Any, context: Any) -> Any:
+        nonlocal calls_to_first
+        calls_to_first += 1
         yield {"token_ids": [7, 8]}
-        await first.withdraw()  # out of discovery, then the stream breaks: nowhere to go at once
+        if leaves == "before the error":
+            await first.withdraw()  # out of discovery, then the stream breaks: nowhere to go at once
+        else:
+            background.append(asyncio.create_task(withdraw_later()))
         raise RequestError("unavailable", "worker lost", retryable=True)
 
     async def finishing(request: Any, context: Any) -> Any:
@@ -1876,6 +1889,7 @@ async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(nats_
         yield {"token_ids": [9], "finish_reason": "length"}
 
     continued: list[Any] = []
+    background: list[asyncio.Task[None]] = []
     first = await Runtime.connect(nats_server.url, namespace)
     await first.serve_endpoint("backend", "generate", failing)
     await first.publish("backend", "generate", "decode", record)
@@ -1903,7 +1917,9 @@ async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(nats_
         assert [t for i in items for t in i.get("token_ids") or []] == [7, 8, 9]
         assert continued[0]["token_ids"] == [1, 2, 3, 7, 8] and continued[0]["stop_conditions"]["max_tokens"] == 1
         assert late <= waited < MIGRATION_WAIT
+        assert calls_to_first == 1
     finally:
+        await asyncio.gather(*background)
         await server.stop()
         for rt in (first, second, frontend):
             if rt is not None:

@@ -14,7 +14,7 @@ Before each try (the first, a retry, a migration) the router waits, up to :data:
 seconds (:data:`MIGRATION_WAIT` for a migration), until the NATS connection is up and some
 instance serves the model (at once when they are): during a NATS restart every try would otherwise
 fail at once, and the request with it, and just after one the workers take a moment to register
-again.
+again. A retry or migration waits its first :data:`TRIED_GRACE` s for an instance it has not tried.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ RECOVERY_WAIT = 3.0  # seconds a try waits for NATS and an instance of its model
 # the discovery bucket's leader): it registers again once JetStream answers, seconds later (seen:
 # 4.6 s after the expiry, on a loaded 2-core machine; the 3 s wait failed 4 of 8 streams).
 MIGRATION_WAIT = 15.0
+# How long a retry or a migration waits for an instance it has not tried before taking one that
+# failed it: the error can arrive before discovery's news that its instance left (a worker that
+# withdraws and then fails its streams), and the stale view would send the request straight back.
+TRIED_GRACE = 1.0
 
 
 def api_error(exc: RequestError) -> ApiError:
@@ -121,12 +125,17 @@ class Router:
             return record, request
         raise ApiError(503, f"no worker serves the model {model!r} right now; retry later", code="no_worker")
 
-    async def _recovered(self, model: str, wait: float = RECOVERY_WAIT) -> None:
-        """Wait (up to ``wait`` s) until NATS is connected and an instance serves ``model``; at once if so."""
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.bus_connected() and self.client.instances(lambda r: models.serves(r, model)):
-                return
+    async def _recovered(self, model: str, tried: set[str], wait: float = RECOVERY_WAIT) -> None:
+        """Wait (up to ``wait`` s) until NATS is connected and an instance serves ``model``; at once if so.
+
+        One not in ``tried`` is waited for during the first :data:`TRIED_GRACE` s.
+        """
+        start = time.monotonic()
+        while (waited := time.monotonic() - start) < wait:
+            if self.bus_connected():
+                live = self.client.instances(lambda r: models.serves(r, model))
+                if any(r.instance_id not in tried for r in live) or (live and waited >= TRIED_GRACE):
+                    return
             await asyncio.sleep(0.05)
 
     async def generate(self, model: str, payload: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
@@ -172,7 +181,7 @@ class Router:
         if prefill_result is not None:
             request = {**payload, "prefill_result": prefill_result}
         while True:
-            await self._recovered(model, MIGRATION_WAIT if migrations else RECOVERY_WAIT)
+            await self._recovered(model, tried, MIGRATION_WAIT if migrations else RECOVERY_WAIT)
             record, sent = self._pick(model, tried, request, request_id)
             tried.add(record.instance_id)
             try:
