@@ -1855,7 +1855,9 @@ def test_tool_turns_and_tools_reach_templates_as_vllm_renders_them() -> None:
 
 
 @pytest.mark.parametrize("leaves", ["before the error", "after the error"])
-async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(nats_server: NatsServer, leaves: str) -> None:
+async def test_a_migration_waits_for_a_worker_that_registers_seconds_later(
+    nats_server: NatsServer, leaves: str
+) -> None:
     """A stream cut mid-way when no other worker is in discovery (the live one's lease expired while
     JetStream elected a leader, seen in the cluster test): the migration waits for one to register,
     longer than a fresh request's 3 s, and the client's stream ends whole. The failed instance may
