@@ -372,6 +372,36 @@ class NatsCluster:
         meta = jsz.get("meta_cluster") or {}
         return meta.get("leader") or None
 
+    def lead_stream_from(self, stream: str, host: str, attempts: int = 30) -> None:
+        """Step ``stream``'s leader down until ``host``'s server leads it (each step-down hands the
+        lead to another replica at random), as seen from h1."""
+        import nats  # the test tools' client, not the worker's runtime
+
+        want = self.server_name(host)
+
+        async def body() -> None:
+            nc = await nats.connect(servers=self.urls(first="h1").split(","))
+            try:
+                leader = None
+                for _ in range(attempts):
+                    # After a server restart the stream can still be electing a leader (a test
+                    # that ran after the NATS-kill test timed out here): no answer is "no leader yet".
+                    try:
+                        msg = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)
+                        leader = (json.loads(msg.data).get("cluster") or {}).get("leader")
+                        if leader == want:
+                            return
+                        if leader:
+                            await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=2)
+                    except nats.errors.TimeoutError:
+                        leader = None
+                    await asyncio.sleep(0.5)
+                raise AssertionError(f"{want} did not lead {stream} after {attempts} step-downs (last: {leader})")
+            finally:
+                await nc.close()
+
+        self.bed.run_in("h1", body)
+
     def wait_for_meta_leader(self, timeout: float = 30, hosts: list[str] | None = None) -> str:
         """Wait until every running server (or ``hosts``) agrees on a JetStream meta leader."""
         deadline = time.monotonic() + timeout

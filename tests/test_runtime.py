@@ -188,6 +188,60 @@ async def test_an_instance_nobody_answers_for_leaves_routing_at_once(
         await dying.close()
 
 
+async def test_an_instance_whose_heartbeats_stop_leaves_routing_though_its_record_stays(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While JetStream elects a leader no lease expires (docs/architecture.md, Liveness): a cut-off
+    instance's record stays. Its missing core-NATS heartbeats take it out of routing after its
+    lease, and fail its open streams that hear nothing; its next heartbeat brings it back."""
+    caplog.set_level(logging.INFO)
+    worker, caller = await connect(nats_server, namespace, lease_ttl=1), await connect(nats_server, namespace)
+    started = asyncio.Event()
+
+    async def silent(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
+        started.set()
+        await asyncio.sleep(3600)  # a stream cut off with its host: nothing more arrives
+        yield {}
+
+    try:
+        await serve(worker, silent)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+
+        async def call() -> list[Any]:
+            return [x async for x in client.direct({}, worker.instance_id)]
+
+        open_stream = asyncio.create_task(call())
+        await asyncio.wait_for(started.wait(), 5)
+        # The worker goes silent, but its record stays: no keep-alive, no heartbeat, and the record
+        # written again without a TTL (as if JetStream could not expire it).
+        assert worker.discovery._keepalive is not None
+        worker.discovery._keepalive.cancel()
+        await worker.heartbeat.stop()
+        [record] = [r for r in client.watcher.records.values() if r.instance_id == worker.instance_id]
+        await (await worker.discovery.bucket()).put(record.key, wire.encode(record))
+        silenced = time.monotonic()
+        with pytest.raises(RequestError) as err:
+            await asyncio.wait_for(open_stream, 5)
+        failed_after = time.monotonic() - silenced
+        assert err.value.retryable, err.value
+        assert 1.0 <= failed_after < 3.0, failed_after  # its 1 s lease, the 0.5 s grace, a sweep
+        assert not client.instances() and worker.instance_id in caller.unreachable
+        assert list(client.watcher.records.values()) == [record]  # discovery still lists it
+        assert f"instance {worker.instance_id}: no heartbeat for" in caplog.text
+        # It beats again: back in routing, with no word from discovery.
+        worker.heartbeat.start()
+        for _ in range(30):
+            if client.instances():
+                break
+            await asyncio.sleep(0.1)
+        assert [r.instance_id for r in client.instances()] == [worker.instance_id]
+        assert f"instance {worker.instance_id} is heard again; back in routing" in caplog.text
+    finally:
+        await caller.close()
+        await worker.close()
+
+
 async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(
     nats_server: NatsServer, namespace: str
 ) -> None:

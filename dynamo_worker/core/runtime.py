@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from dynamo_worker.core import wire
 from dynamo_worker.core.discovery import BUCKET, Discovery, InstanceRecord, InstanceWatcher
 from dynamo_worker.core.errors import EngineDead, RuntimeUnavailable, UsageError
+from dynamo_worker.core.liveness import Heartbeat, LivenessWatch
 from dynamo_worker.core.nats_auth import redact
 from dynamo_worker.core.nats_plane import NatsCaller, NatsEndpoint, endpoint_subject, serve_cancels
 from dynamo_worker.core.request_plane import (
@@ -89,6 +90,9 @@ class Runtime:
         # out of routing until discovery hears from them again (a keep-alive) or their lease expires.
         self.unreachable: set[str] = set()
         self.streams.on_no_responders = self._mark_unreachable
+        # Heartbeats over core NATS (no JetStream needed): sent once discoverable, heard once calling.
+        self.heartbeat = Heartbeat(nc, namespace, self.instance_id, lease_ttl)
+        self.liveness = LivenessWatch(nc, namespace, self._on_silent, self.unreachable.discard)
         self._nats = NatsCaller(nc, self.streams, namespace, f"_DW.{self.instance_id}")
         # The plane every call of this process goes over, chosen once (a TCP caller reaches a
         # worker without a TCP address over NATS).
@@ -294,7 +298,9 @@ class Runtime:
             data,
             address=self.listener.address if self.listener is not None else "",
         )
-        return await self.discovery.register(record)
+        registered = await self.discovery.register(record)
+        self.heartbeat.start()  # until close, not withdraw: a draining instance's streams go on
+        return registered
 
     async def withdraw(self) -> None:
         """Leave discovery: peers stop routing new work here."""
@@ -323,6 +329,8 @@ class Runtime:
             w = InstanceWatcher(self.discovery, prefix)
             w.add_listener(self._on_discovery_change)
             w.start()
+            if not self.watchers:
+                self.liveness.start()
             self.watchers[prefix] = w
         return self.watchers[prefix]
 
@@ -333,15 +341,22 @@ class Runtime:
             )
             self.unreachable.add(instance_id)
 
+    def _on_silent(self, instance_id: str) -> None:
+        self.unreachable.add(instance_id)
+        self.streams.instance_gone(instance_id)
+
     def _on_discovery_change(self, key: str, record: InstanceRecord | None, expired: bool) -> None:
         instance_id = record.instance_id if record is not None else key.rpartition(".")[2]
         if instance_id in self.unreachable:
             self.unreachable.discard(instance_id)
             if record is not None:
                 log.info("instance %s is back in routing (discovery heard from it)", instance_id)
-        if record is None and expired:
-            # Only fail streams once the instance has no endpoint left anywhere.
-            if not any(r.instance_id == instance_id for w in self.watchers.values() for r in w.records.values()):
+        if record is not None:
+            self.liveness.track(instance_id, record.lease_ttl)
+        # Only forget it, and fail its streams, once the instance has no endpoint left anywhere.
+        elif not any(r.instance_id == instance_id for w in self.watchers.values() for r in w.records.values()):
+            self.liveness.forget(instance_id)
+            if expired:
                 self.streams.instance_gone(instance_id)
 
     def client(self, component: str, endpoint: str) -> Client:
@@ -399,6 +414,8 @@ class Runtime:
         await self.caller.close()
         for w in self.watchers.values():
             await w.stop()
+        await self.liveness.stop()
+        await self.heartbeat.stop()
         await self.discovery.close()
         if self.nc.is_closed:
             return
