@@ -238,13 +238,23 @@ async def test_sigkill_of_a_worker_mid_stream_migrates_every_request(deployment:
 
     before = recovered()
     engine_processes = child_pids(d.workers["b"].pid)
+    engine_cores = [p for p in engine_processes if "EngineCor" in process_name(p)]
+    assert engine_cores, "worker b has an engine-core child process"
     # Kill b while it generates (a request b never started is a retry, not a migration). The tiny
-    # model is fast: if b is already done when checked, run the load again; a few tries at most.
+    # model is fast: a stream seen in flight can end before the kill lands (CI once killed b for
+    # the 1 stream it had left, and nothing was interrupted). So b's engine is frozen first: what
+    # b still has in flight half a second later cannot finish, and the kill interrupts it. If b
+    # was already done, the engine thaws and the load runs again; a few tries at most.
     for _ in range(4):
         load = asyncio.create_task(run_load(d))
-        if at_kill := await d.generating("b", load):
-            d.workers["b"].signal(signal.SIGKILL)
-            break
+        if await d.generating("b", load):
+            _signal_all(engine_cores, signal.SIGSTOP)
+            await asyncio.sleep(0.5)  # the worker relays what the engine had already produced
+            if at_kill := await asyncio.to_thread(d.worker_inflight, "b"):
+                d.workers["b"].signal(signal.SIGKILL)
+                _signal_all(engine_cores, signal.SIGCONT)  # thawed, it sees its parent gone and exits
+                break
+            _signal_all(engine_cores, signal.SIGCONT)
         assert all(r["text"] == expected for r in await load)
     else:
         raise AssertionError("worker b was never caught mid-stream")
@@ -280,6 +290,11 @@ async def test_a_dead_engine_takes_its_worker_down_with_exit_1_and_out_of_routin
     with pytest.raises(openai.APIStatusError) as err:
         client.completions.create(model="tiny", prompt="hello", max_tokens=2)
     assert err.value.status_code == 503
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        os.kill(pid, sig)
 
 
 def _alive(pid: int) -> bool:
