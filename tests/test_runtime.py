@@ -242,6 +242,29 @@ async def test_an_instance_whose_heartbeats_stop_leaves_routing_though_its_recor
         await worker.close()
 
 
+async def test_a_caller_whose_event_loop_was_held_up_judges_no_instance_silent(
+    nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frontend whose loop stalls past its workers' leases (a starved machine) has their beats
+    unread in its socket: it must read them before judging, not take every worker out at once."""
+    caplog.set_level(logging.INFO)
+    worker, caller = await connect(nats_server, namespace, lease_ttl=1), await connect(nats_server, namespace)
+    try:
+        await serve(worker)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+        await asyncio.sleep(0.5)  # the watch is subscribed and has heard a beat
+        for _ in range(3):
+            time.sleep(1.6)  # held up past the 1 s lease (the worker's beats too: one process)
+            await asyncio.sleep(1.0)
+            assert [r.instance_id for r in client.instances()] == [worker.instance_id]
+        assert "no heartbeat" not in caplog.text
+        assert [x async for x in client.direct({"n": 2}, worker.instance_id)] == [{"i": 0}, {"i": 1}]
+    finally:
+        await caller.close()
+        await worker.close()
+
+
 async def test_a_caller_that_goes_away_cancels_the_request_on_the_worker(
     nats_server: NatsServer, namespace: str
 ) -> None:

@@ -10,7 +10,8 @@ routing and fails its open streams that receive no frames either (:meth:`StreamR
 It is back in routing at its next heartbeat.
 
 Only instances in the caller's discovery view with a lease (records of older writers say 0) are
-judged, and none while this process's own NATS connection is down or just back (a lease of grace).
+judged, and none while this process's own NATS connection is down or just back (a lease of grace),
+nor just after its own event loop was held up (the beats it missed are still unread).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from dynamo_worker.core.discovery import cancel_and_wait
 log = logging.getLogger(__name__)
 
 SUBJECT_PREFIX = "_DWALIVE"
+SWEEP_INTERVAL = 0.1
+# A sweep this late means our own event loop stalled; verdicts wait this long after it.
+LAG_GRACE = 0.5
 
 
 def heartbeat_subject(namespace: str, instance_id: str) -> str:
@@ -112,9 +116,15 @@ class LivenessWatch:
     async def _sweep(self) -> None:
         self._sub = await self.nc.subscribe(f"{SUBJECT_PREFIX}.{self.namespace}.*", cb=self._on_beat)
         was_connected = True
+        last_sweep = time.monotonic()
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
+            if now - last_sweep > LAG_GRACE:
+                # This process's event loop was held up: the beats that arrived meanwhile are still
+                # unread in the socket, so judge once they are (not every instance silent at once).
+                self._judging_from = max(self._judging_from, now + LAG_GRACE)
+            last_sweep = now
             connected = self.nc.is_connected
             if connected and not was_connected:  # beats were lost on our side: a lease of grace
                 self._judging_from = now + max(self.leases.values(), default=0.0)
