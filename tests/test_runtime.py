@@ -242,6 +242,42 @@ async def test_an_instance_whose_heartbeats_stop_leaves_routing_though_its_recor
         await worker.close()
 
 
+async def test_two_suspicions_of_one_instance_fail_its_silent_stream_after_one_grace(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    """Its heartbeats and its lease lapse together: two suspicions. The second once ended the
+    first's grace and the stream then waited out the 60 s idle timeout (a CI-style run of
+    test_a_killed_process_leaves_discovery_within_its_lease)."""
+    worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
+    started = asyncio.Event()
+
+    async def silent(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
+        started.set()
+        await asyncio.sleep(3600)
+        yield {}
+
+    try:
+        await serve(worker, silent)
+        client = caller.client("math", "count")
+        await client.wait_for_instances(5)
+
+        async def call() -> list[Any]:
+            return [x async for x in client.direct({}, worker.instance_id)]
+
+        open_stream = asyncio.create_task(call())
+        await asyncio.wait_for(started.wait(), 5)
+        caller.streams.instance_gone(worker.instance_id)
+        caller.streams.instance_gone(worker.instance_id)
+        suspected = time.monotonic()
+        with pytest.raises(RequestError) as err:
+            await asyncio.wait_for(open_stream, 5)
+        assert err.value.retryable and "went away" in err.value.message, err.value
+        assert time.monotonic() - suspected < 1.5
+    finally:
+        await caller.close()
+        await worker.close()
+
+
 async def test_a_caller_whose_event_loop_was_held_up_judges_no_instance_silent(
     nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
