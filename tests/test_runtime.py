@@ -23,7 +23,7 @@ from dynamo_worker.core import discovery, wire
 from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.errors import RuntimeUnavailable
 from dynamo_worker.core.request_plane import RequestContext, RequestError
-from dynamo_worker.core.runtime import Runtime
+from dynamo_worker.core.runtime import Client, Runtime
 from tests.helpers import NatsServer, WorkerProcess, slow_counter
 
 PLANE = {"name": "tcp"}
@@ -188,6 +188,29 @@ async def test_an_instance_nobody_answers_for_leaves_routing_at_once(
         await dying.close()
 
 
+async def open_silent_stream(worker: Runtime, caller: Runtime) -> tuple[Client, asyncio.Task[list[Any]]]:
+    """``worker`` serves a handler that never answers (a stream cut off with its host: nothing more
+    arrives); the caller opens one stream to it. Returns the client and the stream's task, once
+    the handler runs."""
+    started = asyncio.Event()
+
+    async def silent(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
+        started.set()
+        await asyncio.sleep(3600)
+        yield {}
+
+    await serve(worker, silent)
+    client = caller.client("math", "count")
+    await client.wait_for_instances(5)
+
+    async def call() -> list[Any]:
+        return [x async for x in client.direct({}, worker.instance_id)]
+
+    open_stream = asyncio.create_task(call())
+    await asyncio.wait_for(started.wait(), 5)
+    return client, open_stream
+
+
 async def test_an_instance_whose_heartbeats_stop_leaves_routing_though_its_record_stays(
     nats_server: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -196,23 +219,8 @@ async def test_an_instance_whose_heartbeats_stop_leaves_routing_though_its_recor
     lease, and fail its open streams that hear nothing; its next heartbeat brings it back."""
     caplog.set_level(logging.INFO)
     worker, caller = await connect(nats_server, namespace, lease_ttl=1), await connect(nats_server, namespace)
-    started = asyncio.Event()
-
-    async def silent(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
-        started.set()
-        await asyncio.sleep(3600)  # a stream cut off with its host: nothing more arrives
-        yield {}
-
     try:
-        await serve(worker, silent)
-        client = caller.client("math", "count")
-        await client.wait_for_instances(5)
-
-        async def call() -> list[Any]:
-            return [x async for x in client.direct({}, worker.instance_id)]
-
-        open_stream = asyncio.create_task(call())
-        await asyncio.wait_for(started.wait(), 5)
+        client, open_stream = await open_silent_stream(worker, caller)
         # The worker goes silent, but its record stays: no keep-alive, no heartbeat, and the record
         # written again without a TTL (as if JetStream could not expire it).
         assert worker.discovery._keepalive is not None
@@ -249,23 +257,8 @@ async def test_two_suspicions_of_one_instance_fail_its_silent_stream_after_one_g
     first's grace and the stream then waited out the 60 s idle timeout (a CI-style run of
     test_a_killed_process_leaves_discovery_within_its_lease)."""
     worker, caller = await connect(nats_server, namespace), await connect(nats_server, namespace)
-    started = asyncio.Event()
-
-    async def silent(request: Any, context: RequestContext) -> AsyncIterator[dict[str, int]]:
-        started.set()
-        await asyncio.sleep(3600)
-        yield {}
-
     try:
-        await serve(worker, silent)
-        client = caller.client("math", "count")
-        await client.wait_for_instances(5)
-
-        async def call() -> list[Any]:
-            return [x async for x in client.direct({}, worker.instance_id)]
-
-        open_stream = asyncio.create_task(call())
-        await asyncio.wait_for(started.wait(), 5)
+        _, open_stream = await open_silent_stream(worker, caller)
         caller.streams.instance_gone(worker.instance_id)
         caller.streams.instance_gone(worker.instance_id)
         suspected = time.monotonic()
