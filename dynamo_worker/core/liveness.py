@@ -10,8 +10,12 @@ routing and fails its open streams that receive no frames either (:meth:`StreamR
 It is back in routing at its next heartbeat.
 
 Only instances in the caller's discovery view with a lease (records of older writers say 0) are
-judged, and none while this process's own NATS connection is down or just back (a lease of grace),
-nor just after its own event loop was held up (the beats it missed are still unread).
+judged, and none while this process's own NATS connection is down or just back (a lease of grace).
+Silence is measured up to what this process has read, not up to its clock: each sweep publishes a
+probe on the same subscription's subjects, and an instance is judged against the send time of the
+newest probe read back. A process whose event loop or subscription lags (a starved machine, a
+frontend stalled 1.6 s) has every beat the server held before that probe read already, so lag
+alone never makes an instance silent.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +35,6 @@ log = logging.getLogger(__name__)
 
 SUBJECT_PREFIX = "_DWALIVE"
 SWEEP_INTERVAL = 0.1
-# A sweep this late means our own event loop stalled; verdicts wait this long after it.
-LAG_GRACE = 0.5
 
 
 def heartbeat_subject(namespace: str, instance_id: str) -> str:
@@ -84,6 +87,8 @@ class LivenessWatch:
         self._sub: Any = None
         self._sweeper: asyncio.Task[None] | None = None
         self._judging_from = 0.0  # no verdicts before this (monotonic): this process's own connection
+        self._probe_subject = heartbeat_subject(namespace, f"_probe{uuid.uuid4().hex}")
+        self._read_up_to = 0.0  # send time (monotonic) of the newest probe read back
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="liveness-sweep")
@@ -102,6 +107,9 @@ class LivenessWatch:
         self.silent.discard(instance_id)
 
     async def _on_beat(self, msg: Any) -> None:
+        if msg.subject == self._probe_subject:
+            self._read_up_to = max(self._read_up_to, float(msg.data))
+            return
         instance_id = msg.subject.rpartition(".")[2]
         if instance_id in self.leases:
             self._heard(instance_id)
@@ -116,23 +124,19 @@ class LivenessWatch:
     async def _sweep(self) -> None:
         self._sub = await self.nc.subscribe(f"{SUBJECT_PREFIX}.{self.namespace}.*", cb=self._on_beat)
         was_connected = True
-        last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
-            if now - last_sweep > LAG_GRACE:
-                # This process's event loop was held up: the beats that arrived meanwhile are still
-                # unread in the socket, so judge once they are (not every instance silent at once).
-                self._judging_from = max(self._judging_from, now + LAG_GRACE)
-            last_sweep = now
             connected = self.nc.is_connected
+            if connected:
+                await self.nc.publish(self._probe_subject, repr(now).encode())
             if connected and not was_connected:  # beats were lost on our side: a lease of grace
                 self._judging_from = now + max(self.leases.values(), default=0.0)
             was_connected = connected
             if not connected or now < self._judging_from:
                 continue
             for instance_id, lease in self.leases.items():
-                quiet = now - self.last_heard[instance_id]
+                quiet = self._read_up_to - self.last_heard[instance_id]
                 if quiet > lease and instance_id not in self.silent:
                     self.silent.add(instance_id)
                     log.warning(
