@@ -380,13 +380,12 @@ class StreamRouter:
                     # Alive if a frame arrives within the grace, whatever its lease said. A second
                     # suspicion (its heartbeats and its lease both lapse) does not end the grace:
                     # it once did, and the stream then waited out the 60 s idle timeout.
-                    grace_ends = asyncio.get_running_loop().time() + GONE_GRACE
-                    while item is _SUSPECT:
-                        left = grace_ends - asyncio.get_running_loop().time()
-                        try:
-                            item = await asyncio.wait_for(queue.get(), max(0.0, left))
-                        except asyncio.TimeoutError:
-                            raise InstanceGone(instance_id) from None
+                    try:
+                        async with asyncio.timeout(GONE_GRACE):
+                            while item is _SUSPECT:
+                                item = await queue.get()
+                    except TimeoutError:
+                        raise InstanceGone(instance_id) from None
                 items: list[Any] = []
                 error: RequestError | None = None
                 ended = False
