@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dynamo_worker.frontend.kv_cost import ActiveLoad, KvSelector, expected_blocks
+from dynamo_worker.frontend.kv_cost import ActiveLoad, Decision, KvSelector, expected_blocks
 from dynamo_worker.frontend.kv_index import ApproxIndex, KvIndex, MmPlaceholder, WorkerKey, prompt_hashes
 
 BS = 4  # block size of most tests: small prompts, several blocks
@@ -454,6 +454,53 @@ def test_a_hot_prefix_gets_a_second_holder_below_saturation() -> None:
     for i in range(3, 5):  # A runs 5 (all of the prefix), C 2: the rule would skip A, were the load lighter
         load.start(f"hot{i}", A, 40, shared=[*system, 1000 + i])
     assert selector.crowded([A, B, C], [A, B, C], {A: 5}, load) == set()
+
+
+def test_a_prefix_with_a_large_share_of_the_traffic_balances_the_workers_at_one_request_each() -> None:
+    """On 2 workers at one request per worker no in-flight count separates them, and a tenant
+    sending half the traffic kept one holder (2.05x the other's requests). Once its prefix is in at
+    least 1/(N+1) of the last requests routed, its request goes to the worker the window served
+    least; a tenant of an ordinary share keeps its holder."""
+    load, selector = ActiveLoad(), KvSelector(rng=random.Random(0))
+    hot_system, cold_system = list(range(100, 132)), list(range(300, 332))
+    routed = 0
+
+    def route(worker: WorkerKey, system: list[int]) -> None:
+        nonlocal routed
+        load.start(f"r{routed}", worker, 40, shared=[*system, 5000 + routed])
+        load.finish(f"r{routed}")
+        routed += 1
+
+    def choose(system: list[int]) -> Decision:
+        hashes = [*system, 9999]
+        return selector.choose([A, B], 33, {A: 32}, load, hashes=hashes)
+
+    # Until 32 requests are routed the share is not judged.
+    for i in range(31):
+        route(A, hot_system if i % 2 else cold_system)
+    assert load.window_size() == 31 and choose(hot_system).worker == A
+    route(B, cold_system)
+    # 32 routed, 15 of them the hot prefix's (>= 32/3), A served 31 and B 1: the hot request goes to
+    # B; a prefix of an ordinary share stays on its holder A.
+    decision = choose(hot_system)
+    assert (decision.worker, decision.balance_skipped, decision.away_from_holder) == (B, 1, "balance")
+    rare = list(range(700, 732))
+    route(A, rare)
+    assert load.window_sharing([*rare, 1], 17) == 1 and choose(rare).worker == A
+    # Within SHARE_MARGIN requests of each other the cache decides again (the prefix still hot: 44 of 62).
+    for _ in range(29):
+        route(B, hot_system)
+    assert (load.window_routed(A), load.window_routed(B), load.window_sharing([*hot_system, 1], 17)) == (32, 30, 44)
+    assert choose(hot_system).worker == A
+    # The window keeps the last 64 requests: the oldest (A's first 8) fall out.
+    for _ in range(10):
+        route(B, rare)
+    assert load.window_size() == 64 and load.window_routed(A) == 24
+    # The depth is half the prompt: a shared opening (a chat template's) of a quarter of it is not a prefix.
+    template = hot_system[:8]
+    assert load.window_sharing([*template, *range(900, 924), 1], 17) == 0
+    # Dynamo's choice unchanged: no such rule.
+    assert KvSelector(balance_abs=None).spread_hot([A, B], [A, B], [*hot_system, 1], load) == [A, B]
 
 
 def test_a_prefix_no_worker_holds_goes_to_the_worker_with_the_least_recent_traffic() -> None:

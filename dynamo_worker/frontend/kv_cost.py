@@ -70,6 +70,17 @@ shrank with the load for every request spread the hot tenant too (1.81x) but sen
 the uniform trace away from their holder and cost a tenth of its hit rate; this rule fires only
 for a prefix that by itself fills a worker's share (docs/performance.md, "Below saturation").
 
+**A hot prefix by its share of the traffic** (:meth:`KvSelector.spread_hot`, with the balance
+slack on): when the first half of a request's prompt is in at least 1/(N+1) of the last
+``SHARE_WINDOW`` (64) requests this router routed to N workers (judged once it has routed 32),
+its requests balance the workers: such a request goes only to a candidate that the window sent at
+most ``SHARE_MARGIN`` (2) requests more than the least-served one. The rule above needs two of the
+prefix's requests in flight on one worker, which never happens at one request per worker: on 2
+workers a tenant sending half the traffic kept one holder, which served 2.05x the requests of the
+other. Half the prompt, because a prefix worth a copy on a second worker is a large part of its
+requests; a chat template's opening that every request shares is not. Tenants of equal traffic
+stay where they are: 8 of them (1/8 each) are below the share on up to 6 workers.
+
 ``balance_abs=None`` is Dynamo's choice unchanged (``cost`` below for every candidate).
 
 **Prefill queue** (``prefill_queue``, ``--kv-prefill-queue``; Dynamo's newer router): the prefill
@@ -92,6 +103,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -113,6 +125,12 @@ BALANCE_REL = 1.5
 HOT_PREFIX_REQUESTS = 2
 # Time constant of the recent-requests count that breaks ties (module docstring).
 RECENT_SECONDS = 30.0
+# The hot-prefix share rule (module docstring): the last requests routed that a prefix's share is
+# judged over, how many must have been routed before it judges, and how many more of them than
+# the least-served candidate a worker may have had before a hot prefix's request passes it by.
+SHARE_WINDOW = 64
+SHARE_WINDOW_MIN = 32
+SHARE_MARGIN = 2
 
 
 def expected_blocks(
@@ -162,6 +180,8 @@ class ActiveLoad:
         self._queued: dict[WorkerKey, int] = {}
         # Requests routed to each worker, decayed over RECENT_SECONDS: (count, clock when counted).
         self._recent: dict[WorkerKey, tuple[float, float]] = {}
+        # The last SHARE_WINDOW requests routed: (worker, their prompt's router hashes).
+        self._window: deque[tuple[WorkerKey, tuple[int, ...]]] = deque(maxlen=SHARE_WINDOW)
 
     def start(
         self, request_id: str, worker: WorkerKey, blocks: int, shared: Sequence[int] = (), prefill_blocks: int = 0
@@ -184,6 +204,7 @@ class ActiveLoad:
             refs[h] = refs.get(h, 0) + 1
         self._counts[worker] = self._counts.get(worker, 0) + 1
         self._recent[worker] = (self.recent(worker) + 1.0, self.clock())
+        self._window.append((worker, tuple(shared)))
         if prefill_blocks > 0:
             self._prefill[request_id] = (worker, prefill_blocks)
             self._queued[worker] = self._queued.get(worker, 0) + prefill_blocks
@@ -195,6 +216,22 @@ class ActiveLoad:
             return 0.0
         count, at = found
         return count * math.exp(-(self.clock() - at) / RECENT_SECONDS)
+
+    def window_size(self) -> int:
+        """Requests in the share window (at most SHARE_WINDOW, the last routed)."""
+        return len(self._window)
+
+    def window_sharing(self, hashes: Sequence[int], depth: int) -> int:
+        """Requests in the share window whose prompts hold the first ``depth`` of ``hashes``
+        (chained: the same hash at that depth is the same prefix)."""
+        if depth <= 0 or depth > len(hashes):
+            return 0
+        key = hashes[depth - 1]
+        return sum(1 for _, held in self._window if len(held) >= depth and held[depth - 1] == key)
+
+    def window_routed(self, worker: WorkerKey) -> int:
+        """Requests in the share window routed to ``worker``."""
+        return sum(1 for routed, _ in self._window if routed == worker)
 
     def prefill_done(self, request_id: str) -> None:
         """The request's first token arrived: its prefill no longer queues on its worker."""
@@ -420,6 +457,22 @@ class KvSelector:
         least = min(load.in_flight(w) for w in candidates)
         return {w for w in candidates if sharing.get(w, 0) >= fair and load.in_flight(w) - least > 1}
 
+    def spread_hot(
+        self, workers: Sequence[WorkerKey], candidates: Sequence[WorkerKey], hashes: Sequence[int], load: ActiveLoad
+    ) -> list[WorkerKey]:
+        """For a request whose prefix is hot by its share of the traffic (module docstring): the
+        candidates that the share window sent at most SHARE_MARGIN requests more than the least
+        served one; for any other request, all of them."""
+        depth = -(-len(hashes) // 2)  # half its prompt: a chat template's opening is not a prefix
+        seen = load.window_size()
+        if self.balance_abs is None or depth == 0 or seen < SHARE_WINDOW_MIN or len(candidates) < 2:
+            return list(candidates)
+        if load.window_sharing(hashes, depth) * (len(workers) + 1) < seen:
+            return list(candidates)
+        routed = {w: load.window_routed(w) for w in candidates}
+        least = min(routed.values())
+        return [w for w in candidates if routed[w] - least <= SHARE_MARGIN]
+
     def is_busy(self, worker: WorkerKey, load: ActiveLoad, running_shared: int = 0, request_blocks: int = 0) -> bool:
         """Over the busy threshold, unless the request's first ``running_shared`` prompt blocks are
         in use by requests running there and the rest of its ``request_blocks`` fit in the worker's
@@ -455,6 +508,7 @@ class KvSelector:
         running_shared: Mapping[WorkerKey, int] | None = None,
         request_blocks: int = 0,
         running_sharing: Mapping[WorkerKey, int] | None = None,
+        hashes: Sequence[int] = (),
     ) -> Decision:
         """The worker for a request of ``prompt_blocks`` blocks among ``workers`` (not empty).
 
@@ -463,7 +517,8 @@ class KvSelector:
         request will occupy (:func:`expected_blocks`). With both, a worker over the busy threshold
         stays a candidate if the request's own blocks fit (:meth:`is_busy`). ``running_sharing``:
         per worker, its requests in flight that share that prefix (:meth:`ActiveLoad.sharing`), for
-        the hot-prefix rule (:meth:`crowded`)."""
+        the hot-prefix rule (:meth:`crowded`). ``hashes``: the prompt's router hashes, for the
+        hot-prefix share rule (:meth:`spread_hot`)."""
         if not workers:
             raise ValueError("no candidate workers")
         shared = running_shared or {}
@@ -482,6 +537,7 @@ class KvSelector:
             crowded = self.crowded(workers, candidates, running_sharing or {}, load)
             if crowded and len(crowded) < len(candidates):
                 candidates = [w for w in candidates if w not in crowded]
+            candidates = self.spread_hot(workers, candidates, hashes, load)
         decode = [load.decode_blocks(w) for w in candidates]
         terms = self.decode_terms(decode, prompt_blocks)
         costs = [

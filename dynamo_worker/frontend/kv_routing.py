@@ -247,6 +247,7 @@ class KvRouting:
             running_sharing={
                 w: self.load.sharing(w, hashes_by_size[_block_size(r)], pending[w]) for w, r in by_worker.items()
             },
+            hashes=hashes_by_size[block_size],
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
