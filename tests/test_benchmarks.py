@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import failover, report
+from benchmarks import failover, kv_routing, report
 from benchmarks.config import BASELINE, REPO_ROOT, SAME_LAYOUT_BASELINE
 
 
@@ -141,3 +141,18 @@ def test_the_discovery_scale_benchmark_sees_every_simulated_worker_routable(tmp_
     }
     assert result["per_instance_vs_smallest"]["keepalive_msgs_per_s"] == {"20": 1.0}
     assert "| 20 |" in done.stdout and "per-instance figures as ratios" in done.stdout
+
+
+def test_the_kv_routing_ceilings_hold_their_hand_made_cases_and_the_clusters_lies_between() -> None:
+    """The cluster's ceiling (one cache of every worker's blocks, Belady eviction) on the
+    benchmark's trace lies between what the system prompts alone give and the infinite cache's,
+    and equals the latter once every distinct block fits."""
+    kv_routing.self_check()
+    shape = kv_routing.TraceShape()
+    trace = kv_routing.make_trace(shape)
+    plan = kv_routing.cache_plan(shape, 32, 3, 3, 1.25)
+    ceiling = kv_routing.trace_ceiling(trace, shape, 32, (plan.blocks_per_worker - 1) * 3)
+    assert ceiling.capacity_rate is not None
+    assert ceiling.system_rate < ceiling.capacity_rate < ceiling.rate, ceiling
+    roomy = kv_routing.trace_ceiling(trace, shape, 32, ceiling.distinct_blocks)
+    assert roomy.capacity_hits == roomy.hits

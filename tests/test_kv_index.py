@@ -492,10 +492,16 @@ def test_a_prefix_with_a_large_share_of_the_traffic_balances_the_workers_at_one_
         route(B, hot_system)
     assert (load.window_routed(A), load.window_routed(B), load.window_sharing([*hot_system, 1], 17)) == (32, 30, 44)
     assert choose(hot_system).worker == A
-    # The window keeps the last 64 requests: the oldest (A's first 8) fall out.
+    # Of the workers within the margin, one running the fewest requests: the idle B, though A holds more.
+    route(B, hot_system)
+    load.start("running", A, 40, shared=[*hot_system, 7777])  # A 33, B 31
+    decision = choose(hot_system)
+    assert (decision.worker, decision.away_from_holder) == (B, "balance")
+    load.finish("running")
+    # The window keeps the last 64 requests: the oldest (A's first 10) fall out.
     for _ in range(10):
         route(B, rare)
-    assert load.window_size() == 64 and load.window_routed(A) == 24
+    assert load.window_size() == 64 and load.window_routed(A) == 23
     # The depth is half the prompt: a shared opening (a chat template's) of a quarter of it is not a prefix.
     template = hot_system[:8]
     assert load.window_sharing([*template, *range(900, 924), 1], 17) == 0
