@@ -431,7 +431,8 @@ def greedy_answers(c: Cluster) -> dict[str, list[tuple[str, str]]]:
 async def cut_mid_stream(c: Cluster) -> dict[str, Any]:
     """An unmigrated stream of CUT_TOKENS first, then eight at once; once each of the eight has
     streamed text and h2's worker is generating, h2's link goes down until they end. Again (at most
-    CUT_ATTEMPTS times) if the frontend recovered nothing: h2's streams had ended first."""
+    CUT_ATTEMPTS times) if the frontend recovered nothing (h2's streams had ended first), or if every
+    stream ended before one on h2 was seen running."""
     client = openai.AsyncOpenAI(base_url=f"{c.base}/v1", api_key="unused", max_retries=0, timeout=120)
     chunks: list[int] = []
 
@@ -470,8 +471,17 @@ async def cut_mid_stream(c: Cluster) -> dict[str, Any]:
             load = asyncio.gather(*(one(i) for i in range(8)))
             deadline = time.monotonic() + 60
             while min(chunks) < 1 or await asyncio.to_thread(served, c, "h2", "dynamo_component_inflight_requests") < 1:
-                assert not load.done() and time.monotonic() < deadline, f"never mid-stream on h2: chunks {chunks}"
+                if load.done():
+                    break
+                assert time.monotonic() < deadline, f"never mid-stream on h2: chunks {chunks}"
                 await asyncio.sleep(0.01)
+            if load.done():
+                # Every stream ended before one on h2 was seen running (seen once in CI, chunks
+                # [256, 142, 255, 137, ...]: the tiny model is fast): whole all the same; again.
+                results = await load
+                assert all(r["text"] == reference["text"] for r in results), results
+                assert attempt < CUT_ATTEMPTS, f"never mid-stream on h2 in {CUT_ATTEMPTS} attempts: chunks {chunks}"
+                continue
             at_cut = list(chunks)
             await asyncio.to_thread(c.bed.link_down, "h2")
             cut = time.monotonic()
