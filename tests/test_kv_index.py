@@ -509,6 +509,28 @@ def test_a_prefix_with_a_large_share_of_the_traffic_balances_the_workers_at_one_
     assert KvSelector(balance_abs=None).spread_hot([A, B], [A, B], [*hot_system, 1], load) == [A, B]
 
 
+def test_once_the_share_window_judges_a_prefix_of_an_ordinary_share_keeps_its_holder() -> None:
+    """The hot-prefix rule moved 5-6 requests per uniform 3-worker trace off their holder, each a
+    system prompt computed again. Once 32 requests are routed, only a prefix hot by its share moves."""
+    load, selector = ActiveLoad(), KvSelector(rng=random.Random(0))
+    tenants = [list(range(100 * t, 100 * t + 32)) for t in range(1, 9)]
+    for i in range(32):  # 8 tenants, 4 requests each: 1/8 of the window, under 1/4
+        load.start(f"w{i}", (A, B, C)[i % 3], 40, shared=[*tenants[i % 8], 5000 + i])
+        load.finish(f"w{i}")
+    system = tenants[0]
+    load.start("x0", A, 40, shared=[*system, 1000])
+    load.start("x1", A, 40, shared=[*system, 1001])
+    hashes = [*system, 2000]
+    depth = {A: load.in_flight_prefix(A, hashes), B: 0, C: 0}
+    sharing = {w: load.sharing(w, hashes, d) for w, d in depth.items()}
+    assert KvSelector.share([A, B, C], hashes, load) is False
+    kept = selector.choose([A, B, C], 33, {A: 32}, load, running_shared=depth, running_sharing=sharing, hashes=hashes)
+    assert (kept.worker, kept.balance_skipped) == (A, 0)
+    # Before the window judges (here: no hashes given), the rule moves it as before.
+    moved = selector.choose([A, B, C], 33, {A: 32}, load, running_shared=depth, running_sharing=sharing)
+    assert moved.worker in (B, C) and moved.away_from_holder == "balance"
+
+
 def test_a_prefix_no_worker_holds_goes_to_the_worker_with_the_least_recent_traffic() -> None:
     """Below saturation workers are often all idle: a random tie placed new tenants by chance."""
     now = [0.0]

@@ -459,17 +459,23 @@ class KvSelector:
         least = min(load.in_flight(w) for w in candidates)
         return {w for w in candidates if sharing.get(w, 0) >= fair and load.in_flight(w) - least > 1}
 
+    @staticmethod
+    def share(workers: Sequence[WorkerKey], hashes: Sequence[int], load: ActiveLoad) -> bool | None:
+        """Whether the first half of the prompt (``hashes``) is in at least 1/(N+1) of the share
+        window's requests, N = len(workers); None until the window holds SHARE_WINDOW_MIN."""
+        depth = -(-len(hashes) // 2)  # half its prompt: a chat template's opening is not a prefix
+        seen = load.window_size()
+        if depth == 0 or seen < SHARE_WINDOW_MIN:
+            return None
+        return load.window_sharing(hashes, depth) * (len(workers) + 1) >= seen
+
     def spread_hot(
         self, workers: Sequence[WorkerKey], candidates: Sequence[WorkerKey], hashes: Sequence[int], load: ActiveLoad
     ) -> list[WorkerKey]:
         """For a request whose prefix is hot by its share of the traffic (module docstring): the
         candidates that the share window sent at most SHARE_MARGIN requests more than the least
         served one; for any other request, all of them."""
-        depth = -(-len(hashes) // 2)  # half its prompt: a chat template's opening is not a prefix
-        seen = load.window_size()
-        if self.balance_abs is None or depth == 0 or seen < SHARE_WINDOW_MIN or len(candidates) < 2:
-            return list(candidates)
-        if load.window_sharing(hashes, depth) * (len(workers) + 1) < seen:
+        if self.balance_abs is None or len(candidates) < 2 or not self.share(workers, hashes, load):
             return list(candidates)
         routed = {w: load.window_routed(w) for w in candidates}
         least = min(routed.values())
@@ -540,7 +546,10 @@ class KvSelector:
         if self.balance_abs is not None:
             least = min(load.in_flight(w) for w in candidates)
             candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least)]
-            crowded = self.crowded(workers, candidates, running_sharing or {}, load)
+            # Once the share window judges, a prefix of an ordinary share keeps its holder (its
+            # moves cost hit rate), and a hot one is spread by spread_hot.
+            judged = self.share(workers, hashes, load) is not None
+            crowded = set() if judged else self.crowded(workers, candidates, running_sharing or {}, load)
             if crowded and len(crowded) < len(candidates):
                 candidates = [w for w in candidates if w not in crowded]
             candidates = self.spread_hot(workers, candidates, hashes, load)
