@@ -925,8 +925,7 @@ def table(per_arm: dict[str, dict[str, Any]]) -> str:
     header = (
         "| arm | prefix-cache hit rate (x ceiling, x cluster ceiling) | TTFT p50 ms | TTFT p99 ms "
         "| tenant 0 TTFT p99 ms | output tok/s | requests per worker (max/min) | predicted = actual "
-        "| decision p99 | preemptions "
-        "| errors |"
+        "| decision p99 | preemptions | errors |"
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, f in per_arm.items():

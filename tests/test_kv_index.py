@@ -506,7 +506,8 @@ def test_a_prefix_with_a_large_share_of_the_traffic_balances_the_workers_at_one_
     template = hot_system[:8]
     assert load.window_sharing([*template, *range(900, 924), 1], 17) == 0
     # Dynamo's choice unchanged: no such rule.
-    assert KvSelector(balance_abs=None).spread_hot([A, B], [A, B], [*hot_system, 1], load) == [A, B]
+    assert KvSelector.share([A, B], [*hot_system, 1], load) is True
+    assert KvSelector(balance_abs=None).spread_hot([A, B], True, load) == [A, B]
 
 
 def test_once_the_share_window_judges_a_prefix_of_an_ordinary_share_keeps_its_holder() -> None:

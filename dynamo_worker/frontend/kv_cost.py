@@ -473,13 +473,11 @@ class KvSelector:
             return None
         return load.window_sharing(hashes, depth) * (len(workers) + 1) >= seen
 
-    def spread_hot(
-        self, workers: Sequence[WorkerKey], candidates: Sequence[WorkerKey], hashes: Sequence[int], load: ActiveLoad
-    ) -> list[WorkerKey]:
-        """For a request whose prefix is hot by its share of the traffic (module docstring): the
+    def spread_hot(self, candidates: Sequence[WorkerKey], hot: bool | None, load: ActiveLoad) -> list[WorkerKey]:
+        """For a request whose prefix is ``hot`` by its share of the traffic (:meth:`share`): the
         candidates that the share window sent at most SHARE_MARGIN requests more than the least
         served one; for any other request, all of them."""
-        if self.balance_abs is None or len(candidates) < 2 or not self.share(workers, hashes, load):
+        if self.balance_abs is None or len(candidates) < 2 or not hot:
             return list(candidates)
         routed = {w: load.window_routed(w) for w in candidates}
         least = min(routed.values())
@@ -552,11 +550,11 @@ class KvSelector:
             candidates = [w for w in candidates if not self.is_overloaded(load.in_flight(w), least)]
             # Once the share window judges, a prefix of an ordinary share keeps its holder (its
             # moves cost hit rate), and a hot one is spread by spread_hot.
-            judged = self.share(workers, hashes, load) is not None
-            crowded = set() if judged else self.crowded(workers, candidates, running_sharing or {}, load)
+            hot = self.share(workers, hashes, load)
+            crowded = set() if hot is not None else self.crowded(workers, candidates, running_sharing or {}, load)
             if crowded and len(crowded) < len(candidates):
                 candidates = [w for w in candidates if w not in crowded]
-            candidates = self.spread_hot(workers, candidates, hashes, load)
+            candidates = self.spread_hot(candidates, hot, load)
         decode = [load.decode_blocks(w) for w in candidates]
         terms = self.decode_terms(decode, prompt_blocks)
         costs = [
