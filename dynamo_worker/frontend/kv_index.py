@@ -101,6 +101,7 @@ class ApplyResult:
     removed: int = 0  # blocks no longer held
     cleared: bool = False  # AllBlocksCleared (or a publisher restart) emptied the entry
     skipped: int = 0  # blocks ignored: other KV groups or media, malformed or unknown removals
+    removed_hashes: tuple[int, ...] = ()  # router hashes of the blocks no longer held (BlockRemoved)
 
 
 def _indexed(event: Mapping[str, Any]) -> bool:
@@ -341,6 +342,11 @@ class KvIndex:
     def workers(self) -> list[WorkerKey]:
         return list(self._workers)
 
+    def holds(self, worker: WorkerKey, h: int) -> bool:
+        """Whether ``worker`` holds the block of router hash ``h``."""
+        entry = self._workers.get(worker)
+        return entry is not None and bool(self._holders.masks.get(h, 0) & entry.bit)
+
     # -- queries ---------------------------------------------------------------------
 
     def overlaps(self, hashes: Sequence[int]) -> dict[WorkerKey, int]:
@@ -373,6 +379,7 @@ class KvIndex:
             self._drop_blocks(entry)
         entry.next_seq = seq + 1
         stored = removed = skipped = 0
+        gone: list[int] = []
         for event in events:
             kind = event.get("type")
             if kind == "BlockStored":
@@ -382,7 +389,7 @@ class KvIndex:
                 if problem:
                     reasons.append(problem)
             elif kind == "BlockRemoved":
-                r, k = self._remove(entry, event)
+                r, k = self._remove(entry, event, gone)
                 removed += r
                 skipped += k
             elif kind == "AllBlocksCleared":
@@ -398,6 +405,7 @@ class KvIndex:
             removed=removed,
             cleared=cleared,
             skipped=skipped,
+            removed_hashes=tuple(gone),
         )
 
     def replace_worker(
@@ -509,8 +517,9 @@ class KvIndex:
         entry.held += added
         return added, 0, ""
 
-    def _remove(self, entry: _WorkerEntry, event: Mapping[str, Any]) -> tuple[int, int]:
-        """Apply one ``BlockRemoved``: (blocks no longer held, hashes skipped)."""
+    def _remove(self, entry: _WorkerEntry, event: Mapping[str, Any], gone: list[int]) -> tuple[int, int]:
+        """Apply one ``BlockRemoved``: (blocks no longer held, hashes skipped); the router hashes
+        no longer held are appended to ``gone``."""
         engine_hashes = event.get("block_hashes") or ()
         if not _indexed(event):
             return 0, len(engine_hashes)
@@ -521,7 +530,9 @@ class KvIndex:
             if h is None:
                 unknown += 1  # never seen (stored before a gap): harmless
                 continue
-            removed += self._release(entry, h)
+            if self._release(entry, h):
+                removed += 1
+                gone.append(h)
         entry.held -= removed
         return removed, unknown
 

@@ -49,6 +49,7 @@ from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend.kv_cost import BALANCE_ABS, BALANCE_REL, ActiveLoad, Decision, KvSelector, expected_blocks
+from dynamo_worker.frontend.kv_forecast import EvictionForecast
 from dynamo_worker.frontend.kv_index import ApproxIndex, KvIndex, WorkerKey, prompt_hashes
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ class KvRouting:
         self.use_events = use_events
         self.index: KvIndex | ApproxIndex = KvIndex() if use_events else ApproxIndex()
         self.load = ActiveLoad()
+        # Evictions a request routed now will find done (the event-fed index only: the
+        # approximate one is the router's own record, with its own capacity bound).
+        self.forecast = EvictionForecast(self.index.holds) if isinstance(self.index, KvIndex) else None
         self.selector = KvSelector(
             overlap_weight=overlap_weight,
             temperature=temperature,
@@ -223,6 +227,13 @@ class KvRouting:
                 if record is not None and _block_size(record) == size:
                     overlaps[worker] = blocks
         indexed = dict(overlaps)
+        if self.forecast is not None:
+            # Blocks the requests routed there just before this one will evict first.
+            for worker, blocks in indexed.items():
+                overlaps[worker] = self.forecast.surviving(
+                    worker, hashes_by_size[_block_size(by_worker[worker])], blocks
+                )
+        surviving = dict(overlaps)
         # A prefix that a request in flight on a worker has in its prompt is cached there by the time
         # this one is scheduled, even if its BlockStored has not arrived yet (the engine schedules in
         # arrival order and keeps a running request's blocks).
@@ -270,6 +281,17 @@ class KvRouting:
         if isinstance(self.index, ApproxIndex):
             self.index.record(decision.worker, hashes_by_size[size], capacity=self.load.capacity(decision.worker))
         predicted = predicted_cached_tokens(decision.overlap_blocks, len(token_ids), size)
+        dooms = 0
+        if self.forecast is not None:
+            dooms = self.forecast.route(
+                request_id,
+                decision.worker,
+                hashes_by_size[size],
+                len(token_ids),
+                size,
+                predicted // size,
+                self.load.capacity(decision.worker),
+            )
         self._observe(decision, predicted, request_id, started)
         if self._prediction_log is not None:
             worker = decision.worker
@@ -281,6 +303,10 @@ class KvRouting:
                 "block_size": size,
                 "predicted_tokens": predicted,
                 "indexed_blocks": indexed.get(worker, 0),
+                # Held there but forecast evicted before it runs (kv_forecast); and the
+                # blocks this request's own allocation is forecast to evict there.
+                "forecast_evicted_blocks": indexed.get(worker, 0) - surviving.get(worker, 0),
+                "dooms": dooms,
                 "in_flight_blocks": pending[worker],
                 "in_flight_requests": in_flight[worker],
                 "best_elsewhere_blocks": max((b for w, b in overlaps.items() if w != worker), default=0),
@@ -308,11 +334,15 @@ class KvRouting:
     def first_token(self, request_id: str) -> None:
         """The request's first token arrived: its worker's prefill queue is shorter by it."""
         self.load.prefill_done(request_id)
+        if self.forecast is not None:
+            self.forecast.first_token(request_id)
 
     def finished(self, request_id: str, cached_tokens: int | None = None) -> None:
         """The request ended (however): its blocks no longer load its worker. ``cached_tokens``:
         what the engine reported cached, to measure the prediction."""
         self.load.finish(request_id)
+        if self.forecast is not None:
+            self.forecast.finish(request_id)
         predicted = self._predicted.pop(request_id, None)
         diagnostics = self._diagnostics.pop(request_id, None)
         if diagnostics is not None:
@@ -380,9 +410,15 @@ class KvRouting:
         if not self._known(instance_id) or instance_id in self._resyncing:
             return  # a departed instance, or one being rebuilt from its snapshot
         assert isinstance(self.index, KvIndex)
-        result = self.index.apply(instance_id, int(rank or 0), seq, events)
+        worker = (instance_id, int(rank or 0))
+        result = self.index.apply(instance_id, worker[1], seq, events)
+        if self.forecast is not None:
+            if result.cleared:
+                self.forecast.forget(worker)
+            elif result.removed_hashes:
+                self.forecast.removed(worker, result.removed_hashes)
         if result.removed and self._diagnostics:
-            self._note_removals((instance_id, int(rank or 0)))
+            self._note_removals(worker)
         if result.gap:
             self.metrics.event_gaps.inc()
             log.info("KV events of instance %s rank %s: %s; fetching its block set", instance_id, rank, result.reason)
@@ -400,6 +436,8 @@ class KvRouting:
             return
         self.index.remove_instance(instance_id)
         self.load.remove_instance(instance_id)
+        if self.forecast is not None:
+            self.forecast.remove_instance(instance_id)
         task = self._resyncing.pop(instance_id, None)
         if task is not None:
             task.cancel()
@@ -435,6 +473,8 @@ class KvRouting:
             assert isinstance(self.index, KvIndex)
             for rank, (seq, blocks) in ranks.items():
                 self.index.replace_worker((instance_id, rank), blocks, seq)
+                if self.forecast is not None:
+                    self.forecast.forget((instance_id, rank))
             self.metrics.resyncs.labels("ok").inc()
             log.info(
                 "rebuilt the KV index entry of instance %s from its block set (%d block(s))",
