@@ -445,7 +445,9 @@ def classify_prediction(p: dict[str, Any]) -> tuple[str, str]:
     and the index lost the blocks between the decision and the request's finish,
     ``min_indexed_blocks``: the engine evicted them under cache pressure, after the decision or
     just before it with the event on its way; the request stores them again when it runs, so the
-    index at its finish may hold them); ``lower_unexplained`` / ``higher_unexplained``;
+    index at its finish may hold them); ``forecast_kept`` (more cached, and the index held the
+    blocks at the decision: the eviction forecast, :mod:`dynamo_worker.frontend.kv_forecast`,
+    said evicted what the engine kept); ``lower_unexplained`` / ``higher_unexplained``;
     ``no_report`` (the engine reported no count).
     """
     actual = p.get("cached_tokens")
@@ -464,6 +466,8 @@ def classify_prediction(p: dict[str, Any]) -> tuple[str, str]:
             if min(low, usable) * bs < predicted:
                 return "evicted_after_decision"
             return "lower_unexplained"
+        if p.get("forecast_evicted_blocks") and min(p["indexed_blocks"], usable) * bs >= actual:
+            return "forecast_kept"
         if min(p["in_flight_blocks"], usable) * bs >= actual:
             return "in_flight_prefix"
         if min(p["indexed_blocks_at_finish"], usable) * bs >= actual:

@@ -156,3 +156,28 @@ def test_the_kv_routing_ceilings_hold_their_hand_made_cases_and_the_clusters_lie
     assert ceiling.system_rate < ceiling.capacity_rate < ceiling.rate, ceiling
     roomy = kv_routing.trace_ceiling(trace, shape, 32, ceiling.distinct_blocks)
     assert roomy.capacity_hits == roomy.hits
+
+
+def test_a_prediction_miss_is_told_by_its_cause() -> None:
+    """``classify_prediction`` on hand-made log lines: the forecast's cut the engine did not make,
+    an eviction after the decision, a prefix stored by a request in flight, and the router
+    against the index alone."""
+    base = {
+        "block_size": 32,
+        "prompt_tokens": 1088,
+        "indexed_blocks": 32,
+        "in_flight_blocks": 0,
+        "min_indexed_blocks": 32,
+        "indexed_blocks_at_finish": 34,
+        "forecast_evicted_blocks": 0,
+    }
+    exact = {**base, "predicted_tokens": 1024, "cached_tokens": 1024}
+    assert kv_routing.classify_prediction(exact) == ("exact", "exact")
+    # The forecast cut 32 held blocks to 0 (requests before it would evict them); the engine kept them.
+    kept = {**base, "predicted_tokens": 0, "forecast_evicted_blocks": 32, "cached_tokens": 1024}
+    assert kv_routing.classify_prediction(kept) == ("forecast_kept", "exact")
+    # ... and where it evicted them, the router is exact and the index alone was not.
+    cut = {**kept, "cached_tokens": 0, "min_indexed_blocks": 0}
+    assert kv_routing.classify_prediction(cut) == ("exact", "evicted_after_decision")
+    stored = {**base, "indexed_blocks": 0, "in_flight_blocks": 32, "predicted_tokens": 1024, "cached_tokens": 1024}
+    assert kv_routing.classify_prediction(stored) == ("exact", "in_flight_prefix")

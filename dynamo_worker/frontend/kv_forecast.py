@@ -13,10 +13,12 @@ of missed predictions (docs/performance.md).
 worker, from what this router sees:
 
 * a request routed to the worker *touches* the blocks it hits (they leave the free queue) and
-  then allocates ``ceil(prompt / block_size) - hits`` blocks, popped from the head of the free
-  queue: the forecast does both at the decision (a worker schedules in arrival order, so a
-  request routed later is scheduled after it). A popped block the index still holds is
-  *doomed*: predicted evicted, though its ``BlockRemoved`` has not arrived;
+  then allocates the rest, popped from the head of the free queue: the blocks its prompt needs,
+  and the block of its first generated token when the prompt fills its last block (that decode
+  step runs before the next request is scheduled). The forecast does both at the decision (a
+  worker schedules in arrival order, so a request routed later is scheduled after it). A popped
+  block the index still holds is *doomed*: predicted evicted, though its ``BlockRemoved`` has not
+  arrived. Blocks of later output tokens are not forecast;
 * a request that ends frees its blocks: each one no other request in flight uses goes to the
   tail of the free queue, its last block first and its first block last (vLLM frees a request's
   blocks in reverse, so a prefix outlives its suffixes);
@@ -61,7 +63,7 @@ class _Pool:
     free: OrderedDict[int, None] = attrs.field(factory=OrderedDict)
     # Blocks of this router's requests in flight there: router hash -> how many requests use it.
     held: dict[int, int] = attrs.field(factory=dict)
-    private: int = 0  # their partial last prompt blocks (never cached)
+    private: int = 0  # their blocks beyond their prompts' full ones
     # Blocks the forecast popped that the index still holds: router hash -> popping request.
     doomed: dict[int, str] = attrs.field(factory=dict)
 
@@ -70,7 +72,7 @@ class _Pool:
 class _Routed:
     worker: WorkerKey
     chain: tuple[int, ...]  # router hashes of its prompt's full blocks
-    partial: int  # 1 if its prompt ends in a partial block
+    partial: int  # blocks allocated beyond its prompt's full ones (never cached by the forecast)
     doomed: list[int]
     expires: float | None = None  # when its doomed blocks stop counting (set at its first token)
 
@@ -119,16 +121,19 @@ class EvictionForecast:
         block_size: int,
         hit_blocks: int,
         capacity: int | None,
+        decodes: bool = True,
     ) -> int:
         """``request_id`` was sent to ``worker`` expecting ``hit_blocks`` of ``hashes`` cached
         there; returns how many cached blocks its allocation is forecast to evict.
 
-        ``capacity``: the worker's KV blocks (vLLM's ``num_gpu_blocks``); None: not forecast."""
+        ``capacity``: the worker's KV blocks (vLLM's ``num_gpu_blocks``); None: not forecast.
+        ``decodes``: it generates more than its first token (which the prefill samples)."""
         if request_id in self._requests:
             self.finish(request_id)  # routed again (a retry): moved, not doubled
         pool = self._pools.setdefault(worker, _Pool())
         chain = tuple(hashes[: prompt_tokens // block_size])
-        partial = 1 if prompt_tokens % block_size else 0
+        # Blocks beyond its prompt's full ones: a partial last one, or the first decode token's.
+        partial = -(-(prompt_tokens + (1 if decodes else 0)) // block_size) - len(chain)
         hits = max(0, min(hit_blocks, len(chain)))
         routed = _Routed(worker, chain, partial, [])
         self._requests[request_id] = routed
@@ -138,7 +143,7 @@ class EvictionForecast:
             unknown = capacity - 1 - len(pool.held) - pool.private - len(pool.free)
             for h in chain[:hits]:  # touched: out of the free queue before anything is allocated
                 pool.free.pop(h, None)
-            new = -(-prompt_tokens // block_size) - hits
+            new = len(chain) + partial - hits
             for _ in range(min(len(pool.free), new - max(0, unknown))):
                 h, _ = pool.free.popitem(last=False)
                 if self._holds(worker, h):

@@ -17,6 +17,8 @@ What keeps the index honest:
   from an instance discovery does not list are ignored (a late batch would bring it back);
 * a worker that publishes no events (prefix caching off, or not a vLLM worker) is routed by load
   alone, and the log says so once.
+* evictions the engine has yet to make are forecast (:mod:`.kv_forecast`): a prefix the requests
+  routed just before this one will evict on their worker is neither predicted nor weighed there.
 
 With ``--no-kv-events`` the index is the router's own record of what it routed where, with a TTL
 and at most each worker's KV capacity (:class:`.kv_index.ApproxIndex`): for engines that publish
@@ -291,6 +293,7 @@ class KvRouting:
                 size,
                 predicted // size,
                 self.load.capacity(decision.worker),
+                decodes=max_tokens is None or max_tokens > 1,
             )
         self._observe(decision, predicted, request_id, started)
         if self._prediction_log is not None:
