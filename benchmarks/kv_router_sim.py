@@ -14,8 +14,10 @@ It measures, on this one core:
 
 * **ingestion**: blocks per second through JSON decoding plus :meth:`KvIndex.apply` (and apply
   alone), filling the index; then a churn phase, each batch evicting old blocks and storing new;
-* **decision time** for a 4,096-token prompt: the router hashes, the overlaps and the choice
-  among every worker (:class:`~dynamo_worker.frontend.kv_cost.KvSelector` with an
+* **decision time** for a 4,096-token prompt: the router hashes, the overlaps, the eviction
+  forecast's cut on every holder (each worker under pressure: 200 blocks of a prompt doomed,
+  :func:`under_pressure`) and the choice among every worker
+  (:class:`~dynamo_worker.frontend.kv_cost.KvSelector` with an
   :class:`~dynamo_worker.frontend.kv_cost.ActiveLoad` holding requests in flight), p50/p99;
 * **memory per cached block**: RSS growth over the fill, and tracemalloc's exact count on a
   smaller index (``--traced-workers``).
@@ -47,7 +49,8 @@ import msgspec
 
 from benchmarks.report import percentile
 from dynamo_worker.frontend.kv_cost import ActiveLoad, KvSelector, expected_blocks
-from dynamo_worker.frontend.kv_index import KvIndex, prompt_hashes
+from dynamo_worker.frontend.kv_forecast import EvictionForecast
+from dynamo_worker.frontend.kv_index import KvIndex, WorkerKey, prompt_hashes
 
 INGEST_TARGET = 200_000  # blocks/s
 DECISION_P99_TARGET_MS = 1.0
@@ -270,6 +273,7 @@ class DecisionStats:
     total_ms: list[float] = attrs.field(factory=list)
     hash_ms: list[float] = attrs.field(factory=list)
     overlap_ms: list[float] = attrs.field(factory=list)
+    forecast_ms: list[float] = attrs.field(factory=list)  # the eviction forecast's cut, every holder
     choose_ms: list[float] = attrs.field(factory=list)
     chosen_overlap: list[int] = attrs.field(factory=list)  # on the worker chosen
     best_overlap: list[int] = attrs.field(factory=list)  # on the worker holding the most
@@ -285,6 +289,7 @@ def decide(index: KvIndex, prompts: list[list[int]], workers: int, block_size: i
         for r in range(8):
             load.start(f"{key[0]}-{r}", key, rng.randrange(100, 140))
     selector = KvSelector(rng=rng)
+    forecast = under_pressure(keys, prompts, block_size, rng)
     stats = DecisionStats()
     clock = time.perf_counter
     for n, prompt in enumerate(prompts):
@@ -293,6 +298,9 @@ def decide(index: KvIndex, prompts: list[list[int]], workers: int, block_size: i
         t1 = clock()
         overlaps = index.overlaps(hashes)
         t2 = clock()
+        for worker, blocks in overlaps.items():
+            overlaps[worker] = forecast.surviving(worker, hashes, blocks)
+        tf = clock()
         decision = selector.choose(keys, len(prompt) // block_size, overlaps, load)
         t3 = clock()
         # The frontend then tracks the request; the previous one ends (the load stays steady).
@@ -301,10 +309,29 @@ def decide(index: KvIndex, prompts: list[list[int]], workers: int, block_size: i
         stats.total_ms.append((t3 - t0) * 1e3)
         stats.hash_ms.append((t1 - t0) * 1e3)
         stats.overlap_ms.append((t2 - t1) * 1e3)
-        stats.choose_ms.append((t3 - t2) * 1e3)
+        stats.forecast_ms.append((tf - t2) * 1e3)
+        stats.choose_ms.append((t3 - tf) * 1e3)
         stats.chosen_overlap.append(decision.overlap_blocks)
         stats.best_overlap.append(max(overlaps.values(), default=0))
     return stats
+
+
+def under_pressure(
+    keys: list[WorkerKey], prompts: list[list[int]], block_size: int, rng: random.Random
+) -> EvictionForecast:
+    """An eviction forecast with every worker under pressure: a request of one of the prompts
+    ran and finished there, then a cold one was routed whose allocation dooms 200 of its blocks
+    (the decisions' cost only: every block counts as held by the index)."""
+    forecast = EvictionForecast(lambda worker, h: True)
+    capacity = 400
+    for key in keys:
+        chain = prompt_hashes(rng.choice(prompts), block_size)
+        forecast.route(f"ran-{key}", key, chain, len(chain) * block_size, block_size, 0, capacity)
+        forecast.finish(f"ran-{key}")
+        unknown = capacity - 1 - len(chain)
+        cold = [rng.getrandbits(63) for _ in range(unknown + 200)]
+        forecast.route(f"cold-{key}", key, cold, len(cold) * block_size, block_size, 0, capacity, decodes=False)
+    return forecast
 
 
 def traced_bytes_per_block(config: SimConfig) -> tuple[float, float]:
@@ -447,10 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             "ok" if decision_ok else "MISSED",
         ),
         (
-            "  of which hashes / overlaps / choice, p50",
+            "  of which hashes / overlaps / eviction forecast / choice, p50",
             (
                 f"{percentile(decisions.hash_ms, 50):.3f} / {percentile(decisions.overlap_ms, 50):.3f} / "
-                f"{percentile(decisions.choose_ms, 50):.3f} ms"
+                f"{percentile(decisions.forecast_ms, 50):.3f} / {percentile(decisions.choose_ms, 50):.3f} ms"
             ),
             "",
             "",

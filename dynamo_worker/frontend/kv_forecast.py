@@ -36,9 +36,9 @@ all (a request that hit more than forecast, another router's traffic) stops coun
 allocation is done and its ``BlockRemoved`` would have arrived.
 
 Only for the event-fed index and workers of known capacity (discovery's ``kv_capacity_blocks``);
-not thread-safe (one event loop). Cost: a decision reads the doomed set of each candidate that
-has one (none when nothing is under pressure); routing a request pops at most its new blocks;
-ending one re-queues its prompt's blocks.
+not thread-safe (one event loop). Cost: a decision does a binary search of the prompt's held
+blocks on each candidate that has doomed blocks (none when nothing is under pressure); routing a
+request pops at most its new blocks; ending one re-queues its prompt's blocks.
 """
 
 from __future__ import annotations
@@ -90,16 +90,27 @@ class EvictionForecast:
 
     def surviving(self, worker: WorkerKey, hashes: Sequence[int], overlap: int) -> int:
         """Of the ``overlap`` leading ``hashes`` the index holds on ``worker``, how many lead up to
-        the first one forecast evicted (all of them when none is)."""
+        the first one forecast evicted (all of them when none is).
+
+        Along one prompt's chain the doomed blocks are a trailing run: blocks held by requests in
+        flight come first (a request holding a block holds its whole prefix), then free ones,
+        each older than the one before it (a request frees its last block first, and a block
+        cannot be freed while a deeper one of its chain stays held), and the queue's head, the
+        oldest, is popped first. So a binary search finds the run's start: 128 workers each with
+        200 doomed blocks and a 256-block overlap took 1.5 ms p50 walked block by block."""
         pool = self._pools.get(worker)
         if pool is None or not pool.doomed or overlap <= 0:
             return overlap
         doomed = pool.doomed
-        for depth in range(overlap):
-            h = hashes[depth]
+        low, high = 0, overlap
+        while low < high:
+            middle = (low + high) // 2
+            h = hashes[middle]
             if h in doomed and self._still_doomed(pool, h):
-                return depth
-        return overlap
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     def doomed(self, worker: WorkerKey) -> int:
         """Blocks forecast evicted on ``worker`` whose removal has not arrived."""
