@@ -279,6 +279,47 @@ async def test_an_instance_that_leaves_discovery_is_purged_at_once(cluster: Any)
     assert kv.index.block_count == 0
 
 
+@pytest.mark.parametrize("other_frontends", [False, True], ids=["alone", "beside-another-frontend"])
+async def test_a_prefix_the_request_before_will_evict_is_not_predicted_unless_another_frontend_runs_there(
+    nats_server: NatsServer, namespace: str, other_frontends: bool
+) -> None:
+    """b, 13 blocks (12 usable), holds PREFIX (8 blocks) free after r1 ran there; r2, a cold
+    prompt of 10 blocks and its first decode token's block, is routed there next: it takes the 4
+    never-used blocks and 7 of PREFIX's, the last first (kv_forecast). So r3, routed before any
+    BlockRemoved arrives, is predicted only PREFIX's first block there. Beside another frontend
+    (b publishes more blocks in use than this router's requests) the forecast cannot see the
+    blocks the other keeps warm: r3 is predicted what the index holds, as before the forecast."""
+    b = FakeWorker(await Runtime.connect(nats_server.url, namespace), "b")
+    await b.start({"kv_capacity_blocks": 13})
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    client = frontend.client("backend", "generate")
+    kv = KvRouting(client)
+    await kv.start()
+    try:
+        await client.wait_for_instances(5, count=1)
+        await b.publish([b.store_event(PREFIX)])
+        await eventually(lambda: kv.index.block_count == 8)
+        worker = (b.instance_id, 0)
+        assert pick(kv, PREFIX + [1, 2, 3, 4], "r1") == b.instance_id
+        kv.finished("r1", cached_tokens=len(PREFIX))
+        pick(kv, list(range(500, 540)), "r2")
+        assert kv.forecast is not None and kv.forecast.doomed(worker) == 7
+        foreign = 20 if other_frontends else 0
+        kv.load.apply_load_metrics(
+            {
+                "instance_id": b.instance_id,
+                "dp_rank": 0,
+                "kv_stats": {"kv_active_blocks": kv.load.tracked_blocks(worker) + foreign, "kv_total_blocks": 13},
+            }
+        )
+        pick(kv, PREFIX + [5, 6, 7, 8], "r3")
+        assert kv._predicted["r3"] == (len(PREFIX) if other_frontends else BLOCK)
+    finally:
+        await kv.stop()
+        await frontend.close()
+        await b.rt.close()
+
+
 async def test_a_hot_prefix_spreads_over_the_workers_as_their_load_grows(cluster: Any) -> None:
     kv, w = cluster
     await w["a"].publish([w["a"].store_event(PREFIX)])

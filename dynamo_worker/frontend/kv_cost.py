@@ -358,6 +358,12 @@ class ActiveLoad:
         load = self.published(worker)
         return None if load is None else load.current_blocks
 
+    def foreign_blocks(self, worker: WorkerKey) -> int:
+        """Blocks the worker's fresh publication counts beyond this router's requests in flight
+        there: other frontends' requests (0 without a fresh publication)."""
+        published = self.published_blocks(worker)
+        return 0 if published is None else max(0, published - self.tracked_blocks(worker))
+
     def decode_blocks(self, worker: WorkerKey) -> int:
         tracked = self.tracked_blocks(worker)
         published = self.published_blocks(worker)

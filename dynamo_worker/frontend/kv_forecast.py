@@ -35,6 +35,11 @@ all (a request that hit more than forecast, another router's traffic) stops coun
 ``DOOM_GRACE`` seconds after the request that popped it got its first token: by then its
 allocation is done and its ``BlockRemoved`` would have arrived.
 
+**Other frontends.** Their requests refresh blocks in a worker's queue that this router's model
+leaves old, so it would forecast the eviction of a prefix they keep warm. A worker whose fresh
+published load (``load_metrics``) counts more than ``FOREIGN_BLOCKS`` blocks beyond this
+router's own requests there gets no cut: its prediction is the index's, as before the forecast.
+
 Only for the event-fed index and workers of known capacity (discovery's ``kv_capacity_blocks``);
 not thread-safe (one event loop). Cost: a decision does a binary search of the prompt's held
 blocks on each candidate that has doomed blocks (none when nothing is under pressure); routing a
@@ -53,6 +58,9 @@ from dynamo_worker.frontend.kv_index import WorkerKey
 
 #: Seconds after the popping request's first token that a doomed block still counts as doomed.
 DOOM_GRACE = 1.0
+#: Blocks a worker may publish in use beyond the router's own requests there before the router
+#: stops trusting its forecast for it (the published usage is a rounded fraction).
+FOREIGN_BLOCKS = 2
 
 
 @attrs.define

@@ -51,7 +51,7 @@ from dynamo_worker.core.discovery import InstanceRecord
 from dynamo_worker.core.request_plane import RequestError
 from dynamo_worker.core.runtime import Client
 from dynamo_worker.frontend.kv_cost import BALANCE_ABS, BALANCE_REL, ActiveLoad, Decision, KvSelector, expected_blocks
-from dynamo_worker.frontend.kv_forecast import EvictionForecast
+from dynamo_worker.frontend.kv_forecast import FOREIGN_BLOCKS, EvictionForecast
 from dynamo_worker.frontend.kv_index import ApproxIndex, KvIndex, WorkerKey, prompt_hashes
 
 log = logging.getLogger(__name__)
@@ -230,8 +230,11 @@ class KvRouting:
                     overlaps[worker] = blocks
         indexed = dict(overlaps)
         if self.forecast is not None:
-            # Blocks the requests routed there just before this one will evict first.
+            # Blocks the requests routed there just before this one will evict first; not where
+            # other frontends' requests run (they keep blocks warm that the forecast cannot see).
             for worker, blocks in indexed.items():
+                if self.load.foreign_blocks(worker) > FOREIGN_BLOCKS:
+                    continue
                 overlaps[worker] = self.forecast.surviving(
                     worker, hashes_by_size[_block_size(by_worker[worker])], blocks
                 )
