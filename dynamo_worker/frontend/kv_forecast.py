@@ -30,7 +30,7 @@ used since the engine started, the partial last block of each request, output bl
 frontends' requests) is *unknown*: counted as capacity less the blocks held by this router's
 requests less the known free queue, and assumed to sit at the head, used before any known one.
 vLLM does put its never-used and unhashed blocks at the head; for the rest the assumption errs
-toward predicting fewer evictions, never more. A doomed block that the engine did not evict after
+toward predicting fewer evictions. A doomed block that the engine did not evict after
 all (a request that hit more than forecast, another router's traffic) stops counting
 ``DOOM_GRACE`` seconds after the request that popped it got its first token: by then its
 allocation is done and its ``BlockRemoved`` would have arrived.

@@ -238,7 +238,7 @@ class KvRouting:
                 overlaps[worker] = self.forecast.surviving(
                     worker, hashes_by_size[_block_size(by_worker[worker])], blocks
                 )
-        surviving = dict(overlaps)
+        surviving = dict(overlaps) if self._prediction_log is not None else {}  # for the log
         # A prefix that a request in flight on a worker has in its prompt is cached there by the time
         # this one is scheduled, even if its BlockStored has not arrived yet (the engine schedules in
         # arrival order and keeps a running request's blocks).
