@@ -17,7 +17,8 @@ It measures, on this one core:
 * **decision time** for a 4,096-token prompt: the router hashes, the overlaps, the eviction
   forecast's cut on every holder (each worker under pressure: 200 blocks of a prompt doomed,
   :func:`under_pressure`) and the choice among every worker
-  (:class:`~dynamo_worker.frontend.kv_cost.KvSelector` with an
+  (:class:`~dynamo_worker.frontend.kv_cost.KvSelector` given the prompt's hashes, as the
+  frontend gives them, so its share rule judges popular prefixes; with an
   :class:`~dynamo_worker.frontend.kv_cost.ActiveLoad` holding requests in flight), p50/p99;
 * **memory per cached block**: RSS growth over the fill, and tracemalloc's exact count on a
   smaller index (``--traced-workers``).
@@ -301,10 +302,10 @@ def decide(index: KvIndex, prompts: list[list[int]], workers: int, block_size: i
         for worker, blocks in overlaps.items():
             overlaps[worker] = forecast.surviving(worker, hashes, blocks)
         tf = clock()
-        decision = selector.choose(keys, len(prompt) // block_size, overlaps, load)
+        decision = selector.choose(keys, len(prompt) // block_size, overlaps, load, hashes=hashes)
         t3 = clock()
         # The frontend then tracks the request; the previous one ends (the load stays steady).
-        load.start(f"p{n}", decision.worker, expected_blocks(len(prompt), 64, block_size))
+        load.start(f"p{n}", decision.worker, expected_blocks(len(prompt), 64, block_size), shared=hashes)
         load.finish(f"p{n - 1}")
         stats.total_ms.append((t3 - t0) * 1e3)
         stats.hash_ms.append((t1 - t0) * 1e3)

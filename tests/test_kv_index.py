@@ -945,3 +945,22 @@ def test_blocks_vllm_reports_match_the_prompts_that_made_them(case: dict[str, An
     # A plain prompt matches only the blocks before the first one with extra keys.
     plain = 0 if lora or case["salt"] else min((o // bs for _, o, _ in case["mm"]), default=blocks)
     assert index.overlaps(prompt_hashes(prompt, bs)) == ({("w", 0): plain} if plain else {})
+
+
+def test_the_share_windows_count_per_worker_is_the_last_64_routed() -> None:
+    """``window_routed`` is kept beside the window (not a scan of it per candidate): after many
+    more requests than the window holds, each worker's count is that of the last 64 routed."""
+    rng = random.Random(3)
+    load = ActiveLoad()
+    workers = [(f"w{n}", 0) for n in range(5)]
+    routed: list[WorkerKey] = []
+    for n in range(300):
+        worker = rng.choice(workers[: 1 + n % 5])
+        load.start(f"r{n}", worker, 4, shared=[n])
+        routed.append(worker)
+        if n % 37 == 0:
+            last = routed[-64:]
+            assert [load.window_routed(w) for w in workers] == [last.count(w) for w in workers]
+    last = routed[-64:]
+    assert [load.window_routed(w) for w in workers] == [last.count(w) for w in workers]
+    assert load.window_size() == 64
