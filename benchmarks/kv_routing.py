@@ -1154,6 +1154,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "evenly over the workers (default %(default)s: they fit the cluster, not one worker)",
     )
     p.add_argument(
+        "--kv-eviction",
+        choices=("lru", "active-inactive"),
+        default="active-inactive",
+        help="every arm's workers' --kv-eviction (default %(default)s: reused prefixes outlive one-off "
+        "blocks; lru: vLLM's own, as every run before 2026-12-07's second session)",
+    )
+    p.add_argument(
         "--cache-blocks",
         type=int,
         help="each worker's KV blocks, instead of the size --cluster-ratio gives (for experiments)",
@@ -1260,6 +1267,8 @@ def run_benchmark(argv: list[str]) -> Path | None:
         str(plan.block_size),
         "--num-gpu-blocks-override",
         str(cache.blocks_per_worker),
+        "--kv-eviction",
+        args.kv_eviction,
     ]
     for v, t in traces.items():
         gaps = turn_gaps(t)
@@ -1286,7 +1295,7 @@ def run_benchmark(argv: list[str]) -> Path | None:
             f"{ceilings[plan.variants[0]].system_blocks} system-prompt blocks / {plan.workers} workers; "
             f"{cache.in_flight_blocks} for the private blocks of its share of the requests in flight)"
         )
-        + f"; model {model}"
+        + f"; evicted by {args.kv_eviction}; model {model}"
     )
     info = machine.machine_info()
     source = measured_source(args.dynamo_ref, work_root, info, log)

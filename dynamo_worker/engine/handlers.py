@@ -60,10 +60,12 @@ class ModelFacts:
         kv_block_size: int | None = None,
         kv_capacity_blocks: int | None = None,
         kv_events: bool = False,
+        kv_eviction: str = "lru",
     ) -> dict[str, Any]:
         """The ``generate`` record. For KV-aware routers: the engine's block size (tokens), its KV
-        capacity in blocks per data-parallel rank, and ``kv_events``: whether this worker relays
-        KV events and serves its block set (``kv_blocks``); false, it is routed by load alone."""
+        capacity in blocks per data-parallel rank, ``kv_events``: whether this worker relays
+        KV events and serves its block set (``kv_blocks``; false: it is routed by load alone),
+        and ``kv_eviction``: which cached blocks its engine evicts first (``--kv-eviction``)."""
         return {
             "model": self.served_name,
             "model_path": self.path,
@@ -74,6 +76,7 @@ class ModelFacts:
             "kv_block_size": kv_block_size,
             "kv_capacity_blocks": kv_capacity_blocks,
             "kv_events": kv_events,
+            "kv_eviction": kv_eviction,
         }
 
 

@@ -46,6 +46,7 @@ class VllmRole:
         self.dp_rank: int | None = None  # this process's data-parallel rank, with --data-parallel-rank
         self.kv_transfer: dict[str, Any] | None = None  # the KV connector decided at configure
         self.ec_transfer: dict[str, Any] | None = None  # the EC connector decided at configure
+        self.kv_eviction = "lru"  # the engine's eviction policy (kv_eviction), decided at configure
 
     def _engine_arguments(self, parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         g = parser.add_argument_group(
@@ -55,6 +56,16 @@ class VllmRole:
         )
         g.add_argument(
             "--engine-help", action="store_true", help="list vLLM's engine arguments (imports vLLM) and exit"
+        )
+        from dynamo_worker.engine.kv_eviction import POLICIES
+
+        g.add_argument(
+            "--kv-eviction",
+            choices=POLICIES,
+            default="lru",
+            help="which cached KV blocks the engine evicts first: lru (vLLM's: the least recently "
+            "freed) or active-inactive (blocks no request has hit before blocks requests reused, "
+            "such as a shared system prompt: docs/routing.md); needs prefix caching",
         )
         dynamo_flags.add_worker_arguments(g)  # Dynamo's worker flags, accepted for its launch scripts
         return g
@@ -66,7 +77,7 @@ class VllmRole:
         if ctx.options.engine_help:
             print(engine_args.engine_help())
             raise SystemExit(0)
-        from dynamo_worker.engine import data_parallel, ec_transfer, executor, kv_events, kv_transfer, lora
+        from dynamo_worker.engine import data_parallel, ec_transfer, executor, kv_events, kv_eviction, kv_transfer, lora
 
         for line in dynamo_flags.worker_warnings(ctx.options):
             ctx.log.warning("%s", line)
@@ -96,6 +107,9 @@ class VllmRole:
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
         self.kv_events = kv_events.configure(self.engine_args) if self.uses_kv_cache else None
+        if not self.uses_kv_cache and ctx.options.kv_eviction != "lru":
+            raise UsageError(f"--kv-eviction: the {self.name} role's engine keeps no KV cache; drop the flag")
+        self.kv_eviction = kv_eviction.configure(ctx.options.kv_eviction, self.engine_args)
         ctx.resolved_config = {
             "kv_transfer": self.kv_transfer,
             "ec_transfer": self.ec_transfer,
@@ -103,6 +117,7 @@ class VllmRole:
             "defaults_applied": {attr: {"value": v, "why": why} for attr, v, why in applied},
             "kv_event_ports": self.kv_events.ports if self.kv_events else None,
             "lora_dirs": [str(d) for d in self.lora_dirs],
+            "kv_eviction": self.kv_eviction,
         }
 
     @hookimpl
@@ -172,6 +187,7 @@ class VllmRole:
             "kv_block_size": int(cache.block_size),
             "kv_capacity_blocks": self._kv_capacity_per_rank(engine),
             "kv_events": self.kv_relay is not None and bool(cache.enable_prefix_caching),
+            "kv_eviction": self.kv_eviction,  # for the router's eviction forecast (kv_forecast)
         }
 
     def _leads(self) -> bool:

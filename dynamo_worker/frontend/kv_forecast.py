@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
+from dynamo_worker.engine.kv_eviction import ACTIVE_SHARE
 from dynamo_worker.frontend.kv_index import WorkerKey
 
 #: Seconds after the popping request's first token that a doomed block still counts as doomed.
@@ -67,8 +68,16 @@ FOREIGN_BLOCKS = 2
 class _Pool:
     """One worker's free queue as far as this router can tell."""
 
-    # Known free cached blocks (router hashes), head first: the next evicted.
+    # Known free cached blocks (router hashes), head first: the next evicted. With the
+    # active-inactive policy this is the inactive list.
     free: OrderedDict[int, None] = attrs.field(factory=OrderedDict)
+    # Active-inactive only (``two_lists``): the active list, head first, its most blocks, and
+    # the blocks hit since they were cached (they go to the active list when freed).
+    two_lists: bool = False
+    capacity: int | None = None
+    active: OrderedDict[int, None] = attrs.field(factory=OrderedDict)
+    reused: set[int] = attrs.field(factory=set)
+    ghosts: OrderedDict[int, None] = attrs.field(factory=OrderedDict)  # the last evicted, oldest first
     # Blocks of this router's requests in flight there: router hash -> how many requests use it.
     held: dict[int, int] = attrs.field(factory=dict)
     private: int = 0  # their blocks beyond their prompts' full ones
@@ -151,6 +160,7 @@ class EvictionForecast:
         if request_id in self._requests:
             self.finish(request_id)  # routed again (a retry): moved, not doubled
         pool = self._pools.setdefault(worker, _Pool())
+        pool.capacity = capacity
         chain = tuple(hashes[: prompt_tokens // block_size])
         # Blocks beyond its prompt's full ones: a partial last one, or the first decode token's.
         partial = -(-(prompt_tokens + (1 if decodes else 0)) // block_size) - len(chain)
@@ -160,20 +170,32 @@ class EvictionForecast:
         if capacity:
             # Free blocks that are not in the known queue, assumed at its head (module docstring);
             # vLLM keeps one block (the null block) out of the pool.
-            unknown = capacity - 1 - len(pool.held) - pool.private - len(pool.free)
+            unknown = capacity - 1 - len(pool.held) - pool.private - len(pool.free) - len(pool.active)
             for h in chain[:hits]:  # touched: out of the free queue before anything is allocated
                 pool.free.pop(h, None)
-            new = len(chain) + partial - hits
-            for _ in range(min(len(pool.free), new - max(0, unknown))):
-                h, _ = pool.free.popitem(last=False)
-                if self._holds(worker, h):
-                    pool.doomed[h] = request_id
-                    routed.doomed.append(h)
+                pool.active.pop(h, None)
+                if pool.two_lists:
+                    pool.reused.add(h)
+            popping = len(chain) + partial - hits - max(0, unknown)  # known blocks it pops
+            for queue in (pool.free, pool.active):  # the active list only once the inactive is empty
+                for _ in range(min(len(queue), popping)):
+                    h, _ = queue.popitem(last=False)
+                    popping -= 1
+                    if self._holds(worker, h):
+                        pool.doomed[h] = request_id
+                        routed.doomed.append(h)
+                        self._evicted(pool, h)
         held = pool.held
         for h in chain:
             held[h] = held.get(h, 0) + 1
         pool.private += partial
         return len(routed.doomed)
+
+    def set_eviction(self, worker: WorkerKey, policy: str) -> None:
+        """The worker's engine evicts by ``policy`` (discovery's ``kv_eviction``): ``lru`` (vLLM's
+        one queue) or ``active-inactive`` (:mod:`dynamo_worker.engine.kv_eviction`)."""
+        pool = self._pools.setdefault(worker, _Pool())
+        pool.two_lists = policy == "active-inactive"
 
     def first_token(self, request_id: str) -> None:
         """Its allocation is done: what it doomed counts only ``DOOM_GRACE`` longer."""
@@ -188,7 +210,7 @@ class EvictionForecast:
             return
         pool = self._pools[routed.worker]
         self._forget_doomed(pool, request_id, routed.doomed)
-        held, free = pool.held, pool.free
+        held = pool.held
         for h in reversed(routed.chain):
             users = held[h] - 1
             if users:
@@ -196,9 +218,17 @@ class EvictionForecast:
                 continue
             del held[h]
             if self._holds(routed.worker, h):
-                free.pop(h, None)
-                free[h] = None
+                if pool.ghosts.pop(h, 0) is None:  # computed again soon after its eviction
+                    pool.reused.add(h)
+                queue = pool.active if h in pool.reused else pool.free
+                queue.pop(h, None)
+                queue[h] = None
         pool.private -= routed.partial
+        if pool.capacity:
+            # Past its share the active list's oldest blocks move to the inactive tail.
+            for _ in range(len(pool.active) - int(pool.capacity * ACTIVE_SHARE)):
+                h, _ = pool.active.popitem(last=False)
+                pool.free[h] = None
 
     # -- the index's changes ---------------------------------------------------------
 
@@ -209,7 +239,9 @@ class EvictionForecast:
             return
         for h in hashes:
             pool.free.pop(h, None)
+            pool.active.pop(h, None)
             pool.doomed.pop(h, None)
+            self._evicted(pool, h)
 
     def forget(self, worker: WorkerKey) -> None:
         """The worker's cache was cleared or its index entry rebuilt: its free queue is unknown
@@ -217,6 +249,9 @@ class EvictionForecast:
         pool = self._pools.get(worker)
         if pool is not None:
             pool.free.clear()
+            pool.active.clear()
+            pool.reused.clear()
+            pool.ghosts.clear()
             pool.doomed.clear()
 
     def remove_instance(self, instance_id: str) -> None:
@@ -226,6 +261,16 @@ class EvictionForecast:
             del self._pools[worker]
 
     # -- internals -------------------------------------------------------------------
+
+    @staticmethod
+    def _evicted(pool: _Pool, h: int) -> None:
+        """``h`` was (or is forecast) evicted: not reused any more; with two lists, a ghost."""
+        pool.reused.discard(h)
+        if pool.two_lists and pool.capacity:
+            pool.ghosts.pop(h, None)
+            pool.ghosts[h] = None
+            while len(pool.ghosts) > pool.capacity:
+                pool.ghosts.popitem(last=False)
 
     def _still_doomed(self, pool: _Pool, h: int) -> bool:
         """Whether the doomed ``h`` still counts; drops it when its grace has run out."""

@@ -391,8 +391,11 @@ class KvRouting:
 
     def _note_capacity(self, record: InstanceRecord) -> None:
         capacity = record.data.get("kv_capacity_blocks")
+        eviction = record.data.get("kv_eviction")
         for rank in range(_dp_size(record)):
             self.load.set_capacity((record.instance_id, rank), capacity if isinstance(capacity, int) else None)
+            if self.forecast is not None:
+                self.forecast.set_eviction((record.instance_id, rank), eviction if isinstance(eviction, str) else "lru")
         if self.use_events and not record.data.get("kv_events") and record.instance_id not in self._said_no_events:
             self._said_no_events.add(record.instance_id)
             log.info(
