@@ -38,7 +38,9 @@ tenants' prefixes fit the cluster but not one worker. The cluster keeps ``--clus
 worker has room beyond that for the private blocks (history, message, output) of its share of
 the requests in flight. ``--cache-blocks`` sets the size instead. So a router that keeps each
 tenant on one worker can keep every prefix, while round-robin, which sends every tenant
-everywhere, keeps evicting them.
+everywhere, keeps evicting them. Every arm's workers evict by ``--kv-eviction`` (default
+``active-inactive``: blocks requests reused outlive one-off ones, docs/routing.md; ``lru``,
+vLLM's own, for the figures before 2026-12-07's second session).
 
 **Measured per arm and variant**, as differences of counters scraped before and after the
 trace (warm-up excluded): the cluster prefix-cache hit rate from vLLM's own counters

@@ -320,6 +320,44 @@ async def test_a_prefix_the_request_before_will_evict_is_not_predicted_unless_an
         await b.rt.close()
 
 
+@pytest.mark.parametrize("eviction", ["lru", "active-inactive"])
+async def test_the_forecast_evicts_as_the_worker_says_in_discovery_it_does(
+    nats_server: NatsServer, namespace: str, eviction: str
+) -> None:
+    """b, 21 blocks (20 usable), publishes ``kv_eviction``. r0 (a cold one-off, 8 blocks) and r1
+    (PREFIX's 8 blocks hit, and a block more) run there; r1 ends first, then r0. r2, cold, 10
+    blocks and its first decode token's, takes the 4 unknown blocks and 7 known ones. vLLM's LRU
+    takes PREFIX's (freed before r0's); with the two lists PREFIX, which r1 reused, is active and
+    r0's blocks go first. So r3 is predicted PREFIX's first block, or all of PREFIX."""
+    b = FakeWorker(await Runtime.connect(nats_server.url, namespace), "b")
+    await b.start({"kv_capacity_blocks": 21, "kv_eviction": eviction})
+    frontend = await Runtime.connect(nats_server.url, namespace)
+    client = frontend.client("backend", "generate")
+    kv = KvRouting(client)
+    await kv.start()
+    one_off = list(range(600, 632))
+    try:
+        await client.wait_for_instances(5, count=1)
+        await b.publish([b.store_event(PREFIX)])
+        await eventually(lambda: kv.index.block_count == 8)
+        pick(kv, one_off, "r0")
+        stored = b.store_event(one_off)
+        stored["parent_block_hash"] = None  # a prompt of its own, not PREFIX's continuation
+        await b.publish([stored])
+        await eventually(lambda: kv.index.block_count == 16)
+        pick(kv, PREFIX + [1, 2, 3, 4], "r1")
+        kv.finished("r1", cached_tokens=len(PREFIX))
+        kv.finished("r0", cached_tokens=0)
+        pick(kv, list(range(500, 540)), "r2")
+        assert kv.forecast is not None and kv.forecast.doomed((b.instance_id, 0)) == 7
+        pick(kv, PREFIX + [5, 6, 7, 8], "r3")
+        assert kv._predicted["r3"] == (BLOCK if eviction == "lru" else len(PREFIX))
+    finally:
+        await kv.stop()
+        await frontend.close()
+        await b.rt.close()
+
+
 async def test_a_hot_prefix_spreads_over_the_workers_as_their_load_grows(cluster: Any) -> None:
     kv, w = cluster
     await w["a"].publish([w["a"].store_event(PREFIX)])

@@ -106,7 +106,8 @@ class ActiveInactiveQueue:
 
     def append_n(self, blocks: list[Any]) -> None:
         for block in blocks:  # computed again soon after its eviction: reused
-            if block.block_hash is not None and self.ghosts.pop(block.block_hash, 0) is None:
+            if block.block_hash is not None and block.block_hash in self.ghosts:
+                del self.ghosts[block.block_hash]
                 self.reused.add(block.block_id)
         active = [b for b in blocks if b.block_id in self.reused]
         self.inactive.append_n([b for b in blocks if b.block_id not in self.reused])

@@ -25,6 +25,13 @@ worker, from what this router sees:
 * a ``BlockRemoved`` takes the block out of the model; ``AllBlocksCleared`` or a rebuild from a
   snapshot forgets the worker's free queue.
 
+A worker whose discovery record says ``kv_eviction: active-inactive`` (``--kv-eviction``,
+:mod:`dynamo_worker.engine.kv_eviction`) keeps two such queues, and so does its model here: the
+blocks a routed request hits, and blocks freed while their hash is among the worker's last
+evicted (ghosts), go to the active list when freed, the rest to the inactive one; allocation pops
+the inactive list first; the active list keeps at most ``ACTIVE_SHARE`` of the capacity, its
+oldest moving to the inactive tail.
+
 The model knows only the blocks of this router's requests. Every other free block (blocks never
 used since the engine started, the partial last block of each request, output blocks, other
 frontends' requests) is *unknown*: counted as capacity less the blocks held by this router's
@@ -218,7 +225,8 @@ class EvictionForecast:
                 continue
             del held[h]
             if self._holds(routed.worker, h):
-                if pool.ghosts.pop(h, 0) is None:  # computed again soon after its eviction
+                if h in pool.ghosts:  # computed again soon after its eviction
+                    del pool.ghosts[h]
                     pool.reused.add(h)
                 queue = pool.active if h in pool.reused else pool.free
                 queue.pop(h, None)
