@@ -28,9 +28,10 @@ cached block keeps its ancestors. The frontend's eviction forecast (``frontend/k
 models the same two lists when the worker says in discovery that it runs them.
 
 Installed in vLLM's engine-core process by a ``vllm.general_plugins`` entry point
-(:func:`vllm_plugin`), which vLLM loads in every engine process; the worker turns it on through
-``DYN_KV_EVICTION`` in the environment the engine inherits. Without that variable the plugin
-changes nothing, so installing this package leaves other vLLM users' engines as they were.
+(:func:`vllm_plugin`), which vLLM loads in every engine process it spawns, and in the worker's
+own process by :func:`configure` (which a forked engine process inherits); the worker turns it on
+through ``DYN_KV_EVICTION`` in the environment the engine inherits. Without that variable the
+plugin changes nothing, so installing this package leaves other vLLM users' engines as they were.
 """
 
 from __future__ import annotations
@@ -203,6 +204,9 @@ def configure(policy: str, engine_args: Any) -> str:
             f"that applies it; add it to VLLM_PLUGINS"
         )
     os.environ[EVICTION_ENV] = policy
+    # Here too: an engine process forked from this one inherits the patched class (and vLLM's
+    # "plugins loaded" flag, so it would not load the plugin itself); a spawned one loads it.
+    install()
     return policy
 
 
