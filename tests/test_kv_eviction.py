@@ -9,17 +9,19 @@ by the two lists, on the cached tokens vLLM reports.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
 from dynamo_worker.core.errors import UsageError
+from dynamo_worker.core.runtime import Runtime
 from dynamo_worker.engine import kv_eviction
 from tests.helpers import NatsServer, WorkerProcess, free_port
 from tests.vllm_block_pool import BS, VllmPool, use_eviction
@@ -158,8 +160,15 @@ def prompt_of(seed: int, blocks: int) -> list[int]:
     return [0] + [rng.randrange(3, 512) for _ in range(blocks * BLOCK - 1)]
 
 
+class Deployment(NamedTuple):
+    decode: WorkerProcess
+    base: str  # the frontend's URL
+    nats_url: str
+    namespace: str
+
+
 @pytest.fixture(scope="module")
-def worker(nats_server: NatsServer, demo_model: str) -> Iterator[tuple[WorkerProcess, str]]:
+def worker(nats_server: NatsServer, demo_model: str) -> Iterator[Deployment]:
     namespace = f"kve{uuid.uuid4().hex[:8]}"
     common = ["--nats-url", nats_server.url, "--namespace", namespace]
     http = free_port()
@@ -191,7 +200,7 @@ def worker(nats_server: NatsServer, demo_model: str) -> Iterator[tuple[WorkerPro
     try:
         frontend.wait_for_log("frontend listening")
         decode.wait_for_log("serving", timeout=300)
-        yield decode, f"http://127.0.0.1:{http}"
+        yield Deployment(decode, f"http://127.0.0.1:{http}", nats_server.url, namespace)
     finally:
         decode.stop()
         frontend.stop()
@@ -206,12 +215,12 @@ def cached_tokens(base: str, prompt: list[int]) -> int:
 
 
 def test_a_worker_started_with_the_flag_keeps_a_reused_prefix_through_one_off_prompts(
-    worker: tuple[WorkerProcess, str], monkeypatch: pytest.MonkeyPatch
+    worker: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """23 usable blocks: a 4-block prefix sent twice, then six one-off prompts of 5 blocks (30
     blocks, more than the cache), then the prefix again: the engine kept it. vLLM's own LRU,
     given the same requests in this process, has evicted it."""
-    decode, base = worker
+    decode, base = worker.decode, worker.base
     prefix = prompt_of(1, 4)
     one_offs = [prompt_of(100 + i, 5) for i in range(6)]
     assert cached_tokens(base, prefix + [7]) == 0
@@ -229,3 +238,19 @@ def test_a_worker_started_with_the_flag_keeps_a_reused_prefix_through_one_off_pr
         results.append(lru.step(f"r{rid}", prompt))
         lru.free(f"r{rid}")
     assert results[1] == 4 * BLOCK and results[-1] == 0, results
+
+
+def test_the_workers_discovery_record_says_how_it_evicts(worker: Deployment) -> None:
+    """What the frontend's eviction forecast reads (``kv_eviction``), beside the capacity."""
+
+    async def record() -> dict[str, Any]:
+        rt = await Runtime.connect(worker.nats_url, worker.namespace)
+        try:
+            [instance] = await rt.client("backend", "generate").wait_for_instances(10)
+            return dict(instance.data)
+        finally:
+            await rt.close()
+
+    data = asyncio.run(record())
+    assert data["kv_eviction"] == "active-inactive"
+    assert data["kv_capacity_blocks"] == 24 and data["kv_events"] is True
