@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
@@ -23,6 +25,7 @@ import pytest
 from dynamo_worker.core.errors import UsageError
 from dynamo_worker.core.runtime import Runtime
 from dynamo_worker.engine import kv_eviction
+from tests.configure_helpers import configure
 from tests.helpers import NatsServer, WorkerProcess, free_port
 from tests.vllm_block_pool import BS, VllmPool, use_eviction
 
@@ -148,6 +151,28 @@ def test_the_flag_is_refused_where_the_engine_could_not_apply_it(monkeypatch: py
     assert kv_eviction.configured_policy() == "active-inactive"
     assert kv_eviction.configure("lru", args) == "lru"
     assert kv_eviction.configured_policy() == "lru"
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_the_flag_on_a_worker_command_line(
+    role: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Through the real parser and configure hooks (no engine): the policy is recorded and handed
+    to the engine's environment; with prefix caching off it is a one-line error."""
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.delenv(kv_eviction.EVICTION_ENV, raising=False)
+    line = ["--role", role, "--model", "Qwen/Qwen3-0.6B"]  # a hub name: only parsed, never loaded
+    if role == "prefill":
+        line += ["--connector", "example", "--kv-shared-storage", str(tmp_path)]
+    done = configure([*line, "--kv-eviction", "active-inactive"], caplog)
+    assert done.ctx.resolved_config["kv_eviction"] == "active-inactive"
+    assert os.environ[kv_eviction.EVICTION_ENV] == "active-inactive"
+    assert configure(line, caplog).ctx.resolved_config["kv_eviction"] == "lru"
+    assert kv_eviction.EVICTION_ENV not in os.environ
+    with pytest.raises(UsageError, match="^--kv-eviction active-inactive needs prefix caching"):
+        configure([*line, "--kv-eviction", "active-inactive", "--no-enable-prefix-caching"], caplog)
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        configure([*line, "--kv-eviction", "lfu"], caplog)
 
 
 # ---- one worker with the flag, behind a frontend -------------------------------------------------
