@@ -175,6 +175,18 @@ def test_the_flag_on_a_worker_command_line(
         configure([*line, "--kv-eviction", "lfu"], caplog)
 
 
+def test_an_ec_encoder_given_the_flag_warns_and_ignores_it(
+    vlm: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """``up`` hands the workers' flags to an ec-encoder too, whose engine keeps no KV cache."""
+    monkeypatch.delenv(kv_eviction.EVICTION_ENV, raising=False)
+    line = ["--role", "ec-encoder", "--model", vlm, "--enable-multimodal", "--ec-storage-path", str(tmp_path)]
+    done = configure([*line, "--kv-eviction", "active-inactive"], caplog)
+    assert "--kv-eviction: the ec-encoder role's engine keeps no KV cache; ignored" in done.warnings
+    assert done.ctx.resolved_config["kv_eviction"] == "lru"
+    assert kv_eviction.EVICTION_ENV not in os.environ
+
+
 # ---- one worker with the flag, behind a frontend -------------------------------------------------
 
 BLOCK = 32  # vLLM's CPU attention takes multiples of 32

@@ -107,9 +107,10 @@ class VllmRole:
         if self.lora_dirs and not self.engine_args.enable_lora:
             raise UsageError("--lora-dirs needs --enable-lora (vLLM's flag that turns LoRA support on)")
         self.kv_events = kv_events.configure(self.engine_args) if self.uses_kv_cache else None
-        if not self.uses_kv_cache and ctx.options.kv_eviction != "lru":
-            raise UsageError(f"--kv-eviction: the {self.name} role's engine keeps no KV cache; drop the flag")
-        self.kv_eviction = kv_eviction.configure(ctx.options.kv_eviction, self.engine_args)
+        if self.uses_kv_cache:
+            self.kv_eviction = kv_eviction.configure(ctx.options.kv_eviction, self.engine_args)
+        elif ctx.options.kv_eviction != "lru":  # `up` hands the workers' flags to an ec-encoder too
+            ctx.log.warning("--kv-eviction: the %s role's engine keeps no KV cache; ignored", self.name)
         ctx.resolved_config = {
             "kv_transfer": self.kv_transfer,
             "ec_transfer": self.ec_transfer,
