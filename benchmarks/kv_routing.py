@@ -95,6 +95,7 @@ from benchmarks.config import BENCH_ENV, RESULTS_DIR, SERVED_NAME, measured_sour
 from benchmarks.load import LevelRun, run_level
 from benchmarks.servers import DynamoUp, ServerFailed
 from benchmarks.workload import FIRST_ID, LAST_ID, make_prompts
+from dynamo_worker.engine.kv_eviction import POLICIES as EVICTION_POLICIES
 from dynamo_worker.frontend.kv_routing import PREDICTION_LOG_ENV
 
 #: Each arm's flags to ``dynamo-worker up`` (passed to its frontend).
@@ -1157,7 +1158,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--kv-eviction",
-        choices=("lru", "active-inactive"),
+        choices=EVICTION_POLICIES,
         default="active-inactive",
         help="every arm's workers' --kv-eviction (default %(default)s: reused prefixes outlive one-off "
         "blocks; lru: vLLM's own, as every run before 2026-12-07's second session)",
